@@ -1,0 +1,7 @@
+"""fastadv: fused kernels for adversarial training and DP-SGD, drop-in for the
+usual reference classes (swap one import)."""
+__version__ = "0.1.0"
+
+from ._backend import BackendUnavailable  # noqa: E402
+
+__all__ = ["BackendUnavailable", "__version__"]
