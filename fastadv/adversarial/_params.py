@@ -1,0 +1,89 @@
+"""Finding the parameters an attack perturbs, and tracking which embedding rows
+can hold a gradient (shared by FGM and later by PGD)."""
+from __future__ import annotations
+
+import difflib
+
+import torch
+from torch import nn
+
+
+def matching_parameters(model: nn.Module, emb_name: str) -> list[tuple[str, nn.Parameter]]:
+    """``(name, param)`` for every trainable parameter whose name contains
+    ``emb_name`` (the seeds' rule); a clear error naming close candidates if none."""
+    if not isinstance(emb_name, str) or not emb_name:
+        raise TypeError(f"emb_name must be a non-empty string, got {emb_name!r}")
+    found = [(n, p) for n, p in model.named_parameters() if p.requires_grad and emb_name in n]
+    if found:
+        return found
+    names = [n for n, _ in model.named_parameters()]
+    close = difflib.get_close_matches(emb_name, names, n=5, cutoff=0.3)
+    embeddings = [f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Embedding)]
+    hint = close or embeddings or names[:5]
+    raise ValueError(f"emb_name={emb_name!r} matches no trainable parameter of "
+                     f"{type(model).__name__}; close candidates: {hint}")
+
+
+def embedding_owners(model: nn.Module, param: nn.Parameter) -> list[nn.Embedding] | None:
+    """The ``nn.Embedding`` modules whose weight is ``param``, or None when the
+    parameter is also registered anywhere else (a tied LM head: its gradient is
+    dense) or is not an embedding table at all."""
+    owners, other_use = [], False
+    for module in model.modules():
+        for pname, p in module.named_parameters(recurse=False):
+            if p is param:
+                if isinstance(module, nn.Embedding) and pname == "weight" and not module.sparse:
+                    owners.append(module)
+                else:
+                    other_use = True
+    return owners if owners and not other_use else None
+
+
+def distributed() -> bool:
+    import torch.distributed as dist
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class RowTracker:
+    """Marks, without a host sync, the rows of an embedding table that may hold
+    a non-zero gradient: the ids its ``nn.Embedding`` modules looked up since
+    the gradient was last ``None``.
+
+    The mask errs only on the side of too many rows (a row marked with a zero
+    gradient costs a read; the kernels unmark it).  A table that already has a
+    gradient when tracking starts is marked whole, since its rows are unknown.
+    """
+
+    def __init__(self, param: nn.Parameter, modules: list[nn.Embedding]):
+        self.param = param
+        self.rows = param.shape[0]
+        self.mask = self._fresh(marked=param.grad is not None)
+        self.count = self.rows if param.grad is not None else 0
+        self.handles = [m.register_forward_pre_hook(self._mark) for m in modules]
+
+    def _fresh(self, marked: bool) -> torch.Tensor:
+        fill = torch.ones if marked else torch.zeros
+        return fill(self.rows, dtype=torch.uint8, device=self.param.device)
+
+    def _mark(self, module, args):
+        if not (torch.is_grad_enabled() and self.param.requires_grad) or not args:
+            return
+        ids = args[0]
+        if self.mask.device != self.param.device:  # the model moved: rows unknown
+            self.mask, self.count = self._fresh(marked=True), self.rows
+        if self.param.grad is None and self.count:
+            self.mask.zero_()  # a new gradient starts: earlier lookups are gone
+            self.count = 0
+        self.mask.index_fill_(0, ids.reshape(-1).to(device=self.mask.device, dtype=torch.long), 1)
+        self.count = min(self.rows, self.count + ids.numel())
+
+    def state(self) -> tuple[torch.Tensor, int]:
+        """The mask and a host-side bound on the number of marked rows."""
+        if self.mask.device != self.param.device:
+            self.mask, self.count = self._fresh(marked=True), self.rows
+        return self.mask, self.count
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
