@@ -1,0 +1,81 @@
+"""Test setup: the Triton kernels run on CPU under the interpreter when there is
+no GPU (TRITON_INTERPRET must be set before triton is imported)."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from fastadv import _backend  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def usable_backends(device=DEVICE):
+    return [b for b, why in _backend.usable(device).items() if why is None]
+
+
+@pytest.fixture(params=_backend.BACKENDS)
+def backend(request):
+    """Every backend; the ones that cannot run here are skipped with the reason."""
+    why = _backend.why_not(request.param, DEVICE)
+    if why is not None:
+        pytest.skip(f"{request.param} backend unavailable: {why}")
+    return request.param
+
+
+@pytest.fixture
+def device():
+    return DEVICE
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (mark gpu)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def no_host_sync():
+    """Context manager factory failing if the block makes a host sync
+    (aten::_local_scalar_dense on any device; sync debug mode on CUDA)."""
+    import contextlib
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class _Watch(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.syncs = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                self.syncs.append(func)
+            return func(*args, **(kwargs or {}))
+
+    @contextlib.contextmanager
+    def watch():
+        mode = _Watch()
+        prev = torch.cuda.get_sync_debug_mode() if torch.cuda.is_available() else None
+        if prev is not None:
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            with mode:
+                yield mode
+        finally:
+            if prev is not None:
+                torch.cuda.set_sync_debug_mode(prev)
+        assert not mode.syncs, f"{len(mode.syncs)} host sync(s) (aten::_local_scalar_dense)"
+
+    return watch

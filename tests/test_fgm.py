@@ -1,0 +1,375 @@
+"""fastadv.FGM against the seed reference, on every backend available here."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fastadv
+from fastadv import BackendUnavailable
+from fastadv.ops.fgm import design_bytes, fgm_attack_, fgm_restore_
+from fastadv.reference import FGM as RefFGM
+
+from conftest import DEVICE
+
+FP32 = dict(rtol=1e-5, atol=1e-6)
+
+
+class TinyLM(nn.Module):
+    """word_embeddings -> tanh -> linear head; optionally a tied LM head."""
+
+    def __init__(self, vocab=97, dim=12, classes=5, tied=False, extra_table=False):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(vocab, dim)
+        self.proj = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, classes)
+        self.lm_head = nn.Linear(dim, vocab, bias=False) if tied else None
+        if tied:
+            self.lm_head.weight = self.word_embeddings.weight
+        self.pos_word_embeddings = nn.Embedding(16, dim) if extra_table else None
+
+    def forward(self, ids, labels):
+        h = torch.tanh(self.proj(self.word_embeddings(ids)))
+        if self.pos_word_embeddings is not None:
+            h = h + self.pos_word_embeddings(torch.arange(ids.shape[1], device=ids.device))
+        loss = nn.functional.cross_entropy(self.head(h.mean(1)), labels)
+        if self.lm_head is not None:
+            loss = loss + nn.functional.cross_entropy(self.lm_head(h).flatten(0, 1), ids.flatten())
+        return loss
+
+
+def twins(**kw):
+    model = TinyLM(**kw).to(DEVICE)
+    return model, copy.deepcopy(model)
+
+
+def batch(vocab=97, b=3, t=7):
+    return (torch.randint(0, vocab, (b, t), device=DEVICE),
+            torch.randint(0, 5, (b,), device=DEVICE))
+
+
+def assert_params(a, b, exact=False):
+    for (na, pa), (nb, pb) in zip(a.named_parameters(), b.named_parameters()):
+        assert na == nb
+        if exact:
+            assert torch.equal(pa, pb), na
+        else:
+            torch.testing.assert_close(pa, pb, **FP32, msg=na)
+        if pa.grad is not None or pb.grad is not None:
+            torch.testing.assert_close(pa.grad, pb.grad, **FP32, msg=f"grad {na}")
+
+
+# -- the seed's training loop, verbatim ------------------------------------
+@pytest.mark.parametrize("row_sparse", ["auto", False])
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("extra_table", [False, True])
+def test_seed_training_loop(backend, row_sparse, tied, extra_table):
+    model, ref_model = twins(tied=tied, extra_table=extra_table)
+    fgm = fastadv.FGM(model, emb_name="word_embeddings.", epsilon=0.7, backend=backend,
+                      row_sparse=row_sparse)
+    ref = RefFGM(ref_model, emb_name="word_embeddings.", epsilon=0.7)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ref_opt = torch.optim.SGD(ref_model.parameters(), lr=0.1)
+    for _ in range(3):
+        ids, labels = batch()
+        for m, f, o in ((model, fgm, opt), (ref_model, ref, ref_opt)):
+            m(ids, labels).backward()
+            f.attack()
+            m(ids, labels).backward()
+            f.restore()
+        assert_params(model, ref_model)
+        opt.step()
+        ref_opt.step()
+        model.zero_grad()
+        ref_model.zero_grad()
+        assert_params(model, ref_model)
+
+
+def test_zero_grad_in_place_and_accumulation(backend):
+    """set_to_none=False and two micro-batches per step: the grad holds rows
+    of both batches, and stale marked rows must not break anything."""
+    model, ref_model = twins()
+    fgm = fastadv.FGM(model, epsilon=1.0, backend=backend)
+    ref = RefFGM(ref_model, epsilon=1.0)
+    for _ in range(3):
+        for _micro in range(2):
+            ids, labels = batch()
+            for m, f in ((model, fgm), (ref_model, ref)):
+                m(ids, labels).backward()
+                f.attack()
+                m(ids, labels).backward()
+                f.restore()
+        assert_params(model, ref_model)
+        model.zero_grad(set_to_none=False)
+        ref_model.zero_grad(set_to_none=False)
+
+
+def test_constructed_after_backward(backend):
+    """Rows looked up before FGM existed are unknown: the whole table counts."""
+    model, ref_model = twins()
+    ids, labels = batch()
+    model(ids, labels).backward()
+    ref_model(ids, labels).backward()
+    fgm, ref = fastadv.FGM(model, backend=backend), RefFGM(ref_model)
+    fgm.attack()
+    ref.attack()
+    assert_params(model, ref_model)
+
+
+# -- per-op results against the reference ----------------------------------
+class Table(nn.Module):
+    def __init__(self, w):
+        super().__init__()
+        self.word_embeddings = nn.Parameter(w)
+
+
+def attack_pair(w, g, backend, eps=1.0, **kw):
+    """Attack a copy with fastadv and the reference in fp32; return both."""
+    fast = Table(w.clone())
+    fast.word_embeddings.grad = g.clone()
+    ref = Table(w.clone().float())
+    ref.word_embeddings.grad = g.clone().float()
+    fgm = fastadv.FGM(fast, "word_embeddings", eps, backend=backend, **kw)
+    fgm.attack()
+    RefFGM(ref, "word_embeddings", eps).attack()
+    return fgm, fast.word_embeddings.detach(), ref.word_embeddings.detach()
+
+
+@pytest.mark.parametrize("shape", [(1,), (1, 1), (7, 3), (3, 4100), (5000,), (2, 3, 5), (0, 4)])
+def test_odd_shapes(backend, shape):
+    w = torch.randn(shape, device=DEVICE)
+    g = torch.randn(shape, device=DEVICE)
+    fgm, fast, ref = attack_pair(w, g, backend, eps=0.3)
+    torch.testing.assert_close(fast, ref, **FP32)
+    fgm.restore()
+    assert torch.equal(fast, w)
+
+
+@pytest.mark.parametrize("kind", ["zero", "nan", "inf", "neg_inf_and_nan"])
+def test_special_gradients(backend, kind):
+    w = torch.randn(6, 5, device=DEVICE)
+    g = torch.randn(6, 5, device=DEVICE)
+    if kind == "zero":
+        g.zero_()
+    elif kind == "nan":
+        g[2, 3] = float("nan")
+    elif kind == "inf":
+        g[1, 1] = float("inf")
+    else:
+        g[0, 0], g[4, 4] = float("-inf"), float("nan")
+    fgm, fast, ref = attack_pair(w, g, backend)
+    torch.testing.assert_close(fast, ref, equal_nan=True, **FP32)
+    if kind in ("zero", "nan", "neg_inf_and_nan"):  # norm 0 or NaN: untouched
+        assert torch.equal(fast, w)
+    fgm.restore()
+    assert torch.equal(fast, w)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision(backend, dtype):
+    if dtype is torch.bfloat16 and DEVICE.type == "cpu" and backend == "triton":
+        pytest.skip("the Triton interpreter has no bf16 arithmetic (GPU test)")
+    w = torch.randn(33, 17, device=DEVICE).to(dtype)
+    g = torch.randn(33, 17, device=DEVICE).to(dtype)
+    fgm, fast, ref = attack_pair(w, g, backend, eps=0.5)
+    # fp32 math rounded once: within one ulp of the fp32 reference rounded once.
+    assert fast.dtype == dtype
+    expected = ref.to(dtype).float()
+    ulp = torch.finfo(dtype).eps * expected.abs().clamp_min(torch.finfo(dtype).tiny)
+    assert ((fast.float() - expected).abs() <= ulp).all()
+    fgm.restore()
+    assert torch.equal(fast, w)
+
+
+def test_non_contiguous_grad(backend):
+    w = torch.randn(8, 6, device=DEVICE)
+    g = torch.randn(6, 8, device=DEVICE).t()
+    assert not g.is_contiguous()
+    fgm, fast, ref = attack_pair(w, g, backend)
+    torch.testing.assert_close(fast, ref, **FP32)
+
+
+def test_several_matching_tables_and_none_grad(backend):
+    model = TinyLM(extra_table=True).to(DEVICE)
+    model.frozen_word_embeddings = nn.Embedding(4, 12).to(DEVICE)  # matches, never used: grad None
+    ref_model = copy.deepcopy(model)
+    ids, labels = batch()
+    model(ids, labels).backward()
+    ref_model(ids, labels).backward()
+    fgm = fastadv.FGM(model, "word_embeddings", 1.0, backend=backend)
+    fgm.attack()
+    assert set(fgm.backup) == {"word_embeddings.weight", "pos_word_embeddings.weight"}
+    ref = RefFGM(ref_model, "word_embeddings", 1.0)
+    for name, p in ref_model.named_parameters():  # the seed crashes on None grads
+        if "word_embeddings" in name and p.grad is not None:
+            norm = torch.norm(p.grad)
+            ref.backup[name] = p.data.clone()
+            p.data.add_(1.0 * p.grad / norm)
+    assert_params(model, ref_model)
+
+
+# -- row-sparse specifics ---------------------------------------------------
+def test_row_sparse_touches_only_looked_up_rows(backend):
+    if backend == "torch":
+        pytest.skip("the torch backend is dense by design")
+    model = TinyLM(vocab=200).to(DEVICE)
+    ids, labels = batch(vocab=200, b=2, t=5)
+    fgm = fastadv.FGM(model, epsilon=1.0, backend=backend)
+    model(ids, labels).backward()
+    before = model.word_embeddings.weight.detach().clone()
+    fgm.attack()
+    state = fgm.backup["word_embeddings.weight"]
+    assert state.slots is not None and state.data.shape[0] <= ids.numel()
+    changed = (model.word_embeddings.weight != before).any(1).nonzero().flatten()
+    assert set(changed.tolist()) <= set(ids.flatten().tolist())
+    assert int(state.slots[-1]) == ids.unique().numel()
+    fgm.restore()
+    assert torch.equal(model.word_embeddings.weight, before)
+
+
+def test_tied_head_uses_dense_path(backend):
+    model = TinyLM(tied=True).to(DEVICE)
+    fgm = fastadv.FGM(model, backend=backend)
+    ids, labels = batch()
+    model(ids, labels).backward()
+    fgm.attack()
+    assert fgm.backup["word_embeddings.weight"].slots is None
+    fgm.restore()
+    with pytest.raises(ValueError, match="tied head"):
+        fastadv.FGM(model, backend=backend, row_sparse=True)
+
+
+# -- protocol and data safety ------------------------------------------------
+def test_restore_is_bit_exact_in_place(backend):
+    model = TinyLM().to(DEVICE)
+    ids, labels = batch()
+    model(ids, labels).backward()
+    fgm = fastadv.FGM(model, backend=backend)
+    p = model.word_embeddings.weight
+    before, ptr = p.detach().clone(), p.data_ptr()
+    fgm.attack()
+    assert not torch.equal(p, before)
+    assert p.data_ptr() == ptr
+    fgm.restore()
+    assert torch.equal(p, before) and p.data_ptr() == ptr
+
+
+def test_attack_twice_refuses_and_keeps_original(backend):
+    model = TinyLM().to(DEVICE)
+    ids, labels = batch()
+    model(ids, labels).backward()
+    before = model.word_embeddings.weight.detach().clone()
+    fgm = fastadv.FGM(model, backend=backend)
+    fgm.attack()
+    with pytest.raises(RuntimeError, match="before restore"):
+        fgm.attack()
+    fgm.restore()
+    assert torch.equal(model.word_embeddings.weight, before)
+
+
+def test_restore_without_attack():
+    fgm = fastadv.FGM(TinyLM())
+    with pytest.raises(RuntimeError, match="without a preceding attack"):
+        fgm.restore()
+
+
+def test_unknown_emb_name_names_candidates():
+    with pytest.raises(ValueError, match=r"word_embeddings\.weight"):
+        fastadv.FGM(TinyLM(), emb_name="word_embedding_")
+
+
+@pytest.mark.parametrize("eps", [-1.0, float("nan"), float("inf")])
+def test_bad_epsilon(eps):
+    with pytest.raises(ValueError, match="epsilon"):
+        fastadv.FGM(TinyLM(), epsilon=eps)
+
+
+def test_context_manager_restores_on_exception(backend):
+    model = TinyLM().to(DEVICE)
+    ids, labels = batch()
+    model(ids, labels).backward()
+    before = model.word_embeddings.weight.detach().clone()
+    fgm = fastadv.FGM(model, backend=backend)
+    with pytest.raises(KeyError):
+        with fgm.attacked():
+            assert not torch.equal(model.word_embeddings.weight, before)
+            raise KeyError("boom")
+    assert torch.equal(model.word_embeddings.weight, before)
+    assert not fgm.backup
+
+
+def test_attack_variant_arguments(backend):
+    model, ref_model = twins(extra_table=True)
+    ids, labels = batch()
+    model(ids, labels).backward()
+    ref_model(ids, labels).backward()
+    fgm = fastadv.FGM(model, "word_embeddings.", backend=backend)
+    ref = RefFGM(ref_model, "word_embeddings.")
+    fgm.attack(epsilon=0.25, emb_name="pos_word")
+    ref.attack(epsilon=0.25, emb_name="pos_word")
+    assert_params(model, ref_model)
+    fgm.restore(emb_name="pos_word")
+    ref.restore(emb_name="pos_word")
+    assert_params(model, ref_model, exact=True)
+
+
+def test_attack_makes_no_host_sync(backend, no_host_sync):
+    model = TinyLM().to(DEVICE)
+    ids, labels = batch()
+    model(ids, labels).backward()
+    fgm = fastadv.FGM(model, backend=backend)
+    with no_host_sync():
+        fgm.attack()
+        fgm.restore()
+
+
+def test_sync_detector_can_fail(no_host_sync):
+    model = TinyLM().to(DEVICE)
+    ids, labels = batch()
+    model(ids, labels).backward()
+    with pytest.raises(AssertionError, match="host sync"):
+        with no_host_sync():
+            RefFGM(model).attack()
+
+
+# -- backends ----------------------------------------------------------------
+def test_forcing_an_unusable_backend_is_a_clear_error():
+    w = torch.randn(4, 4)
+    if not torch.cuda.is_available():
+        with pytest.raises(BackendUnavailable, match="CUDA tensors"):
+            fgm_attack_(w, torch.randn(4, 4), 1.0, backend="cuda")
+    with pytest.raises(ValueError, match="unknown fastadv backend"):
+        fastadv.FGM(TinyLM(), backend="fastest")
+
+
+def test_env_override(monkeypatch):
+    monkeypatch.setenv("FASTADV_BACKEND", "torch")
+    state = fgm_attack_(torch.randn(3, 3), torch.randn(3, 3), 1.0)
+    assert state.backend == "torch"
+    monkeypatch.setenv("FASTADV_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="FASTADV_BACKEND"):
+        fgm_attack_(torch.randn(3, 3), torch.randn(3, 3), 1.0)
+
+
+def test_kernel_backend_rejects_float64_when_forced(backend):
+    if backend == "torch":
+        pytest.skip("the torch backend takes any float dtype")
+    w = torch.randn(3, 3, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(TypeError, match="float32, float16 and bfloat16"):
+        fgm_attack_(w, torch.randn_like(w), 1.0, backend=backend)
+
+
+def test_functional_dense_multi_block(backend):
+    w = torch.randn(3 * 4096 + 5, device=DEVICE)
+    g = torch.randn_like(w)
+    ref = w + 0.3 * g / torch.norm(g)
+    state = fgm_attack_(w, g, 0.3, backend=backend)
+    torch.testing.assert_close(w, ref, **FP32)
+    fgm_restore_(state)
+    assert torch.equal(w, state.data)
+
+
+def test_design_bytes():
+    assert design_bytes(30522 * 768, 4) == 7 * 30522 * 768 * 4  # 656 MB vs the seed's 938
+    sparse = design_bytes(30522 * 768, 4, touched_rows=100, cols=768)
+    assert 7 * 100 * 768 * 4 < sparse < 7 * 100 * 768 * 4 + 15 * 30522
