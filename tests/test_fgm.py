@@ -373,3 +373,30 @@ def test_design_bytes():
     assert design_bytes(30522 * 768, 4) == 7 * 30522 * 768 * 4  # 656 MB vs the seed's 938
     sparse = design_bytes(30522 * 768, 4, touched_rows=100, cols=768)
     assert 7 * 100 * 768 * 4 < sparse < 7 * 100 * 768 * 4 + 15 * 30522
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_training_loop_under_sync_debug(backend, dtype, no_host_sync):
+    """On a GPU: bf16 and fp32 tables, row-sparse and dense, no sync at all in
+    attack + restore (torch.cuda.set_sync_debug_mode('error'))."""
+    for row_sparse in ("auto", False):
+        model = TinyLM(vocab=30522, dim=64).cuda().to(dtype)
+        ref_model = copy.deepcopy(model).float()
+        ids = torch.randint(0, 30522, (16, 32), device="cuda")
+        labels = torch.randint(0, 5, (16,), device="cuda")
+        model(ids, labels).backward()
+        ref_model.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+        for (_, p), (_, q) in zip(model.named_parameters(), ref_model.named_parameters()):
+            q.grad = p.grad.float()
+        fgm = fastadv.FGM(model, backend=backend, row_sparse=row_sparse)
+        before = model.word_embeddings.weight.detach().clone()
+        with no_host_sync():
+            fgm.attack()
+        RefFGM(ref_model).attack()
+        tol = FP32 if dtype is torch.float32 else dict(rtol=1e-2, atol=1e-2)
+        torch.testing.assert_close(model.word_embeddings.weight.float(),
+                                   ref_model.word_embeddings.weight, **tol)
+        with no_host_sync():
+            fgm.restore()
+        assert torch.equal(model.word_embeddings.weight, before)
