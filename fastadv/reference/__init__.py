@@ -1,5 +1,22 @@
 """The seed algorithms in plain PyTorch: the oracle for tests and the baseline
-for benchmarks.  Each keeps its seed's constructor, methods and call protocol."""
-from .fgm import FGM
+for benchmarks.  Each keeps its seed's constructor, methods and call protocol.
 
-__all__ = ["FGM"]
+``fgsm``, ``pgd`` and ``mifgsm`` (the image attacks) live in
+``fastadv.reference.mifgsm`` and are not re-exported here: those names are
+also the submodules ``fgsm``, ``pgd`` and ``mifgsm`` of this package.
+"""
+from .awp import AWP
+from .dp import DPOptimizer, clip_and_noise
+from .fgm import FGM
+from .fgsm import adversarial_train_step, fgsm_perturb
+from .mifgsm import ffgsm, mifgsm_torchattacks, pgdl2
+from .noise import GaussianNoise, add_gaussian_noise, noisy_token_ids, weight_noise
+from .pgd import PGD
+
+__all__ = [
+    "FGM", "PGD", "AWP",
+    "adversarial_train_step", "fgsm_perturb",
+    "mifgsm_torchattacks", "pgdl2", "ffgsm",
+    "DPOptimizer", "clip_and_noise",
+    "add_gaussian_noise", "noisy_token_ids", "GaussianNoise", "weight_noise",
+]
