@@ -35,8 +35,8 @@ def _kernels(backend: str):
     if backend == "triton":
         from ..kernels.triton import fgm
         return fgm
-    from ..kernels import cuda
-    return cuda
+    from ..kernels.cuda import fgm
+    return fgm
 
 
 def _check(param: torch.Tensor, grad: torch.Tensor, epsilon) -> None:

@@ -1,0 +1,403 @@
+"""The CUDA library (csrc/ -> fastadv/_lib/libfastadv_cuda.so) and its ctypes binding.
+
+Without a GPU: it compiles, loads (cudart is static, so no driver is needed to
+load it), exports the C ABI and nothing else, validates its arguments, and the
+binding reports a missing library with the way to build it.  With a GPU
+(``-m gpu``): every launcher against plain PyTorch math.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastadv._backend as backend
+import fastadv.kernels as kernels
+import fastadv.kernels.cuda as fcuda
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _setup_py():
+    """setup.py as a module (its setup() call only runs as __main__)."""
+    spec = importlib.util.spec_from_file_location("_fastadv_setup", ROOT / "setup.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+SETUP = _setup_py()
+NVCC = SETUP.find_nvcc()
+needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found (CUDA_HOME/bin, /usr/local/cuda/bin, PATH): "
+                                                     "cannot compile csrc/")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_binding(monkeypatch):
+    monkeypatch.delenv("FASTADV_CUDA_LIB", raising=False)
+    fcuda._reset_for_tests()
+    yield
+    fcuda._reset_for_tests()
+
+
+def _bind(path):
+    lib = ctypes.CDLL(str(path))
+    for name, (restype, argtypes) in fcuda._SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = restype, argtypes
+    return lib
+
+
+def _no_cuda_driver() -> bool:
+    return not os.path.exists("/dev/nvidiactl") and ctypes.util.find_library("cuda") is None
+
+
+# ---- (a) build and load, no GPU needed ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def fresh_lib(tmp_path_factory):
+    """csrc/ compiled by setup.py's own ninja build, for one architecture (fast)."""
+    if NVCC is None:
+        pytest.skip("nvcc not found: cannot compile csrc/")
+    tmp = tmp_path_factory.mktemp("csrc")
+    out = tmp / "libfastadv_cuda.so"
+    SETUP.compile_cuda(str(out), str(tmp / "build"), NVCC, archs="80")
+    assert out.exists()
+    return out
+
+
+def test_compiled_library_exports_the_abi(fresh_lib):
+    lib = _bind(fresh_lib)  # loads without a GPU or driver: cudart is linked statically
+    for name in fcuda.EXPORTS:
+        assert hasattr(lib, name), name
+    assert lib.fastadv_abi_version() == fcuda.ABI_VERSION == 1
+    # cudart's own symbols stay inside (--exclude-libs): no clash with PyTorch's cudart
+    for private in ("cudaMalloc", "cudaLaunchKernel", "__cudaRegisterFatBinary"):
+        assert not hasattr(lib, private), private
+
+
+def test_workspace_sizes(fresh_lib):
+    lib = _bind(fresh_lib)
+    ws = lib.fastadv_fgm_workspace_floats
+    assert ws(1, 0, 0) == 0 and ws(0, 5, 0) == 0 and ws(0, 5, 1) == 0
+    assert ws(1, 1, 0) == 1
+    assert ws(1, 8192, 0) == 1 and ws(1, 8193, 0) == 2
+    assert ws(1, 10**10, 0) == 1024  # capped, whatever the device
+    assert ws(1000, 1, 0) == 1
+    assert ws(37, 33, 1) == 37 and ws(37, 0, 1) == 37
+
+
+def test_argument_errors_need_no_gpu(fresh_lib):
+    lib = _bind(fresh_lib)
+    out = ctypes.c_float()
+    rc = lib.fastadv_fgm_norm(None, 7, 1, 1, None, None, ctypes.addressof(out), None)
+    assert rc == 1  # cudaErrorInvalidValue
+    assert b"unsupported dtype code 7" in lib.fastadv_last_error()
+    assert lib.fastadv_fgm_update(None, None, None, 0, -1, 3, None, None, 1.0, None) == 1
+    assert b"negative size" in lib.fastadv_last_error()
+    assert lib.fastadv_fgm_update(None, None, None, 0, 1, 3, None, None, 1.0, None) == 1
+    assert b"norm is NULL" in lib.fastadv_last_error()
+    assert lib.fastadv_fgm_restore_rows(None, None, 3, 1, 1, ctypes.addressof(out), None) == 1
+    assert b"dtype" in lib.fastadv_last_error()
+    # nothing to do: success without any launch
+    assert lib.fastadv_fgm_update(None, None, None, 2, 0, 5, None, ctypes.addressof(out), 1.0, None) == 0
+    assert lib.fastadv_fgm_restore_rows(None, None, 1, 4, 0, ctypes.addressof(out), None) == 0
+
+
+@pytest.mark.skipif(not _no_cuda_driver(), reason="a CUDA driver is present: this checks the driverless failure")
+def test_launch_without_driver_fails_cleanly(fresh_lib):
+    lib = _bind(fresh_lib)
+    out = ctypes.c_float()
+    rc = lib.fastadv_fgm_norm(None, 0, 0, 0, None, None, ctypes.addressof(out), None)  # finalize only
+    assert rc in (35, 100)  # cudaErrorInsufficientDriver, cudaErrorNoDevice
+    assert b"fastadv_fgm_norm" in lib.fastadv_last_error()
+
+
+@needs_nvcc
+def test_installed_library_is_built():
+    if os.environ.get("FASTADV_BUILD_CUDA") == "0":
+        pytest.skip("FASTADV_BUILD_CUDA=0: the CUDA library was not meant to be built")
+    assert os.path.exists(fcuda.DEFAULT_PATH), (
+        f"nvcc is here but {fcuda.DEFAULT_PATH} is missing: {fcuda.BUILD_HINT}")
+    assert fcuda.load_error() is None
+    lib = fcuda.lib()
+    assert all(hasattr(lib, name) for name in fcuda.EXPORTS)
+
+
+def test_gencode_flags():
+    assert SETUP.gencode_flags("80;90") == [
+        "-gencode arch=compute_80,code=sm_80", "-gencode arch=compute_90,code=sm_90",
+        "-gencode arch=compute_90,code=compute_90"]
+    assert SETUP.gencode_flags("9.0") == ["-gencode arch=compute_90,code=sm_90",
+                                          "-gencode arch=compute_90,code=compute_90"]
+
+
+def test_build_switch(monkeypatch):
+    monkeypatch.setattr(SETUP, "find_nvcc", lambda: None)
+    monkeypatch.delenv("FASTADV_BUILD_CUDA", raising=False)
+    assert SETUP.cuda_mode() == "skip"  # unset and no nvcc: skipped with a note
+    monkeypatch.setenv("FASTADV_BUILD_CUDA", "0")
+    assert SETUP.cuda_mode() == "skip"
+    monkeypatch.setenv("FASTADV_BUILD_CUDA", "1")
+    assert SETUP.cuda_mode() == "force"
+    with pytest.raises(RuntimeError, match="nvcc was not found"):
+        SETUP.build_cuda(SETUP.CudaDistribution()).run()
+    monkeypatch.setenv("FASTADV_BUILD_CUDA", "yes please")
+    with pytest.raises(ValueError, match="FASTADV_BUILD_CUDA"):
+        SETUP.cuda_mode()
+    monkeypatch.setattr(SETUP, "find_nvcc", lambda: "/opt/cuda/bin/nvcc")
+    monkeypatch.delenv("FASTADV_BUILD_CUDA")
+    assert SETUP.cuda_mode() == "auto"
+
+
+# ---- (b) backend and binding errors --------------------------------------------------------
+
+def test_cuda_backend_needs_cuda_tensors():
+    reason = backend.why_not("cuda", torch.device("cpu"))
+    assert reason is not None and "needs CUDA tensors" in reason
+
+
+def test_missing_library_says_how_to_build(monkeypatch, tmp_path):
+    monkeypatch.setenv("FASTADV_CUDA_LIB", str(tmp_path / "missing.so"))
+    fcuda._reset_for_tests()
+    err = fcuda.load_error()
+    assert err is not None and "missing.so" in err and "not found" in err
+    assert "FASTADV_BUILD_CUDA=1 pip install" in err
+    with pytest.raises(RuntimeError, match="FASTADV_BUILD_CUDA=1"):
+        fcuda.lib()
+
+
+def test_broken_library_says_how_to_rebuild(monkeypatch, tmp_path):
+    bad = tmp_path / "bad.so"
+    bad.write_bytes(b"not an ELF file")
+    monkeypatch.setenv("FASTADV_CUDA_LIB", str(bad))
+    fcuda._reset_for_tests()
+    err = fcuda.load_error()
+    assert err is not None and "cannot be loaded" in err and "FASTADV_BUILD_CUDA=1" in err
+
+
+def test_dtype_codes():
+    assert [fcuda.dtype_code(d) for d in (torch.float32, torch.float16, torch.bfloat16)] == [0, 1, 2]
+    with pytest.raises(TypeError, match="float64"):
+        fcuda.dtype_code(torch.float64)
+
+
+def test_launchers_reject_cpu_tensors():
+    w = torch.zeros(4, 3)
+    with pytest.raises(ValueError, match="CUDA tensors"):
+        fcuda.fgm_update(w, w.clone(), w.clone(), None, torch.ones(1), 1.0)
+    with pytest.raises(ValueError, match="CUDA tensors"):
+        fcuda.fgm_norm(w, None, torch.zeros(1))
+
+
+# ---- (c) GPU: the launchers against PyTorch --------------------------------------------------
+
+def _gpu_ready() -> str | None:
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    return fcuda.load_error()
+
+
+@pytest.fixture
+def dev():
+    reason = _gpu_ready()
+    if reason:
+        pytest.skip(reason)
+    return torch.device("cuda")
+
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+
+
+def _bits(t):
+    return t.view(BITS[t.dtype])
+
+
+def _offset(t, offset):
+    """A copy of t whose storage starts `offset` elements in (misaligned for offset > 0)."""
+    buf = torch.empty(t.numel() + offset, dtype=t.dtype, device=t.device)
+    out = buf[offset:].view(t.shape)
+    _bits(out).copy_(_bits(t))  # as integers: NaN payloads survive
+    return out
+
+
+def _expected_update(w, g, norm, eps):
+    """The reference's w + (eps * g) / norm, in fp32 (PyTorch's own ops), rounded once."""
+    r = (eps * g.float()) / norm.reshape(())
+    return (w.float() + r).to(w.dtype)
+
+
+def _norm(g2d, mask=None):
+    out = torch.empty(1, dtype=torch.float32, device=g2d.device)
+    fcuda.fgm_norm(g2d, mask, out)
+    return out
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("numel", [0, 1, 7, 4097, 8193, (1 << 20) + 3])
+@pytest.mark.parametrize("offset", [0, 1])
+def test_dense_norm(dev, dtype, numel, offset):
+    g = _offset(torch.randn(numel, device=dev).to(dtype), offset)
+    got = _norm(g.view(1, -1))
+    want = torch.linalg.vector_norm(g.double()).float()
+    torch.testing.assert_close(got[0], want, rtol=1e-5, atol=0)
+    assert torch.equal(_bits(_norm(g.view(1, -1))), _bits(got))  # deterministic
+
+
+@pytest.mark.gpu
+def test_dense_norm_large_is_deterministic(dev):
+    g = torch.randn(50_000_003, device=dev)
+    a, b = _norm(g.view(1, -1)), _norm(g.view(1, -1))
+    assert torch.equal(_bits(a), _bits(b))
+    torch.testing.assert_close(a[0], torch.linalg.vector_norm(g.double()).float(), rtol=2e-5, atol=0)
+
+
+def _sparse_case(dev, dtype, rows, cols, offset=0):
+    gen = torch.Generator(device="cpu").manual_seed(rows * 1000 + cols)
+    g = torch.randn(rows, cols, generator=gen).to(dtype)
+    mask = (torch.rand(rows, generator=gen) < 0.4).to(torch.uint8)
+    zero_rows = torch.rand(rows, generator=gen) < 0.2
+    g[zero_rows] = 0
+    g[(mask == 0) & ~zero_rows] = float("nan")  # unmasked rows must not be read
+    return _offset(g.to(dev), offset), mask.to(dev)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,cols,offset", [(1, 1, 0), (37, 33, 0), (64, 64, 0), (64, 64, 1),
+                                              (5, 0, 0), (0, 8, 0), (600_001, 1, 0)])
+def test_sparse_norm(dev, dtype, rows, cols, offset):
+    g, mask = _sparse_case(dev, dtype, rows, cols, offset)
+    before = mask.clone()
+    got = _norm(g, mask)
+    rows_used = before.bool()
+    want = torch.linalg.vector_norm(g[rows_used].double()).float()
+    torch.testing.assert_close(got[0], want, rtol=1e-5, atol=0)
+    nonzero = (g != 0).any(dim=1)
+    assert torch.equal(mask, (rows_used & nonzero).to(torch.uint8))  # all-zero rows unmasked
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("numel", [1, 7, 4096, 4099, (1 << 20) + 5])
+@pytest.mark.parametrize("offset", [0, 1])
+def test_dense_update(dev, dtype, numel, offset):
+    w0 = _offset(torch.randn(numel, device=dev).to(dtype), offset)
+    g = _offset(torch.randn(numel, device=dev).to(dtype), offset)
+    norm = _norm(g.view(1, -1))
+    w, backup = w0.clone(), torch.full_like(w0, 123.0)
+    fcuda.fgm_update(w.view(1, -1), g.view(1, -1), backup, None, norm, 0.37)
+    assert torch.equal(_bits(backup), _bits(w0))
+    assert torch.equal(_bits(w), _bits(_expected_update(w0, g, norm, 0.37)))
+    if dtype == torch.float32:  # bit-equal to the reference's own expression
+        ref = w0.clone()
+        ref.add_(0.37 * g / norm.reshape(()))
+        assert torch.equal(_bits(w), _bits(ref))
+
+
+@pytest.mark.gpu
+def test_dense_update_grid_stride(dev):
+    n = 17_000_003  # unaligned: scalar path, more elements than one grid covers
+    w0 = _offset(torch.randn(n, device=dev), 1)
+    g = _offset(torch.randn(n, device=dev), 1)
+    norm = torch.tensor([3.5], device=dev)
+    w, backup = w0.clone(), torch.empty_like(w0)
+    fcuda.fgm_update(w.view(1, -1), g.view(1, -1), backup, None, norm, 2.0)
+    assert torch.equal(backup, w0)
+    assert torch.equal(_bits(w), _bits(_expected_update(w0, g, norm, 2.0)))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bad", [0.0, float("nan")])
+def test_update_skipped_for_zero_or_nan_norm(dev, dtype, bad):
+    w0 = torch.randn(33, 17, device=dev).to(dtype)
+    g = torch.randn(33, 17, device=dev).to(dtype)
+    norm = torch.tensor([bad], device=dev)
+    w, backup = w0.clone(), torch.empty_like(w0)
+    fcuda.fgm_update(w, g, backup, None, norm, 1.0)
+    assert torch.equal(_bits(w), _bits(w0)) and torch.equal(_bits(backup), _bits(w0))
+    mask = torch.ones(33, dtype=torch.uint8, device=dev)
+    slots = mask.cumsum(0, dtype=torch.int32)
+    backup_rows = torch.empty_like(w0)
+    fcuda.fgm_update(w, g, backup_rows, slots, norm, 1.0)
+    assert torch.equal(_bits(w), _bits(w0)) and torch.equal(_bits(backup_rows), _bits(w0))
+
+
+@pytest.mark.gpu
+def test_update_with_inf_norm_is_applied(dev):
+    w0 = torch.randn(1000, device=dev)
+    g = torch.randn(1000, device=dev)
+    norm = torch.tensor([float("inf")], device=dev)
+    w, backup = w0.clone(), torch.empty_like(w0)
+    fcuda.fgm_update(w.view(1, -1), g.view(1, -1), backup, None, norm, 1.0)
+    assert torch.equal(_bits(w), _bits(_expected_update(w0, g, norm, 1.0)))  # + (+-0): w kept
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,cols,offset", [(1, 1, 0), (37, 33, 0), (64, 64, 0), (64, 64, 1),
+                                              (129, 768, 0), (600_001, 1, 0)])
+def test_sparse_update_and_restore(dev, dtype, rows, cols, offset):
+    g, mask = _sparse_case(dev, dtype, rows, cols, offset)
+    norm = _norm(g, mask)  # clears the mask of all-zero rows
+    slots = mask.cumsum(0, dtype=torch.int32)
+    touched = mask.bool()
+    n_slots = int(slots[-1]) if rows else 0
+    w0 = _offset(torch.randn(rows, cols, device=dev).to(dtype), offset)
+    w = w0.clone()
+    backup = _offset(torch.full((n_slots, cols), 7.0, device=dev).to(dtype), offset)
+    fcuda.fgm_update(w, g, backup, slots, norm, 0.5)
+    assert torch.equal(_bits(backup), _bits(w0[touched]))
+    want = w0.clone()
+    want[touched] = _expected_update(w0[touched], g[touched], norm, 0.5)
+    assert torch.equal(_bits(w), _bits(want))  # untouched rows (NaN grads) kept as they were
+    fcuda.fgm_restore_rows(w, backup, slots)
+    assert torch.equal(_bits(w), _bits(w0))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cols,offset", [(1, 0), (2, 0), (3, 1), (4, 0), (8, 0), (8, 1), (768, 0)])
+def test_restore_rows_is_bit_exact(dev, dtype, cols, offset):
+    rows = 97
+    bits = BITS[dtype]
+    info = torch.iinfo(bits)
+    backup_all = torch.randint(info.min, info.max, (rows, cols), dtype=bits, device=dev).view(dtype)
+    mask = (torch.rand(rows, device=dev) < 0.5).to(torch.uint8)
+    slots = mask.cumsum(0, dtype=torch.int32)
+    touched = mask.bool()
+    backup = _offset(backup_all[touched].contiguous(), offset)  # NaN payloads, -0, subnormals
+    w0 = _offset(torch.randn(rows, cols, device=dev).to(dtype), offset)
+    w = w0.clone()
+    fcuda.fgm_restore_rows(w, backup, slots)
+    want = _bits(w0).clone()
+    want[touched] = _bits(backup_all)[touched]
+    assert torch.equal(_bits(w), want)
+
+
+@pytest.mark.gpu
+def test_launch_counts_and_stream(dev):
+    g = torch.randn(4, 5, device=dev)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    before = dict(kernels.LAUNCHES)
+    with torch.cuda.stream(side):
+        norm = _norm(g)
+        w, backup = g.clone(), torch.empty_like(g)
+        fcuda.fgm_update(w, g, backup, None, norm, 1.0)
+        slots = torch.ones(4, dtype=torch.int32, device=dev).cumsum(0, dtype=torch.int32)
+        fcuda.fgm_restore_rows(w, backup, slots)
+        _norm(torch.empty(0, 3, device=dev))  # finalize only
+    side.synchronize()
+    assert torch.equal(w, g)
+    delta = {k: kernels.LAUNCHES[k] - before.get(k, 0) for k in kernels.LAUNCHES}
+    assert delta["cuda.fgm_norm"] == 3
+    assert delta["cuda.fgm_update"] == 1 and delta["cuda.fgm_restore_rows"] == 1
