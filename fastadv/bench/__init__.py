@@ -1,0 +1,21 @@
+"""``python -m fastadv bench``: check, time and count every op on this device.
+
+Each op is one module here with ``cases(device, full)`` and
+``impls(case, device)`` (see :mod:`fastadv.bench.fgm`); add it to :data:`OPS`
+with one line and the CLI, the results file and the plot pick it up.
+"""
+from __future__ import annotations
+
+import importlib
+
+OPS: dict[str, str] = {
+    "fgm": "fastadv.bench.fgm",
+    # "pgd": "fastadv.bench.pgd",
+}
+
+
+def load(op: str):
+    """The bench module of ``op``."""
+    if op not in OPS:
+        raise KeyError(f"no benchmark for op {op!r}; known: {', '.join(OPS)}")
+    return importlib.import_module(OPS[op])

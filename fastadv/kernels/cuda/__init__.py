@@ -121,8 +121,13 @@ def _stream(t: torch.Tensor) -> int | None:
 
 
 def declare(signatures: dict) -> None:
-    """An op module adds its C functions ``{name: (restype, argtypes)}``."""
+    """An op module adds its C functions ``{name: (restype, argtypes)}``; they
+    are typed at load time, or now if the library is already loaded."""
     _SIGNATURES.update(signatures)
+    loaded = _state.get("lib")
+    for name, (restype, argtypes) in signatures.items() if loaded is not None else ():
+        fn = getattr(loaded, name)
+        fn.restype, fn.argtypes = restype, argtypes
 
 
 from . import fgm  # noqa: E402  (declares its signatures before any load)
