@@ -3,6 +3,6 @@ usual reference classes (swap one import)."""
 __version__ = "0.1.0"
 
 from ._backend import BackendUnavailable  # noqa: E402
-from .adversarial import FGM  # noqa: E402
+from .adversarial import FGM, PGD  # noqa: E402
 
-__all__ = ["FGM", "BackendUnavailable", "__version__"]
+__all__ = ["FGM", "PGD", "BackendUnavailable", "__version__"]

@@ -1,4 +1,5 @@
 """Drop-in adversarial-training classes with the reference APIs."""
 from .fgm import FGM
+from .pgd import PGD
 
-__all__ = ["FGM"]
+__all__ = ["FGM", "PGD"]

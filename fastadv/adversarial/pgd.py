@@ -1,0 +1,143 @@
+"""``fastadv.PGD``: the seed PGD class (same arguments, methods, K-step loop)
+on fused kernels.
+
+    pgd = PGD(model, emb_name='word_embeddings.', epsilon=1.0, alpha=0.3)
+    loss.backward()
+    pgd.backup_grad()
+    for t in range(K):
+        pgd.attack(is_first_attack=(t == 0))
+        if t != K - 1:
+            model.zero_grad()
+        else:
+            pgd.restore_grad()
+        model(batch).loss.backward()
+    pgd.restore()
+
+Each ``attack`` is one reduction and one fused step + projection over the
+touched rows, decided on the device.  ``backup_grad`` copies nothing: it keeps
+the gradient tensors themselves, and the first ``attack`` hands the
+intermediate backwards fresh gradients (it sets ``.grad`` to None, which is
+what ``zero_grad()`` does by default), so even ``zero_grad(set_to_none=False)``
+cannot clear the kept originals; ``restore_grad`` puts them back.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from .. import _backend
+from ..ops.pgd import PGDState, pgd_attack_, pgd_restore_
+from ._params import RowTracker, distributed, embedding_owners, matching_parameters
+from .fgm import _check_epsilon
+
+
+class PGD:
+    """Projected gradient descent on embedding matrices (drop-in for the seed).
+
+    Args: as the seed (``model, emb_name, epsilon, alpha``), plus ``backend``
+    and ``row_sparse`` as in :class:`fastadv.FGM`.
+    """
+
+    def __init__(self, model: nn.Module, emb_name: str = "word_embeddings.", epsilon: float = 1.0,
+                 alpha: float = 0.3, *, backend: str | None = None, row_sparse: bool | str = "auto"):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if row_sparse not in (True, False, "auto"):
+            raise ValueError(f"row_sparse must be True, False or 'auto', got {row_sparse!r}")
+        self.model = model
+        self.emb_name = emb_name
+        self.epsilon = _check_epsilon(epsilon)
+        self.alpha = _check_epsilon(alpha)
+        self.backend = _backend.check_name(backend.lower()) if backend else None
+        self.row_sparse = row_sparse
+        self.emb_backup: dict[str, PGDState] = {}
+        self.grad_backup: dict[str, torch.Tensor] = {}
+        self._grads_handed_out = False
+        self._trackers: dict[int, RowTracker] = {}
+        for name, param in matching_parameters(model, emb_name):
+            owners = embedding_owners(model, param) if row_sparse is not False else None
+            if owners is None and row_sparse is True:
+                raise ValueError(f"row_sparse=True but {name} is not used only as the weight of "
+                                 f"dense-gradient nn.Embedding modules (tied head or other use)")
+            if owners is not None:
+                self._trackers[id(param)] = RowTracker(param, owners)
+
+    def _row_mask(self, param):
+        tracker = self._trackers.get(id(param))
+        if tracker is None or distributed() or _backend.resolve(self.backend, param.device) == "torch":
+            return None
+        return tracker.state()[0]
+
+    def attack(self, is_first_attack: bool = False) -> None:
+        """One step: perturb along ``alpha * g / ||g||`` and project onto the
+        ``epsilon`` ball around the weights saved by the first attack."""
+        if is_first_attack and self.emb_backup:
+            raise RuntimeError("PGD.attack(is_first_attack=True) while a previous attack is not "
+                               "restored: call restore() first (the original weights are kept)")
+        if not is_first_attack and not self.emb_backup:
+            raise RuntimeError("PGD.attack(is_first_attack=False) before a first attack: the first "
+                               "step of each batch must pass is_first_attack=True")
+        for name, param in matching_parameters(self.model, self.emb_name):
+            grad = param.grad
+            if grad is None:
+                continue  # the seed crashes here; nothing to step along
+            state = self.emb_backup.get(name)
+            if state is None and not is_first_attack:
+                continue  # no gradient at the first step: the seed never backed it up
+            mask = self._row_mask(param) if (state is None or state.saved is not None) else None
+            self.emb_backup[name] = pgd_attack_(param, grad, self.alpha, self.epsilon, state,
+                                                row_mask=mask, backend=self.backend)
+        if is_first_attack and self.grad_backup and not self._grads_handed_out:
+            self._hand_out_fresh_grads()
+
+    def restore(self) -> None:
+        """Put the embeddings saved by the first attack back, bit-exactly, in place."""
+        if not self.emb_backup:
+            raise RuntimeError("PGD.restore() called without a preceding attack(): nothing to restore")
+        for state in self.emb_backup.values():
+            pgd_restore_(state)
+        self.emb_backup = {}
+
+    def project(self, param_name: str, param_data: torch.Tensor, epsilon: float) -> torch.Tensor:
+        """The seed's projection of ``param_data`` onto the ``epsilon`` ball around
+        the saved weights (kept for compatibility: ``attack`` already projects)."""
+        state = self.emb_backup[param_name]
+        w0 = state.backup
+        if state.saved is not None:  # rows never perturbed have no backup: they are w0
+            w0 = torch.where(state.saved.bool().unsqueeze(1), state.backup, param_data)
+        r = param_data - w0
+        norm = torch.linalg.vector_norm(r)
+        return w0 + torch.where(norm > epsilon, epsilon * r / norm, r)
+
+    def backup_grad(self) -> None:
+        """Keep the current gradients (no copy)."""
+        self.grad_backup = {n: p.grad for n, p in self.model.named_parameters()
+                            if p.requires_grad and p.grad is not None}
+        self._grads_handed_out = False
+
+    def _hand_out_fresh_grads(self) -> None:
+        for name, param in self.model.named_parameters():
+            if name in self.grad_backup:
+                param.grad = None
+        self._grads_handed_out = True
+
+    def restore_grad(self) -> None:
+        """Put the kept gradients back: the next backward accumulates into them."""
+        if not self.grad_backup:
+            raise RuntimeError("PGD.restore_grad() called without backup_grad()")
+        for name, param in self.model.named_parameters():
+            if name in self.grad_backup:
+                param.grad = self.grad_backup[name]
+        self.grad_backup = {}
+        self._grads_handed_out = False
+
+    @contextlib.contextmanager
+    def attacked(self):
+        """``with pgd.attacked(): ...`` restores the embeddings even on exceptions."""
+        try:
+            yield self
+        finally:
+            if self.emb_backup:
+                self.restore()
