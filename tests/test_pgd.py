@@ -1,0 +1,187 @@
+"""fastadv.PGD against the seed reference through the seed's K-step loop."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fastadv
+from fastadv.ops.pgd import pgd_attack_, pgd_restore_
+from fastadv.reference import PGD as RefPGD
+
+from conftest import DEVICE
+from test_fgm import FP32, TinyLM, assert_params, batch
+
+K = 3
+
+
+def seed_loop(model, pgd, ids, labels, set_to_none=True, record=None):
+    """The seed's PGD loop, verbatim; records the embedding after every attack."""
+    model(ids, labels).backward()
+    pgd.backup_grad()
+    for t in range(K):
+        pgd.attack(is_first_attack=(t == 0))
+        if record is not None:
+            record.append(model.word_embeddings.weight.detach().clone())
+        if t != K - 1:
+            model.zero_grad(set_to_none=set_to_none)
+        else:
+            pgd.restore_grad()
+        model(ids, labels).backward()
+    pgd.restore()
+
+
+@pytest.mark.parametrize("epsilon", [1.0, 0.05], ids=["ball-inactive", "ball-active"])
+@pytest.mark.parametrize("row_sparse", ["auto", False])
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_seed_loop_matches_reference(backend, epsilon, row_sparse, tied, set_to_none):
+    model = TinyLM(tied=tied).to(DEVICE)
+    ref_model = copy.deepcopy(model)
+    pgd = fastadv.PGD(model, "word_embeddings.", epsilon, 0.3, backend=backend, row_sparse=row_sparse)
+    ref = RefPGD(ref_model, "word_embeddings.", epsilon, 0.3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ref_opt = torch.optim.SGD(ref_model.parameters(), lr=0.1)
+    for _ in range(2):
+        ids, labels = batch()
+        steps, ref_steps = [], []
+        seed_loop(model, pgd, ids, labels, set_to_none, steps)
+        seed_loop(ref_model, ref, ids, labels, set_to_none, ref_steps)
+        for fast, slow in zip(steps, ref_steps):
+            torch.testing.assert_close(fast, slow, **FP32)
+        w0 = ref_model.word_embeddings.weight
+        r = steps[-1] - w0
+        if epsilon < 1:  # the projection was active: ||r|| == epsilon
+            assert torch.linalg.vector_norm(r).item() == pytest.approx(epsilon, rel=1e-4)
+        else:
+            assert torch.linalg.vector_norm(r).item() < epsilon
+        assert_params(model, ref_model)
+        opt.step()
+        ref_opt.step()
+        model.zero_grad(set_to_none=set_to_none)
+        ref_model.zero_grad(set_to_none=set_to_none)
+
+
+def test_restore_bit_exact_in_place_and_grads_not_copied(backend):
+    model = TinyLM().to(DEVICE)
+    ids, labels = batch()
+    model(ids, labels).backward()
+    p = model.word_embeddings.weight
+    before, ptr = p.detach().clone(), p.data_ptr()
+    grads = {n: q.grad for n, q in model.named_parameters()}
+    pgd = fastadv.PGD(model, backend=backend)
+    pgd.backup_grad()
+    pgd.attack(is_first_attack=True)
+    assert all(q.grad is None for q in model.parameters())  # fresh grads for the next backward
+    model(ids, labels).backward()
+    pgd.attack()
+    assert not torch.equal(p, before)
+    pgd.restore_grad()
+    assert all(q.grad is grads[n] for n, q in model.named_parameters())  # the originals, no copy
+    pgd.restore()
+    assert torch.equal(p, before) and p.data_ptr() == ptr
+
+
+def test_none_grads_are_skipped(backend):
+    model = TinyLM().to(DEVICE)
+    model.unused_word_embeddings = nn.Embedding(3, 12).to(DEVICE)  # matches, never gets a grad
+    ids, labels = batch()
+    pgd = fastadv.PGD(model, "word_embeddings", backend=backend)
+    seed_loop(model, pgd, ids, labels)
+    assert model.unused_word_embeddings.weight.grad is None
+
+
+def test_attack_makes_no_host_sync(backend, no_host_sync):
+    model = TinyLM().to(DEVICE)
+    ids, labels = batch()
+    model(ids, labels).backward()
+    pgd = fastadv.PGD(model, epsilon=0.05, backend=backend)
+    with no_host_sync():
+        pgd.attack(is_first_attack=True)
+    model(ids, labels).backward()
+    with no_host_sync():
+        pgd.attack()
+        pgd.restore()
+
+
+def test_protocol_misuse(backend):
+    model = TinyLM().to(DEVICE)
+    ids, labels = batch()
+    model(ids, labels).backward()
+    before = model.word_embeddings.weight.detach().clone()
+    pgd = fastadv.PGD(model, backend=backend)
+    with pytest.raises(RuntimeError, match="without a preceding attack"):
+        pgd.restore()
+    with pytest.raises(RuntimeError, match="is_first_attack=True"):
+        pgd.attack()
+    with pytest.raises(RuntimeError, match="without backup_grad"):
+        pgd.restore_grad()
+    pgd.attack(is_first_attack=True)
+    with pytest.raises(RuntimeError, match="restore\\(\\) first"):
+        pgd.attack(is_first_attack=True)
+    pgd.restore()
+    assert torch.equal(model.word_embeddings.weight, before)
+    with pytest.raises(ValueError, match="epsilon"):
+        fastadv.PGD(model, epsilon=-1)
+    with pytest.raises(ValueError, match="close candidates"):
+        fastadv.PGD(model, emb_name="no_such_table")
+
+
+def test_context_manager_restores_on_exception(backend):
+    model = TinyLM().to(DEVICE)
+    ids, labels = batch()
+    model(ids, labels).backward()
+    before = model.word_embeddings.weight.detach().clone()
+    pgd = fastadv.PGD(model, backend=backend)
+    with pytest.raises(KeyError):
+        with pgd.attacked():
+            pgd.attack(is_first_attack=True)
+            raise KeyError("boom")
+    assert torch.equal(model.word_embeddings.weight, before)
+
+
+def test_project_compat(backend):
+    model = TinyLM().to(DEVICE)
+    ids, labels = batch()
+    model(ids, labels).backward()
+    pgd = fastadv.PGD(model, epsilon=0.01, backend=backend, row_sparse=False)
+    pgd.attack(is_first_attack=True)
+    w = model.word_embeddings.weight.detach()
+    far = w + 1.0
+    out = pgd.project("word_embeddings.weight", far, 0.01)
+    w0 = pgd.emb_backup["word_embeddings.weight"].backup
+    assert torch.linalg.vector_norm(out - w0).item() == pytest.approx(0.01, rel=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(1,), (7, 3), (3, 4100), (0, 4)])
+@pytest.mark.parametrize("kind", ["normal", "zero", "nan"])
+def test_functional_steps_against_torch(backend, shape, kind):
+    w = torch.randn(shape, device=DEVICE)
+    grads = [torch.randn(shape, device=DEVICE) for _ in range(3)]
+    if kind == "zero":
+        grads[1].zero_()
+    elif kind == "nan" and w.numel():
+        grads[1].view(-1)[0] = float("nan")
+    fast, ref = w.clone(), w.clone()
+    state = ref_state = None
+    for g in grads:
+        state = pgd_attack_(fast, g, 0.3, 0.4, state, backend=backend)
+        ref_state = pgd_attack_(ref, g, 0.3, 0.4, ref_state, backend="torch")
+        torch.testing.assert_close(fast, ref, **FP32)
+    pgd_restore_(state)
+    assert torch.equal(fast, w)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16])
+def test_low_precision(backend, dtype):
+    w = torch.randn(9, 16, device=DEVICE)
+    grads = [torch.randn(9, 16, device=DEVICE) for _ in range(3)]
+    fast, ref = w.to(dtype), w.clone()
+    state = ref_state = None
+    for g in grads:
+        state = pgd_attack_(fast, g.to(dtype), 0.3, 0.5, state, backend=backend)
+        ref_state = pgd_attack_(ref, g.to(dtype).float(), 0.3, 0.5, ref_state, backend="torch")
+    # fp32 math, rounded once per step: within a few ulps of the fp32 path.
+    torch.testing.assert_close(fast.float(), ref, rtol=4e-3, atol=4e-3)
+    pgd_restore_(state)
+    assert torch.equal(fast, w.to(dtype))
