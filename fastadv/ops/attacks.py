@@ -1,0 +1,252 @@
+"""One step of the input attacks (torchattacks' math) as functional ops.
+
+Each function updates ``adv`` in place (or writes ``out`` when given) and
+returns it; ``images`` is the clean batch ``x`` (the centre of the eps-ball),
+``grad`` the gradient of the attack's cost at ``adv``.  The first dimension is
+the batch; per-sample norms run over all the others.  Everything stays on the
+device: no host sync, no data-dependent Python branch.
+
+========================  =========================================================  ==========
+op                        math (fp32, rounded once to the images' dtype)              launches
+========================  =========================================================  ==========
+``fgsm_step_``            ``adv = clip01(adv + alpha*sign(g))``                        1
+``pgd_step_``             ``adv = clip01(x + clamp(adv + alpha*sign(g) - x, ±eps))``   1
+``pgdl2_step_``           ``a = adv + alpha*g/(||g||+eps_div)``, ``d = a - x``,          2
+                          ``adv = clip01(x + d*min(1, eps/||d||))``
+``mifgsm_step_``          ``m = g/mean(|g|) + decay*m`` (in place), then                2
+                          ``pgd_step_`` with ``sign(m)``
+========================  =========================================================  ==========
+
+``sign`` is ``torch.sign`` (0 for 0 and for NaN).  On the ``triton`` and ``cuda``
+backends the L2 step's ``||d||`` comes from the same reduction pass as
+``||g||`` (``||d_old + s g||^2 = d.d + 2 s d.g + s^2 g.g``): a reduction and an
+update pass, instead of the three passes of the direct formula; it agrees with
+it to fp32 rounding.  The ``torch`` backend computes the reference's formula
+and runs anywhere (any dtype, any layout).
+
+Bytes per step (fp32, N elements): FGSM 12N, PGD 16N (the floor: read adv, x,
+g, write adv), PGD-L2 28N (reduction reads g, adv, x; update reads them again
+and writes adv), MI-FGSM 28N (reduction reads g; update reads g, m, adv, x,
+writes m, adv).  See :func:`design_bytes`.
+"""
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+from .. import _backend
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# ---- validation ----------------------------------------------------------------------------------
+
+def _number(name: str, value, minimum: float | None = 0.0) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    value = float(value)
+    if value != value:
+        raise ValueError(f"{name} must not be NaN")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum:g}, got {value:g}")
+    return value
+
+
+def _check_tensors(adv, images, grad, out, momentum=None) -> None:
+    for name, t in (("adv", adv), ("images", images), ("grad", grad), ("out", out),
+                    ("momentum", momentum)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+        if t.shape != adv.shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, adv has {tuple(adv.shape)}")
+        if t.device != adv.device:
+            raise ValueError(f"{name} is on {t.device}, adv is on {adv.device}")
+    if adv.dim() < 1:
+        raise ValueError("adv needs a batch dimension (shape [batch, ...])")
+    if out is not None and out.dtype != adv.dtype:
+        raise TypeError(f"out has dtype {out.dtype}, adv has {adv.dtype}")
+
+
+def _dense_batch_major(t: torch.Tensor) -> bool:
+    """True when each sample of ``t`` is one dense block of memory, samples one
+    after the other (contiguous, channels_last, ...): the kernels then walk raw
+    memory as ``[batch, per_sample]``."""
+    inner = sorted(((st, sz) for sz, st in zip(t.shape[1:], t.stride()[1:]) if sz != 1), reverse=True)
+    expected = 1
+    for st, sz in reversed(inner):
+        if st != expected:
+            return False
+        expected *= sz
+    return t.shape[0] <= 1 or t.stride(0) == expected
+
+
+def _like(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``t`` in ``ref``'s memory layout (a copy only when they differ)."""
+    if t.stride() == ref.stride() or t.numel() <= 1:
+        return t
+    return torch.empty_like(ref, dtype=t.dtype).copy_(t)
+
+
+def _pick(backend, adv, images, grad, out, momentum=None) -> str:
+    """The backend that runs this step; a kernel backend that cannot (dtype,
+    layout) falls back to torch under ``auto`` and raises when it was asked for."""
+    name = _backend.resolve(backend, adv.device)
+    if name == "torch":
+        return name
+    why = None
+    if adv.dtype not in KERNEL_DTYPES:
+        why = f"supports float32, float16 and bfloat16 images, got {adv.dtype}"
+    elif any(t is not None and t.dtype != adv.dtype for t in (images, grad)):
+        why = "needs images, adv and grad in one dtype"
+    elif momentum is not None and momentum.dtype != torch.float32:
+        why = f"needs a float32 momentum buffer, got {momentum.dtype}"
+    elif not all(_dense_batch_major(t) for t in (adv, out, momentum) if t is not None):
+        why = "needs adv, out and momentum dense with the batch dimension outermost (e.g. contiguous)"
+    elif any(t is not None and t.stride() != adv.stride() and t.numel() > 1 for t in (out, momentum)):
+        why = "needs adv, out and momentum in one memory layout"
+    if why is None:
+        return name
+    if (backend or _backend.default()) != "auto":
+        raise ValueError(f"the {name} backend {why}; use backend='torch'")
+    return "torch"
+
+
+def _kernels(name: str):
+    if name == "triton":
+        from ..kernels.triton import attacks
+        return attacks
+    from ..kernels.cuda import attacks
+    return attacks
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """A ``[batch, per_sample]`` view of the memory of a dense batch-major tensor."""
+    b = t.shape[0]
+    per = t.numel() // b if b else 0
+    return t.as_strided((b, per), (per, 1))
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.float32 else t.to(torch.float32)
+
+
+def _bshape(t: torch.Tensor) -> tuple:
+    return (t.shape[0],) + (1,) * (t.dim() - 1)
+
+
+def _per_sample_norm(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(t.shape[0], -1).norm(p=2, dim=1).view(_bshape(t))
+
+
+def _linf_project(a, x32, eps):
+    return torch.clamp(x32 + torch.clamp(a - x32, min=-eps, max=eps), min=0, max=1)
+
+
+# ---- ops ------------------------------------------------------------------------------------------
+
+def fgsm_step_(adv: torch.Tensor, grad: torch.Tensor, alpha: float, *, out: torch.Tensor | None = None,
+               backend: str | None = None) -> torch.Tensor:
+    """``adv = clip01(adv + alpha * sign(grad))`` (FGSM with ``adv = images``, ``alpha = eps``)."""
+    alpha = _number("alpha", alpha)
+    _check_tensors(adv, None, grad, out)
+    target = adv if out is None else out
+    name = _pick(backend, adv, None, grad, out)
+    if name == "torch":
+        target.copy_(torch.clamp(_f32(adv) + alpha * _f32(grad).sign(), min=0, max=1))
+        return target
+    _kernels(name).linf_step(_flat(adv), None, _flat(_like(grad, adv)), _flat(target), alpha, 0.0)
+    return target
+
+
+def pgd_step_(adv: torch.Tensor, images: torch.Tensor, grad: torch.Tensor, alpha: float, eps: float, *,
+              out: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
+    """``adv = clip01(images + clamp(adv + alpha*sign(grad) - images, -eps, eps))``: one L-inf PGD step."""
+    alpha, eps = _number("alpha", alpha), _number("eps", eps)
+    _check_tensors(adv, images, grad, out)
+    target = adv if out is None else out
+    name = _pick(backend, adv, images, grad, out)
+    if name == "torch":
+        a = _f32(adv) + alpha * _f32(grad).sign()
+        target.copy_(_linf_project(a, _f32(images), eps))
+        return target
+    _kernels(name).linf_step(_flat(adv), _flat(_like(images, adv)), _flat(_like(grad, adv)),
+                             _flat(target), alpha, eps)
+    return target
+
+
+def pgdl2_step_(adv: torch.Tensor, images: torch.Tensor, grad: torch.Tensor, alpha: float, eps: float,
+                eps_for_division: float = 1e-10, *, out: torch.Tensor | None = None,
+                backend: str | None = None) -> torch.Tensor:
+    """One L2 PGD step (torchattacks ``PGDL2``): a step of length ``alpha`` along
+    ``grad / (||grad|| + eps_for_division)``, the per-sample projection of
+    ``adv - images`` on the L2 ball of radius ``eps``, the [0, 1] clip."""
+    alpha, eps = _number("alpha", alpha), _number("eps", eps)
+    eps_div = _number("eps_for_division", eps_for_division)
+    _check_tensors(adv, images, grad, out)
+    target = adv if out is None else out
+    name = _pick(backend, adv, images, grad, out)
+    if name == "torch":
+        g, x = _f32(grad), _f32(images)
+        a = _f32(adv) + alpha * (g / (_per_sample_norm(g) + eps_div))
+        delta = a - x
+        dn = _per_sample_norm(delta)
+        factor = torch.min(eps / dn, torch.ones_like(dn))
+        target.copy_(torch.clamp(x + delta * factor, min=0, max=1))
+        return target
+    _kernels(name).l2_step(_flat(adv), _flat(_like(images, adv)), _flat(_like(grad, adv)),
+                           _flat(target), alpha, eps, eps_div)
+    return target
+
+
+def mifgsm_step_(adv: torch.Tensor, images: torch.Tensor, grad: torch.Tensor, momentum: torch.Tensor,
+                 alpha: float, eps: float, decay: float = 1.0, *, first: bool = False,
+                 out: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
+    """One MI-FGSM step (torchattacks ``MIFGSM``):
+    ``momentum = grad / mean(|grad|) + decay * momentum`` per sample, in place
+    (``first=True``: the old momentum is not read, taken as 0, so the buffer may
+    be uninitialised), then ``pgd_step_`` along ``sign(momentum)``.  On the
+    kernel backends ``momentum`` is float32 in ``adv``'s layout."""
+    alpha, eps = _number("alpha", alpha), _number("eps", eps)
+    decay = _number("decay", decay, minimum=None)
+    _check_tensors(adv, images, grad, out, momentum)
+    if momentum is None:
+        raise TypeError("momentum must be a tensor")
+    target = adv if out is None else out
+    name = _pick(backend, adv, images, grad, out, momentum)
+    if name == "torch":
+        g = _f32(grad)
+        mean = g.abs().reshape(g.shape[0], -1).mean(dim=1).view(_bshape(g))
+        m = g / mean
+        if not first:
+            m = m + momentum * decay
+        momentum.copy_(m)
+        a = _f32(adv) + alpha * m.sign()
+        target.copy_(_linf_project(a, _f32(images), eps))
+        return target
+    _kernels(name).momentum_step(_flat(adv), _flat(_like(images, adv)), _flat(_like(grad, adv)),
+                                 _flat(momentum), _flat(target), alpha, eps, decay, bool(first))
+    return target
+
+
+def design_bytes(kind: str, numel: int, element_size: int) -> int:
+    """Bytes one step moves by design on the kernel backends (images of
+    ``numel`` elements of ``element_size`` bytes; the momentum is fp32):
+
+    * ``fgsm``: read adv, g; write out: 3 passes;
+    * ``pgd``: read adv, x, g; write adv: 4 passes (the floor);
+    * ``pgdl2``: reduction reads g, adv, x; update reads g, adv, x, writes adv: 7;
+    * ``mifgsm``: reduction reads g; update reads g, adv, x, m(fp32) and writes
+      m(fp32), adv (the first step does not read m).
+    Per-sample partials (a few floats per 4096 elements) are not counted.
+    """
+    n, e = numel, element_size
+    table = {"fgsm": 3 * n * e, "pgd": 4 * n * e, "pgdl2": 7 * n * e,
+             "mifgsm": 5 * n * e + 8 * n, "mifgsm_first": 5 * n * e + 4 * n}
+    if kind not in table:
+        raise KeyError(f"unknown step kind {kind!r}; one of {', '.join(table)}")
+    return table[kind]
