@@ -57,9 +57,10 @@ def _torch_attack(w: torch.Tensor, g: torch.Tensor, epsilon: float) -> torch.Ten
     backup = w.clone()
     g32 = g.to(torch.float32)
     norm = torch.linalg.vector_norm(g32)
-    valid = (norm != 0) & ~torch.isnan(norm)
-    w32 = w.to(torch.float32)
-    w.copy_(torch.where(valid, w32 + epsilon * g32 / norm, w32))
+    invalid = (norm == 0) | torch.isnan(norm)
+    # (eps * g) / norm as the reference rounds it; zeroed when the norm is
+    # unusable; added in fp32 and rounded once into w's dtype.
+    w.add_((epsilon * g32).div_(norm).masked_fill_(invalid, 0.0))
     return backup
 
 
