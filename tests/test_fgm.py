@@ -116,6 +116,19 @@ def test_constructed_after_backward(backend):
     assert_params(model, ref_model)
 
 
+def test_constructed_between_forward_and_backward(backend):
+    """The forward ran before tracking started: its rows are unknown too."""
+    model, ref_model = twins()
+    ids, labels = batch()
+    loss, ref_loss = model(ids, labels), ref_model(ids, labels)
+    fgm, ref = fastadv.FGM(model, backend=backend), RefFGM(ref_model)
+    loss.backward()
+    ref_loss.backward()
+    fgm.attack()
+    ref.attack()
+    assert_params(model, ref_model)
+
+
 # -- per-op results against the reference ----------------------------------
 class Table(nn.Module):
     def __init__(self, w):

@@ -50,15 +50,19 @@ class RowTracker:
     the gradient was last ``None``.
 
     The mask errs only on the side of too many rows (a row marked with a zero
-    gradient costs a read; the kernels unmark it).  A table that already has a
-    gradient when tracking starts is marked whole, since its rows are unknown.
+    gradient costs a read; the kernels unmark it).  It starts with every row
+    marked, since lookups made before tracking started are unknown.
     """
 
     def __init__(self, param: nn.Parameter, modules: list[nn.Embedding]):
         self.param = param
         self.rows = param.shape[0]
-        self.mask = self._fresh(marked=param.grad is not None)
-        self.count = self.rows if param.grad is not None else 0
+        # Lookups before tracking started (even a forward whose backward is
+        # still to come) are unknown: start with every row marked.  The first
+        # attack unmarks the rows without gradient; the next forward after the
+        # gradient is reset starts an exact set.
+        self.mask = self._fresh(marked=True)
+        self.count = self.rows
         self.handles = [m.register_forward_pre_hook(self._mark) for m in modules]
 
     def _fresh(self, marked: bool) -> torch.Tensor:

@@ -10,7 +10,7 @@ import importlib
 
 OPS: dict[str, str] = {
     "fgm": "fastadv.bench.fgm",
-    # "pgd": "fastadv.bench.pgd",
+    "pgd": "fastadv.bench.pgd",
 }
 
 

@@ -99,3 +99,21 @@ def pgd_restore_(state: PGDState) -> None:
         w.copy_(state.backup)
     else:
         _kernels(state.backend).pgd_restore_rows(w, state.backup, state.saved)
+
+
+def design_bytes(numel: int, element_size: int, steps: int = 3, touched_rows: int | None = None,
+                 cols: int | None = None) -> int:
+    """Bytes the fused design moves for ``steps`` attacks + restore.
+
+    First step: the reduction reads g, the update reads w and g and writes the
+    backup and w (5 passes).  Later steps: the reduction reads w, w0 and g, the
+    update reads them and writes w (7 passes).  Restore: 2 passes.  Row-sparse:
+    the same over the touched rows, plus the uint8 mask and saved flags (read
+    by each kernel, 1 byte per row).  ``backup_grad`` / ``restore_grad`` move
+    nothing (no copies).
+    """
+    passes = 5 + 7 * (steps - 1) + 2
+    if touched_rows is None:
+        return passes * numel * element_size
+    rows = numel // cols
+    return passes * touched_rows * cols * element_size + (4 * steps + 1) * rows
