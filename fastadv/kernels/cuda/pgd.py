@@ -1,0 +1,92 @@
+"""ctypes launchers of the PGD kernels in ``csrc/pgd.cu`` (see ``csrc/pgd.h``).
+
+Same signatures and semantics as :mod:`fastadv.kernels.triton.pgd`: one step is
+a reduction (``||g||^2``, ``||r||^2``, ``<r, g>``), a finalize writing
+``coef = [||g||, ||r'||, step, project]`` on the device, and one fused step +
+projection; the restore copies the saved rows back bit for bit.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import count_launch
+from . import _c_float, _c_int, _c_int64, _c_void_p, _call, _check, _ptr, _stream, declare, dtype_code, lib
+
+declare({
+    "fastadv_pgd_workspace_floats": (_c_int64, [_c_int64, _c_int64, _c_int]),
+    "fastadv_pgd_step": (_c_int, [_c_void_p, _c_void_p, _c_void_p, _c_int, _c_int64, _c_int64,
+                                  _c_void_p, _c_void_p, _c_int, _c_void_p, _c_void_p,
+                                  _c_float, _c_float, _c_void_p]),
+    "fastadv_pgd_restore_rows": (_c_int, [_c_void_p, _c_void_p, _c_int, _c_int64, _c_int64,
+                                          _c_void_p, _c_void_p]),
+})
+
+
+def pgd_workspace_floats(rows: int, cols: int, sparse: bool) -> int:
+    """fp32 scratch floats one :func:`pgd_step` needs (3 per partial sum)."""
+    return int(lib().fastadv_pgd_workspace_floats(rows, cols, int(bool(sparse))))
+
+
+def _check_flags(t: torch.Tensor, rows: int, what: str) -> None:
+    _check(t, what)
+    if t.dtype != torch.uint8 or t.numel() != rows:
+        raise ValueError(f"{what} must be a uint8 tensor of {rows} elements")
+
+
+def pgd_step(w, g, backup, coef, alpha: float, eps: float, first: bool,
+             mask=None, saved=None) -> None:
+    """One PGD step in place (reduction + finalize + fused update).
+
+    Dense (``mask is None``): flat tensors; ``first`` writes ``backup``.
+    Row-sparse: ``w, g, backup`` are ``[rows, cols]``, ``mask`` and ``saved``
+    uint8 ``[rows]`` (``mask`` loses the marked rows whose gradient is all
+    zero; ``saved`` is updated: rows perturbed so far).  ``coef`` (fp32, 4
+    elements) receives ``[||g||, ||r'||, step, project]``.
+    """
+    alpha, eps = float(alpha), float(eps)
+    for t, what in ((w, "w"), (g, "g"), (backup, "backup"), (coef, "coef")):
+        _check(t, what)
+    if g.dtype != w.dtype or backup.dtype != w.dtype:
+        raise ValueError("w, g and backup must have one dtype")
+    if coef.dtype != torch.float32 or coef.numel() != 4:
+        raise ValueError("coef must be a float32 tensor of 4 elements")
+    code = dtype_code(w.dtype)
+    if mask is None:
+        if saved is not None:
+            raise ValueError("saved is only for the row-sparse step (give mask too)")
+        if g.numel() != w.numel() or backup.numel() != w.numel():
+            raise ValueError("dense pgd_step needs g and backup of w's numel")
+        rows, cols = 1, w.numel()
+        work = rows * cols
+    else:
+        if saved is None:
+            raise ValueError("the row-sparse pgd_step needs saved with mask")
+        if w.dim() != 2 or g.shape != w.shape or backup.shape != w.shape:
+            raise ValueError(f"row-sparse pgd_step needs 2-D w, g and backup of one shape, got "
+                             f"{tuple(w.shape)}, {tuple(g.shape)}, {tuple(backup.shape)}")
+        rows, cols = w.shape
+        _check_flags(mask, rows, "mask")
+        _check_flags(saved, rows, "saved")
+        work = rows
+    with torch.cuda.device(w.device):
+        ws = torch.empty(pgd_workspace_floats(rows, cols, mask is not None),
+                         dtype=torch.float32, device=w.device)
+        _call("fastadv_pgd_step", _ptr(w), _ptr(g), _ptr(backup), code, rows, cols, _ptr(mask),
+              _ptr(saved), int(bool(first)), _ptr(ws), _ptr(coef), alpha, eps, _stream(w))
+    count_launch("cuda.pgd", 3 if work else 1)  # partial sums + finalize + update, or finalize only
+
+
+def pgd_restore_rows(w, backup, saved) -> None:
+    """Copy every saved row back, bit for bit, and clear ``saved``."""
+    for t, what in ((w, "w"), (backup, "backup")):
+        _check(t, what)
+    if w.dim() != 2 or backup.shape != w.shape or backup.dtype != w.dtype:
+        raise ValueError("pgd_restore_rows needs 2-D w and backup of one shape and dtype")
+    rows, cols = w.shape
+    _check_flags(saved, rows, "saved")
+    code = dtype_code(w.dtype)
+    with torch.cuda.device(w.device):
+        _call("fastadv_pgd_restore_rows", _ptr(w), _ptr(backup), code, rows, cols, _ptr(saved),
+              _stream(w))
+    if rows:
+        count_launch("cuda.pgd_restore")
