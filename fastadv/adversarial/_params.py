@@ -7,6 +7,17 @@ import difflib
 import torch
 from torch import nn
 
+from .. import _backend
+
+
+def check_size(value, what: str = "epsilon") -> float:
+    """A perturbation size: a finite number >= 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{what} must be a number, got {type(value).__name__}")
+    if not (value >= 0 and value != float("inf")):
+        raise ValueError(f"{what} must be finite and >= 0, got {value}")
+    return float(value)
+
 
 def matching_parameters(model: nn.Module, emb_name: str) -> list[tuple[str, nn.Parameter]]:
     """``(name, param)`` for every trainable parameter whose name contains
@@ -91,3 +102,45 @@ class RowTracker:
         for h in self.handles:
             h.remove()
         self.handles = []
+
+
+class EmbeddingAttack:
+    """What FGM and PGD share: argument checks, the matching parameters, and a
+    :class:`RowTracker` per row-sparse table."""
+
+    def __init__(self, model: nn.Module, emb_name: str, backend: str | None, row_sparse):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if row_sparse not in (True, False, "auto"):
+            raise ValueError(f"row_sparse must be True, False or 'auto', got {row_sparse!r}")
+        self.model = model
+        self.emb_name = emb_name
+        self.backend = _backend.check_name(backend.lower()) if backend else None
+        self.row_sparse = row_sparse
+        self._trackers: dict[int, RowTracker] = {}
+        self._track(matching_parameters(model, emb_name))
+
+    def _track(self, targets) -> None:
+        for name, param in targets:
+            if self.row_sparse is False or id(param) in self._trackers:
+                continue
+            owners = embedding_owners(self.model, param)
+            if owners is None:
+                if self.row_sparse is True:
+                    raise ValueError(f"row_sparse=True but {name} is not used only as the weight of "
+                                     f"dense-gradient nn.Embedding modules (tied head or other use)")
+                continue
+            self._trackers[id(param)] = RowTracker(param, owners)
+
+    def _row_state(self, param) -> tuple[torch.Tensor | None, int | None]:
+        """(row mask, bound on marked rows), or (None, None) for the dense path."""
+        tracker = self._trackers.get(id(param))
+        if tracker is None or distributed() or _backend.resolve(self.backend, param.device) == "torch":
+            return None, None
+        return tracker.state()
+
+    def remove_hooks(self) -> None:
+        """Detach the forward hooks that track embedding rows (the dense path is used after)."""
+        for tracker in self._trackers.values():
+            tracker.remove()
+        self._trackers = {}

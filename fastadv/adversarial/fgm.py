@@ -18,23 +18,13 @@ from __future__ import annotations
 
 import contextlib
 
-import torch
 from torch import nn
 
-from .. import _backend
 from ..ops.fgm import FGMBackup, fgm_attack_, fgm_restore_
-from ._params import RowTracker, distributed, embedding_owners, matching_parameters
+from ._params import EmbeddingAttack, check_size, matching_parameters
 
 
-def _check_epsilon(epsilon) -> float:
-    if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)):
-        raise TypeError(f"epsilon must be a number, got {type(epsilon).__name__}")
-    if not (epsilon >= 0 and epsilon != float("inf")):
-        raise ValueError(f"epsilon must be finite and >= 0, got {epsilon}")
-    return float(epsilon)
-
-
-class FGM:
+class FGM(EmbeddingAttack):
     """Fast Gradient Method on embedding matrices (drop-in for the seed class).
 
     Args:
@@ -55,44 +45,14 @@ class FGM:
 
     def __init__(self, model: nn.Module, emb_name: str = "word_embeddings.", epsilon: float = 1.0,
                  *, backend: str | None = None, row_sparse: bool | str = "auto"):
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        if row_sparse not in (True, False, "auto"):
-            raise ValueError(f"row_sparse must be True, False or 'auto', got {row_sparse!r}")
-        self.model = model
-        self.emb_name = emb_name
-        self.epsilon = _check_epsilon(epsilon)
-        self.backend = _backend.check_name(backend.lower()) if backend else None
-        self.row_sparse = row_sparse
+        super().__init__(model, emb_name, backend, row_sparse)
+        self.epsilon = check_size(epsilon)
         self.backup: dict[str, FGMBackup] = {}
-        self._trackers: dict[int, RowTracker] = {}
-        self._track(matching_parameters(model, emb_name))
-
-    # -- row tracking -------------------------------------------------------
-    def _track(self, targets) -> None:
-        for name, param in targets:
-            if self.row_sparse is False or id(param) in self._trackers:
-                continue
-            owners = embedding_owners(self.model, param)
-            if owners is None:
-                if self.row_sparse is True:
-                    raise ValueError(f"row_sparse=True but {name} is not used only as the weight of "
-                                     f"dense-gradient nn.Embedding modules (tied head or other use)")
-                continue
-            self._trackers[id(param)] = RowTracker(param, owners)
-
-    def _row_state(self, param):
-        tracker = self._trackers.get(id(param))
-        if tracker is None or self.row_sparse is False or distributed():
-            return None, None
-        if _backend.resolve(self.backend, param.device) == "torch":
-            return None, None
-        return tracker.state()
 
     # -- the seed's protocol ------------------------------------------------
     def attack(self, epsilon: float | None = None, emb_name: str | None = None) -> None:
         """Back up and perturb every matching parameter that has a gradient."""
-        epsilon = self.epsilon if epsilon is None else _check_epsilon(epsilon)
+        epsilon = self.epsilon if epsilon is None else check_size(epsilon)
         targets = matching_parameters(self.model, emb_name or self.emb_name)
         pending = [n for n, _ in targets if n in self.backup]
         if pending:
@@ -125,9 +85,3 @@ class FGM:
             yield self
         finally:
             self.restore(emb_name=emb_name)
-
-    def remove_hooks(self) -> None:
-        """Detach the forward hooks that track embedding rows."""
-        for tracker in self._trackers.values():
-            tracker.remove()
-        self._trackers = {}

@@ -27,13 +27,11 @@ import contextlib
 import torch
 from torch import nn
 
-from .. import _backend
 from ..ops.pgd import PGDState, pgd_attack_, pgd_restore_
-from ._params import RowTracker, distributed, embedding_owners, matching_parameters
-from .fgm import _check_epsilon
+from ._params import EmbeddingAttack, check_size, matching_parameters
 
 
-class PGD:
+class PGD(EmbeddingAttack):
     """Projected gradient descent on embedding matrices (drop-in for the seed).
 
     Args: as the seed (``model, emb_name, epsilon, alpha``), plus ``backend``
@@ -42,33 +40,12 @@ class PGD:
 
     def __init__(self, model: nn.Module, emb_name: str = "word_embeddings.", epsilon: float = 1.0,
                  alpha: float = 0.3, *, backend: str | None = None, row_sparse: bool | str = "auto"):
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        if row_sparse not in (True, False, "auto"):
-            raise ValueError(f"row_sparse must be True, False or 'auto', got {row_sparse!r}")
-        self.model = model
-        self.emb_name = emb_name
-        self.epsilon = _check_epsilon(epsilon)
-        self.alpha = _check_epsilon(alpha)
-        self.backend = _backend.check_name(backend.lower()) if backend else None
-        self.row_sparse = row_sparse
+        super().__init__(model, emb_name, backend, row_sparse)
+        self.epsilon = check_size(epsilon)
+        self.alpha = check_size(alpha, "alpha")
         self.emb_backup: dict[str, PGDState] = {}
         self.grad_backup: dict[str, torch.Tensor] = {}
         self._grads_handed_out = False
-        self._trackers: dict[int, RowTracker] = {}
-        for name, param in matching_parameters(model, emb_name):
-            owners = embedding_owners(model, param) if row_sparse is not False else None
-            if owners is None and row_sparse is True:
-                raise ValueError(f"row_sparse=True but {name} is not used only as the weight of "
-                                 f"dense-gradient nn.Embedding modules (tied head or other use)")
-            if owners is not None:
-                self._trackers[id(param)] = RowTracker(param, owners)
-
-    def _row_mask(self, param):
-        tracker = self._trackers.get(id(param))
-        if tracker is None or distributed() or _backend.resolve(self.backend, param.device) == "torch":
-            return None
-        return tracker.state()[0]
 
     def attack(self, is_first_attack: bool = False) -> None:
         """One step: perturb along ``alpha * g / ||g||`` and project onto the
@@ -86,7 +63,7 @@ class PGD:
             state = self.emb_backup.get(name)
             if state is None and not is_first_attack:
                 continue  # no gradient at the first step: the seed never backed it up
-            mask = self._row_mask(param) if (state is None or state.saved is not None) else None
+            mask = self._row_state(param)[0] if (state is None or state.saved is not None) else None
             self.emb_backup[name] = pgd_attack_(param, grad, self.alpha, self.epsilon, state,
                                                 row_mask=mask, backend=self.backend)
         if is_first_attack and self.grad_backup and not self._grads_handed_out:
