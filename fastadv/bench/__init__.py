@@ -11,6 +11,7 @@ import importlib
 OPS: dict[str, str] = {
     "fgm": "fastadv.bench.fgm",
     "pgd": "fastadv.bench.pgd",
+    "pgd_train": "fastadv.bench.pgd_train",
 }
 
 
