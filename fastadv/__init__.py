@@ -6,5 +6,6 @@ from ._backend import BackendUnavailable  # noqa: E402
 from .adversarial import FGM, PGD  # noqa: E402
 from .adversarial.fgsm import adversarial_train_step  # noqa: E402
 from .ops.fgsm import fgsm_perturb  # noqa: E402
+from . import attacks  # noqa: E402
 
-__all__ = ["FGM", "PGD", "fgsm_perturb", "adversarial_train_step", "BackendUnavailable", "__version__"]
+__all__ = ["FGM", "PGD", "fgsm_perturb", "adversarial_train_step", "attacks", "BackendUnavailable", "__version__"]

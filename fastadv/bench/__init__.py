@@ -12,6 +12,7 @@ OPS: dict[str, str] = {
     "fgm": "fastadv.bench.fgm",
     "pgd": "fastadv.bench.pgd",
     "pgd_train": "fastadv.bench.pgd_train",
+    "attacks": "fastadv.bench.attacks",
 }
 
 

@@ -130,10 +130,10 @@ def _abs_partials_kernel(g_ptr, part_ptr, per_sample, chunks, BLOCK: tl.constexp
 
 @triton.jit
 def _momentum_update_kernel(adv_ptr, x_ptr, g_ptr, mom_ptr, out_ptr, part_ptr, per_sample, chunks,
-                            alpha, eps, decay, FIRST: tl.constexpr, BLOCK: tl.constexpr,
+                            count, alpha, eps, decay, FIRST: tl.constexpr, BLOCK: tl.constexpr,
                             PBLOCK: tl.constexpr):
     b, c, offs, m = _sample_offsets(per_sample, BLOCK)
-    mean = tl.div_rn(_sample_sum(part_ptr, b, chunks, PBLOCK), per_sample * 1.0)
+    mean = tl.div_rn(_sample_sum(part_ptr, b, chunks, PBLOCK), count)  # count: per_sample as fp32
     g = tl.load(g_ptr + offs, mask=m, other=0.0).to(tl.float32)
     mom = tl.div_rn(g, mean)  # 0/0 = NaN for an all-zero sample, as torchattacks
     if not FIRST:
@@ -196,7 +196,8 @@ def momentum_step(adv: torch.Tensor, x: torch.Tensor, g: torch.Tensor, momentum:
     chunks, grid = _sample_grid(batch, per_sample)
     part = torch.empty(batch * chunks, dtype=torch.float32, device=adv.device)
     _abs_partials_kernel[grid](g, part, per_sample, chunks, BLOCK=BLOCK, num_warps=NUM_WARPS)
-    _momentum_update_kernel[grid](adv, x, g, momentum, out, part, per_sample, chunks, float(alpha),
+    _momentum_update_kernel[grid](adv, x, g, momentum, out, part, per_sample, chunks, float(per_sample),
+                                  float(alpha),
                                   float(eps), float(decay), FIRST=bool(first), BLOCK=BLOCK,
                                   PBLOCK=_pblock(chunks), num_warps=NUM_WARPS)
     count_launch("triton.attack_abs_partials")
