@@ -68,6 +68,28 @@ FASTADV_API int fastadv_fgm_restore_rows(void* w, const void* backup, int dtype,
                                          int64_t rows, int64_t cols, const int32_t* slots,
                                          void* stream);
 
+/* ---- multi-tensor ops (AWP, SAM, EMA / SWA): `table` is the device work list of
+ * fastadv/kernels/triton/multi_tensor.py (layout in csrc/multi_tensor.cuh); one block
+ * per chunk of `chunk` elements (a positive multiple of 16).  AWP/SAM lists: 0 = w,
+ * 1 = g, 2 = backup; lerp: 0 = average, 1 = model. */
+FASTADV_API int fastadv_mt_sumsq(const int64_t* table, int lists, int64_t tensors, int64_t chunks,
+                                 int64_t chunk, int dtype, int mode, float* partials, void* stream);
+FASTADV_API int fastadv_mt_norms(const int64_t* table, int lists, int64_t tensors, int64_t chunks,
+                                 const float* partials, int arrays, float* out, void* stream);
+FASTADV_API int fastadv_mt_global_norm(const float* partials, int64_t n, float* out, void* stream);
+FASTADV_API int fastadv_awp_update(const int64_t* table, int64_t tensors, int64_t chunks, int64_t chunk,
+                                   int dtype, const float* norms, float lr, float eps, int write_backup,
+                                   void* stream);
+FASTADV_API int fastadv_sam_update(const int64_t* table, int64_t tensors, int64_t chunks, int64_t chunk,
+                                   int dtype, const float* norm, float rho, int adaptive, void* stream);
+FASTADV_API int fastadv_mt_lerp(const int64_t* table, int64_t tensors, int64_t chunks, int64_t chunk,
+                                int dtype_a, int dtype_x, float weight, const int64_t* count, void* stream);
+FASTADV_API int fastadv_mt_copy(const int64_t* table, int lists, int64_t tensors, int64_t chunks,
+                                int64_t chunk, int dst_list, int dst_dtype, int src_list, int src_dtype,
+                                void* stream);
+
+/* Per-op headers: csrc/pgd.h (embedding PGD step), csrc/attacks.h (input attacks). */
+
 #ifdef __cplusplus
 } /* extern "C" */
 #endif

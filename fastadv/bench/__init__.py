@@ -13,6 +13,7 @@ OPS: dict[str, str] = {
     "pgd": "fastadv.bench.pgd",
     "pgd_train": "fastadv.bench.pgd_train",
     "attacks": "fastadv.bench.attacks",
+    "awp": "fastadv.bench.awp",
 }
 
 

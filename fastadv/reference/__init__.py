@@ -12,9 +12,11 @@ from .fgsm import adversarial_train_step, fgsm_perturb
 from .mifgsm import ffgsm, mifgsm_torchattacks, pgdl2
 from .noise import GaussianNoise, add_gaussian_noise, noisy_token_ids, weight_noise
 from .pgd import PGD
+from .sam import SAM
+from .ema import EMA, swa_average
 
 __all__ = [
-    "FGM", "PGD", "AWP",
+    "FGM", "PGD", "AWP", "SAM", "EMA", "swa_average",
     "adversarial_train_step", "fgsm_perturb",
     "mifgsm_torchattacks", "pgdl2", "ffgsm",
     "DPOptimizer", "clip_and_noise",

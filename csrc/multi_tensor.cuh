@@ -1,0 +1,143 @@
+// Multi-tensor apply: one launch over many tensors, one block per chunk.
+//
+// The work list is a device table of int64 built once on the host by
+// fastadv/kernels/triton/multi_tensor.py (TensorTable) and shared with the
+// Triton kernels.  For L lists of T tensors cut into N chunks of `chunk`
+// elements:
+//
+//   [0,        L*T)          address of tensor t of list l at l*T + t
+//   [L*T,      L*T+T)        numel of tensor t
+//   [L*T+T,    L*T+2T+1)     first chunk of tensor t (prefix sum; entry T = N)
+//   [L*T+2T+1, L*T+2T+1+N)   owner: the tensor of chunk c
+//
+// A kernel launched with N blocks finds its tensor and element range with
+// chunk_of(); the table stays on the device, so nothing is sent per launch
+// but a pointer and three sizes (apex's multi_tensor_apply sends the
+// addresses by value instead and relaunches every ~110 tensors).  Per-tensor
+// reductions are two-stage: one fp32 partial per chunk, then
+// per_tensor_norms_kernel sums each tensor's partials in chunk order
+// (deterministic, no atomics).
+#pragma once
+
+#include <type_traits>
+
+#include "common.cuh"
+
+namespace fastadv {
+namespace mt {
+
+struct Table {
+  const int64_t* data;
+  int64_t tensors;  // T
+  int lists;        // L
+  int64_t chunk;    // elements per chunk
+
+  __device__ __forceinline__ int64_t numel(int64_t t) const { return data[lists * tensors + t]; }
+  __device__ __forceinline__ int64_t first_chunk(int64_t t) const { return data[(lists + 1) * tensors + t]; }
+  __device__ __forceinline__ int64_t owner(int64_t c) const { return data[(lists + 2) * tensors + 1 + c]; }
+  template <typename B>
+  __device__ __forceinline__ B* ptr(int list, int64_t t) const {
+    return reinterpret_cast<B*>(static_cast<uintptr_t>(data[list * tensors + t]));
+  }
+};
+
+// Elements [start, end) of tensor `tensor` form chunk c.
+struct Chunk {
+  int64_t tensor, start, end;
+};
+
+__device__ __forceinline__ Chunk chunk_of(const Table& tb, int64_t c) {
+  Chunk k;
+  k.tensor = tb.owner(c);
+  k.start = (c - tb.first_chunk(k.tensor)) * tb.chunk;
+  const int64_t n = tb.numel(k.tensor);
+  k.end = k.start + tb.chunk < n ? k.start + tb.chunk : n;
+  return k;
+}
+
+__device__ __forceinline__ bool aligned(const void* p, int bytes) {
+  return reinterpret_cast<uintptr_t>(p) % bytes == 0;
+}
+
+template <int N>
+using Width = std::integral_constant<int, N>;
+
+// Calls f(Width<n>{}, i) over the chunk, each thread of the block taking every
+// blockDim.x-th group: groups of VEC elements starting at i (i - start a
+// multiple of VEC) when `vec` (the caller checked the alignment of every
+// pointer at `start`), then single elements for the tail; else single
+// elements throughout.
+template <int VEC, typename F>
+__device__ __forceinline__ void chunk_loop(const Chunk& k, bool vec, F&& f) {
+  int64_t i0 = k.start;
+  if (vec && VEC > 1) {
+    const int64_t groups = (k.end - k.start) / VEC;
+    for (int64_t j = threadIdx.x; j < groups; j += blockDim.x) f(Width<VEC>{}, k.start + j * VEC);
+    i0 = k.start + groups * VEC;
+  }
+  for (int64_t i = i0 + threadIdx.x; i < k.end; i += blockDim.x) f(Width<1>{}, i);
+}
+
+template <typename B, int N>
+__device__ __forceinline__ Pack<B, N> load(const B* p, int64_t i) {
+  return *reinterpret_cast<const Pack<B, N>*>(p + i);
+}
+
+template <typename B, int N>
+__device__ __forceinline__ void store(B* p, int64_t i, const Pack<B, N>& v) {
+  *reinterpret_cast<Pack<B, N>*>(p + i) = v;
+}
+
+// ---- second stage of the reductions ------------------------------------------
+
+// One block per tensor: out[a*T + t] = sqrt(sum of tensor t's partials in array a),
+// partials laid out as [arrays][n_chunks].
+static __global__ void __launch_bounds__(kThreads)
+per_tensor_norms_kernel(Table tb, const float* __restrict__ partials, int64_t n_chunks, int arrays,
+                        float* __restrict__ out) {
+  const int64_t t = blockIdx.x;
+  const int64_t lo = tb.first_chunk(t), hi = tb.first_chunk(t + 1);
+  for (int a = 0; a < arrays; ++a) {
+    float acc = 0.f;
+    for (int64_t c = lo + threadIdx.x; c < hi; c += blockDim.x) acc += partials[a * n_chunks + c];
+    const float s = block_sum<kThreads>(acc);
+    if (threadIdx.x == 0) out[a * tb.tensors + t] = sqrtf(s);
+    __syncthreads();  // block_sum's shared scratch is reused by the next array
+  }
+}
+
+constexpr int kGlobalThreads = 1024;
+
+// One block: *out = sqrt(sum of partials[0, n)), in a fixed order.
+static __global__ void __launch_bounds__(kGlobalThreads)
+global_norm_kernel(const float* __restrict__ partials, int64_t n, float* __restrict__ out) {
+  float acc = 0.f;
+  for (int64_t i = threadIdx.x; i < n; i += kGlobalThreads) acc += partials[i];
+  const float s = block_sum<kGlobalThreads>(acc);
+  if (threadIdx.x == 0) *out = sqrtf(s);
+}
+
+// ---- argument checks shared by the C entry points ------------------------------
+
+inline int check_table(const char* fn, const int64_t* table, int lists, int64_t tensors, int64_t chunks,
+                       int64_t chunk) {
+  if (tensors < 0 || chunks < 0 || lists < 1)
+    return fail(int(cudaErrorInvalidValue), "%s: bad sizes lists=%d tensors=%lld chunks=%lld", fn, lists,
+                (long long)tensors, (long long)chunks);
+  if (chunk <= 0 || chunk % 16)
+    return fail(int(cudaErrorInvalidValue), "%s: chunk must be a positive multiple of 16, got %lld", fn,
+                (long long)chunk);
+  if (table == nullptr && tensors > 0) return fail(int(cudaErrorInvalidValue), "%s: table is NULL", fn);
+  return 0;
+}
+
+// Runs f(TrA{}, TrB{}) for two dtype codes.
+template <typename F>
+inline int dispatch_dtypes(const char* fn, int a, int b, F&& f) {
+  return dispatch_dtype(fn, a, [&](auto ta) {
+    return dispatch_dtype(fn, b, [&](auto tb) { return f(ta, tb); });
+  });
+}
+
+}  // namespace mt
+}  // namespace fastadv

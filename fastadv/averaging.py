@@ -1,0 +1,184 @@
+"""Weight averaging on fused multi-tensor kernels: ``ModelEMA`` and averaging
+functions for ``torch.optim.swa_utils.AveragedModel``.
+
+    ema = ModelEMA(model, decay=0.999)
+    for batch in data:
+        train_step(batch)
+        ema.update()                  # one fused pass over every weight
+    with ema.applied():               # evaluate with the averaged weights
+        evaluate(model)
+
+    swa_model = AveragedModel(model, multi_avg_fn=swa_multi_avg_fn())
+    swa_model.update_parameters(model)   # no host sync (torch's own syncs)
+
+Update: ``shadow <- shadow + (1 - decay) * (w - shadow)`` (= ``decay * shadow +
+(1 - decay) * w``) in fp32, rounded once: per dtype pair one launch that reads
+each weight and shadow once and writes the shadow once.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from . import _backend
+from .ops.awp import BackupBuffers, Tables, copy_tensors_
+from .ops.ema import lerp_
+
+
+class ModelEMA:
+    """Exponential moving average of a model's trainable parameters.
+
+    Args:
+        model: the model whose trainable parameters are averaged (buffers,
+            e.g. BatchNorm statistics, are not; use ``AveragedModel`` with
+            :func:`ema_multi_avg_fn` and ``use_buffers=True`` for those).
+        decay: weight of the old average (``0 <= decay <= 1``).
+        warmup: use ``min(decay, (1 + n) / (10 + n))`` at the n-th update
+            (n = 0, 1, ...), so early averages follow the model closely.
+        dtype: dtype of the shadow weights (default: each parameter's); e.g.
+            ``torch.float32`` for a bf16 model.
+        backend: ``'auto'`` (default, or ``FASTADV_BACKEND``), ``'triton'``,
+            ``'cuda'`` or ``'torch'``.
+
+    Also accepts the Kaggle ``EMA`` protocol: ``register()``, ``update()``,
+    ``apply_shadow()``, ``restore()``.
+    """
+
+    def __init__(self, model: nn.Module, decay: float = 0.999, *, warmup: bool = False,
+                 dtype: torch.dtype | None = None, backend: str | None = None):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay <= 1.0:
+            raise ValueError(f"decay must be a number in [0, 1], got {decay!r}")
+        if dtype is not None and not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
+        self.model = model
+        self.decay = float(decay)
+        self.warmup = bool(warmup)
+        self.dtype = dtype
+        self.backend = _backend.check_name(backend.lower()) if backend else None
+        self.num_updates = 0
+        self._tables = Tables()
+        self._backups = BackupBuffers()
+        self._applied: tuple[list, list] | None = None
+        self.shadow: dict[str, torch.Tensor] = {}
+        self.register()
+
+    def _params(self, model: nn.Module | None = None) -> list[tuple[str, torch.Tensor]]:
+        model = self.model if model is None else model
+        params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if self.shadow and len(params) != len(self.shadow):
+            raise ValueError(f"the model has {len(params)} trainable parameters, the EMA tracks "
+                             f"{len(self.shadow)}; call register() after changing the model")
+        for (n, p), s in zip(params, self.shadow.values()):
+            if p.shape != s.shape:
+                raise ValueError(f"parameter {n} has shape {tuple(p.shape)}, its shadow {tuple(s.shape)}")
+        return params
+
+    @torch.no_grad()
+    def register(self) -> None:
+        """(Re)start the average from the model's current weights."""
+        self.shadow = {}
+        self.shadow = {n: p.detach().to(self.dtype or p.dtype, copy=True) for n, p in self._params()}
+        self.num_updates = 0
+
+    def current_decay(self) -> float:
+        """The decay the next ``update()`` uses."""
+        if not self.warmup:
+            return self.decay
+        n = self.num_updates
+        return min(self.decay, (1 + n) / (10 + n))
+
+    @torch.no_grad()
+    def update(self, model: nn.Module | None = None) -> None:
+        """Move the average towards ``model`` (default: the tracked model),
+        matched parameter by parameter in order."""
+        if self._applied is not None:
+            raise RuntimeError("ModelEMA.update() while the EMA weights are applied; restore() first")
+        params = [p.detach() for _, p in self._params(model)]
+        lerp_(list(self.shadow.values()), params, 1.0 - self.current_decay(), backend=self.backend,
+              cache=self._tables)
+        self.num_updates += 1
+
+    @torch.no_grad()
+    def apply_to(self, model: nn.Module | None = None) -> None:
+        """Copy the averaged weights into ``model`` (in place), keeping its
+        own weights for :meth:`restore`."""
+        if self._applied is not None:
+            raise RuntimeError("ModelEMA.apply_to() called twice without restore()")
+        params = [p.data for _, p in self._params(model)]
+        backups = self._backups.views(params)
+        copy_tensors_(backups, params, backend=self.backend, cache=self._tables)
+        copy_tensors_(params, list(self.shadow.values()), backend=self.backend, cache=self._tables)
+        self._applied = (params, backups)
+
+    @torch.no_grad()
+    def restore(self, model: nn.Module | None = None) -> None:
+        """Put back the weights ``apply_to`` replaced (bit-exact, in place)."""
+        if self._applied is None:
+            raise RuntimeError("ModelEMA.restore() called without a preceding apply_to()")
+        params, backups = self._applied
+        copy_tensors_(params, backups, backend=self.backend, cache=self._tables)
+        self._applied = None
+
+    apply_shadow = apply_to  # the Kaggle EMA's name
+
+    @contextlib.contextmanager
+    def applied(self, model: nn.Module | None = None):
+        """``with ema.applied(): evaluate(model)``; restores even on exceptions."""
+        self.apply_to(model)
+        try:
+            yield self
+        finally:
+            self.restore(model)
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "warmup": self.warmup, "num_updates": self.num_updates,
+                "shadow": dict(self.shadow)}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        if set(state["shadow"]) != set(self.shadow):
+            raise ValueError("the state's shadow parameters do not match this EMA's")
+        for name, value in state["shadow"].items():
+            self.shadow[name].copy_(value)
+        self.decay, self.warmup = float(state["decay"]), bool(state["warmup"])
+        self.num_updates = int(state["num_updates"])
+
+
+def _multi_avg_fn(weight_of, integer_update, backend):
+    cache = Tables()
+
+    @torch.no_grad()
+    def update(averaged_param_list, current_param_list, num_averaged) -> None:
+        if not averaged_param_list:
+            return
+        if not averaged_param_list[0].is_floating_point():  # integer buffers: per tensor, as torch
+            for a, c in zip(averaged_param_list, current_param_list):
+                a.copy_(integer_update(a, c, num_averaged))
+            return
+        weight, count = weight_of(num_averaged)
+        lerp_(averaged_param_list, current_param_list, weight, count=count, backend=backend, cache=cache)
+
+    return update
+
+
+def swa_multi_avg_fn(backend: str | None = None):
+    """SWA's running mean for ``AveragedModel(model, multi_avg_fn=...)``:
+    ``avg += (w - avg) / (n_averaged + 1)``, with ``n_averaged`` read on the
+    device (torch's own SWA function reads it on the host)."""
+    def weight_of(n):
+        if isinstance(n, torch.Tensor):
+            return None, n
+        return 1.0 / (n + 1), None
+    return _multi_avg_fn(weight_of, lambda a, c, n: a + (c - a) / (n + 1), backend)
+
+
+def ema_multi_avg_fn(decay: float = 0.999, backend: str | None = None):
+    """EMA for ``AveragedModel(model, multi_avg_fn=...)``, like
+    ``torch.optim.swa_utils.get_ema_multi_avg_fn(decay)`` on fused kernels."""
+    if not 0.0 <= decay <= 1.0:
+        raise ValueError(f"Invalid decay value {decay} provided. Please provide a value in [0,1] range.")
+    return _multi_avg_fn(lambda n: (1.0 - decay, None), lambda a, c, n: a * decay + c * (1 - decay), backend)

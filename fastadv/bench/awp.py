@@ -1,0 +1,318 @@
+"""AWP attack step and EMA update: cases and implementations for the benchmark.
+
+AWP cases: ``_save()`` + one ``_attack_step()`` + ``_restore()`` (the
+perturbation work of ``attack_backward``, without the model's forward and
+backward) over the parameters of a BERT-base (199 tensors, 109.5M elements;
+101 ``*weight*`` tensors perturbed) and a DeBERTa-v3-large (390 tensors,
+434.0M elements; 196 perturbed) shaped model, fp32 and bf16, every parameter with a
+random gradient.  On CPU (without ``--full``) the same structures, tiny.
+
+Implementations: ``reference`` (fastadv.reference.AWP), ``compiled``
+(``torch.compile`` of its three methods), and fastadv.AWP with every backend
+usable here: ``torch`` is the ``torch._foreach_*`` version, ``triton`` and
+``cuda`` the fused kernels.  Check before timing: after the step the
+perturbed weights equal the reference's run in fp32 (fp32: rtol 1e-5; bf16:
+two ulps of the weight plus two of the step), after restore they are
+bit-identical to the original (fastadv: same ``data_ptr``).
+
+Extra columns: ``tensors`` / ``elements`` perturbed, and on CUDA
+``peak_extra_mb``, the peak memory above the model and its gradients during
+the first save + step + restore (the seed holds the backup and both clamp
+bounds: 3x the perturbed weights; fastadv holds one backup).
+
+EMA cases: one ``update()`` of an EMA of the same models' parameters
+(reference: the Kaggle EMA class, ``fastadv.reference.ema``, fp32 only: in
+bf16 it rounds the decay to 1.0; fastadv.ModelEMA on every backend, the
+average stored in the model's dtype).  GB/s counts the design's 3 passes (read the weights and
+the average, write the average); ``%copy`` compares them with the device's
+copy bandwidth measured in the same run.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from . import core
+from .fgm import _SHORT
+
+ADV_LR, ADV_EPS, EMA_DECAY = 1.0, 0.2, 0.999
+
+# (name, vocab, dim, layers, intermediate, extra) ; extra: "bert" or "deberta" tables
+MODELS_FULL = (("bert-base", 30522, 768, 12, 3072, "bert"),
+               ("deberta-v3-large", 128100, 1024, 24, 4096, "deberta"))
+MODELS_SMALL = (("bert-tiny", 1000, 64, 2, 256, "bert"),
+                ("deberta-tiny", 2000, 96, 2, 384, "deberta"))
+
+
+def model_shapes(vocab: int, dim: int, layers: int, inter: int, kind: str) -> dict[str, tuple[int, ...]]:
+    """Parameter names and shapes of a BERT / DeBERTa-v3 encoder (HF naming, '.' -> '_')."""
+    s: dict[str, tuple[int, ...]] = {"embeddings_word_embeddings_weight": (vocab, dim)}
+    if kind == "bert":
+        s["embeddings_position_embeddings_weight"] = (512, dim)
+        s["embeddings_token_type_embeddings_weight"] = (2, dim)
+    s["embeddings_LayerNorm_weight"] = s["embeddings_LayerNorm_bias"] = (dim,)
+    proj = ("query", "key", "value") if kind == "bert" else ("query_proj", "key_proj", "value_proj")
+    for i in range(layers):
+        p = f"encoder_layer_{i}_"
+        for n in [f"attention_self_{q}" for q in proj] + ["attention_output_dense"]:
+            s[p + n + "_weight"], s[p + n + "_bias"] = (dim, dim), (dim,)
+        s[p + "attention_output_LayerNorm_weight"] = s[p + "attention_output_LayerNorm_bias"] = (dim,)
+        s[p + "intermediate_dense_weight"], s[p + "intermediate_dense_bias"] = (inter, dim), (inter,)
+        s[p + "output_dense_weight"], s[p + "output_dense_bias"] = (dim, inter), (dim,)
+        s[p + "output_LayerNorm_weight"] = s[p + "output_LayerNorm_bias"] = (dim,)
+    if kind == "bert":
+        s["pooler_dense_weight"], s["pooler_dense_bias"] = (dim, dim), (dim,)
+    else:
+        s["encoder_rel_embeddings_weight"] = (512, dim)
+        s["encoder_LayerNorm_weight"] = s["encoder_LayerNorm_bias"] = (dim,)
+    return s
+
+
+@dataclass(frozen=True)
+class Case:
+    kind: str           # "awp" or "ema"
+    model: tuple        # an entry of MODELS_FULL / MODELS_SMALL
+    dtype: torch.dtype
+
+    @property
+    def name(self) -> str:
+        what = "save+step+restore" if self.kind == "awp" else "ema update"
+        return f"{what} {self.model[0]} {_SHORT[self.dtype]}"
+
+    @property
+    def size(self):
+        return self.model[0]
+
+
+def cases(device, full: bool = False) -> list[Case]:
+    """Real shapes on CUDA or with ``full``; tiny ones on CPU."""
+    big = full or torch.device(device).type == "cuda"
+    models = MODELS_FULL if big else MODELS_SMALL
+    return [Case(kind, m, dt) for m in models for kind in ("awp", "ema")
+            for dt in (torch.float32, torch.bfloat16)]
+
+
+class ShapeModel(nn.Module):
+    """Parameters with the given names and shapes (values and gradients given)."""
+
+    def __init__(self, values: dict[str, torch.Tensor]):
+        super().__init__()
+        for name, v in values.items():
+            self.register_parameter(name, nn.Parameter(v))
+
+
+class Data:
+    """Weights, gradients and the reference's perturbed weights (fp32, rounded once)."""
+
+    def __init__(self, case: Case, device):
+        self.case, self.device = case, torch.device(device)
+        gen = torch.Generator(device=self.device).manual_seed(0)
+        shapes = model_shapes(*case.model[1:])
+        self.w0 = {n: (0.05 * torch.randn(s, generator=gen, device=self.device)).to(case.dtype)
+                   for n, s in shapes.items()}
+        self.g = {n: (1e-3 * torch.randn(s, generator=gen, device=self.device)).to(case.dtype)
+                  for n, s in shapes.items()}
+        self.perturbed = [n for n in shapes if "weight" in n]
+        self.elements = sum(self.w0[n].numel() for n in self.perturbed)
+        self.expected = self._reference_fp32() if case.kind == "awp" else None
+
+    def model(self, dtype=None) -> ShapeModel:
+        dtype = dtype or self.case.dtype
+        m = ShapeModel({n: v.to(dtype).clone() for n, v in self.w0.items()})
+        for n, p in m.named_parameters():
+            p.grad = self.g[n].to(dtype)
+        return m
+
+    def _reference_fp32(self) -> dict[str, torch.Tensor]:
+        from fastadv.reference import AWP as RefAWP
+        m = self.model(torch.float32)
+        ref = RefAWP(m, None, adv_lr=ADV_LR, adv_eps=ADV_EPS)
+        ref._save()
+        ref._attack_step()
+        out = {n: m.get_parameter(n).detach().to(self.case.dtype) for n in self.perturbed}
+        ref._restore()
+        return out
+
+    def check_awp(self, awp, model, inplace: bool) -> str | None:
+        ptrs = [p.data_ptr() for p in model.parameters()]
+        awp._save()
+        awp._attack_step()
+        bf16 = self.case.dtype != torch.float32
+        rtol = 2 * 2**-7 if bf16 else 1e-5
+        for n in self.perturbed:
+            got, exp = model.get_parameter(n).detach().float(), self.expected[n].float()
+            allowed = exp.abs().mul(rtol).add_(1e-6)
+            if bf16:
+                allowed.add_((exp - self.w0[n].float()).abs(), alpha=rtol)
+            if not bool(((got - exp).abs() <= allowed).all()):
+                awp._restore()
+                return f"{n} after the step differs from the reference: max abs {float((got - exp).abs().max()):.3g}"
+        awp._restore()
+        for n, p in model.named_parameters():
+            if not torch.equal(p.detach(), self.w0[n]):
+                return f"restore of {n} is not bit-exact"
+        if inplace and [p.data_ptr() for p in model.parameters()] != ptrs:
+            return "a parameter's data_ptr changed"
+        return None
+
+    def extra(self) -> dict:
+        return {"tensors": len(self.perturbed), "elements": self.elements}
+
+
+_cache: dict = {}
+
+
+def _data(case: Case, device) -> Data:
+    key = (case, str(device))
+    if key not in _cache:
+        _cache.clear()
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
+        _cache[key] = Data(case, device)
+    return _cache[key]
+
+
+def _awp_step(awp):
+    def step():
+        awp._save()
+        awp._attack_step()
+        awp._restore()
+    return step
+
+
+def _peak_extra_mb(step, device) -> float | None:
+    """Peak memory above what is allocated before ``step()`` runs (CUDA only)."""
+    if torch.device(device).type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step()
+    torch.cuda.synchronize(device)
+    return round((torch.cuda.max_memory_allocated(device) - base) / 1e6, 1)
+
+
+def _interpreted(backend: str, device) -> bool:
+    from fastadv import _backend
+    return backend == "triton" and _backend.triton_interpreter() and torch.device(device).type == "cpu"
+
+
+def _awp_impl(case: Case, device, name: str) -> core.Impl:
+    def setup() -> core.Prepared:
+        from fastadv.adversarial.awp import AWP
+        from fastadv.ops.awp import design_bytes
+        from fastadv.reference import AWP as RefAWP
+
+        if _interpreted(name, device) and case.dtype != torch.float32:
+            raise core.Skip("the Triton interpreter has no bf16/fp16 arithmetic (GPU only)")
+        data = _data(case, device)
+        model = data.model()
+        fused = name not in ("reference", "compiled")
+        if fused:
+            awp = AWP(model, None, adv_lr=ADV_LR, adv_eps=ADV_EPS, backend=name)
+        else:
+            awp = RefAWP(model, None, adv_lr=ADV_LR, adv_eps=ADV_EPS)
+        teardown = None
+        if name == "compiled":
+            awp = _compiled(awp)
+            teardown = torch._dynamo.reset
+        step = _awp_step(awp)
+        extra = data.extra()
+        peak = _peak_extra_mb(step, device)  # the first call: allocations included
+        if peak is not None:
+            extra["peak_extra_mb"] = peak
+        design = None
+        if name in ("triton", "cuda"):
+            design = design_bytes({data.w0[data.perturbed[0]].element_size(): data.elements})
+        interpreted = _interpreted(name, device)
+        if interpreted:
+            extra["interpreted"] = True
+        return core.Prepared(step=step, check=lambda: data.check_awp(awp, model, inplace=fused),
+                             design_bytes=design, counting="compiled" if name == "compiled" else "dispatch",
+                             extra=extra, teardown=teardown, timed=not interpreted)
+
+    return core.Impl(name, setup)
+
+
+def _compiled(ref):
+    """The reference with its three methods compiled (a Skip if compiling fails)."""
+    try:
+        import torch._dynamo
+        torch._dynamo.reset()
+        save, attack, restore = (torch.compile(f) for f in (ref._save, ref._attack_step, ref._restore))
+
+        class Compiled:
+            _save, _attack_step, _restore = staticmethod(save), staticmethod(attack), staticmethod(restore)
+
+        _awp_step(Compiled)()  # compile now: a failure is a skip, not a crash
+        return Compiled
+    except Exception as exc:
+        raise core.Skip(f"torch.compile failed here: {type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+
+
+def _ema_impl(case: Case, device, name: str) -> core.Impl:
+    def setup() -> core.Prepared:
+        from fastadv.averaging import ModelEMA
+        from fastadv.reference.ema import EMA as RefEMA
+
+        if _interpreted(name, device) and case.dtype != torch.float32:
+            raise core.Skip("the Triton interpreter has no bf16/fp16 arithmetic (GPU only)")
+        data = _data(case, device)
+        model = data.model()
+        if name == "reference":
+            if case.dtype != torch.float32:
+                raise core.Skip("the Kaggle EMA computes in the model's dtype: in bf16 it rounds "
+                                f"decay={EMA_DECAY} to 1.0 and its average never moves")
+            ema = RefEMA(model, EMA_DECAY)
+            ema.register()
+            shadow = ema.shadow
+        else:
+            ema = ModelEMA(model, EMA_DECAY, backend=name)
+            shadow = ema.shadow
+        start = {n: s.clone() for n, s in shadow.items()}
+        numel = sum(p.numel() for p in model.parameters())
+        es = next(model.parameters()).element_size()
+
+        def check():
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(1.0)
+            ema.update()
+            tol = 1e-5 if case.dtype == torch.float32 else 2 * 2**-7
+            for n, p in model.named_parameters():
+                exp = EMA_DECAY * start[n].float() + (1 - EMA_DECAY) * p.detach().float()
+                if not torch.allclose(shadow[n].float(), exp, rtol=tol, atol=1e-6):
+                    return f"EMA of {n} differs from the formula"
+            return None
+
+        interpreted = _interpreted(name, device)
+        extra = {"tensors": len(shadow), "elements": numel}
+        if interpreted:
+            extra["interpreted"] = True
+        return core.Prepared(step=ema.update, check=check,
+                             design_bytes=3 * numel * es if name in ("triton", "cuda") else None,
+                             extra=extra, timed=not interpreted)
+
+    return core.Impl(name, setup)
+
+
+def impls(case: Case, device) -> list[core.Impl]:
+    """reference, compiled (AWP), then every fastadv backend usable on ``device``."""
+    from fastadv import _env
+
+    make = _awp_impl if case.kind == "awp" else _ema_impl
+    names = ["reference"] + (["compiled"] if case.kind == "awp" else [])
+    names += [b for b, why in _env.backends(device).items() if why is None]
+    return [make(case, device, n) for n in names]
+
+
+def unusable(device) -> dict[str, str]:
+    from fastadv import _env
+    return {b: why for b, why in _env.backends(device).items() if why is not None}
+
+
+def release() -> None:
+    _cache.clear()

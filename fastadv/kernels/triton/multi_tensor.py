@@ -1,0 +1,233 @@
+"""Multi-tensor apply: one launch over many tensors through a device table.
+
+A *work list* cuts every tensor of a group into chunks of ``chunk`` elements;
+one program (Triton) or one block (CUDA) handles one chunk, so a launch covers
+any number of tensors and the number of launches never grows with the model.
+
+The table lives on the device as one int64 buffer, shared by the Triton and
+the CUDA kernels (``csrc/multi_tensor.cuh`` reads the same layout)::
+
+    [0,          L*T)          data_ptr of tensor t of list l at l*T + t
+    [L*T,        L*T+T)        numel of tensor t
+    [L*T+T,      L*T+2T+1)     first chunk of tensor t (prefix sum; entry T = N)
+    [L*T+2T+1,   L*T+2T+1+N)   owner: the tensor of chunk c
+
+(L lists of T tensors each, N chunks.)  Everything but the pointers depends on
+the sizes only, so a :class:`TensorTable` is built once per shape signature
+and kept; when pointers change (``zero_grad(set_to_none=True)`` frees the
+gradients, a new backup buffer) only the pointer section is rewritten, with
+one small non-blocking host-to-device copy from pinned memory.  Nothing is
+ever read back to the host.
+
+Per-tensor reductions are two-stage: a chunk kernel writes one fp32 partial
+per chunk, then :func:`per_tensor_norms` sums the partials of each tensor in
+chunk order (deterministic: no atomics), or :func:`global_norm` sums all of
+them.
+
+Element types: a kernel casts the int64 addresses to the pointer type of a
+*witness* argument (a one-element tensor of the group's dtype, see
+:func:`witness`), so one kernel source serves fp32, fp16 and bf16.
+"""
+from __future__ import annotations
+
+import collections
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import count_launch
+
+CHUNK = 32768          # elements per work item (one program / one CUDA block)
+BLOCK = 2048           # elements per loop iteration of a Triton program
+FINALIZE_BLOCK = 1024  # partials summed per iteration by the finalize programs
+
+
+# ---------------------------------------------------------------- host side
+
+def _to_device(host: torch.Tensor, dst: torch.Tensor) -> None:
+    """``dst.copy_(host)`` without a host sync (pinned + non_blocking on CUDA).
+
+    The pinned buffer is freshly allocated from PyTorch's caching host
+    allocator, which keeps it alive until the copy has run."""
+    if dst.device.type == "cuda":
+        pinned = torch.empty(host.shape, dtype=host.dtype, pin_memory=True)
+        pinned.copy_(host)
+        dst.copy_(pinned, non_blocking=True)
+    else:
+        dst.copy_(host)
+
+
+class TensorTable:
+    """The device work list of ``n_lists`` lists of tensors with sizes ``numels``.
+
+    ``bind(lists)`` points it at concrete tensors (same sizes); the pointer
+    section is copied to the device only when an address changed.  Kernels
+    must run on the stream that bound the table (PyTorch's current stream).
+    """
+
+    def __init__(self, numels, n_lists: int, device, chunk: int = CHUNK):
+        if chunk <= 0 or chunk % 16:
+            raise ValueError(f"chunk must be a positive multiple of 16, got {chunk}")
+        self.numels = tuple(int(n) for n in numels)
+        self.n_lists = int(n_lists)
+        self.n_tensors = len(self.numels)
+        self.chunk = int(chunk)
+        self.device = torch.device(device)
+        counts = [-(-n // chunk) for n in self.numels]
+        first = [0]
+        for c in counts:
+            first.append(first[-1] + c)
+        self.n_chunks = first[-1]
+        owner = [t for t, c in enumerate(counts) for _ in range(c)]
+        L, T = self.n_lists, self.n_tensors
+        host = torch.tensor([0] * (L * T) + list(self.numels) + first + owner, dtype=torch.int64)
+        self.data = torch.empty(host.numel(), dtype=torch.int64, device=self.device)
+        _to_device(host, self.data)
+        self._ptrs: tuple | None = None
+
+    def bind(self, lists) -> "TensorTable":
+        """Point the table at ``lists`` (``n_lists`` sequences of tensors)."""
+        if len(lists) != self.n_lists:
+            raise ValueError(f"table of {self.n_lists} lists bound to {len(lists)}")
+        ptrs = tuple(t.data_ptr() for lst in lists for t in lst)
+        if len(ptrs) != self.n_lists * self.n_tensors:
+            raise ValueError("every list must hold one tensor per table entry")
+        if ptrs != self._ptrs:
+            _to_device(torch.tensor(ptrs, dtype=torch.int64), self.data[: len(ptrs)])
+            self._ptrs = ptrs
+        return self
+
+    def first_chunks(self) -> torch.Tensor:
+        """Device view of the T+1 prefix offsets (chunk index of each tensor's first chunk)."""
+        base = (self.n_lists + 1) * self.n_tensors
+        return self.data[base: base + self.n_tensors + 1]
+
+
+class TableCache:
+    """Tables of one owner (an AWP, SAM or EMA object), keyed by
+    ``(tag, dtypes, sizes, chunk)``; least recently used dropped past ``maxsize``."""
+
+    def __init__(self, maxsize: int = 32):
+        self.maxsize = maxsize
+        self._tables: collections.OrderedDict = collections.OrderedDict()
+
+    def get(self, tag: str, lists, chunk: int = CHUNK) -> TensorTable:
+        first = lists[0]
+        device = first[0].device
+        key = (tag, str(device), tuple(lst[0].dtype for lst in lists),
+               tuple(t.numel() for t in first), chunk)
+        table = self._tables.pop(key, None)
+        if table is None:
+            table = TensorTable(key[3], len(lists), device, chunk)
+        self._tables[key] = table
+        while len(self._tables) > self.maxsize:
+            self._tables.popitem(last=False)
+        return table.bind(lists)
+
+    def clear(self) -> None:
+        self._tables.clear()
+
+
+_witnesses: dict = {}
+
+
+def witness(dtype: torch.dtype, device) -> torch.Tensor:
+    """A one-element tensor whose pointer type tells a kernel the element type."""
+    key = (dtype, str(torch.device(device)))
+    if key not in _witnesses:
+        _witnesses[key] = torch.empty(1, dtype=dtype, device=device)
+    return _witnesses[key]
+
+
+# ------------------------------------------------------------- device side
+
+@triton.jit
+def work_item(table, pid, T, L: tl.constexpr, CHUNK: tl.constexpr):
+    """(tensor, first element, end element) of chunk ``pid``."""
+    t = tl.load(table + L * T + 2 * T + 1 + pid)
+    numel = tl.load(table + L * T + t)
+    first = tl.load(table + L * T + T + t)
+    start = (pid - first) * CHUNK
+    end = tl.minimum(start + CHUNK, numel)
+    return t, start, end
+
+
+@triton.jit
+def tensor_ptr(table, lst, t, T, like):
+    """Pointer to tensor ``t`` of list ``lst``, typed like the witness ``like``."""
+    return tl.load(table + lst * T + t).to(like.dtype)
+
+
+@triton.jit
+def _per_tensor_norms(table, part_ptr, out_ptr, T, N, L: tl.constexpr, ARRAYS: tl.constexpr,
+                      BLOCK: tl.constexpr):
+    # One program per tensor: out[a*T + t] = sqrt(sum of its partials in array a).
+    t = tl.program_id(0)
+    lo = tl.load(table + L * T + T + t)
+    hi = tl.load(table + L * T + T + t + 1)
+    for a in tl.static_range(ARRAYS):
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for s in range(lo, hi, BLOCK):
+            offs = s + tl.arange(0, BLOCK)
+            acc += tl.load(part_ptr + a * N + offs, mask=offs < hi, other=0.0)
+        tl.store(out_ptr + a * T + t, tl.sqrt_rn(tl.sum(acc, axis=0)))
+
+
+@triton.jit
+def _global_norm(part_ptr, n, out_ptr, BLOCK: tl.constexpr):
+    # One program: out = sqrt(sum of all partials), in a fixed order.
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in range(0, n, BLOCK):
+        offs = s + tl.arange(0, BLOCK)
+        acc += tl.load(part_ptr + offs, mask=offs < n, other=0.0)
+    tl.store(out_ptr, tl.sqrt_rn(tl.sum(acc, axis=0)))
+
+
+@triton.jit
+def _copy(table, T, like_dst, like_src, DST: tl.constexpr, SRC: tl.constexpr, L: tl.constexpr,
+          CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    # list DST <- list SRC; same dtype: bit-exact (no arithmetic), else one rounding.
+    t, start, end = work_item(table, tl.program_id(0), T, L, CHUNK)
+    d = tensor_ptr(table, DST, t, T, like_dst)
+    s_ = tensor_ptr(table, SRC, t, T, like_src)
+    for s in range(start, end, BLOCK):
+        offs = s + tl.arange(0, BLOCK)
+        m = offs < end
+        tl.store(d + offs, tl.load(s_ + offs, mask=m).to(d.dtype.element_ty), mask=m)
+
+
+def _bits_witness(like: torch.Tensor) -> torch.Tensor:
+    """Same-size integer witness: copies then move raw bits, never floats."""
+    kind = {4: torch.int32, 2: torch.int16, 1: torch.uint8, 8: torch.int64}[like.element_size()]
+    return witness(kind, like.device)
+
+
+def per_tensor_norms(table: TensorTable, partials: torch.Tensor, arrays: int, out: torch.Tensor) -> None:
+    """``out[a*T + t] = sqrt(sum of the chunk partials of tensor t in array a)``;
+    ``partials`` is fp32 ``[arrays, N]``."""
+    if table.n_tensors == 0:
+        return
+    _per_tensor_norms[(table.n_tensors,)](table.data, partials, out, table.n_tensors,
+                                          max(table.n_chunks, 1), L=table.n_lists, ARRAYS=arrays,
+                                          BLOCK=FINALIZE_BLOCK)
+    count_launch("triton.mt_norms")
+
+
+def global_norm(partials: torch.Tensor, n: int, out: torch.Tensor) -> None:
+    """``out[0] = sqrt(sum(partials[:n]))`` (fp32, fixed order)."""
+    _global_norm[(1,)](partials, n, out, BLOCK=FINALIZE_BLOCK)
+    count_launch("triton.mt_global_norm")
+
+
+def copy(table: TensorTable, dst: int, src: int, dst_dtype: torch.dtype, src_dtype: torch.dtype) -> None:
+    """List ``dst`` <- list ``src`` of ``table``; bit-exact when the dtypes match."""
+    if table.n_chunks == 0:
+        return
+    if dst_dtype == src_dtype:
+        like_d = like_s = _bits_witness(witness(dst_dtype, table.device))
+    else:
+        like_d, like_s = witness(dst_dtype, table.device), witness(src_dtype, table.device)
+    _copy[(table.n_chunks,)](table.data, table.n_tensors, like_d, like_s, DST=dst, SRC=src,
+                             L=table.n_lists, CHUNK=table.chunk, BLOCK=BLOCK)
+    count_launch("triton.mt_copy")

@@ -1,0 +1,4 @@
+"""Optimizers with the reference APIs on fused kernels."""
+from .sam import SAM
+
+__all__ = ["SAM"]

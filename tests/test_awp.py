@@ -1,0 +1,574 @@
+"""fastadv.AWP against the seed reference, on every backend available here,
+and the multi-tensor machinery it runs on."""
+import copy
+import ctypes
+
+import pytest
+import torch
+from torch import nn
+
+import fastadv.kernels as kernels
+from fastadv.adversarial.awp import AWP
+from fastadv.bench.core import count
+from fastadv.kernels.triton.multi_tensor import TableCache, TensorTable
+from fastadv.ops.awp import awp_step_, copy_tensors_, design_bytes
+from fastadv.reference import AWP as RefAWP
+
+from conftest import DEVICE
+
+FP32 = dict(rtol=1e-5, atol=1e-6)
+KERNEL_BACKENDS = ("triton", "cuda")
+
+
+class TinyHF(nn.Module):
+    """HF-style: ``model(input_ids=, attention_mask=, labels=)`` returns
+    ``(per-sample loss, logits)``; matching ``*weight*``: embeddings, linears,
+    LayerNorms."""
+
+    def __init__(self, vocab=61, dim=12, classes=4, layers=2):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(vocab, dim)
+        self.layers = nn.ModuleList(nn.Linear(dim, dim) for _ in range(layers))
+        self.norm = nn.LayerNorm(dim)
+        self.classifier = nn.Linear(dim, classes)
+
+    def forward(self, input_ids, attention_mask, labels):
+        h = self.word_embeddings(input_ids) * attention_mask.unsqueeze(-1)
+        for layer in self.layers:
+            h = torch.tanh(layer(h))
+        logits = self.classifier(self.norm(h).mean(1))
+        return nn.functional.cross_entropy(logits, labels, reduction="none"), logits
+
+
+def batch(vocab=61, b=3, t=5):
+    ids = torch.randint(0, vocab, (b, t), device=DEVICE)
+    mask = torch.ones(b, t, device=DEVICE)
+    mask[0, -2:] = 0
+    return ids, torch.randint(0, 4, (b,), device=DEVICE), mask
+
+
+def twins(**kw):
+    model = TinyHF(**kw).to(DEVICE)
+    return model, copy.deepcopy(model)
+
+
+def clean_backward(model, ids, labels, mask):
+    model(input_ids=ids, attention_mask=mask, labels=labels)[0].mean().backward()
+
+
+def assert_models(a, b, exact=False, grads=True):
+    for (na, pa), (nb, pb) in zip(a.named_parameters(), b.named_parameters()):
+        assert na == nb
+        if exact:
+            assert torch.equal(pa, pb), na
+        else:
+            torch.testing.assert_close(pa, pb, **FP32, msg=na)
+        if grads and (pa.grad is not None or pb.grad is not None):
+            torch.testing.assert_close(pa.grad, pb.grad, **FP32, msg=f"grad {na}")
+
+
+def ptrs(model):
+    return [p.data_ptr() for p in model.parameters()]
+
+
+# -- the seed's protocol ------------------------------------------------------
+@pytest.mark.parametrize("adv_step", [1, 2])
+@pytest.mark.parametrize("adv_eps", [1e-3, 10.0], ids=["clamp-active", "clamp-inactive"])
+def test_attack_backward_matches_seed(backend, adv_step, adv_eps):
+    model, ref_model = twins()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ref_opt = torch.optim.SGD(ref_model.parameters(), lr=0.1)
+    awp = AWP(model, opt, adv_lr=0.5, adv_eps=adv_eps, adv_step=adv_step, backend=backend)
+    ref = RefAWP(ref_model, ref_opt, adv_lr=0.5, adv_eps=adv_eps, adv_step=adv_step)
+    before = ptrs(model)
+    for _ in range(2):  # two training steps: the backup buffer and tables are reused
+        ids, labels, mask = batch()
+        snapshot = [p.detach().clone() for p in model.parameters()]
+        for m, a in ((model, awp), (ref_model, ref)):
+            clean_backward(m, ids, labels, mask)
+            assert a.attack_backward(ids, labels, mask, 0) is None
+        assert all(torch.equal(p, w) for p, w in zip(model.parameters(), snapshot))  # restored bit for bit
+        assert_models(model, ref_model)  # adversarial gradients of the same perturbation
+        opt.step()
+        ref_opt.step()
+        opt.zero_grad()
+        ref_opt.zero_grad()
+    assert ptrs(model) == before
+    assert awp.backup == {} and awp.backup_eps == {}
+
+
+def test_start_epoch_and_zero_lr_skip(backend):
+    model = TinyHF().to(DEVICE)
+    ids, labels, mask = batch()
+    clean_backward(model, ids, labels, mask)
+    grads = [p.grad.clone() for p in model.parameters()]
+    weights = [p.detach().clone() for p in model.parameters()]
+    calls = []
+
+    class Opt:
+        def zero_grad(self):
+            calls.append(1)
+
+    AWP(model, Opt(), start_epoch=2, backend=backend).attack_backward(ids, labels, mask, 1)
+    AWP(model, Opt(), adv_lr=0, backend=backend).attack_backward(ids, labels, mask, 5)
+    assert not calls
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights))
+    AWP(model, Opt(), start_epoch=2, backend=backend).attack_backward(ids, labels, mask, 2)
+    assert calls == [1]
+
+
+def give_grads(*models, scale=1.0):
+    gen = torch.Generator().manual_seed(len(list(models[0].parameters())))
+    for ps in zip(*(m.parameters() for m in models)):
+        g = torch.randn(ps[0].shape, generator=gen).mul_(scale).to(DEVICE, ps[0].dtype)
+        for p in ps:
+            p.grad = g.clone().to(p.dtype)
+
+
+@pytest.mark.parametrize("adv_eps", [1e-3, 100.0], ids=["clamp-active", "clamp-inactive"])
+def test_step_math_over_two_steps(backend, adv_eps):
+    """_save, two _attack_steps with new gradients, _restore: the weights after
+    each step are the seed's, the clamp really (not) binding."""
+    model, ref_model = twins()
+    awp = AWP(model, None, adv_lr=0.7, adv_eps=adv_eps, backend=backend)
+    ref = RefAWP(ref_model, None, adv_lr=0.7, adv_eps=adv_eps)
+    w0 = [p.detach().clone() for p in model.parameters()]
+    give_grads(model, ref_model)
+    awp._save()
+    ref._save()
+    for step in range(2):
+        if step:
+            give_grads(model, ref_model, scale=3.0)
+        awp._attack_step()
+        ref._attack_step()
+        assert_models(model, ref_model, grads=False)
+        w, w0_ = model.layers[0].weight.detach(), w0[1]
+        at_bound = ((w == w0_ - adv_eps * w0_.abs()) | (w == w0_ + adv_eps * w0_.abs())).float().mean()
+        assert at_bound == 1 if adv_eps < 1 else at_bound < 0.1  # the clamp binds everywhere / hardly
+    assert set(awp.backup) == set(ref.backup)
+    awp._restore()
+    ref._restore()
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), w0))
+    assert_models(model, ref_model, exact=True, grads=False)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # interpreter: inf / inf
+@pytest.mark.parametrize("kind", ["zero", "nan", "inf"])
+def test_special_gradients(backend, kind):
+    """A tensor whose ||g|| is 0 or NaN is left untouched (decided on the
+    device); an inf norm is applied as the seed does."""
+    model, ref_model = twins()
+    give_grads(model, ref_model)
+    special = {"zero": 0.0, "nan": float("nan"), "inf": float("inf")}[kind]
+    for m in (model, ref_model):
+        with torch.no_grad():
+            m.layers[1].weight[0, 1] = -0.0  # w + 0 would turn it into +0.0: the skip is visible
+        m.layers[1].weight.grad[0, 0] = special
+        if kind == "zero":
+            m.layers[1].weight.grad.zero_()
+    w_before = model.layers[1].weight.detach().clone()
+    other_before = model.layers[0].weight.detach().clone()
+    awp = AWP(model, None, adv_eps=0.05, backend=backend)
+    ref = RefAWP(ref_model, None, adv_eps=0.05)
+    awp._save(), ref._save()
+    awp._attack_step(), ref._attack_step()
+    for (n, p), (_, q) in zip(model.named_parameters(), ref_model.named_parameters()):
+        torch.testing.assert_close(p, q, **FP32, equal_nan=True, msg=n)
+    if kind != "inf":
+        assert torch.equal(model.layers[1].weight.view(torch.int32), w_before.view(torch.int32))
+    assert not torch.equal(model.layers[0].weight, other_before)  # the others are perturbed
+    awp._restore()
+    assert torch.equal(model.layers[1].weight, w_before)
+
+
+def test_none_grads_are_skipped(backend):
+    model, ref_model = twins()
+    give_grads(model, ref_model)
+    for m in (model, ref_model):
+        m.layers[0].weight.grad = None
+        m.norm.weight.grad = None
+    untouched = model.layers[0].weight.detach().clone()
+    awp, ref = AWP(model, None, adv_eps=0.1, backend=backend), RefAWP(ref_model, None, adv_eps=0.1)
+    awp._save(), ref._save()
+    awp._attack_step(), ref._attack_step()
+    assert_models(model, ref_model, grads=False)
+    assert torch.equal(model.layers[0].weight, untouched)
+    assert "layers.0.weight" not in awp.backup and "norm.weight" not in awp.backup
+    awp._restore()
+
+
+def test_resave_and_gradients_that_come_and_go(backend):
+    """The seed's _save only adds names not yet saved; a saved tensor without a
+    gradient at a step is skipped; everything comes back on _restore."""
+    model, ref_model = twins()
+    give_grads(model, ref_model)
+    before = [p.detach().clone() for p in model.parameters()]
+    for m in (model, ref_model):
+        m.layers[1].weight.grad = None
+    awp, ref = AWP(model, None, adv_eps=0.1, backend=backend), RefAWP(ref_model, None, adv_eps=0.1)
+    for a in (awp, ref):
+        a._save()
+    for m in (model, ref_model):  # a saved tensor loses its gradient before the first step
+        m.layers[0].weight.grad = None
+    for a in (awp, ref):
+        a._attack_step()
+    assert_models(model, ref_model, grads=False)
+    give_grads(model, ref_model, scale=2.0)  # now every tensor has one: save the new name, step again
+    for a in (awp, ref):
+        a._save()
+        a._attack_step()
+    assert_models(model, ref_model, grads=False)
+    assert set(awp.backup) == set(ref.backup)
+    awp._restore()
+    ref._restore()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert_models(model, ref_model, exact=True, grads=False)
+
+
+def test_gaining_a_gradient_after_save_is_an_error(backend):
+    model = TinyHF().to(DEVICE)
+    give_grads(model)
+    model.layers[0].weight.grad = None
+    awp = AWP(model, None, backend=backend)
+    awp._save()
+    model.layers[0].weight.grad = torch.ones_like(model.layers[0].weight)
+    with pytest.raises(RuntimeError, match="layers.0.weight"):
+        awp._attack_step()
+
+
+def _fp32_twin(model):
+    ref = copy.deepcopy(model).float()
+    for p, q in zip(model.parameters(), ref.parameters()):
+        q.grad = p.grad.float()
+    return ref
+
+
+@pytest.mark.parametrize("low", [torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)])
+def test_mixed_dtypes(backend, low):
+    """fp32 and low-precision tensors in one model: one launch per dtype group;
+    low precision matches the fp32 reference rounded once (within an ulp or two)."""
+    model = TinyHF().to(DEVICE)
+    model.layers.to(low)
+    model.word_embeddings.to(low)
+    give_grads(model)
+    ref_model = _fp32_twin(model)
+    w0 = [p.detach().clone() for p in model.parameters()]
+    awp = AWP(model, None, adv_lr=0.3, adv_eps=0.02, backend=backend)
+    ref = RefAWP(ref_model, None, adv_lr=0.3, adv_eps=0.02)
+    before = dict(kernels.LAUNCHES)
+    awp._save(), ref._save()
+    awp._attack_step(), ref._attack_step()
+    launched = {k: v - before.get(k, 0) for k, v in kernels.LAUNCHES.items() if v - before.get(k, 0)}
+    if backend in KERNEL_BACKENDS:
+        assert launched[f"{backend}.awp_update"] == 2  # one per dtype group
+    ulp = {torch.float16: 2**-10, torch.bfloat16: 2**-7}[low]
+    for (n, p), (_, q) in zip(model.named_parameters(), ref_model.named_parameters()):
+        if p.dtype == torch.float32:
+            torch.testing.assert_close(p, q, **FP32, msg=n)
+        else:
+            torch.testing.assert_close(p.float(), q, rtol=2 * ulp, atol=1e-5, msg=n)
+    awp._restore()
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), w0))
+
+
+class ManyTensors(nn.Module):
+    """> 100 matching tensors of odd sizes, one empty, one spanning several chunks."""
+
+    def __init__(self):
+        super().__init__()
+        sizes = [(i % 7 + 1, i % 5 + 2) for i in range(110)] + [(0,), (70001,), (3, 1, 5)]
+        self.weights = nn.ParameterList(nn.Parameter(torch.randn(s)) for s in sizes)
+
+
+def test_many_tensors(backend):
+    model = ManyTensors().to(DEVICE)
+    give_grads(model)
+    ref_model = copy.deepcopy(model)
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        q.grad = p.grad.clone()
+    awp = AWP(model, None, adv_param="weights", adv_eps=0.01, backend=backend)
+    ref = RefAWP(ref_model, None, adv_param="weights", adv_eps=0.01)
+    for a in (awp, ref):
+        a._save()
+        a._attack_step()
+    assert_models(model, ref_model, grads=False)
+    w0 = [p.detach() for p in copy.deepcopy(ref_model).parameters()]
+    ref._restore()
+    awp._restore()
+    assert_models(model, ref_model, exact=True, grads=False)
+    assert len(w0) > 100
+
+
+def test_restore_is_bit_exact_in_place(backend):
+    model = TinyHF().to(DEVICE)
+    with torch.no_grad():
+        model.layers[0].weight[0, :3] = torch.tensor([-0.0, 1e-40, -1e15])
+    give_grads(model)
+    before = [p.detach().clone() for p in model.parameters()]
+    addresses = ptrs(model)
+    awp = AWP(model, None, adv_eps=0.5, backend=backend)
+    with awp.perturbed():
+        assert not torch.equal(model.layers[0].weight, before[1])
+    assert ptrs(model) == addresses
+    for p, b in zip(model.parameters(), before):
+        assert torch.equal(p.view(torch.int32 if p.dtype == torch.float32 else torch.int16),
+                           b.view(torch.int32 if b.dtype == torch.float32 else torch.int16))
+
+
+# -- the model-agnostic form -----------------------------------------------------
+def test_closure_form_matches_seed_form(backend):
+    model, twin = twins()
+    ids, labels, mask = batch()
+    clean_backward(model, ids, labels, mask)
+    clean_backward(twin, ids, labels, mask)
+    opt, opt2 = torch.optim.SGD(model.parameters(), lr=0.1), torch.optim.SGD(twin.parameters(), lr=0.1)
+    AWP(model, opt, adv_step=2, backend=backend).attack_backward(ids, labels, mask, 0)
+    loss = AWP(twin, opt2, adv_step=2, backend=backend).attack_backward(
+        closure=lambda: twin(input_ids=ids, attention_mask=mask, labels=labels)[0], epoch=0)
+    assert loss.shape == () and not loss.requires_grad
+    assert_models(model, twin, exact=True)
+
+
+def test_perturb_restore_by_hand_and_on_exception(backend):
+    model, ref_model = twins()
+    ids, labels, mask = batch()
+    for m in (model, ref_model):
+        clean_backward(m, ids, labels, mask)
+    before = [p.detach().clone() for p in model.parameters()]
+    awp = AWP(model, None, adv_eps=0.1, backend=backend)
+    ref = RefAWP(ref_model, None, adv_eps=0.1)
+    awp.perturb()
+    ref._save()
+    ref._attack_step()
+    assert_models(model, ref_model, grads=False)
+    awp.restore()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    with pytest.raises(RuntimeError, match="without a preceding perturb"):
+        awp.restore()
+    with pytest.raises(ZeroDivisionError):
+        with awp.perturbed():
+            1 / 0
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+    def failing_closure():
+        raise ValueError("forward failed")
+
+    with pytest.raises(ValueError, match="forward failed"):
+        awp.attack_backward(closure=failing_closure)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+def test_scaler_scales_the_adversarial_loss(backend):
+    class TimesFour:
+        def scale(self, loss):
+            return loss * 4
+
+    model, ref_model = twins()
+    ids, labels, mask = batch()
+    for m in (model, ref_model):
+        clean_backward(m, ids, labels, mask)
+    AWP(model, torch.optim.SGD(model.parameters(), lr=1), scaler=TimesFour(),
+        backend=backend).attack_backward(ids, labels, mask, 0)
+    RefAWP(ref_model, torch.optim.SGD(ref_model.parameters(), lr=1),
+           scaler=TimesFour()).attack_backward(ids, labels, mask, 0)
+    assert_models(model, ref_model)
+
+
+def test_arguments_are_checked():
+    model = TinyHF()
+    with pytest.raises(TypeError, match="nn.Module"):
+        AWP(object(), None)
+    with pytest.raises(ValueError, match="adv_eps"):
+        AWP(model, None, adv_eps=-1)
+    with pytest.raises(ValueError, match="adv_step"):
+        AWP(model, None, adv_step=-1)
+    with pytest.raises(ValueError, match="unknown fastadv backend"):
+        AWP(model, None, backend="fastest")
+    with pytest.raises(TypeError, match="closure"):
+        AWP(model, None).attack_backward()
+
+
+def test_forced_kernel_backend_rejects_float64(backend):
+    if backend == "torch":
+        pytest.skip("the torch backend takes any float dtype")
+    w = [torch.randn(5, dtype=torch.float64, device=DEVICE)]
+    with pytest.raises(TypeError, match="float32, float16 and bfloat16"):
+        awp_step_(w, [torch.randn_like(w[0])], [torch.empty_like(w[0])], adv_lr=1, adv_eps=0.1,
+                  write_backup=True, backend=backend)
+
+
+def test_auto_backend_takes_float64_on_the_torch_path():
+    model, ref_model = twins()
+    model.double(), ref_model.double()
+    give_grads(model, ref_model)
+    awp, ref = AWP(model, None, backend="auto"), RefAWP(ref_model, None)
+    awp._save(), ref._save()
+    awp._attack_step(), ref._attack_step()
+    assert_models(model, ref_model, grads=False)
+
+
+# -- structure: syncs, launches, tables ---------------------------------------------
+def test_attack_step_makes_no_host_sync(backend, no_host_sync):
+    model = TinyHF().to(DEVICE)
+    give_grads(model)
+    awp = AWP(model, None, backend=backend)
+    with no_host_sync():
+        for _ in range(2):
+            awp._save()
+            awp._attack_step()
+            awp._attack_step()
+            awp._restore()
+
+
+def test_sync_detector_sees_the_seed(no_host_sync):
+    model = TinyHF().to(DEVICE)
+    give_grads(model)
+    ref = RefAWP(model, None)
+    ref._save()
+    with pytest.raises(AssertionError, match="host sync"):
+        with no_host_sync():
+            ref._attack_step()
+
+
+def _launches(layers, backend):
+    model = TinyHF(layers=layers).to(DEVICE)
+    give_grads(model)
+    awp = AWP(model, None, adv_eps=0.1, backend=backend)
+
+    def attack():
+        awp._save()
+        awp._attack_step()
+        awp._attack_step()
+        awp._restore()
+
+    attack()  # tables built, backup buffer allocated
+    return count(attack)
+
+
+def test_launches_do_not_grow_with_depth(backend):
+    if backend not in KERNEL_BACKENDS:
+        pytest.skip("the torch fallback launches per tensor")
+    shallow, deep = _launches(2, backend), _launches(24, backend)
+    assert shallow["launches"] == deep["launches"] == 7  # 2 x (sumsq + norms + update) + restore
+    assert shallow["aten_launches"] == deep["aten_launches"] == 0
+    assert shallow["syncs"] == deep["syncs"] == 0
+
+
+def test_tables_are_built_once_and_refreshed_when_pointers_change():
+    cache = TableCache()
+    a = [torch.randn(5), torch.randn(40)]
+    b = [torch.randn(5), torch.randn(40)]
+    t1 = cache.get("x", [a, b], chunk=16)
+    assert (t1.n_tensors, t1.n_chunks, t1.n_lists) == (2, 4, 2)
+    layout = t1.data.tolist()
+    assert layout[:4] == [a[0].data_ptr(), a[1].data_ptr(), b[0].data_ptr(), b[1].data_ptr()]
+    assert layout[4:] == [5, 40] + [0, 1, 4] + [0, 1, 1, 1]
+    stats = count(lambda: cache.get("x", [a, b], chunk=16))
+    assert stats["launches"] == 0  # cached: nothing sent
+    c = [torch.randn(5), torch.randn(40)]
+    stats = count(lambda: cache.get("x", [a, c], chunk=16))
+    assert stats["ops"] == {"copy_": 1}  # one small copy of the pointers
+    assert cache.get("x", [a, c], chunk=16) is t1
+    assert t1.data.tolist()[2:4] == [c[0].data_ptr(), c[1].data_ptr()]
+    assert cache.get("x", [a, c]) is not t1  # another chunk size: another table
+    with pytest.raises(ValueError, match="multiple of 16"):
+        TensorTable([3], 1, "cpu", chunk=10)
+
+
+def test_fresh_gradients_after_zero_grad(backend):
+    """zero_grad(set_to_none=True) frees the gradients: the next step uses the new ones."""
+    model, ref_model = twins()
+    awp, ref = AWP(model, None, adv_eps=0.1, backend=backend), RefAWP(ref_model, None, adv_eps=0.1)
+    for _ in range(3):
+        ids, labels, mask = batch()
+        for m, a in ((model, awp), (ref_model, ref)):
+            m.zero_grad(set_to_none=True)
+            clean_backward(m, ids, labels, mask)
+            a._save()
+            a._attack_step()
+        assert_models(model, ref_model, grads=False)
+        awp._restore(), ref._restore()
+
+
+def test_functional_copy_and_design_bytes(backend):
+    src = [torch.randn(n, device=DEVICE) for n in (3, 0, 33)]
+    dst = [torch.empty_like(s) for s in src]
+    copy_tensors_(dst, src, backend=backend)
+    assert all(torch.equal(d, s) for d, s in zip(dst, src))
+    assert design_bytes({4: 1000}) == 8 * 4000
+    assert design_bytes({4: 1000, 2: 10}, steps=2) == 14 * 4000 + 14 * 20
+
+
+def test_one_backup_copy_only(backend):
+    model = TinyHF().to(DEVICE)
+    give_grads(model)
+    awp = AWP(model, None, backend=backend)
+    awp._save()
+    awp._attack_step()
+    matching = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "weight" in n)
+    assert matching <= awp._buffers.nbytes() <= matching + 16 * 4 * 10
+    awp._restore()
+    awp.release()
+    assert awp._buffers.nbytes() == 0
+
+
+# -- the CUDA library -------------------------------------------------------------
+def _cuda_lib():
+    import fastadv.kernels.cuda as fcuda
+    import fastadv.kernels.cuda.awp  # noqa: F401  (declares the signatures)
+
+    if fcuda.load_error() is not None:
+        pytest.skip(f"CUDA library not usable: {fcuda.load_error()}")
+    return fcuda.lib()
+
+
+def test_cuda_library_exports_and_checks_arguments():
+    lib = _cuda_lib()
+    out = ctypes.c_float()
+    for name in ("fastadv_mt_sumsq", "fastadv_mt_norms", "fastadv_mt_global_norm", "fastadv_awp_update",
+                 "fastadv_sam_update", "fastadv_mt_lerp", "fastadv_mt_copy"):
+        assert hasattr(lib, name), name
+    assert lib.fastadv_mt_sumsq(None, 3, 1, 1, 10, 0, 0, None, None) == 1
+    assert b"multiple of 16" in lib.fastadv_last_error()
+    assert lib.fastadv_mt_sumsq(None, 3, 1, 1, 16, 0, 0, None, None) == 1
+    assert b"table is NULL" in lib.fastadv_last_error()
+    assert lib.fastadv_awp_update(None, 0, 0, 16, 0, None, 1.0, 0.1, 1, None) == 1
+    assert b"norms is NULL" in lib.fastadv_last_error()
+    assert lib.fastadv_mt_copy(None, 2, 0, 0, 16, 0, 0, 2, 0, None) == 1
+    assert b"out of range" in lib.fastadv_last_error()
+    # nothing to do: success without a launch
+    assert lib.fastadv_awp_update(None, 0, 0, 16, 0, ctypes.addressof(out), 1.0, 0.1, 1, None) == 0
+    assert lib.fastadv_mt_lerp(None, 0, 0, 16, 0, 2, 0.5, None, None) == 0
+    assert lib.fastadv_mt_sumsq(None, 3, 0, 0, 16, 1, 0, None, None) == 0
+    assert lib.fastadv_mt_sumsq(None, 3, 0, 0, 16, 7, 0, None, None) == 0  # no work: no dtype check
+
+
+# -- GPU ---------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("steps", [1, 2])
+def test_gpu_kernels_match_torch_path_under_sync_debug(backend, steps, no_host_sync):
+    """bf16 + fp32 model of BERT-like shapes: every backend against the torch
+    path; no sync at all (torch.cuda.set_sync_debug_mode('error'))."""
+    def build():
+        torch.manual_seed(1)
+        m = TinyHF(vocab=30522, dim=256, layers=4).cuda()
+        m.layers.to(torch.bfloat16)
+        give_grads(m)
+        return m
+
+    model, ref_model = build(), build()
+    awp = AWP(model, None, adv_lr=0.5, adv_eps=0.01, backend=backend)
+    ref = AWP(ref_model, None, adv_lr=0.5, adv_eps=0.01, backend="torch")
+    before = [p.detach().clone() for p in model.parameters()]
+    awp._save(), ref._save()
+    for s in range(steps):
+        with no_host_sync():
+            awp._attack_step()
+        ref._attack_step()
+        for (n, p), (_, q) in zip(model.named_parameters(), ref_model.named_parameters()):
+            tol = FP32 if p.dtype == torch.float32 else dict(rtol=2 * 2**-7, atol=1e-5)
+            torch.testing.assert_close(p, q, **tol, msg=n)
+    with no_host_sync():
+        awp._restore()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))

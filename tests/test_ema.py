@@ -1,0 +1,206 @@
+"""fastadv.ModelEMA and the AveragedModel averaging functions against the
+formulas (and the Kaggle EMA / PyTorch SWA references), on every backend."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from fastadv.averaging import ModelEMA, ema_multi_avg_fn, swa_multi_avg_fn
+from fastadv.bench.core import count
+from fastadv.ops.ema import lerp_
+from fastadv.reference.ema import EMA as RefEMA
+from fastadv.reference.ema import swa_average
+
+from conftest import DEVICE
+
+FP32 = dict(rtol=1e-5, atol=1e-6)
+
+
+def net(depth=2):
+    layers = [nn.Linear(5, 7)]
+    for _ in range(depth - 1):
+        layers += [nn.ReLU(), nn.Linear(7, 7)]
+    return nn.Sequential(*layers, nn.BatchNorm1d(7)).to(DEVICE)
+
+
+def train_step(*models, seed):
+    """The same random change of every trainable weight of each model."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for ps in zip(*(m.parameters() for m in models)):
+            d = torch.randn(ps[0].shape, generator=gen).to(DEVICE)
+            for p in ps:
+                p.add_(d.to(p.dtype))
+
+
+@pytest.mark.parametrize("warmup", [False, True])
+def test_update_follows_the_formula(backend, warmup):
+    model = net()
+    ema = ModelEMA(model, decay=0.9, warmup=warmup, backend=backend)
+    expect = {n: p.detach().double().clone() for n, p in model.named_parameters()}
+    for step in range(4):
+        train_step(model, seed=step)
+        d = min(0.9, (1 + step) / (10 + step)) if warmup else 0.9
+        assert ema.current_decay() == d
+        ema.update()
+        for n, p in model.named_parameters():
+            expect[n] = d * expect[n] + (1 - d) * p.detach().double()
+    assert ema.num_updates == 4
+    for n, s in ema.shadow.items():
+        torch.testing.assert_close(s.double(), expect[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_kaggle_ema_protocol_matches_reference(backend):
+    model = net()
+    ref_model = copy.deepcopy(model)
+    ema, ref = ModelEMA(model, 0.99, backend=backend), RefEMA(ref_model, 0.99)
+    ema.register()
+    ref.register()
+    for step in range(3):
+        train_step(model, ref_model, seed=step)
+        ema.update()
+        ref.update()
+    ema.apply_shadow()
+    ref.apply_shadow()
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p, q, **FP32)
+    ema.restore()
+    ref.restore()
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_apply_and_restore_are_in_place_and_bit_exact(backend):
+    model = net()
+    ema = ModelEMA(model, 0.5, backend=backend)
+    train_step(model, seed=1)
+    ema.update()
+    train_step(model, seed=2)
+    live = [p.detach().clone() for p in model.parameters()]
+    addresses = [p.data_ptr() for p in model.parameters()]
+    with ema.applied():
+        assert all(torch.equal(p, s) for p, s in zip(model.parameters(), ema.shadow.values()))
+        with pytest.raises(RuntimeError, match="restore"):
+            ema.update()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), live))
+    with pytest.raises(ZeroDivisionError):
+        with ema.applied():
+            1 / 0
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), live))
+    assert [p.data_ptr() for p in model.parameters()] == addresses
+    with pytest.raises(RuntimeError, match="without a preceding apply_to"):
+        ema.restore()
+
+
+def test_fp32_shadow_of_a_half_model(backend):
+    model = net().half()
+    ema = ModelEMA(model, 0.9, dtype=torch.float32, backend=backend)
+    assert all(s.dtype == torch.float32 for s in ema.shadow.values())
+    expect = [p.detach().float().clone() for p in model.parameters()]
+    train_step(model, seed=5)
+    ema.update()
+    for e, p, s in zip(expect, model.parameters(), ema.shadow.values()):
+        torch.testing.assert_close(s, 0.9 * e + 0.1 * p.float(), **FP32)
+    with ema.applied():
+        for p, s in zip(model.parameters(), ema.shadow.values()):
+            assert torch.equal(p, s.half())
+
+
+def test_update_from_another_model_and_state_dict(backend):
+    model, other = net(), net()
+    ema = ModelEMA(model, 0.8, backend=backend)
+    start = [p.detach().clone() for p in model.parameters()]
+    ema.update(other)
+    for s, a, b in zip(ema.shadow.values(), start, other.parameters()):
+        torch.testing.assert_close(s, 0.8 * a + 0.2 * b, **FP32)
+    state = ema.state_dict()
+    fresh = ModelEMA(net(), 0.5, backend=backend)
+    fresh.load_state_dict(state)
+    assert fresh.decay == 0.8 and fresh.num_updates == 1
+    assert all(torch.equal(a, b) for a, b in zip(fresh.shadow.values(), ema.shadow.values()))
+    with pytest.raises(ValueError, match="trainable parameters"):
+        ema.update(net(depth=3))
+    with pytest.raises(ValueError, match="decay"):
+        ModelEMA(model, decay=1.5)
+
+
+def test_swa_multi_avg_fn_matches_torch(backend):
+    model = net()
+    ours = AveragedModel(model, multi_avg_fn=swa_multi_avg_fn(backend), use_buffers=True)
+    ref = AveragedModel(model, use_buffers=True)
+    for step in range(4):
+        train_step(model, seed=step)
+        model(torch.randn(4, 5, device=DEVICE))  # moves the BatchNorm statistics
+        ours.update_parameters(model)
+        ref.update_parameters(model)
+    for (n, a), b in zip(ours.module.state_dict().items(), ref.module.state_dict().values()):
+        torch.testing.assert_close(a, b, **FP32, msg=n)
+
+
+def test_ema_multi_avg_fn_matches_torch(backend):
+    model = net()
+    ours = AveragedModel(model, multi_avg_fn=ema_multi_avg_fn(0.75, backend))
+    ref = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.75))
+    for step in range(3):
+        train_step(model, seed=step)
+        ours.update_parameters(model)
+        ref.update_parameters(model)
+    for a, b in zip(ours.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, **FP32)
+
+
+def test_swa_count_is_read_on_the_device(backend, no_host_sync):
+    avg = [torch.randn(n, device=DEVICE) for n in (3, 50)]
+    cur = [torch.randn_like(a) for a in avg]
+    expect = [a.clone() for a in avg]
+    swa_average(expect, cur, 3)
+    n = torch.tensor(3, device=DEVICE)
+    with no_host_sync():
+        swa_multi_avg_fn(backend)(avg, cur, n)
+    for a, e in zip(avg, expect):
+        torch.testing.assert_close(a, e, **FP32)
+
+
+def test_update_makes_no_host_sync_and_launches_do_not_grow(backend, no_host_sync):
+    def launches(depth):
+        model = net(depth)
+        ema = ModelEMA(model, 0.9, backend=backend)
+        ema.update()
+        with no_host_sync():
+            ema.update()
+        return count(ema.update)
+
+    shallow, deep = launches(2), launches(24)
+    assert shallow["syncs"] == deep["syncs"] == 0
+    if backend != "torch":
+        assert shallow["launches"] == deep["launches"] == 1
+
+
+def test_lerp_arguments(backend):
+    a, x = [torch.zeros(4, device=DEVICE)], [torch.ones(4, device=DEVICE)]
+    with pytest.raises(ValueError, match="exactly one"):
+        lerp_(a, x)
+    lerp_(a, x, 0.25, backend=backend)
+    torch.testing.assert_close(a[0], torch.full((4,), 0.25, device=DEVICE))
+    lerp_(a, x, count=torch.tensor(0, device=DEVICE), backend=backend)  # weight 1: x exactly
+    assert torch.equal(a[0], x[0])
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_model_fp32_shadow(backend, no_host_sync):
+    model = nn.Sequential(nn.Linear(1024, 1024), nn.Linear(1024, 7)).cuda().bfloat16()
+    ema = ModelEMA(model, 0.99, dtype=torch.float32, backend=backend)
+    ref = ModelEMA(copy.deepcopy(model), 0.99, dtype=torch.float32, backend="torch")
+    train_step(model, ref.model, seed=0)
+    with no_host_sync():
+        ema.update()
+    ref.update()
+    for a, b in zip(ema.shadow.values(), ref.shadow.values()):
+        torch.testing.assert_close(a, b, **FP32)
+    live = [p.detach().clone() for p in model.parameters()]
+    with no_host_sync():
+        ema.apply_to()
+        ema.restore()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), live))

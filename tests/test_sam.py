@@ -1,0 +1,252 @@
+"""fastadv.SAM against davda54's SAM (fastadv.reference.sam), on every backend
+available here."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fastadv.kernels as kernels
+from fastadv.bench.core import count
+from fastadv.ops.sam import sam_perturb_
+from fastadv.optim.sam import SAM
+from fastadv.reference.sam import SAM as RefSAM
+
+from conftest import DEVICE
+
+FP32 = dict(rtol=1e-5, atol=1e-6)
+
+
+def net(depth=2, width=10):
+    layers = [nn.Linear(6, width), nn.Tanh()]
+    for _ in range(depth - 1):
+        layers += [nn.Linear(width, width), nn.Tanh()]
+    return nn.Sequential(*layers, nn.Linear(width, 3)).to(DEVICE)
+
+
+def data(n=16):
+    return torch.randn(n, 6, device=DEVICE), torch.randint(0, 3, (n,), device=DEVICE)
+
+
+def loss_of(model, x, y):
+    return nn.functional.cross_entropy(model(x), y)
+
+
+def groups(model, adaptive):
+    params = list(model.parameters())
+    return [{"params": params[:2], "rho": 0.3, "adaptive": True},
+            {"params": params[2:]}] if adaptive == "mixed" else params
+
+
+def pair(adaptive, backend, **kw):
+    model = net()
+    ref_model = copy.deepcopy(model)
+    ad = adaptive is True
+    opt = SAM(groups(model, adaptive), torch.optim.SGD, rho=0.1, adaptive=ad, lr=0.05, momentum=0.9,
+              backend=backend, **kw)
+    ref = RefSAM(groups(ref_model, adaptive), torch.optim.SGD, rho=0.1, adaptive=ad, lr=0.05, momentum=0.9)
+    return model, ref_model, opt, ref
+
+
+def assert_close_models(a, b, **tol):
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, **(tol or FP32), msg=n)
+
+
+@pytest.mark.parametrize("adaptive", [False, True, "mixed"])
+def test_first_and_second_step_match_davda54(backend, adaptive):
+    model, ref_model, opt, ref = pair(adaptive, backend)
+    before = [p.data_ptr() for p in model.parameters()]
+    for _ in range(3):
+        x, y = data()
+        for m, o in ((model, opt), (ref_model, ref)):
+            loss_of(m, x, y).backward()
+            o.first_step(zero_grad=True)
+        assert_close_models(model, ref_model)  # w + e(w)
+        for m, o in ((model, opt), (ref_model, ref)):
+            loss_of(m, x, y).backward()
+            o.second_step(zero_grad=True)
+        assert_close_models(model, ref_model)  # base step from w
+    assert [p.data_ptr() for p in model.parameters()] == before
+
+
+def test_step_with_closure(backend):
+    model, ref_model, opt, ref = pair(False, backend)
+    x, y = data()
+    for m, o in ((model, opt), (ref_model, ref)):
+        def closure(m=m):
+            loss = loss_of(m, x, y)
+            loss.backward()
+            return loss
+        closure()
+        o.step(closure)
+        o.zero_grad()
+    assert_close_models(model, ref_model)
+    with pytest.raises(ValueError, match="requires closure"):
+        opt.step()
+
+
+def test_restore_is_bit_exact_and_none_grads_are_skipped(backend):
+    model, ref_model, opt, ref = pair(False, backend)
+    x, y = data()
+    loss_of(model, x, y).backward()
+    loss_of(ref_model, x, y).backward()
+    for m in (model, ref_model):
+        m[0].bias.grad = None
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.first_step()
+    ref.first_step()
+    assert_close_models(model, ref_model)
+    assert torch.equal(model[0].bias, before[1])  # no gradient: untouched
+    assert model[0].bias not in opt.state or "old_p" not in opt.state[model[0].bias]
+    assert torch.equal(opt.state[model[0].weight]["old_p"], before[0])
+    opt.restore()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+def test_protocol_misuse_keeps_the_weights(backend):
+    model, _, opt, _ = pair(False, backend)
+    x, y = data()
+    loss_of(model, x, y).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.first_step()
+    with pytest.raises(RuntimeError, match="still perturbed"):
+        opt.first_step()
+    opt.restore()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    with pytest.raises(RuntimeError, match="without a preceding first_step"):
+        opt.second_step()
+    with pytest.raises(ValueError, match="rho"):
+        SAM(model.parameters(), torch.optim.SGD, rho=-1, lr=0.1)
+
+
+def test_zero_and_nan_gradients_follow_the_math(backend):
+    """No skip in SAM: a zero norm gives e(w) = 0, a NaN norm gives NaN weights,
+    and restore puts every weight back."""
+    for special in (0.0, float("nan")):
+        model, ref_model, opt, ref = pair(False, backend)
+        for m in (model, ref_model):
+            for p in m.parameters():
+                p.grad = torch.full_like(p, special)
+        before = [p.detach().clone() for p in model.parameters()]
+        opt.first_step()
+        ref.first_step()
+        for p, q in zip(model.parameters(), ref_model.parameters()):
+            torch.testing.assert_close(p, q, **FP32, equal_nan=True)
+        opt.restore()
+        assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+def test_low_precision_params(backend):
+    model = net()
+    model[0].half()
+    x, y = data()
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    ref_model = copy.deepcopy(model).float()
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        q.grad = p.grad.float()
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.5, lr=0.1, backend=backend)
+    RefSAM(ref_model.parameters(), torch.optim.SGD, rho=0.5, lr=0.1).first_step()
+    opt.first_step()
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        tol = FP32 if p.dtype == torch.float32 else dict(rtol=2 * 2**-10, atol=1e-4)
+        torch.testing.assert_close(p.float(), q, **tol)
+
+
+def test_grad_scaler_recipe(backend):
+    """Scaled gradients in the first step (e(w) does not depend on the scale),
+    restore, then scaler.step(base_optimizer): the unscaled result."""
+    model, ref_model, opt, ref = pair(False, backend)
+    scaler = torch.amp.GradScaler(DEVICE.type, init_scale=1024.0)
+    x, y = data()
+    scaler.scale(loss_of(model, x, y)).backward()
+    opt.first_step(zero_grad=True)
+    scaler.scale(loss_of(model, x, y)).backward()
+    opt.restore()
+    scaler.step(opt.base_optimizer)
+    scaler.update()
+    loss_of(ref_model, x, y).backward()
+    ref.first_step(zero_grad=True)
+    loss_of(ref_model, x, y).backward()
+    ref.second_step()
+    assert_close_models(model, ref_model, rtol=1e-4, atol=1e-6)
+
+
+def test_state_dict_roundtrip_keeps_groups_linked(backend):
+    model, _, opt, _ = pair("mixed", backend)
+    state = opt.state_dict()
+    opt.load_state_dict(state)
+    assert opt.base_optimizer.param_groups is opt.param_groups
+    assert opt.param_groups[0]["adaptive"] is True and opt.param_groups[1]["rho"] == 0.1
+
+
+def test_first_step_makes_no_host_sync(backend, no_host_sync):
+    model, _, opt, _ = pair("mixed", backend)
+    x, y = data()
+    loss_of(model, x, y).backward()
+    with no_host_sync():
+        opt.first_step()
+        opt.restore()
+
+
+def test_launches_do_not_grow_with_depth(backend):
+    if backend == "torch":
+        pytest.skip("the torch fallback launches per tensor")
+
+    def launches(depth):
+        model = net(depth)
+        opt = SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, backend=backend)
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+
+        def step():
+            opt.first_step()
+            opt.restore()
+
+        step()
+        return count(step)
+
+    shallow, deep = launches(2), launches(24)
+    assert shallow["launches"] == deep["launches"] == 4  # sumsq, global norm, update, restore
+    assert shallow["syncs"] == deep["syncs"] == 0
+
+
+def test_functional_op_global_norm(backend):
+    ws = [torch.randn(n, device=DEVICE) for n in (5, 300, 1)]
+    gs = [torch.randn_like(w) for w in ws]
+    bs = [torch.empty_like(w) for w in ws]
+    w0 = [w.clone() for w in ws]
+    norm = sam_perturb_(ws, gs, bs, [0.2, 0.2, 0.4], [False, True, False], backend=backend)
+    expect = torch.linalg.vector_norm(torch.stack([gs[0].norm(), (w0[1].abs() * gs[1]).norm(), gs[2].norm()]))
+    torch.testing.assert_close(norm, expect, **FP32)
+    torch.testing.assert_close(ws[1], w0[1] + w0[1] ** 2 * gs[1] * (0.2 / (expect + 1e-12)), **FP32)
+    torch.testing.assert_close(ws[2], w0[2] + gs[2] * (0.4 / (expect + 1e-12)), **FP32)
+    assert all(torch.equal(b, w) for b, w in zip(bs, w0))
+    if backend != "torch":
+        assert kernels.LAUNCHES[f"{backend}.sam_update"] > 0
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_against_torch_path(backend, no_host_sync):
+    def build():
+        torch.manual_seed(3)
+        m = net(4, 512).cuda()
+        m[2].to(torch.bfloat16)
+        for p in m.parameters():
+            p.grad = torch.randn_like(p)
+        return m
+
+    model, ref_model = build(), build()
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, adaptive=True, lr=0.1, backend=backend)
+    ref = SAM(ref_model.parameters(), torch.optim.SGD, rho=0.05, adaptive=True, lr=0.1, backend="torch")
+    before = [p.detach().clone() for p in model.parameters()]
+    with no_host_sync():
+        opt.first_step()
+    ref.first_step()
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        tol = FP32 if p.dtype == torch.float32 else dict(rtol=2 * 2**-7, atol=1e-5)
+        torch.testing.assert_close(p, q, **tol)
+    with no_host_sync():
+        opt.restore()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
