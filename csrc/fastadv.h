@@ -88,6 +88,18 @@ FASTADV_API int fastadv_mt_copy(const int64_t* table, int lists, int64_t tensors
                                 int64_t chunk, int dst_list, int dst_dtype, int src_list, int src_dtype,
                                 void* stream);
 
+/* ---- noise injection and SiFT (csrc/noise.cu; key = int64 device [seed, base]) ---- */
+FASTADV_API int64_t fastadv_rng_quarter(void);
+FASTADV_API int fastadv_rng_host_chunk(const int64_t* key, int64_t chunk, uint32_t* words, float* normals, float* uniforms);
+FASTADV_API int fastadv_noise_add(const void* x, void* out, int dtype, int64_t numel, const int64_t* key, float scale, const float* row_scale, int64_t row_len, int uniform, void* stream);
+FASTADV_API int fastadv_neftune_scale(const float* mask, float* scale, int64_t batch, int64_t seq_len, float alpha_over_sqrt_d, void* stream);
+FASTADV_API int fastadv_noise_token_ids(const int64_t* ids, int64_t* out, int64_t numel, const int64_t* key, float factor, int64_t vocab_size, void* stream);
+FASTADV_API int fastadv_weight_noise(const int64_t* meta, int64_t n_tensors, int64_t n_chunks, void* backup, int dtype, const int64_t* key, float std_, void* stream);
+FASTADV_API int fastadv_weight_restore(const int64_t* meta, int64_t n_tensors, int64_t n_chunks, const void* backup, int dtype, void* stream);
+FASTADV_API int fastadv_sift_init(const void* x, float* delta, void* pert, int dtype, int64_t numel, const int64_t* key, float ip, void* stream);
+FASTADV_API int64_t fastadv_sift_workspace_floats(int64_t rows);
+FASTADV_API int fastadv_sift_update(const void* x, float* delta, const float* grad, void* pert, int dtype, int64_t rows, int64_t cols, float* workspace, uint8_t* ok, float lr, void* stream);
+
 /* Per-op headers: csrc/pgd.h (embedding PGD step), csrc/attacks.h (input attacks). */
 
 #ifdef __cplusplus

@@ -14,6 +14,7 @@ OPS: dict[str, str] = {
     "pgd_train": "fastadv.bench.pgd_train",
     "attacks": "fastadv.bench.attacks",
     "awp": "fastadv.bench.awp",
+    "noise": "fastadv.bench.noise",
 }
 
 

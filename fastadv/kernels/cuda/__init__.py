@@ -135,6 +135,7 @@ from .fgm import fgm_norm, fgm_restore_rows, fgm_update, fgm_workspace_floats  #
 from . import pgd  # noqa: E402
 from .pgd import pgd_restore_rows, pgd_step, pgd_workspace_floats  # noqa: E402,F401
 from . import awp  # noqa: E402,F401  (multi-tensor AWP / SAM / EMA)
+from . import noise  # noqa: E402,F401  (noise injection, SiFT)
 from . import attacks  # noqa: E402,F401  (declares the input-attack launchers)
 
 EXPORTS = tuple(_SIGNATURES)

@@ -1,0 +1,429 @@
+// Noise injection and SiFT kernels: the noise is drawn inside the kernel
+// (Philox, rng.cuh), so each op reads its input once and writes its output
+// once.  They mirror fastadv/kernels/triton/noise.py (same counters, so the
+// same 32-bit random words for the same key); the C ABI is at the end.
+//
+// Random kernels run one block per chunk of rng::kChunk elements; thread j
+// handles counters j, j + kThreads, ... of the chunk and, for each, the four
+// elements q * kQuarter + j (q = 0..3): coalesced, and the layout of rng.py.
+#include "common.cuh"
+#include "rng.cuh"
+
+namespace fastadv {
+namespace {
+
+using rng::kChunk;
+using rng::kQuarter;
+
+constexpr int kFinalize = 1024;
+
+// e / n, in 32 bits when both fit (64-bit integer division is slow on GPUs).
+__device__ __forceinline__ int64_t div_index(int64_t e, int64_t n) {
+  if (((e | n) >> 31) == 0) return int64_t(uint32_t(e) / uint32_t(n));
+  return e / n;
+}
+
+// ---- element-wise noise -----------------------------------------------------------
+
+// out = x + r * s in fp32, rounded once; r ~ N(0,1) or U[-1,1); s = scale or row_scale[e / row_len].
+// x and out may be the same buffer (in place).
+template <typename Tr, bool UNIFORM, bool ROW_SCALE>
+__global__ void __launch_bounds__(kThreads)
+add_noise_kernel(const typename Tr::bits* x, typename Tr::bits* out, int64_t numel,
+                 const int64_t* __restrict__ key, float scale, const float* __restrict__ row_scale,
+                 int64_t row_len) {
+  const rng::Key k = rng::load_key(key);
+  const int64_t chunk = blockIdx.x;
+  const int64_t start = chunk * kChunk;
+  for (int64_t j = threadIdx.x; j < kQuarter; j += kThreads) {
+    const rng::Words w = rng::philox4x32_10(uint64_t(k.base + chunk * kQuarter + j), k.seed);
+    float r[4];
+    if (UNIFORM) {
+      rng::uniform4(w, r);
+#pragma unroll
+      for (int q = 0; q < 4; ++q) r[q] = 2.0f * r[q] - 1.0f;
+    } else {
+      rng::normal4(w, r);
+    }
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const int64_t e = start + q * kQuarter + j;
+      if (e < numel) {
+        const float s = ROW_SCALE ? row_scale[div_index(e, row_len)] : scale;
+        out[e] = Tr::from_float(Tr::to_float(x[e]) + r[q] * s);
+      }
+    }
+  }
+}
+
+// One block per sequence: L = sum(mask[b]); scale[b, t] = mask[b, t] * alpha / sqrt(L * d),
+// 0 when L = 0 (all padding; the reference divides by zero there).
+__global__ void __launch_bounds__(kThreads)
+neftune_scale_kernel(const float* __restrict__ mask, float* __restrict__ scale, int64_t seq_len,
+                     float alpha_over_sqrt_d) {
+  const float* m = mask + int64_t(blockIdx.x) * seq_len;
+  float* s = scale + int64_t(blockIdx.x) * seq_len;
+  float acc = 0.f;
+  for (int64_t t = threadIdx.x; t < seq_len; t += kThreads) acc += m[t];
+  __shared__ float total;
+  const float sum = block_sum<kThreads>(acc);
+  if (threadIdx.x == 0) total = sum;
+  __syncthreads();
+  const float length = total;
+  const float f = length > 0.f ? __fdiv_rn(alpha_over_sqrt_d, __fsqrt_rn(length)) : 0.f;
+  for (int64_t t = threadIdx.x; t < seq_len; t += kThreads) s[t] = m[t] * f;
+}
+
+// The seed's token-id noise: clamp(long(float(id) + f * z), 0, vmax).
+__global__ void __launch_bounds__(kThreads)
+token_ids_kernel(const int64_t* __restrict__ ids, int64_t* __restrict__ out, int64_t numel,
+                 const int64_t* __restrict__ key, float factor, int64_t vmax) {
+  const rng::Key k = rng::load_key(key);
+  const int64_t chunk = blockIdx.x;
+  for (int64_t j = threadIdx.x; j < kQuarter; j += kThreads) {
+    float z[4];
+    rng::normal4(rng::philox4x32_10(uint64_t(k.base + chunk * kQuarter + j), k.seed), z);
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const int64_t e = chunk * kChunk + q * kQuarter + j;
+      if (e < numel) {
+        // float(id) + f * z in fp32, then truncation toward zero (C's cast, like .long())
+        int64_t v = static_cast<int64_t>(static_cast<float>(ids[e]) + z[q] * factor);
+        v = v < 0 ? 0 : (v > vmax ? vmax : v);
+        out[e] = v;
+      }
+    }
+  }
+}
+
+// ---- multi-tensor weight noise ----------------------------------------------------------
+// meta (int64): [ptr | numel | first chunk | backup offset] per tensor, then the tensor
+// of every chunk (fastadv.ops.noise.mt_table).  One block per chunk.
+
+struct MtChunk {
+  int64_t chunk, numel, boff, local;  // local: the chunk's first element in its tensor
+  int64_t ptr;
+};
+
+__device__ __forceinline__ MtChunk mt_chunk(const int64_t* __restrict__ meta, int64_t n_tensors) {
+  MtChunk c;
+  c.chunk = blockIdx.x;
+  const int64_t t = meta[4 * n_tensors + c.chunk];
+  c.ptr = meta[t];
+  c.numel = meta[n_tensors + t];
+  c.boff = meta[3 * n_tensors + t];
+  c.local = (c.chunk - meta[2 * n_tensors + t]) * kChunk;
+  return c;
+}
+
+template <typename Tr>
+__global__ void __launch_bounds__(kThreads)
+weight_noise_kernel(const int64_t* __restrict__ meta, int64_t n_tensors, typename Tr::bits* __restrict__ backup,
+                    const int64_t* __restrict__ key, float std_) {
+  using B = typename Tr::bits;
+  const MtChunk c = mt_chunk(meta, n_tensors);
+  B* w = reinterpret_cast<B*>(c.ptr);
+  const rng::Key k = rng::load_key(key);
+  for (int64_t j = threadIdx.x; j < kQuarter; j += kThreads) {
+    float z[4];
+    rng::normal4(rng::philox4x32_10(uint64_t(k.base + c.chunk * kQuarter + j), k.seed), z);
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const int64_t e = c.local + q * kQuarter + j;
+      if (e < c.numel) {
+        const B v = w[e];
+        backup[c.boff + e] = v;
+        w[e] = Tr::from_float(Tr::to_float(v) + z[q] * std_);
+      }
+    }
+  }
+}
+
+template <typename B>
+__global__ void __launch_bounds__(kThreads)
+weight_restore_kernel(const int64_t* __restrict__ meta, int64_t n_tensors, const B* __restrict__ backup) {
+  const MtChunk c = mt_chunk(meta, n_tensors);
+  B* w = reinterpret_cast<B*>(c.ptr);
+  const int64_t end = c.numel - c.local < kChunk ? c.numel - c.local : kChunk;
+  for (int64_t i = threadIdx.x; i < end; i += kThreads) w[c.local + i] = backup[c.boff + c.local + i];
+}
+
+// ---- SiFT ----------------------------------------------------------------------------------
+
+// delta = clamp(ip * z, -2 ip, 2 ip) (fp32), pert = x + delta rounded once.
+template <typename Tr>
+__global__ void __launch_bounds__(kThreads)
+sift_init_kernel(const typename Tr::bits* __restrict__ x, float* __restrict__ delta,
+                 typename Tr::bits* __restrict__ pert, int64_t numel, const int64_t* __restrict__ key, float ip) {
+  const rng::Key k = rng::load_key(key);
+  const int64_t chunk = blockIdx.x;
+  for (int64_t j = threadIdx.x; j < kQuarter; j += kThreads) {
+    float z[4];
+    rng::normal4(rng::philox4x32_10(uint64_t(k.base + chunk * kQuarter + j), k.seed), z);
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const int64_t e = chunk * kChunk + q * kQuarter + j;
+      if (e < numel) {
+        const float d = fminf(fmaxf(z[q] * ip, -2.f * ip), 2.f * ip);
+        delta[e] = d;
+        pert[e] = Tr::from_float(Tr::to_float(x[e]) + d);
+      }
+    }
+  }
+}
+
+// One warp per row: sumsq[r] = sum g^2, rowmax[r] = max |g| (fp32 gradient of delta).
+__global__ void __launch_bounds__(kThreads)
+sift_row_stats_kernel(const float* __restrict__ g, int64_t rows, int64_t cols, float* __restrict__ sumsq,
+                      float* __restrict__ rowmax) {
+  const int lane = threadIdx.x & 31;
+  const int64_t nwarps = (int64_t(gridDim.x) * blockDim.x) >> 5;
+  for (int64_t r = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5; r < rows; r += nwarps) {
+    const float* gr = g + r * cols;
+    float acc = 0.f, mx = 0.f;
+    for (int64_t c = lane; c < cols; c += 32) {
+      const float v = gr[c];
+      acc = fmaf(v, v, acc);
+      mx = fmaxf(mx, fabsf(v));
+    }
+    acc = warp_sum(acc);
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+    if (lane == 0) {
+      sumsq[r] = acc;
+      rowmax[r] = mx;
+    }
+  }
+}
+
+// One block: *out = sqrt(sum of partials) in a fixed order; *ok = (it is finite).
+__global__ void __launch_bounds__(kFinalize)
+finalize_norm_kernel(const float* __restrict__ partials, int64_t n, float* __restrict__ out,
+                     uint8_t* __restrict__ ok) {
+  float acc = 0.f;
+  for (int64_t i = threadIdx.x; i < n; i += kFinalize) acc += partials[i];
+  const float s = block_sum<kFinalize>(acc);
+  if (threadIdx.x == 0) {
+    const float norm = sqrtf(s);
+    *out = norm;
+    if (ok != nullptr) *ok = uint8_t(!isnan(norm) && !isinf(norm));
+  }
+}
+
+// delta += (lr * g) / (1e-6 + rowmax) unless the norm is NaN or inf (DeBERTa's
+// order and its skip, decided on the device); pert = x + delta.
+template <typename Tr>
+__global__ void __launch_bounds__(kThreads)
+sift_update_kernel(const typename Tr::bits* __restrict__ x, float* __restrict__ delta, const float* __restrict__ g,
+                   const float* __restrict__ rowmax, const float* __restrict__ norm_p,
+                   typename Tr::bits* __restrict__ pert, int64_t numel, int64_t cols, float lr) {
+  const float norm = *norm_p;
+  const bool ok = !isnan(norm) && !isinf(norm);
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < numel; e += stride) {
+    float d = delta[e];
+    if (ok) {
+      d = __fadd_rn(d, __fdiv_rn(__fmul_rn(lr, g[e]), __fadd_rn(1e-6f, rowmax[div_index(e, cols)])));
+      delta[e] = d;
+    }
+    pert[e] = Tr::from_float(__fadd_rn(Tr::to_float(x[e]), d));
+  }
+}
+
+// ---- host side -----------------------------------------------------------------------------
+
+inline unsigned chunk_grid(int64_t numel) { return unsigned(ceil_div(numel, kChunk)); }
+
+constexpr int64_t kMaxChunks = (int64_t(1) << 31) - 1;
+
+inline int too_big(const char* fn, int64_t numel) {
+  return fail(int(cudaErrorInvalidValue), "%s: %lld elements exceed the chunk grid", fn, (long long)numel);
+}
+
+inline int null_arg(const char* fn, const char* what) {
+  return fail(int(cudaErrorInvalidValue), "%s: %s is NULL", fn, what);
+}
+
+}  // namespace
+}  // namespace fastadv
+
+// ---- C ABI (see the prototypes and contracts in the header comment of each) -------------------
+
+using namespace fastadv;
+
+// The Philox counters per chunk (rng.py QUARTER must equal it).
+extern "C" FASTADV_API int64_t fastadv_rng_quarter(void) { return kQuarter; }
+
+// Host evaluation of what chunk `chunk` of a launch with key {seed, base} (host
+// memory) draws, in element order: 4 * kQuarter words, normals and uniforms
+// (each output may be NULL).  For tests: the same code the kernels run.
+extern "C" FASTADV_API int fastadv_rng_host_chunk(const int64_t* key, int64_t chunk, uint32_t* words,
+                                                  float* normals, float* uniforms) {
+  if (key == nullptr) return null_arg("fastadv_rng_host_chunk", "key");
+  const uint64_t seed = static_cast<uint64_t>(key[0]);
+  for (int64_t j = 0; j < kQuarter; ++j) {
+    const rng::Words w = rng::philox4x32_10(uint64_t(key[1] + chunk * kQuarter + j), seed);
+    float z[4], u[4];
+    rng::normal4(w, z);
+    rng::uniform4(w, u);
+    for (int q = 0; q < 4; ++q) {
+      const int64_t e = q * kQuarter + j;
+      if (words) words[e] = w.w[q];
+      if (normals) normals[e] = z[q];
+      if (uniforms) uniforms[e] = u[q];
+    }
+  }
+  return 0;
+}
+
+// out = x + r * s (out may be x): r ~ N(0, 1) (uniform == 0) or U[-1, 1) (uniform != 0),
+// s = scale, or row_scale[e / row_len] when row_scale != NULL.  Contiguous, numel elements.
+extern "C" FASTADV_API int fastadv_noise_add(const void* x, void* out, int dtype, int64_t numel,
+                                             const int64_t* key, float scale, const float* row_scale,
+                                             int64_t row_len, int uniform, void* stream) {
+  static const char* fn = "fastadv_noise_add";
+  if (numel < 0) return bad_sizes(fn, 1, numel);
+  if (numel == 0) return 0;
+  if (key == nullptr) return null_arg(fn, "key");
+  if (row_scale != nullptr && row_len <= 0) return fail(int(cudaErrorInvalidValue), "%s: row_len must be > 0", fn);
+  if (ceil_div(numel, kChunk) > kMaxChunks) return too_big(fn, numel);
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  return dispatch_dtype(fn, dtype, [&](auto tr) {
+    using Tr = decltype(tr);
+    using B = typename Tr::bits;
+    const B* xi = static_cast<const B*>(x);
+    B* o = static_cast<B*>(out);
+    const unsigned grid = chunk_grid(numel);
+    if (uniform && row_scale)
+      add_noise_kernel<Tr, true, true><<<grid, kThreads, 0, s>>>(xi, o, numel, key, scale, row_scale, row_len);
+    else if (uniform)
+      add_noise_kernel<Tr, true, false><<<grid, kThreads, 0, s>>>(xi, o, numel, key, scale, row_scale, 1);
+    else if (row_scale)
+      add_noise_kernel<Tr, false, true><<<grid, kThreads, 0, s>>>(xi, o, numel, key, scale, row_scale, row_len);
+    else
+      add_noise_kernel<Tr, false, false><<<grid, kThreads, 0, s>>>(xi, o, numel, key, scale, row_scale, 1);
+    return check_launch(fn);
+  });
+}
+
+// scale[b, t] = mask[b, t] * alpha_over_sqrt_d / sqrt(sum_t mask[b, t]) (0 for an empty sequence);
+// mask and scale are float32 [batch, seq_len].
+extern "C" FASTADV_API int fastadv_neftune_scale(const float* mask, float* scale, int64_t batch,
+                                                 int64_t seq_len, float alpha_over_sqrt_d, void* stream) {
+  static const char* fn = "fastadv_neftune_scale";
+  if (batch < 0 || seq_len < 0) return bad_sizes(fn, batch, seq_len);
+  if (batch == 0 || seq_len == 0) return 0;
+  if (batch > kMaxChunks) return too_big(fn, batch);
+  neftune_scale_kernel<<<unsigned(batch), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+      mask, scale, seq_len, alpha_over_sqrt_d);
+  return check_launch(fn);
+}
+
+// out = clamp(long(float(ids) + factor * z), 0, vocab_size - 1), int64.
+extern "C" FASTADV_API int fastadv_noise_token_ids(const int64_t* ids, int64_t* out, int64_t numel,
+                                                   const int64_t* key, float factor, int64_t vocab_size,
+                                                   void* stream) {
+  static const char* fn = "fastadv_noise_token_ids";
+  if (numel < 0) return bad_sizes(fn, 1, numel);
+  if (vocab_size < 1) return fail(int(cudaErrorInvalidValue), "%s: vocab_size must be >= 1", fn);
+  if (numel == 0) return 0;
+  if (key == nullptr) return null_arg(fn, "key");
+  if (ceil_div(numel, kChunk) > kMaxChunks) return too_big(fn, numel);
+  token_ids_kernel<<<chunk_grid(numel), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+      ids, out, numel, key, factor, vocab_size - 1);
+  return check_launch(fn);
+}
+
+// Every tensor of the work list `meta` (n_tensors tensors of `dtype`, n_chunks chunks):
+// backup <- w, w <- w + std * z, in one launch.
+extern "C" FASTADV_API int fastadv_weight_noise(const int64_t* meta, int64_t n_tensors, int64_t n_chunks,
+                                                void* backup, int dtype, const int64_t* key, float std_,
+                                                void* stream) {
+  static const char* fn = "fastadv_weight_noise";
+  if (n_tensors < 0 || n_chunks < 0) return bad_sizes(fn, n_tensors, n_chunks);
+  if (n_chunks == 0) return 0;
+  if (meta == nullptr) return null_arg(fn, "meta");
+  if (key == nullptr) return null_arg(fn, "key");
+  if (n_chunks > kMaxChunks) return too_big(fn, n_chunks * kChunk);
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  return dispatch_dtype(fn, dtype, [&](auto tr) {
+    using Tr = decltype(tr);
+    weight_noise_kernel<Tr><<<unsigned(n_chunks), kThreads, 0, s>>>(
+        meta, n_tensors, static_cast<typename Tr::bits*>(backup), key, std_);
+    return check_launch(fn);
+  });
+}
+
+// w <- backup for every tensor of the work list, bit-exact, in one launch.
+extern "C" FASTADV_API int fastadv_weight_restore(const int64_t* meta, int64_t n_tensors, int64_t n_chunks,
+                                                  const void* backup, int dtype, void* stream) {
+  static const char* fn = "fastadv_weight_restore";
+  if (n_tensors < 0 || n_chunks < 0) return bad_sizes(fn, n_tensors, n_chunks);
+  if (dtype < FASTADV_FLOAT32 || dtype > FASTADV_BFLOAT16) return bad_dtype(fn, dtype);
+  if (n_chunks == 0) return 0;
+  if (meta == nullptr) return null_arg(fn, "meta");
+  if (n_chunks > kMaxChunks) return too_big(fn, n_chunks * kChunk);
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  if (dtype == FASTADV_FLOAT32)
+    weight_restore_kernel<uint32_t><<<unsigned(n_chunks), kThreads, 0, s>>>(
+        meta, n_tensors, static_cast<const uint32_t*>(backup));
+  else
+    weight_restore_kernel<uint16_t><<<unsigned(n_chunks), kThreads, 0, s>>>(
+        meta, n_tensors, static_cast<const uint16_t*>(backup));
+  return check_launch(fn);
+}
+
+// SiFT start: delta = clamp(ip * z, -2 ip, 2 ip) (float32), pert = x + delta (dtype).
+extern "C" FASTADV_API int fastadv_sift_init(const void* x, float* delta, void* pert, int dtype, int64_t numel,
+                                             const int64_t* key, float ip, void* stream) {
+  static const char* fn = "fastadv_sift_init";
+  if (numel < 0) return bad_sizes(fn, 1, numel);
+  if (numel == 0) return 0;
+  if (key == nullptr) return null_arg(fn, "key");
+  if (ceil_div(numel, kChunk) > kMaxChunks) return too_big(fn, numel);
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  return dispatch_dtype(fn, dtype, [&](auto tr) {
+    using Tr = decltype(tr);
+    using B = typename Tr::bits;
+    sift_init_kernel<Tr><<<chunk_grid(numel), kThreads, 0, s>>>(
+        static_cast<const B*>(x), delta, static_cast<B*>(pert), numel, key, ip);
+    return check_launch(fn);
+  });
+}
+
+// Workspace floats fastadv_sift_update needs for `rows` rows: sums of squares, row maxima, the norm.
+extern "C" FASTADV_API int64_t fastadv_sift_workspace_floats(int64_t rows) {
+  return rows > 0 ? 2 * rows + 1 : 1;
+}
+
+// SiFT step on [rows, cols]: norm = ||grad|| (deterministic); unless it is NaN or inf,
+// delta += lr * grad / (1e-6 + max_row |grad|); then pert = x + delta.  The norm is left
+// in workspace[2 * rows] (the last float), and *ok (if not NULL) = 1 when the step was
+// taken, 0 when skipped.  Three launches.
+extern "C" FASTADV_API int fastadv_sift_update(const void* x, float* delta, const float* grad, void* pert,
+                                               int dtype, int64_t rows, int64_t cols, float* workspace,
+                                               uint8_t* ok, float lr, void* stream) {
+  static const char* fn = "fastadv_sift_update";
+  if (rows < 0 || cols < 0) return bad_sizes(fn, rows, cols);
+  if (dtype < FASTADV_FLOAT32 || dtype > FASTADV_BFLOAT16) return bad_dtype(fn, dtype);
+  if (workspace == nullptr) return null_arg(fn, "workspace");
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  const int64_t n = rows * cols;
+  float* sumsq = workspace;
+  float* rowmax = workspace + (rows > 0 ? rows : 0);
+  float* norm = workspace + (rows > 0 ? 2 * rows : 0);
+  if (n > 0) {
+    sift_row_stats_kernel<<<grid_for_rows(rows), kThreads, 0, s>>>(grad, rows, cols, sumsq, rowmax);
+    if (int e = check_launch("fastadv_sift_update (row stats)")) return e;
+  }
+  finalize_norm_kernel<<<1, kFinalize, 0, s>>>(sumsq, n > 0 ? rows : 0, norm, ok);
+  if (int e = check_launch("fastadv_sift_update (norm)")) return e;
+  if (n == 0) return 0;
+  return dispatch_dtype(fn, dtype, [&](auto tr) {
+    using Tr = decltype(tr);
+    using B = typename Tr::bits;
+    sift_update_kernel<Tr><<<grid_for(n), kThreads, 0, s>>>(static_cast<const B*>(x), delta, grad, rowmax, norm,
+                                                            static_cast<B*>(pert), n, cols, lr);
+    return check_launch(fn);
+  });
+}

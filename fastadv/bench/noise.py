@@ -1,0 +1,378 @@
+"""Noise injection and SiFT: cases and implementations for the benchmark.
+
+Ops (each timed per call):
+
+* ``gaussian``     ``x + N(0, std^2)`` out of place (reference: ``x + torch.randn_like(x) * std``);
+* ``gaussian_``    the same in place (reference: ``x.add_(torch.randn_like(x) * std)``);
+* ``neftune``      NEFTune with an attention mask (reference: NEFTune's training-loop code);
+* ``token_ids``    the seed's token-id noise;
+* ``weight_noise`` ``with weight_noise(model, std): pass``, enter + exit, over the
+  parameter shapes of BERT-base (199 tensors, 101 named ``*weight*``) and
+  BERT-large;
+* ``sift``         one SiFT perturbation step on ``[tokens, hidden]``: the
+  initial delta and ``x + delta``, then one max-norm update and ``x + delta``
+  (reference: DeBERTa's layer, ``fastadv.reference.sift``).
+
+Sizes: on CUDA (or with ``--full``) activations of 16x512x768 and embedding
+tables of 30522x768 and 250002x1024, NEFTune on 8x2048x4096, fp32 and bf16;
+on CPU small stand-ins, so the run takes seconds.  Cases come in tiers, 0
+small, 1 medium, 2 large (``size`` = tier + 1; ``--quick`` runs tier 0, all ops).
+
+Implementations: ``reference``, ``compiled`` (``torch.compile`` of the
+reference; elementwise ops only: Inductor draws the noise inside its fused
+kernel too, the fair baseline), and each fastadv backend usable here.
+The ``GB/s`` and ``%copy`` columns use the bytes the op must move
+(``fastadv.ops.noise.design_bytes``: read x once, write the output once, ...)
+for fastadv rows, and the counted aten traffic for the others.
+
+Checks before timing: the noise of the output has mean ~0 and the right
+spread (normal: std within 2 %; uniform: within the bound, std within 2 %),
+token ids stay in the vocabulary, weight_noise restores every weight bit for
+bit (same ``data_ptr``), SiFT's update equals DeBERTa's formula.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from . import core
+
+STD = 0.1
+ALPHA = 5.0
+TOKEN_FACTOR = 3.0
+VOCAB = 30522
+SIFT_LR = 1e-3
+SIFT_IP = 1e-2
+DTYPES = (torch.float32, torch.bfloat16)
+_SHORT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+# (op, tier) -> shape; the full sizes (CUDA or --full) and the CPU stand-ins
+SHAPES_FULL = {
+    ("gaussian", 0): (16, 512, 768), ("gaussian", 1): (30522, 768), ("gaussian", 2): (250002, 1024),
+    ("gaussian_", 0): (16, 512, 768), ("gaussian_", 1): (30522, 768), ("gaussian_", 2): (250002, 1024),
+    ("neftune", 0): (16, 512, 768), ("neftune", 1): (8, 2048, 4096),
+    ("token_ids", 0): (16, 512), ("token_ids", 1): (256, 2048),
+    ("weight_noise", 0): ("bert-base",), ("weight_noise", 1): ("bert-large",),
+    ("sift", 0): (16 * 512, 768), ("sift", 1): (32 * 512, 1024),
+}
+SHAPES_SMALL = {
+    ("gaussian", 0): (4, 64, 64), ("gaussian", 1): (1000, 256),
+    ("gaussian_", 0): (4, 64, 64), ("gaussian_", 1): (1000, 256),
+    ("neftune", 0): (4, 64, 64),
+    ("token_ids", 0): (16, 512),
+    ("weight_noise", 0): ("bert-mini",),
+    ("sift", 0): (256, 64),
+}
+# hidden, layers, intermediate, vocab
+MODELS = {"bert-base": (768, 12, 3072, 30522), "bert-large": (1024, 24, 4096, 30522),
+          "bert-mini": (64, 2, 256, 1000)}
+
+
+@dataclass(frozen=True)
+class Case:
+    op: str
+    shape: tuple
+    dtype: torch.dtype
+    tier: int
+
+    @property
+    def name(self) -> str:
+        dims = self.shape[0] if isinstance(self.shape[0], str) else "x".join(map(str, self.shape))
+        return f"{self.op} {dims} {_SHORT[self.dtype]}"
+
+    @property
+    def size(self) -> int:
+        return self.tier + 1  # --quick keeps the cases of the first size (must be truthy)
+
+
+def cases(device, full: bool = False) -> list[Case]:
+    """Full sizes on CUDA or with ``full``; CPU stand-ins otherwise; fp32 and bf16
+    (token ids: int64, listed once)."""
+    big = full or torch.device(device).type == "cuda"
+    shapes = SHAPES_FULL if big else SHAPES_SMALL
+    out = []
+    for tier in (0, 1, 2):
+        for (op, t), shape in shapes.items():
+            if t != tier:
+                continue
+            for dt in (DTYPES if op != "token_ids" else (torch.float32,)):
+                out.append(Case(op, shape, dt, tier))
+    return out
+
+
+# ---- data --------------------------------------------------------------------------------------
+
+class BertShapes(nn.Module):
+    """A parameter-only model with BERT's parameter names and shapes (no forward)."""
+
+    def __init__(self, hidden, layers, inter, vocab, dtype, device):
+        super().__init__()
+        kw = dict(dtype=dtype, device=device)
+        emb = nn.Module()
+        emb.word_embeddings = nn.Embedding(vocab, hidden, **kw)
+        emb.position_embeddings = nn.Embedding(512, hidden, **kw)
+        emb.token_type_embeddings = nn.Embedding(2, hidden, **kw)
+        emb.LayerNorm = nn.LayerNorm(hidden, **kw)
+        self.embeddings = emb
+        self.layer = nn.ModuleList()
+        for _ in range(layers):
+            block = nn.Module()
+            for name in ("query", "key", "value", "attention_output"):
+                setattr(block, name, nn.Linear(hidden, hidden, **kw))
+            block.attention_LayerNorm = nn.LayerNorm(hidden, **kw)
+            block.intermediate = nn.Linear(hidden, inter, **kw)
+            block.output = nn.Linear(inter, hidden, **kw)
+            block.output_LayerNorm = nn.LayerNorm(hidden, **kw)
+            self.layer.append(block)
+        self.pooler = nn.Linear(hidden, hidden, **kw)
+
+
+class CaseData:
+    """Inputs of one case, built once and shared by its implementations."""
+
+    def __init__(self, case: Case, device):
+        self.case, self.device = case, torch.device(device)
+        gen = torch.Generator(device=self.device).manual_seed(0)
+        c = case
+        if c.op == "weight_noise":
+            h, layers, inter, vocab = MODELS[c.shape[0]]
+            self.model = BertShapes(h, layers, inter, vocab, c.dtype, self.device)
+            self.params = [p for n, p in self.model.named_parameters() if "weight" in n]
+            self.numel = sum(p.numel() for p in self.params)
+            self.original = [p.detach().clone() for p in self.params]
+        elif c.op == "token_ids":
+            self.ids = torch.randint(0, VOCAB, c.shape, device=self.device, generator=gen)
+            self.numel = self.ids.numel()
+        else:
+            self.x = torch.randn(c.shape, device=self.device, generator=gen).to(c.dtype)
+            self.numel = self.x.numel()
+            if c.op == "neftune":
+                b, seq = c.shape[0], c.shape[1]
+                lengths = torch.randint(seq // 2, seq + 1, (b,), device=self.device, generator=gen)
+                self.mask = (torch.arange(seq, device=self.device)[None, :] < lengths[:, None]).long()
+            if c.op == "sift":
+                self.x = nn.functional.layer_norm(self.x.float(), (c.shape[-1],), eps=1e-7).to(c.dtype)
+                self.grad = torch.randn(c.shape, device=self.device, generator=gen) * 1e-3
+
+    def element_size(self) -> int:
+        return torch.empty((), dtype=self.case.dtype).element_size()
+
+    def design_bytes(self) -> int:
+        from fastadv.ops.noise import design_bytes
+
+        c = self.case
+        s = self.element_size()
+        if c.op == "gaussian":
+            return design_bytes("noise", self.numel, s)
+        if c.op == "gaussian_":
+            return design_bytes("noise_", self.numel, s)
+        if c.op == "neftune":
+            return design_bytes("neftune", self.numel, s, rows=c.shape[0] * c.shape[1])
+        if c.op == "token_ids":
+            return design_bytes("token_ids", self.numel, 8)
+        if c.op == "weight_noise":
+            return design_bytes("weight_noise", self.numel, s)
+        rows = c.shape[0]
+        return design_bytes("sift_init", self.numel, s) + design_bytes("sift_update", self.numel, s, rows=rows)
+
+    # -- checks: None when fine, else what is wrong -------------------------------------------------
+    def check_noise(self, out: torch.Tensor, x: torch.Tensor, scale: float, uniform: bool = False):
+        """Mean and spread of ``(out - x) / scale`` within 6 sigma of the sampling
+        error (plus rounding slack in bf16 / fp16)."""
+        noise = ((out.float() - x.float()) / scale).flatten()
+        if noise.numel() > 1 << 24:
+            noise = noise[: 1 << 24]
+        n = max(noise.numel(), 1)
+        mean, std = float(noise.mean()), float(noise.std())
+        want = 1 / math.sqrt(3) if uniform else 1.0
+        slack = 0.0 if self.case.dtype == torch.float32 else 0.05
+        if abs(mean) > 6 * want / math.sqrt(n) + slack or abs(std / want - 1) > 6 * math.sqrt(0.5 / n) + slack:
+            return f"noise mean {mean:.4f}, std {std:.4f} (want 0, {want:.4f}; n = {n})"
+        if uniform and float(noise.abs().max()) > 1 + 1e-3 + 2 * slack:
+            return f"uniform noise beyond its bound: {float(noise.abs().max()):.4f}"
+        return None
+
+
+_data_cache: dict = {}
+
+
+def _data(case: Case, device) -> CaseData:
+    key = (case, str(device))
+    if key not in _data_cache:
+        _data_cache.clear()
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
+        _data_cache[key] = CaseData(case, device)
+    return _data_cache[key]
+
+
+def release() -> None:
+    _data_cache.clear()
+
+
+# ---- implementations ---------------------------------------------------------------------------------
+
+def _functions(case: Case, d: CaseData, impl: str):
+    """(step, check) of ``impl`` ('reference', 'compiled', or a backend) on the case."""
+    from fastadv import noise as fnoise
+    from fastadv.ops import noise as ops
+    from fastadv.reference import noise as ref
+    from fastadv.reference.neftune import neftune as ref_neftune
+
+    b = None if impl in ("reference", "compiled") else impl
+    op = case.op
+    if op == "gaussian":
+        fn = (lambda: ref.add_gaussian_noise(d.x, STD)) if b is None else \
+            (lambda: fnoise.add_gaussian_noise(d.x, STD, backend=b))
+        return fn, lambda f: d.check_noise(f(), d.x, STD)
+    if op == "gaussian_":
+        buf = d.x.clone()
+        fn = (lambda: buf.add_(torch.randn_like(buf) * STD)) if b is None else \
+            (lambda: fnoise.add_gaussian_noise_(buf, STD, backend=b))
+
+        def check(f):
+            buf.copy_(d.x)
+            f()
+            return d.check_noise(buf, d.x, STD)
+        return fn, check
+    if op == "neftune":
+        fn = (lambda: ref_neftune(d.x, ALPHA, d.mask)) if b is None else \
+            (lambda: fnoise.neftune(d.x, ALPHA, d.mask, backend=b))
+
+        def check(f):
+            out = f()
+            full = d.mask[:, :, None].bool().expand_as(d.x)
+            if bool((out[~full] != d.x[~full]).any()):
+                return "padding got noise"
+            mag = ALPHA / torch.sqrt(d.mask.sum(1).float() * d.x.shape[-1])
+            scaled = ((out.float() - d.x.float()) / mag[:, None, None])[full]
+            return d.check_noise(scaled, torch.zeros_like(scaled), 1.0, uniform=True)
+        return fn, check
+    if op == "token_ids":
+        fn = (lambda: ref.noisy_token_ids(d.ids, TOKEN_FACTOR, VOCAB)) if b is None else \
+            (lambda: fnoise.noisy_token_ids(d.ids, TOKEN_FACTOR, VOCAB, backend=b))
+
+        def check(f):
+            out = f()
+            if out.dtype != torch.int64 or int(out.min()) < 0 or int(out.max()) >= VOCAB:
+                return "ids outside the vocabulary"
+            moved = float((out != d.ids).double().mean())  # P(floor(3 z) != 0) = 0.87
+            return None if abs(moved - 0.8694) < 0.02 else f"{moved:.3f} of the ids moved (want 0.869)"
+        return fn, check
+    if op == "weight_noise":
+        if b is None:
+            def fn():
+                with ref.weight_noise(d.model, STD):
+                    pass
+        else:
+            def fn():
+                with fnoise.weight_noise(d.model, STD, backend=b):
+                    pass
+
+        def check(f):
+            ptrs = [p.data_ptr() for p in d.params]
+            inner = {}
+            ctx = ref.weight_noise(d.model, STD) if b is None else fnoise.weight_noise(d.model, STD, backend=b)
+            with ctx:
+                p, o = d.params[0], d.original[0]
+                inner["msg"] = d.check_noise(p.detach(), o, STD)
+            for p, o in zip(d.params, d.original):
+                if not torch.equal(p.detach(), o):
+                    return "restore is not bit-exact"
+            if b is not None and ptrs != [p.data_ptr() for p in d.params]:
+                return "data_ptr changed"
+            return inner["msg"]
+        return fn, check
+    if op == "sift":
+        if b is None:
+            from fastadv.reference.sift import PerturbationLayer
+        else:
+            from fastadv.sift import PerturbationLayer
+        kw = {} if b is None else {"backend": b}
+        layer = PerturbationLayer(case.shape[-1], SIFT_LR, SIFT_IP, **kw)
+
+        def fn():
+            layer.input = d.x
+            layer.adversarial_(True)
+            layer.update_delta(True)       # initial delta, x + delta
+            layer.delta.grad = d.grad
+            layer.update_delta(True)       # max-norm step, x + delta
+            layer.adversarial_(False)
+
+        def check(f):
+            if b is None:
+                return None
+            x = d.x
+            delta, _ = ops.sift_init(x, SIFT_IP, backend=b)
+            if float(delta.abs().max()) > 2 * SIFT_IP * (1 + 1e-6):
+                return "initial delta beyond 2 * init_perturbation"
+            expect = delta + SIFT_LR * d.grad / (1e-6 + d.grad.abs().amax(-1, keepdim=True))
+            pert, _ = ops.sift_update_(x, delta, d.grad, SIFT_LR, backend=b)
+            if not torch.allclose(delta, expect, rtol=1e-5, atol=1e-7):
+                return "update differs from DeBERTa's formula"
+            if not torch.allclose(pert.float(), (x.float() + expect).to(x.dtype).float(), rtol=1e-2, atol=1e-2):
+                return "x + delta differs"
+            return None
+        return fn, check
+    raise ValueError(op)
+
+
+def _reference_impl(case: Case, device) -> core.Impl:
+    def setup() -> core.Prepared:
+        d = _data(case, device)
+        fn, check = _functions(case, d, "reference")
+        return core.Prepared(step=fn, check=lambda: check(fn))
+
+    return core.Impl("reference", setup)
+
+
+def _compiled_impl(case: Case, device) -> core.Impl:
+    def setup() -> core.Prepared:
+        if case.op in ("weight_noise", "sift"):
+            raise core.Skip("not compiled: a context manager / a stateful layer with a host-side branch")
+        d = _data(case, device)
+        fn, check = _functions(case, d, "compiled")
+        try:
+            import torch._dynamo
+
+            torch._dynamo.reset()
+            compiled = torch.compile(fn)
+            compiled()
+        except Exception as exc:
+            raise core.Skip(f"torch.compile failed here: {type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+        return core.Prepared(step=compiled, check=lambda: check(compiled), counting="compiled",
+                             teardown=torch._dynamo.reset)
+
+    return core.Impl("compiled", setup)
+
+
+def _fastadv_impl(case: Case, device, backend: str) -> core.Impl:
+    def setup() -> core.Prepared:
+        from fastadv import _backend
+
+        interpreted = (backend == "triton" and _backend.triton_interpreter()
+                       and torch.device(device).type == "cpu")
+        if interpreted and case.dtype in (torch.bfloat16, torch.float16):
+            raise core.Skip("the Triton interpreter has no bf16/fp16 arithmetic (GPU only)")
+        d = _data(case, device)
+        fn, check = _functions(case, d, backend)
+        extra = {"interpreted": True} if interpreted else {}
+        return core.Prepared(step=fn, check=lambda: check(fn), design_bytes=d.design_bytes(), extra=extra,
+                             timed=not interpreted)
+
+    return core.Impl(backend, setup)
+
+
+def impls(case: Case, device) -> list[core.Impl]:
+    """reference, compiled, then every fastadv backend usable on ``device``."""
+    from fastadv import _env
+
+    out = [_reference_impl(case, device), _compiled_impl(case, device)]
+    for backend, why in _env.backends(device).items():
+        if why is None:
+            out.append(_fastadv_impl(case, device, backend))
+    return out

@@ -1,0 +1,158 @@
+"""ctypes launchers of the noise-injection and SiFT kernels in ``csrc/noise.cu``.
+
+Same functions, arguments and semantics as ``fastadv/kernels/triton/noise.py``
+(and the same Philox counters, see ``csrc/rng.cuh``); each counts its launches.
+"""
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from .. import count_launch
+from . import _c_float, _c_int, _c_int64, _c_void_p, _call, _check, _ptr, _stream, declare, dtype_code, lib
+
+declare({
+    "fastadv_rng_quarter": (_c_int64, []),
+    "fastadv_rng_host_chunk": (_c_int, [_c_void_p, _c_int64, _c_void_p, _c_void_p, _c_void_p]),
+    "fastadv_noise_add": (_c_int, [_c_void_p, _c_void_p, _c_int, _c_int64, _c_void_p, _c_float, _c_void_p,
+                                   _c_int64, _c_int, _c_void_p]),
+    "fastadv_neftune_scale": (_c_int, [_c_void_p, _c_void_p, _c_int64, _c_int64, _c_float, _c_void_p]),
+    "fastadv_noise_token_ids": (_c_int, [_c_void_p, _c_void_p, _c_int64, _c_void_p, _c_float, _c_int64,
+                                         _c_void_p]),
+    "fastadv_weight_noise": (_c_int, [_c_void_p, _c_int64, _c_int64, _c_void_p, _c_int, _c_void_p, _c_float,
+                                      _c_void_p]),
+    "fastadv_weight_restore": (_c_int, [_c_void_p, _c_int64, _c_int64, _c_void_p, _c_int, _c_void_p]),
+    "fastadv_sift_init": (_c_int, [_c_void_p, _c_void_p, _c_void_p, _c_int, _c_int64, _c_void_p, _c_float,
+                                   _c_void_p]),
+    "fastadv_sift_workspace_floats": (_c_int64, [_c_int64]),
+    "fastadv_sift_update": (_c_int, [_c_void_p, _c_void_p, _c_void_p, _c_void_p, _c_int, _c_int64, _c_int64,
+                                     _c_void_p, _c_void_p, _c_float, _c_void_p]),
+})
+
+CHUNK = 4 * 1024  # elements per chunk (one block): rng.cuh kChunk
+
+
+def _key(key: torch.Tensor) -> None:
+    _check(key, "key")
+    if key.dtype != torch.int64 or key.numel() != 2:
+        raise ValueError("key must be an int64 tensor [seed, base] on the device")
+
+
+def _chunks(numel: int) -> int:
+    return -(-numel // CHUNK)
+
+
+def host_chunk(key: tuple[int, int], chunk: int = 0):
+    """What chunk ``chunk`` of a launch with key ``(seed, base)`` draws, computed
+    on the host by the library's own code (no GPU needed): (words int64,
+    normals fp32, uniforms fp32), each ``4 * 1024`` long in element order."""
+    n = 4 * int(lib().fastadv_rng_quarter())
+    k = (ctypes.c_int64 * 2)(*key)
+    words = torch.empty(n, dtype=torch.int32)
+    normals = torch.empty(n, dtype=torch.float32)
+    uniforms = torch.empty(n, dtype=torch.float32)
+    rc = lib().fastadv_rng_host_chunk(ctypes.addressof(k), int(chunk), words.data_ptr(), normals.data_ptr(),
+                                      uniforms.data_ptr())
+    if rc != 0:
+        raise RuntimeError(lib().fastadv_last_error().decode(errors="replace"))
+    return words.to(torch.int64) & 0xFFFFFFFF, normals, uniforms
+
+
+def add_noise(x: torch.Tensor, out: torch.Tensor, key: torch.Tensor, scale: float, *,
+              uniform: bool = False, row_scale: torch.Tensor | None = None, row_len: int = 1) -> None:
+    """``out = x + r * s`` (``out`` may be ``x``); contiguous tensors of one shape and dtype."""
+    for t, what in ((x, "x"), (out, "out")):
+        _check(t, what)
+    _key(key)
+    if out.dtype != x.dtype or out.numel() != x.numel():
+        raise ValueError("x and out must have one dtype and size")
+    if row_scale is not None:
+        _check(row_scale, "row_scale")
+        if row_scale.dtype != torch.float32:
+            raise ValueError("row_scale must be float32")
+    numel = x.numel()
+    with torch.cuda.device(x.device):
+        _call("fastadv_noise_add", _ptr(x), _ptr(out), dtype_code(x.dtype), numel, _ptr(key), float(scale),
+              _ptr(row_scale), int(row_len), int(bool(uniform)), _stream(x))
+    count_launch("cuda.noise_add", 1 if numel else 0)
+
+
+def neftune_scale(mask2d: torch.Tensor, scale_out: torch.Tensor, alpha_over_sqrt_d: float) -> None:
+    """``scale_out[b, t] = mask[b, t] * alpha / sqrt(L_b * d)`` (fp32); the mask is
+    converted to float32 first when it is not."""
+    _check(scale_out, "scale_out")
+    mask = mask2d if mask2d.dtype == torch.float32 else mask2d.to(torch.float32)
+    mask = mask.contiguous()
+    batch, seq_len = mask.shape
+    with torch.cuda.device(mask.device):
+        _call("fastadv_neftune_scale", _ptr(mask), _ptr(scale_out), batch, seq_len, float(alpha_over_sqrt_d),
+              _stream(mask))
+    count_launch("cuda.neftune_scale", 1 if batch * seq_len else 0)
+
+
+def token_ids(ids: torch.Tensor, out: torch.Tensor, key: torch.Tensor, factor: float, vocab_size: int) -> None:
+    for t, what in ((ids, "ids"), (out, "out")):
+        _check(t, what)
+        if t.dtype != torch.int64:
+            raise ValueError(f"{what} must be int64")
+    _key(key)
+    numel = ids.numel()
+    with torch.cuda.device(ids.device):
+        _call("fastadv_noise_token_ids", _ptr(ids), _ptr(out), numel, _ptr(key), float(factor), int(vocab_size),
+              _stream(ids))
+    count_launch("cuda.noise_token_ids", 1 if numel else 0)
+
+
+def weight_noise(meta: torch.Tensor, n_tensors: int, n_chunks: int, backup: torch.Tensor,
+                 key: torch.Tensor, std: float) -> None:
+    """In place ``w <- w + std * z`` for every tensor of the work list, the original
+    bits to ``backup`` in the same pass.  One launch."""
+    _check(meta, "meta")
+    _check(backup, "backup")
+    _key(key)
+    with torch.cuda.device(backup.device):
+        _call("fastadv_weight_noise", _ptr(meta), int(n_tensors), int(n_chunks), _ptr(backup),
+              dtype_code(backup.dtype), _ptr(key), float(std), _stream(backup))
+    count_launch("cuda.weight_noise", 1 if n_chunks else 0)
+
+
+def weight_restore(meta: torch.Tensor, n_tensors: int, n_chunks: int, backup: torch.Tensor) -> None:
+    """Copy the backup back, bit for bit.  One launch."""
+    _check(meta, "meta")
+    _check(backup, "backup")
+    with torch.cuda.device(backup.device):
+        _call("fastadv_weight_restore", _ptr(meta), int(n_tensors), int(n_chunks), _ptr(backup),
+              dtype_code(backup.dtype), _stream(backup))
+    count_launch("cuda.weight_restore", 1 if n_chunks else 0)
+
+
+def sift_init(x: torch.Tensor, delta: torch.Tensor, pert: torch.Tensor, key: torch.Tensor,
+              init_perturbation: float) -> None:
+    for t, what in ((x, "x"), (delta, "delta"), (pert, "pert")):
+        _check(t, what)
+    _key(key)
+    if delta.dtype != torch.float32 or pert.dtype != x.dtype:
+        raise ValueError("delta must be float32 and pert of x's dtype")
+    numel = x.numel()
+    with torch.cuda.device(x.device):
+        _call("fastadv_sift_init", _ptr(x), _ptr(delta), _ptr(pert), dtype_code(x.dtype), numel, _ptr(key),
+              float(init_perturbation), _stream(x))
+    count_launch("cuda.sift_init", 1 if numel else 0)
+
+
+def sift_update(x2d: torch.Tensor, delta: torch.Tensor, grad: torch.Tensor, pert: torch.Tensor,
+                learning_rate: float) -> torch.Tensor:
+    """DeBERTa's step on ``[rows, cols]``; returns the device flag ``||grad|| is finite``."""
+    for t, what in ((x2d, "x"), (delta, "delta"), (grad, "grad"), (pert, "pert")):
+        _check(t, what)
+    if delta.dtype != torch.float32 or grad.dtype != torch.float32 or pert.dtype != x2d.dtype:
+        raise ValueError("delta and grad must be float32, pert of x's dtype")
+    rows, cols = x2d.shape
+    with torch.cuda.device(x2d.device):
+        ws = torch.empty(int(lib().fastadv_sift_workspace_floats(rows)), dtype=torch.float32, device=x2d.device)
+        ok = torch.empty(1, dtype=torch.uint8, device=x2d.device)
+        _call("fastadv_sift_update", _ptr(x2d), _ptr(delta), _ptr(grad), _ptr(pert), dtype_code(x2d.dtype),
+              rows, cols, _ptr(ws), _ptr(ok), float(learning_rate), _stream(x2d))
+    count_launch("cuda.sift_update", 3 if rows * cols else 1)
+    return ok.view(torch.bool)[0]

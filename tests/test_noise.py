@@ -1,0 +1,695 @@
+"""Noise injection (fastadv.noise) on every backend: the Philox stream, the
+statistics of every op, bounds, eval-mode identity, bit-exact weight restore,
+independence, reproducibility, no host syncs.
+
+Sample sizes are 2^16..2^18: large enough for tight moments and a
+Kolmogorov-Smirnov test, small enough for the Triton interpreter on CPU.
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import fastadv.kernels as kernels
+from fastadv import BackendUnavailable
+from fastadv.noise import (GaussianNoise, add_gaussian_noise, add_gaussian_noise_, neftune, noisy_token_ids,
+                           weight_noise)
+from fastadv.ops import noise as ops
+from fastadv.reference import noise as ref
+from fastadv.reference.neftune import neftune as ref_neftune
+
+from conftest import DEVICE
+
+N = 1 << 18  # samples for moments and KS (64 chunks)
+
+
+# ---- statistics helpers ------------------------------------------------------------------------
+
+def ks_statistic(samples: torch.Tensor, cdf) -> float:
+    """Kolmogorov-Smirnov distance between the samples and ``cdf``."""
+    x, _ = torch.sort(samples.double().flatten().cpu())
+    n = x.numel()
+    f = cdf(x)
+    i = torch.arange(1, n + 1, dtype=torch.float64)
+    return float(torch.maximum(i / n - f, f - (i - 1) / n).max())
+
+
+def ks_critical(n: int) -> float:
+    return 1.95 / math.sqrt(n)  # p = 0.001
+
+
+def normal_cdf(x):
+    return torch.special.ndtr(x)
+
+
+def uniform_cdf(lo, hi):
+    return lambda x: ((x - lo) / (hi - lo)).clamp(0, 1)
+
+
+def assert_standard_normal(z: torch.Tensor):
+    z = z.double().flatten()
+    n = z.numel()
+    assert abs(float(z.mean())) < 5 / math.sqrt(n), float(z.mean())
+    assert abs(float(z.std()) - 1) < 5 * math.sqrt(0.5 / n), float(z.std())
+    assert ks_statistic(z, normal_cdf) < ks_critical(n)
+
+
+def corr(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double().flatten(), b.double().flatten()
+    a, b = a - a.mean(), b - b.mean()
+    return float((a * b).sum() / (a.norm() * b.norm()))
+
+
+def zeros(n=N, dtype=torch.float32):
+    return torch.zeros(n, dtype=dtype, device=DEVICE)
+
+
+# ---- the Philox stream --------------------------------------------------------------------------
+
+_M0, _M1, _W0, _W1 = 0xD2511F53, 0xCD9E8D57, 0x9E3779B9, 0xBB67AE85
+
+
+def philox_numpy(seed: int, counters: np.ndarray) -> np.ndarray:
+    """Philox-4x32-10 of counters (lo, hi, 0, 0) under key (seed lo, seed hi): [4, n] uint32."""
+    mask = np.uint64(0xFFFFFFFF)
+    c = np.asarray(counters, dtype=np.uint64)
+    c0, c1 = c & mask, c >> np.uint64(32)
+    c2 = np.zeros_like(c0)
+    c3 = np.zeros_like(c0)
+    k0, k1 = np.uint64(seed & 0xFFFFFFFF), np.uint64(seed >> 32)
+    for _ in range(10):
+        p0, p1 = np.uint64(_M0) * c0, np.uint64(_M1) * c2
+        c0, c1, c2, c3 = ((p1 >> np.uint64(32)) ^ c1 ^ k0) & mask, p1 & mask, \
+            ((p0 >> np.uint64(32)) ^ c3 ^ k1) & mask, p0 & mask
+        k0, k1 = (k0 + np.uint64(_W0)) & mask, (k1 + np.uint64(_W1)) & mask
+    return np.stack([c0, c1, c2, c3]).astype(np.uint32)
+
+
+@pytest.fixture
+def rng():
+    pytest.importorskip("triton")
+    from fastadv.kernels.triton import rng as rng_mod
+    if ops._backend.why_not("triton", DEVICE):
+        pytest.skip("triton cannot run here")
+    return rng_mod
+
+
+def test_philox_known_answer(rng):
+    # Random123's known-answer vector for philox4x32-10, key 0, counter 0.
+    words, _, _ = rng.probe(torch.zeros(2, dtype=torch.int64, device=DEVICE))
+    got = [int(words[q * rng.QUARTER]) for q in range(4)]
+    assert got == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+
+
+def test_stream_layout_and_conversions(rng):
+    seed, base = 0x1234_5678_9ABC, 987_654_321_000
+    key = torch.tensor([seed, base], dtype=torch.int64, device=DEVICE)
+    words, normals, uniforms = rng.probe(key, n_chunks=2)
+    q_ = rng.QUARTER
+    # element c*4Q + q*Q + j holds word q of counter base + c*Q + j
+    counters = base + np.arange(2 * q_)
+    expect = philox_numpy(seed, counters).reshape(4, 2, q_).transpose(1, 0, 2).reshape(-1)
+    assert np.array_equal(words.cpu().numpy().astype(np.uint32), expect)
+    w = words.cpu().numpy().astype(np.float64).reshape(2, 4, q_)
+    u = np.floor(w / 256) * 2.0 ** -24
+    assert np.array_equal(uniforms.cpu().numpy().reshape(2, 4, q_), u.astype(np.float32))
+    r = np.sqrt(-2 * np.log(w[:, 0::2] * 2.0 ** -32 + 2.0 ** -33))
+    theta = 2 * np.pi * u[:, 1::2]
+    z = np.empty_like(w)
+    z[:, 0::2], z[:, 1::2] = r * np.cos(theta), r * np.sin(theta)
+    np.testing.assert_allclose(normals.cpu().numpy().reshape(2, 4, q_), z, rtol=1e-5, atol=1e-5)
+    assert float(uniforms.min()) >= 0 and float(uniforms.max()) < 1
+
+
+def test_cuda_library_draws_the_same_stream(rng):
+    from fastadv.kernels import cuda as fcuda
+    if fcuda.load_error() is not None:
+        pytest.skip(f"CUDA library not loadable: {fcuda.load_error()}")
+    from fastadv.kernels.cuda import noise as cnoise
+    key = (0x0DDB_A11C_AFE5, 123_456_789)
+    for chunk in (0, 3):
+        words, normals, uniforms = cnoise.host_chunk(key, chunk)
+        kt = torch.tensor([key[0], key[1] + chunk * rng.QUARTER], dtype=torch.int64, device=DEVICE)
+        tw, tn, tu = rng.probe(kt)
+        assert torch.equal(words, tw.cpu())
+        assert torch.equal(uniforms, tu.cpu())
+        torch.testing.assert_close(normals, tn.cpu(), rtol=1e-5, atol=1e-5)
+
+
+def test_cuda_argument_errors_need_no_gpu():
+    from fastadv.kernels import cuda as fcuda
+    import fastadv.kernels.cuda.noise  # noqa: F401  (types the C functions)
+    if fcuda.load_error() is not None:
+        pytest.skip(f"CUDA library not loadable: {fcuda.load_error()}")
+    lib = fcuda.lib()
+    key = torch.zeros(2, dtype=torch.int64)
+    assert lib.fastadv_noise_add(None, None, 7, 5, key.data_ptr(), 1.0, None, 1, 0, None) != 0
+    assert b"unsupported dtype code 7" in lib.fastadv_last_error()
+    assert lib.fastadv_noise_add(None, None, 0, 5, None, 1.0, None, 1, 0, None) != 0
+    assert b"key is NULL" in lib.fastadv_last_error()
+    assert lib.fastadv_noise_token_ids(None, None, 3, key.data_ptr(), 1.0, 0, None) != 0
+    assert b"vocab_size" in lib.fastadv_last_error()
+    assert lib.fastadv_weight_restore(None, 1, 1, None, 3, None) != 0
+    assert lib.fastadv_sift_update(None, None, None, None, 9, 2, 2, None, None, 1.0, None) != 0
+    assert lib.fastadv_rng_host_chunk(None, 0, None, None, None) != 0
+    # nothing to do: success without a launch (no GPU needed)
+    assert lib.fastadv_noise_add(None, None, 0, 0, None, 1.0, None, 1, 0, None) == 0
+    assert lib.fastadv_weight_noise(None, 0, 0, None, 0, None, 1.0, None) == 0
+    assert lib.fastadv_sift_workspace_floats(10) == 21
+
+
+def test_constants_agree(rng):
+    assert ops.QUARTER == rng.QUARTER and ops.CHUNK == rng.CHUNK and ops.KEY_HIGH == rng.KEY_HIGH
+    key = ops._new_key(DEVICE, None)
+    assert key.dtype == torch.int64 and key.shape == (2,)
+    assert int(key.max()) < rng.KEY_HIGH
+    from fastadv.kernels import cuda as fcuda
+    if fcuda.load_error() is None:
+        assert fcuda.lib().fastadv_rng_quarter() == ops.QUARTER
+
+
+def test_key_follows_the_generator():
+    torch.manual_seed(7)
+    a, b = ops._new_key(DEVICE, None), ops._new_key(DEVICE, None)
+    torch.manual_seed(7)
+    assert torch.equal(a, ops._new_key(DEVICE, None))
+    assert not torch.equal(a, b)  # every call advances the generator
+
+
+# ---- Gaussian noise -----------------------------------------------------------------------------
+
+def test_gaussian_statistics(backend):
+    std = 0.37
+    out = add_gaussian_noise(zeros(), std, backend=backend)
+    assert_standard_normal(out / std)
+
+
+def test_gaussian_inplace(backend):
+    x = torch.randn(N, device=DEVICE)
+    x0, ptr = x.clone(), x.data_ptr()
+    assert add_gaussian_noise_(x, 2.0, backend=backend) is x
+    assert x.data_ptr() == ptr
+    assert_standard_normal((x - x0) / 2.0)
+
+
+def test_gaussian_keeps_x_and_its_shape(backend):
+    x = torch.randn(3, 5, 4097, device=DEVICE)  # a ragged last chunk
+    x0 = x.clone()
+    out = add_gaussian_noise(x, 0.5, backend=backend)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    assert torch.equal(x, x0)
+    assert_standard_normal((out - x) / 0.5)
+    for n in (0, 1, 3):
+        y = add_gaussian_noise(torch.ones(n, device=DEVICE), 1.0, backend=backend)
+        assert y.shape == (n,) and bool(torch.isfinite(y).all())
+
+
+def test_gaussian_noncontiguous(backend):
+    x = torch.randn(256, 512, device=DEVICE).t()  # 2^17 elements, transposed
+    out = add_gaussian_noise(x, 1.0, backend=backend)
+    assert_standard_normal(out - x)
+    y = x.clone().t().contiguous().t()
+    y0 = y.clone()
+    add_gaussian_noise_(y, 1.0, backend=backend)
+    assert_standard_normal(y - y0)
+
+
+def test_std_zero_is_exact(backend):
+    x = torch.randn(1000, device=DEVICE)
+    assert torch.equal(add_gaussian_noise(x, 0.0, backend=backend), x)
+
+
+def test_gaussian_autograd_is_identity(backend):
+    x = torch.randn(64, 33, device=DEVICE, requires_grad=True)
+    y = add_gaussian_noise(x, 0.1, backend=backend)
+    w = torch.randn_like(y)
+    (y * w).sum().backward()
+    assert torch.equal(x.grad, w)
+    with pytest.raises(RuntimeError, match="leaf Variable"):
+        add_gaussian_noise_(x, 0.1, backend=backend)
+    h = x * 2  # non-leaf: in place is fine, gradient still the identity
+    add_gaussian_noise_(h, 0.1, backend=backend)
+    x.grad = None
+    h.sum().backward()
+    assert torch.equal(x.grad, torch.full_like(x, 2.0))
+
+
+def test_gaussian_module_train_and_eval(backend):
+    layer = GaussianNoise(0.5, backend=backend)
+    assert "std=0.5" in repr(layer)
+    x = torch.randn(N // 4, device=DEVICE)
+    layer.train()
+    assert_standard_normal((layer(x) - x) / 0.5)
+    layer.eval()
+    assert layer(x) is x  # exactly the identity
+    assert GaussianNoise(0.0, backend=backend).train()(x) is x
+    ref_layer = ref.GaussianNoise(0.5).eval()
+    assert ref_layer(x) is x
+
+
+def test_independent_across_calls_and_positions(backend):
+    a = add_gaussian_noise(zeros(), 1.0, backend=backend)
+    b = add_gaussian_noise(zeros(), 1.0, backend=backend)
+    bound = 5 / math.sqrt(N)
+    assert abs(corr(a, b)) < bound
+    q = ops.QUARTER
+    for lag in (1, q, 2 * q, 4 * q):  # neighbours, the 4 words of one counter, next chunk
+        assert abs(corr(a[:-lag], a[lag:])) < 5 / math.sqrt(N - lag), lag
+
+
+def test_reproducible_under_manual_seed(backend):
+    x = torch.randn(10_000, device=DEVICE)
+    torch.manual_seed(123)
+    a = add_gaussian_noise(x, 1.0, backend=backend)
+    b = add_gaussian_noise(x, 1.0, backend=backend)
+    torch.manual_seed(123)
+    assert torch.equal(add_gaussian_noise(x, 1.0, backend=backend), a)
+    assert torch.equal(add_gaussian_noise(x, 1.0, backend=backend), b)
+    g1 = torch.Generator(device=DEVICE).manual_seed(5)
+    g2 = torch.Generator(device=DEVICE).manual_seed(5)
+    c = add_gaussian_noise(x, 1.0, generator=g1, backend=backend)
+    assert torch.equal(c, add_gaussian_noise(x, 1.0, generator=g2, backend=backend))
+    assert not torch.equal(c, a)
+
+
+def test_torch_backend_is_the_reference_draw():
+    x = torch.randn(1000, device=DEVICE)
+    torch.manual_seed(3)
+    expect = ref.add_gaussian_noise(x, 0.2)
+    torch.manual_seed(3)
+    assert torch.equal(add_gaussian_noise(x, 0.2, backend="torch"), expect)
+
+
+def test_argument_errors(backend):
+    x = torch.zeros(4, device=DEVICE)
+    with pytest.raises(ValueError, match="std"):
+        add_gaussian_noise(x, -1.0, backend=backend)
+    with pytest.raises(TypeError, match="std"):
+        add_gaussian_noise(x, "0.1", backend=backend)
+    with pytest.raises(TypeError, match="floating-point"):
+        add_gaussian_noise(torch.zeros(4, dtype=torch.int64, device=DEVICE), 0.1, backend=backend)
+    with pytest.raises(ValueError, match="unknown fastadv backend"):
+        add_gaussian_noise(x, 0.1, backend="nope")
+
+
+def test_float64_runs_on_torch_under_auto():
+    x = torch.zeros(N // 4, dtype=torch.float64, device=DEVICE)
+    out = add_gaussian_noise(x, 1.0)
+    assert out.dtype == torch.float64
+    assert_standard_normal(out)
+
+
+def test_forced_kernel_backend_rejects_float64():
+    if ops._backend.why_not("triton", DEVICE):
+        pytest.skip("triton cannot run here")
+    with pytest.raises(TypeError, match="backend='torch'"):
+        add_gaussian_noise(torch.zeros(4, dtype=torch.float64, device=DEVICE), 1.0, backend="triton")
+
+
+def test_cuda_backend_on_cpu_says_why():
+    if DEVICE.type == "cuda":
+        pytest.skip("CPU-only check")
+    with pytest.raises(BackendUnavailable, match="CUDA tensors"):
+        add_gaussian_noise(torch.zeros(4), 1.0, backend="cuda")
+
+
+# ---- NEFTune ------------------------------------------------------------------------------------
+
+def test_neftune_without_mask(backend):
+    b, seq, d, alpha = 4, 64, 256, 5.0
+    e = torch.randn(b, seq, d, device=DEVICE)
+    out = neftune(e, alpha, backend=backend)
+    mag = alpha / math.sqrt(seq * d)
+    noise = (out - e).double()
+    assert float(noise.abs().max()) <= mag * (1 + 1e-5)
+    assert float(noise.abs().max()) > 0.99 * mag
+    assert ks_statistic(noise / mag, uniform_cdf(-1, 1)) < ks_critical(noise.numel())
+    assert abs(float(noise.var()) / (mag * mag / 3) - 1) < 0.02
+
+
+def test_neftune_with_mask(backend):
+    b, seq, d, alpha = 4, 64, 256, 10.0
+    e = torch.randn(b, seq, d, device=DEVICE)
+    lengths = [64, 40, 1, 0]
+    mask = torch.zeros(b, seq, dtype=torch.int64, device=DEVICE)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1
+    noise = (neftune(e, alpha, mask, backend=backend) - e).double()
+    scaled = []
+    for i, n in enumerate(lengths):
+        assert float(noise[i, n:].abs().max()) == 0 if n < seq else True  # padding: no noise
+        if n == 0:
+            continue
+        mag = alpha / math.sqrt(n * d)
+        assert float(noise[i, :n].abs().max()) <= mag * (1 + 1e-5)
+        scaled.append((noise[i, :n] / mag).flatten())
+    u = torch.cat(scaled)
+    assert ks_statistic(u, uniform_cdf(-1, 1)) < ks_critical(u.numel())
+    # bool and float masks give the same scale; a 2-D [L, d] input is one sequence
+    torch.manual_seed(9)
+    a = neftune(e, alpha, mask.bool(), backend=backend)
+    torch.manual_seed(9)
+    assert torch.equal(a, neftune(e, alpha, mask.float(), backend=backend))
+    one = neftune(e[1], alpha, mask[1], backend=backend) - e[1]
+    assert float(one[40:].abs().max()) == 0
+    assert float(one.abs().max()) <= alpha / math.sqrt(40 * d) * (1 + 1e-5)
+
+
+def test_neftune_matches_reference_scale():
+    # same uniform draw (torch backend, same seed): the reference's formula exactly
+    e = torch.randn(3, 17, 8, device=DEVICE)
+    mask = (torch.rand(3, 17, device=DEVICE) > 0.3).long()
+    torch.manual_seed(4)
+    expect = ref_neftune(e, 5.0, mask)
+    torch.manual_seed(4)
+    got = neftune(e, 5.0, mask, backend="torch")
+    torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-6)
+    torch.manual_seed(4)
+    expect = ref_neftune(e, 5.0)
+    torch.manual_seed(4)
+    torch.testing.assert_close(neftune(e, 5.0, backend="torch"), expect, rtol=1e-5, atol=1e-6)
+
+
+def test_neftune_autograd_and_errors(backend):
+    e = torch.randn(2, 5, 8, device=DEVICE, requires_grad=True)
+    neftune(e, 5.0, backend=backend).sum().backward()
+    assert torch.equal(e.grad, torch.ones_like(e))
+    with pytest.raises(ValueError, match="attention_mask shape"):
+        neftune(e, 5.0, torch.ones(2, 4, device=DEVICE), backend=backend)
+    with pytest.raises(ValueError, match=r"\[B, L, d\]"):
+        neftune(torch.zeros(8, device=DEVICE), 5.0, backend=backend)
+
+
+# ---- the seed's token-id noise ------------------------------------------------------------------
+
+def test_token_ids_torch_is_the_seed():
+    ids = torch.randint(0, 1000, (8, 64), device=DEVICE)
+    torch.manual_seed(11)
+    expect = ref.noisy_token_ids(ids, 0.01, 1000)
+    torch.manual_seed(11)
+    assert torch.equal(noisy_token_ids(ids, 0.01, 1000, backend="torch"), expect)
+
+
+def test_token_ids_distribution(backend):
+    vocab = 1000
+    ids = torch.full((N // 4,), 500, dtype=torch.int64, device=DEVICE)
+    out = noisy_token_ids(ids, 3.0, vocab, backend=backend)
+    # 500 + 3 z > 0, so truncation is floor: P(500) = P(0 <= z < 1/3), P(501) = P(1/3 <= z < 2/3)
+    p0 = float((out == 500).double().mean())
+    p1 = float((out == 501).double().mean())
+    phi = lambda v: 0.5 * (1 + math.erf(v / math.sqrt(2)))  # noqa: E731
+    assert abs(p0 - (phi(1 / 3) - phi(0))) < 0.01
+    assert abs(p1 - (phi(2 / 3) - phi(1 / 3))) < 0.01
+    # small factor: ids > 0 go down by one about half the time; 0 stays 0
+    ids = torch.randint(0, vocab, (N // 4,), device=DEVICE)
+    out = noisy_token_ids(ids, 0.01, vocab, backend=backend)
+    down = float((out[ids > 0] == ids[ids > 0] - 1).double().mean())
+    assert abs(down - 0.5) < 0.01
+    assert bool(((out == ids) | (out == ids - 1)).all())
+    assert bool((out[ids == 0] == 0).all())
+    # a huge factor clamps to the vocabulary
+    out = noisy_token_ids(ids, 1e6, vocab, backend=backend)
+    assert int(out.min()) == 0 and int(out.max()) == vocab - 1
+    assert out.dtype == torch.int64 and out.shape == ids.shape
+
+
+def test_token_ids_errors(backend):
+    with pytest.raises(TypeError, match="int64"):
+        noisy_token_ids(torch.zeros(3, device=DEVICE), 0.1, 10, backend=backend)
+    with pytest.raises(ValueError, match="vocab_size"):
+        noisy_token_ids(torch.zeros(3, dtype=torch.int64, device=DEVICE), 0.1, 0, backend=backend)
+
+
+# ---- weight noise ----------------------------------------------------------------------------------
+
+class Net(nn.Module):
+    def __init__(self, n_layers=3, width=64, dtype=torch.float32):
+        super().__init__()
+        self.emb = nn.Embedding(300, width, dtype=dtype)
+        self.layers = nn.ModuleList(nn.Linear(width, width, dtype=dtype) for _ in range(n_layers))
+        self.norm = nn.LayerNorm(width, dtype=dtype)
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        for layer in self.layers:
+            h = torch.tanh(layer(h))
+        return self.norm(h).sum()
+
+
+def snapshot(model):
+    return {n: (p.detach().clone(), p.data_ptr()) for n, p in model.named_parameters()}
+
+
+def assert_restored(model, snap):
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach(), snap[n][0]), n
+        assert p.data_ptr() == snap[n][1], n
+
+
+def test_weight_noise_perturbs_and_restores(backend):
+    model = Net().to(DEVICE)
+    snap = snapshot(model)
+    std = 0.05
+    with weight_noise(model, std, backend=backend) as m:
+        assert m is model
+        noise = []
+        for n, p in model.named_parameters():
+            if "weight" in n:
+                noise.append(((p.detach() - snap[n][0]) / std).flatten())
+                assert p.data_ptr() == snap[n][1]
+            else:
+                assert torch.equal(p.detach(), snap[n][0]), n  # biases untouched
+        model(torch.randint(0, 300, (2, 5), device=DEVICE))
+    assert_restored(model, snap)
+    z = torch.cat(noise)
+    assert z.numel() > 30_000
+    assert_standard_normal(z)
+
+
+def test_weight_noise_restores_after_an_exception(backend):
+    model = Net().to(DEVICE)
+    snap = snapshot(model)
+    with pytest.raises(KeyError):
+        with weight_noise(model, 1.0, backend=backend):
+            assert not torch.equal(model.emb.weight.detach(), snap["emb.weight"][0])
+            raise KeyError("boom")
+    assert_restored(model, snap)
+
+
+def test_backward_after_exit_fails_like_the_reference(backend):
+    # the restore changes the weights in place: a graph built inside the block must
+    # be differentiated inside it; outside, autograd says so (as with the reference)
+    for ctx in (lambda m: ref.weight_noise(m, 0.1), lambda m: weight_noise(m, 0.1, backend=backend)):
+        model = nn.Linear(8, 4).to(DEVICE)
+        x = torch.randn(3, 8, device=DEVICE, requires_grad=True)
+        with ctx(model):
+            loss = model(x).sum()
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
+        with ctx(model):
+            model(x).sum().backward()  # inside the block: fine
+
+
+def test_weight_noise_selection(backend):
+    model = Net().to(DEVICE)
+    snap = snapshot(model)
+    with weight_noise(model, 0.1, param_filter=lambda n, p: n.startswith("layers.1."), backend=backend):
+        changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), snap[n][0])}
+    assert changed == {"layers.1.weight", "layers.1.bias"}
+    with weight_noise(model, 0.1, "bias", backend=backend):
+        changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), snap[n][0])}
+    assert changed == {n for n in snap if "bias" in n}
+    assert_restored(model, snap)
+    with pytest.raises(TypeError, match="param_filter"):
+        with weight_noise(model, 0.1, param_filter="layers", backend=backend):
+            pass
+    with pytest.raises(ValueError, match="std"):
+        with weight_noise(model, -0.1, backend=backend):
+            pass
+
+
+def test_weight_noise_is_independent_across_tensors(backend):
+    model = nn.Sequential(*[nn.Linear(128, 128, bias=False) for _ in range(4)]).to(DEVICE)
+    for p in model.parameters():
+        nn.init.zeros_(p)
+    with weight_noise(model, 1.0, backend=backend):
+        ws = [p.detach().clone() for p in model.parameters()]
+    bound = 5 / math.sqrt(ws[0].numel())
+    for i in range(4):
+        for j in range(i + 1, 4):
+            assert abs(corr(ws[i], ws[j])) < bound, (i, j)
+    with weight_noise(model, 1.0, backend=backend):  # and across calls
+        again = [p.detach().clone() for p in model.parameters()]
+    assert abs(corr(ws[0], again[0])) < bound
+
+
+def test_weight_noise_launches_do_not_grow_with_tensors(backend):
+    if backend == "torch":
+        pytest.skip("the torch backend launches per tensor")
+    for n_layers in (2, 12):
+        model = Net(n_layers=n_layers).to(DEVICE)
+        before = dict(kernels.LAUNCHES)
+        with weight_noise(model, 0.01, backend=backend):
+            pass
+        fired = {k: v - before.get(k, 0) for k, v in kernels.LAUNCHES.items() if v != before.get(k, 0)}
+        assert fired == {f"{backend}.weight_noise": 1, f"{backend}.weight_restore": 1}, fired
+
+
+def test_weight_noise_mixed_dtypes(backend):
+    # fp32 and fp16 groups: one launch each on kernel backends, both restored bit for bit
+    model = Net().to(DEVICE)
+    model.norm.half()
+    snap = snapshot(model)
+    before = dict(kernels.LAUNCHES)
+    with weight_noise(model, 0.1, backend=backend):
+        assert not torch.equal(model.norm.weight.detach(), snap["norm.weight"][0])
+        assert not torch.equal(model.emb.weight.detach(), snap["emb.weight"][0])
+    assert_restored(model, snap)
+    if backend != "torch":
+        assert kernels.LAUNCHES[f"{backend}.weight_noise"] - before.get(f"{backend}.weight_noise", 0) == 2
+
+
+def test_weight_noise_float64_goes_to_torch_under_auto():
+    model = Net().to(DEVICE)
+    model.norm.double()
+    snap = snapshot(model)
+    with weight_noise(model, 0.1):
+        assert not torch.equal(model.norm.weight.detach(), snap["norm.weight"][0])
+        assert not torch.equal(model.emb.weight.detach(), snap["emb.weight"][0])
+    assert_restored(model, snap)
+
+
+def test_weight_noise_forced_float64_raises(backend):
+    if backend == "torch":
+        pytest.skip("torch runs any dtype")
+    model = Net().to(DEVICE)
+    model.norm.double()
+    snap = snapshot(model)
+    with pytest.raises(TypeError, match="backend='torch'"):
+        with weight_noise(model, 0.1, backend=backend):
+            pass
+    assert_restored(model, snap)
+
+
+def test_weight_noise_std_zero_launches_nothing(backend):
+    model = Net().to(DEVICE)
+    snap = snapshot(model)
+    before = sum(kernels.LAUNCHES.values())
+    with weight_noise(model, 0.0, backend=backend):
+        assert_restored(model, snap)
+    assert sum(kernels.LAUNCHES.values()) == before
+
+
+def test_weight_noise_torch_matches_reference():
+    model = Net().to(DEVICE)
+    twin = copy.deepcopy(model)
+    torch.manual_seed(21)
+    with ref.weight_noise(twin, 0.1):
+        expect = {n: p.detach().clone() for n, p in twin.named_parameters()}
+    torch.manual_seed(21)
+    with weight_noise(model, 0.1, backend="torch"):
+        for n, p in model.named_parameters():
+            assert torch.equal(p.detach(), expect[n]), n
+
+
+def test_weight_noise_reproducible(backend):
+    model = Net().to(DEVICE)
+    outs = []
+    for _ in range(2):
+        torch.manual_seed(8)
+        with weight_noise(model, 0.1, backend=backend):
+            outs.append(model.emb.weight.detach().clone())
+    assert torch.equal(outs[0], outs[1])
+
+
+# ---- no host sync ---------------------------------------------------------------------------------
+
+def test_no_host_sync(backend, no_host_sync):
+    x = torch.randn(4, 16, 32, device=DEVICE)
+    mask = torch.ones(4, 16, dtype=torch.int64, device=DEVICE)
+    mask[1, 9:] = 0
+    ids = torch.randint(0, 100, (4, 16), device=DEVICE)
+    model = Net().to(DEVICE)
+    layer = GaussianNoise(0.1, backend=backend).train()
+    add_gaussian_noise(x, 0.1, backend=backend)  # warm up (kernel compilation, tables)
+    with weight_noise(model, 0.1, backend=backend):
+        pass
+    with no_host_sync():
+        add_gaussian_noise(x, 0.1, backend=backend)
+        add_gaussian_noise_(x, 0.1, backend=backend)
+        layer(x)
+        neftune(x, 5.0, backend=backend)
+        neftune(x, 5.0, mask, backend=backend)
+        noisy_token_ids(ids, 0.5, 100, backend=backend)
+        with weight_noise(model, 0.1, backend=backend):
+            pass
+
+
+def test_sync_detector_catches_the_seed(no_host_sync):
+    with pytest.raises(AssertionError, match="host sync"):
+        with no_host_sync():
+            float(ref.add_gaussian_noise(torch.zeros(3, device=DEVICE), 1.0).sum())
+
+
+# ---- the benchmark module -------------------------------------------------------------------------
+
+def test_benchmark_cases_check_and_count():
+    from fastadv.bench import core
+    from fastadv.bench import noise as bench
+
+    impls = ["reference", "torch"] + (["triton"] if not ops._backend.why_not("triton", DEVICE) else [])
+    rows = core.run_op("noise", bench, DEVICE, quick=True, impls=impls, warmup=0, iters=1, log=lambda s: None)
+    bench.release()
+    assert {r["case"].split()[0] for r in rows} == {"gaussian", "gaussian_", "neftune", "token_ids",
+                                                    "weight_noise", "sift"}
+    for r in rows:
+        assert r.get("check") == "ok" or r.get("skipped"), r
+        if r.get("check") == "ok" and r["impl"] != "reference":
+            assert r["syncs"] == 0, r
+    wn = {r["impl"]: r for r in rows if r["case"].startswith("weight_noise") and "fp32" in r["case"]}
+    assert wn["reference"]["launches"] > 50
+    if "triton" in wn:  # key draw + noise + restore, whatever the number of tensors
+        assert wn["triton"]["launches"] == 3 and wn["triton"]["kernels"] == {
+            "triton.weight_noise": 1, "triton.weight_restore": 1}
+    sift_ref = next(r for r in rows if r["case"].startswith("sift") and r["impl"] == "reference")
+    assert sift_ref["syncs"] > 0  # DeBERTa reads the norm on the host
+
+
+# ---- GPU: low precision and the CUDA backend against Triton -------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_low_precision_statistics(backend, dtype):
+    std = 0.25
+    out = add_gaussian_noise(zeros(dtype=dtype), std, backend=backend)
+    assert out.dtype == dtype
+    assert_standard_normal(out.float() / std)  # rounded once: the moments stay
+    model = Net(dtype=dtype).to(DEVICE)
+    snap = snapshot(model)
+    with weight_noise(model, 0.1, backend=backend):
+        pass
+    assert_restored(model, snap)
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_and_triton_draw_the_same_noise():
+    from conftest import usable_backends
+    if not {"cuda", "triton"} <= set(usable_backends()):
+        pytest.skip("needs both kernel backends")
+    x = torch.randn(3, 1000, 77, device=DEVICE)
+    mask = (torch.rand(3, 1000, device=DEVICE) > 0.2).long()
+    outs = {}
+    for b in ("triton", "cuda"):
+        torch.manual_seed(42)
+        outs[b] = (add_gaussian_noise(x, 0.5, backend=b), neftune(x, 5.0, mask, backend=b),
+                   noisy_token_ids(mask * 7, 0.3, 9, backend=b))
+    for a, c in zip(outs["triton"], outs["cuda"]):
+        if a.dtype == torch.int64:
+            assert float((a != c).double().mean()) < 1e-4  # a rounding flip at a truncation boundary, rarely
+        else:
+            torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5)
