@@ -9,5 +9,6 @@ from .optim import SAM  # noqa: E402
 from .adversarial.fgsm import adversarial_train_step  # noqa: E402
 from .ops.fgsm import fgsm_perturb  # noqa: E402
 from . import attacks, noise, sift  # noqa: E402
+from .dp.seed import DPOptimizer  # noqa: E402
 
-__all__ = ["FGM", "PGD", "AWP", "SAM", "ModelEMA", "swa_multi_avg_fn", "ema_multi_avg_fn", "fgsm_perturb", "adversarial_train_step", "attacks", "noise", "sift", "BackendUnavailable", "__version__"]
+__all__ = ["FGM", "PGD", "AWP", "SAM", "ModelEMA", "swa_multi_avg_fn", "ema_multi_avg_fn", "fgsm_perturb", "adversarial_train_step", "attacks", "noise", "sift", "DPOptimizer", "BackendUnavailable", "__version__"]

@@ -15,6 +15,7 @@ OPS: dict[str, str] = {
     "attacks": "fastadv.bench.attacks",
     "awp": "fastadv.bench.awp",
     "noise": "fastadv.bench.noise",
+    "dp": "fastadv.bench.dp",
 }
 
 

@@ -136,6 +136,7 @@ from . import pgd  # noqa: E402
 from .pgd import pgd_restore_rows, pgd_step, pgd_workspace_floats  # noqa: E402,F401
 from . import awp  # noqa: E402,F401  (multi-tensor AWP / SAM / EMA)
 from . import noise  # noqa: E402,F401  (noise injection, SiFT)
+from . import dp as _dp  # noqa: E402,F401  (DP-SGD clip + noise)
 from . import attacks  # noqa: E402,F401  (declares the input-attack launchers)
 
 EXPORTS = tuple(_SIGNATURES)

@@ -1,0 +1,41 @@
+"""Differentially private training with fused kernels.
+
+* :func:`clip_and_noise` -- per-sample clipping across all tensors, the
+  clipped sum and Gaussian noise in one fused op (also :func:`clip_and_accumulate`
+  and :func:`add_noise`, its two halves);
+* :class:`DPOptimizer`, :class:`DistributedDPOptimizer` -- Opacus's optimizers
+  (subclasses) doing their work with that op;
+* :class:`PrivacyEngine` -- Opacus's engine handing out those optimizers (one
+  changed import; accounting, Poisson sampling and hooks stay Opacus's);
+* :func:`dp_logits`, :class:`DPLogits`, :func:`gaussian_sigma` -- noise on
+  output logits (seed 004);
+* :class:`fastadv.dp.seed.DPOptimizer` -- seed 000's batch-level (not per-sample)
+  optimizer, fused.
+
+The optimizer and the engine need ``opacus`` (imported on first use).
+See docs/dp.md.
+"""
+from ..ops.dp import add_noise, clip_and_accumulate, clip_and_noise  # noqa: F401
+from . import seed  # noqa: F401  (seed 000's optimizer: fastadv.dp.seed.DPOptimizer)
+from .logits import DPLogits, dp_logits, gaussian_sigma  # noqa: F401
+
+_OPACUS_NAMES = {"DPOptimizer": "optimizer", "DistributedDPOptimizer": "optimizer",
+                 "PrivacyEngine": "engine"}
+
+__all__ = ["clip_and_noise", "clip_and_accumulate", "add_noise", "DPOptimizer", "DistributedDPOptimizer",
+           "PrivacyEngine", "dp_logits", "DPLogits", "gaussian_sigma"]
+
+
+def __getattr__(name):
+    if name in _OPACUS_NAMES:
+        import importlib
+
+        try:
+            module = importlib.import_module(f".{_OPACUS_NAMES[name]}", __name__)
+        except ImportError as exc:
+            raise ImportError(f"fastadv.dp.{name} builds on Opacus, which cannot be imported ({exc}); "
+                              f"install it with `pip install opacus`") from exc
+        value = getattr(module, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

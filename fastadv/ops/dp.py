@@ -1,0 +1,516 @@
+"""DP-SGD as functional ops: per-sample clipping and Gaussian noise, fused.
+
+For per-sample gradients ``g_t [B, *shape_t]`` (one tensor per parameter,
+one row per sample) :func:`clip_and_noise` computes, as Opacus 1.6's
+``DPOptimizer`` does in ``clip_and_accumulate`` + ``add_noise`` + ``scale_grad``::
+
+    n_b    = sqrt(sum_t ||g_t[b]||^2)                 norm over all tensors
+    f_b    = min(1, C * (1 / (n_b + 1e-6)))           Opacus's clip factor, fp32
+    s_t    = summed_t + sum_b f_b g_t[b]              clipped sum (+ a carried sum)
+    out_t  = (s_t + N(0, (sigma C)^2)) / expected_batch_size
+
+in fp32, rounded once into each output's dtype.  Kernel backends (triton,
+cuda) do it in three launches for any number of tensors (per dtype group):
+per-(sample, chunk) partial sums of squares, one finalize program per sample
+(fixed order: deterministic), then one pass that reads every per-sample
+gradient once and writes the clipped sum, the noise drawn inside the kernel
+(Philox keyed from the PyTorch generator, see
+``fastadv/kernels/triton/rng.py``).  Nothing is read back to the host.
+
+Non-finite samples.  A sample whose norm is NaN or inf (a NaN or inf anywhere
+in its gradient, or a norm beyond the fp32 range, about 1.8e19) gets factor 0:
+it is dropped from the sum (never multiplied in: ``0 * NaN`` would poison the
+sum), which keeps the sensitivity at ``C``.  ``on_nonfinite="drop"`` (default)
+does that without a host sync and adds the number of dropped samples to
+``nonfinite_count`` if given; ``"raise"`` checks the count on the host (one
+sync) and raises :class:`FloatingPointError` before anything is written.
+(Opacus lets such a sample turn the whole gradient into NaN, which both breaks
+training and reveals, through the NaN, that one sample was bad.)
+
+Noise (kernel backends): ``std * z`` with ``z`` from Box-Muller on Philox
+words, ``|z| <= 6.76``.  ``secure_mode=True`` draws the Philox key from
+``os.urandom`` on every call (the generator is ignored) and uses
+``z = (z_1 + z_2 + z_3 + z_4) / 2`` over four independent streams (Opacus's
+defence against floating-point attacks, which also lifts the bound on ``|z|``
+to 13.5); see docs/dp.md for the threat model.  The torch backend draws with
+``torch.normal`` from the same generator (other numbers, same distribution).
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Sequence
+
+import torch
+
+from .. import _backend
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+CHUNK = 4 * 1024          # elements per work item, rng.CHUNK
+KEY_HIGH = 2 ** 61        # key words are drawn in [0, KEY_HIGH), as rng.new_key
+NONFINITE = ("drop", "raise")
+
+
+# ---------------------------------------------------------------- helpers
+
+def _kernels(name: str):
+    if name == "triton":
+        from ..kernels.triton import dp
+        return dp
+    from ..kernels.cuda import dp
+    return dp
+
+
+_cache_obj = None
+
+
+def _cache():
+    global _cache_obj
+    if _cache_obj is None:
+        from ..kernels.triton.multi_tensor import TableCache
+        _cache_obj = TableCache(maxsize=64)
+    return _cache_obj
+
+
+def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device`` without a host sync (pinned, non-blocking on CUDA)."""
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
+def new_key(device, generator: torch.Generator | None = None, secure: bool = False) -> torch.Tensor:
+    """A Philox key ``[seed, base]`` (int64, on ``device``) for the kernels.
+
+    From ``generator`` (default: the device's default generator) with
+    ``torch.randint``: reproducible under ``torch.manual_seed``, a new key per
+    call, no host sync, drawn again on every CUDA-graph replay.  A generator on
+    another device (Opacus allows a CPU generator for CUDA parameters) draws
+    there and the key is copied over.  ``secure=True``: from ``os.urandom``
+    (the generator is ignored); not allowed during CUDA-graph capture (the key
+    would be frozen into the graph)."""
+    device = torch.device(device)
+    if secure:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("secure_mode draws its key from os.urandom on every call and cannot run "
+                               "inside CUDA-graph capture (the key would be replayed)")
+        words = [int.from_bytes(os.urandom(8), "little") % KEY_HIGH for _ in range(2)]
+        return _to_device(torch.tensor(words, dtype=torch.int64), device)
+    if generator is not None and not _same_device(generator.device, device):
+        key = torch.randint(0, KEY_HIGH, (2,), dtype=torch.int64, device=generator.device,
+                            generator=generator)
+        return _to_device(key, device) if generator.device.type == "cpu" else key.to(device)
+    return torch.randint(0, KEY_HIGH, (2,), dtype=torch.int64, device=device, generator=generator)
+
+
+def _same_device(a, b) -> bool:
+    a, b = torch.device(a), torch.device(b)
+    if a.type != b.type:
+        return False
+    if a.type != "cuda":
+        return True
+    current = torch.cuda.current_device()
+    return (current if a.index is None else a.index) == (current if b.index is None else b.index)
+
+
+def _number(value, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{what} must be a number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{what} must be finite, got {value}")
+    return value
+
+
+def check_hyperparameters(max_grad_norm, noise_multiplier) -> tuple[float, float]:
+    """``(C, sigma)`` as floats; ``C > 0`` and ``sigma >= 0`` or a clear error."""
+    c = _number(max_grad_norm, "max_grad_norm")
+    if c <= 0:
+        raise ValueError(f"max_grad_norm must be > 0, got {c} (it is the per-sample clipping bound C)")
+    sigma = _number(noise_multiplier, "noise_multiplier")
+    if sigma < 0:
+        raise ValueError(f"noise_multiplier must be >= 0, got {sigma} (the noise std is "
+                         f"noise_multiplier * max_grad_norm)")
+    return c, sigma
+
+
+def _divisor(expected_batch_size) -> float | None:
+    if expected_batch_size is None:
+        return None
+    d = _number(expected_batch_size, "expected_batch_size")
+    if d <= 0:
+        raise ValueError(f"expected_batch_size must be > 0, got {d}")
+    return d
+
+
+def _tensor_list(xs, what: str) -> list:
+    if isinstance(xs, torch.Tensor):
+        raise TypeError(f"{what} must be a list of tensors (one per parameter), got a tensor")
+    xs = list(xs)
+    for i, t in enumerate(xs):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{what}[{i}] must be a tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{what}[{i}] must be a floating-point tensor, got {t.dtype}")
+    return xs
+
+
+def _check_batch(gs: list) -> int:
+    """The common batch size of the per-sample gradients, or a clear error."""
+    for i, g in enumerate(gs):
+        if g.dim() == 0:
+            raise ValueError(f"grad_samples[{i}] is a scalar; per-sample gradients are [batch, *param_shape]")
+        if g.is_sparse:
+            raise ValueError(f"grad_samples[{i}] is sparse; per-sample gradients must be dense")
+    sizes = [g.shape[0] for g in gs]
+    if len(set(sizes)) > 1:
+        raise ValueError("per-sample gradients must share their batch size (dim 0); got "
+                         + ", ".join(f"grad_samples[{i}]: {tuple(g.shape)}" for i, g in enumerate(gs)))
+    return sizes[0] if sizes else 0
+
+
+def _check_targets(ts, shapes, device, what: str) -> None:
+    if len(ts) != len(shapes):
+        raise ValueError(f"{what} has {len(ts)} tensors, expected {len(shapes)} (one per parameter)")
+    for i, (t, shape) in enumerate(zip(ts, shapes)):
+        if t.numel() != math.prod(shape):
+            raise ValueError(f"{what}[{i}] has shape {tuple(t.shape)}, expected {tuple(shape)}")
+        if t.device != device:
+            raise ValueError(f"{what}[{i}] is on {t.device}, the per-sample gradients on {device}")
+
+
+def _kernel_reason(gs, outs, summed, devices) -> str | None:
+    if len(devices) > 1:
+        return f"needs every tensor on one device, got {sorted(str(d) for d in devices)}"
+    for name, ts in (("grad_samples", gs), ("out", outs), ("summed", summed)):
+        for i, t in enumerate(ts or ()):
+            if t.dtype not in KERNEL_DTYPES:
+                return f"supports float32, float16 and bfloat16 tensors, got {t.dtype} ({name}[{i}])"
+            if name != "grad_samples" and not t.is_contiguous():
+                return f"writes contiguous tensors only; {name}[{i}] is not"
+    if outs is not None and summed is not None:
+        for i, (o, s) in enumerate(zip(outs, summed)):
+            if o.dtype != s.dtype:
+                return f"needs out and summed in one dtype, got {o.dtype} and {s.dtype} (index {i})"
+    return None
+
+
+# ---------------------------------------------------------------- the fused op
+
+def fused_clip_noise(grad_samples, *, max_grad_norm: float, std: float, summed=None,
+                     read_summed: bool = False, write_summed: bool = False, out=None,
+                     write_out: bool = True, out_dtype: torch.dtype | None = None,
+                     shapes=None, expected_batch_size=None, generator=None, secure_mode: bool = False,
+                     on_nonfinite: str = "drop", nonfinite_count: torch.Tensor | None = None,
+                     backend: str | None = None):
+    """The general form of the ops below (the optimizers call it directly).
+
+    ``grad_samples``: list of ``[B, *shape_t]`` (may be empty when ``shapes``
+    is given: no per-sample term).  ``summed``: tensors read (``read_summed``)
+    and / or written (``write_summed``: the noise-free sum) in place; allocated
+    in ``out_dtype`` (default: each per-sample gradient's dtype) when None and
+    written.  ``out``: written with ``(sum + std * z) / expected_batch_size``
+    when ``write_out`` (allocated when None).  ``std``: the noise std itself
+    (0: no noise, no key drawn).  Returns ``(out, summed)``, each None when
+    not written.
+    """
+    if on_nonfinite not in NONFINITE:
+        raise ValueError(f"on_nonfinite must be one of {NONFINITE}, got {on_nonfinite!r}")
+    gs = _tensor_list(grad_samples, "grad_samples")
+    batch = _check_batch(gs)
+    if shapes is None:
+        shapes = [tuple(g.shape[1:]) for g in gs]
+    shapes = [tuple(s) for s in shapes]
+    if gs:
+        for i, (g, shape) in enumerate(zip(gs, shapes)):
+            if math.prod(g.shape[1:]) != math.prod(shape):
+                raise ValueError(f"grad_samples[{i}] has shape {tuple(g.shape)}, expected "
+                                 f"[batch, {', '.join(map(str, shape))}]")
+    if not shapes:
+        return ([] if write_out else None), ([] if write_summed else None)
+    ref = gs[0] if gs else (summed[0] if summed is not None else out[0])
+    device = ref.device
+    devices = {t.device for t in gs}
+    dtypes = [out_dtype or (gs[i].dtype if gs else ref.dtype) for i in range(len(shapes))]
+    if summed is not None:
+        summed = _tensor_list(summed, "summed")
+        _check_targets(summed, shapes, summed[0].device if not gs else device, "summed")
+        devices |= {t.device for t in summed}
+    elif read_summed:
+        raise ValueError("read_summed needs summed tensors")
+    if out is not None:
+        out = _tensor_list(out, "out")
+        _check_targets(out, shapes, out[0].device if not gs else device, "out")
+        devices |= {t.device for t in out}
+        if summed is not None and any(o.data_ptr() == s.data_ptr() and o.numel() for o, s in zip(out, summed)):
+            raise ValueError("out and summed must be different tensors")
+    if write_summed and summed is None:
+        summed = [torch.empty(s, dtype=dt, device=device) for s, dt in zip(shapes, dtypes)]
+    if write_out and out is None:
+        out = [torch.empty(s, dtype=(summed[i].dtype if summed is not None else dtypes[i]), device=device)
+               for i, s in enumerate(shapes)]
+    divisor = _divisor(expected_batch_size)
+    noise = write_out and std != 0.0
+
+    name = _backend.resolve(backend, device)
+    if name != "torch":
+        why = _kernel_reason(gs, out if write_out else None, summed, devices)
+        if why is not None:
+            if (backend or _backend.default()) != "auto":
+                raise (TypeError if "supports" in why else ValueError)(
+                    f"the {name} backend {why}; use backend='torch'")
+            name = "torch"
+    count = nonfinite_count
+    if on_nonfinite == "raise" and batch:
+        count = torch.zeros(1, dtype=torch.int64, device=device)
+    args = dict(batch=batch, max_grad_norm=float(max_grad_norm), std=float(std), summed=summed,
+                read_summed=read_summed, write_summed=write_summed, out=out, write_out=write_out,
+                divisor=divisor, noise=noise, generator=generator, secure=bool(secure_mode), count=count,
+                check_raise=on_nonfinite == "raise")
+    if name == "torch":
+        _torch_fused(gs, shapes, **args)
+    else:
+        _kernel_fused(name, [g if g.is_contiguous() else g.contiguous() for g in gs], shapes, **args)
+    if count is not None and count is not nonfinite_count and nonfinite_count is not None:
+        nonfinite_count.add_(count)
+    return (out if write_out else None), (summed if write_summed else None)
+
+
+def _raise_nonfinite(count: torch.Tensor) -> None:
+    n = int(count.sum())  # the one host sync of on_nonfinite="raise"
+    if n:
+        raise FloatingPointError(
+            f"{n} per-sample gradient(s) have a non-finite norm (NaN or inf values, or a norm "
+            f"beyond the float32 range); nothing was written.  With on_nonfinite='drop' such "
+            f"samples are left out of the sum (clip factor 0) without a host sync.")
+
+
+def _kernel_fused(name, gs, shapes, *, batch, max_grad_norm, std, summed, read_summed, write_summed,
+                  out, write_out, divisor, noise, generator, secure, count, check_raise) -> None:
+    k = _kernels(name)
+    cache = _cache()
+    targets = out if write_out else summed
+    device = targets[0].device
+    n = len(shapes)
+    g_list = gs if gs else targets                     # placeholders when there is no per-sample term
+    s_list = summed if summed is not None else targets
+    keys = [(g_list[i].dtype, targets[i].dtype) for i in range(n)]
+    groups: dict = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)
+    tables = []
+    for (g_dtype, o_dtype), idx in groups.items():
+        lists = [[targets[i] for i in idx], [s_list[i] for i in idx], [g_list[i] for i in idx]]
+        tables.append((cache.get("dp", lists, chunk=CHUNK), g_dtype, o_dtype))
+    n_parts = sum(t.n_chunks for t, _, _ in tables)
+
+    factors = torch.empty((2, batch), dtype=torch.float32, device=device)
+    if batch:
+        if n_parts:
+            partials = torch.empty((batch, n_parts), dtype=torch.float32, device=device)
+        else:
+            partials = torch.zeros((batch, 1), dtype=torch.float32, device=device)
+        col = 0
+        for table, g_dtype, _ in tables:
+            k.norm_partials(table, g_dtype, batch, partials, col)
+            col += table.n_chunks
+        k.clip_factors(partials, max_grad_norm, factors, count)
+        if check_raise:
+            _raise_nonfinite(count)
+    key = new_key(device, generator, secure) if noise else None
+    chunk0 = 0
+    for table, g_dtype, o_dtype in tables:
+        k.clip_sum(table, g_dtype, o_dtype, batch if gs else 0, factors, key, std, divisor, chunk0,
+                   read_summed=read_summed, write_summed=write_summed, write_out=write_out,
+                   secure=secure)
+        chunk0 += table.n_chunks
+
+
+def _torch_factors(gs, batch, max_grad_norm, device, acc):
+    """(factors, finite) in ``acc`` (fp32, or fp64 for fp64 inputs) on ``device``,
+    Opacus's formula with non-finite norms dropped."""
+    norms = torch.stack([torch.linalg.vector_norm(g.reshape(batch, -1), dim=1, dtype=acc)
+                         .to(device) for g in gs], dim=1)
+    norm = torch.linalg.vector_norm(norms, dim=1)
+    finite = torch.isfinite(norm)
+    f = ((norm + 1e-6).reciprocal() * max_grad_norm).clamp(max=1.0)
+    return torch.where(finite, f, torch.zeros_like(f)), finite
+
+
+def _torch_noise(shape, std, device, generator, secure) -> torch.Tensor:
+    if secure:
+        gen = torch.Generator(device=device)
+        gen.manual_seed(int.from_bytes(os.urandom(8), "little"))
+        z = sum(torch.normal(0.0, 1.0, shape, generator=gen, device=device) for _ in range(4))
+        return z.mul_(0.5 * std)
+    if generator is not None and not _same_device(generator.device, device):
+        return torch.normal(0.0, std, shape, generator=generator, device=generator.device).to(device)
+    return torch.normal(0.0, std, shape, generator=generator, device=device)
+
+
+def _torch_fused(gs, shapes, *, batch, max_grad_norm, std, summed, read_summed, write_summed, out,
+                 write_out, divisor, noise, generator, secure, count, check_raise) -> None:
+    """Pure-PyTorch path (any device and float dtype); no host sync."""
+    factors = finite = None
+    targets = [t for t in (out if write_out else []) + (summed or [])]
+    acc = torch.float64 if any(t.dtype == torch.float64 for t in list(gs) + targets) else torch.float32
+    if gs and batch:
+        factors, finite = _torch_factors(gs, batch, max_grad_norm, gs[0].device, acc)
+        if count is not None:
+            count.add_((~finite).sum().to(count.device))
+            if check_raise:
+                _raise_nonfinite(count)
+    for i, shape in enumerate(shapes):
+        target = out[i] if write_out else summed[i]
+        if factors is not None:
+            g = gs[i].reshape(batch, -1).to(acc)
+            keep = finite.to(g.device).view(batch, 1)
+            g = torch.where(keep, g, torch.zeros((), dtype=g.dtype, device=g.device))
+            s = torch.einsum("b,bn->n", factors.to(g.device), g).to(target.device)
+        else:
+            s = torch.zeros(math.prod(shape), dtype=acc, device=target.device)
+        if read_summed:
+            s = s + summed[i].reshape(-1).to(acc)
+        if write_summed:
+            summed[i].copy_(s.view(summed[i].shape))
+        if write_out:
+            if noise:
+                s = s + _torch_noise(s.shape, std, s.device, generator, secure).to(acc)
+            if divisor is not None:
+                s = s / divisor
+            out[i].copy_(s.view(out[i].shape))
+
+
+# ---------------------------------------------------------------- public ops
+
+def clip_and_noise(grad_samples: Sequence[torch.Tensor], max_grad_norm: float, noise_multiplier: float, *,
+                   generator: torch.Generator | None = None, expected_batch_size: float | None = None,
+                   summed: Sequence[torch.Tensor] | None = None, out: Sequence[torch.Tensor] | None = None,
+                   secure_mode: bool = False, on_nonfinite: str = "drop",
+                   nonfinite_count: torch.Tensor | None = None,
+                   backend: str | None = None) -> list[torch.Tensor]:
+    """Clip every sample to L2 norm ``max_grad_norm`` (across all tensors), sum
+    over the batch and add ``N(0, (noise_multiplier * max_grad_norm)^2)`` noise.
+
+    Returns one tensor per parameter, ``grad_samples[t].shape[1:]``, in the
+    per-sample gradients' dtype (or ``out``'s): what Opacus 1.6 leaves in
+    ``p.grad`` after ``add_noise`` and, when ``expected_batch_size`` is given,
+    ``scale_grad`` (``loss_reduction="mean"``).
+
+    ``summed``: Opacus's ``p.summed_grad`` (the noise-free clipped sums carried
+    over skipped steps): the new clipped sum is added to it in place before the
+    noise.  ``out``: tensors to write the result into (contiguous).
+    ``nonfinite_count``: int64 device tensor, increased by the number of
+    samples dropped for a non-finite norm; ``on_nonfinite="raise"`` raises
+    instead (one host sync).  See the module docstring for the rest.
+    """
+    c, sigma = check_hyperparameters(max_grad_norm, noise_multiplier)
+    res, _ = fused_clip_noise(grad_samples, max_grad_norm=c, std=sigma * c, summed=summed,
+                              read_summed=summed is not None, write_summed=summed is not None, out=out,
+                              expected_batch_size=expected_batch_size, generator=generator,
+                              secure_mode=secure_mode, on_nonfinite=on_nonfinite,
+                              nonfinite_count=nonfinite_count, backend=backend)
+    return res
+
+
+def clip_and_accumulate(grad_samples: Sequence[torch.Tensor], max_grad_norm: float,
+                        summed: Sequence[torch.Tensor] | None = None, *, on_nonfinite: str = "drop",
+                        nonfinite_count: torch.Tensor | None = None,
+                        backend: str | None = None) -> list[torch.Tensor]:
+    """``summed[t] += sum_b f_b g_t[b]`` in place (new tensors in the per-sample
+    gradients' dtype when ``summed`` is None), no noise: Opacus's
+    ``clip_and_accumulate``, for steps that are skipped (virtual batches)."""
+    c, _ = check_hyperparameters(max_grad_norm, 0.0)
+    _, res = fused_clip_noise(grad_samples, max_grad_norm=c, std=0.0, summed=summed,
+                              read_summed=summed is not None, write_summed=True, write_out=False,
+                              on_nonfinite=on_nonfinite, nonfinite_count=nonfinite_count, backend=backend)
+    return res
+
+
+def add_noise(tensors: Sequence[torch.Tensor], std: float, *, expected_batch_size: float | None = None,
+              out: Sequence[torch.Tensor] | None = None, generator: torch.Generator | None = None,
+              secure_mode: bool = False, backend: str | None = None) -> list[torch.Tensor]:
+    """``(x + N(0, std^2)) / expected_batch_size`` for every tensor, out of place
+    (one launch for all of them on the kernel backends; ``std = 0``: a copy)."""
+    std = _number(std, "std")
+    if std < 0:
+        raise ValueError(f"std must be >= 0, got {std}")
+    xs = _tensor_list(tensors, "tensors")
+    xs = [x if x.is_contiguous() else x.contiguous() for x in xs]
+    res, _ = fused_clip_noise([], max_grad_norm=1.0, std=std, summed=xs, read_summed=True,
+                              shapes=[tuple(x.shape) for x in xs], out=out,
+                              expected_batch_size=expected_batch_size, generator=generator,
+                              secure_mode=secure_mode, backend=backend)
+    return res
+
+
+# ---------------------------------------------------------------- seed 000: clip the total norm + noise
+
+def clip_grad_norm_and_noise_(grads: Sequence[torch.Tensor], max_norm: float, noise_multiplier: float, *,
+                              generator: torch.Generator | None = None,
+                              backend: str | None = None) -> None:
+    """In place: ``g *= min(1, max_norm / (||all grads|| + 1e-6))`` (as
+    ``torch.nn.utils.clip_grad_norm_``), then ``g += noise_multiplier * N(0, 1)``.
+
+    Seed 000's ``DPOptimizer.step``; NOT per-sample DP (see fastadv.dp).
+    Kernel backends: per dtype group one reduction launch and one update launch
+    (noise drawn inside), one finalize: constant in the number of tensors."""
+    gs = _tensor_list(grads, "grads")
+    if not gs:
+        return
+    max_norm = _number(max_norm, "max_grad_norm")
+    sigma = _number(noise_multiplier, "noise_multiplier")
+    devices = {g.device for g in gs}
+    device = gs[0].device
+    name = _backend.resolve(backend, device)
+    if name != "torch":
+        why = None
+        if len(devices) > 1:
+            why = "needs every gradient on one device"
+        elif any(g.dtype not in KERNEL_DTYPES for g in gs):
+            why = "supports float32, float16 and bfloat16 gradients"
+        elif any(not g.is_contiguous() or g.is_sparse for g in gs):
+            why = "needs dense contiguous gradients"
+        if why is not None:
+            if (backend or _backend.default()) != "auto":
+                raise (TypeError if "supports" in why else ValueError)(f"the {name} backend {why}; "
+                                                                       f"use backend='torch'")
+            name = "torch"
+    if name == "torch":
+        _torch_seed(gs, max_norm, sigma, generator)
+        return
+    k = _kernels(name)
+    cache = _cache()
+    groups: dict = {}
+    for i, g in enumerate(gs):
+        groups.setdefault(g.dtype, []).append(i)
+    tables = [(cache.get("dp_seed", [[gs[i] for i in idx]], chunk=CHUNK), dtype)
+              for dtype, idx in groups.items()]
+    n_parts = sum(t.n_chunks for t, _ in tables)
+    partials = torch.empty(n_parts, dtype=torch.float32, device=device) if n_parts else \
+        torch.zeros(1, dtype=torch.float32, device=device)
+    col = 0
+    for table, dtype in tables:
+        k.seed_sumsq(table, dtype, partials, col)
+        col += table.n_chunks
+    norm = torch.empty(1, dtype=torch.float32, device=device)
+    k.global_norm(partials, n_parts, norm)
+    key = new_key(device, generator) if sigma != 0 else None
+    chunk0 = 0
+    for table, dtype in tables:
+        k.seed_update(table, dtype, norm, key, max_norm, sigma, chunk0)
+        chunk0 += table.n_chunks
+
+
+def _torch_seed(gs, max_norm, sigma, generator) -> None:
+    total = torch.nn.utils.get_total_norm(gs)
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for g in gs:
+        g.mul_(coef.to(g.device))
+    if sigma != 0:
+        for g in gs:
+            if generator is None or _same_device(generator.device, g.device):
+                g.add_(torch.randn(g.shape, dtype=g.dtype, device=g.device, generator=generator) * sigma)
+            else:
+                g.add_(torch.randn(g.shape, dtype=g.dtype, device=generator.device,
+                                   generator=generator).to(g.device) * sigma)
