@@ -129,7 +129,7 @@ class build_cuda(Command):
         out = os.path.join(ROOT if self.editable_mode else self.build_lib, LIB)
         try:
             compile_cuda(out, os.path.join(ROOT, "build", "cuda"), nvcc)
-        except (OSError, subprocess.CalledProcessError) as exc:
+        except (OSError, RuntimeError, subprocess.CalledProcessError) as exc:  # RuntimeError: no ninja
             if mode == "force":
                 raise RuntimeError(f"building fastadv's CUDA library failed: {exc}") from exc
             print(f"fastadv: WARNING: the CUDA library was not built ({exc}); "

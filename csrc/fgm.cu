@@ -63,18 +63,22 @@ sumsq_rows_kernel(const typename Tr::bits* __restrict__ g, int64_t rows, int64_t
     }
     const P* row = reinterpret_cast<const P*>(g + r * cols);
     float acc = 0.f;
+    bool nonzero = false;
     for (int64_t c = lane; c < cv; c += 32) {
       const P p = row[c];
 #pragma unroll
       for (int k = 0; k < VEC; ++k) {
         const float x = Tr::to_float(p.v[k]);
         acc = fmaf(x, x, acc);
+        nonzero |= (x != 0.f);  // NaN counts as non-zero; tiny values whose square underflows too
       }
     }
     acc = warp_sum(acc);
+    // The loop over rows is warp-uniform, so the whole warp votes here.
+    nonzero = __any_sync(0xffffffffu, nonzero);
     if (lane == 0) {
       partials[r] = acc;
-      if (acc == 0.f) mask[r] = 0;
+      if (!nonzero) mask[r] = 0;  // the same rule as the Triton kernel
     }
   }
 }

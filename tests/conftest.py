@@ -46,10 +46,20 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+# aten ops that read device data back to the host.
+SYNCING_OPS = frozenset({
+    "_local_scalar_dense", "item", "is_nonzero", "equal", "nonzero",
+    "masked_select", "unique", "_unique", "_unique2", "unique_consecutive", "unique_dim",
+    "repeat_interleave", "bincount", "histc",
+})
+
+
 @pytest.fixture
 def no_host_sync():
-    """Context manager factory failing if the block makes a host sync
-    (aten::_local_scalar_dense on any device; sync debug mode on CUDA)."""
+    """Context manager factory failing if the block makes a host sync: on any
+    device a scalar read (aten::_local_scalar_dense) or an op whose output size
+    depends on the data (nonzero, masked_select, unique, ...); on CUDA also
+    whatever torch.cuda.set_sync_debug_mode("error") catches."""
     import contextlib
 
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -60,7 +70,7 @@ def no_host_sync():
             self.syncs = []
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func is torch.ops.aten._local_scalar_dense.default:
+            if func.overloadpacket.__name__ in SYNCING_OPS:
                 self.syncs.append(func)
             return func(*args, **(kwargs or {}))
 
@@ -76,6 +86,6 @@ def no_host_sync():
         finally:
             if prev is not None:
                 torch.cuda.set_sync_debug_mode(prev)
-        assert not mode.syncs, f"{len(mode.syncs)} host sync(s) (aten::_local_scalar_dense)"
+        assert not mode.syncs, f"{len(mode.syncs)} host sync(s): {sorted({str(f) for f in mode.syncs})}"
 
     return watch

@@ -58,7 +58,7 @@ def distributed() -> bool:
 class RowTracker:
     """Marks, without a host sync, the rows of an embedding table that may hold
     a non-zero gradient: the ids its ``nn.Embedding`` modules looked up since
-    the gradient was last ``None``.
+    the gradient was last ``None`` (every lookup before the next backward).
 
     The mask errs only on the side of too many rows (a row marked with a zero
     gradient costs a read; the kernels unmark it).  It starts with every row
@@ -74,21 +74,34 @@ class RowTracker:
         # gradient is reset starts an exact set.
         self.mask = self._fresh(marked=True)
         self.count = self.rows
-        self.handles = [m.register_forward_pre_hook(self._mark) for m in modules]
+        # Reset the set once per gradient: at the first lookup after the
+        # gradient became None, not at later lookups before the backward
+        # (shared encoder/decoder tables, sentence pairs, recomputation).
+        self._reset_done = False
+        self.handles = [m.register_forward_pre_hook(self._mark, with_kwargs=True) for m in modules]
+        self.handles.append(param.register_post_accumulate_grad_hook(self._accumulated))
 
     def _fresh(self, marked: bool) -> torch.Tensor:
         fill = torch.ones if marked else torch.zeros
         return fill(self.rows, dtype=torch.uint8, device=self.param.device)
 
-    def _mark(self, module, args):
-        if not (torch.is_grad_enabled() and self.param.requires_grad) or not args:
+    def _accumulated(self, param) -> None:
+        self._reset_done = False  # a gradient exists: its next reset starts a new set
+
+    def _mark(self, module, args, kwargs):
+        if not (torch.is_grad_enabled() and self.param.requires_grad):
             return
-        ids = args[0]
         if self.mask.device != self.param.device:  # the model moved: rows unknown
             self.mask, self.count = self._fresh(marked=True), self.rows
-        if self.param.grad is None and self.count:
+        ids = args[0] if args else kwargs.get("input")
+        if not isinstance(ids, torch.Tensor):  # a call we cannot read: every row may change
+            self.mask.fill_(1)
+            self.count = self.rows
+            return
+        if self.param.grad is None and not self._reset_done:
             self.mask.zero_()  # a new gradient starts: earlier lookups are gone
             self.count = 0
+            self._reset_done = True
         self.mask.index_fill_(0, ids.reshape(-1).to(device=self.mask.device, dtype=torch.long), 1)
         self.count = min(self.rows, self.count + ids.numel())
 

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..ops.pgd import PGDState, pgd_attack_, pgd_restore_
-from ._params import EmbeddingAttack, check_size, matching_parameters
+from ._params import EmbeddingAttack, check_size, distributed, matching_parameters
 
 
 class PGD(EmbeddingAttack):
@@ -89,8 +89,13 @@ class PGD(EmbeddingAttack):
         return w0 + torch.where(norm > epsilon, epsilon * r / norm, r)
 
     def backup_grad(self) -> None:
-        """Keep the current gradients (no copy)."""
-        self.grad_backup = {n: p.grad for n, p in self.model.named_parameters()
+        """Keep the current gradients: the tensors themselves, no copy, except
+        where the storage is not the gradient's own (a view into a DDP bucket
+        with ``gradient_as_bucket_view=True``, or any distributed run), which
+        the next backward would overwrite: those are cloned."""
+        shared = distributed()
+        self.grad_backup = {n: (p.grad.clone() if shared or p.grad._is_view() else p.grad)
+                            for n, p in self.model.named_parameters()
                             if p.requires_grad and p.grad is not None}
         self._grads_handed_out = False
 

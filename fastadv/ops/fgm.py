@@ -17,6 +17,7 @@ import dataclasses
 import torch
 
 from .. import _backend
+from ..kernels import device_guard
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -88,13 +89,17 @@ def fgm_attack_(param: torch.Tensor, grad: torch.Tensor, epsilon: float, *,
     if name == "torch":
         return FGMBackup(param, _torch_attack(w, grad.data, float(epsilon)), None, name)
 
-    k = _kernels(name)
-    g = grad.data.contiguous()
+    with device_guard(w):
+        return _kernel_attack(_kernels(name), name, param, w, grad.data.contiguous(), float(epsilon),
+                              row_mask, row_capacity)
+
+
+def _kernel_attack(k, name, param, w, g, epsilon, row_mask, row_capacity) -> FGMBackup:
     norm = torch.empty(1, dtype=torch.float32, device=w.device)
     if row_mask is None or w.dim() != 2:
         k.fgm_norm(g.view(1, -1), None, norm)
         backup = torch.empty_like(w)
-        k.fgm_update(w.view(1, -1), g.view(1, -1), backup, None, norm, float(epsilon))
+        k.fgm_update(w.view(1, -1), g.view(1, -1), backup, None, norm, epsilon)
         return FGMBackup(param, backup, None, name)
 
     if row_mask.dtype != torch.uint8 or row_mask.shape != (w.shape[0],):
@@ -103,8 +108,12 @@ def fgm_attack_(param: torch.Tensor, grad: torch.Tensor, epsilon: float, *,
     k.fgm_norm(g, row_mask, norm)
     slots = torch.cumsum(row_mask, 0, dtype=torch.int32)
     capacity = w.shape[0] if row_capacity is None else min(int(row_capacity), w.shape[0])
+    if capacity < w.shape[0]:
+        # A row past the capacity gets its predecessor's slot, i.e. counts as
+        # untouched: never written out of bounds, never perturbed without a backup.
+        slots.clamp_(max=capacity)
     backup = torch.empty((capacity, w.shape[1]), dtype=w.dtype, device=w.device)
-    k.fgm_update(w, g, backup, slots, norm, float(epsilon))
+    k.fgm_update(w, g, backup, slots, norm, epsilon)
     return FGMBackup(param, backup, slots, name)
 
 
@@ -124,7 +133,8 @@ def fgm_restore_(state: FGMBackup) -> None:
     if state.slots is None:
         w.copy_(state.data)
     else:
-        _kernels(state.backend).fgm_restore_rows(w, state.data, state.slots)
+        with device_guard(w):
+            _kernels(state.backend).fgm_restore_rows(w, state.data, state.slots)
 
 
 def design_bytes(numel: int, element_size: int, touched_rows: int | None = None,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from .. import _backend
+from ..kernels import device_guard
 from .fgm import KERNEL_DTYPES
 
 
@@ -15,7 +16,8 @@ def _fused(embeds: torch.Tensor, grad: torch.Tensor, epsilon: float, name: str) 
     from ..kernels.triton import fgsm
     e, g = embeds.contiguous(), grad.to(embeds.dtype).contiguous()
     out = torch.empty_like(e)
-    fgsm.fgsm_perturb(e, g, out, epsilon)
+    with device_guard(e):
+        fgsm.fgsm_perturb(e, g, out, epsilon)
     return out
 
 

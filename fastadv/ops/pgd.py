@@ -14,6 +14,7 @@ import dataclasses
 import torch
 
 from .. import _backend
+from ..kernels import device_guard
 from .fgm import KERNEL_DTYPES, _check
 
 
@@ -85,10 +86,11 @@ def pgd_attack_(param: torch.Tensor, grad: torch.Tensor, alpha: float, epsilon: 
     if sparse != (state.saved is not None):
         raise ValueError("row_mask must be given on every PGD step of an attack or on none")
     k = _kernels(name)
-    if sparse:
-        k.pgd_step(w, g, state.backup, coef, alpha, epsilon, first, row_mask, state.saved)
-    else:
-        k.pgd_step(w.view(-1), g.view(-1), state.backup.view(-1), coef, alpha, epsilon, first)
+    with device_guard(w):
+        if sparse:
+            k.pgd_step(w, g, state.backup, coef, alpha, epsilon, first, row_mask, state.saved)
+        else:
+            k.pgd_step(w.view(-1), g.view(-1), state.backup.view(-1), coef, alpha, epsilon, first)
     return state
 
 
@@ -98,7 +100,8 @@ def pgd_restore_(state: PGDState) -> None:
     if state.saved is None:
         w.copy_(state.backup)
     else:
-        _kernels(state.backend).pgd_restore_rows(w, state.backup, state.saved)
+        with device_guard(w):
+            _kernels(state.backend).pgd_restore_rows(w, state.backup, state.saved)
 
 
 def design_bytes(numel: int, element_size: int, steps: int = 3, touched_rows: int | None = None,
