@@ -50,7 +50,7 @@ add_noise_kernel(const typename Tr::bits* x, typename Tr::bits* out, int64_t num
       const int64_t e = start + q * kQuarter + j;
       if (e < numel) {
         const float s = ROW_SCALE ? row_scale[div_index(e, row_len)] : scale;
-        out[e] = Tr::from_float(Tr::to_float(x[e]) + r[q] * s);
+        out[e] = Tr::from_float(__fadd_rn(Tr::to_float(x[e]), __fmul_rn(r[q], s)));
       }
     }
   }
@@ -88,7 +88,7 @@ token_ids_kernel(const int64_t* __restrict__ ids, int64_t* __restrict__ out, int
       const int64_t e = chunk * kChunk + q * kQuarter + j;
       if (e < numel) {
         // float(id) + f * z in fp32, then truncation toward zero (C's cast, like .long())
-        int64_t v = static_cast<int64_t>(static_cast<float>(ids[e]) + z[q] * factor);
+        int64_t v = static_cast<int64_t>(__fadd_rn(static_cast<float>(ids[e]), __fmul_rn(z[q], factor)));
         v = v < 0 ? 0 : (v > vmax ? vmax : v);
         out[e] = v;
       }
@@ -133,7 +133,7 @@ weight_noise_kernel(const int64_t* __restrict__ meta, int64_t n_tensors, typenam
       if (e < c.numel) {
         const B v = w[e];
         backup[c.boff + e] = v;
-        w[e] = Tr::from_float(Tr::to_float(v) + z[q] * std_);
+        w[e] = Tr::from_float(__fadd_rn(Tr::to_float(v), __fmul_rn(z[q], std_)));
       }
     }
   }

@@ -623,3 +623,80 @@ def test_gpu_attacks_agree_across_backends():
         results = {b: ours(model, b)(x, y) for b in ["torch", *_kernel_backends()]}
         for b, adv in results.items():
             torch.testing.assert_close(adv, results["torch"], **FP32, msg=f"{name} {b}")
+
+
+# -- device guard, rounding ------------------------------------------------------
+
+
+def record_guards(monkeypatch, module):
+    """Replace ``module.device_guard`` by a recorder of the devices it is entered
+    for and the kernel launches made inside it (Triton launches on the current
+    device: every launch must run under the guard of its tensors' device)."""
+    import contextlib
+
+    import fastadv.kernels as kernels
+    seen = {"devices": [], "inside": 0}
+    real = module.device_guard
+
+    @contextlib.contextmanager
+    def guard(t):
+        seen["devices"].append(t.device)
+        before = sum(kernels.LAUNCHES.values())
+        with real(t):
+            yield
+        seen["inside"] += sum(kernels.LAUNCHES.values()) - before
+
+    monkeypatch.setattr(module, "device_guard", guard)
+    return seen
+
+
+def launches_total():
+    import fastadv.kernels as kernels
+    return sum(kernels.LAUNCHES.values())
+
+
+
+@pytest.mark.parametrize("step", list(STEPS))
+def test_kernel_launches_run_under_the_device_guard(backend, step, monkeypatch):
+    if backend == "torch":
+        pytest.skip("kernel backends only")
+    seen = record_guards(monkeypatch, ops)
+    x, adv, g = _step_inputs((2, 3, 5, 5))
+    before = launches_total()
+    STEPS[step](adv, x, g, torch.randn(adv.shape, device=DEVICE), backend)
+    total = launches_total() - before
+    assert total == LAUNCHES[step] and seen["inside"] == total
+    assert seen["devices"] == [adv.device]
+
+
+class LaunchSpy:
+    """Stands in for a Triton kernel: records the keyword arguments of each launch."""
+
+    def __init__(self, kernel):
+        self.kernel, self.kwargs = kernel, []
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def run(*args, **kw):
+            self.kwargs.append(kw)
+            return launch(*args, **kw)
+        return run
+
+
+def test_update_launches_disable_fp_fusion(monkeypatch):
+    # a + b * c must round twice on the GPU too (no FMA), as in the reference order, the
+    # interpreter and the CUDA twin (__fmul_rn / __fadd_rn); the interpreter cannot show an
+    # FMA, so check the launch option itself.
+    if ops._backend.why_not("triton", DEVICE):
+        pytest.skip("triton cannot run here")
+    from fastadv.kernels.triton import attacks as tk
+    spies = {n: LaunchSpy(getattr(tk, n)) for n in ("_linf_step_kernel", "_l2_update_kernel",
+                                                     "_momentum_update_kernel")}
+    for n, spy in spies.items():
+        monkeypatch.setattr(tk, n, spy)
+    x, adv, g = _step_inputs((2, 7))
+    for step in STEPS.values():
+        step(adv, x, g, torch.randn(adv.shape, device=DEVICE), "triton")
+    for n, spy in spies.items():
+        assert spy.kwargs and all(kw.get("enable_fp_fusion") is False for kw in spy.kwargs), n

@@ -572,3 +572,74 @@ def test_gpu_kernels_match_torch_path_under_sync_debug(backend, steps, no_host_s
     with no_host_sync():
         awp._restore()
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+# -- device guard, vector access -------------------------------------------------
+def record_guards(monkeypatch, module):
+    """Replace ``module.device_guard`` by a recorder of the devices it is entered
+    for and the kernel launches made inside it (Triton launches on the current
+    device: every launch must run under the guard of its tensors' device)."""
+    import contextlib
+    seen = {"devices": [], "inside": 0}
+    real = module.device_guard
+
+    @contextlib.contextmanager
+    def guard(t):
+        seen["devices"].append(t.device)
+        before = sum(kernels.LAUNCHES.values())
+        with real(t):
+            yield
+        seen["inside"] += sum(kernels.LAUNCHES.values()) - before
+
+    monkeypatch.setattr(module, "device_guard", guard)
+    return seen
+
+
+def test_kernel_launches_run_under_the_device_guard(backend, monkeypatch):
+    if backend not in KERNEL_BACKENDS:
+        pytest.skip("kernel backends only")
+    import fastadv.ops.awp as ops_awp
+    seen = record_guards(monkeypatch, ops_awp)
+    ws = [torch.randn(n, device=DEVICE) for n in (3, 50)]
+    gs, bs = [torch.randn_like(w) for w in ws], [torch.empty_like(w) for w in ws]
+    before = sum(kernels.LAUNCHES.values())
+    awp_step_(ws, gs, bs, adv_lr=0.1, adv_eps=0.01, write_backup=True, backend=backend)
+    copy_tensors_(ws, bs, backend=backend)
+    total = sum(kernels.LAUNCHES.values()) - before
+    assert total > 0 and seen["inside"] == total
+    assert seen["devices"] and all(d == ws[0].device for d in seen["devices"])
+
+
+SIZES = (2048, 4101, 32768 + 2048 + 3, 1)  # whole blocks only; blocks + tail; two chunks; tail only
+
+
+def _tensors(n, odd, dtype=torch.float32):
+    """A tensor of ``n`` elements; ``odd``: at an address that is not a multiple of 16 bytes."""
+    if odd:
+        t = torch.randn(n + 1, device=DEVICE, dtype=dtype)[1:]
+    else:
+        t = torch.randn(n, device=DEVICE, dtype=dtype)
+    assert (t.data_ptr() % 16 != 0) == odd
+    return t
+
+
+@pytest.mark.parametrize("odd", [False, True], ids=["aligned", "odd-address"])
+def test_blocks_tails_and_alignment_match_torch_path(backend, odd):
+    if backend not in KERNEL_BACKENDS:
+        pytest.skip("kernel backends only")
+    from fastadv.ops.awp import Tables
+    ws = [_tensors(n, odd) for n in SIZES]
+    gs = [_tensors(n, odd) for n in SIZES]
+    bs = [_tensors(n, odd) for n in SIZES]
+    w0 = [w.clone() for w in ws]
+    tw, tg, tb = [w.clone() for w in ws], [g.clone() for g in gs], [torch.empty_like(w) for w in ws]
+    cache = Tables()
+    for first in (True, False):
+        awp_step_(ws, gs, bs, adv_lr=0.3, adv_eps=0.05, write_backup=first, backend=backend, cache=cache)
+        awp_step_(tw, tg, tb, adv_lr=0.3, adv_eps=0.05, write_backup=first, backend="torch")
+        for a, b in zip(ws, tw):
+            torch.testing.assert_close(a, b, **FP32)
+    tables = list(cache._cache._tables.values())
+    assert tables and all(t.aligned == (not odd) for t in tables)
+    copy_tensors_(ws, bs, backend=backend, cache=cache)
+    assert all(torch.equal(w, b) for w, b in zip(ws, w0))

@@ -804,3 +804,88 @@ def test_gpu_optimizer_under_sync_debug(no_host_sync):
             with no_host_sync():
                 opt.step()
             opt.zero_grad()
+
+
+# ------------------------------------------------------------------ device guard, vector access
+
+
+def record_guards(monkeypatch, module):
+    """Replace ``module.device_guard`` by a recorder of the devices it is entered
+    for and the kernel launches made inside it (Triton launches on the current
+    device: every launch must run under the guard of its tensors' device)."""
+    import contextlib
+
+    import fastadv.kernels as kernels
+    seen = {"devices": [], "inside": 0}
+    real = module.device_guard
+
+    @contextlib.contextmanager
+    def guard(t):
+        seen["devices"].append(t.device)
+        before = sum(kernels.LAUNCHES.values())
+        with real(t):
+            yield
+        seen["inside"] += sum(kernels.LAUNCHES.values()) - before
+
+    monkeypatch.setattr(module, "device_guard", guard)
+    return seen
+
+
+def launches_total():
+    import fastadv.kernels as kernels
+    return sum(kernels.LAUNCHES.values())
+
+
+def odd_or_aligned(shape, odd, device, dtype=torch.float32):
+    """random ``shape``; ``odd``: at an address that is not a multiple of 16 bytes."""
+    if odd:
+        t = torch.randn(math.prod(shape) + 1, device=device, dtype=dtype)[1:].view(shape)
+    else:
+        t = torch.randn(shape, device=device, dtype=dtype)
+    assert (t.data_ptr() % 16 != 0) == odd
+    return t
+
+
+def test_kernel_launches_run_under_the_device_guard(backend, device, monkeypatch):
+    if backend not in KERNEL_BACKENDS:
+        pytest.skip("kernel backends only")
+    seen = record_guards(monkeypatch, ops)
+    gs = grad_samples(3, device=device)
+    before = launches_total()
+    dp.clip_and_noise(gs, 1.0, 1.0, backend=backend)
+    ops.clip_grad_norm_and_noise_([torch.randn(5, device=device)], 1.0, 1.0, backend=backend)
+    total = launches_total() - before
+    assert total > 0 and seen["inside"] == total
+    assert seen["devices"] and all(d == gs[0].device for d in seen["devices"])
+
+
+@pytest.mark.parametrize("case", ["aligned", "odd-rows", "odd-address"])
+def test_blocks_tails_and_alignment(backend, device, case):
+    # per-sample sizes of 2 whole chunks + whole blocks + a tail; rows aligned (n * 4 % 16 == 0)
+    # or not, base addresses aligned or not: the kernels' vector and scalar paths agree with torch
+    if backend not in KERNEL_BACKENDS:
+        pytest.skip("kernel backends only")
+    from fastadv.kernels.triton import dp as tdp
+    from fastadv.kernels.triton.multi_tensor import TableCache
+    n = 4096 * 2 + 1024 * 2 + (5 if case == "odd-rows" else 4)
+    small = 7 if case == "odd-rows" else 8
+    gs = [odd_or_aligned((3, n), case == "odd-address", device), odd_or_aligned((3, small), False, device)]
+    gs[0][1] *= 100.0  # one sample clipped
+    got = dp.clip_and_noise(gs, 1.0, 0.0, expected_batch_size=3, backend=backend)
+    expect = dp.clip_and_noise(gs, 1.0, 0.0, expected_batch_size=3, backend="torch")
+    for g, e in zip(got, expect):
+        torch.testing.assert_close(g, e, **FP32)
+    table = TableCache().get("dp", [[torch.empty(g.shape[1:], device=device) for g in gs]] * 2 + [gs],
+                             chunk=tdp.CHUNK)
+    assert tdp._rows_aligned(table, torch.float32) == (case == "aligned")
+    # with noise: the same key draws the same noise on the vector and the scalar paths
+    twins = [g.clone() for g in gs]  # fresh (aligned) copies
+    a = dp.clip_and_noise(gs, 1.0, 1.0, generator=torch.Generator(device).manual_seed(5), backend=backend)
+    b = dp.clip_and_noise(twins, 1.0, 1.0, generator=torch.Generator(device).manual_seed(5), backend=backend)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, **FP32)
+    seed = [odd_or_aligned((n,), case == "odd-address", device)]
+    t_seed = [seed[0].clone()]
+    ops.clip_grad_norm_and_noise_(seed, 1.0, 0.0, backend=backend)
+    ops.clip_grad_norm_and_noise_(t_seed, 1.0, 0.0, backend="torch")
+    torch.testing.assert_close(seed[0], t_seed[0], **FP32)

@@ -204,3 +204,77 @@ def test_gpu_bf16_model_fp32_shadow(backend, no_host_sync):
         ema.apply_to()
         ema.restore()
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), live))
+
+
+# -- device guard, vector access -------------------------------------------------
+
+
+def record_guards(monkeypatch, module):
+    """Replace ``module.device_guard`` by a recorder of the devices it is entered
+    for and the kernel launches made inside it (Triton launches on the current
+    device: every launch must run under the guard of its tensors' device)."""
+    import contextlib
+
+    import fastadv.kernels as kernels
+    seen = {"devices": [], "inside": 0}
+    real = module.device_guard
+
+    @contextlib.contextmanager
+    def guard(t):
+        seen["devices"].append(t.device)
+        before = sum(kernels.LAUNCHES.values())
+        with real(t):
+            yield
+        seen["inside"] += sum(kernels.LAUNCHES.values()) - before
+
+    monkeypatch.setattr(module, "device_guard", guard)
+    return seen
+
+
+def launches_total():
+    import fastadv.kernels as kernels
+    return sum(kernels.LAUNCHES.values())
+
+
+def odd_or_aligned(n, odd, dtype=torch.float32):
+    """``n`` random elements; ``odd``: at an address that is not a multiple of 16 bytes."""
+    if odd:
+        t = torch.randn(n + 1, device=DEVICE, dtype=dtype)[1:]
+    else:
+        t = torch.randn(n, device=DEVICE, dtype=dtype)
+    assert (t.data_ptr() % 16 != 0) == odd
+    return t
+
+
+def test_kernel_launches_run_under_the_device_guard(backend, monkeypatch):
+    if backend == "torch":
+        pytest.skip("kernel backends only")
+    import fastadv.ops.ema as ops_ema
+    seen = record_guards(monkeypatch, ops_ema)
+    a, x = [torch.zeros(40, device=DEVICE)], [torch.ones(40, device=DEVICE)]
+    before = launches_total()
+    lerp_(a, x, 0.25, backend=backend)
+    lerp_(a, x, count=torch.tensor(3, device=DEVICE), backend=backend)
+    total = launches_total() - before
+    assert total > 0 and seen["inside"] == total
+    assert seen["devices"] and all(d == a[0].device for d in seen["devices"])
+
+
+@pytest.mark.parametrize("odd", [False, True], ids=["aligned", "odd-address"])
+def test_blocks_tails_and_alignment_match_torch_path(backend, odd):
+    if backend == "torch":
+        pytest.skip("kernel backends only")
+    from fastadv.ops.awp import Tables
+    sizes = (2048, 4101, 32768 + 2048 + 3, 1)  # whole blocks; blocks + tail; two chunks; tail only
+    avg = [odd_or_aligned(n, odd) for n in sizes]
+    cur = [odd_or_aligned(n, odd) for n in sizes]
+    t_avg = [a.clone() for a in avg]
+    cache = Tables()
+    lerp_(avg, cur, 0.1, backend=backend, cache=cache)
+    lerp_(t_avg, cur, 0.1, backend="torch")
+    lerp_(avg, cur, count=torch.tensor(2, device=DEVICE), backend=backend, cache=cache)
+    lerp_(t_avg, cur, count=torch.tensor(2, device=DEVICE), backend="torch")
+    for a, b in zip(avg, t_avg):
+        torch.testing.assert_close(a, b, **FP32)
+    tables = list(cache._cache._tables.values())
+    assert tables and all(t.aligned == (not odd) for t in tables)

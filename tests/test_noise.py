@@ -90,6 +90,20 @@ def philox_numpy(seed: int, counters: np.ndarray) -> np.ndarray:
     return np.stack([c0, c1, c2, c3]).astype(np.uint32)
 
 
+def _randint4x_before_3_4():
+    """``tl.randint4x`` as Triton < 3.4 had it: an int64 offset runs 64-bit Philox."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def randint4x(seed, offset, n_rounds: tl.constexpr = 10):
+        _0 = offset * 0
+        return tl.philox(seed, offset, _0, _0, _0, n_rounds)
+
+    randint4x.fn.__globals__.setdefault("tl", tl)  # the interpreter looks for triton.language there
+    return randint4x
+
+
 @pytest.fixture
 def rng():
     pytest.importorskip("triton")
@@ -123,6 +137,21 @@ def test_stream_layout_and_conversions(rng):
     z = np.empty_like(w)
     z[:, 0::2], z[:, 1::2] = r * np.cos(theta), r * np.sin(theta)
     np.testing.assert_allclose(normals.cpu().numpy().reshape(2, 4, q_), z, rtol=1e-5, atol=1e-5)
+    assert float(uniforms.min()) >= 0 and float(uniforms.max()) < 1
+
+
+def test_stream_does_not_depend_on_randint4x(rng, monkeypatch):
+    # Before Triton 3.4, tl.randint4x ran 64-bit Philox on an int64 offset (uint64
+    # words: uniforms > 1, NaN normals).  Counters are int64, so the kernels split
+    # them into 32-bit words themselves: with randint4x replaced by the old
+    # behaviour the stream (counters above 2^32 included) must not change.
+    import triton.language as tl
+    monkeypatch.setattr(tl, "randint4x", _randint4x_before_3_4())
+    seed, base = 0x0BAD_5EED_0001, 2 ** 33 - 5  # the counters cross 2^33
+    words, normals, uniforms = rng.probe(torch.tensor([seed, base], dtype=torch.int64, device=DEVICE))
+    expect = philox_numpy(seed, base + np.arange(rng.QUARTER)).reshape(-1)
+    assert np.array_equal(words.cpu().numpy().astype(np.uint32), expect)
+    assert bool(torch.isfinite(normals).all())
     assert float(uniforms.min()) >= 0 and float(uniforms.max()) < 1
 
 
@@ -693,3 +722,123 @@ def test_gpu_cuda_and_triton_draw_the_same_noise():
             assert float((a != c).double().mean()) < 1e-4  # a rounding flip at a truncation boundary, rarely
         else:
             torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5)
+
+
+# ---- device guard, rounding, vector access ---------------------------------------------------------
+
+
+def record_guards(monkeypatch, module):
+    """Replace ``module.device_guard`` by a recorder of the devices it is entered
+    for and the kernel launches made inside it (Triton launches on the current
+    device: every launch must run under the guard of its tensors' device)."""
+    import contextlib
+
+    import fastadv.kernels as kernels
+    seen = {"devices": [], "inside": 0}
+    real = module.device_guard
+
+    @contextlib.contextmanager
+    def guard(t):
+        seen["devices"].append(t.device)
+        before = sum(kernels.LAUNCHES.values())
+        with real(t):
+            yield
+        seen["inside"] += sum(kernels.LAUNCHES.values()) - before
+
+    monkeypatch.setattr(module, "device_guard", guard)
+    return seen
+
+
+def launches_total():
+    import fastadv.kernels as kernels
+    return sum(kernels.LAUNCHES.values())
+
+
+def odd_or_aligned(n, odd, dtype=torch.float32):
+    """``n`` random elements; ``odd``: at an address that is not a multiple of 16 bytes."""
+    t = torch.randn(n + 1, device=DEVICE, dtype=dtype)[1:] if odd else torch.randn(n, device=DEVICE, dtype=dtype)
+    assert (t.data_ptr() % 16 != 0) == odd
+    return t
+
+
+def test_kernel_launches_run_under_the_device_guard(backend, monkeypatch):
+    if backend == "torch":
+        pytest.skip("kernel backends only")
+    seen = record_guards(monkeypatch, ops)
+    x = torch.randn(2, 3, 8, device=DEVICE)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]], device=DEVICE)
+    ws = [torch.randn(n, device=DEVICE) for n in (5, 4100)]
+    before = launches_total()
+    ops.add_gaussian_noise(x, 0.1, backend=backend)
+    ops.add_gaussian_noise_(x.clone(), 0.1, backend=backend)
+    ops.neftune(x, 5.0, backend=backend)
+    ops.neftune(x, 5.0, mask, backend=backend)
+    ops.noisy_token_ids(torch.randint(0, 50, (3, 4), device=DEVICE), 0.5, 50, backend=backend)
+    ops.weight_noise_restore_(ops.weight_noise_(ws, 0.1, backend=backend))
+    total = launches_total() - before
+    assert total >= 8 and seen["inside"] == total
+    assert seen["devices"] and all(d == x.device for d in seen["devices"])
+
+
+class LaunchSpy:
+    """Stands in for a Triton kernel: records the keyword arguments of each launch."""
+
+    def __init__(self, kernel):
+        self.kernel, self.kwargs = kernel, []
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def run(*args, **kw):
+            self.kwargs.append(kw)
+            return launch(*args, **kw)
+        return run
+
+
+def test_noise_launches_disable_fp_fusion(rng, monkeypatch):
+    # x + r * s must round twice on the GPU too (no FMA): as under the interpreter and in the
+    # torch order.  The interpreter cannot show an FMA, so check the launch option itself.
+    from fastadv.kernels.triton import noise as tk
+    names = ("_add_noise_kernel", "_token_ids_kernel", "_weight_noise_kernel", "_sift_init_kernel",
+             "_sift_update_kernel")
+    spies = {n: LaunchSpy(getattr(tk, n)) for n in names}
+    for n, spy in spies.items():
+        monkeypatch.setattr(tk, n, spy)
+    x = torch.randn(3, 8, device=DEVICE)
+    ops.add_gaussian_noise(x, 0.1, backend="triton")
+    ops.neftune(x, 5.0, torch.ones(3, device=DEVICE), backend="triton")
+    ops.noisy_token_ids(torch.randint(0, 50, (3, 4), device=DEVICE), 0.5, 50, backend="triton")
+    ops.weight_noise_restore_(ops.weight_noise_([x.clone()], 0.1, backend="triton"))
+    delta, _ = ops.sift_init(x, 0.01, backend="triton")
+    ops.sift_update_(x, delta, torch.randn_like(x), 0.1, backend="triton")
+    for n, spy in spies.items():
+        assert len(spy.kwargs) >= 1 and all(kw.get("enable_fp_fusion") is False for kw in spy.kwargs), n
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_weight_noise_vector_and_scalar_paths_agree(backend, dtype):
+    # Tensors at odd addresses (a view one element into a buffer) run the scalar path,
+    # fresh tensors the vector path; sizes cover whole chunks and tails.  The same key
+    # must give the same values, and the restore must be bit-exact on both.
+    if backend == "torch":
+        pytest.skip("kernel backends only")
+    sizes = (ops.CHUNK, 2 * ops.CHUNK + 7, 5)
+    odd = [odd_or_aligned(n, True, dtype) for n in sizes]
+    aligned = [t.clone() for t in odd]
+    assert ops.mt_table(odd)[3] is False and ops.mt_table(aligned)[3] is True
+    meta, n_chunks, total, _ = ops.mt_table(aligned)
+    offsets = meta[3 * len(sizes): 4 * len(sizes)].tolist()
+    assert offsets == [0, ops.CHUNK, 3 * ops.CHUNK + 16] and total == 3 * ops.CHUNK + 32
+    before = [t.clone() for t in odd]
+    states = []
+    for ts in (odd, aligned):
+        states.append(ops.weight_noise_(ts, 0.5, generator=torch.Generator(DEVICE).manual_seed(3),
+                                        backend=backend))
+    for a, b, w in zip(odd, aligned, before):
+        assert torch.equal(a, b) and not torch.equal(a, w)
+    for s in states:
+        ops.weight_noise_restore_(s)
+    for ts in (odd, aligned):
+        for t, w in zip(ts, before):
+            assert torch.equal(t.view(torch.int16 if dtype == torch.float16 else torch.int32),
+                               w.view(torch.int16 if dtype == torch.float16 else torch.int32))

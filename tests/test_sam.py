@@ -250,3 +250,80 @@ def test_gpu_bf16_against_torch_path(backend, no_host_sync):
     with no_host_sync():
         opt.restore()
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+# -- device guard, vector access -------------------------------------------------
+
+
+def record_guards(monkeypatch, module):
+    """Replace ``module.device_guard`` by a recorder of the devices it is entered
+    for and the kernel launches made inside it (Triton launches on the current
+    device: every launch must run under the guard of its tensors' device)."""
+    import contextlib
+
+    import fastadv.kernels as kernels
+    seen = {"devices": [], "inside": 0}
+    real = module.device_guard
+
+    @contextlib.contextmanager
+    def guard(t):
+        seen["devices"].append(t.device)
+        before = sum(kernels.LAUNCHES.values())
+        with real(t):
+            yield
+        seen["inside"] += sum(kernels.LAUNCHES.values()) - before
+
+    monkeypatch.setattr(module, "device_guard", guard)
+    return seen
+
+
+def launches_total():
+    import fastadv.kernels as kernels
+    return sum(kernels.LAUNCHES.values())
+
+
+def odd_or_aligned(n, odd, dtype=torch.float32):
+    """``n`` random elements; ``odd``: at an address that is not a multiple of 16 bytes."""
+    if odd:
+        t = torch.randn(n + 1, device=DEVICE, dtype=dtype)[1:]
+    else:
+        t = torch.randn(n, device=DEVICE, dtype=dtype)
+    assert (t.data_ptr() % 16 != 0) == odd
+    return t
+
+
+def test_kernel_launches_run_under_the_device_guard(backend, monkeypatch):
+    if backend == "torch":
+        pytest.skip("kernel backends only")
+    import fastadv.ops.sam as ops_sam
+    seen = record_guards(monkeypatch, ops_sam)
+    ws = [torch.randn(n, device=DEVICE) for n in (5, 300)]
+    gs, bs = [torch.randn_like(w) for w in ws], [torch.empty_like(w) for w in ws]
+    before = launches_total()
+    sam_perturb_(ws, gs, bs, [0.1, 0.1], [False, True], backend=backend)
+    total = launches_total() - before
+    assert total > 0 and seen["inside"] == total
+    assert seen["devices"] and all(d == ws[0].device for d in seen["devices"])
+
+
+@pytest.mark.parametrize("odd", [False, True], ids=["aligned", "odd-address"])
+def test_blocks_tails_and_alignment_match_torch_path(backend, odd):
+    if backend == "torch":
+        pytest.skip("kernel backends only")
+    from fastadv.ops.awp import Tables
+    sizes = (2048, 4101, 32768 + 2048 + 3, 1)  # whole blocks; blocks + tail; two chunks; tail only
+    ws = [odd_or_aligned(n, odd) for n in sizes]
+    gs = [odd_or_aligned(n, odd) for n in sizes]
+    bs = [odd_or_aligned(n, odd) for n in sizes]
+    w0 = [w.clone() for w in ws]
+    tw, tb = [w.clone() for w in ws], [torch.empty_like(w) for w in ws]
+    cache = Tables()
+    rhos, adaptive = [0.05, 0.05, 0.1, 0.1], [True, True, False, False]
+    norm = sam_perturb_(ws, gs, bs, rhos, adaptive, backend=backend, cache=cache)
+    tnorm = sam_perturb_(tw, [g.clone() for g in gs], tb, rhos, adaptive, backend="torch")
+    torch.testing.assert_close(norm, tnorm, **FP32)
+    for a, b in zip(ws, tw):
+        torch.testing.assert_close(a, b, **FP32)
+    assert all(torch.equal(b, w) for b, w in zip(bs, w0))
+    tables = list(cache._cache._tables.values())
+    assert tables and all(t.aligned == (not odd) for t in tables)

@@ -269,3 +269,46 @@ def test_gpu_low_precision_input(backend, dtype):
     assert bool(ok)
     torch.testing.assert_close(delta, expect, **FP32)
     torch.testing.assert_close(pert, (x.float() + expect).to(dtype), rtol=0, atol=0)
+
+
+# ---- device guard -----------------------------------------------------------------------------------
+
+
+def record_guards(monkeypatch, module):
+    """Replace ``module.device_guard`` by a recorder of the devices it is entered
+    for and the kernel launches made inside it (Triton launches on the current
+    device: every launch must run under the guard of its tensors' device)."""
+    import contextlib
+
+    import fastadv.kernels as kernels
+    seen = {"devices": [], "inside": 0}
+    real = module.device_guard
+
+    @contextlib.contextmanager
+    def guard(t):
+        seen["devices"].append(t.device)
+        before = sum(kernels.LAUNCHES.values())
+        with real(t):
+            yield
+        seen["inside"] += sum(kernels.LAUNCHES.values()) - before
+
+    monkeypatch.setattr(module, "device_guard", guard)
+    return seen
+
+
+def launches_total():
+    import fastadv.kernels as kernels
+    return sum(kernels.LAUNCHES.values())
+
+
+def test_kernel_launches_run_under_the_device_guard(backend, monkeypatch):
+    if backend == "torch":
+        pytest.skip("kernel backends only")
+    seen = record_guards(monkeypatch, ops)
+    x = torch.randn(4, 6, device=DEVICE)
+    before = launches_total()
+    delta, _ = ops.sift_init(x, 0.01, backend=backend)
+    ops.sift_update_(x, delta, torch.randn_like(x), 0.1, backend=backend)
+    total = launches_total() - before
+    assert total >= 4 and seen["inside"] == total
+    assert seen["devices"] and all(d == x.device for d in seen["devices"])

@@ -36,6 +36,7 @@ import numbers
 import torch
 
 from .. import _backend
+from ..kernels import device_guard
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -159,7 +160,8 @@ def fgsm_step_(adv: torch.Tensor, grad: torch.Tensor, alpha: float, *, out: torc
     if name == "torch":
         target.copy_(torch.clamp(_f32(adv) + alpha * _f32(grad).sign(), min=0, max=1))
         return target
-    _kernels(name).linf_step(_flat(adv), None, _flat(_like(grad, adv)), _flat(target), alpha, 0.0)
+    with device_guard(adv):
+        _kernels(name).linf_step(_flat(adv), None, _flat(_like(grad, adv)), _flat(target), alpha, 0.0)
     return target
 
 
@@ -174,8 +176,9 @@ def pgd_step_(adv: torch.Tensor, images: torch.Tensor, grad: torch.Tensor, alpha
         a = _f32(adv) + alpha * _f32(grad).sign()
         target.copy_(_linf_project(a, _f32(images), eps))
         return target
-    _kernels(name).linf_step(_flat(adv), _flat(_like(images, adv)), _flat(_like(grad, adv)),
-                             _flat(target), alpha, eps)
+    with device_guard(adv):
+        _kernels(name).linf_step(_flat(adv), _flat(_like(images, adv)), _flat(_like(grad, adv)),
+                                 _flat(target), alpha, eps)
     return target
 
 
@@ -198,8 +201,9 @@ def pgdl2_step_(adv: torch.Tensor, images: torch.Tensor, grad: torch.Tensor, alp
         factor = torch.min(eps / dn, torch.ones_like(dn))
         target.copy_(torch.clamp(x + delta * factor, min=0, max=1))
         return target
-    _kernels(name).l2_step(_flat(adv), _flat(_like(images, adv)), _flat(_like(grad, adv)),
-                           _flat(target), alpha, eps, eps_div)
+    with device_guard(adv):
+        _kernels(name).l2_step(_flat(adv), _flat(_like(images, adv)), _flat(_like(grad, adv)),
+                               _flat(target), alpha, eps, eps_div)
     return target
 
 
@@ -228,8 +232,9 @@ def mifgsm_step_(adv: torch.Tensor, images: torch.Tensor, grad: torch.Tensor, mo
         a = _f32(adv) + alpha * m.sign()
         target.copy_(_linf_project(a, _f32(images), eps))
         return target
-    _kernels(name).momentum_step(_flat(adv), _flat(_like(images, adv)), _flat(_like(grad, adv)),
-                                 _flat(momentum), _flat(target), alpha, eps, decay, bool(first))
+    with device_guard(adv):
+        _kernels(name).momentum_step(_flat(adv), _flat(_like(images, adv)), _flat(_like(grad, adv)),
+                                     _flat(momentum), _flat(target), alpha, eps, decay, bool(first))
     return target
 
 

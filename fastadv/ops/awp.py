@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from .. import _backend
+from ..kernels import device_guard
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 AWP_EPS = 1e-6
@@ -126,6 +127,12 @@ def choose(backend: str | None, device, lists, same_dtype: bool = True):
     return name, fast, slow
 
 
+def device_of(lists, idx) -> torch.Tensor:
+    """A tensor of the kernel group, for :func:`fastadv.kernels.device_guard`
+    (Triton launches on the current CUDA device)."""
+    return lists[0][idx[0]]
+
+
 def pick(lst, idx):
     return [lst[i] for i in idx]
 
@@ -161,14 +168,15 @@ def awp_step_(weights, grads, backups, *, adv_lr: float, adv_eps: float, write_b
     lr, eps = float(adv_lr), float(adv_eps)
     name, fast, slow = choose(backend, device, lists)
     if fast:
-        k = kernels(name)
-        cache = _cache(cache)
-        for dtype, pos in group([lists[0][i].dtype for i in fast]).items():
-            idx = pick(fast, pos)
-            table = cache.get("awp", [pick(lst, idx) for lst in lists])
-            norms = torch.empty(2 * max(len(idx), 1), dtype=torch.float32, device=device)
-            k.awp_norms(table, dtype, norms)
-            k.awp_update(table, dtype, norms, lr, eps, write_backup)
+        with device_guard(device_of(lists, fast)):
+            k = kernels(name)
+            cache = _cache(cache)
+            for dtype, pos in group([lists[0][i].dtype for i in fast]).items():
+                idx = pick(fast, pos)
+                table = cache.get("awp", [pick(lst, idx) for lst in lists])
+                norms = torch.empty(2 * max(len(idx), 1), dtype=torch.float32, device=device)
+                k.awp_norms(table, dtype, norms)
+                k.awp_update(table, dtype, norms, lr, eps, write_backup)
     if slow:
         for pos in group([lists[0][i].dtype for i in slow]).values():
             idx = pick(slow, pos)
@@ -207,13 +215,14 @@ def copy_tensors_(dst, src, *, backend: str | None = None, cache=None) -> None:
     device = check_lists(lists, ("dst", "src"))
     name, fast, slow = choose(backend, device, lists, same_dtype=False)
     if fast:
-        k = kernels(name)
-        cache = _cache(cache)
-        keys = [(lists[0][i].dtype, lists[1][i].dtype) for i in fast]
-        for (dt_d, dt_s), pos in group(keys).items():
-            idx = pick(fast, pos)
-            table = cache.get("copy", [pick(lst, idx) for lst in lists])
-            k.copy(table, 0, 1, dt_d, dt_s)
+        with device_guard(device_of(lists, fast)):
+            k = kernels(name)
+            cache = _cache(cache)
+            keys = [(lists[0][i].dtype, lists[1][i].dtype) for i in fast]
+            for (dt_d, dt_s), pos in group(keys).items():
+                idx = pick(fast, pos)
+                table = cache.get("copy", [pick(lst, idx) for lst in lists])
+                k.copy(table, 0, 1, dt_d, dt_s)
     if slow:
         torch._foreach_copy_(pick(lists[0], slow), pick(lists[1], slow))
 

@@ -44,6 +44,7 @@ from typing import Sequence
 import torch
 
 from .. import _backend
+from ..kernels import device_guard
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 CHUNK = 4 * 1024          # elements per work item, rng.CHUNK
@@ -270,7 +271,8 @@ def fused_clip_noise(grad_samples, *, max_grad_norm: float, std: float, summed=N
     if name == "torch":
         _torch_fused(gs, shapes, **args)
     else:
-        _kernel_fused(name, [g if g.is_contiguous() else g.contiguous() for g in gs], shapes, **args)
+        with device_guard(ref):
+            _kernel_fused(name, [g if g.is_contiguous() else g.contiguous() for g in gs], shapes, **args)
     if count is not None and count is not nonfinite_count and nonfinite_count is not None:
         nonfinite_count.add_(count)
     return (out if write_out else None), (summed if write_summed else None)
@@ -479,27 +481,28 @@ def clip_grad_norm_and_noise_(grads: Sequence[torch.Tensor], max_norm: float, no
     if name == "torch":
         _torch_seed(gs, max_norm, sigma, generator)
         return
-    k = _kernels(name)
-    cache = _cache()
-    groups: dict = {}
-    for i, g in enumerate(gs):
-        groups.setdefault(g.dtype, []).append(i)
-    tables = [(cache.get("dp_seed", [[gs[i] for i in idx]], chunk=CHUNK), dtype)
-              for dtype, idx in groups.items()]
-    n_parts = sum(t.n_chunks for t, _ in tables)
-    partials = torch.empty(n_parts, dtype=torch.float32, device=device) if n_parts else \
-        torch.zeros(1, dtype=torch.float32, device=device)
-    col = 0
-    for table, dtype in tables:
-        k.seed_sumsq(table, dtype, partials, col)
-        col += table.n_chunks
-    norm = torch.empty(1, dtype=torch.float32, device=device)
-    k.global_norm(partials, n_parts, norm)
-    key = new_key(device, generator) if sigma != 0 else None
-    chunk0 = 0
-    for table, dtype in tables:
-        k.seed_update(table, dtype, norm, key, max_norm, sigma, chunk0)
-        chunk0 += table.n_chunks
+    with device_guard(gs[0]):
+        k = _kernels(name)
+        cache = _cache()
+        groups: dict = {}
+        for i, g in enumerate(gs):
+            groups.setdefault(g.dtype, []).append(i)
+        tables = [(cache.get("dp_seed", [[gs[i] for i in idx]], chunk=CHUNK), dtype)
+                  for dtype, idx in groups.items()]
+        n_parts = sum(t.n_chunks for t, _ in tables)
+        partials = torch.empty(n_parts, dtype=torch.float32, device=device) if n_parts else \
+            torch.zeros(1, dtype=torch.float32, device=device)
+        col = 0
+        for table, dtype in tables:
+            k.seed_sumsq(table, dtype, partials, col)
+            col += table.n_chunks
+        norm = torch.empty(1, dtype=torch.float32, device=device)
+        k.global_norm(partials, n_parts, norm)
+        key = new_key(device, generator) if sigma != 0 else None
+        chunk0 = 0
+        for table, dtype in tables:
+            k.seed_update(table, dtype, norm, key, max_norm, sigma, chunk0)
+            chunk0 += table.n_chunks
 
 
 def _torch_seed(gs, max_norm, sigma, generator) -> None:

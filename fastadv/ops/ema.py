@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from .awp import _cache, check_lists, choose, f32, group, kernels, pick
+from ..kernels import device_guard
+from .awp import _cache, check_lists, choose, device_of, f32, group, kernels, pick
 
 
 def lerp_(averages, currents, weight: float | None = None, *, count: torch.Tensor | None = None,
@@ -30,13 +31,14 @@ def lerp_(averages, currents, weight: float | None = None, *, count: torch.Tenso
         count = count.detach().reshape(()).to(device=device, dtype=torch.int64)
     name, fast, slow = choose(backend, device, lists, same_dtype=False)
     if fast:
-        k = kernels(name)
-        cache = _cache(cache)
-        keys = [(lists[0][i].dtype, lists[1][i].dtype) for i in fast]
-        for (dt_a, dt_x), pos in group(keys).items():
-            idx = pick(fast, pos)
-            table = cache.get("lerp", [pick(lst, idx) for lst in lists])
-            k.lerp(table, dt_a, dt_x, 0.0 if weight is None else float(weight), count)
+        with device_guard(device_of(lists, fast)):
+            k = kernels(name)
+            cache = _cache(cache)
+            keys = [(lists[0][i].dtype, lists[1][i].dtype) for i in fast]
+            for (dt_a, dt_x), pos in group(keys).items():
+                idx = pick(fast, pos)
+                table = cache.get("lerp", [pick(lst, idx) for lst in lists])
+                k.lerp(table, dt_a, dt_x, 0.0 if weight is None else float(weight), count)
     if slow:
         keys = [(lists[0][i].dtype, lists[1][i].dtype) for i in slow]
         for pos in group(keys).values():

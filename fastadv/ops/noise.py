@@ -22,6 +22,7 @@ import math
 import torch
 
 from .. import _backend
+from ..kernels import device_guard
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 QUARTER = 1024            # Philox counters per chunk (rng.QUARTER, csrc/rng.cuh kQuarter)
@@ -137,7 +138,8 @@ def _gaussian_out(x, std, generator, name, out=None):
         return _torch_noisy(x, z.mul_(std), inplace=out is not None)
     if out is None:
         out = torch.empty_like(x)
-    _kernels(name).add_noise(x, out, _new_key(x.device, generator), std)
+    with device_guard(x):
+        _kernels(name).add_noise(x, out, _new_key(x.device, generator), std)
     return out
 
 
@@ -211,17 +213,18 @@ def neftune(embeds: torch.Tensor, alpha: float, attention_mask: torch.Tensor | N
         x = x.contiguous()
         out = torch.empty_like(x)
         k = _kernels(name)
-        key = _new_key(x.device, generator)
-        if mask is None:
-            scale = alpha / math.sqrt(seq_len * dim) if seq_len * dim else 0.0
-            k.add_noise(x, out, key, scale, uniform=True)
-        else:
-            m = mask.contiguous()
-            if m.dtype == torch.bool:
-                m = m.view(torch.uint8)
-            row_scale = torch.empty((batch, seq_len), dtype=torch.float32, device=x.device)
-            k.neftune_scale(m, row_scale, alpha / math.sqrt(dim) if dim else 0.0)
-            k.add_noise(x, out, key, 1.0, uniform=True, row_scale=row_scale, row_len=dim)
+        with device_guard(x):
+            key = _new_key(x.device, generator)
+            if mask is None:
+                scale = alpha / math.sqrt(seq_len * dim) if seq_len * dim else 0.0
+                k.add_noise(x, out, key, scale, uniform=True)
+            else:
+                m = mask.contiguous()
+                if m.dtype == torch.bool:
+                    m = m.view(torch.uint8)
+                row_scale = torch.empty((batch, seq_len), dtype=torch.float32, device=x.device)
+                k.neftune_scale(m, row_scale, alpha / math.sqrt(dim) if dim else 0.0)
+                k.add_noise(x, out, key, 1.0, uniform=True, row_scale=row_scale, row_len=dim)
         return out
 
     return _with_identity_grad(embeds, compute)
@@ -249,7 +252,8 @@ def noisy_token_ids(input_ids: torch.Tensor, noise_factor: float, vocab_size: in
         return (input_ids.float() + z * noise_factor).long().clamp(min=0, max=vocab_size - 1)
     ids = input_ids.contiguous()
     out = torch.empty_like(ids)
-    _kernels(name).token_ids(ids, out, _new_key(ids.device, generator), noise_factor, vocab_size)
+    with device_guard(ids):
+        _kernels(name).token_ids(ids, out, _new_key(ids.device, generator), noise_factor, vocab_size)
     return out
 
 
@@ -305,10 +309,13 @@ def weight_noise_(tensors: list[torch.Tensor], std: float, *, generator: torch.G
                         z = torch.randn(t.shape, dtype=_opmath(t.dtype), device=device, generator=gen)
                         _torch_noisy(t, z.mul_(std), inplace=True)
                     continue
-                meta, n_chunks, total = mt_table(group)
+                meta, n_chunks, total, aligned = mt_table(group)
                 backup = torch.empty(total, dtype=group[0].dtype, device=device)
-                _kernels(name).weight_noise(meta, len(group), n_chunks, backup, _new_key(device, gen), std)
-                state.groups.append((name, group, (backup, meta, n_chunks)))
+                kw = _aligned_kw(name, aligned, backup)
+                with device_guard(backup):
+                    _kernels(name).weight_noise(meta, len(group), n_chunks, backup, _new_key(device, gen),
+                                                std, **kw)
+                state.groups.append((name, group, (backup, meta, n_chunks, kw)))
                 _bump_versions(group)
     except BaseException:
         weight_noise_restore_(state)  # the groups already perturbed go back before the error leaves
@@ -324,23 +331,38 @@ def weight_noise_restore_(state: WeightNoiseBackup) -> None:
                 for t, b in zip(group, backup):
                     t.copy_(b)
             else:
-                flat, meta, n_chunks = backup
-                _kernels(name).weight_restore(meta, len(group), n_chunks, flat)
+                flat, meta, n_chunks, kw = backup
+                with device_guard(flat):
+                    _kernels(name).weight_restore(meta, len(group), n_chunks, flat, **kw)
                 _bump_versions(group)
     state.groups = []
 
 
-def mt_table(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, int, int]:
+def _aligned_kw(name: str, aligned: bool, backup: torch.Tensor) -> dict:
+    """The triton launchers' ``aligned=`` flag: every tensor address (checked by
+    :func:`mt_table`) and the backup buffer are multiples of 16 bytes (the
+    backup offsets are multiples of :data:`BACKUP_ALIGN` elements)."""
+    if name != "triton":
+        return {}
+    return {"aligned": bool(aligned) and backup.data_ptr() % 16 == 0}
+
+
+BACKUP_ALIGN = 16  # elements: each tensor's slice of the flat backup starts on a multiple
+
+
+def mt_table(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, int, int, bool]:
     """The multi-tensor work list of contiguous tensors of one dtype and device
-    (shared by the triton and cuda launchers): ``(meta, chunks, total numel)``.
+    (shared by the triton and cuda launchers): ``(meta, chunks, backup numel,
+    aligned)``; ``aligned``: every tensor's address is a multiple of 16 bytes.
 
     ``meta`` (int64, on the device): ``[ptr | numel | first chunk | backup
     offset]`` per tensor (``4 * T`` values), then the tensor index of every
     chunk of :data:`CHUNK` elements.  Chunks are numbered across the tensors,
     and chunk ``c`` draws Philox counters ``base + c * QUARTER + j``, so no two
-    tensors share counters.  Cached by (device, dtype, pointers, sizes): after
-    the first call nothing is copied; the first copy goes through pinned
-    memory, non-blocking (no host sync)."""
+    tensors share counters.  Backup offsets are multiples of
+    :data:`BACKUP_ALIGN` elements (aligned vector access).  Cached by (device,
+    dtype, pointers, sizes): after the first call nothing is copied; the first
+    copy goes through pinned memory, non-blocking (no host sync)."""
     device = tensors[0].device
     ptrs = tuple(t.data_ptr() for t in tensors)
     numels = tuple(t.numel() for t in tensors)
@@ -357,10 +379,10 @@ def mt_table(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, int, int]:
         c = -(-n // CHUNK)
         owner += [i] * c
         chunk += c
-        offset += n
+        offset += -(-n // BACKUP_ALIGN) * BACKUP_ALIGN
     host = torch.tensor(list(ptrs) + list(numels) + firsts + offsets + owner, dtype=torch.int64)
     meta = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
-    entry = (meta, chunk, offset)
+    entry = (meta, chunk, offset, all(p % 16 == 0 for p in ptrs))
     _TABLES[cache_key] = entry
     while len(_TABLES) > _TABLES_MAX:
         _TABLES.pop(next(iter(_TABLES)))
@@ -392,7 +414,8 @@ def sift_init(x: torch.Tensor, init_perturbation: float, *, out: torch.Tensor | 
             return delta, (x.to(torch.float32) + delta).to(x.dtype)
         x = x.contiguous()
         pert = torch.empty_like(x)
-        _kernels(name).sift_init(x, delta, pert, _new_key(x.device, generator), ip)
+        with device_guard(x):
+            _kernels(name).sift_init(x, delta, pert, _new_key(x.device, generator), ip)
         return delta, pert
 
 
@@ -423,7 +446,8 @@ def sift_update_(x: torch.Tensor, delta: torch.Tensor, grad: torch.Tensor, learn
         cols = x.shape[-1] if x.dim() else 1
         x2 = x.contiguous().view(-1, cols)
         pert = torch.empty_like(x2)
-        ok = _kernels(name).sift_update(x2, delta.view(-1, cols), g.contiguous().view(-1, cols), pert, lr)
+        with device_guard(x2):
+            ok = _kernels(name).sift_update(x2, delta.view(-1, cols), g.contiguous().view(-1, cols), pert, lr)
         return pert.view(x.shape), ok
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels import device_guard
 from .awp import _cache, check_lists, choose, f32, group, kernels, pick
 
 SAM_EPS = 1e-12
@@ -36,22 +37,23 @@ def sam_perturb_(weights, grads, backups, rhos, adaptives, *, backend: str | Non
     name, fast, slow = choose(backend, device, lists)
     if slow:  # one global norm: all tensors on one path
         return _torch_sam(*lists, rhos, adaptives)
-    k = kernels(name)
-    cache = _cache(cache)
-    keys = [(lists[0][i].dtype, rhos[i], adaptives[i]) for i in range(len(rhos))]
-    buckets = []
-    for (dtype, rho, adaptive), idx in group(keys).items():
-        buckets.append((dtype, rho, adaptive, cache.get("sam", [pick(lst, idx) for lst in lists])))
-    total = sum(b[3].n_chunks for b in buckets)
-    partials = torch.empty(max(total, 1), dtype=torch.float32, device=device)
-    offset = 0
-    for dtype, _, adaptive, table in buckets:
-        k.sam_sumsq(table, dtype, partials[offset: offset + max(table.n_chunks, 1)], adaptive)
-        offset += table.n_chunks
-    norm = torch.empty(1, dtype=torch.float32, device=device)
-    k.global_norm(partials, total, norm)
-    for dtype, rho, adaptive, table in buckets:
-        k.sam_update(table, dtype, norm, rho, adaptive)
+    with device_guard(lists[0][0]):
+        k = kernels(name)
+        cache = _cache(cache)
+        keys = [(lists[0][i].dtype, rhos[i], adaptives[i]) for i in range(len(rhos))]
+        buckets = []
+        for (dtype, rho, adaptive), idx in group(keys).items():
+            buckets.append((dtype, rho, adaptive, cache.get("sam", [pick(lst, idx) for lst in lists])))
+        total = sum(b[3].n_chunks for b in buckets)
+        partials = torch.empty(max(total, 1), dtype=torch.float32, device=device)
+        offset = 0
+        for dtype, _, adaptive, table in buckets:
+            k.sam_sumsq(table, dtype, partials[offset: offset + max(table.n_chunks, 1)], adaptive)
+            offset += table.n_chunks
+        norm = torch.empty(1, dtype=torch.float32, device=device)
+        k.global_norm(partials, total, norm)
+        for dtype, rho, adaptive, table in buckets:
+            k.sam_update(table, dtype, norm, rho, adaptive)
     return norm[0]
 
 

@@ -19,6 +19,10 @@ rounded once on store; the MI-FGSM momentum is an fp32 buffer.  ``out`` may be
 * ``momentum_step``: pass 1 per-chunk partial sums of ``|g|``; pass 2 the
   sample's L1 mean, ``m <- g/mean + decay*m`` (in place) and the L-inf step on
   ``sign(m)``.  ``first=True`` does not read ``m`` (it is taken as 0).
+
+The update launches pass ``enable_fp_fusion=False``: ``a + b * c`` is rounded
+twice, as in the reference's order, the interpreter and the CUDA twin
+(``__fmul_rn`` / ``__fadd_rn``), instead of becoming an FMA on the GPU.
 """
 import torch
 import triton
@@ -167,7 +171,7 @@ def linf_step(adv: torch.Tensor, x: torch.Tensor | None, g: torch.Tensor, out: t
         return
     _linf_step_kernel[(triton.cdiv(numel, BLOCK),)](
         adv, adv if x is None else x, g, out, numel, float(alpha), float(eps),
-        PROJECT=x is not None, BLOCK=BLOCK, num_warps=NUM_WARPS)
+        PROJECT=x is not None, BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False)
     count_launch("triton.attack_linf_step")
 
 
@@ -181,7 +185,8 @@ def l2_step(adv: torch.Tensor, x: torch.Tensor, g: torch.Tensor, out: torch.Tens
     part = torch.empty(3 * batch * chunks, dtype=torch.float32, device=adv.device)
     _l2_partials_kernel[grid](adv, x, g, part, per_sample, chunks, BLOCK=BLOCK, num_warps=NUM_WARPS)
     _l2_update_kernel[grid](adv, x, g, out, part, per_sample, chunks, float(alpha), float(eps),
-                            float(eps_div), BLOCK=BLOCK, PBLOCK=_pblock(chunks), num_warps=NUM_WARPS)
+                            float(eps_div), BLOCK=BLOCK, PBLOCK=_pblock(chunks), num_warps=NUM_WARPS,
+                            enable_fp_fusion=False)
     count_launch("triton.attack_l2_partials")
     count_launch("triton.attack_l2_update")
 
@@ -199,6 +204,6 @@ def momentum_step(adv: torch.Tensor, x: torch.Tensor, g: torch.Tensor, momentum:
     _momentum_update_kernel[grid](adv, x, g, momentum, out, part, per_sample, chunks, float(per_sample),
                                   float(alpha),
                                   float(eps), float(decay), FIRST=bool(first), BLOCK=BLOCK,
-                                  PBLOCK=_pblock(chunks), num_warps=NUM_WARPS)
+                                  PBLOCK=_pblock(chunks), num_warps=NUM_WARPS, enable_fp_fusion=False)
     count_launch("triton.attack_abs_partials")
     count_launch("triton.attack_momentum_update")

@@ -44,7 +44,7 @@ import triton.language as tl
 from .. import count_launch
 from . import multi_tensor as mt
 from . import rng
-from .multi_tensor import tensor_ptr, work_item
+from .multi_tensor import full_blocks, load, store, tensor_ptr, work_item
 
 QUARTER = rng.QUARTER
 CHUNK = rng.CHUNK            # elements per work item: one Philox chunk (4 quarters)
@@ -60,19 +60,37 @@ STREAM_STRIDE = 2 ** 61      # secure mode: stream k uses seed + k * 2^61 (seeds
 # ---------------------------------------------------------------- per-sample norms
 
 @triton.jit
+def _sumsq(p, start, end, acc, BLOCK: tl.constexpr):
+    # acc + p[start:end]^2 in blocks: whole blocks unmasked (vector loads), the tail masked.
+    n_full, tail = full_blocks(start, end, BLOCK)
+    for i in range(0, n_full):
+        x = load(p, start + i * BLOCK + tl.arange(0, BLOCK), end, False).to(tl.float32)
+        acc += x * x
+    if tail < end:
+        x = load(p, tail + tl.arange(0, BLOCK), end, True).to(tl.float32)
+        acc += x * x
+    return acc
+
+
+@triton.jit
+def _row(g_p, b, n, ALIGNED: tl.constexpr):
+    """Sample ``b``'s row of a ``[B, n]`` gradient (``n`` int64: 64-bit offsets);
+    ALIGNED: the host checked the base address and ``n * element size``."""
+    row = g_p + b * n
+    if ALIGNED:
+        row = tl.multiple_of(row, 16)
+    return row
+
+
+@triton.jit
 def _norm_partials(table, T, B, like_g, part_ptr, P, col0, CHUNK_: tl.constexpr,
-                   BLOCK: tl.constexpr):
+                   BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
     c = tl.program_id(0)
     t, start, end = work_item(table, c, T, 3, CHUNK_)
     n = tl.load(table + 3 * T + t)                  # per-sample numel of tensor t
-    g_p = tensor_ptr(table, 2, t, T, like_g)
+    g_p = tensor_ptr(table, 2, t, T, like_g, ALIGNED)
     for b in range(tl.program_id(1), B, tl.num_programs(1)):
-        row = g_p + b * n                          # n is int64: 64-bit offsets
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for s in range(start, end, BLOCK):
-            offs = s + tl.arange(0, BLOCK)
-            x = tl.load(row + offs, mask=offs < end, other=0.0).to(tl.float32)
-            acc += x * x
+        acc = _sumsq(_row(g_p, b, n, ALIGNED), start, end, tl.zeros([BLOCK], dtype=tl.float32), BLOCK)
         tl.store(part_ptr + b * P + col0 + c, tl.sum(acc, axis=0))
 
 
@@ -120,37 +138,26 @@ def _normal_chunk(seed, base, chunk, SECURE: tl.constexpr, QUARTER_: tl.constexp
 
 
 @triton.jit
-def _finish_quarter(o_p, s_p, offs, m, acc, z, std, divisor, READ_SUMMED: tl.constexpr,
+def _finish_quarter(o_p, s_p, offs, end, acc, z, std, divisor, READ_SUMMED: tl.constexpr,
                     WRITE_SUMMED: tl.constexpr, WRITE_OUT: tl.constexpr, NOISE: tl.constexpr,
-                    DIVIDE: tl.constexpr):
+                    DIVIDE: tl.constexpr, MASKED: tl.constexpr):
     if READ_SUMMED:
-        acc += tl.load(s_p + offs, mask=m, other=0.0).to(tl.float32)
+        acc += load(s_p, offs, end, MASKED).to(tl.float32)
     if WRITE_SUMMED:
-        tl.store(s_p + offs, acc.to(s_p.dtype.element_ty), mask=m)
+        store(s_p, offs, acc.to(s_p.dtype.element_ty), end, MASKED)
     if WRITE_OUT:
         if NOISE:
             acc = acc + std * z
         if DIVIDE:
             acc = tl.div_rn(acc, divisor)
-        tl.store(o_p + offs, acc.to(o_p.dtype.element_ty), mask=m)
+        store(o_p, offs, acc.to(o_p.dtype.element_ty), end, MASKED)
 
 
 @triton.jit
-def _clip_sum(table, T, B, like_o, like_g, fac_ptr, key_ptr, std, divisor, chunk0,
-              READ_SUMMED: tl.constexpr, WRITE_SUMMED: tl.constexpr, WRITE_OUT: tl.constexpr,
-              NOISE: tl.constexpr, SECURE: tl.constexpr, DIVIDE: tl.constexpr,
-              QUARTER_: tl.constexpr):
-    c = tl.program_id(0)
-    t, start, end = work_item(table, c, T, 3, 4 * QUARTER_)
-    n = tl.load(table + 3 * T + t)
-    o_p = tensor_ptr(table, 0, t, T, like_o)
-    s_p = tensor_ptr(table, 1, t, T, like_o)
-    g_p = tensor_ptr(table, 2, t, T, like_g)
-    offs = start + tl.arange(0, QUARTER_)
-    m0 = offs < end
-    m1 = offs + QUARTER_ < end
-    m2 = offs + 2 * QUARTER_ < end
-    m3 = offs + 3 * QUARTER_ < end
+def _clip_sum_chunk(o_p, s_p, g_p, n, offs, end, B, fac_ptr, z0, z1, z2, z3, std, divisor,
+                    READ_SUMMED: tl.constexpr, WRITE_SUMMED: tl.constexpr, WRITE_OUT: tl.constexpr,
+                    NOISE: tl.constexpr, DIVIDE: tl.constexpr, QUARTER_: tl.constexpr,
+                    ALIGNED: tl.constexpr, MASKED: tl.constexpr):
     a0 = tl.zeros([QUARTER_], dtype=tl.float32)
     a1 = tl.zeros([QUARTER_], dtype=tl.float32)
     a2 = tl.zeros([QUARTER_], dtype=tl.float32)
@@ -158,61 +165,77 @@ def _clip_sum(table, T, B, like_o, like_g, fac_ptr, key_ptr, std, divisor, chunk
     for b in range(0, B):                           # fixed order: deterministic
         f = tl.load(fac_ptr + b)
         if f != 0.0:                                # dropped samples are not even read
-            row = g_p + b * n + offs                # n is int64: 64-bit offsets
-            a0 += f * tl.load(row, mask=m0, other=0.0).to(tl.float32)
-            a1 += f * tl.load(row + QUARTER_, mask=m1, other=0.0).to(tl.float32)
-            a2 += f * tl.load(row + 2 * QUARTER_, mask=m2, other=0.0).to(tl.float32)
-            a3 += f * tl.load(row + 3 * QUARTER_, mask=m3, other=0.0).to(tl.float32)
+            row = _row(g_p, b, n, ALIGNED)
+            a0 += f * load(row, offs, end, MASKED).to(tl.float32)
+            a1 += f * load(row, offs + QUARTER_, end, MASKED).to(tl.float32)
+            a2 += f * load(row, offs + 2 * QUARTER_, end, MASKED).to(tl.float32)
+            a3 += f * load(row, offs + 3 * QUARTER_, end, MASKED).to(tl.float32)
+    _finish_quarter(o_p, s_p, offs, end, a0, z0, std, divisor, READ_SUMMED, WRITE_SUMMED, WRITE_OUT,
+                    NOISE, DIVIDE, MASKED)
+    _finish_quarter(o_p, s_p, offs + QUARTER_, end, a1, z1, std, divisor, READ_SUMMED, WRITE_SUMMED,
+                    WRITE_OUT, NOISE, DIVIDE, MASKED)
+    _finish_quarter(o_p, s_p, offs + 2 * QUARTER_, end, a2, z2, std, divisor, READ_SUMMED,
+                    WRITE_SUMMED, WRITE_OUT, NOISE, DIVIDE, MASKED)
+    _finish_quarter(o_p, s_p, offs + 3 * QUARTER_, end, a3, z3, std, divisor, READ_SUMMED,
+                    WRITE_SUMMED, WRITE_OUT, NOISE, DIVIDE, MASKED)
+
+
+@triton.jit
+def _clip_sum(table, T, B, like_o, like_g, fac_ptr, key_ptr, std, divisor, chunk0,
+              READ_SUMMED: tl.constexpr, WRITE_SUMMED: tl.constexpr, WRITE_OUT: tl.constexpr,
+              NOISE: tl.constexpr, SECURE: tl.constexpr, DIVIDE: tl.constexpr,
+              QUARTER_: tl.constexpr, ALIGNED: tl.constexpr):
+    c = tl.program_id(0)
+    t, start, end = work_item(table, c, T, 3, 4 * QUARTER_)
+    n = tl.load(table + 3 * T + t)
+    o_p = tensor_ptr(table, 0, t, T, like_o, ALIGNED)
+    s_p = tensor_ptr(table, 1, t, T, like_o, ALIGNED)
+    g_p = tensor_ptr(table, 2, t, T, like_g, ALIGNED)
+    offs = start + tl.arange(0, QUARTER_)
     if NOISE:
         seed, base = rng.load_key(key_ptr)
         z0, z1, z2, z3 = _normal_chunk(seed, base, chunk0 + c, SECURE, QUARTER_)
     else:
-        z0 = a0
-        z1 = a1
-        z2 = a2
-        z3 = a3
-    _finish_quarter(o_p, s_p, offs, m0, a0, z0, std, divisor, READ_SUMMED, WRITE_SUMMED, WRITE_OUT,
-                    NOISE, DIVIDE)
-    _finish_quarter(o_p, s_p, offs + QUARTER_, m1, a1, z1, std, divisor, READ_SUMMED, WRITE_SUMMED,
-                    WRITE_OUT, NOISE, DIVIDE)
-    _finish_quarter(o_p, s_p, offs + 2 * QUARTER_, m2, a2, z2, std, divisor, READ_SUMMED,
-                    WRITE_SUMMED, WRITE_OUT, NOISE, DIVIDE)
-    _finish_quarter(o_p, s_p, offs + 3 * QUARTER_, m3, a3, z3, std, divisor, READ_SUMMED,
-                    WRITE_SUMMED, WRITE_OUT, NOISE, DIVIDE)
+        z0 = std
+        z1 = std
+        z2 = std
+        z3 = std
+    if end - start == 4 * QUARTER_:                 # a whole chunk: unmasked (vector) access
+        _clip_sum_chunk(o_p, s_p, g_p, n, offs, end, B, fac_ptr, z0, z1, z2, z3, std, divisor,
+                        READ_SUMMED, WRITE_SUMMED, WRITE_OUT, NOISE, DIVIDE, QUARTER_, ALIGNED, False)
+    else:
+        _clip_sum_chunk(o_p, s_p, g_p, n, offs, end, B, fac_ptr, z0, z1, z2, z3, std, divisor,
+                        READ_SUMMED, WRITE_SUMMED, WRITE_OUT, NOISE, DIVIDE, QUARTER_, ALIGNED, True)
 
 
 # ---------------------------------------------------------------- seed 000 optimizer
 
 @triton.jit
-def _seed_sumsq(table, T, like, part_ptr, col0, CHUNK_: tl.constexpr, BLOCK: tl.constexpr):
+def _seed_sumsq(table, T, like, part_ptr, col0, CHUNK_: tl.constexpr, BLOCK: tl.constexpr,
+                ALIGNED: tl.constexpr):
     c = tl.program_id(0)
     t, start, end = work_item(table, c, T, 1, CHUNK_)
-    g_p = tensor_ptr(table, 0, t, T, like)
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for s in range(start, end, BLOCK):
-        offs = s + tl.arange(0, BLOCK)
-        x = tl.load(g_p + offs, mask=offs < end, other=0.0).to(tl.float32)
-        acc += x * x
+    g_p = tensor_ptr(table, 0, t, T, like, ALIGNED)
+    acc = _sumsq(g_p, start, end, tl.zeros([BLOCK], dtype=tl.float32), BLOCK)
     tl.store(part_ptr + col0 + c, tl.sum(acc, axis=0))
 
 
 @triton.jit
-def _seed_quarter(g_p, offs, end, coef, z, noise_multiplier, NOISE: tl.constexpr):
-    m = offs < end
-    g = tl.load(g_p + offs, mask=m, other=0.0).to(tl.float32) * coef
+def _seed_quarter(g_p, offs, end, coef, z, noise_multiplier, NOISE: tl.constexpr, MASKED: tl.constexpr):
+    g = load(g_p, offs, end, MASKED).to(tl.float32) * coef
     if NOISE:
         g = g + noise_multiplier * z
-    tl.store(g_p + offs, g.to(g_p.dtype.element_ty), mask=m)
+    store(g_p, offs, g.to(g_p.dtype.element_ty), end, MASKED)
 
 
 @triton.jit
 def _seed_update(table, T, like, norm_ptr, key_ptr, max_norm, noise_multiplier, chunk0,
-                 NOISE: tl.constexpr, QUARTER_: tl.constexpr):
+                 NOISE: tl.constexpr, QUARTER_: tl.constexpr, ALIGNED: tl.constexpr):
     # g <- g * clamp(C * (1 / (||g|| + 1e-6)), max=1) + noise_multiplier * z, in
     # clip_grad_norm_'s order (the clamp lets NaN through, like torch.clamp).
     c = tl.program_id(0)
     t, start, end = work_item(table, c, T, 1, 4 * QUARTER_)
-    g_p = tensor_ptr(table, 0, t, T, like)
+    g_p = tensor_ptr(table, 0, t, T, like, ALIGNED)
     coef = tl.div_rn(1.0, tl.load(norm_ptr) + 1e-6) * max_norm
     coef = tl.where(coef > 1.0, 1.0, coef)
     offs = start + tl.arange(0, QUARTER_)
@@ -224,16 +247,30 @@ def _seed_update(table, T, like, norm_ptr, key_ptr, max_norm, noise_multiplier, 
         z1 = coef
         z2 = coef
         z3 = coef
-    _seed_quarter(g_p, offs, end, coef, z0, noise_multiplier, NOISE)
-    _seed_quarter(g_p, offs + QUARTER_, end, coef, z1, noise_multiplier, NOISE)
-    _seed_quarter(g_p, offs + 2 * QUARTER_, end, coef, z2, noise_multiplier, NOISE)
-    _seed_quarter(g_p, offs + 3 * QUARTER_, end, coef, z3, noise_multiplier, NOISE)
+    if end - start == 4 * QUARTER_:                 # a whole chunk: unmasked (vector) access
+        _seed_quarter(g_p, offs, end, coef, z0, noise_multiplier, NOISE, False)
+        _seed_quarter(g_p, offs + QUARTER_, end, coef, z1, noise_multiplier, NOISE, False)
+        _seed_quarter(g_p, offs + 2 * QUARTER_, end, coef, z2, noise_multiplier, NOISE, False)
+        _seed_quarter(g_p, offs + 3 * QUARTER_, end, coef, z3, noise_multiplier, NOISE, False)
+    else:
+        _seed_quarter(g_p, offs, end, coef, z0, noise_multiplier, NOISE, True)
+        _seed_quarter(g_p, offs + QUARTER_, end, coef, z1, noise_multiplier, NOISE, True)
+        _seed_quarter(g_p, offs + 2 * QUARTER_, end, coef, z2, noise_multiplier, NOISE, True)
+        _seed_quarter(g_p, offs + 3 * QUARTER_, end, coef, z3, noise_multiplier, NOISE, True)
 
 
 # ---------------------------------------------------------------- launchers
 
 def _placeholder(device) -> torch.Tensor:
     return mt.witness(torch.int64, device)
+
+
+def _rows_aligned(table: mt.TensorTable, g_dtype: torch.dtype) -> bool:
+    """Every address of the table and every per-sample row of the GRAD list
+    (``b * n_t`` elements in) is a multiple of 16 bytes: the kernels may use
+    vector access (see :mod:`.multi_tensor`)."""
+    size = torch.empty((), dtype=g_dtype).element_size()
+    return table.aligned and all(n * size % mt.ALIGN == 0 for n in table.numels)
 
 
 def norm_partials(table: mt.TensorTable, g_dtype: torch.dtype, batch: int, partials: torch.Tensor,
@@ -243,7 +280,8 @@ def norm_partials(table: mt.TensorTable, g_dtype: torch.dtype, batch: int, parti
         return
     grid = (table.n_chunks, min(batch, MAX_GRID_Y))
     _norm_partials[grid](table.data, table.n_tensors, batch, mt.witness(g_dtype, table.device),
-                         partials, partials.shape[1], col0, CHUNK_=table.chunk, BLOCK=NORM_BLOCK)
+                         partials, partials.shape[1], col0, CHUNK_=table.chunk, BLOCK=NORM_BLOCK,
+                         ALIGNED=_rows_aligned(table, g_dtype))
     count_launch("triton.dp_norm_partials")
 
 
@@ -275,7 +313,7 @@ def clip_sum(table: mt.TensorTable, g_dtype: torch.dtype, o_dtype: torch.dtype, 
         float(std), float(divisor or 1.0), chunk0,
         READ_SUMMED=bool(read_summed), WRITE_SUMMED=bool(write_summed), WRITE_OUT=bool(write_out),
         NOISE=noise, SECURE=bool(secure) and noise, DIVIDE=divisor is not None,
-        QUARTER_=QUARTER, num_warps=NUM_WARPS)
+        QUARTER_=QUARTER, ALIGNED=_rows_aligned(table, g_dtype), num_warps=NUM_WARPS)
     count_launch("triton.dp_clip_sum")
 
 
@@ -284,7 +322,8 @@ def seed_sumsq(table: mt.TensorTable, dtype: torch.dtype, partials: torch.Tensor
     if table.n_chunks == 0:
         return
     _seed_sumsq[(table.n_chunks,)](table.data, table.n_tensors, mt.witness(dtype, table.device),
-                                   partials, col0, CHUNK_=table.chunk, BLOCK=NORM_BLOCK)
+                                   partials, col0, CHUNK_=table.chunk, BLOCK=NORM_BLOCK,
+                                   ALIGNED=table.aligned)
     count_launch("triton.dp_seed_sumsq")
 
 
@@ -304,5 +343,5 @@ def seed_update(table: mt.TensorTable, dtype: torch.dtype, norm: torch.Tensor, k
         table.data, table.n_tensors, mt.witness(dtype, table.device), norm,
         key if key is not None else _placeholder(table.device), float(max_norm),
         float(noise_multiplier), chunk0, NOISE=key is not None, QUARTER_=QUARTER,
-        num_warps=NUM_WARPS, enable_fp_fusion=False)
+        ALIGNED=table.aligned, num_warps=NUM_WARPS, enable_fp_fusion=False)
     count_launch("triton.dp_seed_update")

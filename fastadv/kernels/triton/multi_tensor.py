@@ -27,6 +27,16 @@ them.
 Element types: a kernel casts the int64 addresses to the pointer type of a
 *witness* argument (a one-element tensor of the group's dtype, see
 :func:`witness`), so one kernel source serves fp32, fp16 and bf16.
+
+Vector access.  An address loaded from the table carries no alignment
+information, so the compiler would issue scalar loads.  When every address of
+a table is a multiple of :data:`ALIGN` bytes (``TensorTable.aligned``, checked
+on the host at ``bind``; true for anything PyTorch's allocators return) the
+launchers pass ``ALIGNED=True`` and :func:`tensor_ptr` tells the compiler so;
+the chunk loops run full blocks unmasked (:func:`load` / :func:`store` with
+``MASKED=False``) and only the tail of a tensor masked.  Tables holding a view
+at an odd address run the same kernels with ``ALIGNED=False`` (correct,
+scalar).
 """
 from __future__ import annotations
 
@@ -41,6 +51,7 @@ from .. import count_launch
 CHUNK = 32768          # elements per work item (one program / one CUDA block)
 BLOCK = 2048           # elements per loop iteration of a Triton program
 FINALIZE_BLOCK = 1024  # partials summed per iteration by the finalize programs
+ALIGN = 16             # bytes: the address alignment that ALIGNED=True promises
 
 
 # ---------------------------------------------------------------- host side
@@ -64,6 +75,7 @@ class TensorTable:
     ``bind(lists)`` points it at concrete tensors (same sizes); the pointer
     section is copied to the device only when an address changed.  Kernels
     must run on the stream that bound the table (PyTorch's current stream).
+    ``aligned``: every bound address is a multiple of :data:`ALIGN` bytes.
     """
 
     def __init__(self, numels, n_lists: int, device, chunk: int = CHUNK):
@@ -85,6 +97,7 @@ class TensorTable:
         self.data = torch.empty(host.numel(), dtype=torch.int64, device=self.device)
         _to_device(host, self.data)
         self._ptrs: tuple | None = None
+        self.aligned = False
 
     def bind(self, lists) -> "TensorTable":
         """Point the table at ``lists`` (``n_lists`` sequences of tensors)."""
@@ -96,6 +109,7 @@ class TensorTable:
         if ptrs != self._ptrs:
             _to_device(torch.tensor(ptrs, dtype=torch.int64), self.data[: len(ptrs)])
             self._ptrs = ptrs
+            self.aligned = all(p % ALIGN == 0 for p in ptrs)
         return self
 
     def first_chunks(self) -> torch.Tensor:
@@ -154,9 +168,41 @@ def work_item(table, pid, T, L: tl.constexpr, CHUNK: tl.constexpr):
 
 
 @triton.jit
-def tensor_ptr(table, lst, t, T, like):
-    """Pointer to tensor ``t`` of list ``lst``, typed like the witness ``like``."""
-    return tl.load(table + lst * T + t).to(like.dtype)
+def tensor_ptr(table, lst, t, T, like, ALIGNED: tl.constexpr):
+    """Pointer to tensor ``t`` of list ``lst``, typed like the witness ``like``;
+    ``ALIGNED``: the host checked that it is a multiple of 16 bytes."""
+    p = tl.load(table + lst * T + t).to(like.dtype)
+    if ALIGNED:
+        p = tl.multiple_of(p, 16)
+    return p
+
+
+@triton.jit
+def load(p, offs, end, MASKED: tl.constexpr):
+    """``p[offs]``; ``MASKED``: only where ``offs < end`` (0 elsewhere).  The
+    unmasked form lets the compiler vectorise (a run-time mask hides how many
+    neighbouring lanes share it)."""
+    if MASKED:
+        v = tl.load(p + offs, mask=offs < end, other=0)
+    else:
+        v = tl.load(p + offs)
+    return v
+
+
+@triton.jit
+def store(p, offs, v, end, MASKED: tl.constexpr):
+    """``p[offs] = v`` (where ``offs < end`` when ``MASKED``)."""
+    if MASKED:
+        tl.store(p + offs, v, mask=offs < end)
+    else:
+        tl.store(p + offs, v)
+
+
+@triton.jit
+def full_blocks(start, end, BLOCK: tl.constexpr):
+    """Whole blocks of ``[start, end)`` (run unmasked) and where the tail starts."""
+    n = (end - start) // BLOCK
+    return n, start + n * BLOCK
 
 
 @triton.jit
@@ -186,15 +232,18 @@ def _global_norm(part_ptr, n, out_ptr, BLOCK: tl.constexpr):
 
 @triton.jit
 def _copy(table, T, like_dst, like_src, DST: tl.constexpr, SRC: tl.constexpr, L: tl.constexpr,
-          CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+          CHUNK: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
     # list DST <- list SRC; same dtype: bit-exact (no arithmetic), else one rounding.
     t, start, end = work_item(table, tl.program_id(0), T, L, CHUNK)
-    d = tensor_ptr(table, DST, t, T, like_dst)
-    s_ = tensor_ptr(table, SRC, t, T, like_src)
-    for s in range(start, end, BLOCK):
-        offs = s + tl.arange(0, BLOCK)
-        m = offs < end
-        tl.store(d + offs, tl.load(s_ + offs, mask=m).to(d.dtype.element_ty), mask=m)
+    d = tensor_ptr(table, DST, t, T, like_dst, ALIGNED)
+    s_ = tensor_ptr(table, SRC, t, T, like_src, ALIGNED)
+    n_full, tail = full_blocks(start, end, BLOCK)
+    for i in range(0, n_full):
+        offs = start + i * BLOCK + tl.arange(0, BLOCK)
+        store(d, offs, load(s_, offs, end, False).to(d.dtype.element_ty), end, False)
+    if tail < end:
+        offs = tail + tl.arange(0, BLOCK)
+        store(d, offs, load(s_, offs, end, True).to(d.dtype.element_ty), end, True)
 
 
 def _bits_witness(like: torch.Tensor) -> torch.Tensor:
@@ -229,5 +278,5 @@ def copy(table: TensorTable, dst: int, src: int, dst_dtype: torch.dtype, src_dty
     else:
         like_d, like_s = witness(dst_dtype, table.device), witness(src_dtype, table.device)
     _copy[(table.n_chunks,)](table.data, table.n_tensors, like_d, like_s, DST=dst, SRC=src,
-                             L=table.n_lists, CHUNK=table.chunk, BLOCK=BLOCK)
+                             L=table.n_lists, CHUNK=table.chunk, BLOCK=BLOCK, ALIGNED=table.aligned)
     count_launch("triton.mt_copy")

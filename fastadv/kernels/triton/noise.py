@@ -24,6 +24,10 @@ SiFT (DeBERTa's perturbation layer, on a normalised input ``x [rows, cols]``):
   ``||g||`` is NaN or inf (decided on the device), then ``pert = x + delta``:
   a row pass (sum of squares and max of |g| per row), a one-program finalize
   (``||g||``, fixed order), one element-wise pass.
+
+Rounding: the element-wise launches pass ``enable_fp_fusion=False``, so
+``x + r * s`` is rounded twice on the GPU as under the interpreter and in the
+torch reference (no FMA contraction).
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ import triton
 import triton.language as tl
 
 from .. import count_launch
+from . import multi_tensor as mt
 from . import rng
 
 QUARTER = rng.QUARTER
@@ -45,10 +50,14 @@ FINALIZE_BLOCK = 1024
 
 @triton.jit
 def _row_of(offs, row_len, IDX32: tl.constexpr):
-    # offs // row_len; in 32 bits when every offset fits (int64 division is slow on GPUs)
+    # offs // row_len (int64); the division in 32 bits when every offset fits (int64
+    # division is slow on GPUs).  One return: compiled Triton rejects branches that
+    # return different types.
     if IDX32:
-        return offs.to(tl.int32) // row_len
-    return offs // row_len
+        r = (offs.to(tl.int32) // row_len).to(tl.int64)
+    else:
+        r = offs // row_len
+    return r
 
 
 @triton.jit
@@ -138,7 +147,7 @@ def add_noise(x: torch.Tensor, out: torch.Tensor, key: torch.Tensor, scale: floa
     _add_noise_kernel[(rng.chunks(numel),)](
         x, out, key, numel, float(scale), rs, max(int(row_len), 1),
         UNIFORM=bool(uniform), ROW_SCALE=row_scale is not None, IDX32=rng.chunks(numel) * CHUNK < 2 ** 31,
-        QUARTER_=QUARTER, num_warps=NUM_WARPS)
+        QUARTER_=QUARTER, num_warps=NUM_WARPS, enable_fp_fusion=False)
     count_launch("triton.noise_add")
 
 
@@ -158,7 +167,8 @@ def token_ids(ids: torch.Tensor, out: torch.Tensor, key: torch.Tensor, factor: f
     if numel == 0:
         return
     _token_ids_kernel[(rng.chunks(numel),)](ids, out, key, numel, float(factor), int(vocab_size) - 1,
-                                            QUARTER_=QUARTER, num_warps=NUM_WARPS)
+                                            QUARTER_=QUARTER, num_warps=NUM_WARPS,
+                                            enable_fp_fusion=False)
     count_launch("triton.noise_token_ids")
 
 
@@ -170,63 +180,83 @@ def token_ids(ids: torch.Tensor, out: torch.Tensor, key: torch.Tensor, factor: f
 # never share counters.
 
 @triton.jit
-def _mt_chunk(meta_ptr, n_tensors, backup_ptr, QUARTER_: tl.constexpr):
+def _mt_chunk(meta_ptr, n_tensors, backup_ptr, QUARTER_: tl.constexpr, ALIGNED: tl.constexpr):
     chunk = tl.program_id(0)
     t = tl.load(meta_ptr + 4 * n_tensors + chunk)
     ptr = tl.load(meta_ptr + t).to(tl.pointer_type(backup_ptr.dtype.element_ty))
     numel = tl.load(meta_ptr + n_tensors + t)
     first = tl.load(meta_ptr + 2 * n_tensors + t)
-    boff = tl.load(meta_ptr + 3 * n_tensors + t)
-    offs = (chunk - first) * 4 * QUARTER_ + tl.arange(0, QUARTER_)
-    return chunk, ptr, numel, boff, offs
+    bk = backup_ptr + tl.load(meta_ptr + 3 * n_tensors + t)
+    if ALIGNED:  # the host checked every address (backup offsets are multiples of 16 elements)
+        ptr = tl.multiple_of(ptr, 16)
+        bk = tl.multiple_of(bk, 16)
+    local = (chunk - first) * 4 * QUARTER_
+    offs = local + tl.arange(0, QUARTER_)
+    full = local + 4 * QUARTER_ <= numel  # a whole chunk: unmasked (vector) access
+    return chunk, ptr, bk, numel, offs, full
 
 
 @triton.jit
-def _wn_quarter(ptr, backup_ptr, boff, offs, numel, z, std):
-    m = offs < numel
-    w = tl.load(ptr + offs, mask=m)
-    tl.store(backup_ptr + boff + offs, w, mask=m)
-    tl.store(ptr + offs, (w.to(tl.float32) + z * std).to(w.dtype), mask=m)
+def _wn_quarter(ptr, bk, offs, numel, z, std, MASKED: tl.constexpr):
+    w = mt.load(ptr, offs, numel, MASKED)
+    mt.store(bk, offs, w, numel, MASKED)
+    mt.store(ptr, offs, (w.to(tl.float32) + z * std).to(w.dtype), numel, MASKED)
 
 
 @triton.jit
-def _weight_noise_kernel(meta_ptr, n_tensors, backup_ptr, key_ptr, std, QUARTER_: tl.constexpr):
-    chunk, ptr, numel, boff, offs = _mt_chunk(meta_ptr, n_tensors, backup_ptr, QUARTER_)
+def _weight_noise_kernel(meta_ptr, n_tensors, backup_ptr, key_ptr, std, QUARTER_: tl.constexpr,
+                         ALIGNED: tl.constexpr):
+    chunk, ptr, bk, numel, offs, full = _mt_chunk(meta_ptr, n_tensors, backup_ptr, QUARTER_, ALIGNED)
     seed, base = rng.load_key(key_ptr)
     z0, z1, z2, z3 = rng.normal4x(seed, rng.chunk_counters(base, chunk, QUARTER_))
-    _wn_quarter(ptr, backup_ptr, boff, offs, numel, z0, std)
-    _wn_quarter(ptr, backup_ptr, boff, offs + QUARTER_, numel, z1, std)
-    _wn_quarter(ptr, backup_ptr, boff, offs + 2 * QUARTER_, numel, z2, std)
-    _wn_quarter(ptr, backup_ptr, boff, offs + 3 * QUARTER_, numel, z3, std)
+    if full:
+        _wn_quarter(ptr, bk, offs, numel, z0, std, False)
+        _wn_quarter(ptr, bk, offs + QUARTER_, numel, z1, std, False)
+        _wn_quarter(ptr, bk, offs + 2 * QUARTER_, numel, z2, std, False)
+        _wn_quarter(ptr, bk, offs + 3 * QUARTER_, numel, z3, std, False)
+    else:
+        _wn_quarter(ptr, bk, offs, numel, z0, std, True)
+        _wn_quarter(ptr, bk, offs + QUARTER_, numel, z1, std, True)
+        _wn_quarter(ptr, bk, offs + 2 * QUARTER_, numel, z2, std, True)
+        _wn_quarter(ptr, bk, offs + 3 * QUARTER_, numel, z3, std, True)
 
 
 @triton.jit
-def _restore_kernel(meta_ptr, n_tensors, backup_ptr, QUARTER_: tl.constexpr):
-    chunk, ptr, numel, boff, offs = _mt_chunk(meta_ptr, n_tensors, backup_ptr, QUARTER_)
-    for q in tl.static_range(4):
-        o = offs + q * QUARTER_
-        m = o < numel
-        tl.store(ptr + o, tl.load(backup_ptr + boff + o, mask=m), mask=m)
+def _restore_kernel(meta_ptr, n_tensors, backup_ptr, QUARTER_: tl.constexpr, ALIGNED: tl.constexpr):
+    chunk, ptr, bk, numel, offs, full = _mt_chunk(meta_ptr, n_tensors, backup_ptr, QUARTER_, ALIGNED)
+    if full:
+        for q in tl.static_range(4):
+            o = offs + q * QUARTER_
+            mt.store(ptr, o, mt.load(bk, o, numel, False), numel, False)
+    else:
+        for q in tl.static_range(4):
+            o = offs + q * QUARTER_
+            mt.store(ptr, o, mt.load(bk, o, numel, True), numel, True)
 
 
 def weight_noise(meta: torch.Tensor, n_tensors: int, n_chunks: int, backup: torch.Tensor,
-                 key: torch.Tensor, std: float) -> None:
+                 key: torch.Tensor, std: float, *, aligned: bool = False) -> None:
     """In place ``w <- w + std * z`` for every tensor of the work list ``meta``
     (one dtype: ``backup``'s; see ``fastadv.ops.noise.mt_table``), the original
-    bits written to ``backup`` (flat, total numel) in the same pass.  One launch."""
+    bits written to ``backup`` (flat, total numel) in the same pass.  One launch.
+    ``aligned``: every tensor address and ``backup + offset`` is a multiple of
+    16 bytes (checked by the caller): vector access."""
     _check_key(key)
     if n_chunks == 0:
         return
     _weight_noise_kernel[(n_chunks,)](meta, n_tensors, backup, key, float(std),
-                                      QUARTER_=QUARTER, num_warps=NUM_WARPS)
+                                      QUARTER_=QUARTER, ALIGNED=bool(aligned), num_warps=NUM_WARPS,
+                                      enable_fp_fusion=False)
     count_launch("triton.weight_noise")
 
 
-def weight_restore(meta: torch.Tensor, n_tensors: int, n_chunks: int, backup: torch.Tensor) -> None:
+def weight_restore(meta: torch.Tensor, n_tensors: int, n_chunks: int, backup: torch.Tensor, *,
+                   aligned: bool = False) -> None:
     """Copy the backup written by :func:`weight_noise` back, bit for bit.  One launch."""
     if n_chunks == 0:
         return
-    _restore_kernel[(n_chunks,)](meta, n_tensors, backup, QUARTER_=QUARTER, num_warps=NUM_WARPS)
+    _restore_kernel[(n_chunks,)](meta, n_tensors, backup, QUARTER_=QUARTER, ALIGNED=bool(aligned),
+                                 num_warps=NUM_WARPS)
     count_launch("triton.weight_restore")
 
 
@@ -286,14 +316,14 @@ def _sift_update_kernel(x_ptr, delta_ptr, g_ptr, rowmax_ptr, norm_ptr, pert_ptr,
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK_ + tl.arange(0, BLOCK_)
     m = offs < numel
-    d = tl.load(delta_ptr + offs, mask=m, other=0.0)
+    d = tl.load(delta_ptr + offs, mask=m, other=0.0).to(tl.float32)  # fp32 (a no-op for the fp32 delta)
     norm = tl.load(norm_ptr)
     # DeBERTa skips the step when ||g|| is NaN or inf; decided here, on the device.
     if (norm == norm) & (norm != float("inf")):
         g = tl.load(g_ptr + offs, mask=m, other=0.0).to(tl.float32)
         gmax = tl.load(rowmax_ptr + _row_of(offs, cols, IDX32), mask=m, other=1.0)
         d = d + tl.div_rn(lr * g, 1e-6 + gmax)
-        tl.store(delta_ptr + offs, d, mask=m)
+        tl.store(delta_ptr + offs, d.to(delta_ptr.dtype.element_ty), mask=m)
     x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
     tl.store(pert_ptr + offs, (x + d).to(pert_ptr.dtype.element_ty), mask=m)
 
@@ -306,7 +336,8 @@ def sift_init(x: torch.Tensor, delta: torch.Tensor, pert: torch.Tensor, key: tor
     if numel == 0:
         return
     _sift_init_kernel[(rng.chunks(numel),)](x, delta, pert, key, numel, float(init_perturbation),
-                                            QUARTER_=QUARTER, num_warps=NUM_WARPS)
+                                            QUARTER_=QUARTER, num_warps=NUM_WARPS,
+                                            enable_fp_fusion=False)
     count_launch("triton.sift_init")
 
 
@@ -333,6 +364,6 @@ def sift_update(x2d: torch.Tensor, delta: torch.Tensor, grad: torch.Tensor, pert
         _sift_update_kernel[(triton.cdiv(numel, BLOCK),)](x2d, delta, grad, rowmax, norm, pert, numel, cols,
                                                           float(learning_rate),
                                                           IDX32=triton.cdiv(numel, BLOCK) * BLOCK < 2 ** 31,
-                                                          BLOCK_=BLOCK)
+                                                          BLOCK_=BLOCK, enable_fp_fusion=False)
         count_launch("triton.sift_update")
     return ok.view(torch.bool)[0]

@@ -11,8 +11,10 @@ an int64 tensor ``[seed, base]`` made by :func:`new_key` with
 * nothing is read back to the host, and under CUDA-graph capture PyTorch's own
   RNG bookkeeping makes each replay draw a new key (the kernel only loads it).
 
-Counters.  One Philox evaluation of counter ``k`` (``k = base + j``, 64 bits,
-the high Philox words 0) gives four 32-bit words.  A kernel splits its work
+Counters.  One Philox-4x32-10 evaluation of counter ``k`` (``k = base + j``,
+64 bits: Philox counter words ``(k lo, k hi, 0, 0)``, key ``(seed lo, seed hi)``;
+split by :func:`philox4x`, never by ``tl.randint4x``, whose handling of int64
+offsets changed in Triton 3.4) gives four 32-bit words.  A kernel splits its work
 into chunks of ``4 * QUARTER`` elements; chunk ``c`` uses counters
 ``base + c * QUARTER + j`` (``j < QUARTER``) and element
 ``c * 4 * QUARTER + q * QUARTER + j`` takes word ``q`` of counter ``j``.  A
@@ -63,6 +65,22 @@ def chunk_counters(base, chunk, QUARTER_: tl.constexpr):
 
 
 @triton.jit
+def philox4x(seed, counters):
+    """Philox-4x32-10 of the int64 ``counters`` as (lo, hi, 0, 0) under the key
+    (seed lo, seed hi): four blocks of uint32 words.
+
+    The counter is split into its two 32-bit words here rather than handed to
+    ``tl.randint4x``: before Triton 3.4 ``randint4x`` ran *64-bit* Philox on an
+    int64 offset (other words, uint64 results: uniforms beyond 1, NaN normals).
+    ``tl.philox`` on uint32 counters is the same 32-bit Philox in every Triton
+    release (and ``csrc/rng.cuh``'s), so the stream does not depend on the version."""
+    lo = counters.to(tl.uint32)                   # low 32 bits (truncation)
+    hi = (counters >> 32).to(tl.uint32)           # counters are < 2^62: no sign bits
+    zero = lo * 0
+    return tl.philox(seed, lo, hi, zero, zero)
+
+
+@triton.jit
 def uniform01(w):
     """uint32 word -> fp32 uniform in [0, 1), 24 random bits, exact."""
     return (w >> 8).to(tl.float32) * 5.9604644775390625e-08  # 2^-24
@@ -80,7 +98,7 @@ def normal_pair(w1, w2):
 @triton.jit
 def normal4x(seed, counters):
     """Four blocks of N(0, 1) fp32 from one Philox evaluation per counter."""
-    w0, w1, w2, w3 = tl.randint4x(seed, counters)
+    w0, w1, w2, w3 = philox4x(seed, counters)
     z0, z1 = normal_pair(w0, w1)
     z2, z3 = normal_pair(w2, w3)
     return z0, z1, z2, z3
@@ -89,7 +107,7 @@ def normal4x(seed, counters):
 @triton.jit
 def uniform4x(seed, counters):
     """Four blocks of U[0, 1) fp32 from one Philox evaluation per counter."""
-    w0, w1, w2, w3 = tl.randint4x(seed, counters)
+    w0, w1, w2, w3 = philox4x(seed, counters)
     return uniform01(w0), uniform01(w1), uniform01(w2), uniform01(w3)
 
 
@@ -100,7 +118,7 @@ def _probe_kernel(key_ptr, words_ptr, normals_ptr, uniforms_ptr, n_chunks, QUART
     chunk = tl.program_id(0)
     seed, base = load_key(key_ptr)
     ctr = chunk_counters(base, chunk, QUARTER_)
-    w0, w1, w2, w3 = tl.randint4x(seed, ctr)
+    w0, w1, w2, w3 = philox4x(seed, ctr)
     z0, z1, z2, z3 = normal4x(seed, ctr)
     u0, u1, u2, u3 = uniform4x(seed, ctr)
     out = chunk.to(tl.int64) * 4 * QUARTER_ + tl.arange(0, QUARTER_)
