@@ -89,3 +89,39 @@ def no_host_sync():
         assert not mode.syncs, f"{len(mode.syncs)} host sync(s): {sorted({str(f) for f in mode.syncs})}"
 
     return watch
+
+
+# -- shared by the kernel tests ------------------------------------------------
+
+
+def launches_total() -> int:
+    """fastadv kernel launches so far (Triton and CUDA)."""
+    import fastadv.kernels as kernels
+    return sum(kernels.LAUNCHES.values())
+
+
+def record_guards(monkeypatch, module):
+    """Replace ``module.device_guard`` by a recorder of the devices it is entered
+    for and the kernel launches made inside it (Triton launches on the current
+    device: every launch must run under the guard of its tensors' device)."""
+    import contextlib
+    seen = {"devices": [], "inside": 0}
+    real = module.device_guard
+
+    @contextlib.contextmanager
+    def guard(t):
+        seen["devices"].append(t.device)
+        before = launches_total()
+        with real(t):
+            yield
+        seen["inside"] += launches_total() - before
+
+    monkeypatch.setattr(module, "device_guard", guard)
+    return seen
+
+
+def odd_or_aligned(n, odd, dtype=torch.float32):
+    """``n`` random elements; ``odd``: at an address that is not a multiple of 16 bytes."""
+    t = torch.randn(n + 1, device=DEVICE, dtype=dtype)[1:] if odd else torch.randn(n, device=DEVICE, dtype=dtype)
+    assert (t.data_ptr() % 16 != 0) == odd
+    return t

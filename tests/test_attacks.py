@@ -9,7 +9,7 @@ from fastadv import kernels
 from fastadv.ops import attacks as ops
 from fastadv.reference import mifgsm as R
 
-from conftest import DEVICE
+from conftest import DEVICE, launches_total, record_guards
 
 FP32 = dict(rtol=1e-5, atol=1e-6)
 
@@ -626,34 +626,6 @@ def test_gpu_attacks_agree_across_backends():
 
 
 # -- device guard, rounding ------------------------------------------------------
-
-
-def record_guards(monkeypatch, module):
-    """Replace ``module.device_guard`` by a recorder of the devices it is entered
-    for and the kernel launches made inside it (Triton launches on the current
-    device: every launch must run under the guard of its tensors' device)."""
-    import contextlib
-
-    import fastadv.kernels as kernels
-    seen = {"devices": [], "inside": 0}
-    real = module.device_guard
-
-    @contextlib.contextmanager
-    def guard(t):
-        seen["devices"].append(t.device)
-        before = sum(kernels.LAUNCHES.values())
-        with real(t):
-            yield
-        seen["inside"] += sum(kernels.LAUNCHES.values()) - before
-
-    monkeypatch.setattr(module, "device_guard", guard)
-    return seen
-
-
-def launches_total():
-    import fastadv.kernels as kernels
-    return sum(kernels.LAUNCHES.values())
-
 
 
 @pytest.mark.parametrize("step", list(STEPS))

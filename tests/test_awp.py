@@ -14,7 +14,7 @@ from fastadv.kernels.triton.multi_tensor import TableCache, TensorTable
 from fastadv.ops.awp import awp_step_, copy_tensors_, design_bytes
 from fastadv.reference import AWP as RefAWP
 
-from conftest import DEVICE
+from conftest import DEVICE, record_guards
 
 FP32 = dict(rtol=1e-5, atol=1e-6)
 KERNEL_BACKENDS = ("triton", "cuda")
@@ -575,24 +575,6 @@ def test_gpu_kernels_match_torch_path_under_sync_debug(backend, steps, no_host_s
 
 
 # -- device guard, vector access -------------------------------------------------
-def record_guards(monkeypatch, module):
-    """Replace ``module.device_guard`` by a recorder of the devices it is entered
-    for and the kernel launches made inside it (Triton launches on the current
-    device: every launch must run under the guard of its tensors' device)."""
-    import contextlib
-    seen = {"devices": [], "inside": 0}
-    real = module.device_guard
-
-    @contextlib.contextmanager
-    def guard(t):
-        seen["devices"].append(t.device)
-        before = sum(kernels.LAUNCHES.values())
-        with real(t):
-            yield
-        seen["inside"] += sum(kernels.LAUNCHES.values()) - before
-
-    monkeypatch.setattr(module, "device_guard", guard)
-    return seen
 
 
 def test_kernel_launches_run_under_the_device_guard(backend, monkeypatch):

@@ -15,6 +15,7 @@ from torch import nn
 from fastadv import dp
 from fastadv.ops import dp as ops
 from fastadv.reference import dp as ref
+from conftest import launches_total, record_guards  # noqa: E402
 
 opacus = pytest.importorskip("opacus")
 from opacus.optimizers import DPOptimizer as OpacusDPOptimizer  # noqa: E402
@@ -807,33 +808,6 @@ def test_gpu_optimizer_under_sync_debug(no_host_sync):
 
 
 # ------------------------------------------------------------------ device guard, vector access
-
-
-def record_guards(monkeypatch, module):
-    """Replace ``module.device_guard`` by a recorder of the devices it is entered
-    for and the kernel launches made inside it (Triton launches on the current
-    device: every launch must run under the guard of its tensors' device)."""
-    import contextlib
-
-    import fastadv.kernels as kernels
-    seen = {"devices": [], "inside": 0}
-    real = module.device_guard
-
-    @contextlib.contextmanager
-    def guard(t):
-        seen["devices"].append(t.device)
-        before = sum(kernels.LAUNCHES.values())
-        with real(t):
-            yield
-        seen["inside"] += sum(kernels.LAUNCHES.values()) - before
-
-    monkeypatch.setattr(module, "device_guard", guard)
-    return seen
-
-
-def launches_total():
-    import fastadv.kernels as kernels
-    return sum(kernels.LAUNCHES.values())
 
 
 def odd_or_aligned(shape, odd, device, dtype=torch.float32):

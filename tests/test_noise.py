@@ -23,7 +23,7 @@ from fastadv.ops import noise as ops
 from fastadv.reference import noise as ref
 from fastadv.reference.neftune import neftune as ref_neftune
 
-from conftest import DEVICE
+from conftest import DEVICE, launches_total, odd_or_aligned, record_guards
 
 N = 1 << 18  # samples for moments and KS (64 chunks)
 
@@ -725,40 +725,6 @@ def test_gpu_cuda_and_triton_draw_the_same_noise():
 
 
 # ---- device guard, rounding, vector access ---------------------------------------------------------
-
-
-def record_guards(monkeypatch, module):
-    """Replace ``module.device_guard`` by a recorder of the devices it is entered
-    for and the kernel launches made inside it (Triton launches on the current
-    device: every launch must run under the guard of its tensors' device)."""
-    import contextlib
-
-    import fastadv.kernels as kernels
-    seen = {"devices": [], "inside": 0}
-    real = module.device_guard
-
-    @contextlib.contextmanager
-    def guard(t):
-        seen["devices"].append(t.device)
-        before = sum(kernels.LAUNCHES.values())
-        with real(t):
-            yield
-        seen["inside"] += sum(kernels.LAUNCHES.values()) - before
-
-    monkeypatch.setattr(module, "device_guard", guard)
-    return seen
-
-
-def launches_total():
-    import fastadv.kernels as kernels
-    return sum(kernels.LAUNCHES.values())
-
-
-def odd_or_aligned(n, odd, dtype=torch.float32):
-    """``n`` random elements; ``odd``: at an address that is not a multiple of 16 bytes."""
-    t = torch.randn(n + 1, device=DEVICE, dtype=dtype)[1:] if odd else torch.randn(n, device=DEVICE, dtype=dtype)
-    assert (t.data_ptr() % 16 != 0) == odd
-    return t
 
 
 def test_kernel_launches_run_under_the_device_guard(backend, monkeypatch):

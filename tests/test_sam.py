@@ -12,7 +12,7 @@ from fastadv.ops.sam import sam_perturb_
 from fastadv.optim.sam import SAM
 from fastadv.reference.sam import SAM as RefSAM
 
-from conftest import DEVICE
+from conftest import DEVICE, launches_total, odd_or_aligned, record_guards
 
 FP32 = dict(rtol=1e-5, atol=1e-6)
 
@@ -253,43 +253,6 @@ def test_gpu_bf16_against_torch_path(backend, no_host_sync):
 
 
 # -- device guard, vector access -------------------------------------------------
-
-
-def record_guards(monkeypatch, module):
-    """Replace ``module.device_guard`` by a recorder of the devices it is entered
-    for and the kernel launches made inside it (Triton launches on the current
-    device: every launch must run under the guard of its tensors' device)."""
-    import contextlib
-
-    import fastadv.kernels as kernels
-    seen = {"devices": [], "inside": 0}
-    real = module.device_guard
-
-    @contextlib.contextmanager
-    def guard(t):
-        seen["devices"].append(t.device)
-        before = sum(kernels.LAUNCHES.values())
-        with real(t):
-            yield
-        seen["inside"] += sum(kernels.LAUNCHES.values()) - before
-
-    monkeypatch.setattr(module, "device_guard", guard)
-    return seen
-
-
-def launches_total():
-    import fastadv.kernels as kernels
-    return sum(kernels.LAUNCHES.values())
-
-
-def odd_or_aligned(n, odd, dtype=torch.float32):
-    """``n`` random elements; ``odd``: at an address that is not a multiple of 16 bytes."""
-    if odd:
-        t = torch.randn(n + 1, device=DEVICE, dtype=dtype)[1:]
-    else:
-        t = torch.randn(n, device=DEVICE, dtype=dtype)
-    assert (t.data_ptr() % 16 != 0) == odd
-    return t
 
 
 def test_kernel_launches_run_under_the_device_guard(backend, monkeypatch):

@@ -18,7 +18,7 @@ import fastadv.reference.sift as ref
 from fastadv import sift
 from fastadv.ops import noise as ops
 
-from conftest import DEVICE
+from conftest import DEVICE, launches_total, record_guards
 
 FP32 = dict(rtol=1e-5, atol=1e-6)
 HIDDEN = 16
@@ -272,33 +272,6 @@ def test_gpu_low_precision_input(backend, dtype):
 
 
 # ---- device guard -----------------------------------------------------------------------------------
-
-
-def record_guards(monkeypatch, module):
-    """Replace ``module.device_guard`` by a recorder of the devices it is entered
-    for and the kernel launches made inside it (Triton launches on the current
-    device: every launch must run under the guard of its tensors' device)."""
-    import contextlib
-
-    import fastadv.kernels as kernels
-    seen = {"devices": [], "inside": 0}
-    real = module.device_guard
-
-    @contextlib.contextmanager
-    def guard(t):
-        seen["devices"].append(t.device)
-        before = sum(kernels.LAUNCHES.values())
-        with real(t):
-            yield
-        seen["inside"] += sum(kernels.LAUNCHES.values()) - before
-
-    monkeypatch.setattr(module, "device_guard", guard)
-    return seen
-
-
-def launches_total():
-    import fastadv.kernels as kernels
-    return sum(kernels.LAUNCHES.values())
 
 
 def test_kernel_launches_run_under_the_device_guard(backend, monkeypatch):
