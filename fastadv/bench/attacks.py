@@ -145,17 +145,7 @@ class CaseData:
         return None if ok else f"differs from the reference step: max abs error {float(err.max()):.3g}"
 
 
-_data_cache: dict = {}
-
-
-def _data(case: Case, device) -> CaseData:
-    key = (case, str(device))
-    if key not in _data_cache:
-        _data_cache.clear()
-        if torch.device(device).type == "cuda":
-            torch.cuda.empty_cache()
-        _data_cache[key] = CaseData(case, device)
-    return _data_cache[key]
+_data = core.CaseCache(CaseData)
 
 
 def _reference_like(case: Case, device, name: str, compile_it: bool) -> core.Impl:
@@ -243,4 +233,4 @@ def impls(case: Case, device) -> list[core.Impl]:
 
 def release() -> None:
     """Free the cached case data (call after the last case)."""
-    _data_cache.clear()
+    _data.clear()

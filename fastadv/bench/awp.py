@@ -161,17 +161,7 @@ class Data:
         return {"tensors": len(self.perturbed), "elements": self.elements}
 
 
-_cache: dict = {}
-
-
-def _data(case: Case, device) -> Data:
-    key = (case, str(device))
-    if key not in _cache:
-        _cache.clear()
-        if torch.device(device).type == "cuda":
-            torch.cuda.empty_cache()
-        _cache[key] = Data(case, device)
-    return _cache[key]
+_data = core.CaseCache(Data)
 
 
 def _awp_step(awp):
@@ -315,4 +305,4 @@ def unusable(device) -> dict[str, str]:
 
 
 def release() -> None:
-    _cache.clear()
+    _data.clear()

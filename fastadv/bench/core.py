@@ -410,6 +410,28 @@ def measure_copy_bandwidth(device, nbytes: int | None = None, iters: int | None 
 # implementations, cases, rows
 
 
+class CaseCache:
+    """The data of one case, built by ``factory(case, device)`` on first use and
+    kept only while that case runs (every implementation shares it; the previous
+    case's tensors are freed first, so big cases never coexist)."""
+
+    def __init__(self, factory: Callable[[Any, Any], Any]):
+        self.factory = factory
+        self.key = self.value = None
+
+    def __call__(self, case, device):
+        key = (case, str(device))
+        if key != self.key:
+            self.clear()
+            if torch.device(device).type == "cuda":
+                torch.cuda.empty_cache()
+            self.value, self.key = self.factory(case, device), key
+        return self.value
+
+    def clear(self) -> None:
+        self.key = self.value = None
+
+
 class Skip(Exception):
     """An implementation that cannot run here; the message says why."""
 

@@ -353,17 +353,7 @@ def _step_impl(case: Case, device, name: str) -> core.Impl:
 
 # ---------------------------------------------------------------- registry
 
-_data_cache: dict = {}
-
-
-def _data(case: Case, device):
-    key = (case, str(device))
-    if key not in _data_cache:
-        _data_cache.clear()
-        if torch.device(device).type == "cuda":
-            torch.cuda.empty_cache()
-        _data_cache[key] = (ClipData if case.kind == "clip" else StepData)(case, device)
-    return _data_cache[key]
+_data = core.CaseCache(lambda case, device: (ClipData if case.kind == "clip" else StepData)(case, device))
 
 
 def impls(case: Case, device) -> list[core.Impl]:
@@ -384,4 +374,4 @@ def unusable(device) -> dict[str, str]:
 
 
 def release() -> None:
-    _data_cache.clear()
+    _data.clear()

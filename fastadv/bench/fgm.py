@@ -193,18 +193,7 @@ class CaseData:
         return int(design_bytes(c.rows * c.cols, self.w0.element_size()))
 
 
-_data_cache: dict = {}
-
-
-def _data(case: Case, device) -> CaseData:
-    """The case's data, kept for the implementations of one case only."""
-    key = (case, str(device))
-    if key not in _data_cache:
-        _data_cache.clear()
-        if torch.device(device).type == "cuda":
-            torch.cuda.empty_cache()
-        _data_cache[key] = CaseData(case, device)
-    return _data_cache[key]
+_data = core.CaseCache(CaseData)
 
 
 def _reference_impl(case: Case, device) -> core.Impl:
@@ -358,4 +347,4 @@ def unusable(device) -> dict[str, str]:
 
 def release() -> None:
     """Free the cached case data (call after the last case)."""
-    _data_cache.clear()
+    _data.clear()

@@ -196,21 +196,11 @@ class CaseData:
         return None
 
 
-_data_cache: dict = {}
-
-
-def _data(case: Case, device) -> CaseData:
-    key = (case, str(device))
-    if key not in _data_cache:
-        _data_cache.clear()
-        if torch.device(device).type == "cuda":
-            torch.cuda.empty_cache()
-        _data_cache[key] = CaseData(case, device)
-    return _data_cache[key]
+_data = core.CaseCache(CaseData)
 
 
 def release() -> None:
-    _data_cache.clear()
+    _data.clear()
 
 
 # ---- implementations ---------------------------------------------------------------------------------

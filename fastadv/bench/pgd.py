@@ -160,15 +160,7 @@ def _impl(name, case, device, make):
     return core.Impl(name, setup)
 
 
-_cache: dict = {}
-
-
-def _data(case, device) -> Data:
-    key = (case, str(device))
-    if key not in _cache:
-        _cache.clear()
-        _cache[key] = Data(case, device)
-    return _cache[key]
+_data = core.CaseCache(Data)
 
 
 def impls(case: Case, device) -> list[core.Impl]:
@@ -190,4 +182,4 @@ def unusable(device) -> dict[str, str]:
 
 
 def release() -> None:
-    _cache.clear()
+    _data.clear()
