@@ -1,5 +1,6 @@
 """Test setup: the Triton kernels run on CPU under the interpreter when there is
 no GPU (TRITON_INTERPRET must be set before triton is imported)."""
+import collections
 import os
 
 import torch
@@ -20,11 +21,35 @@ def usable_backends(device=DEVICE):
 
 @pytest.fixture(params=_backend.BACKENDS)
 def backend(request):
-    """Every backend; the ones that cannot run here are skipped with the reason."""
+    """Every backend; the ones that cannot run here are skipped with the reason.
+
+    After the test it checks that the backend under test really ran: at least
+    one launch counted under its name (``triton.*``, ``cuda.*`` or ``torch.*``
+    in :data:`fastadv.kernels.LAUNCHES`) and none under another backend's, so
+    a silent fallback fails the test.  A test that only checks a refusal (so
+    nothing launches) is marked ``@pytest.mark.launch_free``."""
     why = _backend.why_not(request.param, DEVICE)
     if why is not None:
         pytest.skip(f"{request.param} backend unavailable: {why}")
-    return request.param
+    import fastadv.kernels as kernels
+    before = collections.Counter(kernels.LAUNCHES)
+    yield request.param
+    rep = getattr(request.node, "rep_call", None)
+    if rep is None or not rep.passed or request.node.get_closest_marker("launch_free"):
+        return
+    ran = {name.split(".")[0] for name, n in kernels.LAUNCHES.items() if n > before[name]}
+    assert request.param in ran, (f"backend {request.param!r} was under test but launched nothing "
+                                  f"(launches seen: {sorted(ran) or 'none'}): a silent fallback?")
+    assert ran <= {request.param}, (f"backend {request.param!r} was under test but "
+                                    f"{sorted(ran - {request.param})} also ran")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Keep each phase's report on the item (the backend fixture reads rep_call)."""
+    outcome = yield
+    rep = outcome.get_result()
+    setattr(item, f"rep_{rep.when}", rep)
 
 
 @pytest.fixture

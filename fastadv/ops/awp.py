@@ -43,7 +43,7 @@ def kernels(name: str):
 
 class Tables:
     """The device work lists of one owner (an AWP, SAM or EMA object): a
-    :class:`fastadv.kernels.triton.multi_tensor.TableCache` made on first use,
+    :class:`fastadv.kernels.host.TableCache` made on first use,
     so that the torch backend never imports Triton."""
 
     def __init__(self):
@@ -51,7 +51,7 @@ class Tables:
 
     def get(self, tag, lists):
         if self._cache is None:
-            from ..kernels.triton.multi_tensor import TableCache
+            from ..kernels.host import TableCache
             self._cache = TableCache()
         return self._cache.get(tag, lists)
 

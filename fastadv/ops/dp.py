@@ -44,11 +44,11 @@ from typing import Sequence
 import torch
 
 from .. import _backend
-from ..kernels import device_guard
+from ..kernels import device_guard, host
+from ..kernels.host import new_key  # noqa: F401  (part of this module's API)
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-CHUNK = 4 * 1024          # elements per work item, rng.CHUNK
-KEY_HIGH = 2 ** 61        # key words are drawn in [0, KEY_HIGH), as rng.new_key
+CHUNK = host.RNG_CHUNK    # elements per work item: one Philox chunk
 NONFINITE = ("drop", "raise")
 
 
@@ -68,50 +68,11 @@ _cache_obj = None
 def _cache():
     global _cache_obj
     if _cache_obj is None:
-        from ..kernels.triton.multi_tensor import TableCache
-        _cache_obj = TableCache(maxsize=64)
+        _cache_obj = host.TableCache(maxsize=64)
     return _cache_obj
 
 
-def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor on ``device`` without a host sync (pinned, non-blocking on CUDA)."""
-    if device.type == "cuda":
-        return host.pin_memory().to(device, non_blocking=True)
-    return host.to(device)
 
-
-def new_key(device, generator: torch.Generator | None = None, secure: bool = False) -> torch.Tensor:
-    """A Philox key ``[seed, base]`` (int64, on ``device``) for the kernels.
-
-    From ``generator`` (default: the device's default generator) with
-    ``torch.randint``: reproducible under ``torch.manual_seed``, a new key per
-    call, no host sync, drawn again on every CUDA-graph replay.  A generator on
-    another device (Opacus allows a CPU generator for CUDA parameters) draws
-    there and the key is copied over.  ``secure=True``: from ``os.urandom``
-    (the generator is ignored); not allowed during CUDA-graph capture (the key
-    would be frozen into the graph)."""
-    device = torch.device(device)
-    if secure:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("secure_mode draws its key from os.urandom on every call and cannot run "
-                               "inside CUDA-graph capture (the key would be replayed)")
-        words = [int.from_bytes(os.urandom(8), "little") % KEY_HIGH for _ in range(2)]
-        return _to_device(torch.tensor(words, dtype=torch.int64), device)
-    if generator is not None and not _same_device(generator.device, device):
-        key = torch.randint(0, KEY_HIGH, (2,), dtype=torch.int64, device=generator.device,
-                            generator=generator)
-        return _to_device(key, device) if generator.device.type == "cpu" else key.to(device)
-    return torch.randint(0, KEY_HIGH, (2,), dtype=torch.int64, device=device, generator=generator)
-
-
-def _same_device(a, b) -> bool:
-    a, b = torch.device(a), torch.device(b)
-    if a.type != b.type:
-        return False
-    if a.type != "cuda":
-        return True
-    current = torch.cuda.current_device()
-    return (current if a.index is None else a.index) == (current if b.index is None else b.index)
 
 
 def _number(value, what: str) -> float:
@@ -345,7 +306,7 @@ def _torch_noise(shape, std, device, generator, secure) -> torch.Tensor:
         gen.manual_seed(int.from_bytes(os.urandom(8), "little"))
         z = sum(torch.normal(0.0, 1.0, shape, generator=gen, device=device) for _ in range(4))
         return z.mul_(0.5 * std)
-    if generator is not None and not _same_device(generator.device, device):
+    if generator is not None and not host.same_device(generator.device, device):
         return torch.normal(0.0, std, shape, generator=generator, device=generator.device).to(device)
     return torch.normal(0.0, std, shape, generator=generator, device=device)
 
@@ -512,7 +473,7 @@ def _torch_seed(gs, max_norm, sigma, generator) -> None:
         g.mul_(coef.to(g.device))
     if sigma != 0:
         for g in gs:
-            if generator is None or _same_device(generator.device, g.device):
+            if generator is None or host.same_device(generator.device, g.device):
                 g.add_(torch.randn(g.shape, dtype=g.dtype, device=g.device, generator=generator) * sigma)
             else:
                 g.add_(torch.randn(g.shape, dtype=g.dtype, device=generator.device,

@@ -22,12 +22,11 @@ import math
 import torch
 
 from .. import _backend
-from ..kernels import device_guard
+from ..kernels import device_guard, host
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-QUARTER = 1024            # Philox counters per chunk (rng.QUARTER, csrc/rng.cuh kQuarter)
-CHUNK = 4 * QUARTER       # elements per chunk
-KEY_HIGH = 2 ** 61        # keys are drawn in [0, KEY_HIGH) (rng.KEY_HIGH)
+QUARTER = host.RNG_QUARTER  # Philox counters per chunk
+CHUNK = host.RNG_CHUNK      # elements per chunk
 
 
 # ---- helpers -----------------------------------------------------------------------------------
@@ -39,11 +38,6 @@ def _kernels(name: str):
     from ..kernels.cuda import noise
     return noise
 
-
-def _new_key(device, generator):
-    """``[seed, base]`` for one launch (``rng.new_key``, without importing Triton:
-    the cuda backend uses it too)."""
-    return torch.randint(0, KEY_HIGH, (2,), dtype=torch.int64, device=device, generator=generator)
 
 
 def _forced(backend) -> bool:
@@ -139,7 +133,7 @@ def _gaussian_out(x, std, generator, name, out=None):
     if out is None:
         out = torch.empty_like(x)
     with device_guard(x):
-        _kernels(name).add_noise(x, out, _new_key(x.device, generator), std)
+        _kernels(name).add_noise(x, out, host.new_key(x.device, generator), std)
     return out
 
 
@@ -214,7 +208,7 @@ def neftune(embeds: torch.Tensor, alpha: float, attention_mask: torch.Tensor | N
         out = torch.empty_like(x)
         k = _kernels(name)
         with device_guard(x):
-            key = _new_key(x.device, generator)
+            key = host.new_key(x.device, generator)
             if mask is None:
                 scale = alpha / math.sqrt(seq_len * dim) if seq_len * dim else 0.0
                 k.add_noise(x, out, key, scale, uniform=True)
@@ -253,7 +247,7 @@ def noisy_token_ids(input_ids: torch.Tensor, noise_factor: float, vocab_size: in
     ids = input_ids.contiguous()
     out = torch.empty_like(ids)
     with device_guard(ids):
-        _kernels(name).token_ids(ids, out, _new_key(ids.device, generator), noise_factor, vocab_size)
+        _kernels(name).token_ids(ids, out, host.new_key(ids.device, generator), noise_factor, vocab_size)
     return out
 
 
@@ -313,7 +307,7 @@ def weight_noise_(tensors: list[torch.Tensor], std: float, *, generator: torch.G
                 backup = torch.empty(total, dtype=group[0].dtype, device=device)
                 kw = _aligned_kw(name, aligned, backup)
                 with device_guard(backup):
-                    _kernels(name).weight_noise(meta, len(group), n_chunks, backup, _new_key(device, gen),
+                    _kernels(name).weight_noise(meta, len(group), n_chunks, backup, host.new_key(device, gen),
                                                 std, **kw)
                 state.groups.append((name, group, (backup, meta, n_chunks, kw)))
                 _bump_versions(group)
@@ -415,7 +409,7 @@ def sift_init(x: torch.Tensor, init_perturbation: float, *, out: torch.Tensor | 
         x = x.contiguous()
         pert = torch.empty_like(x)
         with device_guard(x):
-            _kernels(name).sift_init(x, delta, pert, _new_key(x.device, generator), ip)
+            _kernels(name).sift_init(x, delta, pert, host.new_key(x.device, generator), ip)
         return delta, pert
 
 

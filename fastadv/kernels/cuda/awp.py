@@ -1,7 +1,7 @@
 """ctypes launchers of the multi-tensor kernels in ``csrc/awp.cu`` (AWP, SAM,
 lerp for EMA / SWA, copy).  Same functions and arguments as
 :mod:`fastadv.kernels.triton.awp`; the tables are the shared
-:class:`fastadv.kernels.triton.multi_tensor.TensorTable`."""
+:class:`fastadv.kernels.host.TensorTable`."""
 from __future__ import annotations
 
 import torch

@@ -1,17 +1,17 @@
 """ctypes launchers of the DP-SGD kernels in ``csrc/dp.cu``.
 
 Same functions, arguments and semantics as :mod:`fastadv.kernels.triton.dp`
-(the tables are the shared :class:`~fastadv.kernels.triton.multi_tensor.TensorTable`,
+(the tables are the shared :class:`~fastadv.kernels.host.TensorTable`,
 the noise the same Philox counters); each counts its launches.
 """
 from __future__ import annotations
 
 import torch
 
-from .. import count_launch
+from .. import count_launch, host
 from . import _c_float, _c_int, _c_int64, _c_void_p, _call, _stream, declare, dtype_code
 
-CHUNK = 4 * 1024   # rng.cuh kChunk
+CHUNK = host.RNG_CHUNK  # rng.cuh kChunk
 READ_SUMMED, WRITE_SUMMED, WRITE_OUT, NOISE, SECURE, DIVIDE = 1, 2, 4, 8, 16, 32
 
 declare({

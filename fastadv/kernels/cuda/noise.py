@@ -9,7 +9,7 @@ import ctypes
 
 import torch
 
-from .. import count_launch
+from .. import count_launch, host
 from . import _c_float, _c_int, _c_int64, _c_void_p, _call, _check, _ptr, _stream, declare, dtype_code, lib
 
 declare({
@@ -30,7 +30,7 @@ declare({
                                      _c_void_p, _c_void_p, _c_float, _c_void_p]),
 })
 
-CHUNK = 4 * 1024  # elements per chunk (one block): rng.cuh kChunk
+CHUNK = host.RNG_CHUNK  # elements per chunk (one block): rng.cuh kChunk
 
 
 def _key(key: torch.Tensor) -> None:

@@ -1,5 +1,8 @@
 """Multi-tensor apply: one launch over many tensors through a device table.
 
+The host side (the tables, their cache, the witnesses) is in
+:mod:`fastadv.kernels.host`, which the CUDA backend uses without Triton.
+
 A *work list* cuts every tensor of a group into chunks of ``chunk`` elements;
 one program (Triton) or one block (CUDA) handles one chunk, so a launch covers
 any number of tensors and the number of launches never grows with the model.
@@ -40,118 +43,15 @@ scalar).
 """
 from __future__ import annotations
 
-import collections
-
 import torch
 import triton
 import triton.language as tl
 
 from .. import count_launch
+from ..host import ALIGN, CHUNK, TableCache, TensorTable, witness  # noqa: F401  (re-exported)
 
-CHUNK = 32768          # elements per work item (one program / one CUDA block)
 BLOCK = 2048           # elements per loop iteration of a Triton program
 FINALIZE_BLOCK = 1024  # partials summed per iteration by the finalize programs
-ALIGN = 16             # bytes: the address alignment that ALIGNED=True promises
-
-
-# ---------------------------------------------------------------- host side
-
-def _to_device(host: torch.Tensor, dst: torch.Tensor) -> None:
-    """``dst.copy_(host)`` without a host sync (pinned + non_blocking on CUDA).
-
-    The pinned buffer is freshly allocated from PyTorch's caching host
-    allocator, which keeps it alive until the copy has run."""
-    if dst.device.type == "cuda":
-        pinned = torch.empty(host.shape, dtype=host.dtype, pin_memory=True)
-        pinned.copy_(host)
-        dst.copy_(pinned, non_blocking=True)
-    else:
-        dst.copy_(host)
-
-
-class TensorTable:
-    """The device work list of ``n_lists`` lists of tensors with sizes ``numels``.
-
-    ``bind(lists)`` points it at concrete tensors (same sizes); the pointer
-    section is copied to the device only when an address changed.  Kernels
-    must run on the stream that bound the table (PyTorch's current stream).
-    ``aligned``: every bound address is a multiple of :data:`ALIGN` bytes.
-    """
-
-    def __init__(self, numels, n_lists: int, device, chunk: int = CHUNK):
-        if chunk <= 0 or chunk % 16:
-            raise ValueError(f"chunk must be a positive multiple of 16, got {chunk}")
-        self.numels = tuple(int(n) for n in numels)
-        self.n_lists = int(n_lists)
-        self.n_tensors = len(self.numels)
-        self.chunk = int(chunk)
-        self.device = torch.device(device)
-        counts = [-(-n // chunk) for n in self.numels]
-        first = [0]
-        for c in counts:
-            first.append(first[-1] + c)
-        self.n_chunks = first[-1]
-        owner = [t for t, c in enumerate(counts) for _ in range(c)]
-        L, T = self.n_lists, self.n_tensors
-        host = torch.tensor([0] * (L * T) + list(self.numels) + first + owner, dtype=torch.int64)
-        self.data = torch.empty(host.numel(), dtype=torch.int64, device=self.device)
-        _to_device(host, self.data)
-        self._ptrs: tuple | None = None
-        self.aligned = False
-
-    def bind(self, lists) -> "TensorTable":
-        """Point the table at ``lists`` (``n_lists`` sequences of tensors)."""
-        if len(lists) != self.n_lists:
-            raise ValueError(f"table of {self.n_lists} lists bound to {len(lists)}")
-        ptrs = tuple(t.data_ptr() for lst in lists for t in lst)
-        if len(ptrs) != self.n_lists * self.n_tensors:
-            raise ValueError("every list must hold one tensor per table entry")
-        if ptrs != self._ptrs:
-            _to_device(torch.tensor(ptrs, dtype=torch.int64), self.data[: len(ptrs)])
-            self._ptrs = ptrs
-            self.aligned = all(p % ALIGN == 0 for p in ptrs)
-        return self
-
-    def first_chunks(self) -> torch.Tensor:
-        """Device view of the T+1 prefix offsets (chunk index of each tensor's first chunk)."""
-        base = (self.n_lists + 1) * self.n_tensors
-        return self.data[base: base + self.n_tensors + 1]
-
-
-class TableCache:
-    """Tables of one owner (an AWP, SAM or EMA object), keyed by
-    ``(tag, dtypes, sizes, chunk)``; least recently used dropped past ``maxsize``."""
-
-    def __init__(self, maxsize: int = 32):
-        self.maxsize = maxsize
-        self._tables: collections.OrderedDict = collections.OrderedDict()
-
-    def get(self, tag: str, lists, chunk: int = CHUNK) -> TensorTable:
-        first = lists[0]
-        device = first[0].device
-        key = (tag, str(device), tuple(lst[0].dtype for lst in lists),
-               tuple(t.numel() for t in first), chunk)
-        table = self._tables.pop(key, None)
-        if table is None:
-            table = TensorTable(key[3], len(lists), device, chunk)
-        self._tables[key] = table
-        while len(self._tables) > self.maxsize:
-            self._tables.popitem(last=False)
-        return table.bind(lists)
-
-    def clear(self) -> None:
-        self._tables.clear()
-
-
-_witnesses: dict = {}
-
-
-def witness(dtype: torch.dtype, device) -> torch.Tensor:
-    """A one-element tensor whose pointer type tells a kernel the element type."""
-    key = (dtype, str(torch.device(device)))
-    if key not in _witnesses:
-        _witnesses[key] = torch.empty(1, dtype=dtype, device=device)
-    return _witnesses[key]
 
 
 # ------------------------------------------------------------- device side

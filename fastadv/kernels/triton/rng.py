@@ -36,15 +36,10 @@ import triton.language as tl
 
 from .. import count_launch
 
-QUARTER = 1024                 # counters per chunk; a chunk is 4 * QUARTER elements
-CHUNK = 4 * QUARTER
-KEY_HIGH = 2 ** 61             # seed and base are drawn in [0, KEY_HIGH): base + counters stay < 2^62
+from ..host import KEY_HIGH, new_key  # noqa: F401  (the key is drawn on the host side, once)
+from ..host import RNG_CHUNK as CHUNK
+from ..host import RNG_QUARTER as QUARTER
 
-
-def new_key(device, generator: torch.Generator | None = None) -> torch.Tensor:
-    """A fresh ``[seed, base]`` int64 tensor on ``device`` drawn from ``generator``
-    (default: the device's default generator).  No host sync; advances the generator."""
-    return torch.randint(0, KEY_HIGH, (2,), dtype=torch.int64, device=device, generator=generator)
 
 
 def chunks(numel: int) -> int:
