@@ -21,7 +21,7 @@ extern "C" {
 
 #define FASTADV_API __attribute__((visibility("default")))
 
-#define FASTADV_ABI_VERSION 1
+#define FASTADV_ABI_VERSION 2
 
 enum fastadv_dtype {
   FASTADV_FLOAT32 = 0,
@@ -36,9 +36,10 @@ FASTADV_API const char* fastadv_last_error(void);
 FASTADV_API int fastadv_abi_version(void);
 
 /* ---- FGM ---------------------------------------------------------------
- * A parameter is viewed as [rows, cols].  Dense mode (mask / slots NULL) uses
- * the flat tensor of rows*cols elements.  Row-sparse mode uses an embedding
- * table [rows, cols] and a uint8 row mask (rows that may hold a gradient).
+ * A parameter is viewed as [rows, cols].  Dense mode (flags NULL) uses the
+ * flat tensor of rows*cols elements.  Row mode uses [rows, cols] and a uint8
+ * flag per row, written by the norm pass from the gradient itself: 1 where
+ * the row holds an entry that is not zero (NaN and inf included).
  */
 
 /* Number of fp32 workspace floats fastadv_fgm_norm needs (0 when nothing to
@@ -46,27 +47,32 @@ FASTADV_API int fastadv_abi_version(void);
 FASTADV_API int64_t fastadv_fgm_workspace_floats(int64_t rows, int64_t cols, int sparse);
 
 /* *norm_out = sqrt(sum of g*g) in fp32, deterministic (two stages, fixed
- * order, no float atomics).  Sparse mode (mask != NULL): rows with mask 0 are
- * not read; a masked row whose sum of squares is exactly 0 has its mask
- * cleared.  Empty input gives 0. */
+ * order, no float atomics).  Row mode (flags != NULL): every row is read and
+ * flags[r] is set to 1 iff row r of g holds a non-zero entry, else 0.  Empty
+ * input gives 0. */
 FASTADV_API int fastadv_fgm_norm(const void* g, int dtype, int64_t rows, int64_t cols,
-                                 uint8_t* mask, float* workspace, float* norm_out,
+                                 uint8_t* flags, float* workspace, float* norm_out,
                                  void* stream);
 
 /* backup <- w, then, when *norm (read on the device) is non-zero and not NaN,
  * w <- w + (eps * g) / norm in fp32, rounded once to dtype.
- * Dense (slots == NULL): every element; backup has rows*cols elements.
- * Sparse: slots is the int32 inclusive cumsum of the row mask; row r is touched
- * iff slots[r] != (r ? slots[r-1] : 0), and its backup is row slots[r]-1 of
- * backup [*, cols].  Untouched rows are neither read nor written. */
+ * Dense (flags == NULL): every element; backup has rows*cols elements.
+ * Row mode: only rows with flags[r] != 0, saved at row r of the full-size
+ * backup [rows, cols]; other rows are neither read nor written. */
 FASTADV_API int fastadv_fgm_update(void* w, const void* g, void* backup, int dtype,
-                                   int64_t rows, int64_t cols, const int32_t* slots,
+                                   int64_t rows, int64_t cols, const uint8_t* flags,
                                    const float* norm, float eps, void* stream);
 
-/* w[r, :] <- backup[slots[r]-1, :] for every touched row, bit-exact. */
+/* w[r, :] <- backup[r, :] for every row with flags[r] != 0, bit-exact. */
 FASTADV_API int fastadv_fgm_restore_rows(void* w, const void* backup, int dtype,
-                                         int64_t rows, int64_t cols, const int32_t* slots,
+                                         int64_t rows, int64_t cols, const uint8_t* flags,
                                          void* stream);
+
+/* ---- embedding FGSM (csrc/fgsm.cu) -----------------------------------------
+ * out <- e + eps * sign(g) (sign(0) = sign(NaN) = 0), fp32 math rounded once;
+ * e, g, out: n elements of dtype. */
+FASTADV_API int fastadv_fgsm_perturb(const void* e, const void* g, void* out, int dtype,
+                                     int64_t n, float eps, void* stream);
 
 /* ---- multi-tensor ops (AWP, SAM, EMA / SWA): `table` is the device work list of
  * fastadv/kernels/triton/multi_tensor.py (layout in csrc/multi_tensor.cuh); one block

@@ -46,21 +46,18 @@ sumsq_dense_kernel(const typename Tr::bits* __restrict__ g, int64_t n, float* __
   if (threadIdx.x == 0) partials[blockIdx.x] = s;
 }
 
-// One warp per row: partials[r] = 0 if mask[r] == 0 (row not read), else the
-// row's sum of squares; a masked row whose sum is exactly 0 is unmasked.
+// One warp per row: partials[r] = the row's sum of squares, and rows[r] = 1
+// iff the row holds an entry that is not zero (NaN and inf included), else 0.
+// Every row is read: which rows carry gradient is read from the gradient.
 template <typename Tr, int VEC>
 __global__ void __launch_bounds__(kThreads)
 sumsq_rows_kernel(const typename Tr::bits* __restrict__ g, int64_t rows, int64_t cols,
-                  uint8_t* __restrict__ mask, float* __restrict__ partials) {
+                  uint8_t* __restrict__ flags, float* __restrict__ partials) {
   using P = Pack<typename Tr::bits, VEC>;
   const int lane = threadIdx.x & 31;
   const int64_t nwarps = (int64_t(gridDim.x) * blockDim.x) >> 5;
   const int64_t cv = cols / VEC;  // VEC divides cols (host's choice)
   for (int64_t r = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5; r < rows; r += nwarps) {
-    if (mask[r] == 0) {
-      if (lane == 0) partials[r] = 0.f;
-      continue;
-    }
     const P* row = reinterpret_cast<const P*>(g + r * cols);
     float acc = 0.f;
     bool nonzero = false;
@@ -78,7 +75,7 @@ sumsq_rows_kernel(const typename Tr::bits* __restrict__ g, int64_t rows, int64_t
     nonzero = __any_sync(0xffffffffu, nonzero);
     if (lane == 0) {
       partials[r] = acc;
-      if (!nonzero) mask[r] = 0;  // the same rule as the Triton kernel
+      flags[r] = nonzero ? 1 : 0;  // the same rule as the Triton kernel
     }
   }
 }
@@ -93,13 +90,13 @@ finalize_norm_kernel(const float* __restrict__ partials, int64_t n, float* __res
 }
 
 template <typename Tr>
-int norm_impl(const void* g_, int64_t rows, int64_t cols, uint8_t* mask, float* workspace,
+int norm_impl(const void* g_, int64_t rows, int64_t cols, uint8_t* flags, float* workspace,
               float* norm_out, cudaStream_t stream) {
   using B = typename Tr::bits;
   constexpr int V = kVec<B>;
   const B* g = static_cast<const B*>(g_);
   int64_t parts = 0;
-  if (mask == nullptr) {
+  if (flags == nullptr) {
     const int64_t n = rows * cols;
     parts = dense_norm_blocks(n);
     if (parts > 0) {
@@ -114,9 +111,9 @@ int norm_impl(const void* g_, int64_t rows, int64_t cols, uint8_t* mask, float* 
     if (rows > 0) {
       const unsigned grid = grid_for_rows(rows);
       if (aligned_to(g, 16) && cols % V == 0)
-        sumsq_rows_kernel<Tr, V><<<grid, kThreads, 0, stream>>>(g, rows, cols, mask, workspace);
+        sumsq_rows_kernel<Tr, V><<<grid, kThreads, 0, stream>>>(g, rows, cols, flags, workspace);
       else
-        sumsq_rows_kernel<Tr, 1><<<grid, kThreads, 0, stream>>>(g, rows, cols, mask, workspace);
+        sumsq_rows_kernel<Tr, 1><<<grid, kThreads, 0, stream>>>(g, rows, cols, flags, workspace);
       if (int e = check_launch("fastadv_fgm_norm (row partial sums)")) return e;
     }
   }
@@ -168,19 +165,13 @@ update_dense_kernel(typename Tr::bits* w, const typename Tr::bits* __restrict__ 
   }
 }
 
-// Row r is touched iff slots[r] != slots[r-1] (slots = inclusive cumsum of the mask).
-__device__ __forceinline__ int32_t touched_slot(const int32_t* __restrict__ slots, int64_t r) {
-  const int32_t hi = slots[r];
-  const int32_t lo = r > 0 ? slots[r - 1] : 0;
-  return hi != lo ? hi - 1 : -1;
-}
-
-// One warp per row; touched rows only.
+// One warp per row; rows flagged by the norm pass only.  The backup is
+// full-size: row r is saved at row r.
 template <typename Tr, int VEC>
 __global__ void __launch_bounds__(kThreads)
 update_rows_kernel(typename Tr::bits* w, const typename Tr::bits* __restrict__ g,
                    typename Tr::bits* __restrict__ backup, int64_t rows, int64_t cols,
-                   const int32_t* __restrict__ slots, const float* __restrict__ norm_p, float eps) {
+                   const uint8_t* __restrict__ flags, const float* __restrict__ norm_p, float eps) {
   using P = Pack<typename Tr::bits, VEC>;
   const float norm = *norm_p;
   const bool valid = norm_is_valid(norm);
@@ -188,11 +179,10 @@ update_rows_kernel(typename Tr::bits* w, const typename Tr::bits* __restrict__ g
   const int64_t nwarps = (int64_t(gridDim.x) * blockDim.x) >> 5;
   const int64_t cv = cols / VEC;
   for (int64_t r = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5; r < rows; r += nwarps) {
-    const int32_t s = touched_slot(slots, r);
-    if (s < 0) continue;
+    if (flags[r] == 0) continue;
     P* wr = reinterpret_cast<P*>(w + r * cols);
     const P* gr = reinterpret_cast<const P*>(g + r * cols);
-    P* br = reinterpret_cast<P*>(backup + int64_t(s) * cols);
+    P* br = reinterpret_cast<P*>(backup + r * cols);
     for (int64_t c = lane; c < cv; c += 32) {
       P pw = wr[c];
       br[c] = pw;
@@ -208,7 +198,7 @@ update_rows_kernel(typename Tr::bits* w, const typename Tr::bits* __restrict__ g
 
 template <typename Tr>
 int update_impl(void* w_, const void* g_, void* backup_, int64_t rows, int64_t cols,
-                const int32_t* slots, const float* norm, float eps, cudaStream_t stream) {
+                const uint8_t* flags, const float* norm, float eps, cudaStream_t stream) {
   using B = typename Tr::bits;
   constexpr int V = kVec<B>;
   B* w = static_cast<B*>(w_);
@@ -217,7 +207,7 @@ int update_impl(void* w_, const void* g_, void* backup_, int64_t rows, int64_t c
   const int64_t n = rows * cols;
   if (n == 0) return 0;  // nothing to touch: no launch
   const bool vec = aligned_to(w, 16) && aligned_to(g, 16) && aligned_to(backup, 16);
-  if (slots == nullptr) {
+  if (flags == nullptr) {
     if (vec) {
       update_dense_kernel<Tr, V><<<grid_for(ceil_div(n, V)), kThreads, 0, stream>>>(w, g, backup, n, norm, eps);
     } else {
@@ -227,35 +217,34 @@ int update_impl(void* w_, const void* g_, void* backup_, int64_t rows, int64_t c
   }
   const unsigned grid = grid_for_rows(rows);
   if (vec && cols % V == 0)
-    update_rows_kernel<Tr, V><<<grid, kThreads, 0, stream>>>(w, g, backup, rows, cols, slots, norm, eps);
+    update_rows_kernel<Tr, V><<<grid, kThreads, 0, stream>>>(w, g, backup, rows, cols, flags, norm, eps);
   else
-    update_rows_kernel<Tr, 1><<<grid, kThreads, 0, stream>>>(w, g, backup, rows, cols, slots, norm, eps);
+    update_rows_kernel<Tr, 1><<<grid, kThreads, 0, stream>>>(w, g, backup, rows, cols, flags, norm, eps);
   return check_launch("fastadv_fgm_update (rows)");
 }
 
 // ---- restore -----------------------------------------------------------------------
 
-// One warp per touched row; the row is copied as `units` raw words of type U.
+// One warp per flagged row; the row is copied as `units` raw words of type U.
 template <typename U>
 __global__ void __launch_bounds__(kThreads)
 restore_rows_kernel(U* w, const U* __restrict__ backup, int64_t rows, int64_t units,
-                    const int32_t* __restrict__ slots) {
+                    const uint8_t* __restrict__ flags) {
   const int lane = threadIdx.x & 31;
   const int64_t nwarps = (int64_t(gridDim.x) * blockDim.x) >> 5;
   for (int64_t r = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5; r < rows; r += nwarps) {
-    const int32_t s = touched_slot(slots, r);
-    if (s < 0) continue;
+    if (flags[r] == 0) continue;
     U* dst = w + r * units;
-    const U* src = backup + int64_t(s) * units;
+    const U* src = backup + r * units;
     for (int64_t c = lane; c < units; c += 32) dst[c] = src[c];
   }
 }
 
 template <typename U>
 int restore_launch(void* w, const void* backup, int64_t rows, int64_t row_bytes,
-                   const int32_t* slots, cudaStream_t stream) {
+                   const uint8_t* flags, cudaStream_t stream) {
   restore_rows_kernel<U><<<grid_for_rows(rows), kThreads, 0, stream>>>(
-      static_cast<U*>(w), static_cast<const U*>(backup), rows, row_bytes / int64_t(sizeof(U)), slots);
+      static_cast<U*>(w), static_cast<const U*>(backup), rows, row_bytes / int64_t(sizeof(U)), flags);
   return check_launch("fastadv_fgm_restore_rows");
 }
 
@@ -263,8 +252,8 @@ int restore_launch(void* w, const void* backup, int64_t rows, int64_t row_bytes,
 }  // namespace fastadv
 
 // ---- C ABI ------------------------------------------------------------------------
-// fastadv_last_error and fastadv_abi_version live here while FGM is the only op;
-// they belong to the whole library (move them to their own .cu with the next op).
+// fastadv_last_error and fastadv_abi_version belong to the whole library; they
+// are defined here, in the library's first translation unit.
 
 using namespace fastadv;
 
@@ -278,33 +267,33 @@ extern "C" FASTADV_API int64_t fastadv_fgm_workspace_floats(int64_t rows, int64_
 }
 
 extern "C" FASTADV_API int fastadv_fgm_norm(const void* g, int dtype, int64_t rows, int64_t cols,
-                                            uint8_t* mask, float* workspace, float* norm_out,
+                                            uint8_t* flags, float* workspace, float* norm_out,
                                             void* stream) {
   static const char* fn = "fastadv_fgm_norm";
   if (rows < 0 || cols < 0) return bad_sizes(fn, rows, cols);
   if (norm_out == nullptr) return fail(int(cudaErrorInvalidValue), "%s: norm_out is NULL", fn);
   return dispatch_dtype(fn, dtype, [&](auto tr) {
-    return norm_impl<decltype(tr)>(g, rows, cols, mask, workspace, norm_out, static_cast<cudaStream_t>(stream));
+    return norm_impl<decltype(tr)>(g, rows, cols, flags, workspace, norm_out, static_cast<cudaStream_t>(stream));
   });
 }
 
 extern "C" FASTADV_API int fastadv_fgm_update(void* w, const void* g, void* backup, int dtype,
-                                              int64_t rows, int64_t cols, const int32_t* slots,
+                                              int64_t rows, int64_t cols, const uint8_t* flags,
                                               const float* norm, float eps, void* stream) {
   static const char* fn = "fastadv_fgm_update";
   if (rows < 0 || cols < 0) return bad_sizes(fn, rows, cols);
   if (norm == nullptr) return fail(int(cudaErrorInvalidValue), "%s: norm is NULL", fn);
   return dispatch_dtype(fn, dtype, [&](auto tr) {
-    return update_impl<decltype(tr)>(w, g, backup, rows, cols, slots, norm, eps, static_cast<cudaStream_t>(stream));
+    return update_impl<decltype(tr)>(w, g, backup, rows, cols, flags, norm, eps, static_cast<cudaStream_t>(stream));
   });
 }
 
 extern "C" FASTADV_API int fastadv_fgm_restore_rows(void* w, const void* backup, int dtype,
-                                                    int64_t rows, int64_t cols, const int32_t* slots,
+                                                    int64_t rows, int64_t cols, const uint8_t* flags,
                                                     void* stream) {
   static const char* fn = "fastadv_fgm_restore_rows";
   if (rows < 0 || cols < 0) return bad_sizes(fn, rows, cols);
-  if (slots == nullptr) return fail(int(cudaErrorInvalidValue), "%s: slots is NULL", fn);
+  if (flags == nullptr) return fail(int(cudaErrorInvalidValue), "%s: flags is NULL", fn);
   if (dtype < FASTADV_FLOAT32 || dtype > FASTADV_BFLOAT16) return bad_dtype(fn, dtype);
   const int64_t row_bytes = cols * (dtype == FASTADV_FLOAT32 ? 4 : 2);
   if (rows == 0 || row_bytes == 0) return 0;  // nothing to copy: no launch
@@ -313,8 +302,8 @@ extern "C" FASTADV_API int fastadv_fgm_restore_rows(void* w, const void* backup,
   auto fits = [&](int64_t bytes) {
     return row_bytes % bytes == 0 && aligned_to(w, bytes) && aligned_to(backup, bytes);
   };
-  if (fits(16)) return restore_launch<uint4>(w, backup, rows, row_bytes, slots, s);
-  if (fits(8)) return restore_launch<uint2>(w, backup, rows, row_bytes, slots, s);
-  if (fits(4)) return restore_launch<uint32_t>(w, backup, rows, row_bytes, slots, s);
-  return restore_launch<uint16_t>(w, backup, rows, row_bytes, slots, s);
+  if (fits(16)) return restore_launch<uint4>(w, backup, rows, row_bytes, flags, s);
+  if (fits(8)) return restore_launch<uint2>(w, backup, rows, row_bytes, flags, s);
+  if (fits(4)) return restore_launch<uint32_t>(w, backup, rows, row_bytes, flags, s);
+  return restore_launch<uint16_t>(w, backup, rows, row_bytes, flags, s);
 }

@@ -101,9 +101,10 @@ partial_dense_kernel(const typename Tr::bits* __restrict__ w, const typename Tr:
 }
 
 // One warp per row: part[r], part[rows + r], part[2 rows + r] = the row's
-// ||g||^2, ||r||^2, <r, g>; zeros for rows neither marked nor saved (not read).
-// g is read on marked rows only, w and backup on saved rows only.  A marked
-// row without a non-zero gradient element is unmarked.
+// ||g||^2, ||r||^2, <r, g>.  Every row of g is read (the norm is over all of
+// it): mask[r] is set to 1 iff the row holds a non-zero entry (NaN / inf
+// included), else 0 -- which rows carry gradient is read from the gradient.
+// w and backup are read on saved rows only (r = w - w0 is zero elsewhere).
 template <typename Tr, int VEC>
 __global__ void __launch_bounds__(kThreads)
 partial_rows_kernel(const typename Tr::bits* __restrict__ w, const typename Tr::bits* __restrict__ backup,
@@ -114,42 +115,37 @@ partial_rows_kernel(const typename Tr::bits* __restrict__ w, const typename Tr::
   const int64_t nwarps = (int64_t(gridDim.x) * blockDim.x) >> 5;
   const int64_t cv = cols / VEC;  // VEC divides cols (host's choice)
   for (int64_t r = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5; r < rows; r += nwarps) {
-    const bool marked = mask[r] != 0;
     const bool was_saved = saved[r] != 0;
     float gg = 0.f, rr = 0.f, rg = 0.f;
-    if (marked || was_saved) {  // uniform across the warp
-      const P* wr = reinterpret_cast<const P*>(w + r * cols);
-      const P* br = reinterpret_cast<const P*>(backup + r * cols);
-      const P* gr = reinterpret_cast<const P*>(g + r * cols);
-      int nonzero = 0;  // any g != 0 (NaN included), this lane
-      for (int64_t c = lane; c < cv; c += 32) {
-        P pg{};  // zero bits: 0.0 in every dtype
-        if (marked) pg = gr[c];
-        if (was_saved) {  // r = w - w0 is zero on rows never perturbed
-          const P pw = wr[c], pb = br[c];
+    const P* wr = reinterpret_cast<const P*>(w + r * cols);
+    const P* br = reinterpret_cast<const P*>(backup + r * cols);
+    const P* gr = reinterpret_cast<const P*>(g + r * cols);
+    int nonzero = 0;  // any g != 0 (NaN included), this lane
+    for (int64_t c = lane; c < cv; c += 32) {
+      const P pg = gr[c];
+      if (was_saved) {  // uniform across the warp
+        const P pw = wr[c], pb = br[c];
 #pragma unroll
-          for (int k = 0; k < VEC; ++k) {
-            const float x = Tr::to_float(pg.v[k]);
-            nonzero |= int(x != 0.f);
-            accumulate<false>(Tr::to_float(pw.v[k]), Tr::to_float(pb.v[k]), x, gg, rr, rg);
-          }
-        } else {
+        for (int k = 0; k < VEC; ++k) {
+          const float x = Tr::to_float(pg.v[k]);
+          nonzero |= int(x != 0.f);
+          accumulate<false>(Tr::to_float(pw.v[k]), Tr::to_float(pb.v[k]), x, gg, rr, rg);
+        }
+      } else {
 #pragma unroll
-          for (int k = 0; k < VEC; ++k) {
-            const float x = Tr::to_float(pg.v[k]);
-            nonzero |= int(x != 0.f);
-            accumulate<true>(0.f, 0.f, x, gg, rr, rg);
-          }
+        for (int k = 0; k < VEC; ++k) {
+          const float x = Tr::to_float(pg.v[k]);
+          nonzero |= int(x != 0.f);
+          accumulate<true>(0.f, 0.f, x, gg, rr, rg);
         }
       }
-      gg = warp_sum(gg);
-      rr = warp_sum(rr);
-      rg = warp_sum(rg);
-      // Every lane has read mask[r] before this warp-wide vote.
-      const bool any_nonzero = __any_sync(kFullMask, nonzero) != 0;
-      if (lane == 0 && marked && !any_nonzero) mask[r] = 0;  // no gradient on this row after all
     }
+    gg = warp_sum(gg);
+    rr = warp_sum(rr);
+    rg = warp_sum(rg);
+    const bool any_nonzero = __any_sync(kFullMask, nonzero) != 0;
     if (lane == 0) {
+      mask[r] = any_nonzero ? 1 : 0;
       part[r] = gg;
       part[rows + r] = rr;
       part[2 * rows + r] = rg;

@@ -17,12 +17,13 @@
  * Dense mode (mask == saved == NULL): the flat tensor of rows*cols elements;
  * `first` != 0 means r = 0 and the update writes backup <- w (always, even when
  * the step is skipped).
- * Row-sparse mode (mask and saved both given, uint8 [rows]): w, g, backup are
- * [rows, cols]; a row is visited when mask[r] (it may hold gradient; g is not
- * read on other rows) or saved[r] (perturbed by an earlier step: backup holds
- * its w0).  A marked row whose gradient is all zero has its mask cleared.  When
- * the step is taken, every visited row is updated, backed up first if it was
- * not saved, and marked saved.  `first` is ignored (saved says it all).
+ * Row mode (mask and saved both given, uint8 [rows]): w, g, backup are
+ * [rows, cols]; the reduction reads every row of g and writes mask[r] = 1 iff
+ * the row holds a non-zero entry (NaN / inf included), else 0.  The update
+ * visits a row when mask[r] or saved[r] (perturbed by an earlier step: backup
+ * holds its w0).  When the step is taken, every visited row is updated, backed
+ * up first if it was not saved, and marked saved.  `first` is ignored (saved
+ * says it all).
  */
 #ifndef FASTADV_PGD_H_
 #define FASTADV_PGD_H_

@@ -11,8 +11,12 @@ on fused kernels.
 Differences from the seed, all on the side of not losing data: ``attack()``
 twice without ``restore()`` raises (the seed overwrote its backup with the
 perturbed weights); ``restore()`` without ``attack()`` raises; an ``emb_name``
-matching nothing raises with close candidates; parameters without a gradient
-are skipped; restore copies in place, so ``data_ptr`` never changes.
+matching no parameter raises with close candidates.  As in the seed, frozen
+parameters and parameters without a gradient are skipped, and an ``attack()``
+that perturbs nothing still counts (``restore()`` after it is a no-op).
+Restore copies in place into the parameters as they are at restore time, so
+``data_ptr`` never changes, and a model reallocated in between
+(``.double().float()``, ``load_state_dict(assign=True)``) is restored exactly.
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ import contextlib
 from torch import nn
 
 from ..ops.fgm import FGMBackup, fgm_attack_, fgm_restore_
-from ._params import EmbeddingAttack, check_size, matching_parameters
+from ._params import EmbeddingAttack, check_size, live_parameter, live_parameters, matching_parameters
 
 
 class FGM(EmbeddingAttack):
@@ -33,14 +37,11 @@ class FGM(EmbeddingAttack):
         epsilon: size of the perturbation ``epsilon * g / ||g||``.
         backend: ``'auto'`` (default, or ``FASTADV_BACKEND``), ``'triton'``,
             ``'cuda'`` or ``'torch'``.
-        row_sparse: ``'auto'`` touches only the rows of an ``nn.Embedding``
-            table that its lookups marked (the gradient is zero elsewhere);
-            it is off for tables that are also used elsewhere (tied LM head),
-            under multi-process training, and on the torch backend.  ``False``
-            always uses the dense path; ``True`` requires a sparse-capable table.
-            Row-sparse assumes the table is only read through its
-            ``nn.Embedding`` modules' forward; pass ``False`` if your model
-            also uses the weight directly (e.g. ``x @ emb.weight.T``).
+        row_sparse: ``'auto'`` / ``True`` (default): on the kernel backends a
+            2-D parameter is updated by rows, touching only the rows whose
+            gradient holds a non-zero entry, found from the gradient on the
+            device (exact for every model, however it reads the table).
+            ``False``: the dense kernels.  The torch backend is dense.
     """
 
     def __init__(self, model: nn.Module, emb_name: str = "word_embeddings.", epsilon: float = 1.0,
@@ -48,34 +49,45 @@ class FGM(EmbeddingAttack):
         super().__init__(model, emb_name, backend, row_sparse)
         self.epsilon = check_size(epsilon)
         self.backup: dict[str, FGMBackup] = {}
+        self._attacked: set[str] = set()  # parameter names attacked, not yet restored
 
     # -- the seed's protocol ------------------------------------------------
     def attack(self, epsilon: float | None = None, emb_name: str | None = None) -> None:
-        """Back up and perturb every matching parameter that has a gradient."""
+        """Back up and perturb every matching trainable parameter that has a gradient.
+
+        The attack counts even if it perturbs nothing (no gradient yet, a
+        frozen table): ``restore()`` and ``with attacked()`` then work."""
         epsilon = self.epsilon if epsilon is None else check_size(epsilon)
-        targets = matching_parameters(self.model, emb_name or self.emb_name)
-        pending = [n for n, _ in targets if n in self.backup]
+        emb_name = emb_name or self.emb_name
+        targets = matching_parameters(self.model, emb_name)
+        names = {n for n, _ in targets} or {f"<{emb_name}: nothing trainable>"}
+        pending = sorted(names & self._attacked)
         if pending:
             raise RuntimeError(f"FGM.attack() called again before restore(): {pending} are still "
-                               f"perturbed; call restore() first (the original weights are kept)")
-        self._track(targets)
+                               f"attacked; call restore() first (the original weights are kept)")
+        self._attacked |= names
         for name, param in targets:
-            if param.grad is None:
-                continue
-            mask, capacity = self._row_state(param)
-            self.backup[name] = fgm_attack_(param, param.grad, epsilon, row_mask=mask,
-                                            row_capacity=capacity, backend=self.backend)
+            if param.grad is not None:
+                self.backup[name] = fgm_attack_(param, param.grad, epsilon, row_sparse=self.row_sparse,
+                                                backend=self.backend)
 
     def restore(self, emb_name: str | None = None) -> None:
         """Put back, bit-exactly and in place, what ``attack()`` perturbed."""
-        if not self.backup:
+        if not self._attacked:
             raise RuntimeError("FGM.restore() called without a preceding attack(): nothing to restore")
-        names = [n for n in self.backup if emb_name is None or emb_name in n]
+        names = [n for n in sorted(self._attacked) if emb_name is None or emb_name in n]
         if not names:
             raise RuntimeError(f"FGM.restore(emb_name={emb_name!r}): no attacked parameter matches; "
-                               f"attacked: {list(self.backup)}")
+                               f"attacked: {sorted(self._attacked)}")
+        live = live_parameters(self.model)
         for name in names:
-            fgm_restore_(self.backup.pop(name))
+            state = self.backup.get(name)
+            if state is not None:
+                # Into the parameter as it is now; the backup is dropped only
+                # once it has been written back.
+                fgm_restore_(state, live_parameter(live, name, "FGM"), name)
+                del self.backup[name]
+            self._attacked.discard(name)
 
     @contextlib.contextmanager
     def attacked(self, epsilon: float | None = None, emb_name: str | None = None):

@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 from ..ops.pgd import PGDState, pgd_attack_, pgd_restore_
-from ._params import EmbeddingAttack, check_size, distributed, matching_parameters
+from ._params import (EmbeddingAttack, check_size, distributed, live_parameter, live_parameters,
+                      matching_parameters)
 
 
 class PGD(EmbeddingAttack):
@@ -46,16 +47,21 @@ class PGD(EmbeddingAttack):
         self.emb_backup: dict[str, PGDState] = {}
         self.grad_backup: dict[str, torch.Tensor] = {}
         self._grads_handed_out = False
+        self._attacking = False  # a first attack was made and not restored (perturbing or not)
 
     def attack(self, is_first_attack: bool = False) -> None:
         """One step: perturb along ``alpha * g / ||g||`` and project onto the
-        ``epsilon`` ball around the weights saved by the first attack."""
-        if is_first_attack and self.emb_backup:
-            raise RuntimeError("PGD.attack(is_first_attack=True) while a previous attack is not "
+        ``epsilon`` ball around the weights saved by the first attack.
+
+        A step that perturbs nothing (no gradient, a frozen table) still
+        counts: the next steps and ``restore()`` work as in the seed."""
+        if is_first_attack and self._attacking:
+            raise RuntimeError("PGD.attack(is_first_attack=True) while the previous attack is not "
                                "restored: call restore() first (the original weights are kept)")
-        if not is_first_attack and not self.emb_backup:
-            raise RuntimeError("PGD.attack(is_first_attack=False) before a first attack: the first "
-                               "step of each batch must pass is_first_attack=True")
+        if not is_first_attack and not self._attacking:
+            raise RuntimeError("PGD.attack(is_first_attack=False) with no attack in progress: the first "
+                               "step of each attack passes is_first_attack=True (and restore() ends it)")
+        self._attacking = True
         for name, param in matching_parameters(self.model, self.emb_name):
             grad = param.grad
             if grad is None:
@@ -63,19 +69,22 @@ class PGD(EmbeddingAttack):
             state = self.emb_backup.get(name)
             if state is None and not is_first_attack:
                 continue  # no gradient at the first step: the seed never backed it up
-            mask = self._row_state(param)[0] if (state is None or state.saved is not None) else None
             self.emb_backup[name] = pgd_attack_(param, grad, self.alpha, self.epsilon, state,
-                                                row_mask=mask, backend=self.backend)
+                                                row_sparse=self.row_sparse, name=name,
+                                                backend=self.backend)
         if is_first_attack and self.grad_backup and not self._grads_handed_out:
             self._hand_out_fresh_grads()
 
     def restore(self) -> None:
-        """Put the embeddings saved by the first attack back, bit-exactly, in place."""
-        if not self.emb_backup:
+        """Put the embeddings saved by the first attack back, bit-exactly, in
+        place, into the parameters as they are now."""
+        if not self._attacking:
             raise RuntimeError("PGD.restore() called without a preceding attack(): nothing to restore")
-        for state in self.emb_backup.values():
-            pgd_restore_(state)
-        self.emb_backup = {}
+        live = live_parameters(self.model)
+        for name in list(self.emb_backup):
+            pgd_restore_(self.emb_backup[name], live_parameter(live, name, "PGD"), name)
+            del self.emb_backup[name]  # dropped only once written back
+        self._attacking = False
 
     def project(self, param_name: str, param_data: torch.Tensor, epsilon: float) -> torch.Tensor:
         """The seed's projection of ``param_data`` onto the ``epsilon`` ball around
@@ -121,5 +130,5 @@ class PGD(EmbeddingAttack):
         try:
             yield self
         finally:
-            if self.emb_backup:
+            if self._attacking:
                 self.restore()

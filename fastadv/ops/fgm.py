@@ -5,10 +5,15 @@
 the reference is made on the device: nothing is read back to the host.
 
 Dense mode (any tensor): a norm pass and one fused update pass that writes the
-backup and the perturbed weights; restore is one copy.  Row-sparse mode (an
-embedding table with a ``row_mask`` of the rows that may hold gradient, see
-``fastadv.adversarial.fgm``): the same passes over the marked rows only, with a
-compact backup of ``row_capacity`` rows.
+backup and the perturbed weights; restore is one copy.  Row mode (a 2-D
+parameter, the default on the kernel backends): the norm pass reads all of
+``g`` and flags, on the device, every row that holds a non-zero (or NaN / inf)
+entry; the update and the restore touch the flagged rows only.  Which rows
+carry gradient is read from the gradient, never assumed from how the model
+reads the table, so the result equals the dense reference for every model
+(tied heads ``h @ W.t()``, ``F.embedding``, ``W[ids]``, accumulation, DDP).
+The backup is full-size (allocated, written only at flagged rows), as large as
+the reference's clone, so no bound on the number of rows is ever needed.
 """
 from __future__ import annotations
 
@@ -17,18 +22,19 @@ import dataclasses
 import torch
 
 from .. import _backend
-from ..kernels import device_guard
+from ..kernels import count_launch, device_guard
+from ._live import follow, retarget
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @dataclasses.dataclass
 class FGMBackup:
-    """What restore needs: the parameter, its saved values and, when row-sparse,
-    the slots that map each touched row to its row of ``data``."""
+    """What restore needs: the parameter, its saved values and, in row mode,
+    the uint8 row flags (row r was saved and perturbed)."""
     param: torch.Tensor
     data: torch.Tensor
-    slots: torch.Tensor | None
+    rows: torch.Tensor | None
     backend: str
 
 
@@ -66,55 +72,50 @@ def _torch_attack(w: torch.Tensor, g: torch.Tensor, epsilon: float) -> torch.Ten
 
 
 def fgm_attack_(param: torch.Tensor, grad: torch.Tensor, epsilon: float, *,
-                row_mask: torch.Tensor | None = None, row_capacity: int | None = None,
-                backend: str | None = None) -> FGMBackup:
+                row_sparse: bool = True, backend: str | None = None) -> FGMBackup:
     """Perturb ``param`` in place by ``epsilon * grad / ||grad||`` (skipped on the
     device when the norm is 0 or NaN) and return its backup.
 
-    ``row_mask`` (uint8, one entry per row of a 2-D ``param``) selects the
-    row-sparse path: rows with mask 0 must have a zero gradient; ``row_capacity``
-    bounds the number of marked rows (default: all rows).  The mask is updated
-    in place: marked rows found to have an all-zero gradient are unmarked.
+    ``row_sparse`` (default): a 2-D parameter on a kernel backend takes the
+    row mode (rows without gradient are neither read twice nor written); the
+    result is the same as the dense one.  The torch backend is always dense.
     """
     _check(param, grad, epsilon)
     w = param.data
     if grad.is_sparse:
         grad = grad.to_dense()
+    name = resolve(w, grad, backend)
+    if name == "torch":
+        count_launch("torch.fgm")
+        return FGMBackup(param, _torch_attack(w, grad.data, float(epsilon)), None, name)
+    with device_guard(w):
+        return _kernel_attack(_kernels(name), name, param, w, grad.data.contiguous(), float(epsilon),
+                              row_sparse and w.dim() == 2)
+
+
+def resolve(w: torch.Tensor, grad: torch.Tensor, backend: str | None) -> str:
+    """The backend that runs on ``w``: a forced kernel backend that cannot take
+    these tensors raises and says why; ``auto`` then picks torch."""
     name = _backend.resolve(backend, w.device)
     if name != "torch" and (w.dtype not in KERNEL_DTYPES or grad.dtype != w.dtype
                             or not w.is_contiguous()):
         if (backend or _backend.default()) != "auto":  # forced: say why it cannot run
             _explain_kernel_limits(w, grad, name)
         name = "torch"
-    if name == "torch":
-        return FGMBackup(param, _torch_attack(w, grad.data, float(epsilon)), None, name)
-
-    with device_guard(w):
-        return _kernel_attack(_kernels(name), name, param, w, grad.data.contiguous(), float(epsilon),
-                              row_mask, row_capacity)
+    return name
 
 
-def _kernel_attack(k, name, param, w, g, epsilon, row_mask, row_capacity) -> FGMBackup:
+def _kernel_attack(k, name, param, w, g, epsilon, by_rows) -> FGMBackup:
     norm = torch.empty(1, dtype=torch.float32, device=w.device)
-    if row_mask is None or w.dim() != 2:
+    backup = torch.empty_like(w)
+    if not by_rows:
         k.fgm_norm(g.view(1, -1), None, norm)
-        backup = torch.empty_like(w)
         k.fgm_update(w.view(1, -1), g.view(1, -1), backup, None, norm, epsilon)
         return FGMBackup(param, backup, None, name)
-
-    if row_mask.dtype != torch.uint8 or row_mask.shape != (w.shape[0],):
-        raise ValueError(f"row_mask must be uint8 of shape ({w.shape[0]},), got "
-                         f"{row_mask.dtype} {tuple(row_mask.shape)}")
-    k.fgm_norm(g, row_mask, norm)
-    slots = torch.cumsum(row_mask, 0, dtype=torch.int32)
-    capacity = w.shape[0] if row_capacity is None else min(int(row_capacity), w.shape[0])
-    if capacity < w.shape[0]:
-        # A row past the capacity gets its predecessor's slot, i.e. counts as
-        # untouched: never written out of bounds, never perturbed without a backup.
-        slots.clamp_(max=capacity)
-    backup = torch.empty((capacity, w.shape[1]), dtype=w.dtype, device=w.device)
-    k.fgm_update(w, g, backup, slots, norm, epsilon)
-    return FGMBackup(param, backup, slots, name)
+    rows = torch.empty(w.shape[0], dtype=torch.uint8, device=w.device)
+    k.fgm_norm(g, rows, norm)
+    k.fgm_update(w, g, backup, rows, norm, epsilon)
+    return FGMBackup(param, backup, rows, name)
 
 
 def _explain_kernel_limits(w, grad, name):
@@ -127,14 +128,23 @@ def _explain_kernel_limits(w, grad, name):
     raise ValueError(f"the {name} backend needs a contiguous parameter; use backend='torch'")
 
 
-def fgm_restore_(state: FGMBackup) -> None:
-    """Put the saved values back in place (bit-exact, ``data_ptr`` unchanged)."""
-    w = state.param.data
-    if state.slots is None:
+def fgm_restore_(state: FGMBackup, param: torch.Tensor | None = None, name: str = "the parameter") -> None:
+    """Put the saved values back, bit-exact, into ``param`` (default: the
+    parameter attacked) as it is now: into its current storage if user code
+    reallocated it (same shape and dtype; a device move is followed), else
+    :class:`~fastadv.ops._live.StorageMoved` is raised and ``state`` kept."""
+    target = state.param if param is None else param
+    w = target.data
+    retarget(name, state.data, w, "attack() and restore()")
+    state.data, state.rows, state.param = follow(state.data, w), follow(state.rows, w), target
+    if state.rows is None:
         w.copy_(state.data)
-    else:
+    elif state.backend != "torch" and w.is_contiguous() and _backend.why_not(state.backend, w.device) is None:
         with device_guard(w):
-            _kernels(state.backend).fgm_restore_rows(w, state.data, state.slots)
+            _kernels(state.backend).fgm_restore_rows(w, state.data, state.rows)
+    else:  # the storage moved to where the kernel cannot go: same values, dense write
+        count_launch("torch.fgm_restore")
+        w.copy_(torch.where(state.rows.bool().unsqueeze(1), state.data, w))
 
 
 def design_bytes(numel: int, element_size: int, touched_rows: int | None = None,
@@ -142,11 +152,11 @@ def design_bytes(numel: int, element_size: int, touched_rows: int | None = None,
     """Bytes the fused design moves per attack + restore.
 
     Dense: norm reads g (1 pass), update reads w and g and writes backup and w
-    (4), restore reads backup and writes w (2): 7 passes.  Row-sparse: the same
-    7 passes over the touched rows, plus the row mask (read twice, 1 byte per
-    row) and the int32 slots (written once, read by update and restore).
+    (4), restore reads backup and writes w (2): 7 passes.  Row mode: the norm
+    reads all of g (1 pass) and writes one flag byte per row; update and
+    restore move 6 passes over the touched rows and read the flags twice.
     """
     if touched_rows is None:
         return 7 * numel * element_size
     rows = numel // cols
-    return 7 * touched_rows * cols * element_size + 2 * rows + 3 * 4 * rows
+    return numel * element_size + 6 * touched_rows * cols * element_size + 3 * rows

@@ -13,18 +13,20 @@ import dataclasses
 
 import torch
 
-from .. import _backend
-from ..kernels import device_guard
-from .fgm import KERNEL_DTYPES, _check
+from ..kernels import count_launch, device_guard
+from ._live import follow, retarget
+from .fgm import _check, resolve
 
 
 @dataclasses.dataclass
 class PGDState:
-    """The backup ``w0`` and, row-sparse, which rows were perturbed."""
+    """The backup ``w0`` and, in row mode, which rows were perturbed
+    (``saved``) and the per-step flags of the rows holding gradient (``mask``)."""
     param: torch.Tensor
     backup: torch.Tensor
     saved: torch.Tensor | None
     backend: str
+    mask: torch.Tensor | None = None
 
 
 def _torch_step(w, w0, g, alpha: float, eps: float) -> None:
@@ -38,17 +40,6 @@ def _torch_step(w, w0, g, alpha: float, eps: float) -> None:
     w.copy_(torch.where(valid, w0_32 + r, w32))
 
 
-def _resolve(w, grad, backend):
-    name = _backend.resolve(backend, w.device)
-    if name != "torch" and (w.dtype not in KERNEL_DTYPES or grad.dtype != w.dtype
-                            or not w.is_contiguous()):
-        if (backend or _backend.default()) != "auto":
-            from .fgm import _explain_kernel_limits
-            _explain_kernel_limits(w, grad, name)
-        name = "torch"
-    return name
-
-
 def _kernels(name):
     if name == "triton":
         from ..kernels.triton import pgd
@@ -58,50 +49,80 @@ def _kernels(name):
 
 
 def pgd_attack_(param: torch.Tensor, grad: torch.Tensor, alpha: float, epsilon: float,
-                state: PGDState | None = None, *, row_mask: torch.Tensor | None = None,
+                state: PGDState | None = None, *, row_sparse: bool = True, name: str = "the parameter",
                 backend: str | None = None) -> PGDState:
     """One PGD step on ``param``; ``state`` is None on the first step (which
-    saves ``w0``) and the returned state afterwards.  ``row_mask`` (uint8 per
-    row of a 2-D ``param``, rows with mask 0 have a zero gradient) selects the
-    row-sparse path; it must be given on every step or on none."""
+    saves ``w0``) and the returned state afterwards.  ``row_sparse``: a 2-D
+    parameter on a kernel backend takes the row mode (rows found from the
+    gradient on the device; same result as dense).  Later steps run on
+    ``param`` as it is now (its storage may have moved: see ``ops._live``)."""
     _check(param, grad, alpha)
     _check(param, grad, epsilon)
     w = param.data
     if grad.is_sparse:
         grad = grad.to_dense()
     first = state is None
-    name = state.backend if state is not None else _resolve(w, grad, backend)
-    if name == "torch":
+    if first:
+        backend_name = resolve(w, grad, backend)
+        by_rows = row_sparse and backend_name != "torch" and w.dim() == 2
+        saved = torch.zeros(w.shape[0], dtype=torch.uint8, device=w.device) if by_rows else None
+        state = PGDState(param, torch.empty_like(w), saved, backend_name,
+                         torch.empty_like(saved) if by_rows else None)
+    else:
+        _follow(state, param, name, "two PGD attack() steps")
+    if state.backend == "torch":
+        count_launch("torch.pgd")
         if first:
-            state = PGDState(param, w.clone(), None, name)
+            state.backup.copy_(w)
         _torch_step(w, state.backup, grad.data, float(alpha), float(epsilon))
         return state
 
+    if grad.dtype != w.dtype:
+        raise TypeError(f"the {state.backend} backend needs the gradient in the parameter's dtype "
+                        f"({w.dtype}), got {grad.dtype}")
     g = grad.data.contiguous()
     coef = torch.empty(4, dtype=torch.float32, device=w.device)
-    sparse = row_mask is not None and w.dim() == 2
-    if first:
-        saved = torch.zeros(w.shape[0], dtype=torch.uint8, device=w.device) if sparse else None
-        state = PGDState(param, torch.empty_like(w), saved, name)
-    if sparse != (state.saved is not None):
-        raise ValueError("row_mask must be given on every PGD step of an attack or on none")
-    k = _kernels(name)
+    k = _kernels(state.backend)
     with device_guard(w):
-        if sparse:
-            k.pgd_step(w, g, state.backup, coef, alpha, epsilon, first, row_mask, state.saved)
+        if state.saved is not None:
+            k.pgd_step(w, g, state.backup, coef, alpha, epsilon, first, state.mask, state.saved)
         else:
             k.pgd_step(w.view(-1), g.view(-1), state.backup.view(-1), coef, alpha, epsilon, first)
     return state
 
 
-def pgd_restore_(state: PGDState) -> None:
-    """Put ``w0`` back in place, bit-exact (``data_ptr`` unchanged)."""
-    w = state.param.data
+def _follow(state: PGDState, param: torch.Tensor, name: str, between: str) -> None:
+    """Point ``state`` at ``param``'s current storage, or raise if that is not exact."""
+    w = param.data
+    retarget(name, state.backup, w, between)
+    if state.backend != "torch" and not w.is_contiguous():
+        raise RuntimeError(f"{name} is no longer contiguous after {between}; the {state.backend} "
+                           f"kernels need a contiguous parameter")
+    state.backup, state.saved, state.mask = follow(state.backup, w), follow(state.saved, w), follow(state.mask, w)
+    state.param = param
+
+
+def pgd_restore_(state: PGDState, param: torch.Tensor | None = None, name: str = "the parameter") -> None:
+    """Put ``w0`` back in place, bit-exact (``data_ptr`` unchanged), into
+    ``param`` (default: the parameter attacked) as it is now."""
+    target = state.param if param is None else param
+    w = target.data
+    retarget(name, state.backup, w, "attack() and restore()")
+    state.backup, state.saved, state.param = follow(state.backup, w), follow(state.saved, w), target
     if state.saved is None:
         w.copy_(state.backup)
-    else:
+    elif w.is_contiguous() and _backend_ok(state.backend, w):
         with device_guard(w):
             _kernels(state.backend).pgd_restore_rows(w, state.backup, state.saved)
+    else:  # the storage moved to where the kernel cannot go: same values, dense write
+        count_launch("torch.pgd_restore")
+        w.copy_(torch.where(state.saved.bool().unsqueeze(1), state.backup, w))
+        state.saved.zero_()
+
+
+def _backend_ok(name: str, w: torch.Tensor) -> bool:
+    from .. import _backend
+    return _backend.why_not(name, w.device) is None
 
 
 def design_bytes(numel: int, element_size: int, steps: int = 3, touched_rows: int | None = None,
@@ -110,13 +131,16 @@ def design_bytes(numel: int, element_size: int, steps: int = 3, touched_rows: in
 
     First step: the reduction reads g, the update reads w and g and writes the
     backup and w (5 passes).  Later steps: the reduction reads w, w0 and g, the
-    update reads them and writes w (7 passes).  Restore: 2 passes.  Row-sparse:
-    the same over the touched rows, plus the uint8 mask and saved flags (read
-    by each kernel, 1 byte per row).  ``backup_grad`` / ``restore_grad`` move
-    nothing (no copies).
+    update reads them and writes w (7 passes).  Restore: 2 passes.  Row mode:
+    every reduction reads all of g (1 pass per step) and writes a flag per
+    row; the other passes run over the touched rows, plus the uint8 flags
+    (mask and saved, 1 byte per row, read by each kernel).  ``backup_grad`` /
+    ``restore_grad`` move nothing (no copies).
     """
     passes = 5 + 7 * (steps - 1) + 2
     if touched_rows is None:
         return passes * numel * element_size
     rows = numel // cols
-    return passes * touched_rows * cols * element_size + (4 * steps + 1) * rows
+    g_full = steps * numel * element_size
+    touched = (passes - steps) * touched_rows * cols * element_size
+    return g_full + touched + (5 * steps + 1) * rows

@@ -19,7 +19,7 @@ import torch
 
 from .. import count_launch  # noqa: F401  (op modules use it)
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 DEFAULT_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                             "_lib", "libfastadv_cuda.so")
 BUILD_HINT = ("build it with `FASTADV_BUILD_CUDA=1 pip install --no-build-isolation -e .` "
@@ -138,5 +138,6 @@ from . import awp  # noqa: E402,F401  (multi-tensor AWP / SAM / EMA)
 from . import noise  # noqa: E402,F401  (noise injection, SiFT)
 from . import dp as _dp  # noqa: E402,F401  (DP-SGD clip + noise)
 from . import attacks  # noqa: E402,F401  (declares the input-attack launchers)
+from . import fgsm  # noqa: E402,F401  (embedding FGSM)
 
 EXPORTS = tuple(_SIGNATURES)

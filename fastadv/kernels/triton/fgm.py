@@ -1,10 +1,11 @@
 """Triton kernels for FGM: a two-stage norm, one fused update, a row restore.
 
 Layout and semantics are documented in docs/ARCHITECTURE.md ("FGM kernels");
-the CUDA library (csrc/fgm.cu) implements the same four functions.  Dense mode
-works on the flat tensor; row-sparse mode works on an embedding table
-``[rows, cols]`` and visits only rows whose mask (or slot) says they may hold a
-non-zero gradient.  No value is ever read back to the host.
+the CUDA library (csrc/fgm.cu) implements the same functions.  Dense mode works
+on the flat tensor; row mode works on ``[rows, cols]``: the norm pass reads all
+of ``g`` and flags, on the device, every row holding a non-zero (or NaN / inf)
+entry; the update and the restore touch only the flagged rows.  No value is
+ever read back to the host.
 """
 import torch
 import triton
@@ -26,12 +27,12 @@ def _partial_dense(g_ptr, part_ptr, numel, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _partial_rows(g_ptr, mask_ptr, part_ptr, cols, BLOCK_C: tl.constexpr):
-    # Stage 1, row-sparse: one program per row; unmarked rows are not read.
+def _partial_rows(g_ptr, rows_ptr, part_ptr, cols, BLOCK_C: tl.constexpr):
+    # Stage 1, by rows: one program per row reads the whole row (the norm is
+    # over all of g anyway) and records whether the row holds any entry that
+    # is not zero (NaN and inf included).  Which rows carry gradient is read
+    # from the gradient itself, never assumed from how the model read the table.
     row = tl.program_id(0)
-    if tl.load(mask_ptr + row) == 0:
-        tl.store(part_ptr + row, 0.0)
-        return
     base = row.to(tl.int64) * cols
     acc = tl.zeros([BLOCK_C], dtype=tl.float32)
     nonzero = tl.zeros([BLOCK_C], dtype=tl.int32)
@@ -41,10 +42,7 @@ def _partial_rows(g_ptr, mask_ptr, part_ptr, cols, BLOCK_C: tl.constexpr):
         acc += g * g
         nonzero += (g != 0).to(tl.int32)
     tl.store(part_ptr + row, tl.sum(acc, axis=0))
-    # A marked row whose gradient is all zero (grads zeroed in place since the
-    # lookup) leaves the set, so the set does not grow without bound.
-    if tl.sum(nonzero, axis=0) == 0:
-        tl.store(mask_ptr + row, 0)
+    tl.store(rows_ptr + row, (tl.sum(nonzero, axis=0) != 0).to(tl.uint8))
 
 
 @triton.jit
@@ -79,18 +77,11 @@ def _update_dense(w_ptr, g_ptr, b_ptr, norm_ptr, eps, numel, BLOCK: tl.constexpr
 
 
 @triton.jit
-def _row_slot(slots_ptr, row):
-    # slots = inclusive cumsum of the row mask: (touched, compact backup slot).
-    end = tl.load(slots_ptr + row)
-    start = tl.load(slots_ptr + row - 1, mask=row > 0, other=0)
-    return end != start, (end - 1).to(tl.int64)
-
-
-@triton.jit
-def _update_rows(w_ptr, g_ptr, b_ptr, slots_ptr, norm_ptr, eps, cols, BLOCK_C: tl.constexpr):
+def _update_rows(w_ptr, g_ptr, b_ptr, rows_ptr, norm_ptr, eps, cols, BLOCK_C: tl.constexpr):
+    # Rows without gradient are left alone: w + eps * 0 / norm == w.  The
+    # backup is full-size and written only at the rows that change.
     row = tl.program_id(0)
-    touched, slot = _row_slot(slots_ptr, row)
-    if touched:
+    if tl.load(rows_ptr + row) != 0:
         norm = tl.load(norm_ptr)
         valid = (norm != 0) & (norm == norm)
         base = row.to(tl.int64) * cols
@@ -98,31 +89,32 @@ def _update_rows(w_ptr, g_ptr, b_ptr, slots_ptr, norm_ptr, eps, cols, BLOCK_C: t
             offs = start + tl.arange(0, BLOCK_C)
             m = offs < cols
             w = tl.load(w_ptr + base + offs, mask=m)
-            tl.store(b_ptr + slot * cols + offs, w, mask=m)
+            tl.store(b_ptr + base + offs, w, mask=m)
             if valid:
                 new = _perturbed(w, g_ptr, base + offs, m, norm, eps)
                 tl.store(w_ptr + base + offs, new.to(w_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
-def _restore_rows(w_ptr, b_ptr, slots_ptr, cols, BLOCK_C: tl.constexpr):
+def _restore_rows(w_ptr, b_ptr, rows_ptr, cols, BLOCK_C: tl.constexpr):
     row = tl.program_id(0)
-    touched, slot = _row_slot(slots_ptr, row)
-    if touched:
+    if tl.load(rows_ptr + row) != 0:
         base = row.to(tl.int64) * cols
         for start in range(0, cols, BLOCK_C):
             offs = start + tl.arange(0, BLOCK_C)
             m = offs < cols
-            tl.store(w_ptr + base + offs, tl.load(b_ptr + slot * cols + offs, mask=m), mask=m)
+            tl.store(w_ptr + base + offs, tl.load(b_ptr + base + offs, mask=m), mask=m)
 
 
 def _row_block(cols: int) -> int:
     return min(triton.next_power_of_2(max(cols, 1)), 2048)
 
 
-def fgm_norm(g2d: torch.Tensor, mask, norm_out: torch.Tensor) -> None:
-    """``norm_out[0] = ||g||`` (fp32).  ``mask``: uint8 ``[rows]`` or None (dense)."""
-    if mask is None:
+def fgm_norm(g2d: torch.Tensor, rows_out, norm_out: torch.Tensor) -> None:
+    """``norm_out[0] = ||g||`` (fp32).  ``rows_out``: None (dense, ``g2d`` is
+    reduced flat) or uint8 ``[rows]``, set to 1 where the row of ``g2d`` holds
+    a non-zero entry (NaN / inf included) and 0 elsewhere."""
+    if rows_out is None:
         numel = g2d.numel()
         n = triton.cdiv(numel, DENSE_BLOCK)
         part = torch.empty(max(n, 1), dtype=torch.float32, device=g2d.device)
@@ -133,31 +125,32 @@ def fgm_norm(g2d: torch.Tensor, mask, norm_out: torch.Tensor) -> None:
         n, cols = g2d.shape
         part = torch.empty(max(n, 1), dtype=torch.float32, device=g2d.device)
         if n:
-            _partial_rows[(n,)](g2d, mask, part, cols, BLOCK_C=_row_block(cols))
+            _partial_rows[(n,)](g2d, rows_out, part, cols, BLOCK_C=_row_block(cols))
             count_launch("triton.fgm_partial")
     _finalize[(1,)](part, n, norm_out, BLOCK=FINALIZE_BLOCK)
     count_launch("triton.fgm_finalize")
 
 
-def fgm_update(w2d, g2d, backup, slots, norm, eps: float) -> None:
-    """Write the backup and, if the norm is usable, ``w += eps * g / norm``."""
-    if slots is None:
+def fgm_update(w2d, g2d, backup, rows, norm, eps: float) -> None:
+    """Write the backup and, if the norm is usable, ``w += eps * g / norm``;
+    ``rows`` (uint8 per row, from :func:`fgm_norm`) limits both to the rows
+    that hold gradient, None means every element."""
+    if rows is None:
         numel = w2d.numel()
         if numel:
             _update_dense[(triton.cdiv(numel, DENSE_BLOCK),)](
                 w2d, g2d, backup, norm, float(eps), numel, BLOCK=DENSE_BLOCK)
             count_launch("triton.fgm_update")
         return
-    rows, cols = w2d.shape
-    if rows:
-        _update_rows[(rows,)](w2d, g2d, backup, slots, norm, float(eps), cols,
-                              BLOCK_C=_row_block(cols))
+    n, cols = w2d.shape
+    if n:
+        _update_rows[(n,)](w2d, g2d, backup, rows, norm, float(eps), cols, BLOCK_C=_row_block(cols))
         count_launch("triton.fgm_update")
 
 
-def fgm_restore_rows(w2d, backup, slots) -> None:
-    """Copy the touched rows back from the compact backup, bit for bit."""
-    rows, cols = w2d.shape
-    if rows:
-        _restore_rows[(rows,)](w2d, backup, slots, cols, BLOCK_C=_row_block(cols))
+def fgm_restore_rows(w2d, backup, rows) -> None:
+    """Copy the rows marked in ``rows`` back from the full-size backup, bit for bit."""
+    n, cols = w2d.shape
+    if n:
+        _restore_rows[(n,)](w2d, backup, rows, cols, BLOCK_C=_row_block(cols))
         count_launch("triton.fgm_restore")

@@ -10,10 +10,11 @@ pass writes anything.  The update mirrors the reference's rounding order:
 ``||r|| > eps``, ``w = w0 + r``.
 
 Dense mode works on the flat tensor (FIRST: ``r = 0`` and the update writes the
-backup).  Row-sparse mode works on ``[rows, cols]`` with a full-size backup and
-a ``saved`` flag per row: a row is visited when it may hold gradient (``mask``)
-or was perturbed by an earlier step (``saved``), and is backed up the first
-time it is perturbed.
+backup).  Row mode works on ``[rows, cols]`` with a full-size backup and a
+``saved`` flag per row: the reduction reads all of ``g`` and flags (``mask``,
+written on the device) every row holding a non-zero entry; the update visits a
+row when it is flagged or was perturbed by an earlier step (``saved``), and
+backs it up the first time it is perturbed.
 """
 import torch
 import triton
@@ -54,30 +55,28 @@ def _partial_dense(w_ptr, b_ptr, g_ptr, part_ptr, numel, nblocks,
 @triton.jit
 def _partial_rows(w_ptr, b_ptr, g_ptr, mask_ptr, saved_ptr, part_ptr, rows, cols,
                   BLOCK_C: tl.constexpr):
+    # Every row of g is read (the norm is over all of it) and mask[row] set to
+    # whether the row holds a non-zero entry (NaN / inf included): which rows
+    # carry gradient is read from the gradient itself.
     row = tl.program_id(0)
-    marked = tl.load(mask_ptr + row) != 0
     saved = tl.load(saved_ptr + row) != 0
     gg = tl.zeros([BLOCK_C], dtype=tl.float32)
     rr = tl.zeros([BLOCK_C], dtype=tl.float32)
     rg = tl.zeros([BLOCK_C], dtype=tl.float32)
     nonzero = tl.zeros([BLOCK_C], dtype=tl.int32)
-    if marked | saved:
-        base = row.to(tl.int64) * cols
-        for start in range(0, cols, BLOCK_C):
-            offs = start + tl.arange(0, BLOCK_C)
-            m = offs < cols
-            g = tl.zeros([BLOCK_C], dtype=tl.float32)
-            if marked:  # unmarked rows have no gradient: not read
-                g = tl.load(g_ptr + base + offs, mask=m, other=0.0).to(tl.float32)
-            gg += g * g
-            nonzero += (g != 0).to(tl.int32)
-            if saved:  # r = w - w0 is zero on rows never perturbed
-                r = (tl.load(w_ptr + base + offs, mask=m, other=0.0).to(tl.float32)
-                     - tl.load(b_ptr + base + offs, mask=m, other=0.0).to(tl.float32))
-                rr += r * r
-                rg += r * g
-        if marked & (tl.sum(nonzero, axis=0) == 0):
-            tl.store(mask_ptr + row, 0)  # no gradient on this row after all
+    base = row.to(tl.int64) * cols
+    for start in range(0, cols, BLOCK_C):
+        offs = start + tl.arange(0, BLOCK_C)
+        m = offs < cols
+        g = tl.load(g_ptr + base + offs, mask=m, other=0.0).to(tl.float32)
+        gg += g * g
+        nonzero += (g != 0).to(tl.int32)
+        if saved:  # r = w - w0 is zero on rows never perturbed
+            r = (tl.load(w_ptr + base + offs, mask=m, other=0.0).to(tl.float32)
+                 - tl.load(b_ptr + base + offs, mask=m, other=0.0).to(tl.float32))
+            rr += r * r
+            rg += r * g
+    tl.store(mask_ptr + row, (tl.sum(nonzero, axis=0) != 0).to(tl.uint8))
     tl.store(part_ptr + row, tl.sum(gg, axis=0))
     tl.store(part_ptr + rows + row, tl.sum(rr, axis=0))
     tl.store(part_ptr + 2 * rows + row, tl.sum(rg, axis=0))
@@ -177,8 +176,9 @@ def pgd_step(w, g, backup, coef, alpha: float, eps: float, first: bool,
     """One PGD step in place (reduction + finalize + fused update).
 
     Dense (``mask is None``): flat tensors; ``first`` writes ``backup``.
-    Row-sparse: ``w, g, backup`` are ``[rows, cols]``, ``mask`` and ``saved``
-    uint8 ``[rows]`` (``saved`` is updated: rows perturbed so far).
+    Row mode: ``w, g, backup`` are ``[rows, cols]``, ``mask`` and ``saved``
+    uint8 ``[rows]``; ``mask`` is written (rows of g holding a non-zero
+    entry), ``saved`` updated (rows perturbed so far).
     """
     alpha, eps = float(alpha), float(eps)
     if mask is None:
