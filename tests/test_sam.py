@@ -8,6 +8,7 @@ from torch import nn
 
 import fastadv.kernels as kernels
 from fastadv.bench.core import count
+from fastadv.ops._live import StorageMoved
 from fastadv.ops.sam import sam_perturb_
 from fastadv.optim.sam import SAM
 from fastadv.reference.sam import SAM as RefSAM
@@ -173,6 +174,7 @@ def test_grad_scaler_recipe(backend):
     assert_close_models(model, ref_model, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.launch_free
 def test_state_dict_roundtrip_keeps_groups_linked(backend):
     model, _, opt, _ = pair("mixed", backend)
     state = opt.state_dict()
@@ -228,25 +230,26 @@ def test_functional_op_global_norm(backend):
 
 
 @pytest.mark.gpu
-def test_gpu_bf16_against_torch_path(backend, no_host_sync):
-    def build():
-        torch.manual_seed(3)
-        m = net(4, 512).cuda()
-        m[2].to(torch.bfloat16)
-        for p in m.parameters():
-            p.grad = torch.randn_like(p)
-        return m
-
-    model, ref_model = build(), build()
+def test_gpu_bf16_against_reference(backend, no_host_sync):
+    """A bf16 layer among fp32 ones: against davda54 run in fp32 on the same
+    values (bf16: two ulps)."""
+    torch.manual_seed(3)
+    model = net(4, 512).cuda()
+    model[2].to(torch.bfloat16)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    ref_model = copy.deepcopy(model).float()
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        q.grad = p.grad.float()
     opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, adaptive=True, lr=0.1, backend=backend)
-    ref = SAM(ref_model.parameters(), torch.optim.SGD, rho=0.05, adaptive=True, lr=0.1, backend="torch")
+    ref = RefSAM(ref_model.parameters(), torch.optim.SGD, rho=0.05, adaptive=True, lr=0.1)
     before = [p.detach().clone() for p in model.parameters()]
     with no_host_sync():
         opt.first_step()
     ref.first_step()
     for p, q in zip(model.parameters(), ref_model.parameters()):
         tol = FP32 if p.dtype == torch.float32 else dict(rtol=2 * 2**-7, atol=1e-5)
-        torch.testing.assert_close(p, q, **tol)
+        torch.testing.assert_close(p.float(), q, **tol)
     with no_host_sync():
         opt.restore()
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
@@ -269,24 +272,158 @@ def test_kernel_launches_run_under_the_device_guard(backend, monkeypatch):
     assert seen["devices"] and all(d == ws[0].device for d in seen["devices"])
 
 
+def sam_formula(ws, gs, rhos, adaptives):
+    """davda54's first step on bare tensors, in fp32 torch: (norm, new weights)."""
+    norm = torch.linalg.vector_norm(torch.stack([((w.abs() if a else 1.0) * g).norm()
+                                                 for w, g, a in zip(ws, gs, adaptives)]))
+    return norm, [w + (w ** 2 if a else 1.0) * g * (r / (norm + 1e-12))
+                  for w, g, r, a in zip(ws, gs, rhos, adaptives)]
+
+
 @pytest.mark.parametrize("odd", [False, True], ids=["aligned", "odd-address"])
-def test_blocks_tails_and_alignment_match_torch_path(backend, odd):
-    if backend == "torch":
-        pytest.skip("kernel backends only")
+def test_blocks_tails_and_alignment_match_the_formula(backend, odd):
     from fastadv.ops.awp import Tables
     sizes = (2048, 4101, 32768 + 2048 + 3, 1)  # whole blocks; blocks + tail; two chunks; tail only
     ws = [odd_or_aligned(n, odd) for n in sizes]
     gs = [odd_or_aligned(n, odd) for n in sizes]
     bs = [odd_or_aligned(n, odd) for n in sizes]
     w0 = [w.clone() for w in ws]
-    tw, tb = [w.clone() for w in ws], [torch.empty_like(w) for w in ws]
     cache = Tables()
     rhos, adaptive = [0.05, 0.05, 0.1, 0.1], [True, True, False, False]
     norm = sam_perturb_(ws, gs, bs, rhos, adaptive, backend=backend, cache=cache)
-    tnorm = sam_perturb_(tw, [g.clone() for g in gs], tb, rhos, adaptive, backend="torch")
-    torch.testing.assert_close(norm, tnorm, **FP32)
-    for a, b in zip(ws, tw):
+    expect_norm, expect = sam_formula(w0, gs, rhos, adaptive)
+    torch.testing.assert_close(norm, expect_norm, **FP32)
+    for a, b in zip(ws, expect):
+        torch.testing.assert_close(a, b, **FP32)
+    assert all(torch.equal(b, w) for b, w in zip(bs, w0))
+    if backend != "torch":
+        tables = list(cache._cache._tables.values())
+        assert tables and all(t.aligned == (not odd) for t in tables)
+
+
+# -- parameter groups of equal sizes (issue 14: one cached table shared by two buckets) ----
+
+
+def blocks_model(n_blocks, width=8):
+    """``n_blocks`` identical blocks: every group has the same tensor sizes."""
+    return nn.Sequential(*[nn.Sequential(nn.Linear(width, width), nn.Tanh()) for _ in range(n_blocks)],
+                         nn.Linear(width, 3)).to(DEVICE)
+
+
+def block_groups(model, n_blocks, vary):
+    out = []
+    for i in range(n_blocks):
+        g = {"params": list(model[i].parameters())}
+        if vary in ("rho", "both"):
+            g["rho"] = 0.05 * (i + 1)
+        if vary in ("adaptive", "both"):
+            g["adaptive"] = i % 2 == 1
+        out.append(g)
+    out.append({"params": list(model[n_blocks].parameters()), "rho": 0.7})  # a bucket of its own
+    return out
+
+
+@pytest.mark.parametrize("n_blocks", [2, 4])
+@pytest.mark.parametrize("vary", ["rho", "adaptive", "both"])
+def test_groups_of_equal_sizes_with_their_own_rho(backend, n_blocks, vary):
+    """Per-block rho / adaptive on identical blocks: each group is perturbed
+    once with its own rho, backed up, and restored (davda54 as the oracle)."""
+    model = blocks_model(n_blocks)
+    ref_model = copy.deepcopy(model)
+    opt = SAM(block_groups(model, n_blocks, vary), torch.optim.SGD, rho=0.1, lr=0.05, backend=backend)
+    ref = RefSAM(block_groups(ref_model, n_blocks, vary), torch.optim.SGD, rho=0.1, lr=0.05)
+    x, y = torch.randn(16, 8, device=DEVICE), torch.randint(0, 3, (16,), device=DEVICE)
+    for _ in range(2):
+        before = [p.detach().clone() for p in model.parameters()]
+        for m, o in ((model, opt), (ref_model, ref)):
+            loss_of(m, x, y).backward()
+            o.first_step(zero_grad=True)
+        assert_close_models(model, ref_model)
+        for p in model.parameters():
+            assert torch.equal(opt.state[p]["old_p"], before.pop(0))
+        for m, o in ((model, opt), (ref_model, ref)):
+            loss_of(m, x, y).backward()
+            o.second_step(zero_grad=True)
+        assert_close_models(model, ref_model)
+
+
+def test_equal_size_buckets_get_their_own_tables(backend):
+    """Two buckets of identical sizes: two tables, each listing its own tensors."""
+    if backend == "torch":
+        pytest.skip("kernel backends only (the torch path has no tables)")
+    from fastadv.ops.awp import Tables
+    ws = [torch.randn(40, device=DEVICE) for _ in range(4)]
+    gs = [torch.randn_like(w) for w in ws]
+    bs = [torch.empty_like(w) for w in ws]
+    w0 = [w.clone() for w in ws]
+    cache = Tables()
+    rhos, adaptive = [0.1, 0.1, 0.3, 0.3], [False, True, False, True]  # four buckets, one size
+    norm = sam_perturb_(ws, gs, bs, rhos, adaptive, backend=backend, cache=cache)
+    expect_norm, expect = sam_formula(w0, gs, rhos, adaptive)
+    torch.testing.assert_close(norm, expect_norm, **FP32)
+    for a, b in zip(ws, expect):
         torch.testing.assert_close(a, b, **FP32)
     assert all(torch.equal(b, w) for b, w in zip(bs, w0))
     tables = list(cache._cache._tables.values())
-    assert tables and all(t.aligned == (not odd) for t in tables)
+    assert len({id(t) for t in tables}) == len(tables) == 4
+    assert sorted(t.ptrs[0] for t in tables) == sorted(w.data_ptr() for w in ws)
+
+
+# -- storage moved between first_step and restore (issue 14) ---------------------------------
+
+MOVES = {
+    "double-float": lambda m: m.double().float(),
+    "to-with-copy": lambda m: m.to(torch.float64).to(torch.float32),
+    "assign": lambda m: m.load_state_dict(m.state_dict(), assign=True),
+}
+
+
+@pytest.mark.parametrize("move", MOVES)
+def test_restore_follows_storage_moved_since_first_step(backend, move):
+    """User code reallocates the parameters between first_step and restore:
+    the new storage gets the original weights, bit for bit; the base step
+    then matches davda54's.  (``assign=True`` with the model's own state dict:
+    the new Parameter objects share the optimizer's parameters' storage.)"""
+    model, ref_model, opt, ref = pair("mixed", backend)
+    x, y = data()
+    originals = [p.detach().clone() for p in model.parameters()]
+    old_ptrs = [p.data_ptr() for p in model.parameters()]
+    for m, o in ((model, opt), (ref_model, ref)):
+        loss_of(m, x, y).backward()
+        o.first_step(zero_grad=True)
+    MOVES[move](model)
+    if move != "assign":
+        assert [p.data_ptr() for p in model.parameters()] != old_ptrs  # really moved
+    for m, o in ((model, opt), (ref_model, ref)):
+        loss_of(m, x, y).backward()
+    opt.restore()
+    assert all(torch.equal(p, o) for p, o in zip(model.parameters(), originals))
+    if move != "assign":  # assign=True gives the model new Parameter objects, not the optimizer's
+        opt.base_optimizer.step()
+        ref.second_step()
+        assert_close_models(model, ref_model)
+
+
+@pytest.mark.parametrize("change", ["half", "resize"])
+def test_restore_refuses_an_inexact_target_and_keeps_the_backup(backend, change):
+    model, _, opt, _ = pair(False, backend)
+    x, y = data()
+    originals = [p.detach().clone() for p in model.parameters()]
+    loss_of(model, x, y).backward()
+    opt.first_step()
+    if change == "half":
+        model.half()
+        match = r"param_groups\[0\]\['params'\]\[0\] changed dtype from torch.float32 to torch.float16"
+    else:
+        model[0].bias.data = torch.zeros(11, device=DEVICE)
+        match = r"param_groups\[0\]\['params'\]\[1\] changed shape from \(10,\) to \(11,\)"
+    seen = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(StorageMoved, match=match):
+        opt.restore()
+    assert all(torch.equal(p, s) for p, s in zip(model.parameters(), seen))  # nothing written
+    if change == "half":
+        model.float()
+    else:
+        model[0].bias.data = torch.zeros(10, device=DEVICE)
+    opt.restore()  # the backup was kept
+    assert all(torch.equal(p, o) for p, o in zip(model.parameters(), originals))

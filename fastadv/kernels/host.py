@@ -17,14 +17,21 @@ one int64 buffer (``csrc/multi_tensor.cuh`` reads the same layout)::
     [L*T+T,      L*T+2T+1)     first chunk of tensor t (prefix sum; entry T = N)
     [L*T+2T+1,   L*T+2T+1+N)   owner: the tensor of chunk c
 
-(L lists of T tensors each, N chunks.)  Everything but the pointers depends on
-the sizes only, so a :class:`TensorTable` is kept per shape signature and its
-pointer section rewritten (one small non-blocking copy from pinned memory)
-when an address changed.  Nothing is ever read back to the host.
+(L lists of T tensors each, N chunks.)  A table is immutable: it is built for
+concrete tensors (their addresses are part of it) and never rewritten, so a
+table handed to a kernel cannot be re-pointed under it -- not by another bucket
+of equal sizes in the same call, not by another caller.  :class:`TableCache`
+keys its tables by everything they hold (device, stream, dtypes, sizes,
+addresses, chunk) and recomputes that key from the live tensors at every call:
+a hit is a table whose bytes are exactly what a fresh build would write, a
+miss builds one (the size-dependent part comes from a host-side cache; one
+small non-blocking copy from pinned memory).  Nothing is ever read back to the
+host.
 """
 from __future__ import annotations
 
 import collections
+import functools
 import os
 
 import torch
@@ -100,16 +107,35 @@ def new_key(device, generator: torch.Generator | None = None, secure: bool = Fal
 
 # ---------------------------------------------------------------- work tables
 
-class TensorTable:
-    """The device work list of ``n_lists`` lists of tensors with sizes ``numels``.
+@functools.lru_cache(maxsize=128)
+def _layout(numels: tuple, chunk: int) -> tuple[torch.Tensor, int]:
+    """The size-dependent part of a table (host int64: numels, first chunks,
+    owners) and its number of chunks; never modified once made."""
+    counts = [-(-n // chunk) for n in numels]
+    first = [0]
+    for c in counts:
+        first.append(first[-1] + c)
+    owner = [t for t, c in enumerate(counts) for _ in range(c)]
+    return torch.tensor(list(numels) + first + owner, dtype=torch.int64), first[-1]
 
-    ``bind(lists)`` points it at concrete tensors (same sizes); the pointer
-    section is copied to the device only when an address changed.  Kernels
-    must run on the stream that bound the table (PyTorch's current stream).
-    ``aligned``: every bound address is a multiple of :data:`ALIGN` bytes.
+
+def _stream_id(device: torch.device):
+    """The current stream of a CUDA device (a table is used on the stream that wrote it)."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.current_stream(device).stream_id
+
+
+class TensorTable:
+    """The device work list of ``n_lists`` lists of tensors with sizes ``numels``
+    at the addresses ``ptrs`` (``n_lists * len(numels)`` of them, list-major;
+    all zero when omitted).  Immutable; build it from live tensors with
+    :meth:`of` (or get it from a :class:`TableCache`).  Kernels must run on the
+    stream that built the table (PyTorch's current stream).  ``aligned``: every
+    address is a multiple of :data:`ALIGN` bytes.
     """
 
-    def __init__(self, numels, n_lists: int, device, chunk: int = CHUNK):
+    def __init__(self, numels, n_lists: int, device, chunk: int = CHUNK, ptrs=None):
         if chunk <= 0 or chunk % 16:
             raise ValueError(f"chunk must be a positive multiple of 16, got {chunk}")
         self.numels = tuple(int(n) for n in numels)
@@ -117,31 +143,33 @@ class TensorTable:
         self.n_tensors = len(self.numels)
         self.chunk = int(chunk)
         self.device = torch.device(device)
-        counts = [-(-n // chunk) for n in self.numels]
-        first = [0]
-        for c in counts:
-            first.append(first[-1] + c)
-        self.n_chunks = first[-1]
-        owner = [t for t, c in enumerate(counts) for _ in range(c)]
-        L, T = self.n_lists, self.n_tensors
-        host = torch.tensor([0] * (L * T) + list(self.numels) + first + owner, dtype=torch.int64)
-        self.data = torch.empty(host.numel(), dtype=torch.int64, device=self.device)
-        to_device(host, self.data)
-        self._ptrs: tuple | None = None
-        self.aligned = False
-
-    def bind(self, lists) -> "TensorTable":
-        """Point the table at ``lists`` (``n_lists`` sequences of tensors)."""
-        if len(lists) != self.n_lists:
-            raise ValueError(f"table of {self.n_lists} lists bound to {len(lists)}")
-        ptrs = tuple(t.data_ptr() for lst in lists for t in lst)
+        ptrs = (0,) * (self.n_lists * self.n_tensors) if ptrs is None else tuple(int(p) for p in ptrs)
         if len(ptrs) != self.n_lists * self.n_tensors:
+            raise ValueError(f"a table of {self.n_lists} lists of {self.n_tensors} tensors needs "
+                             f"{self.n_lists * self.n_tensors} addresses, got {len(ptrs)}")
+        layout, self.n_chunks = _layout(self.numels, self.chunk)
+        host = torch.cat([torch.tensor(ptrs, dtype=torch.int64), layout]) if ptrs else layout.clone()
+        self.data = host_to(host, self.device)
+        self.ptrs = ptrs
+        self.aligned = all(p % ALIGN == 0 for p in ptrs)
+
+    @classmethod
+    def of(cls, lists, chunk: int = CHUNK) -> "TensorTable":
+        """The table of ``lists`` (sequences of tensors, one per table entry, on one device)."""
+        first = lists[0]
+        if any(len(lst) != len(first) for lst in lists):
             raise ValueError("every list must hold one tensor per table entry")
-        if ptrs != self._ptrs:
-            to_device(torch.tensor(ptrs, dtype=torch.int64), self.data[: len(ptrs)])
-            self._ptrs = ptrs
-            self.aligned = all(p % ALIGN == 0 for p in ptrs)
-        return self
+        if not first:
+            raise ValueError("a table needs at least one tensor")
+        return cls([t.numel() for t in first], len(lists), first[0].device, chunk,
+                   ptrs=[t.data_ptr() for lst in lists for t in lst])
+
+    def matches(self, lists) -> bool:
+        """Whether the table lists exactly these tensors (addresses and sizes)."""
+        return (len(lists) == self.n_lists
+                and all(len(lst) == self.n_tensors for lst in lists)
+                and tuple(t.data_ptr() for lst in lists for t in lst) == self.ptrs
+                and tuple(t.numel() for t in lists[0]) == self.numels)
 
     def first_chunks(self) -> torch.Tensor:
         """Device view of the T+1 prefix offsets (chunk index of each tensor's first chunk)."""
@@ -150,8 +178,12 @@ class TensorTable:
 
 
 class TableCache:
-    """Tables of one owner (an AWP, SAM or EMA object), keyed by
-    ``(tag, dtypes, sizes, chunk)``; least recently used dropped past ``maxsize``."""
+    """Tables of one owner (an AWP, SAM or EMA object, or an op module), keyed
+    by ``(tag, device, stream, dtypes, sizes, addresses, chunk)`` computed from
+    the live tensors at every :meth:`get`; least recently used dropped past
+    ``maxsize``.  Tables are immutable, so a cached one is exactly the table
+    these tensors need: it cannot go stale, and two buckets (or two callers)
+    get the same object only when they list the very same tensors."""
 
     def __init__(self, maxsize: int = 32):
         self.maxsize = maxsize
@@ -159,19 +191,26 @@ class TableCache:
 
     def get(self, tag: str, lists, chunk: int = CHUNK) -> TensorTable:
         first = lists[0]
+        if not first:
+            raise ValueError("a table needs at least one tensor")
+        if any(len(lst) != len(first) for lst in lists):
+            raise ValueError("every list must hold one tensor per table entry")
         device = first[0].device
-        key = (tag, str(device), tuple(lst[0].dtype for lst in lists),
-               tuple(t.numel() for t in first), chunk)
+        key = (tag, str(device), _stream_id(device), tuple(lst[0].dtype for lst in lists),
+               tuple(t.numel() for t in first), tuple(t.data_ptr() for lst in lists for t in lst), chunk)
         table = self._tables.pop(key, None)
         if table is None:
-            table = TensorTable(key[3], len(lists), device, chunk)
+            table = TensorTable(key[4], len(lists), device, chunk, ptrs=key[5])
         self._tables[key] = table
         while len(self._tables) > self.maxsize:
             self._tables.popitem(last=False)
-        return table.bind(lists)
+        return table
 
     def clear(self) -> None:
         self._tables.clear()
+
+    def __len__(self) -> int:
+        return len(self._tables)
 
 
 _witnesses: dict = {}

@@ -24,7 +24,8 @@ from __future__ import annotations
 import torch
 
 from .. import _backend
-from ..kernels import device_guard
+from ..kernels import count_launch, device_guard
+from ._live import StorageMoved, follow, retarget
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 AWP_EPS = 1e-6
@@ -43,8 +44,9 @@ def kernels(name: str):
 
 class Tables:
     """The device work lists of one owner (an AWP, SAM or EMA object): a
-    :class:`fastadv.kernels.host.TableCache` made on first use,
-    so that the torch backend never imports Triton."""
+    :class:`fastadv.kernels.host.TableCache` made on first use.  Its tables
+    are immutable and keyed by the live tensors' addresses at every call, so
+    two buckets of equal sizes never share one and none can go stale."""
 
     def __init__(self):
         self._cache = None
@@ -181,6 +183,7 @@ def awp_step_(weights, grads, backups, *, adv_lr: float, adv_eps: float, write_b
         for pos in group([lists[0][i].dtype for i in slow]).values():
             idx = pick(slow, pos)
             _torch_awp_step(*[pick(lst, idx) for lst in lists], lr, eps, write_backup)
+        count_launch("torch.awp")
 
 
 def _torch_awp_step(ws, gs, bs, lr, eps, write_backup) -> None:
@@ -225,6 +228,30 @@ def copy_tensors_(dst, src, *, backend: str | None = None, cache=None) -> None:
                 k.copy(table, 0, 1, dt_d, dt_s)
     if slow:
         torch._foreach_copy_(pick(lists[0], slow), pick(lists[1], slow))
+        count_launch("torch.copy")
+
+
+def restore_live_(names, live, backups, *, between: str, backend: str | None = None, cache=None) -> None:
+    """Write each backup back into the *live* tensor of its parameter, bit-exact.
+
+    ``live[i]`` is the current tensor of the parameter ``names[i]`` (looked up
+    again by the caller after user code ran: ``model.double().float()``,
+    ``.to()`` and ``load_state_dict(assign=True)`` give a parameter new
+    storage, or a new object).  Every pair is checked first
+    (:func:`fastadv.ops._live.retarget`): same shape and dtype -- the new
+    storage is written (a device move carries the backup along); anything else
+    raises :class:`~fastadv.ops._live.StorageMoved` naming the parameter and
+    what changed, before anything is written, and the backups are untouched.
+    ``live[i]`` may be None (the parameter left the model): that raises too."""
+    names, live, backups = list(names), list(live), list(backups)
+    for n, t, b in zip(names, live, backups):
+        if t is None:
+            raise StorageMoved(f"{n} is no longer a parameter of the model (it was renamed or removed "
+                               f"between {between}); its original values are kept in the backup")
+        retarget(n, b, t, between)
+    backups = [follow(b, t) for b, t in zip(backups, live)]
+    for idx in group([t.device for t in live]).values():
+        copy_tensors_(pick(live, idx), pick(backups, idx), backend=backend, cache=cache)
 
 
 def design_bytes(numel_by_size: dict, steps: int = 1) -> int:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels import device_guard
+from ..kernels import count_launch, device_guard
 from .awp import _cache, check_lists, choose, device_of, f32, group, kernels, pick
 
 
@@ -44,6 +44,7 @@ def lerp_(averages, currents, weight: float | None = None, *, count: torch.Tenso
         for pos in group(keys).values():
             idx = pick(slow, pos)
             _torch_lerp(pick(lists[0], idx), pick(lists[1], idx), weight, count)
+        count_launch("torch.lerp")
 
 
 def _torch_lerp(avg, cur, weight, count) -> None:

@@ -10,14 +10,16 @@ davda54's SAM (``fastadv.reference.sam``)::
 with one global norm over all tensors and ``rho`` / ``adaptive`` per tensor
 (per parameter group).  Kernel backends: one reduction launch per bucket of
 (dtype, rho, adaptive), one finalize launch, one update launch per bucket;
-no host sync.  The restore (second step) is
+no host sync.  Each bucket has its own work table (immutable, keyed by its
+tensors' addresses), so buckets of equal sizes -- per-block ``rho`` on
+identical blocks -- never share one.  The restore (second step) is
 :func:`fastadv.ops.awp.copy_tensors_`.
 """
 from __future__ import annotations
 
 import torch
 
-from ..kernels import device_guard
+from ..kernels import count_launch, device_guard
 from .awp import _cache, check_lists, choose, f32, group, kernels, pick
 
 SAM_EPS = 1e-12
@@ -36,6 +38,7 @@ def sam_perturb_(weights, grads, backups, rhos, adaptives, *, backend: str | Non
     device = check_lists(lists, ("weights", "grads", "backups"))
     name, fast, slow = choose(backend, device, lists)
     if slow:  # one global norm: all tensors on one path
+        count_launch("torch.sam")
         return _torch_sam(*lists, rhos, adaptives)
     with device_guard(lists[0][0]):
         k = kernels(name)

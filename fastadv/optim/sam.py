@@ -27,8 +27,11 @@ scale, so the first step may use scaled gradients)::
 
 Differences from davda54, on the side of keeping weights safe: the second
 step restores exactly the parameters the first step perturbed (davda54:
-those that have a gradient at the second step); ``first_step`` twice without
-a restore raises instead of backing up perturbed weights; ``state[p]['old_p']``
+those that have a gradient at the second step), into their current storage
+(a parameter reallocated in between, e.g. by ``model.double().float()``, is
+restored where it now lives; one whose shape or dtype changed raises
+``StorageMoved`` and keeps its backup); ``first_step`` twice without a
+restore raises instead of backing up perturbed weights; ``state[p]['old_p']``
 is a view of one flat backup buffer.
 """
 from __future__ import annotations
@@ -36,7 +39,7 @@ from __future__ import annotations
 import torch
 
 from .. import _backend
-from ..ops.awp import BackupBuffers, Tables, copy_tensors_
+from ..ops.awp import BackupBuffers, Tables, restore_live_
 from ..ops.sam import sam_perturb_
 
 
@@ -76,14 +79,15 @@ class SAM(torch.optim.Optimizer):
         if self._perturbed is not None:
             raise RuntimeError("SAM.first_step() called again before second_step() / restore(): the "
                                "weights are still perturbed (the original weights are kept)")
-        params, rhos, adaptives = [], [], []
-        for pg in self.param_groups:
-            for p in pg["params"]:
+        params, rhos, adaptives, names = [], [], [], []
+        for g, pg in enumerate(self.param_groups):
+            for i, p in enumerate(pg["params"]):
                 if p.grad is None:
                     continue
                 params.append(p)
                 rhos.append(pg["rho"])
                 adaptives.append(pg["adaptive"])
+                names.append(f"param_groups[{g}]['params'][{i}]")
         weights = [p.data for p in params]
         grads = [p.grad.to_dense() if p.grad.is_sparse else p.grad for p in params]
         backups = self._buffers.views(weights)
@@ -94,17 +98,26 @@ class SAM(torch.optim.Optimizer):
                                            cache=self._tables)
         for p, b in zip(params, backups):
             self.state[p]["old_p"] = b
-        self._perturbed = (params, backups)
+        self._perturbed = (params, backups, names)
         if zero_grad:
             self.zero_grad()
 
     @torch.no_grad()
     def restore(self) -> None:
-        """Put back the weights of the last ``first_step`` (bit-exact, in place)."""
+        """Put back the weights of the last ``first_step`` (bit-exact, in place).
+
+        The weights are written into each parameter's *current* storage: if
+        user code reallocated a parameter since ``first_step``
+        (``model.double().float()``, ``.to()``), its new storage is restored
+        when that is exact (same shape and dtype); otherwise
+        :class:`~fastadv.ops._live.StorageMoved` names it, nothing is
+        written, and the backups (``state[p]['old_p']``) are kept, so
+        converting the model back and calling ``restore()`` again works."""
         if self._perturbed is None:
             raise RuntimeError("SAM.restore() / second_step() called without a preceding first_step()")
-        params, backups = self._perturbed
-        copy_tensors_([p.data for p in params], backups, backend=self.backend, cache=self._tables)
+        params, backups, names = self._perturbed
+        restore_live_(names, [p.data for p in params], backups, between="first_step() and restore()",
+                      backend=self.backend, cache=self._tables)
         self._perturbed = None
 
     @torch.no_grad()
