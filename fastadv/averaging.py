@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from . import _backend
-from .ops.awp import BackupBuffers, Tables, copy_tensors_
+from .ops.awp import BackupBuffers, Tables, copy_tensors_, restore_live_
 from .ops.ema import lerp_
 
 
@@ -44,6 +44,14 @@ class ModelEMA:
 
     Also accepts the Kaggle ``EMA`` protocol: ``register()``, ``update()``,
     ``apply_shadow()``, ``restore()``.
+
+    Parameters are matched by name, and every call works on the parameters
+    that are trainable *now*, as the Kaggle EMA does: a layer frozen after
+    ``register()`` keeps its average (not updated, not applied) while the
+    others go on being averaged; unfrozen again, it is averaged again from
+    where it stopped.  A parameter that was frozen at ``register()`` and is
+    trainable now has no average: ``register(missing_only=True)`` starts one
+    from its current weights, keeping all the others.
     """
 
     def __init__(self, model: nn.Module, decay: float = 0.999, *, warmup: bool = False,
@@ -62,27 +70,47 @@ class ModelEMA:
         self.num_updates = 0
         self._tables = Tables()
         self._backups = BackupBuffers()
-        self._applied: tuple[list, list] | None = None
+        self._applied: tuple | None = None   # (model, names, backups) while the average is applied
         self.shadow: dict[str, torch.Tensor] = {}
         self.register()
 
+    @staticmethod
+    def _trainable(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+        return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
     def _params(self, model: nn.Module | None = None) -> list[tuple[str, torch.Tensor]]:
+        """The trainable parameters of ``model`` now, each with an average of
+        its shape (frozen ones are left out: they keep their average)."""
         model = self.model if model is None else model
-        params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        if self.shadow and len(params) != len(self.shadow):
-            raise ValueError(f"the model has {len(params)} trainable parameters, the EMA tracks "
-                             f"{len(self.shadow)}; call register() after changing the model")
-        for (n, p), s in zip(params, self.shadow.values()):
+        params = self._trainable(model)
+        missing = [n for n, _ in params if n not in self.shadow]
+        if missing:
+            raise ValueError(
+                f"{len(missing)} trainable parameter(s) of the model have no average: {missing[:5]}"
+                f"{' ...' if len(missing) > 5 else ''}. The EMA tracks the trainable parameters it was "
+                f"registered with (a parameter frozen at register() has none, as does one of another "
+                f"model); register(missing_only=True) starts an average for each from its current weights "
+                f"and keeps the others, register() restarts every average")
+        for n, p in params:
+            s = self.shadow[n]
             if p.shape != s.shape:
-                raise ValueError(f"parameter {n} has shape {tuple(p.shape)}, its shadow {tuple(s.shape)}")
+                raise ValueError(f"parameter {n} has shape {tuple(p.shape)}, its average {tuple(s.shape)}")
         return params
 
     @torch.no_grad()
-    def register(self) -> None:
-        """(Re)start the average from the model's current weights."""
-        self.shadow = {}
-        self.shadow = {n: p.detach().to(self.dtype or p.dtype, copy=True) for n, p in self._params()}
-        self.num_updates = 0
+    def register(self, *, missing_only: bool = False) -> None:
+        """(Re)start the average from the model's current trainable weights.
+        ``missing_only``: only for trainable parameters that have no average
+        yet, keeping every existing average and the update count."""
+        if self._applied is not None:
+            raise RuntimeError("ModelEMA.register() while the EMA weights are applied; restore() first")
+        fresh = {n: p.detach().to(self.dtype or p.dtype, copy=True) for n, p in self._trainable(self.model)
+                 if not (missing_only and n in self.shadow)}
+        if missing_only:
+            self.shadow.update(fresh)
+        else:
+            self.shadow = fresh
+            self.num_updates = 0
 
     def current_decay(self) -> float:
         """The decay the next ``update()`` uses."""
@@ -93,34 +121,51 @@ class ModelEMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module | None = None) -> None:
-        """Move the average towards ``model`` (default: the tracked model),
-        matched parameter by parameter in order."""
+        """Move the average of every trainable parameter towards ``model``
+        (default: the tracked model), matched by name; frozen parameters keep
+        their average."""
         if self._applied is not None:
             raise RuntimeError("ModelEMA.update() while the EMA weights are applied; restore() first")
-        params = [p.detach() for _, p in self._params(model)]
-        lerp_(list(self.shadow.values()), params, 1.0 - self.current_decay(), backend=self.backend,
-              cache=self._tables)
+        params = self._params(model)
+        if params:
+            lerp_([self.shadow[n] for n, _ in params], [p.detach() for _, p in params],
+                  1.0 - self.current_decay(), backend=self.backend, cache=self._tables)
         self.num_updates += 1
 
     @torch.no_grad()
     def apply_to(self, model: nn.Module | None = None) -> None:
-        """Copy the averaged weights into ``model`` (in place), keeping its
-        own weights for :meth:`restore`."""
+        """Copy the averaged weights into the trainable parameters of ``model``
+        (in place), keeping its own weights for :meth:`restore`."""
         if self._applied is not None:
             raise RuntimeError("ModelEMA.apply_to() called twice without restore()")
-        params = [p.data for _, p in self._params(model)]
-        backups = self._backups.views(params)
-        copy_tensors_(backups, params, backend=self.backend, cache=self._tables)
-        copy_tensors_(params, list(self.shadow.values()), backend=self.backend, cache=self._tables)
-        self._applied = (params, backups)
+        model = self.model if model is None else model
+        params = self._params(model)
+        names = [n for n, _ in params]
+        live = [p.data for _, p in params]
+        backups = self._backups.views(live)
+        if live:
+            copy_tensors_(backups, live, backend=self.backend, cache=self._tables)
+            copy_tensors_(live, [self.shadow[n] for n in names], backend=self.backend, cache=self._tables)
+        self._applied = (model, names, backups)
 
     @torch.no_grad()
     def restore(self, model: nn.Module | None = None) -> None:
-        """Put back the weights ``apply_to`` replaced (bit-exact, in place)."""
+        """Put back the weights ``apply_to`` replaced (bit-exact, in place).
+
+        They are written into the parameters of those names as they are now
+        (default: the model given to ``apply_to``): a parameter reallocated in
+        between (``model.double().float()``, a device round trip,
+        ``load_state_dict(assign=True)``) is restored in its new storage when
+        that is exact (same shape and dtype); otherwise (``model.half()``)
+        :class:`~fastadv.ops._live.StorageMoved` names it, nothing is written,
+        and the backups are kept: convert the model back and call
+        ``restore()`` again."""
         if self._applied is None:
             raise RuntimeError("ModelEMA.restore() called without a preceding apply_to()")
-        params, backups = self._applied
-        copy_tensors_(params, backups, backend=self.backend, cache=self._tables)
+        applied_model, names, backups = self._applied
+        live = dict((model if model is not None else applied_model).named_parameters())
+        restore_live_(names, [live[n].data if n in live else None for n in names], backups,
+                      between="apply_to() and restore()", backend=self.backend, cache=self._tables)
         self._applied = None
 
     apply_shadow = apply_to  # the Kaggle EMA's name

@@ -9,6 +9,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from fastadv.averaging import ModelEMA, ema_multi_avg_fn, swa_multi_avg_fn
 from fastadv.bench.core import count
+from fastadv.ops._live import StorageMoved
 from fastadv.ops.ema import lerp_
 from fastadv.reference.ema import EMA as RefEMA
 from fastadv.reference.ema import swa_average
@@ -120,8 +121,8 @@ def test_update_from_another_model_and_state_dict(backend):
     fresh.load_state_dict(state)
     assert fresh.decay == 0.8 and fresh.num_updates == 1
     assert all(torch.equal(a, b) for a, b in zip(fresh.shadow.values(), ema.shadow.values()))
-    with pytest.raises(ValueError, match="trainable parameters"):
-        ema.update(net(depth=3))
+    with pytest.raises(ValueError, match=r"have no average: \['4.weight', '4.bias'"):
+        ema.update(net(depth=3))  # matched by name: layers 4 and 5 are unknown
     with pytest.raises(ValueError, match="decay"):
         ModelEMA(model, decay=1.5)
 
@@ -192,13 +193,12 @@ def test_lerp_arguments(backend):
 def test_gpu_bf16_model_fp32_shadow(backend, no_host_sync):
     model = nn.Sequential(nn.Linear(1024, 1024), nn.Linear(1024, 7)).cuda().bfloat16()
     ema = ModelEMA(model, 0.99, dtype=torch.float32, backend=backend)
-    ref = ModelEMA(copy.deepcopy(model), 0.99, dtype=torch.float32, backend="torch")
-    train_step(model, ref.model, seed=0)
+    start = [p.detach().float().clone() for p in model.parameters()]
+    train_step(model, seed=0)
     with no_host_sync():
         ema.update()
-    ref.update()
-    for a, b in zip(ema.shadow.values(), ref.shadow.values()):
-        torch.testing.assert_close(a, b, **FP32)
+    for s_, a, p in zip(ema.shadow.values(), start, model.parameters()):
+        torch.testing.assert_close(s_, torch.lerp(a, p.float(), 0.01), **FP32)
     live = [p.detach().clone() for p in model.parameters()]
     with no_host_sync():
         ema.apply_to()
@@ -224,20 +224,148 @@ def test_kernel_launches_run_under_the_device_guard(backend, monkeypatch):
 
 
 @pytest.mark.parametrize("odd", [False, True], ids=["aligned", "odd-address"])
-def test_blocks_tails_and_alignment_match_torch_path(backend, odd):
-    if backend == "torch":
-        pytest.skip("kernel backends only")
+def test_blocks_tails_and_alignment_match_the_formula(backend, odd):
     from fastadv.ops.awp import Tables
     sizes = (2048, 4101, 32768 + 2048 + 3, 1)  # whole blocks; blocks + tail; two chunks; tail only
     avg = [odd_or_aligned(n, odd) for n in sizes]
     cur = [odd_or_aligned(n, odd) for n in sizes]
-    t_avg = [a.clone() for a in avg]
+    expect = [torch.lerp(a, c, 0.1) for a, c in zip(avg, cur)]
     cache = Tables()
     lerp_(avg, cur, 0.1, backend=backend, cache=cache)
-    lerp_(t_avg, cur, 0.1, backend="torch")
-    lerp_(avg, cur, count=torch.tensor(2, device=DEVICE), backend=backend, cache=cache)
-    lerp_(t_avg, cur, count=torch.tensor(2, device=DEVICE), backend="torch")
-    for a, b in zip(avg, t_avg):
+    for a, b in zip(avg, expect):
         torch.testing.assert_close(a, b, **FP32)
-    tables = list(cache._cache._tables.values())
-    assert tables and all(t.aligned == (not odd) for t in tables)
+    swa_average(expect, cur, 2)
+    lerp_(avg, cur, count=torch.tensor(2, device=DEVICE), backend=backend, cache=cache)
+    for a, b in zip(avg, expect):
+        torch.testing.assert_close(a, b, **FP32)
+    if backend != "torch":
+        tables = list(cache._cache._tables.values())
+        assert tables and all(t.aligned == (not odd) for t in tables)
+
+
+# -- layers frozen after register() (issue 14, item 5) -------------------------------------------
+
+
+def test_a_layer_frozen_later_keeps_its_average_as_the_kaggle_ema(backend):
+    """Freezing a layer mid-training: the others go on being averaged, the
+    frozen one keeps its average and is not applied; unfrozen, it is averaged
+    again from where it stopped -- the Kaggle EMA (fastadv.reference.ema) step
+    for step."""
+    model = net(3)
+    ref_model = copy.deepcopy(model)
+    ema, ref = ModelEMA(model, 0.8, backend=backend), RefEMA(ref_model, 0.8)
+    ref.register()
+    for step in range(6):
+        if step == 2:
+            for m in (model, ref_model):
+                m[0].requires_grad_(False)
+        if step == 4:
+            for m in (model, ref_model):
+                m[0].requires_grad_(True)
+        train_step(model, ref_model, seed=step)
+        ema.update()
+        ref.update()
+        for n, s_ in ema.shadow.items():
+            torch.testing.assert_close(s_, ref.shadow[n], **FP32, msg=f"step {step} {n}")
+        if step == 3:  # frozen: its average is neither updated nor applied
+            frozen = model[0].weight.detach().clone()
+            ema.apply_to()
+            ref.apply_shadow()
+            assert torch.equal(model[0].weight, frozen)
+            for p, q in zip(model.parameters(), ref_model.parameters()):
+                torch.testing.assert_close(p, q, **FP32)
+            ema.restore()
+            ref.restore()
+            for p, q in zip(model.parameters(), ref_model.parameters()):
+                assert torch.equal(p, q)
+    assert ema.num_updates == 6
+
+
+def test_a_parameter_frozen_at_register_gets_an_average_on_request(backend):
+    model = net()
+    model[0].requires_grad_(False)
+    ema = ModelEMA(model, 0.5, backend=backend)
+    assert "0.weight" not in ema.shadow
+    train_step(model, seed=0)
+    ema.update()
+    kept = {n: s_.clone() for n, s_ in ema.shadow.items()}
+    model[0].requires_grad_(True)
+    with pytest.raises(ValueError, match=r"have no average: \['0.weight', '0.bias'\].*missing_only=True"):
+        ema.update()
+    ema.register(missing_only=True)
+    assert torch.equal(ema.shadow["0.weight"], model[0].weight)
+    assert all(torch.equal(ema.shadow[n], s_) for n, s_ in kept.items())  # the others are kept
+    assert ema.num_updates == 1
+    ema.update()
+    assert ema.num_updates == 2
+
+
+# -- storage moved between apply_to and restore (issue 14) ----------------------------------------
+
+MOVES = {
+    "double-float": lambda m: m.double().float(),
+    "to-with-copy": lambda m: m.to(torch.float64).to(torch.float32),
+    "assign": lambda m: m.load_state_dict(copy.deepcopy(m.state_dict()), assign=True),
+}
+
+
+@pytest.mark.parametrize("move", MOVES)
+def test_restore_follows_storage_moved_since_apply(backend, move):
+    """Reallocating the parameters while the average is applied: restore puts
+    the model's own weights back into the live parameters, bit for bit (the
+    Kaggle EMA rebinds them by name too)."""
+    model = net()
+    ema = ModelEMA(model, 0.5, backend=backend)
+    train_step(model, seed=1)
+    ema.update()
+    train_step(model, seed=2)
+    live = {n: p.detach().clone() for n, p in model.named_parameters()}
+    old_ptrs = [p.data_ptr() for p in model.parameters()]
+    ema.apply_to()
+    MOVES[move](model)
+    assert [p.data_ptr() for p in model.parameters()] != old_ptrs  # really moved
+    new_ptrs = [p.data_ptr() for p in model.parameters()]
+    ema.restore()
+    for n, p in model.named_parameters():
+        assert torch.equal(p, live[n]), n
+    assert [p.data_ptr() for p in model.parameters()] == new_ptrs  # written where they live now
+    ema.update()  # and the average goes on from the live parameters
+    for n, s_ in ema.shadow.items():
+        assert torch.isfinite(s_).all(), n
+
+
+def test_restore_refuses_a_dtype_change_and_keeps_the_backup(backend):
+    """model.half() while the average is applied: restore cannot be exact in
+    fp16; it says which parameter changed, writes nothing, and works once the
+    model is converted back."""
+    model = net()
+    ema = ModelEMA(model, 0.5, backend=backend)
+    train_step(model, seed=1)
+    ema.update()
+    live = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ema.apply_to()
+    model.half()
+    seen = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(StorageMoved, match=r"0.weight changed dtype from torch.float32 to torch.float16"):
+        ema.restore()
+    for n, p in model.named_parameters():
+        assert torch.equal(p, seen[n]), n  # nothing written
+    model.float()
+    ema.restore()
+    for n, p in model.named_parameters():
+        assert torch.equal(p, live[n]), n
+    with pytest.raises(RuntimeError, match="without a preceding apply_to"):
+        ema.restore()
+
+
+def test_restore_refuses_a_parameter_that_left_the_model(backend):
+    model = net()
+    ema = ModelEMA(model, 0.5, backend=backend)
+    ema.update()
+    ema.apply_to()
+    original = model[0]
+    model[0] = nn.Identity()
+    with pytest.raises(StorageMoved, match="0.weight is no longer a parameter of the model"):
+        ema.restore()
+    model[0] = original
+    ema.restore()
