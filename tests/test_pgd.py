@@ -9,8 +9,10 @@ import fastadv
 from fastadv.ops.pgd import pgd_attack_, pgd_restore_
 from fastadv.reference import PGD as RefPGD
 
+import odd_models
 from conftest import DEVICE
-from test_fgm import FP32, TinyLM, assert_params, batch
+from fastadv.ops._live import StorageMoved
+from test_fgm import FP32, REALLOCS, Table, TinyLM, assert_params, batch
 
 K = 3
 
@@ -104,6 +106,7 @@ def test_attack_makes_no_host_sync(backend, no_host_sync):
         pgd.restore()
 
 
+@pytest.mark.launch_free
 def test_protocol_misuse(backend):
     model = TinyLM().to(DEVICE)
     ids, labels = batch()
@@ -112,7 +115,7 @@ def test_protocol_misuse(backend):
     pgd = fastadv.PGD(model, backend=backend)
     with pytest.raises(RuntimeError, match="without a preceding attack"):
         pgd.restore()
-    with pytest.raises(RuntimeError, match="is_first_attack=True"):
+    with pytest.raises(RuntimeError, match="no attack in progress"):
         pgd.attack()
     with pytest.raises(RuntimeError, match="without backup_grad"):
         pgd.restore_grad()
@@ -153,35 +156,208 @@ def test_project_compat(backend):
     assert torch.linalg.vector_norm(out - w0).item() == pytest.approx(0.01, rel=1e-4)
 
 
+def reference_steps(w, grads, alpha, eps):
+    """The seed PGD's weights after each step, on a bare table."""
+    table = Table(w.clone().float())
+    ref = RefPGD(table, "word_embeddings", eps, alpha)
+    out = []
+    for t, g in enumerate(grads):
+        table.word_embeddings.grad = g.clone().float()
+        ref.attack(is_first_attack=(t == 0))
+        out.append(table.word_embeddings.detach().clone())
+    return out
+
+
 @pytest.mark.parametrize("shape", [(1,), (7, 3), (3, 4100), (0, 4)])
 @pytest.mark.parametrize("kind", ["normal", "zero", "nan"])
-def test_functional_steps_against_torch(backend, shape, kind):
+def test_functional_steps_against_reference(backend, shape, kind):
     w = torch.randn(shape, device=DEVICE)
     grads = [torch.randn(shape, device=DEVICE) for _ in range(3)]
     if kind == "zero":
         grads[1].zero_()
     elif kind == "nan" and w.numel():
         grads[1].view(-1)[0] = float("nan")
-    fast, ref = w.clone(), w.clone()
-    state = ref_state = None
-    for g in grads:
+    fast = w.clone()
+    state = None
+    for g, expected in zip(grads, reference_steps(w, grads, 0.3, 0.4)):
         state = pgd_attack_(fast, g, 0.3, 0.4, state, backend=backend)
-        ref_state = pgd_attack_(ref, g, 0.3, 0.4, ref_state, backend="torch")
-        torch.testing.assert_close(fast, ref, **FP32)
+        torch.testing.assert_close(fast, expected, **FP32)
     pgd_restore_(state)
     assert torch.equal(fast, w)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16])
 def test_low_precision(backend, dtype):
-    w = torch.randn(9, 16, device=DEVICE)
-    grads = [torch.randn(9, 16, device=DEVICE) for _ in range(3)]
-    fast, ref = w.to(dtype), w.clone()
-    state = ref_state = None
+    w = torch.randn(9, 16, device=DEVICE).to(dtype)
+    grads = [torch.randn(9, 16, device=DEVICE).to(dtype) for _ in range(3)]
+    fast = w.clone()
+    state = None
     for g in grads:
-        state = pgd_attack_(fast, g.to(dtype), 0.3, 0.5, state, backend=backend)
-        ref_state = pgd_attack_(ref, g.to(dtype).float(), 0.3, 0.5, ref_state, backend="torch")
-    # fp32 math, rounded once per step: within a few ulps of the fp32 path.
-    torch.testing.assert_close(fast.float(), ref, rtol=4e-3, atol=4e-3)
+        state = pgd_attack_(fast, g, 0.3, 0.5, state, backend=backend)
+    # fp32 math, rounded once per step: within a few ulps of the fp32 reference.
+    expected = reference_steps(w, grads, 0.3, 0.5)[-1]
+    torch.testing.assert_close(fast.float(), expected, rtol=4e-3, atol=4e-3)
     pgd_restore_(state)
-    assert torch.equal(fast, w.to(dtype))
+    assert torch.equal(fast, w)
+
+
+# -- row mode: rows found from the gradient, for every way a table is read ---
+def zoo_loop(model, pgd, ids, labels):
+    model(ids, labels).backward()
+    pgd.backup_grad()
+    for t in range(K):
+        pgd.attack(is_first_attack=(t == 0))
+        if t != K - 1:
+            model.zero_grad()
+        else:
+            pgd.restore_grad()
+        model(ids, labels).backward()
+    pgd.restore()
+
+
+@pytest.mark.parametrize("epsilon", [1.0, 0.05], ids=["ball-inactive", "ball-active"])
+@pytest.mark.parametrize("zoo", odd_models.ZOO, ids=lambda c: c.__name__)
+def test_tables_read_outside_their_module(backend, zoo, epsilon):
+    model = zoo().to(DEVICE)
+    ref_model = copy.deepcopy(model)
+    pgd = fastadv.PGD(model, model.emb_name, epsilon, 0.3, backend=backend)
+    ref = RefPGD(ref_model, ref_model.emb_name, epsilon, 0.3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ref_opt = torch.optim.SGD(ref_model.parameters(), lr=0.1)
+    for _ in range(2):
+        ids, labels = odd_models.batch()
+        zoo_loop(model, pgd, ids, labels)
+        zoo_loop(ref_model, ref, ids, labels)
+        assert_params(model, ref_model)
+        opt.step()
+        ref_opt.step()
+        model.zero_grad()
+        ref_model.zero_grad()
+
+
+def accumulation_step(model, pgd, micro_batches):
+    """Gradient accumulation: the PGD K-loop on each micro-batch, one optimizer step."""
+    for ids, labels in micro_batches:
+        loss = model(ids, labels) / len(micro_batches)
+        loss.backward()
+        pgd.backup_grad()
+        for t in range(K):
+            pgd.attack(is_first_attack=(t == 0))
+            if t != K - 1:
+                model.zero_grad()
+            else:
+                pgd.restore_grad()
+            (model(ids, labels) / len(micro_batches)).backward()
+        pgd.restore()
+
+
+def test_gradient_accumulation_three_micro_batches(backend):
+    model, ref_model = TinyLM().to(DEVICE), None
+    ref_model = copy.deepcopy(model)
+    pgd = fastadv.PGD(model, epsilon=0.05, backend=backend)
+    ref = RefPGD(ref_model, epsilon=0.05)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ref_opt = torch.optim.SGD(ref_model.parameters(), lr=0.1)
+    for _ in range(2):
+        micro = [batch() for _ in range(3)]
+        accumulation_step(model, pgd, micro)
+        accumulation_step(ref_model, ref, micro)
+        assert_params(model, ref_model)
+        opt.step()
+        ref_opt.step()
+        model.zero_grad()
+        ref_model.zero_grad()
+    assert_params(model, ref_model)
+
+
+def test_forward_before_zero_grad(backend):
+    model = TinyLM().to(DEVICE)
+    ref_model = copy.deepcopy(model)
+    pgd, ref = fastadv.PGD(model, backend=backend), RefPGD(ref_model)
+    ids, labels = batch()
+    for m, p in ((model, pgd), (ref_model, ref)):
+        loss = m(ids, labels)
+        m.zero_grad()
+        loss.backward()
+        p.attack(is_first_attack=True)
+        m(ids, labels).backward()
+        p.attack()
+    assert_params(model, ref_model)
+    pgd.restore()
+
+
+def test_no_hooks_on_user_modules():
+    model = TinyLM()
+    for _ in range(5):
+        fastadv.PGD(model)
+    assert odd_models.hook_count(model) == 0
+
+
+@pytest.mark.parametrize("realloc", REALLOCS, ids=lambda f: f.__name__[9:])
+@pytest.mark.parametrize("when", ["between_steps", "before_restore"])
+def test_storage_moved(backend, realloc, when):
+    model = TinyLM().to(DEVICE)
+    ref_model = copy.deepcopy(model)
+    ids, labels = batch()
+    pgd, ref = fastadv.PGD(model, epsilon=0.05, backend=backend), RefPGD(ref_model, epsilon=0.05)
+    before = model.word_embeddings.weight.detach().clone()
+    keep = []
+    for m, p in ((model, pgd), (ref_model, ref)):
+        m(ids, labels).backward()
+        p.attack(is_first_attack=True)
+        if m is model and when == "between_steps":
+            keep.append(model.word_embeddings.weight.data)  # the old storage stays alive
+            realloc(model)
+        m.zero_grad()
+        m(ids, labels).backward()
+        p.attack()
+    assert_params(model, ref_model)
+    if when == "before_restore":
+        keep.append(model.word_embeddings.weight.data)
+        realloc(model)
+    assert model.word_embeddings.weight.data_ptr() != keep[0].data_ptr()
+    pgd.restore()
+    assert torch.equal(model.word_embeddings.weight.detach(), before)
+
+
+def test_dtype_change_raises_and_keeps_the_backup(backend):
+    model = TinyLM().to(DEVICE)
+    ids, labels = batch()
+    model(ids, labels).backward()
+    pgd = fastadv.PGD(model, backend=backend)
+    pgd.attack(is_first_attack=True)
+    model.half()
+    with pytest.raises(StorageMoved, match="changed dtype"):
+        pgd.restore()
+    assert pgd.emb_backup  # kept
+    model.float()
+    pgd.restore()
+
+
+def test_first_step_without_gradient_still_counts(backend):
+    """No gradient (or a frozen table) at the first step: the next steps and
+    restore() work, with messages that say what happened."""
+    model = TinyLM().to(DEVICE)
+    pgd = fastadv.PGD(model, backend=backend)
+    pgd.attack(is_first_attack=True)  # nothing to perturb yet
+    pgd.attack()                      # no complaint about is_first_attack
+    pgd.restore()
+    with pytest.raises(RuntimeError, match="no attack in progress"):
+        pgd.attack()
+    ids, labels = batch()
+    seed_loop(model, pgd, ids, labels)  # a real attack afterwards
+
+
+def test_frozen_table(backend):
+    model = TinyLM().to(DEVICE)
+    model.word_embeddings.weight.requires_grad_(False)
+    with pytest.warns(UserWarning, match="only frozen parameters"):
+        pgd = fastadv.PGD(model, backend=backend)
+    ids, labels = batch()
+    before = model.word_embeddings.weight.detach().clone()
+    seed_loop(model, pgd, ids, labels)
+    assert torch.equal(model.word_embeddings.weight, before)
+    model.word_embeddings.weight.requires_grad_(True)
+    model.zero_grad()
+    seed_loop(model, pgd, ids, labels)
+    assert torch.equal(model.word_embeddings.weight, before)
