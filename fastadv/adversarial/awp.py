@@ -27,6 +27,12 @@ and both clamp bounds), written by the first step's update kernel; restore
 copies back in place, bit-exact (``data_ptr`` never changes).  The backup
 buffer is kept between attacks (``release()`` frees it).
 
+Restore writes into the model's parameters as they are at restore time,
+looked up by name like the seed's ``_restore``: a parameter reallocated by
+user code between attack and restore (``model.double().float()``, ``.to()``,
+``load_state_dict(assign=True)``) is restored in its new storage; one whose
+shape or dtype changed raises ``StorageMoved`` and keeps its backup.
+
 Differences from the seed, all keeping its results: ``attack_backward``
 restores the weights even if the forward or backward raises; a parameter that
 gains a gradient after ``_save()`` makes ``_attack_step()`` raise a
@@ -41,7 +47,8 @@ import torch
 from torch import nn
 
 from .. import _backend
-from ..ops.awp import BackupBuffers, Tables, awp_step_, copy_tensors_, group
+from ..ops._live import retarget
+from ..ops.awp import BackupBuffers, Tables, awp_step_, group, restore_live_
 
 def _number(value, what: str, minimum=None) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -87,6 +94,7 @@ class AWP:
         self._saved: dict[str, nn.Parameter] = {}   # targets recorded by _save()
         self._buffers = BackupBuffers()             # the one backup copy, kept between attacks
         self._tables = Tables()
+        self._perturbing = False                    # perturb() ran, restore() pending
 
     # -- the seed's protocol ------------------------------------------------
     def attack_backward(self, x=None, y=None, attention_mask=None, epoch=None, *, closure=None):
@@ -156,9 +164,12 @@ class AWP:
         if write_backup:  # the first step: its update kernel writes the backup
             backups = self._buffers.views([p.data for _, p in targets])
         else:  # rare: parameters saved later, or saved without a gradient now
+            live = dict(self.model.named_parameters())
             for n in pending:
-                self.backup[n] = self._saved[n].data.clone()
+                self.backup[n] = (live[n] if n in live else self._saved[n]).data.clone()
             backups = [self.backup[n] for n in names]
+            for (n, p), b in zip(targets, backups):  # the parameter may have moved since the last step
+                retarget(n, b, p.data, "two AWP attack steps")
         weights = [p.data for _, p in targets]
         grads = [p.grad.to_dense() if p.grad.is_sparse else p.grad for _, p in targets]
         for idx in group([w.device for w in weights]).values():
@@ -169,16 +180,24 @@ class AWP:
                 self.backup.update((names[i], backups[i]) for i in idx)
 
     def _restore(self) -> None:
-        """Copy the backups back in place (bit-exact) and forget them."""
+        """Copy the backups back (bit-exact) into the model's parameters of
+        those names *now* (as the seed does), and forget them.
+
+        A parameter reallocated since the attack (``model.double().float()``,
+        ``.to()``, ``load_state_dict(assign=True)``) is restored in its new
+        storage when that is exact (same shape and dtype); otherwise
+        :class:`~fastadv.ops._live.StorageMoved` names it, nothing is written
+        and ``self.backup`` is kept: convert the model back and call
+        ``restore()`` again."""
         names = list(self.backup)
-        dst = [self._saved[n].data for n in names]
-        src = [self.backup[n] for n in names]
-        for idx in group([t.device for t in dst]).values():
-            copy_tensors_([dst[i] for i in idx], [src[i] for i in idx], backend=self.backend,
-                          cache=self._tables)
+        live = dict(self.model.named_parameters())
+        restore_live_(names, [live[n].data if n in live else None for n in names],
+                      [self.backup[n] for n in names], between="the AWP attack and its restore",
+                      backend=self.backend, cache=self._tables)
         self.backup = {}
         self.backup_eps = {}
         self._saved = {}
+        self._perturbing = False
 
     # -- model-agnostic form ------------------------------------------------
     def perturb(self) -> None:
@@ -186,10 +205,13 @@ class AWP:
         it again after another backward for a further step."""
         self._save()
         self._attack_step()
+        self._perturbing = True
 
     def restore(self) -> None:
-        """Undo every ``perturb()`` since the last restore (bit-exact, in place)."""
-        if not self._saved:
+        """Undo every ``perturb()`` since the last restore (bit-exact, in place).
+        A ``perturb()`` that found nothing to perturb (no gradient) still
+        counts: its ``restore()`` does nothing."""
+        if not (self._saved or self._perturbing):
             raise RuntimeError("AWP.restore() called without a preceding perturb(): nothing to restore")
         self._restore()
 
