@@ -3,6 +3,7 @@ usual reference classes (swap one import)."""
 __version__ = "0.1.0"
 
 from ._backend import BackendUnavailable  # noqa: E402
+from .ops._live import StorageMoved  # noqa: E402
 from .adversarial import AWP, FGM, PGD  # noqa: E402
 from .averaging import ModelEMA, ema_multi_avg_fn, swa_multi_avg_fn  # noqa: E402
 from .optim import SAM  # noqa: E402
@@ -11,4 +12,4 @@ from .ops.fgsm import fgsm_perturb  # noqa: E402
 from . import attacks, noise, sift  # noqa: E402
 from .dp.seed import DPOptimizer  # noqa: E402
 
-__all__ = ["FGM", "PGD", "AWP", "SAM", "ModelEMA", "swa_multi_avg_fn", "ema_multi_avg_fn", "fgsm_perturb", "adversarial_train_step", "attacks", "noise", "sift", "DPOptimizer", "BackendUnavailable", "__version__"]
+__all__ = ["FGM", "PGD", "AWP", "SAM", "ModelEMA", "swa_multi_avg_fn", "ema_multi_avg_fn", "fgsm_perturb", "adversarial_train_step", "attacks", "noise", "sift", "DPOptimizer", "BackendUnavailable", "StorageMoved", "__version__"]

@@ -260,13 +260,17 @@ def test_dense_norm_large_is_deterministic(dev):
 
 
 def _sparse_case(dev, dtype, rows, cols, offset=0):
+    """A gradient with all-zero rows, NaN / inf rows and rows whose only
+    non-zero entry is tiny (its square underflows)."""
     gen = torch.Generator(device="cpu").manual_seed(rows * 1000 + cols)
     g = torch.randn(rows, cols, generator=gen).to(dtype)
-    mask = (torch.rand(rows, generator=gen) < 0.4).to(torch.uint8)
-    zero_rows = torch.rand(rows, generator=gen) < 0.2
+    zero_rows = torch.rand(rows, generator=gen) < 0.5
     g[zero_rows] = 0
-    g[(mask == 0) & ~zero_rows] = float("nan")  # unmasked rows must not be read
-    return _offset(g.to(dev), offset), mask.to(dev)
+    if rows > 3 and cols:
+        g[1, 0], g[2, cols - 1] = float("nan"), float("inf")
+        g[3] = 0
+        g[3, 0] = torch.finfo(dtype).tiny
+    return _offset(g.to(dev), offset)
 
 
 @pytest.mark.gpu
@@ -274,14 +278,12 @@ def _sparse_case(dev, dtype, rows, cols, offset=0):
 @pytest.mark.parametrize("rows,cols,offset", [(1, 1, 0), (37, 33, 0), (64, 64, 0), (64, 64, 1),
                                               (5, 0, 0), (0, 8, 0), (600_001, 1, 0)])
 def test_sparse_norm(dev, dtype, rows, cols, offset):
-    g, mask = _sparse_case(dev, dtype, rows, cols, offset)
-    before = mask.clone()
-    got = _norm(g, mask)
-    rows_used = before.bool()
-    want = torch.linalg.vector_norm(g[rows_used].double()).float()
-    torch.testing.assert_close(got[0], want, rtol=1e-5, atol=0)
-    nonzero = (g != 0).any(dim=1)
-    assert torch.equal(mask, (rows_used & nonzero).to(torch.uint8))  # all-zero rows unmasked
+    g = _sparse_case(dev, dtype, rows, cols, offset)
+    flags = torch.full((rows,), 7, dtype=torch.uint8, device=dev)  # overwritten
+    got = _norm(g, flags)
+    want = torch.linalg.vector_norm(g.double()).float()
+    torch.testing.assert_close(got[0], want, rtol=1e-5, atol=0, equal_nan=True)
+    assert torch.equal(flags, (g != 0).any(dim=1).to(torch.uint8))  # rows found from g itself
 
 
 @pytest.mark.gpu
@@ -324,10 +326,9 @@ def test_update_skipped_for_zero_or_nan_norm(dev, dtype, bad):
     w, backup = w0.clone(), torch.empty_like(w0)
     fcuda.fgm_update(w, g, backup, None, norm, 1.0)
     assert torch.equal(_bits(w), _bits(w0)) and torch.equal(_bits(backup), _bits(w0))
-    mask = torch.ones(33, dtype=torch.uint8, device=dev)
-    slots = mask.cumsum(0, dtype=torch.int32)
+    flags = torch.ones(33, dtype=torch.uint8, device=dev)
     backup_rows = torch.empty_like(w0)
-    fcuda.fgm_update(w, g, backup_rows, slots, norm, 1.0)
+    fcuda.fgm_update(w, g, backup_rows, flags, norm, 1.0)
     assert torch.equal(_bits(w), _bits(w0)) and torch.equal(_bits(backup_rows), _bits(w0))
 
 
@@ -346,20 +347,20 @@ def test_update_with_inf_norm_is_applied(dev):
 @pytest.mark.parametrize("rows,cols,offset", [(1, 1, 0), (37, 33, 0), (64, 64, 0), (64, 64, 1),
                                               (129, 768, 0), (600_001, 1, 0)])
 def test_sparse_update_and_restore(dev, dtype, rows, cols, offset):
-    g, mask = _sparse_case(dev, dtype, rows, cols, offset)
-    norm = _norm(g, mask)  # clears the mask of all-zero rows
-    slots = mask.cumsum(0, dtype=torch.int32)
-    touched = mask.bool()
-    n_slots = int(slots[-1]) if rows else 0
+    g = _sparse_case(dev, dtype, rows, cols, offset).nan_to_num(nan=0.0, posinf=0.0)
+    flags = torch.empty(rows, dtype=torch.uint8, device=dev)
+    norm = _norm(g, flags)
+    touched = flags.bool()
     w0 = _offset(torch.randn(rows, cols, device=dev).to(dtype), offset)
     w = w0.clone()
-    backup = _offset(torch.full((n_slots, cols), 7.0, device=dev).to(dtype), offset)
-    fcuda.fgm_update(w, g, backup, slots, norm, 0.5)
-    assert torch.equal(_bits(backup), _bits(w0[touched]))
+    backup = _offset(torch.full((rows, cols), 7.0, device=dev).to(dtype), offset)
+    fcuda.fgm_update(w, g, backup, flags, norm, 0.5)
+    assert torch.equal(_bits(backup[touched]), _bits(w0[touched]))
+    assert (backup[~touched] == 7.0).all()  # rows without gradient: not written
     want = w0.clone()
     want[touched] = _expected_update(w0[touched], g[touched], norm, 0.5)
-    assert torch.equal(_bits(w), _bits(want))  # untouched rows (NaN grads) kept as they were
-    fcuda.fgm_restore_rows(w, backup, slots)
+    assert torch.equal(_bits(w), _bits(want))  # rows without gradient kept as they were
+    fcuda.fgm_restore_rows(w, backup, flags)
     assert torch.equal(_bits(w), _bits(w0))
 
 
@@ -371,13 +372,12 @@ def test_restore_rows_is_bit_exact(dev, dtype, cols, offset):
     bits = BITS[dtype]
     info = torch.iinfo(bits)
     backup_all = torch.randint(info.min, info.max, (rows, cols), dtype=bits, device=dev).view(dtype)
-    mask = (torch.rand(rows, device=dev) < 0.5).to(torch.uint8)
-    slots = mask.cumsum(0, dtype=torch.int32)
-    touched = mask.bool()
-    backup = _offset(backup_all[touched].contiguous(), offset)  # NaN payloads, -0, subnormals
+    flags = (torch.rand(rows, device=dev) < 0.5).to(torch.uint8)
+    touched = flags.bool()
+    backup = _offset(backup_all.contiguous(), offset)  # NaN payloads, -0, subnormals
     w0 = _offset(torch.randn(rows, cols, device=dev).to(dtype), offset)
     w = w0.clone()
-    fcuda.fgm_restore_rows(w, backup, slots)
+    fcuda.fgm_restore_rows(w, backup, flags)
     want = _bits(w0).clone()
     want[touched] = _bits(backup_all)[touched]
     assert torch.equal(_bits(w), want)
@@ -393,8 +393,8 @@ def test_launch_counts_and_stream(dev):
         norm = _norm(g)
         w, backup = g.clone(), torch.empty_like(g)
         fcuda.fgm_update(w, g, backup, None, norm, 1.0)
-        slots = torch.ones(4, dtype=torch.int32, device=dev).cumsum(0, dtype=torch.int32)
-        fcuda.fgm_restore_rows(w, backup, slots)
+        flags = torch.ones(4, dtype=torch.uint8, device=dev)
+        fcuda.fgm_restore_rows(w, backup, flags)
         _norm(torch.empty(0, 3, device=dev))  # finalize only
     side.synchronize()
     assert torch.equal(w, g)

@@ -175,9 +175,9 @@ def _model_step(w, g, backup, alpha, eps, first, mask, saved):
         new_mask = new_saved = None
         visit = None
     else:
-        marked, was_saved = mask.bool(), saved.bool()
-        g_used = torch.where(marked[:, None], g32, torch.zeros_like(g32))  # unmarked rows: not read
-        new_mask = (marked & (g_used != 0).any(dim=1)).to(torch.uint8)  # NaN counts as non-zero
+        was_saved = saved.bool()
+        g_used = g32  # every row is read; the mask is written from g (NaN counts as non-zero)
+        new_mask = (g_used != 0).any(dim=1).to(torch.uint8)
         w0 = torch.where(was_saved[:, None], backup, w)
         r = torch.where(was_saved[:, None], w32 - w0.float(), torch.zeros_like(w32))
         visit = new_mask.bool() | was_saved
@@ -217,14 +217,12 @@ def _steps_case(dev, dtype, rows, cols, sparse, bad_step, bad_kind, seed=0):
         g = torch.randn(rows, cols, generator=gen)
         m = torch.rand(rows, generator=gen) < 0.4
         zero = (torch.rand(rows, generator=gen) < 0.2) & m
-        g[zero] = 0  # marked rows without gradient: unmarked by the step
+        g[zero] = 0  # rows without gradient: not flagged by the step
         if sparse:
-            g[~m] = float("nan")  # unmarked rows must not be read
+            g[~m] = 0  # rows of an embedding gradient that no lookup touched
         if t == bad_step:
             if bad_kind == "zero":
-                g[m] = 0  # and, dense, everywhere (row-sparse: unmarked rows stay NaN, unread)
-                if not sparse:
-                    g.zero_()
+                g.zero_()
             elif g.numel():
                 g[m.nonzero()[:1, 0] if m.any() else slice(0, 1), 0] = float("nan")
         grads.append(g.to(dtype).to(dev))
@@ -336,10 +334,9 @@ def _attack(backend, w, grads, masks, eps, sparse):
     w = w.clone()
     state, steps, used = None, [], []
     for g, m in zip(grads, masks):
-        mask = m.clone() if sparse and backend != "torch" else None
-        state = pgd_attack_(w, g, ALPHA, eps, state, row_mask=mask, backend=backend)
+        state = pgd_attack_(w, g, ALPHA, eps, state, row_sparse=sparse, backend=backend)
         steps.append(w.clone())
-        used.append(mask)
+        used.append(None if state.mask is None else state.mask.clone())
     return w, state, steps, used
 
 
@@ -395,8 +392,8 @@ def test_launch_counts_stream_and_no_host_sync(dev, no_host_sync):
         with no_host_sync():
             dense = pgd_attack_(wd, g, ALPHA, 0.05, backend=BACKEND)
             pgd_attack_(wd, g, ALPHA, 0.05, dense)
-            rows = pgd_attack_(ws, g, ALPHA, 0.05, row_mask=mask, backend=BACKEND)
-            pgd_attack_(ws, g, ALPHA, 0.05, rows, row_mask=mask)
+            rows = pgd_attack_(ws, g * mask[:, None], ALPHA, 0.05, backend=BACKEND)
+            pgd_attack_(ws, g * mask[:, None], ALPHA, 0.05, rows)
             pgd_restore_(rows)
             pgd_restore_(dense)
         empty = torch.empty(0, 5, device=dev)

@@ -14,7 +14,9 @@ from conftest import DEVICE
 
 
 @pytest.mark.parametrize("shape", [(0, 3), (1,), (2, 7, 5), (3, 4097)])
-def test_perturb_matches_reference_bitwise(backend, shape):
+def test_perturb_matches_reference_bitwise(backend, shape, request):
+    if 0 in shape:
+        request.applymarker(pytest.mark.launch_free)  # an empty tensor needs no kernel
     e = torch.randn(shape, device=DEVICE)
     g = torch.randn(shape, device=DEVICE)
     if g.numel() > 3:
@@ -82,3 +84,28 @@ def test_adversarial_train_step_needs_input_ids():
     with pytest.raises(ValueError, match="input_ids"):
         fastadv.adversarial_train_step(TinyHF(), {"inputs_embeds": torch.zeros(1, 2, 8)},
                                        torch.zeros(1, dtype=torch.long))
+
+
+def test_perturb_float64_on_the_torch_backend_keeps_its_precision():
+    e = torch.randn(6, 5, dtype=torch.float64, device=DEVICE)
+    g = torch.randn(6, 5, dtype=torch.float64, device=DEVICE)
+    out = fastadv.fgsm_perturb(e, g, 1e-9, backend="torch")
+    assert out.dtype == torch.float64 and torch.equal(out, e + 1e-9 * g.sign())
+
+
+@pytest.mark.launch_free
+def test_forced_kernel_backend_refuses_float64(backend):
+    if backend == "torch":
+        pytest.skip("the torch backend takes float64")
+    e = torch.randn(3, 3, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(TypeError, match="float32, float16 and bfloat16"):
+        fastadv.fgsm_perturb(e, torch.randn_like(e), 0.1, backend=backend)
+
+
+def test_forced_cuda_backend_never_runs_torch_code():
+    """backend='cuda' runs the CUDA kernel or raises; it never falls back."""
+    from fastadv import BackendUnavailable
+    e = torch.randn(4, 4, device=DEVICE)
+    if DEVICE.type != "cuda":
+        with pytest.raises(BackendUnavailable, match="CUDA tensors"):
+            fastadv.fgsm_perturb(e, torch.randn_like(e), 0.1, backend="cuda")
