@@ -13,13 +13,20 @@ What differs, on purpose:
 * every module's train/eval flag is restored exactly after the call, also when
   the attack raises (torchattacks only calls ``model.train()`` again when the
   model was in training mode);
-* inputs are checked: images a floating-point batch in [0, 1] (after
-  ``inverse_normalize`` when normalisation is used), labels ``[batch]``
-  integers, ``eps >= 0``, ``steps >= 1``; the range check costs one host sync
-  per call: ``atk.check_inputs = False`` removes it (then a call makes no host
-  sync at all, if the model makes none);
-* the random and least-likely target labels are drawn / chosen on the device
-  (torchattacks loops over the batch on the host);
+* inputs are taken as torchattacks takes them: images in any range (every
+  step clips to [0, 1], so an image at 1.026 after a bicubic resize is fine),
+  labels anything ``F.cross_entropy`` takes (``[batch]`` class indices, or
+  ``[batch, classes]`` one-hot / soft probabilities), ``steps=0`` (the start
+  point, a new tensor); what is refused is what makes no sense: ``eps``,
+  ``alpha`` or ``steps`` negative or NaN, non-floating images, labels of
+  another batch size, soft labels in the random / least-likely modes (which
+  need class indices; torchattacks fails there too).  ``atk.check_inputs =
+  True`` also checks that the images lie in [0, 1] (after
+  ``inverse_normalize``; one host sync per call);
+* the random and least-likely target labels are computed for the whole batch
+  at once (torchattacks loops over the batch on the host); the random targets
+  draw the same numbers from the same generator (the CPU one), so a seeded
+  run gives torchattacks' targets;
 * ``backend=`` (``"auto"``, ``"triton"``, ``"cuda"``, ``"torch"``) picks the kernels
   of the steps (see :mod:`fastadv.ops.attacks`);
 * not included: ``save`` / ``load`` (data-set helpers) and the nesting of
@@ -33,21 +40,36 @@ import torch
 import torch.nn.functional as F
 
 from .. import _backend
-from ..ops.attacks import _dense_batch_major
+from ..kernels import host
+from ..ops.attacks import _dense_batch_major, real_number
 
 
 def _check_number(name: str, value, minimum: float = 0.0) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not value >= minimum:  # also catches NaN
-        raise ValueError(f"{name} must be >= {minimum:g}, got {value}")
+    """A real number (Python / numpy scalar, 0-d tensor) ``>= minimum``."""
+    v = real_number(name, value)
+    if not v >= minimum:  # also catches NaN
+        raise ValueError(f"{name} must be >= {minimum:g}, got {v}")
 
 
 def _check_steps(steps) -> None:
+    if isinstance(steps, torch.Tensor) and steps.dim() == 0 and not steps.is_floating_point() \
+            and steps.dtype != torch.bool:
+        steps = int(steps)
     if isinstance(steps, bool) or not isinstance(steps, numbers.Integral):
         raise TypeError(f"steps must be an int, got {type(steps).__name__}")
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+
+
+def _steps(steps) -> int:
+    return int(steps)
+
+
+def _as_cpu_tensor(values) -> torch.Tensor:
+    """``torch.tensor(values)`` (torchattacks' conversion: dtype inferred) on the CPU, a copy."""
+    if isinstance(values, torch.Tensor):
+        return values.detach().cpu().clone()
+    return torch.as_tensor(values).cpu().clone()
 
 
 class Attack:
@@ -86,7 +108,7 @@ class Attack:
         self._dropout_training = False
 
         self.backend = None if backend is None else _backend.check_name(str(backend).lower())
-        self.check_inputs = True
+        self.check_inputs = False  # True: refuse images outside [0, 1] (one host sync per call)
 
     # ---- to override ------------------------------------------------------------------------------
 
@@ -119,21 +141,23 @@ class Attack:
         self._normalization_applied = flag
 
     def _set_rmodel_normalization_used(self, model):
-        """Normalisation of a MAIR ``RobModel`` (its ``mean`` / ``std``)."""
+        """Normalisation of a MAIR ``RobModel`` (its ``mean`` / ``std``), as torchattacks."""
         mean, std = getattr(model, "mean", None), getattr(model, "std", None)
         if mean is None or std is None:
             return
-        mean_t = torch.as_tensor(mean, dtype=torch.float32).flatten().cpu()
-        std_t = torch.as_tensor(std, dtype=torch.float32).flatten().cpu()
+        mean_t = torch.as_tensor(mean.detach().cpu() if isinstance(mean, torch.Tensor) else mean)
+        std_t = torch.as_tensor(std.detach().cpu() if isinstance(std, torch.Tensor) else std)
         if bool((mean_t != 0).all()) or bool((std_t != 1).all()):
-            self.set_normalization_used(mean_t.tolist(), std_t.tolist())
+            self.set_normalization_used(mean_t, std_t)
 
     def set_normalization_used(self, mean, std):
         """The model takes inputs normalised by ``(x - mean) / std`` (per channel):
         ``atk(images, labels)`` then takes and returns normalised images, and
-        attacks in [0, 1] pixel space."""
-        mean = torch.as_tensor(mean, dtype=torch.float32).flatten().cpu()
-        std = torch.as_tensor(std, dtype=torch.float32).flatten().cpu()
+        attacks in [0, 1] pixel space.  ``mean`` and ``std`` become tensors as
+        in torchattacks (``torch.tensor(mean)``: a list of floats is float32,
+        a float64 numpy array stays float64, with torch's type promotion)."""
+        mean = _as_cpu_tensor(mean).flatten()
+        std = _as_cpu_tensor(std).flatten()
         if mean.numel() != std.numel():
             raise ValueError(f"mean has {mean.numel()} channels, std has {std.numel()}")
         if not bool((std != 0).all()):
@@ -243,11 +267,13 @@ class Attack:
         outputs = self.get_output_with_eval_nograd(inputs)
         if labels is None:
             labels = outputs.argmax(dim=1)
+        self._check_class_indices(labels, outputs, "least-likely")
         n_classes = outputs.shape[-1]
         if self._kth_min > n_classes - 1:
             raise ValueError(f"kth_min={self._kth_min} but only {n_classes - 1} classes differ from the label")
         # the label's logit set to +inf never ranks among the kth_min smallest of the others
-        scores = outputs.float().scatter(1, labels.view(-1, 1).long(), float("inf"))
+        scores = outputs.to(torch.promote_types(outputs.dtype, torch.float32))
+        scores = scores.scatter(1, labels.view(-1, 1).long(), float("inf"))
         return scores.kthvalue(self._kth_min, dim=1).indices.long()
 
     @torch.no_grad()
@@ -255,12 +281,23 @@ class Attack:
         outputs = self.get_output_with_eval_nograd(inputs)
         if labels is None:
             labels = outputs.argmax(dim=1)
+        self._check_class_indices(labels, outputs, "random")
         n_classes = outputs.shape[-1]
         if n_classes < 2:
             raise ValueError("random targets need at least two classes")
-        r = (torch.rand(labels.shape, device=outputs.device) * (n_classes - 1)).long()
+        # torchattacks draws torch.rand([1]) per sample from the CPU generator, whatever the
+        # device: one torch.rand([batch]) on the CPU draws the same numbers (copied without a sync)
+        u = torch.rand(labels.shape) * (n_classes - 1)
+        r = host.host_to(u.long(), labels.device)
         r = r.clamp_(max=n_classes - 2)  # uniform over the n_classes - 1 other classes
         return (r + (r >= labels.long()).long()).long()
+
+    @staticmethod
+    def _check_class_indices(labels, outputs, mode):
+        if labels.is_floating_point() or labels.dim() != 1 or labels.shape[0] != outputs.shape[0]:
+            raise TypeError(f"the {mode} target mode needs labels of class indices, shape "
+                            f"[{outputs.shape[0]}] integers, got {tuple(labels.shape)} {labels.dtype} "
+                            f"(one-hot / soft labels: pass labels.argmax(1))")
 
     # ---- the call -----------------------------------------------------------------------------------
 
@@ -280,16 +317,27 @@ class Attack:
         return grad
 
     def _prepare(self, images, labels):
-        """Clean images (contiguous, detached, on the attack's device), labels and
-        the target labels of a targeted mode (else None)."""
+        """Clean images (detached, on the attack's device, dense with the batch
+        outermost), labels, the target labels of a targeted mode (else None),
+        and ``layout``: a tensor with the layout of torchattacks' working copy
+        (``images.clone()``), into which random starts are drawn so that they
+        take the same numbers at the same elements (``torch.empty_like(layout)``)."""
         images = images.detach()
         if self.device is not None:
             images = images.to(self.device)
+        layout = images
         if not _dense_batch_major(images):  # contiguous and channels_last stay as they are
             images = images.contiguous()
         labels = labels.detach().to(images.device)
         target_labels = self.get_target_label(images, labels) if self.targeted else None
-        return images, labels, target_labels
+        return images, labels, target_labels, layout
+
+    @staticmethod
+    def _start(images, start):
+        """``clip01(images + start)`` in ``images``' layout (a new tensor)."""
+        adv = torch.empty_like(images)
+        torch.add(images, start, out=adv)
+        return adv.clamp_(min=0, max=1)
 
     def _check_call(self, images, labels):
         if not isinstance(images, torch.Tensor):
@@ -297,24 +345,27 @@ class Attack:
         if not images.is_floating_point():
             raise TypeError(f"images must be a floating-point tensor in [0, 1], got {images.dtype} "
                             f"(uint8 images: divide by 255)")
-        if images.dim() < 2:
+        if images.dim() < 1:
             raise ValueError(f"images must be a batch [N, ...], got shape {tuple(images.shape)}")
         if not isinstance(labels, torch.Tensor):
-            raise TypeError(f"labels must be a tensor of class indices, got {type(labels).__name__}")
-        if labels.dim() != 1 or labels.shape[0] != images.shape[0]:
-            raise ValueError(f"labels must have shape [{images.shape[0]}] (one class index per image), "
-                             f"got {tuple(labels.shape)}")
-        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-            raise TypeError(f"labels must be integer class indices, got {labels.dtype}")
+            raise TypeError(f"labels must be a tensor (class indices, or one-hot / soft labels), "
+                            f"got {type(labels).__name__}")
+        if labels.is_complex() or labels.dtype == torch.bool:
+            raise TypeError(f"labels must be integer class indices or floating-point probabilities, "
+                            f"got {labels.dtype}")
+        if labels.dim() == 0 or labels.shape[0] != images.shape[0]:
+            raise ValueError(f"labels must have the images' batch size {images.shape[0]} in dim 0 "
+                             f"([N] class indices or [N, classes] probabilities), got {tuple(labels.shape)}")
 
     def _check_range(self, images):
-        """Images must lie in [0, 1] (one reduction and one host sync)."""
+        """With ``check_inputs``: images must lie in [0, 1] (one reduction and
+        one host sync).  Off by default, as in torchattacks."""
         if not self.check_inputs or images.numel() == 0:
             return
         tol = 0.0
         if self.normalization_used is not None:  # inverse_normalize(normalize(x)) rounds
             mean, std = self.normalization_used["mean"], self.normalization_used["std"]
-            tol = 8 * torch.finfo(images.dtype).eps * (1.0 + float((mean.abs() + std.abs()).max()))
+            tol = 8 * torch.finfo(images.dtype).eps * (1.0 + float((mean.abs() + std.abs()).max().double()))
         bounds = torch.stack(torch.aminmax(images.detach())).cpu()  # the one device-to-host read
         lo, hi = float(bounds[0]), float(bounds[1])
         if not (lo >= -tol and hi <= 1 + tol):

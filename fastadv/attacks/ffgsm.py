@@ -1,7 +1,7 @@
 """FFGSM (Wong et al., 2020) with torchattacks' API: ``FFGSM(model, eps=8/255, alpha=10/255)``."""
 import torch
 
-from ..ops.attacks import pgd_step_
+from ..ops.attacks import pgd_step_, real_number
 from .base import Attack, _check_number
 
 
@@ -10,8 +10,10 @@ class FFGSM(Attack):
     training' [https://arxiv.org/abs/2001.03994].  Distance measure: Linf.
 
     ``adv = clip01(images + U(-eps, eps))``, then one PGD step of size ``alpha``
-    (one fused kernel).  The uniform start is drawn with ``uniform_`` only
-    (torchattacks also draws, and discards, a normal sample first).
+    (one fused kernel).  The uniform start is drawn as torchattacks draws it,
+    ``randn_like(images).uniform_(-eps, eps)`` (a normal draw, overwritten by
+    the uniform one): the generator advances the same way, so a seeded run
+    gives torchattacks' start and every later random number.
 
     Arguments:
         model (nn.Module): model to attack.
@@ -36,8 +38,9 @@ class FFGSM(Attack):
         _check_number("alpha", self.alpha)
 
     def forward(self, images, labels):
-        images, labels, target_labels = self._prepare(images, labels)
-        adv = torch.empty_like(images).uniform_(-self.eps, self.eps)
-        adv = torch.clamp(adv.add_(images), min=0, max=1)
+        images, labels, target_labels, layout = self._prepare(images, labels)
+        eps = real_number("eps", self.eps)
+        start = torch.randn_like(layout).uniform_(-eps, eps)
+        adv = self._start(images, start)
         grad = self._grad(adv, labels, target_labels)
         return pgd_step_(adv, images, grad, self.alpha, self.eps, backend=self.backend)

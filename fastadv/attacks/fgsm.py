@@ -37,6 +37,6 @@ class FGSM(Attack):
         _check_number("eps", self.eps)
 
     def forward(self, images, labels):
-        images, labels, target_labels = self._prepare(images, labels)
+        images, labels, target_labels, _ = self._prepare(images, labels)
         grad = self._grad(images, labels, target_labels)
         return fgsm_step_(images, grad, self.eps, out=torch.empty_like(images), backend=self.backend)

@@ -20,7 +20,7 @@ class MIFGSM(Attack):
         model (nn.Module): model to attack.
         eps (float): maximum perturbation. (Default: 8/255)
         alpha (float): step size. (Default: 2/255)
-        steps (int): number of iterations. (Default: 10)
+        steps (int): number of iterations (0: the images, a copy). (Default: 10)
         decay (float): momentum factor. (Default: 1.0)
         backend (str): kernels of the step: None (default), "auto", "triton", "cuda", "torch".
 
@@ -45,10 +45,14 @@ class MIFGSM(Attack):
         _check_steps(self.steps)
 
     def forward(self, images, labels):
-        images, labels, target_labels = self._prepare(images, labels)
-        momentum = torch.empty_like(images, dtype=torch.float32)  # the first step writes it
+        images, labels, target_labels, _ = self._prepare(images, labels)
+        # the first step writes it; float32 (the kernels' buffer), float64 for float64 images
+        momentum = torch.empty_like(images, dtype=torch.float64 if images.dtype == torch.float64
+                                    else torch.float32)
         adv = images  # read only; the first step writes a new tensor
-        for step in range(self.steps):
+        if int(self.steps) == 0:
+            return images.clone()
+        for step in range(int(self.steps)):
             grad = self._grad(adv, labels, target_labels)
             out = torch.empty_like(images) if adv is images else None
             adv = mifgsm_step_(adv, images, grad, momentum, self.alpha, self.eps, self.decay,

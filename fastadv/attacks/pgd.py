@@ -2,7 +2,7 @@
 ``PGD(model, eps=8/255, alpha=2/255, steps=10, random_start=True)``."""
 import torch
 
-from ..ops.attacks import pgd_step_
+from ..ops.attacks import pgd_step_, real_number
 from .base import Attack, _check_number, _check_steps
 
 
@@ -17,7 +17,7 @@ class PGD(Attack):
         model (nn.Module): model to attack.
         eps (float): maximum perturbation. (Default: 8/255)
         alpha (float): step size. (Default: 2/255)
-        steps (int): number of steps. (Default: 10)
+        steps (int): number of steps (0: the start point). (Default: 10)
         random_start (bool): using random initialization of delta. (Default: True)
         backend (str): kernels of the step: None (default), "auto", "triton", "cuda", "torch".
 
@@ -46,14 +46,16 @@ class PGD(Attack):
         _check_steps(self.steps)
 
     def forward(self, images, labels):
-        images, labels, target_labels = self._prepare(images, labels)
+        images, labels, target_labels, layout = self._prepare(images, labels)
+        eps = real_number("eps", self.eps)
         if self.random_start:
             # torchattacks' start, same random numbers: clip01(images + U(-eps, eps))
-            adv = torch.empty_like(images).uniform_(-self.eps, self.eps)
-            adv = torch.clamp(adv.add_(images), min=0, max=1)
+            adv = self._start(images, torch.empty_like(layout).uniform_(-eps, eps))
         else:
             adv = images  # read only; the first step writes a new tensor
-        for _ in range(self.steps):
+        if int(self.steps) == 0:
+            return adv.clone() if adv is images else adv
+        for _ in range(int(self.steps)):
             grad = self._grad(adv, labels, target_labels)
             out = torch.empty_like(images) if adv is images else None
             adv = pgd_step_(adv, images, grad, self.alpha, self.eps, out=out, backend=self.backend)

@@ -21,8 +21,15 @@ op                        math (fp32, rounded once to the images' dtype)        
 backends the L2 step's ``||d||`` comes from the same reduction pass as
 ``||g||`` (``||d_old + s g||^2 = d.d + 2 s d.g + s^2 g.g``): a reduction and an
 update pass, instead of the three passes of the direct formula; it agrees with
-it to fp32 rounding.  The ``torch`` backend computes the reference's formula
-and runs anywhere (any dtype, any layout).
+it to fp32 rounding.  The ``torch`` backend computes torchattacks' own ops, in
+the images' precision when that is float64 (float32 for fp32 / fp16 / bf16,
+rounded once), and runs anywhere (any dtype, any layout).  The kernels take
+float32, float16 and bfloat16: a forced kernel backend given float64 raises
+``TypeError``; ``auto`` takes the torch backend for it.
+
+Hyper-parameters (``alpha``, ``eps``, ...) are real numbers: Python or numpy
+scalars, or 0-d tensors (read with ``float()``: a 0-d CUDA tensor costs a host
+sync; pass a Python number on the hot path).
 
 Bytes per step (fp32, N elements): FGSM 12N, PGD 16N (the floor: read adv, x,
 g, write adv), PGD-L2 28N (reduction reads g, adv, x; update reads them again
@@ -36,17 +43,28 @@ import numbers
 import torch
 
 from .. import _backend
-from ..kernels import device_guard
+from ..kernels import count_launch, device_guard
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 # ---- validation ----------------------------------------------------------------------------------
 
-def _number(name: str, value, minimum: float | None = 0.0) -> float:
+def real_number(name: str, value) -> float:
+    """``value`` as a float: a real Python / numpy scalar or a 0-d real tensor
+    (what torchattacks' arithmetic takes), else ``TypeError``."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0 or value.dtype == torch.bool or value.is_complex():
+            raise TypeError(f"{name} must be a real number or a 0-d real tensor, got a tensor of shape "
+                            f"{tuple(value.shape)} and dtype {value.dtype}")
+        return float(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    value = float(value)
+    return float(value)
+
+
+def _number(name: str, value, minimum: float | None = 0.0) -> float:
+    value = real_number(name, value)
     if value != value:
         raise ValueError(f"{name} must not be NaN")
     if minimum is not None and value < minimum:
@@ -99,21 +117,23 @@ def _pick(backend, adv, images, grad, out, momentum=None) -> str:
     name = _backend.resolve(backend, adv.device)
     if name == "torch":
         return name
-    why = None
+    why, error = None, TypeError  # a dtype the kernels cannot take: TypeError; a layout: ValueError
     if adv.dtype not in KERNEL_DTYPES:
-        why = f"supports float32, float16 and bfloat16 images, got {adv.dtype}"
+        why = (f"supports float32, float16 and bfloat16 images, got {adv.dtype} (it computes in "
+               f"float32; the torch backend computes float64 in float64)")
     elif any(t is not None and t.dtype != adv.dtype for t in (images, grad)):
         why = "needs images, adv and grad in one dtype"
     elif momentum is not None and momentum.dtype != torch.float32:
         why = f"needs a float32 momentum buffer, got {momentum.dtype}"
     elif not all(_dense_batch_major(t) for t in (adv, out, momentum) if t is not None):
-        why = "needs adv, out and momentum dense with the batch dimension outermost (e.g. contiguous)"
+        why, error = ("needs adv, out and momentum dense with the batch dimension outermost "
+                      "(e.g. contiguous)"), ValueError
     elif any(t is not None and t.stride() != adv.stride() and t.numel() > 1 for t in (out, momentum)):
-        why = "needs adv, out and momentum in one memory layout"
+        why, error = "needs adv, out and momentum in one memory layout", ValueError
     if why is None:
         return name
     if (backend or _backend.default()) != "auto":
-        raise ValueError(f"the {name} backend {why}; use backend='torch'")
+        raise error(f"the {name} backend {why}; use backend='torch'")
     return "torch"
 
 
@@ -132,8 +152,18 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.as_strided((b, per), (per, 1))
 
 
-def _f32(t: torch.Tensor) -> torch.Tensor:
-    return t if t.dtype == torch.float32 else t.to(torch.float32)
+def _acc(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in the torch backend's compute dtype: float64 stays float64 (as in
+    torchattacks), everything else is computed in float32."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.to(torch.float32)
+
+
+def _acc_of(*ts) -> torch.dtype:
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in ts) else torch.float32
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _bshape(t: torch.Tensor) -> tuple:
@@ -158,7 +188,9 @@ def fgsm_step_(adv: torch.Tensor, grad: torch.Tensor, alpha: float, *, out: torc
     target = adv if out is None else out
     name = _pick(backend, adv, None, grad, out)
     if name == "torch":
-        target.copy_(torch.clamp(_f32(adv) + alpha * _f32(grad).sign(), min=0, max=1))
+        count_launch("torch.attack_fgsm_step")
+        acc = _acc_of(adv, grad)
+        target.copy_(torch.clamp(_as(adv, acc) + alpha * _as(grad, acc).sign(), min=0, max=1))
         return target
     with device_guard(adv):
         _kernels(name).linf_step(_flat(adv), None, _flat(_like(grad, adv)), _flat(target), alpha, 0.0)
@@ -173,8 +205,10 @@ def pgd_step_(adv: torch.Tensor, images: torch.Tensor, grad: torch.Tensor, alpha
     target = adv if out is None else out
     name = _pick(backend, adv, images, grad, out)
     if name == "torch":
-        a = _f32(adv) + alpha * _f32(grad).sign()
-        target.copy_(_linf_project(a, _f32(images), eps))
+        count_launch("torch.attack_linf_step")
+        acc = _acc_of(adv, images, grad)
+        a = _as(adv, acc) + alpha * _as(grad, acc).sign()
+        target.copy_(_linf_project(a, _as(images, acc), eps))
         return target
     with device_guard(adv):
         _kernels(name).linf_step(_flat(adv), _flat(_like(images, adv)), _flat(_like(grad, adv)),
@@ -194,8 +228,10 @@ def pgdl2_step_(adv: torch.Tensor, images: torch.Tensor, grad: torch.Tensor, alp
     target = adv if out is None else out
     name = _pick(backend, adv, images, grad, out)
     if name == "torch":
-        g, x = _f32(grad), _f32(images)
-        a = _f32(adv) + alpha * (g / (_per_sample_norm(g) + eps_div))
+        count_launch("torch.attack_l2_step")
+        acc = _acc_of(adv, images, grad)
+        g, x = _as(grad, acc), _as(images, acc)
+        a = _as(adv, acc) + alpha * (g / (_per_sample_norm(g) + eps_div))
         delta = a - x
         dn = _per_sample_norm(delta)
         factor = torch.min(eps / dn, torch.ones_like(dn))
@@ -223,14 +259,18 @@ def mifgsm_step_(adv: torch.Tensor, images: torch.Tensor, grad: torch.Tensor, mo
     target = adv if out is None else out
     name = _pick(backend, adv, images, grad, out, momentum)
     if name == "torch":
-        g = _f32(grad)
+        count_launch("torch.attack_momentum_step")
+        acc = _acc_of(adv, images, grad, momentum)
+        g = _as(grad, acc)
         mean = g.abs().reshape(g.shape[0], -1).mean(dim=1).view(_bshape(g))
         m = g / mean
-        if not first:
-            m = m + momentum * decay
+        if first:  # torchattacks adds a zero momentum times decay: the same bits without reading it
+            m = m + torch.zeros((), dtype=acc, device=m.device) * decay
+        else:
+            m = m + _as(momentum, acc) * decay
         momentum.copy_(m)
-        a = _f32(adv) + alpha * m.sign()
-        target.copy_(_linf_project(a, _f32(images), eps))
+        a = _as(adv, acc) + alpha * m.sign()
+        target.copy_(_linf_project(a, _as(images, acc), eps))
         return target
     with device_guard(adv):
         _kernels(name).momentum_step(_flat(adv), _flat(_like(images, adv)), _flat(_like(grad, adv)),

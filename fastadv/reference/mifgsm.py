@@ -1,6 +1,10 @@
 """MI-FGSM of seed ``002_a8eb003f55ca757d.txt`` and the input-space attacks of
 torchattacks (FGSM, PGD, PGD-L2, MI-FGSM, FFGSM), written from their math.
 
+The seed's ``mifgsm`` has no installable peer: tests/test_attacks.py checks
+against it.  The torchattacks ones are kept for tests/test_reference.py and
+the benchmarks; fastadv.attacks is tested against torchattacks 3.5.1 itself.
+
 Images live in ``[0, 1]``; ``B`` is the batch (first) dimension and per-sample
 reductions run over all other dimensions (torchattacks assumes NCHW; any rank
 works here).  ``g`` below is the gradient of the cost with respect to the
@@ -22,8 +26,9 @@ adversarial images; the model's train/eval mode is left to the caller.
   A sample whose gradient is all zero gives NaN (0/0), as in torchattacks.
 * ``ffgsm``:  ``x' = clip01(x + U(-eps, eps))``, then one step of size
   ``alpha`` from ``x'``, projected to the eps ball around ``x``, clipped.
-  (torchattacks draws its uniform start through ``randn_like(..).uniform_``,
-  which also advances the RNG by a normal draw; here only the uniform draw.)
+  The start is drawn as torchattacks draws it, ``randn_like(x).uniform_``
+  (a normal draw overwritten by the uniform one), so the generator advances
+  the same way.
 * ``mifgsm`` (seed 002): ``alpha = eps / steps``, ``g_0 = 0``,
   ``g_{t+1} = decay * g_t + grad / ||grad||_1`` (per-sample L1 mean, as
   torchattacks), ``x_{t+1} = x_t + alpha * sign(g_{t+1})``, projected to the
@@ -115,7 +120,7 @@ def mifgsm_torchattacks(model, images, labels, eps=8 / 255, alpha=2 / 255, steps
 
 def ffgsm(model, images, labels, eps=8 / 255, alpha=10 / 255, targeted=False, target_labels=None):
     x = images.detach()
-    adv = torch.clamp(x + torch.empty_like(x).uniform_(-eps, eps), min=0, max=1)
+    adv = torch.clamp(x + torch.randn_like(x).uniform_(-eps, eps), min=0, max=1)
     g = _grad(model, adv, labels, targeted, target_labels)
     return _linf_project(x, adv + alpha * g.sign(), eps)
 
