@@ -7,6 +7,7 @@
 // handles counters j, j + kThreads, ... of the chunk and, for each, the four
 // elements q * kQuarter + j (q = 0..3): coalesced, and the layout of rng.py.
 #include "common.cuh"
+#include "multi_tensor.cuh"
 #include "rng.cuh"
 
 namespace fastadv {
@@ -97,55 +98,33 @@ token_ids_kernel(const int64_t* __restrict__ ids, int64_t* __restrict__ out, int
 }
 
 // ---- multi-tensor weight noise ----------------------------------------------------------
-// meta (int64): [ptr | numel | first chunk | backup offset] per tensor, then the tensor
-// of every chunk (fastadv.ops.noise.mt_table).  One block per chunk.
-
-struct MtChunk {
-  int64_t chunk, numel, boff, local;  // local: the chunk's first element in its tensor
-  int64_t ptr;
-};
-
-__device__ __forceinline__ MtChunk mt_chunk(const int64_t* __restrict__ meta, int64_t n_tensors) {
-  MtChunk c;
-  c.chunk = blockIdx.x;
-  const int64_t t = meta[4 * n_tensors + c.chunk];
-  c.ptr = meta[t];
-  c.numel = meta[n_tensors + t];
-  c.boff = meta[3 * n_tensors + t];
-  c.local = (c.chunk - meta[2 * n_tensors + t]) * kChunk;
-  return c;
-}
+// The work list is the shared multi-tensor table (multi_tensor.cuh, fastadv/kernels/host.py)
+// with two lists, 0 = w (the weights), 1 = b (their backups), cut into chunks of kChunk
+// elements.  One block per chunk; chunks are numbered across the tensors and chunk c draws
+// Philox counters base + c * kQuarter + j, so no two tensors share counters.
 
 template <typename Tr>
 __global__ void __launch_bounds__(kThreads)
-weight_noise_kernel(const int64_t* __restrict__ meta, int64_t n_tensors, typename Tr::bits* __restrict__ backup,
-                    const int64_t* __restrict__ key, float std_) {
+weight_noise_kernel(mt::Table tb, const int64_t* __restrict__ key, float std_) {
   using B = typename Tr::bits;
-  const MtChunk c = mt_chunk(meta, n_tensors);
-  B* w = reinterpret_cast<B*>(c.ptr);
+  const int64_t chunk = blockIdx.x;
+  const mt::Chunk c = mt::chunk_of(tb, chunk);
+  B* w = tb.ptr<B>(0, c.tensor);
+  B* backup = tb.ptr<B>(1, c.tensor);
   const rng::Key k = rng::load_key(key);
   for (int64_t j = threadIdx.x; j < kQuarter; j += kThreads) {
     float z[4];
-    rng::normal4(rng::philox4x32_10(uint64_t(k.base + c.chunk * kQuarter + j), k.seed), z);
+    rng::normal4(rng::philox4x32_10(uint64_t(k.base + chunk * kQuarter + j), k.seed), z);
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
-      const int64_t e = c.local + q * kQuarter + j;
-      if (e < c.numel) {
+      const int64_t e = c.start + q * kQuarter + j;
+      if (e < c.end) {
         const B v = w[e];
-        backup[c.boff + e] = v;
+        backup[e] = v;
         w[e] = Tr::from_float(__fadd_rn(Tr::to_float(v), __fmul_rn(z[q], std_)));
       }
     }
   }
-}
-
-template <typename B>
-__global__ void __launch_bounds__(kThreads)
-weight_restore_kernel(const int64_t* __restrict__ meta, int64_t n_tensors, const B* __restrict__ backup) {
-  const MtChunk c = mt_chunk(meta, n_tensors);
-  B* w = reinterpret_cast<B*>(c.ptr);
-  const int64_t end = c.numel - c.local < kChunk ? c.numel - c.local : kChunk;
-  for (int64_t i = threadIdx.x; i < end; i += kThreads) w[c.local + i] = backup[c.boff + c.local + i];
 }
 
 // ---- SiFT ----------------------------------------------------------------------------------
@@ -334,43 +313,23 @@ extern "C" FASTADV_API int fastadv_noise_token_ids(const int64_t* ids, int64_t* 
   return check_launch(fn);
 }
 
-// Every tensor of the work list `meta` (n_tensors tensors of `dtype`, n_chunks chunks):
-// backup <- w, w <- w + std * z, in one launch.
-extern "C" FASTADV_API int fastadv_weight_noise(const int64_t* meta, int64_t n_tensors, int64_t n_chunks,
-                                                void* backup, int dtype, const int64_t* key, float std_,
-                                                void* stream) {
-  static const char* fn = "fastadv_weight_noise";
-  if (n_tensors < 0 || n_chunks < 0) return bad_sizes(fn, n_tensors, n_chunks);
+// Every tensor of the two-list table `table` (w, backup; n_tensors tensors of `dtype`,
+// n_chunks chunks of rng::kChunk elements): backup <- w, w <- w + std * z, in one launch.
+// The restore is fastadv_mt_copy (list 0 <- list 1) on a table of the live tensors.
+extern "C" FASTADV_API int fastadv_mt_weight_noise(const int64_t* table, int64_t n_tensors, int64_t n_chunks,
+                                                   int dtype, const int64_t* key, float std_, void* stream) {
+  static const char* fn = "fastadv_mt_weight_noise";
+  if (int e = mt::check_table(fn, table, 2, n_tensors, n_chunks, kChunk)) return e;
   if (n_chunks == 0) return 0;
-  if (meta == nullptr) return null_arg(fn, "meta");
   if (key == nullptr) return null_arg(fn, "key");
   if (n_chunks > kMaxChunks) return too_big(fn, n_chunks * kChunk);
+  const mt::Table tb{table, n_tensors, 2, kChunk};
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   return dispatch_dtype(fn, dtype, [&](auto tr) {
     using Tr = decltype(tr);
-    weight_noise_kernel<Tr><<<unsigned(n_chunks), kThreads, 0, s>>>(
-        meta, n_tensors, static_cast<typename Tr::bits*>(backup), key, std_);
+    weight_noise_kernel<Tr><<<unsigned(n_chunks), kThreads, 0, s>>>(tb, key, std_);
     return check_launch(fn);
   });
-}
-
-// w <- backup for every tensor of the work list, bit-exact, in one launch.
-extern "C" FASTADV_API int fastadv_weight_restore(const int64_t* meta, int64_t n_tensors, int64_t n_chunks,
-                                                  const void* backup, int dtype, void* stream) {
-  static const char* fn = "fastadv_weight_restore";
-  if (n_tensors < 0 || n_chunks < 0) return bad_sizes(fn, n_tensors, n_chunks);
-  if (dtype < FASTADV_FLOAT32 || dtype > FASTADV_BFLOAT16) return bad_dtype(fn, dtype);
-  if (n_chunks == 0) return 0;
-  if (meta == nullptr) return null_arg(fn, "meta");
-  if (n_chunks > kMaxChunks) return too_big(fn, n_chunks * kChunk);
-  cudaStream_t s = static_cast<cudaStream_t>(stream);
-  if (dtype == FASTADV_FLOAT32)
-    weight_restore_kernel<uint32_t><<<unsigned(n_chunks), kThreads, 0, s>>>(
-        meta, n_tensors, static_cast<const uint32_t*>(backup));
-  else
-    weight_restore_kernel<uint16_t><<<unsigned(n_chunks), kThreads, 0, s>>>(
-        meta, n_tensors, static_cast<const uint16_t*>(backup));
-  return check_launch(fn);
 }
 
 // SiFT start: delta = clamp(ip * z, -2 ip, 2 ip) (float32), pert = x + delta (dtype).

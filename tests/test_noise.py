@@ -183,18 +183,22 @@ def test_cuda_argument_errors_need_no_gpu():
     assert b"key is NULL" in lib.fastadv_last_error()
     assert lib.fastadv_noise_token_ids(None, None, 3, key.data_ptr(), 1.0, 0, None) != 0
     assert b"vocab_size" in lib.fastadv_last_error()
-    assert lib.fastadv_weight_restore(None, 1, 1, None, 3, None) != 0
+    assert lib.fastadv_mt_weight_noise(None, 1, 1, 0, key.data_ptr(), 1.0, None) != 0
+    assert b"table is NULL" in lib.fastadv_last_error()
     assert lib.fastadv_sift_update(None, None, None, None, 9, 2, 2, None, None, 1.0, None) != 0
     assert lib.fastadv_rng_host_chunk(None, 0, None, None, None) != 0
     # nothing to do: success without a launch (no GPU needed)
     assert lib.fastadv_noise_add(None, None, 0, 0, None, 1.0, None, 1, 0, None) == 0
-    assert lib.fastadv_weight_noise(None, 0, 0, None, 0, None, 1.0, None) == 0
+    assert lib.fastadv_mt_weight_noise(None, 0, 0, 0, None, 1.0, None) == 0
     assert lib.fastadv_sift_workspace_floats(10) == 21
 
 
 def test_constants_agree(rng):
-    assert ops.QUARTER == rng.QUARTER and ops.CHUNK == rng.CHUNK and ops.KEY_HIGH == rng.KEY_HIGH
-    key = ops._new_key(DEVICE, None)
+    from fastadv.kernels import host
+    from fastadv.kernels.cuda import noise as cnoise
+    assert ops.QUARTER == rng.QUARTER == host.RNG_QUARTER and ops.CHUNK == rng.CHUNK == cnoise.CHUNK
+    assert rng.KEY_HIGH == host.KEY_HIGH and rng.new_key is host.new_key
+    key = host.new_key(DEVICE)
     assert key.dtype == torch.int64 and key.shape == (2,)
     assert int(key.max()) < rng.KEY_HIGH
     from fastadv.kernels import cuda as fcuda
@@ -203,10 +207,11 @@ def test_constants_agree(rng):
 
 
 def test_key_follows_the_generator():
+    from fastadv.kernels.host import new_key
     torch.manual_seed(7)
-    a, b = ops._new_key(DEVICE, None), ops._new_key(DEVICE, None)
+    a, b = new_key(DEVICE), new_key(DEVICE)
     torch.manual_seed(7)
-    assert torch.equal(a, ops._new_key(DEVICE, None))
+    assert torch.equal(a, new_key(DEVICE))
     assert not torch.equal(a, b)  # every call advances the generator
 
 
@@ -314,6 +319,7 @@ def test_torch_backend_is_the_reference_draw():
     assert torch.equal(add_gaussian_noise(x, 0.2, backend="torch"), expect)
 
 
+@pytest.mark.launch_free
 def test_argument_errors(backend):
     x = torch.zeros(4, device=DEVICE)
     with pytest.raises(ValueError, match="std"):
@@ -447,6 +453,7 @@ def test_token_ids_distribution(backend):
     assert out.dtype == torch.int64 and out.shape == ids.shape
 
 
+@pytest.mark.launch_free
 def test_token_ids_errors(backend):
     with pytest.raises(TypeError, match="int64"):
         noisy_token_ids(torch.zeros(3, device=DEVICE), 0.1, 10, backend=backend)
@@ -566,7 +573,7 @@ def test_weight_noise_launches_do_not_grow_with_tensors(backend):
         with weight_noise(model, 0.01, backend=backend):
             pass
         fired = {k: v - before.get(k, 0) for k, v in kernels.LAUNCHES.items() if v != before.get(k, 0)}
-        assert fired == {f"{backend}.weight_noise": 1, f"{backend}.weight_restore": 1}, fired
+        assert fired == {f"{backend}.weight_noise": 1, f"{backend}.mt_copy": 1}, fired
 
 
 def test_weight_noise_mixed_dtypes(backend):
@@ -593,6 +600,7 @@ def test_weight_noise_float64_goes_to_torch_under_auto():
     assert_restored(model, snap)
 
 
+@pytest.mark.launch_free
 def test_weight_noise_forced_float64_raises(backend):
     if backend == "torch":
         pytest.skip("torch runs any dtype")
@@ -605,6 +613,7 @@ def test_weight_noise_forced_float64_raises(backend):
     assert_restored(model, snap)
 
 
+@pytest.mark.launch_free
 def test_weight_noise_std_zero_launches_nothing(backend):
     model = Net().to(DEVICE)
     snap = snapshot(model)
@@ -684,7 +693,7 @@ def test_benchmark_cases_check_and_count():
     assert wn["reference"]["launches"] > 50
     if "triton" in wn:  # key draw + noise + restore, whatever the number of tensors
         assert wn["triton"]["launches"] == 3 and wn["triton"]["kernels"] == {
-            "triton.weight_noise": 1, "triton.weight_restore": 1}
+            "triton.weight_noise": 1, "triton.mt_copy": 1}
     sift_ref = next(r for r in rows if r["case"].startswith("sift") and r["impl"] == "reference")
     assert sift_ref["syncs"] > 0  # DeBERTa reads the norm on the host
 
@@ -791,15 +800,16 @@ def test_weight_noise_vector_and_scalar_paths_agree(backend, dtype):
     sizes = (ops.CHUNK, 2 * ops.CHUNK + 7, 5)
     odd = [odd_or_aligned(n, True, dtype) for n in sizes]
     aligned = [t.clone() for t in odd]
-    assert ops.mt_table(odd)[3] is False and ops.mt_table(aligned)[3] is True
-    meta, n_chunks, total, _ = ops.mt_table(aligned)
-    offsets = meta[3 * len(sizes): 4 * len(sizes)].tolist()
-    assert offsets == [0, ops.CHUNK, 3 * ops.CHUNK + 16] and total == 3 * ops.CHUNK + 32
     before = [t.clone() for t in odd]
     states = []
     for ts in (odd, aligned):
         states.append(ops.weight_noise_(ts, 0.5, generator=torch.Generator(DEVICE).manual_seed(3),
                                         backend=backend))
+        table = next(t for t in reversed(ops._tables()._tables.values()) if t.ptrs[0] == ts[0].data_ptr())
+        assert table.n_lists == 2 and table.chunk == ops.CHUNK and table.aligned == (ts is aligned)
+    flat = states[1].backups
+    offsets = [(b.data_ptr() - flat[0].data_ptr()) // b.element_size() for b in flat]
+    assert offsets == [0, ops.CHUNK, 3 * ops.CHUNK + 16]  # views on 16-element boundaries
     for a, b, w in zip(odd, aligned, before):
         assert torch.equal(a, b) and not torch.equal(a, w)
     for s in states:
@@ -808,3 +818,66 @@ def test_weight_noise_vector_and_scalar_paths_agree(backend, dtype):
         for t, w in zip(ts, before):
             assert torch.equal(t.view(torch.int16 if dtype == torch.float16 else torch.int32),
                                w.view(torch.int16 if dtype == torch.float16 else torch.int32))
+
+
+# ---- storage moved inside the block (issue 14) ---------------------------------------------------
+
+MOVES = {
+    "double-float": lambda m: m.double().float(),
+    "to-with-copy": lambda m: m.to(torch.float64).to(torch.float32),
+    "assign": lambda m: m.load_state_dict(copy.deepcopy(m.state_dict()), assign=True),
+}
+
+
+@pytest.mark.parametrize("move", MOVES)
+def test_weight_noise_follows_storage_moved_inside_the_block(backend, move):
+    """A reallocation inside the block (the old storage is freed): the exit
+    writes the original bits into the parameters where they live now, never
+    through the old addresses."""
+    model = Net().to(DEVICE)
+    originals = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with weight_noise(model, 0.5, backend=backend):
+        noisy = {n: p.detach().clone() for n, p in model.named_parameters()}
+        old_ptrs = [p.data_ptr() for p in model.parameters()]
+        MOVES[move](model)
+        new_ptrs = [p.data_ptr() for p in model.parameters()]
+        assert new_ptrs != old_ptrs  # really moved
+        for n, p in model.named_parameters():
+            assert torch.equal(p, noisy[n]), n
+        torch.randn(sum(p.numel() for p in model.parameters()), device=DEVICE)  # reuse the freed memory
+    for n, p in model.named_parameters():
+        assert torch.equal(p, originals[n]), n
+    assert [p.data_ptr() for p in model.parameters()] == new_ptrs
+
+
+def test_weight_noise_refuses_a_dtype_change_and_keeps_the_backup(backend):
+    from fastadv.ops._live import StorageMoved
+    model = Net().to(DEVICE)
+    originals = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(StorageMoved, match="emb.weight changed dtype from torch.float32 to torch.float16") as info:
+        with weight_noise(model, 0.5, backend=backend):
+            model.half()
+            seen = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for n, p in model.named_parameters():
+        assert torch.equal(p, seen[n]), n  # nothing written
+    assert set(info.value.backups) == {n for n in originals if "weight" in n}
+    assert torch.equal(info.value.backups["emb.weight"], originals["emb.weight"])
+    model.float()
+    info.value.retry()
+    for n, p in model.named_parameters():  # the perturbed weights exactly (the rest went through fp16)
+        assert torch.equal(p, originals[n] if "weight" in n else originals[n].half().float()), n
+
+
+def test_weight_noise_restore_into_given_live_tensors(backend):
+    from fastadv.ops._live import StorageMoved
+    ws = [torch.randn(n, device=DEVICE) for n in (5, 4100)]
+    w0 = [w.clone() for w in ws]
+    state = ops.weight_noise_(ws, 0.5, backend=backend, names=["a", "b"])
+    assert state.names == ["a", "b"]
+    moved = [w.clone() for w in ws]
+    with pytest.raises(StorageMoved, match="b is no longer a parameter"):
+        ops.weight_noise_restore_(state, [moved[0], None])
+    assert not torch.equal(moved[0], w0[0])  # nothing written
+    ops.weight_noise_restore_(state, moved)
+    assert all(torch.equal(m, w) for m, w in zip(moved, w0))
+    assert not state and state.backups == []

@@ -26,6 +26,7 @@ from torch import nn
 
 from .._backend import check_name
 from ..ops import noise as _ops
+from ..ops._live import StorageMoved
 
 __all__ = ["GaussianNoise", "add_gaussian_noise", "add_gaussian_noise_", "weight_noise", "neftune",
            "noisy_token_ids"]
@@ -86,16 +87,28 @@ class GaussianNoise(nn.Module):
         return f"std={self.std}"
 
 
-def _selected(model: nn.Module, adv_param: str, param_filter) -> list[torch.Tensor]:
+def _selected(model: nn.Module, adv_param: str, param_filter) -> list[tuple[str, nn.Parameter]]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if param_filter is None:
         if not isinstance(adv_param, str):
             raise TypeError(f"adv_param must be a string, got {type(adv_param).__name__}")
-        return [p for n, p in model.named_parameters() if adv_param in n]
+        return [(n, p) for n, p in model.named_parameters() if adv_param in n]
     if not callable(param_filter):
         raise TypeError("param_filter must be a callable (name, param) -> bool")
-    return [p for n, p in model.named_parameters() if param_filter(n, p)]
+    return [(n, p) for n, p in model.named_parameters() if param_filter(n, p)]
+
+
+def _restore_by_name(model: nn.Module, state) -> None:
+    """Restore into the model's parameters of the perturbed names *now*: user
+    code in the block may have replaced them (``load_state_dict(assign=True)``)
+    or given them new storage (``model.double().float()``, ``.to()``)."""
+    live = dict(model.named_parameters())
+    try:
+        _ops.weight_noise_restore_(state, [live.get(n) for n in state.names])
+    except StorageMoved as exc:
+        exc.retry = lambda: _restore_by_name(model, state)
+        raise
 
 
 @contextlib.contextmanager
@@ -111,6 +124,15 @@ def weight_noise(model: nn.Module, std: float, adv_param: str = "weight", *,
     dtype) group, writing the backup in the same pass, and restore them in one
     launch per group; ``data_ptr`` never changes.
 
+    The restore writes into the model's parameters of those names as they are
+    on exit: if code in the block reallocated them (``model.double().float()``,
+    ``.to()``, ``load_state_dict(assign=True)``), their new storage gets the
+    original bits.  A parameter whose shape or dtype changed (``model.half()``)
+    or that left the model cannot be restored exactly: the exit raises
+    :class:`~fastadv.ops._live.StorageMoved` naming it, leaves every weight as
+    it is, and the error carries ``backups`` (name -> original values) and
+    ``retry()`` (convert the model back, then call it).
+
     Memory: a backup of the selected weights (1x).  Regenerating the noise and
     subtracting it would need no backup, but ``(w + n) - n`` is not ``w`` in
     floating point, and the restore must be bit-exact.  Changes made to the
@@ -118,10 +140,13 @@ def weight_noise(model: nn.Module, std: float, adv_param: str = "weight", *,
     the reference.  Yields ``model``.
     """
     std = _ops._number(std, "std")
-    params = _selected(model, adv_param, param_filter)
-    state = _ops.weight_noise_(params, std, generator=generator, backend=backend) if std else None
+    selected = _selected(model, adv_param, param_filter)
+    state = None
+    if std:
+        state = _ops.weight_noise_([p for _, p in selected], std, generator=generator, backend=backend,
+                                   names=[n for n, _ in selected])
     try:
         yield model
     finally:
         if state is not None:
-            _ops.weight_noise_restore_(state)
+            _restore_by_name(model, state)

@@ -22,7 +22,8 @@ import math
 import torch
 
 from .. import _backend
-from ..kernels import device_guard, host
+from ..kernels import count_launch, device_guard, host
+from ._live import StorageMoved
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 QUARTER = host.RNG_QUARTER  # Philox counters per chunk
@@ -128,6 +129,7 @@ def _inplace(x: torch.Tensor, compute_) -> torch.Tensor:
 def _gaussian_out(x, std, generator, name, out=None):
     """``x + std * z`` into ``out`` (new if None); x contiguous for kernels."""
     if name == "torch":
+        count_launch("torch.noise_add")
         z = torch.randn(x.shape, dtype=_opmath(x.dtype), device=x.device, generator=generator)
         return _torch_noisy(x, z.mul_(std), inplace=out is not None)
     if out is None:
@@ -193,6 +195,7 @@ def neftune(embeds: torch.Tensor, alpha: float, attention_mask: torch.Tensor | N
 
     def compute(x):
         if name == "torch":
+            count_launch("torch.neftune")
             ot = _opmath(x.dtype)
             u = torch.rand(x.shape, dtype=ot, device=x.device, generator=generator).mul_(2).sub_(1)
             if mask is None:
@@ -242,6 +245,7 @@ def noisy_token_ids(input_ids: torch.Tensor, noise_factor: float, vocab_size: in
         raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
     name = _pick(backend, input_ids, dtypes=(torch.int64,))
     if name == "torch":
+        count_launch("torch.noise_token_ids")
         z = torch.randn(input_ids.shape, dtype=torch.float32, device=input_ids.device, generator=generator)
         return (input_ids.float() + z * noise_factor).long().clamp(min=0, max=vocab_size - 1)
     ids = input_ids.contiguous()
@@ -255,23 +259,42 @@ def noisy_token_ids(input_ids: torch.Tensor, noise_factor: float, vocab_size: in
 
 @dataclasses.dataclass
 class WeightNoiseBackup:
-    """What :func:`weight_noise_restore_` needs: per group, the tensors and the
-    backup of their original bits (kernel groups: one flat buffer and the work
-    list; torch group: one clone per tensor)."""
-    groups: list  # [(backend, [tensor], (flat, meta, chunks) | [clone per tensor])]
+    """What :func:`weight_noise_restore_` needs: the perturbed tensors (the
+    objects given to :func:`weight_noise_`), their names (for error messages)
+    and one backup of the original bits per tensor (kernel groups: views of
+    one flat buffer per group; torch group: clones), plus the backend choice
+    that perturbed them.  Nothing here is a raw address: the restore builds its
+    work list from the live tensors."""
+    tensors: list
+    names: list
+    backups: list
+    backend: str | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.tensors)
+
+
+_TABLES = None
+
+
+def _tables():
+    global _TABLES
+    if _TABLES is None:
+        _TABLES = host.TableCache()
+    return _TABLES
 
 
 def _mt_groups(tensors: list[torch.Tensor], backend):
-    """Tensors grouped by (backend, device, dtype); kernel groups hold contiguous
-    tensors only (others go to the torch group)."""
+    """Positions of the tensors grouped by (backend, device, dtype); kernel
+    groups hold contiguous tensors only (others go to the torch group)."""
     groups: dict = {}
-    for t in tensors:
+    for i, t in enumerate(tensors):
         name = _pick(backend, t)
         if name != "torch" and not t.is_contiguous():
             if _forced(backend):
                 raise ValueError(f"the {name} backend needs contiguous parameters; use backend='torch'")
             name = "torch"
-        groups.setdefault((name, t.device, t.dtype if name != "torch" else None), []).append(t)
+        groups.setdefault((name, t.device, t.dtype if name != "torch" else None), []).append(i)
     return groups
 
 
@@ -283,33 +306,56 @@ def _bump_versions(tensors) -> None:
         torch.autograd.graph.increment_version(t)
 
 
+BACKUP_ALIGN = 16  # elements: each tensor's backup view starts on a multiple (aligned vector access)
+
+
+def _flat_backups(group: list[torch.Tensor]) -> list[torch.Tensor]:
+    """One backup view per tensor, in one flat buffer (views 16-element aligned)."""
+    offsets, total = [], 0
+    for t in group:
+        offsets.append(total)
+        total += -(-t.numel() // BACKUP_ALIGN) * BACKUP_ALIGN
+    flat = torch.empty(total, dtype=group[0].dtype, device=group[0].device)
+    return [flat[o: o + t.numel()].view(t.shape) for o, t in zip(offsets, group)]
+
+
 def weight_noise_(tensors: list[torch.Tensor], std: float, *, generator: torch.Generator | None = None,
-                  backend: str | None = None) -> WeightNoiseBackup:
+                  backend: str | None = None, names: list[str] | None = None) -> WeightNoiseBackup:
     """In place ``w <- w + N(0, std^2)`` for every tensor, returning the backup
-    that puts them back bit for bit.  Kernel backends: one launch per
-    (device, dtype) group, the backup written in the same pass."""
+    that puts them back bit for bit (:func:`weight_noise_restore_`).  Kernel
+    backends: one launch per (device, dtype) group, the backup written in the
+    same pass.  ``names``: one per tensor, for the restore's error messages."""
     std = _number(std, "std")
+    tensors = list(tensors)
     for t in tensors:
         _check_float(t, "a perturbed tensor")
-    state = WeightNoiseBackup([])
+    names = [f"tensor {i}" for i in range(len(tensors))] if names is None else list(names)
+    if len(names) != len(tensors):
+        raise ValueError(f"names has {len(names)} entries for {len(tensors)} tensors")
+    state = WeightNoiseBackup([], [], [], backend)
     try:
         with torch.no_grad():
-            for (name, device, _), group in _mt_groups(list(tensors), backend).items():
-                gen = generator if generator is None or generator.device == device else None
+            for (name, device, dtype), idx in _mt_groups(tensors, backend).items():
+                group = [tensors[i] for i in idx]
                 if name == "torch":
+                    # a generator on another device draws there (as host.new_key does for kernels)
+                    at = device if generator is None else generator.device
                     backups = [t.detach().clone() for t in group]
-                    state.groups.append((name, group, backups))
+                    state.tensors += group
+                    state.names += [names[i] for i in idx]
+                    state.backups += backups
                     for t in group:
-                        z = torch.randn(t.shape, dtype=_opmath(t.dtype), device=device, generator=gen)
-                        _torch_noisy(t, z.mul_(std), inplace=True)
+                        z = torch.randn(t.shape, dtype=_opmath(t.dtype), device=at, generator=generator)
+                        _torch_noisy(t, z.to(device).mul_(std), inplace=True)
+                    count_launch("torch.weight_noise")
                     continue
-                meta, n_chunks, total, aligned = mt_table(group)
-                backup = torch.empty(total, dtype=group[0].dtype, device=device)
-                kw = _aligned_kw(name, aligned, backup)
-                with device_guard(backup):
-                    _kernels(name).weight_noise(meta, len(group), n_chunks, backup, host.new_key(device, gen),
-                                                std, **kw)
-                state.groups.append((name, group, (backup, meta, n_chunks, kw)))
+                backups = _flat_backups(group)
+                with device_guard(backups[0]):
+                    table = _tables().get("weight_noise", [group, backups], chunk=CHUNK)
+                    _kernels(name).weight_noise(table, dtype, host.new_key(device, generator), std)
+                state.tensors += group
+                state.names += [names[i] for i in idx]
+                state.backups += backups
                 _bump_versions(group)
     except BaseException:
         weight_noise_restore_(state)  # the groups already perturbed go back before the error leaves
@@ -317,74 +363,36 @@ def weight_noise_(tensors: list[torch.Tensor], std: float, *, generator: torch.G
     return state
 
 
-def weight_noise_restore_(state: WeightNoiseBackup) -> None:
-    """Copy the original bits back in place (``data_ptr`` unchanged)."""
-    with torch.no_grad():
-        for name, group, backup in state.groups:
-            if name == "torch":
-                for t, b in zip(group, backup):
-                    t.copy_(b)
-            else:
-                flat, meta, n_chunks, kw = backup
-                with device_guard(flat):
-                    _kernels(name).weight_restore(meta, len(group), n_chunks, flat, **kw)
-                _bump_versions(group)
-    state.groups = []
+def weight_noise_restore_(state: WeightNoiseBackup, live: list | None = None) -> None:
+    """Copy the original bits back, bit-exact, into the *live* tensors.
 
-
-def _aligned_kw(name: str, aligned: bool, backup: torch.Tensor) -> dict:
-    """The triton launchers' ``aligned=`` flag: every tensor address (checked by
-    :func:`mt_table`) and the backup buffer are multiples of 16 bytes (the
-    backup offsets are multiples of :data:`BACKUP_ALIGN` elements)."""
-    if name != "triton":
-        return {}
-    return {"aligned": bool(aligned) and backup.data_ptr() % 16 == 0}
-
-
-BACKUP_ALIGN = 16  # elements: each tensor's slice of the flat backup starts on a multiple
-
-
-def mt_table(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, int, int, bool]:
-    """The multi-tensor work list of contiguous tensors of one dtype and device
-    (shared by the triton and cuda launchers): ``(meta, chunks, backup numel,
-    aligned)``; ``aligned``: every tensor's address is a multiple of 16 bytes.
-
-    ``meta`` (int64, on the device): ``[ptr | numel | first chunk | backup
-    offset]`` per tensor (``4 * T`` values), then the tensor index of every
-    chunk of :data:`CHUNK` elements.  Chunks are numbered across the tensors,
-    and chunk ``c`` draws Philox counters ``base + c * QUARTER + j``, so no two
-    tensors share counters.  Backup offsets are multiples of
-    :data:`BACKUP_ALIGN` elements (aligned vector access).  Cached by (device,
-    dtype, pointers, sizes): after the first call nothing is copied; the first
-    copy goes through pinned memory, non-blocking (no host sync)."""
-    device = tensors[0].device
-    ptrs = tuple(t.data_ptr() for t in tensors)
-    numels = tuple(t.numel() for t in tensors)
-    cache_key = (str(device), tensors[0].dtype, ptrs, numels)
-    hit = _TABLES.get(cache_key)
-    if hit is not None:
-        _TABLES[cache_key] = _TABLES.pop(cache_key)  # most recent last
-        return hit
-    firsts, offsets, owner = [], [], []
-    chunk = offset = 0
-    for i, n in enumerate(numels):
-        firsts.append(chunk)
-        offsets.append(offset)
-        c = -(-n // CHUNK)
-        owner += [i] * c
-        chunk += c
-        offset += -(-n // BACKUP_ALIGN) * BACKUP_ALIGN
-    host = torch.tensor(list(ptrs) + list(numels) + firsts + offsets + owner, dtype=torch.int64)
-    meta = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
-    entry = (meta, chunk, offset, all(p % 16 == 0 for p in ptrs))
-    _TABLES[cache_key] = entry
-    while len(_TABLES) > _TABLES_MAX:
-        _TABLES.pop(next(iter(_TABLES)))
-    return entry
-
-
-_TABLES: dict = {}
-_TABLES_MAX = 32
+    ``live`` (optional): the tensor to restore into for each perturbed tensor,
+    in order -- e.g. a model's parameters looked up again by name after
+    ``load_state_dict(assign=True)`` replaced them; None in the list means the
+    parameter is gone.  By default the tensors given to :func:`weight_noise_`,
+    in their current storage (``model.double().float()`` or ``.to()`` inside
+    the block gave them new storage: that storage is restored).  Nothing keeps
+    a raw address from the perturbation: the restore's work list is built from
+    the live tensors.  A tensor whose shape or dtype changed raises
+    :class:`~fastadv.ops._live.StorageMoved` naming it before anything is
+    written; the error carries ``backups`` ({name: original values}) and the
+    state stays as it was, so the call can be repeated once fixed."""
+    if not state.tensors:
+        return
+    objs = list(state.tensors) if live is None else list(live)
+    if len(objs) != len(state.tensors):
+        raise ValueError(f"live has {len(objs)} tensors, {len(state.tensors)} were perturbed")
+    from .awp import restore_live_
+    live = [None if t is None else t.data for t in objs]
+    try:
+        with torch.no_grad(), device_guard(next((t for t in live if t is not None), state.backups[0])):
+            restore_live_(state.names, live, state.backups, between="the weight noise and its restore",
+                          backend=state.backend)
+    except StorageMoved as exc:
+        exc.backups = dict(zip(state.names, state.backups))
+        raise
+    _bump_versions(objs)
+    state.tensors, state.names, state.backups = [], [], []
 
 
 # ---- SiFT (DeBERTa's perturbation layer) -----------------------------------------------------------
@@ -403,6 +411,7 @@ def sift_init(x: torch.Tensor, init_perturbation: float, *, out: torch.Tensor | 
     with torch.no_grad():
         delta = torch.empty(x.shape, dtype=torch.float32, device=x.device) if out is None else out
         if name == "torch":
+            count_launch("torch.sift_init")
             z = torch.randn(x.shape, dtype=torch.float32, device=x.device, generator=generator)
             delta.copy_(torch.clamp(z * ip, -2 * ip, 2 * ip))
             return delta, (x.to(torch.float32) + delta).to(x.dtype)
@@ -432,6 +441,7 @@ def sift_update_(x: torch.Tensor, delta: torch.Tensor, grad: torch.Tensor, learn
     with torch.no_grad():
         g = grad.to(torch.float32)
         if name == "torch":
+            count_launch("torch.sift_update")
             norm = torch.linalg.vector_norm(g)
             ok = torch.isfinite(norm)
             step = lr * g / (1e-6 + g.abs().amax(-1, keepdim=True))

@@ -20,9 +20,7 @@ declare({
     "fastadv_neftune_scale": (_c_int, [_c_void_p, _c_void_p, _c_int64, _c_int64, _c_float, _c_void_p]),
     "fastadv_noise_token_ids": (_c_int, [_c_void_p, _c_void_p, _c_int64, _c_void_p, _c_float, _c_int64,
                                          _c_void_p]),
-    "fastadv_weight_noise": (_c_int, [_c_void_p, _c_int64, _c_int64, _c_void_p, _c_int, _c_void_p, _c_float,
-                                      _c_void_p]),
-    "fastadv_weight_restore": (_c_int, [_c_void_p, _c_int64, _c_int64, _c_void_p, _c_int, _c_void_p]),
+    "fastadv_mt_weight_noise": (_c_int, [_c_void_p, _c_int64, _c_int64, _c_int, _c_void_p, _c_float, _c_void_p]),
     "fastadv_sift_init": (_c_int, [_c_void_p, _c_void_p, _c_void_p, _c_int, _c_int64, _c_void_p, _c_float,
                                    _c_void_p]),
     "fastadv_sift_workspace_floats": (_c_int64, [_c_int64]),
@@ -104,27 +102,22 @@ def token_ids(ids: torch.Tensor, out: torch.Tensor, key: torch.Tensor, factor: f
     count_launch("cuda.noise_token_ids", 1 if numel else 0)
 
 
-def weight_noise(meta: torch.Tensor, n_tensors: int, n_chunks: int, backup: torch.Tensor,
-                 key: torch.Tensor, std: float) -> None:
-    """In place ``w <- w + std * z`` for every tensor of the work list, the original
-    bits to ``backup`` in the same pass.  One launch."""
-    _check(meta, "meta")
-    _check(backup, "backup")
+def weight_noise(table, dtype: torch.dtype, key: torch.Tensor, std: float) -> None:
+    """In place ``w <- w + std * z`` for every tensor of the two-list table
+    (``0 = w``, ``1 = backup``; a :class:`~fastadv.kernels.host.TensorTable` of
+    ``RNG_CHUNK``-element chunks), the original bits to the backups in the same
+    pass.  One launch.  The restore is the multi-tensor copy
+    (:func:`fastadv.kernels.cuda.awp.copy`)."""
+    if table.device.type != "cuda":
+        raise ValueError(f"the cuda backend needs CUDA tensors; got tensors on {table.device}")
+    if table.n_lists != 2 or table.chunk != CHUNK:
+        raise ValueError(f"weight noise needs a table of 2 lists in {CHUNK}-element chunks, got "
+                         f"{table.n_lists} lists of {table.chunk}")
     _key(key)
-    with torch.cuda.device(backup.device):
-        _call("fastadv_weight_noise", _ptr(meta), int(n_tensors), int(n_chunks), _ptr(backup),
-              dtype_code(backup.dtype), _ptr(key), float(std), _stream(backup))
-    count_launch("cuda.weight_noise", 1 if n_chunks else 0)
-
-
-def weight_restore(meta: torch.Tensor, n_tensors: int, n_chunks: int, backup: torch.Tensor) -> None:
-    """Copy the backup back, bit for bit.  One launch."""
-    _check(meta, "meta")
-    _check(backup, "backup")
-    with torch.cuda.device(backup.device):
-        _call("fastadv_weight_restore", _ptr(meta), int(n_tensors), int(n_chunks), _ptr(backup),
-              dtype_code(backup.dtype), _stream(backup))
-    count_launch("cuda.weight_restore", 1 if n_chunks else 0)
+    with torch.cuda.device(table.device):
+        _call("fastadv_mt_weight_noise", table.data.data_ptr(), table.n_tensors, table.n_chunks,
+              dtype_code(dtype), _ptr(key), float(std), _stream(table.data))
+    count_launch("cuda.weight_noise", 1 if table.n_chunks else 0)
 
 
 def sift_init(x: torch.Tensor, delta: torch.Tensor, pert: torch.Tensor, key: torch.Tensor,

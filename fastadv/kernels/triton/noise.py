@@ -10,11 +10,11 @@ Noise ops (one launch each):
   ``out`` may be ``x`` (in place).
 * :func:`token_ids` -- the seed's token-id noise,
   ``clamp(long(float(ids) + f * z), 0, V - 1)``.
-* :func:`weight_noise` / :func:`weight_restore` -- multi-tensor: one launch
-  perturbs every tensor of a dtype group in place, ``w <- w + std * z``, and
-  writes its bit-exact backup in the same pass; one launch copies it back.
-  The tensors are listed in a cached int64 device table
-  (``fastadv.ops.noise.mt_table``, shared with the CUDA backend).
+* :func:`weight_noise` -- multi-tensor: one launch perturbs every tensor of a
+  dtype group in place, ``w <- w + std * z``, and writes its bit-exact backup
+  in the same pass.  The tensors are listed in the shared multi-tensor table
+  (:class:`fastadv.kernels.host.TensorTable`, the CUDA backend reads the same
+  layout); the restore is the multi-tensor copy.
 
 SiFT (DeBERTa's perturbation layer, on a normalised input ``x [rows, cols]``):
 
@@ -174,90 +174,56 @@ def token_ids(ids: torch.Tensor, out: torch.Tensor, key: torch.Tensor, factor: f
 
 # ---- multi-tensor weight noise ---------------------------------------------------------------------
 
-# meta (int64): [ptr | numel | first chunk | backup offset] per tensor (4 x T), then the
-# tensor index of every chunk (C) (fastadv.ops.noise.mt_table).  Chunks are numbered
-# across the tensors: chunk c draws Philox counters base + c * QUARTER + j, so tensors
-# never share counters.
+# The work list is the shared multi-tensor table (fastadv.kernels.host.TensorTable) of two
+# lists, 0 = w (the weights) and 1 = b (their backups), in chunks of CHUNK = 4 * QUARTER
+# elements.  Chunks are numbered across the tensors: chunk c draws Philox counters
+# base + c * QUARTER + j, so tensors never share counters.
 
 @triton.jit
-def _mt_chunk(meta_ptr, n_tensors, backup_ptr, QUARTER_: tl.constexpr, ALIGNED: tl.constexpr):
+def _wn_quarter(w_p, b_p, offs, end, z, std, MASKED: tl.constexpr):
+    w = mt.load(w_p, offs, end, MASKED)
+    mt.store(b_p, offs, w, end, MASKED)
+    mt.store(w_p, offs, (w.to(tl.float32) + z * std).to(w.dtype), end, MASKED)
+
+
+@triton.jit
+def _weight_noise_kernel(table, T, like, key_ptr, std, QUARTER_: tl.constexpr, ALIGNED: tl.constexpr):
     chunk = tl.program_id(0)
-    t = tl.load(meta_ptr + 4 * n_tensors + chunk)
-    ptr = tl.load(meta_ptr + t).to(tl.pointer_type(backup_ptr.dtype.element_ty))
-    numel = tl.load(meta_ptr + n_tensors + t)
-    first = tl.load(meta_ptr + 2 * n_tensors + t)
-    bk = backup_ptr + tl.load(meta_ptr + 3 * n_tensors + t)
-    if ALIGNED:  # the host checked every address (backup offsets are multiples of 16 elements)
-        ptr = tl.multiple_of(ptr, 16)
-        bk = tl.multiple_of(bk, 16)
-    local = (chunk - first) * 4 * QUARTER_
-    offs = local + tl.arange(0, QUARTER_)
-    full = local + 4 * QUARTER_ <= numel  # a whole chunk: unmasked (vector) access
-    return chunk, ptr, bk, numel, offs, full
-
-
-@triton.jit
-def _wn_quarter(ptr, bk, offs, numel, z, std, MASKED: tl.constexpr):
-    w = mt.load(ptr, offs, numel, MASKED)
-    mt.store(bk, offs, w, numel, MASKED)
-    mt.store(ptr, offs, (w.to(tl.float32) + z * std).to(w.dtype), numel, MASKED)
-
-
-@triton.jit
-def _weight_noise_kernel(meta_ptr, n_tensors, backup_ptr, key_ptr, std, QUARTER_: tl.constexpr,
-                         ALIGNED: tl.constexpr):
-    chunk, ptr, bk, numel, offs, full = _mt_chunk(meta_ptr, n_tensors, backup_ptr, QUARTER_, ALIGNED)
+    t, start, end = mt.work_item(table, chunk, T, 2, 4 * QUARTER_)
+    w_p = mt.tensor_ptr(table, 0, t, T, like, ALIGNED)
+    b_p = mt.tensor_ptr(table, 1, t, T, like, ALIGNED)
     seed, base = rng.load_key(key_ptr)
     z0, z1, z2, z3 = rng.normal4x(seed, rng.chunk_counters(base, chunk, QUARTER_))
-    if full:
-        _wn_quarter(ptr, bk, offs, numel, z0, std, False)
-        _wn_quarter(ptr, bk, offs + QUARTER_, numel, z1, std, False)
-        _wn_quarter(ptr, bk, offs + 2 * QUARTER_, numel, z2, std, False)
-        _wn_quarter(ptr, bk, offs + 3 * QUARTER_, numel, z3, std, False)
+    offs = start + tl.arange(0, QUARTER_)
+    if start + 4 * QUARTER_ <= end:  # a whole chunk: unmasked (vector) access
+        _wn_quarter(w_p, b_p, offs, end, z0, std, False)
+        _wn_quarter(w_p, b_p, offs + QUARTER_, end, z1, std, False)
+        _wn_quarter(w_p, b_p, offs + 2 * QUARTER_, end, z2, std, False)
+        _wn_quarter(w_p, b_p, offs + 3 * QUARTER_, end, z3, std, False)
     else:
-        _wn_quarter(ptr, bk, offs, numel, z0, std, True)
-        _wn_quarter(ptr, bk, offs + QUARTER_, numel, z1, std, True)
-        _wn_quarter(ptr, bk, offs + 2 * QUARTER_, numel, z2, std, True)
-        _wn_quarter(ptr, bk, offs + 3 * QUARTER_, numel, z3, std, True)
+        _wn_quarter(w_p, b_p, offs, end, z0, std, True)
+        _wn_quarter(w_p, b_p, offs + QUARTER_, end, z1, std, True)
+        _wn_quarter(w_p, b_p, offs + 2 * QUARTER_, end, z2, std, True)
+        _wn_quarter(w_p, b_p, offs + 3 * QUARTER_, end, z3, std, True)
 
 
-@triton.jit
-def _restore_kernel(meta_ptr, n_tensors, backup_ptr, QUARTER_: tl.constexpr, ALIGNED: tl.constexpr):
-    chunk, ptr, bk, numel, offs, full = _mt_chunk(meta_ptr, n_tensors, backup_ptr, QUARTER_, ALIGNED)
-    if full:
-        for q in tl.static_range(4):
-            o = offs + q * QUARTER_
-            mt.store(ptr, o, mt.load(bk, o, numel, False), numel, False)
-    else:
-        for q in tl.static_range(4):
-            o = offs + q * QUARTER_
-            mt.store(ptr, o, mt.load(bk, o, numel, True), numel, True)
-
-
-def weight_noise(meta: torch.Tensor, n_tensors: int, n_chunks: int, backup: torch.Tensor,
-                 key: torch.Tensor, std: float, *, aligned: bool = False) -> None:
-    """In place ``w <- w + std * z`` for every tensor of the work list ``meta``
-    (one dtype: ``backup``'s; see ``fastadv.ops.noise.mt_table``), the original
-    bits written to ``backup`` (flat, total numel) in the same pass.  One launch.
-    ``aligned``: every tensor address and ``backup + offset`` is a multiple of
-    16 bytes (checked by the caller): vector access."""
+def weight_noise(table: mt.TensorTable, dtype: torch.dtype, key: torch.Tensor, std: float) -> None:
+    """In place ``w <- w + std * z`` for every tensor of the two-list table
+    (``0 = w``, ``1 = backup``, chunks of :data:`CHUNK` elements), the original
+    bits written to the backups in the same pass.  One launch.  The restore is
+    the multi-tensor copy (:func:`.multi_tensor.copy`) on a table of the live
+    tensors.  ``table.aligned`` (every address a multiple of 16 bytes) selects
+    vector access."""
     _check_key(key)
-    if n_chunks == 0:
+    if table.n_lists != 2 or table.chunk != CHUNK:
+        raise ValueError(f"weight noise needs a table of 2 lists in {CHUNK}-element chunks, got "
+                         f"{table.n_lists} lists of {table.chunk}")
+    if table.n_chunks == 0:
         return
-    _weight_noise_kernel[(n_chunks,)](meta, n_tensors, backup, key, float(std),
-                                      QUARTER_=QUARTER, ALIGNED=bool(aligned), num_warps=NUM_WARPS,
-                                      enable_fp_fusion=False)
+    _weight_noise_kernel[(table.n_chunks,)](table.data, table.n_tensors, mt.witness(dtype, table.device), key,
+                                            float(std), QUARTER_=QUARTER, ALIGNED=bool(table.aligned),
+                                            num_warps=NUM_WARPS, enable_fp_fusion=False)
     count_launch("triton.weight_noise")
-
-
-def weight_restore(meta: torch.Tensor, n_tensors: int, n_chunks: int, backup: torch.Tensor, *,
-                   aligned: bool = False) -> None:
-    """Copy the backup written by :func:`weight_noise` back, bit for bit.  One launch."""
-    if n_chunks == 0:
-        return
-    _restore_kernel[(n_chunks,)](meta, n_tensors, backup, QUARTER_=QUARTER, ALIGNED=bool(aligned),
-                                 num_warps=NUM_WARPS)
-    count_launch("triton.weight_restore")
 
 
 # ---- SiFT ----------------------------------------------------------------------------------------
