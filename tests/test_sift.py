@@ -184,6 +184,7 @@ def test_reference_syncs_the_host(no_host_sync):
             ref_learner.loss(logits, logits_fn, **batch)
 
 
+@pytest.mark.launch_free  # normal mode is PyTorch's layer norm on every backend: no fastadv kernel
 def test_normal_mode_is_the_layer_norm(backend):
     (model, _, layers), _ = pair(backend)
     emb = model.embeddings
@@ -194,6 +195,7 @@ def test_normal_mode_is_the_layer_norm(backend):
     assert layers[0].update_delta() is True  # not adversarial: nothing to do
 
 
+@pytest.mark.launch_free  # hooks and normal mode only: no fastadv kernel on any backend
 def test_hooks_are_replaced_and_bound_per_module(backend):
     model = nn.Sequential(nn.LayerNorm(HIDDEN), nn.LayerNorm(HIDDEN)).to(DEVICE)
     first = sift.hook_sift_layer(model, HIDDEN, target_module="0", backend=backend)
@@ -208,6 +210,7 @@ def test_hooks_are_replaced_and_bound_per_module(backend):
         sift.hook_sift_layer(model, HIDDEN, target_module=3)
 
 
+@pytest.mark.launch_free  # logits_fn raises before the perturbed forward runs
 def test_exception_in_logits_fn_cleans_up(backend):
     (model, learner, layers), _ = pair(backend)
     batch = data()
