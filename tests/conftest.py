@@ -62,13 +62,52 @@ def _seed():
     torch.manual_seed(0)
 
 
+def pytest_addoption(parser):
+    parser.addoption("--triton-compile", action="store_true",
+                     help="also AOT-compile every Triton kernel for sm_90 / sm_80 "
+                          "(tests/test_triton_compile.py; on by default in CI, CI=true)")
+
+
+def pytest_configure(config):
+    """With the AOT compile check on, record this session's Triton launches from
+    the start, so that the check reuses them instead of running the suite again."""
+    import test_triton_compile as tc
+    config._triton_recorder = None
+    if (tc.enabled(config) and _backend.triton_interpreter() and os.environ.get(tc._CHILD_ENV) != "1"
+            and _backend.why_not("triton", torch.device("cpu")) is None):
+        config._triton_recorder = tc.SessionRecorder()
+
+
 def pytest_collection_modifyitems(config, items):
+    recorder = getattr(config, "_triton_recorder", None)
+    if recorder is not None:  # the compile check runs last, after every launch was recorded
+        recorder.files = {str(item.path.relative_to(item.config.rootpath)) for item in items}
+        items.sort(key=lambda item: item.path.name == "test_triton_compile.py")
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (mark gpu)")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_deselected(items):
+    recorder = getattr(items[0].config, "_triton_recorder", None) if items else None
+    if recorder is not None:
+        recorder.partial = True
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Skips grouped by reason, one line each (``-rs`` would print one per test location)."""
+    reasons = collections.Counter()
+    for rep in terminalreporter.stats.get("skipped", []):
+        longrepr = rep.longrepr
+        reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+        reasons[reason.removeprefix("Skipped: ")] += 1
+    if reasons:
+        terminalreporter.section("skipped, by reason")
+        for reason, n in reasons.most_common():
+            terminalreporter.write_line(f"{n:5d}  {reason}")
 
 
 # aten ops that read device data back to the host.

@@ -9,7 +9,7 @@ Triton's bundled LLVM and ptxas but no GPU.
 
 Nothing here is written per kernel, so it cannot silently go stale:
 
-1. record (subprocesses WITH TRITON_INTERPRET=1, on CPU): ``InterpretedFunction.run``
+1. record (WITH TRITON_INTERPRET=1, on CPU): ``InterpretedFunction.run``
    (every ``kernel[grid](...)`` launch under the interpreter) is wrapped to record the
    kernel (module + qualified name), the launch's specialisation exactly as the JIT would
    compute it on a GPU (Triton's own binder: tensor -> "*fp32"/"*bf16"/"*u8"/..., int ->
@@ -17,8 +17,12 @@ Nothing here is written per kernel, so it cannot silently go stale:
    16-divisibility attributes), the constexpr values and the launch's compile options
    (num_warps, enable_fp_fusion, ...). ``InterpretedFunction.__call__`` (a @triton.jit
    helper called from a kernel) is wrapped to record which helpers the launches reach.
-   The launches are driven by the existing test files (tests/test_*.py, Triton backend
-   parametrisations and the backend-free tests), split across processes.
+   The launches are driven by the existing test files (tests/test_*.py). When this test
+   runs at the end of a whole-suite session (CI, or ``--triton-compile``), the recorder was
+   installed in-process at the start of the session (tests/conftest.py), so the suite's own
+   launches are used and nothing is run twice; run alone or with a partial selection, it
+   re-runs the driving tests (Triton parametrisations and backend-free tests) in
+   subprocesses.
 2. compile (subprocesses WITHOUT TRITON_INTERPRET): the same kernel objects, now real
    JITFunctions, are compiled for every unique recorded specialisation for sm_90 and
    sm_80, and once more for sm_90 with the data pointers switched to *bf16 (the
@@ -31,7 +35,9 @@ Nothing here is written per kernel, so it cannot silently go stale:
    launched (and so compiled) or called from a launched kernel (so compiled inlined into
    it); a kernel no test launches is reported.
 
-Run by hand:  python -m pytest tests/test_triton_compile.py -q
+It is slow (minutes on 2 cores), so it runs in CI (``CI=true``) or when asked:
+              python -m pytest --triton-compile          (the whole suite, recorded in-process)
+              python -m pytest tests/test_triton_compile.py --triton-compile   (re-runs drivers)
 Env knobs:    FASTADV_COMPILE_JOBS (processes per phase, default: CPU count, at most 4),
               FASTADV_COMPILE_ARCHS (default "90,80").
 """
@@ -254,6 +260,33 @@ def _install_recorder(records: dict, helpers: set, data32: dict, errors: set):
     interpreter.InterpretedFunction.__call__ = call
 
 
+class SessionRecorder:
+    """The recorder installed in the main pytest session (see tests/conftest.py): the
+    suite's own Triton launches, usable by the test when the session ran every driver."""
+
+    def __init__(self):
+        self.records: dict = {}
+        self.helpers: set = set()
+        self.data32: dict = {}
+        self.errors: set = set()
+        self.files: set[str] = set()   # test files collected in this session
+        self.partial = False           # some items deselected (-k, -m, --lf ...)
+        _install_recorder(self.records, self.helpers, self.data32, self.errors)
+
+    def covers(self, files: list[str]) -> bool:
+        return not self.partial and set(files) <= self.files
+
+    def dump(self) -> dict:
+        return {"records": list(self.records.values()), "helpers": sorted(self.helpers),
+                "data32": {k: {a: sorted(b) for a, b in v.items()} for k, v in self.data32.items()},
+                "errors": sorted(self.errors), "pytest_rc": 0}
+
+
+def enabled(config) -> bool:
+    """The AOT compile check runs in CI (CI=true) or with --triton-compile."""
+    return bool(config.getoption("--triton-compile")) or os.environ.get("CI", "").lower() == "true"
+
+
 def _record_main(out: str, shard: int, nshards: int, files: list[str]) -> int:
     assert os.environ.get("TRITON_INTERPRET") == "1"
     records: dict = {}
@@ -317,6 +350,7 @@ def _compile_main(inp: str, out: str, shard: int, nshards: int) -> int:
         except Exception as e:  # noqa: BLE001 - every failure is reported with its kernel
             err = _error_text(e)
         results.append({"id": job["id"], "error": err, "seconds": time.perf_counter() - t0})
+        print(f"compiled {len(results)}/{len(jobs)}", flush=True)  # read by the parent for progress
     with open(out, "w") as f:
         json.dump(results, f)
     return 0
@@ -389,7 +423,26 @@ def _spawn(args: list[str], interpret: bool, log: Path):
     return p, fh
 
 
-def _wait(procs, what: str, timeout: float):
+def _say(msg: str) -> None:
+    """Progress on the terminal, past pytest's capture."""
+    print(f"[triton AOT compile] {msg}", file=sys.__stderr__, flush=True)
+
+
+def _progress(procs, what: str, total: int | None, timeout: float) -> None:
+    """Print how far the children are every 20 s while they run."""
+    deadline, t0, last = time.monotonic() + timeout, time.monotonic(), 0.0
+    while any(p.poll() is None for (p, _), _ in procs) and time.monotonic() < deadline:
+        time.sleep(1.0)
+        if total and time.monotonic() - last >= 20:
+            last = time.monotonic()
+            done = sum(log.read_text().count("compiled ") for _, log in procs if log.exists())
+            rate = done / max(last - t0, 1e-9)
+            eta = f", ~{(total - done) / rate:.0f} s left" if done else ""
+            _say(f"{what}: {done}/{total} after {last - t0:.0f} s{eta}")
+
+
+def _wait(procs, what: str, timeout: float, total: int | None = None):
+    _progress(procs, what, total, timeout)
     deadline = time.monotonic() + timeout
     for (p, fh), log in procs:
         try:
@@ -437,7 +490,9 @@ def _fmt(rec: dict, sig: list[str]) -> str:
 
 
 @pytest.mark.skipif(os.environ.get(_CHILD_ENV) == "1", reason="inside the recorder")
-def test_every_triton_kernel_compiles_for_sm90_and_sm80(tmp_path):
+def test_every_triton_kernel_compiles_for_sm90_and_sm80(tmp_path, request):
+    if not enabled(request.config):
+        pytest.skip("the AOT compile check runs in CI (CI=true) or with --triton-compile")
     pytest.importorskip("triton")
     try:  # the APIs the recorder and the compiler use (Triton >= 3.3)
         from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
@@ -452,18 +507,27 @@ def test_every_triton_kernel_compiles_for_sm90_and_sm80(tmp_path):
                    if p.name not in _NOT_DRIVERS)
 
     # ---- phase 1: record (plus, alongside, the list of defined kernels)
+    session = getattr(request.config, "_triton_recorder", None)
     procs = []
-    for i in range(n):
-        log = tmp_path / f"record{i}.log"
-        procs.append((_spawn(["record", str(tmp_path / f"rec{i}.json"), str(i), str(n), *files],
-                             True, log), log))
+    if session is not None and session.covers(files):
+        _say(f"using the {len(session.records)} launch specialisations this session recorded")
+        (tmp_path / "rec0.json").write_text(json.dumps(session.dump()))
+        shards = 1
+    else:
+        why = "no session recorder" if session is None else "this session ran only part of the suite"
+        _say(f"recording launches by re-running {len(files)} test files in {n} processes ({why})")
+        shards = n
+        for i in range(n):
+            log = tmp_path / f"record{i}.log"
+            procs.append((_spawn(["record", str(tmp_path / f"rec{i}.json"), str(i), str(n), *files],
+                                 True, log), log))
     log = tmp_path / "kernels.log"
     procs.append((_spawn(["kernels", str(tmp_path / "kernels.json")], False, log), log))
     _wait(procs, "recording Triton launches", 900)
     t_record = time.monotonic() - t_start
 
     records, helpers, pytest_rcs, data32, rec_errors = {}, set(), [], {}, set()
-    for i in range(n):
+    for i in range(shards):
         d = json.load(open(tmp_path / f"rec{i}.json"))
         pytest_rcs.append(d["pytest_rc"])
         rec_errors.update(d["errors"])
@@ -507,12 +571,13 @@ def test_every_triton_kernel_compiles_for_sm90_and_sm80(tmp_path):
                          "signature": sig, "arch": arch, "note": note, "id": len(jobs),
                          "desc": _fmt(r, sig)})
     (tmp_path / "jobs.json").write_text(json.dumps(jobs))
+    _say(f"compiling {len(jobs)} specialisations in {n} processes")
     procs = []
     for i in range(n):
         log = tmp_path / f"compile{i}.log"
         procs.append((_spawn(["compile", str(tmp_path / "jobs.json"), str(tmp_path / f"res{i}.json"),
                               str(i), str(n)], False, log), log))
-    _wait(procs, "compiling Triton kernels", 900)
+    _wait(procs, "compiling Triton kernels", 900, total=len(jobs))
     results = {}
     for i in range(n):
         for r in json.load(open(tmp_path / f"res{i}.json")):
