@@ -16,8 +16,11 @@ import shutil
 import subprocess
 import sys
 
+import time
+
 from setuptools import Command, Distribution, setup
 from setuptools.command.build import build
+from setuptools.command.build_py import build_py
 from setuptools.command.sdist import sdist
 
 try:
@@ -127,6 +130,11 @@ class build_cuda(Command):
             raise RuntimeError("FASTADV_BUILD_CUDA=1 but nvcc was not found "
                                "(looked in $CUDA_HOME/bin, /usr/local/cuda/bin and PATH)")
         out = os.path.join(ROOT if self.editable_mode else self.build_lib, LIB)
+        archs = os.environ.get("FASTADV_CUDA_ARCHS") or DEFAULT_ARCHS
+        print(f"fastadv: compiling the CUDA library (csrc/*.cu) with {nvcc} for compute capabilities "
+              f"{archs}; this takes several minutes on a small machine (FASTADV_BUILD_CUDA=0 skips it)",
+              file=sys.stderr, flush=True)
+        t0 = time.monotonic()
         try:
             compile_cuda(out, os.path.join(ROOT, "build", "cuda"), nvcc)
         except (OSError, RuntimeError, subprocess.CalledProcessError) as exc:  # RuntimeError: no ninja
@@ -135,6 +143,8 @@ class build_cuda(Command):
             print(f"fastadv: WARNING: the CUDA library was not built ({exc}); "
                   "set FASTADV_BUILD_CUDA=1 to make this an error", file=sys.stderr)
             return
+        print(f"fastadv: CUDA library built in {time.monotonic() - t0:.0f} s: {out}", file=sys.stderr,
+              flush=True)
         self.outputs = [out]
 
     def get_source_files(self):  # so that the sdist carries csrc/
@@ -151,6 +161,16 @@ class build_with_cuda(build):
     sub_commands = build.sub_commands + [("build_cuda", None)]
 
 
+class build_py_no_stale_library(build_py):
+    """Never copy a library an earlier build left in the source tree: the only
+    library a wheel carries is the one build_cuda built for it (none when
+    FASTADV_BUILD_CUDA=0)."""
+
+    def find_data_files(self, package, src_dir):
+        files = super().find_data_files(package, src_dir)
+        return [f for f in files if not f.endswith(".so")]
+
+
 class sdist_sources_only(sdist):
     def make_release_tree(self, base_dir, files):  # no prebuilt .so (package data) in the sdist
         super().make_release_tree(base_dir, [f for f in files if not f.endswith(".so")])
@@ -158,7 +178,7 @@ class sdist_sources_only(sdist):
 
 class CudaDistribution(Distribution):
     def has_ext_modules(self):  # a platform-specific wheel when it carries the .so
-        return cuda_mode() != "skip" or os.path.exists(os.path.join(ROOT, LIB))
+        return cuda_mode() != "skip"
 
 
 class bdist_wheel_py3(bdist_wheel):
@@ -169,5 +189,5 @@ class bdist_wheel_py3(bdist_wheel):
 
 if __name__ == "__main__":
     setup(distclass=CudaDistribution,
-          cmdclass={"build": build_with_cuda, "build_cuda": build_cuda, "sdist": sdist_sources_only,
-                    "bdist_wheel": bdist_wheel_py3})
+          cmdclass={"build": build_with_cuda, "build_cuda": build_cuda, "build_py": build_py_no_stale_library,
+                    "sdist": sdist_sources_only, "bdist_wheel": bdist_wheel_py3})
