@@ -1,8 +1,8 @@
 // Multi-tensor apply: one launch over many tensors, one block per chunk.
 //
-// The work list is a device table of int64 built once on the host by
-// fastadv/kernels/triton/multi_tensor.py (TensorTable) and shared with the
-// Triton kernels.  For L lists of T tensors cut into N chunks of `chunk`
+// The work list is a device table of int64 built on the host by
+// fastadv/kernels/host.py (TensorTable: immutable, one per set of tensors) and
+// shared with the Triton kernels.  For L lists of T tensors cut into N chunks of `chunk`
 // elements:
 //
 //   [0,        L*T)          address of tensor t of list l at l*T + t

@@ -15,12 +15,9 @@ the CUDA kernels (``csrc/multi_tensor.cuh`` reads the same layout)::
     [L*T+T,      L*T+2T+1)     first chunk of tensor t (prefix sum; entry T = N)
     [L*T+2T+1,   L*T+2T+1+N)   owner: the tensor of chunk c
 
-(L lists of T tensors each, N chunks.)  Everything but the pointers depends on
-the sizes only, so a :class:`TensorTable` is built once per shape signature
-and kept; when pointers change (``zero_grad(set_to_none=True)`` frees the
-gradients, a new backup buffer) only the pointer section is rewritten, with
-one small non-blocking host-to-device copy from pinned memory.  Nothing is
-ever read back to the host.
+(L lists of T tensors each, N chunks.)  Tables are immutable and cached by
+the addresses they hold (see :mod:`fastadv.kernels.host`): a kernel always
+reads a table built for exactly the tensors it was given.
 
 Per-tensor reductions are two-stage: a chunk kernel writes one fp32 partial
 per chunk, then :func:`per_tensor_norms` sums the partials of each tensor in
@@ -34,7 +31,7 @@ Element types: a kernel casts the int64 addresses to the pointer type of a
 Vector access.  An address loaded from the table carries no alignment
 information, so the compiler would issue scalar loads.  When every address of
 a table is a multiple of :data:`ALIGN` bytes (``TensorTable.aligned``, checked
-on the host at ``bind``; true for anything PyTorch's allocators return) the
+on the host when the table is built; true for anything PyTorch's allocators return) the
 launchers pass ``ALIGNED=True`` and :func:`tensor_ptr` tells the compiler so;
 the chunk loops run full blocks unmasked (:func:`load` / :func:`store` with
 ``MASKED=False``) and only the tail of a tensor masked.  Tables holding a view
