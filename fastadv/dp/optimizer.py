@@ -24,7 +24,9 @@ Differences from Opacus, on purpose:
 * a sample whose norm is not finite is dropped (``on_nonfinite="drop"``,
   counted in :attr:`DPOptimizer.nonfinite_samples`) or raises
   (``"raise"``, one host sync) instead of turning the gradient into NaN;
-* ``max_grad_norm <= 0`` and ``noise_multiplier < 0`` raise ``ValueError``;
+* ``max_grad_norm <= 0`` and ``noise_multiplier < 0`` raise ``ValueError``
+  (numbers, numpy scalars and 0-d tensors are taken, as Opacus takes them;
+  anything else raises ``TypeError``);
 * the noise comes from Philox inside the kernel, keyed from ``generator`` (or
   from ``os.urandom`` in ``secure_mode``): the same distribution as Opacus's
   ``torch.normal``, other numbers.
@@ -69,8 +71,10 @@ class DPOptimizer(_OpacusDPOptimizer):
     # ---- helpers
 
     def _noise_std(self) -> float:
-        """``noise_multiplier * max_grad_norm``; the distributed subclass adds noise on rank 0 only."""
-        return self.noise_multiplier * self.max_grad_norm
+        """``noise_multiplier * max_grad_norm`` as Opacus computes it (numpy
+        scalars and 0-d tensors taken, also when set on the optimizer between
+        steps); the distributed subclass adds noise on rank 0 only."""
+        return _ops.noise_std(self.noise_multiplier, self.max_grad_norm)
 
     def _batches(self) -> list[list[torch.Tensor]]:
         """The per-sample gradients of every accumulated batch: ``batches[m][i]``
@@ -112,7 +116,8 @@ class DPOptimizer(_OpacusDPOptimizer):
         """Clip + accumulate every batch into ``p.summed_grad``; with ``final``
         the last batch's call also adds the noise, scales and writes ``p.grad``."""
         params = self.params
-        C, _ = _ops.check_hyperparameters(self.max_grad_norm, self.noise_multiplier)
+        _ops.check_hyperparameters(self.max_grad_norm, self.noise_multiplier)
+        C = self.max_grad_norm  # as given: a 0-d tensor makes Opacus's clip factor a true division
         for p in params:
             _check_processed_flag(p.grad_sample)
         batches = self._batches()

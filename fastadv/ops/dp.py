@@ -38,13 +38,14 @@ to 13.5); see docs/dp.md for the threat model.  The torch backend draws with
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from typing import Sequence
 
 import torch
 
 from .. import _backend
-from ..kernels import device_guard, host
+from ..kernels import count_launch, device_guard, host
 from ..kernels.host import new_key  # noqa: F401  (part of this module's API)
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -76,7 +77,16 @@ def _cache():
 
 
 def _number(value, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    """``value`` as a finite float.  Taken as Opacus takes it: a Python or numpy
+    real scalar (``np.float32`` from a scheduler) or a 0-d real tensor
+    (``torch.tensor(1.0)``; read with ``float()``, which for a CUDA tensor is a
+    host sync: keep hyper-parameters on the CPU or in Python)."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0 or value.dtype == torch.bool or value.is_complex():
+            raise TypeError(f"{what} must be a real number or a 0-d real tensor, got a tensor of shape "
+                            f"{tuple(value.shape)} and dtype {value.dtype}")
+        value = float(value)
+    elif isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{what} must be a number, got {type(value).__name__}")
     value = float(value)
     if not math.isfinite(value):
@@ -94,6 +104,14 @@ def check_hyperparameters(max_grad_norm, noise_multiplier) -> tuple[float, float
         raise ValueError(f"noise_multiplier must be >= 0, got {sigma} (the noise std is "
                          f"noise_multiplier * max_grad_norm)")
     return c, sigma
+
+
+def noise_std(noise_multiplier, max_grad_norm) -> float:
+    """Opacus's noise std, ``noise_multiplier * max_grad_norm`` computed as
+    Opacus computes it (the product of the objects as given: two ``np.float32``
+    multiply in float32, a 0-d tensor gives a tensor), then read as a float."""
+    check_hyperparameters(max_grad_norm, noise_multiplier)
+    return _number(noise_multiplier * max_grad_norm, "noise_multiplier * max_grad_norm")
 
 
 def _divisor(expected_batch_size) -> float | None:
@@ -167,6 +185,11 @@ def fused_clip_noise(grad_samples, *, max_grad_norm: float, std: float, summed=N
                      backend: str | None = None):
     """The general form of the ops below (the optimizers call it directly).
 
+    ``max_grad_norm`` as the user gave it (a number or a 0-d tensor: with a
+    tensor Opacus's clip factor is ``C / (n + 1e-6)``, with a number
+    ``reciprocal(n + 1e-6) * C``; the torch backend follows either, the kernels
+    compute the latter, one fp32 rounding apart).
+
     ``grad_samples``: list of ``[B, *shape_t]`` (may be empty when ``shapes``
     is given: no per-sample term).  ``summed``: tensors read (``read_summed``)
     and / or written (``write_summed``: the noise-free sum) in place; allocated
@@ -212,6 +235,9 @@ def fused_clip_noise(grad_samples, *, max_grad_norm: float, std: float, summed=N
         out = [torch.empty(s, dtype=(summed[i].dtype if summed is not None else dtypes[i]), device=device)
                for i, s in enumerate(shapes)]
     divisor = _divisor(expected_batch_size)
+    true_div = isinstance(max_grad_norm, torch.Tensor)
+    max_grad_norm = _number(max_grad_norm, "max_grad_norm")
+    std = _number(std, "std")
     noise = write_out and std != 0.0
 
     name = _backend.resolve(backend, device)
@@ -225,12 +251,12 @@ def fused_clip_noise(grad_samples, *, max_grad_norm: float, std: float, summed=N
     count = nonfinite_count
     if on_nonfinite == "raise" and batch:
         count = torch.zeros(1, dtype=torch.int64, device=device)
-    args = dict(batch=batch, max_grad_norm=float(max_grad_norm), std=float(std), summed=summed,
+    args = dict(batch=batch, max_grad_norm=max_grad_norm, std=std, summed=summed,
                 read_summed=read_summed, write_summed=write_summed, out=out, write_out=write_out,
                 divisor=divisor, noise=noise, generator=generator, secure=bool(secure_mode), count=count,
                 check_raise=on_nonfinite == "raise")
     if name == "torch":
-        _torch_fused(gs, shapes, **args)
+        _torch_fused(gs, shapes, true_div=true_div, **args)
     else:
         with device_guard(ref):
             _kernel_fused(name, [g if g.is_contiguous() else g.contiguous() for g in gs], shapes, **args)
@@ -280,7 +306,7 @@ def _kernel_fused(name, gs, shapes, *, batch, max_grad_norm, std, summed, read_s
         k.clip_factors(partials, max_grad_norm, factors, count)
         if check_raise:
             _raise_nonfinite(count)
-    key = new_key(device, generator, secure) if noise else None
+    key = noise_key(device, generator, secure, [(tuple(t.shape), t.dtype) for t in targets]) if noise else None
     chunk0 = 0
     for table, g_dtype, o_dtype in tables:
         k.clip_sum(table, g_dtype, o_dtype, batch if gs else 0, factors, key, std, divisor, chunk0,
@@ -289,36 +315,80 @@ def _kernel_fused(name, gs, shapes, *, batch, max_grad_norm, std, summed, read_s
         chunk0 += table.n_chunks
 
 
-def _torch_factors(gs, batch, max_grad_norm, device, acc):
+def noise_key(device, generator, secure: bool, draws) -> torch.Tensor:
+    """The Philox key of one noisy DP call, drawn so that the generators move as
+    Opacus's noise moves them (so that, under one seed, everything drawn later
+    -- Opacus's Poisson sampler, which draws from the default CPU generator,
+    dropout, ... -- draws what it draws next to Opacus).
+
+    ``draws``: ``(shape, dtype)`` of each tensor Opacus would draw noise for,
+    in order (``torch.normal(size=shape, dtype=dtype, generator=generator)``).
+
+    * CUDA tensors: :func:`fastadv.kernels.host.new_key` (``torch.randint`` from
+      the device's generator).  Opacus's noise draws from that generator too,
+      and its Poisson sampler from the CPU one, which neither touches: the data
+      order is Opacus's.  The device generator itself advances by another
+      amount than Opacus's ``torch.normal`` calls (its later draws differ).
+    * CPU tensors (the Triton interpreter): the key is the generator's next two
+      ``torch.randint`` words, read from a snapshot of its state; the generator
+      is then advanced by exactly the ``torch.normal`` draws Opacus makes (they
+      are drawn and dropped: this path is for tests, not speed).
+    * ``secure``: :func:`new_key` from ``os.urandom``; no generator moves (Opacus
+      draws from its own CSPRNG then)."""
+    device = torch.device(device)
+    if secure or device.type != "cpu":
+        return new_key(device, generator, secure)
+    gen = generator if generator is not None else torch.default_generator
+    if gen.device.type != "cpu":
+        return new_key(device, generator, secure)
+    state = gen.get_state()
+    key = new_key(device, gen)
+    gen.set_state(state)
+    for shape, dtype in draws:
+        torch.normal(0.0, 1.0, shape, generator=gen, dtype=dtype)
+    return key
+
+
+def _torch_factors(gs, batch, max_grad_norm, device, acc, true_div=False):
     """(factors, finite) in ``acc`` (fp32, or fp64 for fp64 inputs) on ``device``,
-    Opacus's formula with non-finite norms dropped."""
+    Opacus's formula with non-finite norms dropped (``true_div``: ``C / (n +
+    1e-6)``, what Opacus computes when ``max_grad_norm`` is a tensor; else
+    ``reciprocal(n + 1e-6) * C``, Python's ``C / tensor``)."""
     norms = torch.stack([torch.linalg.vector_norm(g.reshape(batch, -1), dim=1, dtype=acc)
                          .to(device) for g in gs], dim=1)
     norm = torch.linalg.vector_norm(norms, dim=1)
     finite = torch.isfinite(norm)
-    f = ((norm + 1e-6).reciprocal() * max_grad_norm).clamp(max=1.0)
+    if true_div:
+        f = (torch.full((), max_grad_norm, dtype=norm.dtype, device=norm.device) / (norm + 1e-6)).clamp(max=1.0)
+    else:
+        f = ((norm + 1e-6).reciprocal() * max_grad_norm).clamp(max=1.0)
     return torch.where(finite, f, torch.zeros_like(f)), finite
 
 
-def _torch_noise(shape, std, device, generator, secure) -> torch.Tensor:
+def _torch_noise(shape, std, device, generator, secure, dtype=torch.float32) -> torch.Tensor:
+    """Opacus's non-secure draw: ``torch.normal(0, std, shape, dtype=dtype)`` from ``generator``."""
     if secure:
         gen = torch.Generator(device=device)
         gen.manual_seed(int.from_bytes(os.urandom(8), "little"))
         z = sum(torch.normal(0.0, 1.0, shape, generator=gen, device=device) for _ in range(4))
         return z.mul_(0.5 * std)
     if generator is not None and not host.same_device(generator.device, device):
-        return torch.normal(0.0, std, shape, generator=generator, device=generator.device).to(device)
-    return torch.normal(0.0, std, shape, generator=generator, device=device)
+        return torch.normal(0.0, std, shape, generator=generator, device=generator.device,
+                            dtype=dtype).to(device)
+    return torch.normal(0.0, std, shape, generator=generator, device=device, dtype=dtype)
 
 
 def _torch_fused(gs, shapes, *, batch, max_grad_norm, std, summed, read_summed, write_summed, out,
-                 write_out, divisor, noise, generator, secure, count, check_raise) -> None:
-    """Pure-PyTorch path (any device and float dtype); no host sync."""
+                 write_out, divisor, noise, generator, secure, count, check_raise, true_div=False) -> None:
+    """Pure-PyTorch path (any device and float dtype); no host sync.  Opacus's
+    ops in Opacus's order (fp32 results are its bits under one seed); the
+    noise is drawn in each output's dtype, as Opacus draws it."""
+    count_launch("torch.dp_clip_noise")
     factors = finite = None
     targets = [t for t in (out if write_out else []) + (summed or [])]
     acc = torch.float64 if any(t.dtype == torch.float64 for t in list(gs) + targets) else torch.float32
     if gs and batch:
-        factors, finite = _torch_factors(gs, batch, max_grad_norm, gs[0].device, acc)
+        factors, finite = _torch_factors(gs, batch, max_grad_norm, gs[0].device, acc, true_div)
         if count is not None:
             count.add_((~finite).sum().to(count.device))
             if check_raise:
@@ -338,7 +408,7 @@ def _torch_fused(gs, shapes, *, batch, max_grad_norm, std, summed, read_summed, 
             summed[i].copy_(s.view(summed[i].shape))
         if write_out:
             if noise:
-                s = s + _torch_noise(s.shape, std, s.device, generator, secure).to(acc)
+                s = s + _torch_noise(s.shape, std, s.device, generator, secure, out[i].dtype).to(acc)
             if divisor is not None:
                 s = s / divisor
             out[i].copy_(s.view(out[i].shape))
@@ -367,8 +437,9 @@ def clip_and_noise(grad_samples: Sequence[torch.Tensor], max_grad_norm: float, n
     samples dropped for a non-finite norm; ``on_nonfinite="raise"`` raises
     instead (one host sync).  See the module docstring for the rest.
     """
-    c, sigma = check_hyperparameters(max_grad_norm, noise_multiplier)
-    res, _ = fused_clip_noise(grad_samples, max_grad_norm=c, std=sigma * c, summed=summed,
+    check_hyperparameters(max_grad_norm, noise_multiplier)
+    res, _ = fused_clip_noise(grad_samples, max_grad_norm=max_grad_norm,
+                              std=noise_std(noise_multiplier, max_grad_norm), summed=summed,
                               read_summed=summed is not None, write_summed=summed is not None, out=out,
                               expected_batch_size=expected_batch_size, generator=generator,
                               secure_mode=secure_mode, on_nonfinite=on_nonfinite,
@@ -383,8 +454,8 @@ def clip_and_accumulate(grad_samples: Sequence[torch.Tensor], max_grad_norm: flo
     """``summed[t] += sum_b f_b g_t[b]`` in place (new tensors in the per-sample
     gradients' dtype when ``summed`` is None), no noise: Opacus's
     ``clip_and_accumulate``, for steps that are skipped (virtual batches)."""
-    c, _ = check_hyperparameters(max_grad_norm, 0.0)
-    _, res = fused_clip_noise(grad_samples, max_grad_norm=c, std=0.0, summed=summed,
+    check_hyperparameters(max_grad_norm, 0.0)
+    _, res = fused_clip_noise(grad_samples, max_grad_norm=max_grad_norm, std=0.0, summed=summed,
                               read_summed=summed is not None, write_summed=True, write_out=False,
                               on_nonfinite=on_nonfinite, nonfinite_count=nonfinite_count, backend=backend)
     return res
@@ -467,6 +538,7 @@ def clip_grad_norm_and_noise_(grads: Sequence[torch.Tensor], max_norm: float, no
 
 
 def _torch_seed(gs, max_norm, sigma, generator) -> None:
+    count_launch("torch.dp_seed_clip_noise")
     total = torch.nn.utils.get_total_norm(gs)
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
     for g in gs:
