@@ -61,10 +61,6 @@ def _check_steps(steps) -> None:
         raise ValueError(f"steps must be >= 0, got {steps}")
 
 
-def _steps(steps) -> int:
-    return int(steps)
-
-
 def _as_cpu_tensor(values) -> torch.Tensor:
     """``torch.tensor(values)`` (torchattacks' conversion: dtype inferred) on the CPU, a copy."""
     if isinstance(values, torch.Tensor):

@@ -152,13 +152,9 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.as_strided((b, per), (per, 1))
 
 
-def _acc(t: torch.Tensor) -> torch.Tensor:
-    """``t`` in the torch backend's compute dtype: float64 stays float64 (as in
-    torchattacks), everything else is computed in float32."""
-    return t if t.dtype in (torch.float32, torch.float64) else t.to(torch.float32)
-
-
 def _acc_of(*ts) -> torch.dtype:
+    """The torch backend's compute dtype: float64 when an operand is float64 (as
+    in torchattacks), else float32 (fp16 / bf16 rounded once at the end)."""
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in ts) else torch.float32
 
 
