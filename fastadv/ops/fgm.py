@@ -21,11 +21,10 @@ import dataclasses
 
 import torch
 
-from .. import _backend
 from ..kernels import count_launch, device_guard
+from . import _registry
 from ._live import follow, retarget
-
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from ._registry import KERNEL_DTYPES  # noqa: F401  (re-exported for the ops built on FGM's)
 
 
 @dataclasses.dataclass
@@ -36,14 +35,6 @@ class FGMBackup:
     data: torch.Tensor
     rows: torch.Tensor | None
     backend: str
-
-
-def _kernels(backend: str):
-    if backend == "triton":
-        from ..kernels.triton import fgm
-        return fgm
-    from ..kernels.cuda import fgm
-    return fgm
 
 
 def _check(param: torch.Tensor, grad: torch.Tensor, epsilon) -> None:
@@ -59,6 +50,68 @@ def _check(param: torch.Tensor, grad: torch.Tensor, epsilon) -> None:
         raise TypeError(f"epsilon must be a number, got {type(epsilon).__name__}")
 
 
+def resolve(w: torch.Tensor, grad: torch.Tensor, backend: str | None) -> str:
+    """The backend that runs FGM / PGD on ``w`` (the registry's rule)."""
+    return _registry.pick(backend, w.device, dtypes=[("parameters", w)],
+                          same_dtype=[("parameter", w), ("gradient", grad)],
+                          contiguous=[("parameter", w)])
+
+
+# ---- the registered ops ------------------------------------------------------------------------
+
+def _by_rows(w: torch.Tensor, row_sparse: bool, backend: str) -> bool:
+    return row_sparse and backend != "torch" and w.dim() == 2
+
+
+@_registry.op("fgm_attack_", mutates_args={"w"})
+def fgm_attack_op(w: torch.Tensor, g: torch.Tensor, epsilon: float, row_sparse: bool,
+                  backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w += epsilon * g / ||g||`` (skipped on the device for a 0 / NaN norm);
+    returns ``(backup, rows)``: ``rows`` is the uint8 flag per row in row mode,
+    empty otherwise (then ``backup`` holds all of ``w``)."""
+    no_rows = torch.empty(0, dtype=torch.uint8, device=w.device)
+    if backend == "torch":
+        count_launch("torch.fgm")
+        return _torch_attack(w, g, epsilon), no_rows
+    k = _registry.kernels("fgm", backend)
+    g = g.contiguous()
+    norm = torch.empty(1, dtype=torch.float32, device=w.device)
+    backup = torch.empty_like(w)
+    with device_guard(w):
+        if not _by_rows(w, row_sparse, backend):
+            k.fgm_norm(g.view(1, -1), None, norm)
+            k.fgm_update(w.view(1, -1), g.view(1, -1), backup, None, norm, epsilon)
+            return backup, no_rows
+        rows = torch.empty(w.shape[0], dtype=torch.uint8, device=w.device)
+        k.fgm_norm(g, rows, norm)
+        k.fgm_update(w, g, backup, rows, norm, epsilon)
+    return backup, rows
+
+
+@fgm_attack_op.register_fake
+def _(w, g, epsilon, row_sparse, backend):
+    n = w.shape[0] if _by_rows(w, row_sparse, backend) else 0
+    return torch.empty_like(w), w.new_empty(n, dtype=torch.uint8)
+
+
+@_registry.op("fgm_restore_", mutates_args={"w"})
+def fgm_restore_op(w: torch.Tensor, backup: torch.Tensor, rows: torch.Tensor, backend: str) -> None:
+    """Put ``backup`` back into ``w``, bit-exact: the flagged rows (row mode) or all."""
+    if rows.numel() == 0:
+        w.copy_(backup)
+    elif backend != "torch":
+        with device_guard(w):
+            _registry.kernels("fgm", backend).fgm_restore_rows(w, backup, rows)
+    else:  # storage moved to where the kernel cannot go: same values, dense write
+        count_launch("torch.fgm_restore")
+        w.copy_(torch.where(rows.bool().unsqueeze(1), backup, w))
+
+
+@fgm_restore_op.register_fake
+def _(w, backup, rows, backend):
+    return None
+
+
 def _torch_attack(w: torch.Tensor, g: torch.Tensor, epsilon: float) -> torch.Tensor:
     """Pure-PyTorch fallback (dense, any device and dtype): fp32 math, no sync."""
     backup = w.clone()
@@ -71,6 +124,8 @@ def _torch_attack(w: torch.Tensor, g: torch.Tensor, epsilon: float) -> torch.Ten
     return backup
 
 
+# ---- the functional API ------------------------------------------------------------------------
+
 def fgm_attack_(param: torch.Tensor, grad: torch.Tensor, epsilon: float, *,
                 row_sparse: bool = True, backend: str | None = None) -> FGMBackup:
     """Perturb ``param`` in place by ``epsilon * grad / ||grad||`` (skipped on the
@@ -81,70 +136,28 @@ def fgm_attack_(param: torch.Tensor, grad: torch.Tensor, epsilon: float, *,
     result is the same as the dense one.  The torch backend is always dense.
     """
     _check(param, grad, epsilon)
-    w = param.data
     if grad.is_sparse:
         grad = grad.to_dense()
-    name = resolve(w, grad, backend)
-    if name == "torch":
-        count_launch("torch.fgm")
-        return FGMBackup(param, _torch_attack(w, grad.data, float(epsilon)), None, name)
-    with device_guard(w):
-        return _kernel_attack(_kernels(name), name, param, w, grad.data.contiguous(), float(epsilon),
-                              row_sparse and w.dim() == 2)
-
-
-def resolve(w: torch.Tensor, grad: torch.Tensor, backend: str | None) -> str:
-    """The backend that runs on ``w``: a forced kernel backend that cannot take
-    these tensors raises and says why; ``auto`` then picks torch."""
-    name = _backend.resolve(backend, w.device)
-    if name != "torch" and (w.dtype not in KERNEL_DTYPES or grad.dtype != w.dtype
-                            or not w.is_contiguous()):
-        if (backend or _backend.default()) != "auto":  # forced: say why it cannot run
-            _explain_kernel_limits(w, grad, name)
-        name = "torch"
-    return name
-
-
-def _kernel_attack(k, name, param, w, g, epsilon, by_rows) -> FGMBackup:
-    norm = torch.empty(1, dtype=torch.float32, device=w.device)
-    backup = torch.empty_like(w)
-    if not by_rows:
-        k.fgm_norm(g.view(1, -1), None, norm)
-        k.fgm_update(w.view(1, -1), g.view(1, -1), backup, None, norm, epsilon)
-        return FGMBackup(param, backup, None, name)
-    rows = torch.empty(w.shape[0], dtype=torch.uint8, device=w.device)
-    k.fgm_norm(g, rows, norm)
-    k.fgm_update(w, g, backup, rows, norm, epsilon)
-    return FGMBackup(param, backup, rows, name)
-
-
-def _explain_kernel_limits(w, grad, name):
-    if w.dtype not in KERNEL_DTYPES:
-        raise TypeError(f"the {name} backend supports float32, float16 and bfloat16 parameters, "
-                        f"got {w.dtype}; use backend='torch'")
-    if grad.dtype != w.dtype:
-        raise TypeError(f"the {name} backend needs the gradient in the parameter's dtype "
-                        f"({w.dtype}), got {grad.dtype}; use backend='torch'")
-    raise ValueError(f"the {name} backend needs a contiguous parameter; use backend='torch'")
+    name = resolve(param, grad, backend)
+    with torch.no_grad():
+        backup, rows = fgm_attack_op(param, grad.detach(), float(epsilon), bool(row_sparse), name)
+    return FGMBackup(param, backup, rows if rows.numel() else None, name)
 
 
 def fgm_restore_(state: FGMBackup, param: torch.Tensor | None = None, name: str = "the parameter") -> None:
     """Put the saved values back, bit-exact, into ``param`` (default: the
     parameter attacked) as it is now: into its current storage if user code
     reallocated it (same shape and dtype; a device move is followed), else
-    :class:`~fastadv.ops._live.StorageMoved` is raised and ``state`` kept."""
+    :class:`~fastadv.StorageMoved` is raised and ``state`` kept."""
     target = state.param if param is None else param
-    w = target.data
-    retarget(name, state.data, w, "attack() and restore()")
-    state.data, state.rows, state.param = follow(state.data, w), follow(state.rows, w), target
-    if state.rows is None:
-        w.copy_(state.data)
-    elif state.backend != "torch" and w.is_contiguous() and _backend.why_not(state.backend, w.device) is None:
-        with device_guard(w):
-            _kernels(state.backend).fgm_restore_rows(w, state.data, state.rows)
-    else:  # the storage moved to where the kernel cannot go: same values, dense write
-        count_launch("torch.fgm_restore")
-        w.copy_(torch.where(state.rows.bool().unsqueeze(1), state.data, w))
+    retarget(name, state.data, target, "attack() and restore()")
+    state.data, state.rows, state.param = follow(state.data, target), follow(state.rows, target), target
+    backend = state.backend
+    if state.rows is not None and (not target.is_contiguous() or _registry.unusable(backend, target)):
+        backend = "torch"  # the storage moved where the kernel cannot go: exact dense write
+    rows = state.rows if state.rows is not None else torch.empty(0, dtype=torch.uint8, device=target.device)
+    with torch.no_grad():
+        fgm_restore_op(target, state.data, rows, backend)
 
 
 def design_bytes(numel: int, element_size: int, touched_rows: int | None = None,

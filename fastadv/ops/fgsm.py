@@ -5,39 +5,35 @@ from __future__ import annotations
 
 import torch
 
-from .. import _backend
 from ..kernels import count_launch, device_guard
-from .fgm import KERNEL_DTYPES
+from . import _registry
 
 
-def _kernels(name: str):
-    if name == "triton":
-        from ..kernels.triton import fgsm
-        return fgsm
-    from ..kernels.cuda import fgsm
-    return fgsm
-
-
-def _fused(embeds: torch.Tensor, grad: torch.Tensor, epsilon: float, name: str) -> torch.Tensor:
-    if name == "torch":  # fp32 math (the input's precision for fp64), rounded once, like the kernel
+@_registry.op("fgsm_perturb")
+def fgsm_perturb_op(embeds: torch.Tensor, grad: torch.Tensor, epsilon: float, backend: str) -> torch.Tensor:
+    """``embeds + epsilon * sign(grad)``: one pass, fp32 math (the input's
+    precision for fp64 on the torch backend), rounded once."""
+    if backend == "torch":
         count_launch("torch.fgsm")
         wide = torch.promote_types(embeds.dtype, torch.float32)
         return (embeds.to(wide) + epsilon * grad.sign().to(wide)).to(embeds.dtype)
     e, g = embeds.contiguous(), grad.to(embeds.dtype).contiguous()
     out = torch.empty_like(e)
     with device_guard(e):
-        _kernels(name).fgsm_perturb(e, g, out, epsilon)
+        _registry.kernels("fgsm", backend).fgsm_perturb(e, g, out, epsilon)
     return out
 
 
-class _FGSMPerturb(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, embeds, grad, epsilon, name):
-        return _fused(embeds, grad, epsilon, name)
+@fgsm_perturb_op.register_fake
+def _(embeds, grad, epsilon, backend):
+    return torch.empty_like(embeds, memory_format=torch.contiguous_format)
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        return grad_out, None, None, None
+
+def _backward(ctx, grad_out):
+    return grad_out, None, None, None  # the perturbation is a constant
+
+
+fgsm_perturb_op.register_autograd(_backward)
 
 
 def fgsm_perturb(embeds: torch.Tensor, grad: torch.Tensor, epsilon: float, *,
@@ -48,10 +44,5 @@ def fgsm_perturb(embeds: torch.Tensor, grad: torch.Tensor, epsilon: float, *,
         raise ValueError(f"grad shape {tuple(grad.shape)} does not match embeds {tuple(embeds.shape)}")
     if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)):
         raise TypeError(f"epsilon must be a number, got {type(epsilon).__name__}")
-    name = _backend.resolve(backend, embeds.device)
-    if name != "torch" and embeds.dtype not in KERNEL_DTYPES:
-        if (backend or _backend.default()) != "auto":  # forced: run it or say why not
-            raise TypeError(f"the {name} backend supports float32, float16 and bfloat16 embeddings, "
-                            f"got {embeds.dtype}; use backend='torch'")
-        name = "torch"
-    return _FGSMPerturb.apply(embeds, grad.detach(), float(epsilon), name)
+    name = _registry.pick(backend, embeds.device, dtypes=[("embeddings", embeds)])
+    return fgsm_perturb_op(embeds, grad.detach(), float(epsilon), name)

@@ -14,6 +14,7 @@ import dataclasses
 import torch
 
 from ..kernels import count_launch, device_guard
+from . import _registry
 from ._live import follow, retarget
 from .fgm import _check, resolve
 
@@ -40,13 +41,55 @@ def _torch_step(w, w0, g, alpha: float, eps: float) -> None:
     w.copy_(torch.where(valid, w0_32 + r, w32))
 
 
-def _kernels(name):
-    if name == "triton":
-        from ..kernels.triton import pgd
-        return pgd
-    from ..kernels.cuda import pgd
-    return pgd
+# ---- the registered ops ------------------------------------------------------------------------
 
+@_registry.op("pgd_step_", mutates_args={"w", "backup", "saved", "mask"})
+def pgd_step_op(w: torch.Tensor, g: torch.Tensor, backup: torch.Tensor, saved: torch.Tensor,
+                mask: torch.Tensor, alpha: float, epsilon: float, first: bool, backend: str) -> None:
+    """One PGD step in place.  ``first`` writes ``backup`` (dense) / backs rows up
+    as they are first perturbed (row mode: ``saved`` and ``mask`` are uint8
+    per row; empty tensors select the dense mode)."""
+    if backend == "torch":
+        count_launch("torch.pgd")
+        if first:
+            backup.copy_(w)
+        _torch_step(w, backup, g, alpha, epsilon)
+        return
+    g = g.contiguous()
+    coef = torch.empty(4, dtype=torch.float32, device=w.device)
+    k = _registry.kernels("pgd", backend)
+    with device_guard(w):
+        if saved.numel():
+            k.pgd_step(w, g, backup, coef, alpha, epsilon, first, mask, saved)
+        else:
+            k.pgd_step(w.view(-1), g.view(-1), backup.view(-1), coef, alpha, epsilon, first)
+
+
+@pgd_step_op.register_fake
+def _(w, g, backup, saved, mask, alpha, epsilon, first, backend):
+    return None
+
+
+@_registry.op("pgd_restore_", mutates_args={"w", "saved"})
+def pgd_restore_op(w: torch.Tensor, backup: torch.Tensor, saved: torch.Tensor, backend: str) -> None:
+    """Put ``w0`` back, bit-exact: the saved rows (row mode, then cleared) or all."""
+    if saved.numel() == 0:
+        w.copy_(backup)
+    elif backend != "torch":
+        with device_guard(w):
+            _registry.kernels("pgd", backend).pgd_restore_rows(w, backup, saved)
+    else:  # storage moved to where the kernel cannot go: same values, dense write
+        count_launch("torch.pgd_restore")
+        w.copy_(torch.where(saved.bool().unsqueeze(1), backup, w))
+        saved.zero_()
+
+
+@pgd_restore_op.register_fake
+def _(w, backup, saved, backend):
+    return None
+
+
+# ---- the functional API ------------------------------------------------------------------------
 
 def pgd_attack_(param: torch.Tensor, grad: torch.Tensor, alpha: float, epsilon: float,
                 state: PGDState | None = None, *, row_sparse: bool = True, name: str = "the parameter",
@@ -58,71 +101,53 @@ def pgd_attack_(param: torch.Tensor, grad: torch.Tensor, alpha: float, epsilon: 
     ``param`` as it is now (its storage may have moved: see ``ops._live``)."""
     _check(param, grad, alpha)
     _check(param, grad, epsilon)
-    w = param.data
     if grad.is_sparse:
         grad = grad.to_dense()
     first = state is None
     if first:
-        backend_name = resolve(w, grad, backend)
-        by_rows = row_sparse and backend_name != "torch" and w.dim() == 2
-        saved = torch.zeros(w.shape[0], dtype=torch.uint8, device=w.device) if by_rows else None
-        state = PGDState(param, torch.empty_like(w), saved, backend_name,
-                         torch.empty_like(saved) if by_rows else None)
+        backend_name = resolve(param, grad, backend)
+        rows = param.shape[0] if row_sparse and backend_name != "torch" and param.dim() == 2 else 0
+        state = PGDState(param, torch.empty_like(param, requires_grad=False), None, backend_name)
+        if rows:
+            state.saved = torch.zeros(rows, dtype=torch.uint8, device=param.device)
+            state.mask = torch.empty(rows, dtype=torch.uint8, device=param.device)
     else:
         _follow(state, param, name, "two PGD attack() steps")
-    if state.backend == "torch":
-        count_launch("torch.pgd")
-        if first:
-            state.backup.copy_(w)
-        _torch_step(w, state.backup, grad.data, float(alpha), float(epsilon))
-        return state
-
-    if grad.dtype != w.dtype:
-        raise TypeError(f"the {state.backend} backend needs the gradient in the parameter's dtype "
-                        f"({w.dtype}), got {grad.dtype}")
-    g = grad.data.contiguous()
-    coef = torch.empty(4, dtype=torch.float32, device=w.device)
-    k = _kernels(state.backend)
-    with device_guard(w):
-        if state.saved is not None:
-            k.pgd_step(w, g, state.backup, coef, alpha, epsilon, first, state.mask, state.saved)
-        else:
-            k.pgd_step(w.view(-1), g.view(-1), state.backup.view(-1), coef, alpha, epsilon, first)
+        if state.backend != "torch" and grad.dtype != param.dtype:
+            raise TypeError(f"the {state.backend} backend needs the gradient in the parameter's dtype "
+                            f"({param.dtype}), got {grad.dtype}")
+    none = torch.empty(0, dtype=torch.uint8, device=param.device)
+    with torch.no_grad():
+        pgd_step_op(param, grad.detach(), state.backup,
+                    none if state.saved is None else state.saved,
+                    none if state.mask is None else state.mask,
+                    float(alpha), float(epsilon), first, state.backend)
     return state
 
 
 def _follow(state: PGDState, param: torch.Tensor, name: str, between: str) -> None:
     """Point ``state`` at ``param``'s current storage, or raise if that is not exact."""
-    w = param.data
-    retarget(name, state.backup, w, between)
-    if state.backend != "torch" and not w.is_contiguous():
+    retarget(name, state.backup, param, between)
+    if state.backend != "torch" and not param.is_contiguous():
         raise RuntimeError(f"{name} is no longer contiguous after {between}; the {state.backend} "
                            f"kernels need a contiguous parameter")
-    state.backup, state.saved, state.mask = follow(state.backup, w), follow(state.saved, w), follow(state.mask, w)
-    state.param = param
+    state.backup, state.saved = follow(state.backup, param), follow(state.saved, param)
+    state.mask, state.param = follow(state.mask, param), param
 
 
 def pgd_restore_(state: PGDState, param: torch.Tensor | None = None, name: str = "the parameter") -> None:
     """Put ``w0`` back in place, bit-exact (``data_ptr`` unchanged), into
     ``param`` (default: the parameter attacked) as it is now."""
     target = state.param if param is None else param
-    w = target.data
-    retarget(name, state.backup, w, "attack() and restore()")
-    state.backup, state.saved, state.param = follow(state.backup, w), follow(state.saved, w), target
-    if state.saved is None:
-        w.copy_(state.backup)
-    elif w.is_contiguous() and _backend_ok(state.backend, w):
-        with device_guard(w):
-            _kernels(state.backend).pgd_restore_rows(w, state.backup, state.saved)
-    else:  # the storage moved to where the kernel cannot go: same values, dense write
-        count_launch("torch.pgd_restore")
-        w.copy_(torch.where(state.saved.bool().unsqueeze(1), state.backup, w))
-        state.saved.zero_()
-
-
-def _backend_ok(name: str, w: torch.Tensor) -> bool:
-    from .. import _backend
-    return _backend.why_not(name, w.device) is None
+    retarget(name, state.backup, target, "attack() and restore()")
+    state.backup, state.saved, state.param = follow(state.backup, target), follow(state.saved, target), target
+    backend = state.backend
+    if state.saved is not None and (not target.is_contiguous() or _registry.unusable(backend, target)):
+        backend = "torch"  # the storage moved where the kernel cannot go: exact dense write
+    saved = state.saved if state.saved is not None else torch.empty(0, dtype=torch.uint8,
+                                                                      device=target.device)
+    with torch.no_grad():
+        pgd_restore_op(target, state.backup, saved, backend)
 
 
 def design_bytes(numel: int, element_size: int, steps: int = 3, touched_rows: int | None = None,
