@@ -581,3 +581,50 @@ def test_gpu_training_loop_under_sync_debug(backend, dtype, no_host_sync):
         with no_host_sync():
             fgm.restore()
         assert torch.equal(model.word_embeddings.weight, before)
+
+
+# -- torch.library registration and torch.compile -----------------------------
+@pytest.mark.parametrize("row_sparse", [True, False])
+def test_opcheck(backend, row_sparse):
+    from fastadv.ops.fgm import fgm_attack_op, fgm_restore_op
+    w, g = torch.randn(6, 5, device=DEVICE), torch.randn(6, 5, device=DEVICE)
+    g[2] = 0
+    backup = torch.full_like(w, 7.0)
+    torch.library.opcheck(fgm_attack_op.overload, (w.clone(), g, backup.clone(), 0.5, row_sparse, backend))
+    rows = fgm_attack_op(w.clone(), g, backup, 0.5, row_sparse, backend)
+    torch.library.opcheck(fgm_restore_op.overload, (w.clone(), backup, rows, backend))
+
+
+def test_every_op_is_registered():
+    import fastadv.ops.fgm  # noqa: F401
+    assert {"fgm_attack_", "fgm_restore_"} <= set(dir(torch.ops.fastadv))
+
+
+def _compiled_fgm_step(backend):
+    torch._dynamo.config.trace_autograd_ops = True
+    model = TinyLM(tied=True).to(DEVICE)
+    fgm = fastadv.FGM(model, epsilon=0.7, backend=backend)
+
+    def step(ids, labels):
+        loss = model(ids, labels)
+        loss.backward()
+        fgm.attack()
+        model(ids, labels).backward()
+        fgm.restore()
+        return loss.detach()
+    return model, step
+
+
+def test_compiled_training_step_has_no_graph_break(backend):
+    """The seed loop under torch.compile(fullgraph=True) equals eager."""
+    torch._dynamo.reset()
+    model, step = _compiled_fgm_step(backend)
+    ref_model, ref_step = _compiled_fgm_step(backend)
+    ref_model.load_state_dict(model.state_dict())
+    compiled = torch.compile(step, fullgraph=True)
+    for _ in range(2):
+        ids, labels = batch()
+        torch.testing.assert_close(compiled(ids, labels), ref_step(ids, labels), **FP32)
+        assert_params(model, ref_model)
+        model.zero_grad()
+        ref_model.zero_grad()

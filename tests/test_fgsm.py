@@ -109,3 +109,21 @@ def test_forced_cuda_backend_never_runs_torch_code():
     if DEVICE.type != "cuda":
         with pytest.raises(BackendUnavailable, match="CUDA tensors"):
             fastadv.fgsm_perturb(e, torch.randn_like(e), 0.1, backend="cuda")
+
+
+def test_opcheck(backend):
+    from fastadv.ops.fgsm import fgsm_perturb_op
+    e = torch.randn(4, 6, device=DEVICE, requires_grad=True)
+    torch.library.opcheck(fgsm_perturb_op.overload, (e, torch.randn(4, 6, device=DEVICE), 0.1, backend))
+
+
+def test_compiled_perturbation_has_no_graph_break(backend):
+    torch._dynamo.reset()
+    e = torch.randn(4, 6, device=DEVICE, requires_grad=True)
+    g = torch.randn(4, 6, device=DEVICE)
+    f = torch.compile(lambda e, g: (fastadv.fgsm_perturb(e, g, 0.1, backend=backend) * 2).sum(),
+                      fullgraph=True)
+    out = f(e, g)
+    out.backward()
+    torch.testing.assert_close(out, (ref_perturb(e.detach(), g, 0.1) * 2).sum())
+    assert torch.equal(e.grad, torch.full_like(e, 2.0))

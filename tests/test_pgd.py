@@ -361,3 +361,54 @@ def test_frozen_table(backend):
     model.zero_grad()
     seed_loop(model, pgd, ids, labels)
     assert torch.equal(model.word_embeddings.weight, before)
+
+
+# -- torch.library registration and torch.compile -----------------------------
+@pytest.mark.parametrize("rows", [True, False])
+def test_opcheck(backend, rows):
+    from fastadv.ops.pgd import pgd_restore_op, pgd_step_op
+    if rows and backend == "torch":
+        pytest.skip("the torch backend is dense by design")
+    w, g = torch.randn(6, 5, device=DEVICE), torch.randn(6, 5, device=DEVICE)
+    g[2] = 0
+    backup = torch.full_like(w, 7.0)
+    n = 6 if rows else 0
+    saved, mask = (torch.zeros(n, dtype=torch.uint8, device=DEVICE),
+                   torch.empty(n, dtype=torch.uint8, device=DEVICE).fill_(3))
+    for first in (True, False):
+        torch.library.opcheck(pgd_step_op.overload, (w.clone(), g, backup.clone(), saved.clone(),
+                                                     mask.clone(), 0.3, 0.5, first, backend))
+    pgd_step_op(w, g, backup, saved, mask, 0.3, 0.5, True, backend)
+    torch.library.opcheck(pgd_restore_op.overload, (w.clone(), backup, saved.clone(), backend))
+
+
+def _pgd_setup(backend):
+    model = TinyLM().to(DEVICE)
+    pgd = fastadv.PGD(model, epsilon=0.05, backend=backend)
+
+    def step(ids, labels):
+        loss = model(ids, labels)
+        loss.backward()
+        pgd.backup_grad()
+        for t in range(K):
+            pgd.attack(is_first_attack=(t == 0))
+            if t != K - 1:
+                model.zero_grad()
+            else:
+                pgd.restore_grad()
+            model(ids, labels).backward()
+        pgd.restore()
+        return loss.detach()
+    return model, step
+
+
+def test_compiled_k_step_loop_has_no_graph_break(backend):
+    torch._dynamo.reset()
+    torch._dynamo.config.trace_autograd_ops = True
+    model, step = _pgd_setup(backend)
+    ref_model, ref_step = _pgd_setup(backend)
+    ref_model.load_state_dict(model.state_dict())
+    compiled = torch.compile(step, fullgraph=True)
+    ids, labels = batch()
+    torch.testing.assert_close(compiled(ids, labels), ref_step(ids, labels), **FP32)
+    assert_params(model, ref_model)

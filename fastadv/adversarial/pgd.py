@@ -101,9 +101,11 @@ class PGD(EmbeddingAttack):
         """Keep the current gradients: the tensors themselves, no copy, except
         where the storage is not the gradient's own (a view into a DDP bucket
         with ``gradient_as_bucket_view=True``, or any distributed run), which
-        the next backward would overwrite: those are cloned."""
-        shared = distributed()
-        self.grad_backup = {n: (p.grad.clone() if shared or p.grad._is_view() else p.grad)
+        the next backward would overwrite: those are cloned.  Under
+        ``torch.compile`` every gradient is cloned (whether a tensor is a view
+        cannot be asked while tracing; the values are the same)."""
+        clone_all = torch.compiler.is_compiling() or distributed()
+        self.grad_backup = {n: (p.grad.clone() if clone_all or p.grad._is_view() else p.grad)
                             for n, p in self.model.named_parameters()
                             if p.requires_grad and p.grad is not None}
         self._grads_handed_out = False

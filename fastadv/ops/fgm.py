@@ -63,35 +63,36 @@ def _by_rows(w: torch.Tensor, row_sparse: bool, backend: str) -> bool:
     return row_sparse and backend != "torch" and w.dim() == 2
 
 
-@_registry.op("fgm_attack_", mutates_args={"w"})
-def fgm_attack_op(w: torch.Tensor, g: torch.Tensor, epsilon: float, row_sparse: bool,
-                  backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``w += epsilon * g / ||g||`` (skipped on the device for a 0 / NaN norm);
-    returns ``(backup, rows)``: ``rows`` is the uint8 flag per row in row mode,
-    empty otherwise (then ``backup`` holds all of ``w``)."""
+@_registry.op("fgm_attack_", mutates_args={"w", "backup"})
+def fgm_attack_op(w: torch.Tensor, g: torch.Tensor, backup: torch.Tensor, epsilon: float,
+                  row_sparse: bool, backend: str) -> torch.Tensor:
+    """``w += epsilon * g / ||g||`` (skipped on the device for a 0 / NaN norm),
+    saving ``w`` into ``backup`` first; returns the uint8 flag per row in row
+    mode (only those rows of ``backup`` are written), empty otherwise (all of
+    ``backup`` is written).  The caller allocates ``backup``: full-size, never
+    cleared, so no pass is spent on rows without gradient."""
     no_rows = torch.empty(0, dtype=torch.uint8, device=w.device)
     if backend == "torch":
         count_launch("torch.fgm")
-        return _torch_attack(w, g, epsilon), no_rows
+        _torch_attack(w, g, backup, epsilon)
+        return no_rows
     k = _registry.kernels("fgm", backend)
     g = g.contiguous()
     norm = torch.empty(1, dtype=torch.float32, device=w.device)
-    backup = torch.empty_like(w)
     with device_guard(w):
         if not _by_rows(w, row_sparse, backend):
             k.fgm_norm(g.view(1, -1), None, norm)
             k.fgm_update(w.view(1, -1), g.view(1, -1), backup, None, norm, epsilon)
-            return backup, no_rows
+            return no_rows
         rows = torch.empty(w.shape[0], dtype=torch.uint8, device=w.device)
         k.fgm_norm(g, rows, norm)
         k.fgm_update(w, g, backup, rows, norm, epsilon)
-    return backup, rows
+    return rows
 
 
 @fgm_attack_op.register_fake
-def _(w, g, epsilon, row_sparse, backend):
-    n = w.shape[0] if _by_rows(w, row_sparse, backend) else 0
-    return torch.empty_like(w), w.new_empty(n, dtype=torch.uint8)
+def _(w, g, backup, epsilon, row_sparse, backend):
+    return w.new_empty(w.shape[0] if _by_rows(w, row_sparse, backend) else 0, dtype=torch.uint8)
 
 
 @_registry.op("fgm_restore_", mutates_args={"w"})
@@ -112,16 +113,15 @@ def _(w, backup, rows, backend):
     return None
 
 
-def _torch_attack(w: torch.Tensor, g: torch.Tensor, epsilon: float) -> torch.Tensor:
+def _torch_attack(w: torch.Tensor, g: torch.Tensor, backup: torch.Tensor, epsilon: float) -> None:
     """Pure-PyTorch fallback (dense, any device and dtype): fp32 math, no sync."""
-    backup = w.clone()
+    backup.copy_(w)
     g32 = g.to(torch.float32)
     norm = torch.linalg.vector_norm(g32)
     invalid = (norm == 0) | torch.isnan(norm)
     # (eps * g) / norm as the reference rounds it; zeroed when the norm is
     # unusable; added in fp32 and rounded once into w's dtype.
     w.add_((epsilon * g32).div_(norm).masked_fill_(invalid, 0.0))
-    return backup
 
 
 # ---- the functional API ------------------------------------------------------------------------
@@ -140,7 +140,8 @@ def fgm_attack_(param: torch.Tensor, grad: torch.Tensor, epsilon: float, *,
         grad = grad.to_dense()
     name = resolve(param, grad, backend)
     with torch.no_grad():
-        backup, rows = fgm_attack_op(param, grad.detach(), float(epsilon), bool(row_sparse), name)
+        backup = torch.empty_like(param)
+        rows = fgm_attack_op(param, grad.detach(), backup, float(epsilon), bool(row_sparse), name)
     return FGMBackup(param, backup, rows if rows.numel() else None, name)
 
 
