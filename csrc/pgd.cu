@@ -3,9 +3,8 @@
 // one fused step + projection pass (dense, or row-sparse with saved-row flags);
 // plus the bit-exact restore of the saved rows.  The CUDA twin of
 // fastadv/kernels/triton/pgd.py: same quantities, same formulas, same rounding
-// order.  Contracts in pgd.h.
+// order.  Contracts in fastadv.h ("embedding PGD").
 #include "common.cuh"
-#include "pgd.h"
 
 namespace fastadv {
 namespace {

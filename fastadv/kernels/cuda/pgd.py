@@ -1,4 +1,4 @@
-"""ctypes launchers of the PGD kernels in ``csrc/pgd.cu`` (see ``csrc/pgd.h``).
+"""ctypes launchers of the PGD kernels in ``csrc/pgd.cu`` (contracts in ``csrc/fastadv.h``).
 
 Same signatures and semantics as :mod:`fastadv.kernels.triton.pgd`: one step is
 a reduction (``||g||^2``, ``||r||^2``, ``<r, g>``), a finalize writing
