@@ -1,9 +1,15 @@
-"""Command line: ``python -m fastadv env`` and ``python -m fastadv bench``.
+"""Command line: ``python -m fastadv env | bench | gpucheck``.
 
-``env``    versions, devices, and which backends are usable on each.
-``bench``  for each op: check every implementation against the reference,
-           time it on this device, count its launches / host syncs / bytes,
-           print one table, write ``<out>/<device>.json`` and ``<out>/<device>.png``.
+``env``       versions, devices, which backends are usable on each, and which
+              fastadv package and CUDA library this Python loads.
+``bench``     for each op: check every implementation against the reference,
+              count its launches / host syncs / bytes, time it (on a GPU), print
+              one table, write ``<out>/<device>.json`` and ``<out>/<device>.png``
+              (default ``<out>``: ./fastadv-bench).
+``gpucheck``  on a GPU machine: a smoke tier (every backend x dtype on small
+              tensors, sync debug mode on), the ``-m gpu`` tests, then the bench
+              under a time budget; JSON, PNG and a log into ``--out``.
+              ``--dry-run`` rehearses it on CPU.
 """
 from __future__ import annotations
 
@@ -13,109 +19,176 @@ import subprocess
 import sys
 import time
 
+DEFAULT_OUT = "fastadv-bench"
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fastadv", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("env", help="print versions, devices and usable backends")
-    b = sub.add_parser("bench", help="check + time + count every op on this device",
-                       description="Check each op against its reference, time it on this device and "
-                                   "count launches, host syncs and bytes; print a table, write "
-                                   "<out>/<device>.json (merged with earlier rows) and a PNG plot.")
+    sub.add_parser("env", help="print versions, devices, usable backends, package and CUDA library paths")
+    b = sub.add_parser("bench", help="check + count (+ time on a GPU) every op on this device",
+                       description="Check each op against its reference, count launches, host syncs and "
+                                   "bytes, time it on a GPU; print a table, write <out>/<device>.json "
+                                   "(merged with earlier rows) and a PNG of the speedups. On a CPU-only "
+                                   "machine the default is a quick check: the smallest size of every op, "
+                                   "counted, not timed (CPU times say nothing about GPU speed).")
     b.add_argument("--ops", default="all",
                    help="comma-separated ops to run (default: all registered ops)")
     b.add_argument("--full", action="store_true",
-                   help="real sizes even on CPU (on CUDA they are always used)")
+                   help="on CPU: the full sweep, every case and implementation (torch.compile too), "
+                        "timed (CPU wall times; speedups stay blank). On a GPU this is the default")
+    b.add_argument("--real-sizes", action="store_true",
+                   help="the sizes users meet even on CPU (slow: hours with the Triton interpreter)")
     b.add_argument("--quick", action="store_true",
-                   help="only the smallest size of each op (a smoke run)")
-    b.add_argument("--out", default=os.path.join("benchmarks", "results"),
-                   help="results folder (default: benchmarks/results)")
+                   help="only the smallest size of each op (the CPU default without --full)")
+    b.add_argument("--out", default=DEFAULT_OUT,
+                   help=f"results folder (default: ./{DEFAULT_OUT}, untracked); to commit a GPU run: "
+                        "--out benchmarks/results")
     b.add_argument("--no-plot", action="store_true", help="do not write the PNG")
     b.add_argument("--impls", default=None,
-                   help="comma-separated implementations to run (default: all), "
-                        "e.g. reference,compiled,torch,triton,cuda")
+                   help="comma-separated implementations to run (default: all; on CPU without --full "
+                        "all but compiled), e.g. reference,compiled,torch,triton,cuda")
     b.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
-    b.add_argument("--warmup", type=int, default=None, help="untimed runs first (default: 5 GPU, 1 CPU)")
-    b.add_argument("--iters", type=int, default=None, help="timed runs, median reported "
-                                                          "(default: 50 GPU, 3 CPU)")
+    b.add_argument("--warmup", type=int, default=None, help="untimed runs first (default: 5 GPU, 2 CPU)")
+    b.add_argument("--iters", type=int, default=None,
+                   help="timed runs, median reported (default: 50 GPU, 5 CPU); on CPU it turns timing on")
+    b.add_argument("--budget", type=float, default=None,
+                   help="seconds the run may take: rows that would overrun it are not started "
+                        "(marked 'not run' with the reason)")
     b.add_argument("--no-interpret", action="store_true",
                    help="on CPU, do not turn the Triton interpreter on (then no triton rows)")
+    b.add_argument("--verbose", action="store_true", help="print the traceback of every row that errors")
+    g = sub.add_parser("gpucheck", help="the GPU check: smoke tier, -m gpu tests, bench under a budget",
+                       description="Meant for a freshly lent GPU machine: (a) smoke: every fastadv backend "
+                                   "(triton, cuda, torch) x dtype (fp32, fp16, bf16) once on small tensors "
+                                   "against the reference, each step under "
+                                   "torch.cuda.set_sync_debug_mode('error'); then `python -m pytest -m gpu`; "
+                                   "(b) the full bench under what is left of --budget. Writes "
+                                   "<out>/<device>.json, .png, smoke.json, summary.json, pytest-gpu.log "
+                                   "and gpucheck.log.")
+    g.add_argument("--out", required=True, help="folder for the results and the log")
+    g.add_argument("--budget", type=float, default=None,
+                   help="seconds for the whole check (default: 420 on a GPU, 90 with --dry-run)")
+    g.add_argument("--dry-run", action="store_true",
+                   help="rehearse on CPU: smoke tier with the torch backend and the Triton "
+                        "interpreter, the pytest step only printed, the bench at CPU sizes (untimed) "
+                        "under the budget")
+    g.add_argument("--ops", default="all", help="comma-separated ops (default: all)")
+    g.add_argument("--device", default=None, help="cuda, cuda:1 (default: the current CUDA device)")
+    g.add_argument("--no-pytest", action="store_true", help="skip the `pytest -m gpu` step")
+    g.add_argument("--pytest-timeout", type=float, default=None,
+                   help="seconds for `pytest -m gpu` (default: 35%% of the budget, at most 180)")
     return p
 
 
-def _needs_interpreter_reexec(args) -> bool:
+def _interpreter_on(args, device_type: str) -> bool:
     """On CPU the triton rows run under the Triton interpreter, which must be on
-    before any Triton kernel is defined; if it is not, run again with it."""
-    if args.no_interpret or "TRITON_INTERPRET" in os.environ:
+    before Triton is imported.  Turn it on in this process when possible;
+    False when the command must run again with it (Triton already imported)."""
+    if getattr(args, "no_interpret", False) or "TRITON_INTERPRET" in os.environ or device_type != "cpu":
+        return True
+    if "triton" in sys.modules:
         return False
+    os.environ["TRITON_INTERPRET"] = "1"
+    return True
+
+
+def _device(arg):
     import torch
 
-    device = torch.device(args.device) if args.device else None
-    if device is None:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return device.type == "cpu"
-
-
-def _bench(args) -> int:
-    import torch
-
-    from fastadv import _backend, _env, bench
-    from fastadv.bench import core
-
-    device = torch.device(args.device) if args.device else torch.device(
-        "cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(arg) if arg else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    ops = list(bench.OPS) if args.ops in ("all", "") else [o.strip() for o in args.ops.split(",") if o.strip()]
+    return device
+
+
+def _ops(arg: str) -> list[str] | None:
+    from fastadv import bench
+
+    ops = list(bench.OPS) if arg in ("all", "") else [o.strip() for o in arg.split(",") if o.strip()]
     for op in ops:
         if op not in bench.OPS:
             print(f"unknown op {op!r}; known: {', '.join(bench.OPS)}", file=sys.stderr)
-            return 2
-    impls = [i.strip() for i in args.impls.split(",")] if args.impls else None
+            return None
+    return ops
 
-    header = core.environment(device)
-    print(f"device   {header['device']}")
-    print(f"commit   {header['commit']}   date {header['date']}")
-    print("versions " + ", ".join(f"{k} {v}" for k, v in header["versions"].items()))
+
+def print_header(device, header: dict, out=print) -> None:
+    from fastadv import _env
+
+    out(f"device   {header['device']}")
+    out(f"commit   {header['commit']}   date {header['date']}")
+    out("versions " + ", ".join(f"{k} {v}" for k, v in header["versions"].items()))
+    for line in _env.where():
+        out(line)
     for name, why in _env.backends(device).items():
         if why is not None:
-            print(f"backend {name}: not usable here: {why}")
-    interp = device.type == "cpu" and _backend.triton_interpreter()
-    if interp:
-        print("note: TRITON_INTERPRET=1: triton rows run in the Triton interpreter; their timings mean "
-              "nothing, their checks and counted columns (launches, syncs, bytes) are exact")
-    if device.type == "cpu":
-        print("note: CPU run with small sizes (--full for the real ones); timings need a GPU")
+            out(f"backend {name}: not usable here: {why}")
+
+
+def _bench(args) -> int:
+    from pathlib import Path
+
+    from fastadv import _backend
+    from fastadv.bench import core
+
+    device = _device(args.device)
+    ops = _ops(args.ops)
+    if ops is None:
+        return 2
+    impls = [i.strip() for i in args.impls.split(",") if i.strip()] if args.impls else None
+    cpu = device.type == "cpu"
+    quick = args.quick or (cpu and not args.full)
+    timed = not cpu or args.full or args.iters is not None
+    exclude = ("compiled",) if cpu and not args.full and impls is None else ()
+
+    header = core.environment(device)
+    print_header(device, header)
+    if cpu and _backend.triton_interpreter():
+        print("note: TRITON_INTERPRET=1: triton rows run in the Triton interpreter (checked and counted, "
+              "never timed; no bf16/fp16 there)")
+    if cpu:
+        what = ("every op at its smallest size, without torch.compile (--full: every case and "
+                "implementation)" if quick and not args.full else "the full CPU sweep")
+        print(f"note: CPU run, {what}: CPU timings are not GPU speed, so the speedup, GB/s and %copy "
+              f"columns stay blank" + ("; ms are CPU wall times" if timed else " and nothing is timed"))
     copy_gbps = core.measure_copy_bandwidth(device)
     print(f"copy bandwidth {copy_gbps:.1f} GB/s (dst.copy_(src), bytes read + written)")
-    print()
 
     t0 = time.perf_counter()
-    rows = []
-    for op in ops:
-        module = bench.load(op)
-        rows += core.run_op(op, module, device, full=args.full, quick=args.quick, impls=impls, warmup=args.warmup,
-                            iters=args.iters)
-        release = getattr(module, "release", None)
-        if release:
-            release()
-    core.add_derived(rows, copy_gbps)
+    full = True if args.real_sizes else None
+    units = core.plan(ops, device, full=full, quick=quick, impls=impls, exclude=exclude)
+    print(f"{len(units)} rows to run ({len(ops)} ops){'' if args.budget is None else f', budget {args.budget:.0f} s'}")
+    print()
+    progress = core.Progress([u.key for u in units])
+    budget = core.Budget(args.budget, reserve=5.0) if args.budget else None
+    trace = progress.message if args.verbose else None
+    rows = core.run_plan(units, device, warmup=args.warmup, iters=args.iters, timed=timed,
+                         progress=progress, budget=budget, trace=trace)
+    progress.close()
+    core.add_derived(rows, copy_gbps, speedups=not cpu)
     print()
     print(core.format_table(rows))
     print()
-    path = core.write_results(rows, args.out, device, copy_gbps, header=header)
+    header["run"] = {"sizes": "real" if core.real_sizes(device, full) else "small", "quick": quick,
+                     "timed": timed, "budget_s": args.budget}
+    path = core.write_results(rows, args.out, device, copy_gbps, header=header).resolve()
     print(f"results  {path}")
     if not args.no_plot:
         try:
             png = core.plot(path, path.with_suffix(".png"))
-            print(f"plot     {png}")
+            print(f"plot     {Path(png).resolve()}")
+        except core.NothingToPlot as exc:
+            print(f"plot     not drawn: {exc}")
         except ImportError as exc:
-            print(f"plot     skipped: {exc} (pip install matplotlib)")
+            print(f"plot     not drawn: {exc} (pip install matplotlib)")
     failed = [r for r in rows if r.get("check") == "FAIL" or r.get("error")]
-    print(f"{len(rows)} rows in {time.perf_counter() - t0:.1f} s; "
-          + (f"{len(failed)} FAILED: " + ", ".join(f"{r['case']} {r['impl']}" for r in failed)
-             if failed else "all checks ok"))
+    skipped = sum(1 for r in rows if r.get("skipped"))
+    checked = sum(1 for r in rows if r.get("check") == "ok")
+    print(f"{len(rows)} rows in {time.perf_counter() - t0:.1f} s: {checked} checked ok, {skipped} skipped, "
+          + (f"{len(failed)} FAILED: " + ", ".join(f"{r['op']} {r['case']} {r['impl']}" for r in failed)
+             if failed else "0 failed"))
     return 1 if failed else 0
 
 
@@ -125,12 +198,21 @@ def main(argv: list[str] | None = None) -> int:
         from fastadv import _env
 
         return _env.main()
-    if args.command == "bench":
-        if _needs_interpreter_reexec(args):
+    if args.command in ("bench", "gpucheck"):
+        import torch
+
+        dry = args.command == "gpucheck" and args.dry_run
+        dev_type = "cpu" if dry else _device(args.device).type if args.device else (
+            "cuda" if torch.cuda.is_available() else "cpu")
+        if not _interpreter_on(args, dev_type):
             env = dict(os.environ, TRITON_INTERPRET="1")
             argv = sys.argv[1:] if argv is None else list(argv)
             return subprocess.call([sys.executable, "-m", "fastadv", *argv], env=env)
-        return _bench(args)
+        if args.command == "bench":
+            return _bench(args)
+        from fastadv.bench import gpucheck
+
+        return gpucheck.main(args)
     return 2  # pragma: no cover
 
 

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 import platform
 import re
@@ -128,6 +129,122 @@ def git_commit(path: str | os.PathLike | None = None) -> str:
         return "unknown"
 
 
+def package_dir() -> Path:
+    """The folder of the fastadv package this Python imported."""
+    return Path(__file__).resolve().parent
+
+
+def _is_source_tree(pkg: Path) -> bool:
+    parent = pkg.parent
+    return (parent / "pyproject.toml").is_file() and (parent / "csrc").is_dir()
+
+
+def installed_copies() -> list[dict]:
+    """fastadv as pip installed it (``*.dist-info`` on ``sys.path``): for each,
+    ``{"package": <folder of the package>, "editable": bool}``.  An
+    ``*.egg-info`` left in a checkout by a build is not an install."""
+    from importlib import metadata
+
+    out, seen = [], set()
+    try:
+        dists = list(metadata.distributions(name="fastadv"))
+    except Exception:  # a broken metadata folder: nothing to compare with
+        return out
+    for dist in dists:
+        meta = getattr(dist, "_path", None)
+        if meta is None or not str(meta).endswith(".dist-info"):
+            continue
+        pkg, editable = None, False
+        try:
+            direct = json.loads(dist.read_text("direct_url.json") or "null")
+        except ValueError:
+            direct = None
+        if direct and direct.get("dir_info", {}).get("editable") and direct.get("url", "").startswith("file://"):
+            from urllib.parse import unquote, urlparse
+
+            pkg, editable = Path(unquote(urlparse(direct["url"]).path)) / "fastadv", True
+        else:
+            files = dist.files or []
+            if any(f.parts[:1] == ("fastadv",) and f.name == "__init__.py" for f in files):
+                pkg = Path(str(dist.locate_file("fastadv")))
+        if pkg is None:
+            continue
+        pkg = pkg.resolve()
+        if pkg not in seen:
+            seen.add(pkg)
+            out.append({"package": pkg, "editable": editable})
+    return out
+
+
+def cuda_library() -> dict:
+    """The CUDA library fastadv loads: ``path`` (where it looks), ``exists``,
+    ``loaded`` (it loaded and has the right ABI) and ``why`` (None when loaded)."""
+    try:
+        from .kernels import cuda as _cuda
+    except Exception as exc:  # the binding itself fails to import
+        return {"path": None, "exists": False, "loaded": False, "why": f"{type(exc).__name__}: {exc}"}
+    path = _cuda.library_path()
+    why = _cuda.load_error()
+    return {"path": path, "exists": os.path.exists(path), "loaded": why is None, "why": why}
+
+
+def _has_library(pkg: Path) -> bool:
+    return any((pkg / "_lib").glob("*.so")) if (pkg / "_lib").is_dir() else False
+
+
+def shadow_warning(imported: Path | None = None, installed: list[dict] | None = None) -> str | None:
+    """A warning when the fastadv that was imported is not the installed one:
+    typically ``python -m fastadv`` run inside a checkout, whose ``fastadv/``
+    comes first on ``sys.path`` (the current directory) and shadows what
+    ``pip install`` built (its CUDA library included).  None when they agree
+    or nothing is installed."""
+    imported = (imported or package_dir()).resolve()
+    installed = installed_copies() if installed is None else installed
+    others = [c for c in installed if Path(c["package"]).resolve() != imported]
+    if not installed or len(others) < len(installed):
+        return None  # nothing installed, or the imported copy is one of the installed ones
+    other = Path(others[0]["package"])
+    kind = "editable install of " + str(other.parent) if others[0].get("editable") else "install at " + str(other)
+    lib_here, lib_there = _has_library(imported), _has_library(other)
+    why = ""
+    if lib_there and not lib_here:
+        why = (" The installed copy has a built CUDA library and this one has none, so the cuda "
+               "backend is missing here.")
+    where = "a source tree" if _is_source_tree(imported) else "a folder"
+    return (f"warning: fastadv was imported from {imported} ({where} on sys.path, e.g. the current "
+            f"directory), not from the pip {kind}.{why} Run from another directory, or "
+            f"`pip install -e .` this checkout to use it.")
+
+
+def where(width: int = 9) -> list[str]:
+    """Which package and which CUDA library this process uses (``package``,
+    ``cuda lib`` lines, the key padded to ``width``), and a warning when a
+    source tree shadows an installed build: printed by ``env`` and ``bench``."""
+    pkg = package_dir()
+    copies = installed_copies()
+    match = next((c for c in copies if Path(c["package"]) == pkg), None)
+    if match is None:
+        how = "not pip installed: a source tree on sys.path" if _is_source_tree(pkg) else "not pip installed"
+    else:
+        how = "editable install" if match["editable"] else "installed"
+    lines = [f"{'package':<{width}} {pkg} ({how})"]
+    lib = cuda_library()
+    if lib["loaded"]:
+        text = f"{lib['path']} (loaded)"
+    elif lib["path"] is None:
+        text = f"none: {lib['why']}"
+    elif lib["exists"]:
+        text = f"{lib['path']} (found, not loaded: {lib['why']})"
+    else:
+        text = (f"none: {lib['path']} is not built (`pip install` builds it when nvcc is found; "
+                f"the cuda backend needs it)")
+    lines.append(f"{'cuda lib':<{width}} {text}")
+    warn = shadow_warning(pkg, copies)
+    if warn:
+        lines.append(warn)
+    return lines
+
+
 def backends(device) -> dict[str, str | None]:
     """Each backend mapped to None (usable on ``device``) or why not."""
     from . import _backend
@@ -153,10 +270,8 @@ def report() -> str:
     lines.append(f"{'cuda':<{width}} {v['cuda'] or 'none (CPU build of torch)'}")
     path, release = nvcc()
     lines.append(f"{'nvcc':<{width}} " + (f"{path} (release {release or '?'})" if path else "not found"))
-    lib = Path(__file__).resolve().parent / "_lib"
-    libs = sorted(p.name for p in lib.glob("*.so")) if lib.is_dir() else []
-    lines.append(f"{'cuda lib':<{width}} " + (", ".join(libs) if libs else "not built (fastadv/_lib/*.so)"))
     lines.append(f"{'platform':<{width}} {platform.platform()}")
+    lines += where(width)  # package path, CUDA library path, shadowing
     lines.append("")
     lines.append("environment:")
     for var in ENV_VARS:

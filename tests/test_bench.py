@@ -255,7 +255,9 @@ def test_cli_bench_fgm_on_this_device(tmp_path):
     doc = json.loads(files[0].read_text())
     rows = doc["rows"]
     impls = {r["impl"] for r in rows}
-    assert {"reference", "compiled", "torch"} <= impls
+    cpu = not torch.cuda.is_available()
+    # on CPU the default leaves torch.compile out (a GPU timing baseline) and times nothing
+    assert {"reference", "torch"} <= impls and (cpu or "compiled" in impls)
     for r in rows:
         assert r["op"] == "fgm"
         if r.get("skipped"):
@@ -265,8 +267,213 @@ def test_cli_bench_fgm_on_this_device(tmp_path):
         assert r["launches"] is not None and r["syncs"] is not None
         if r["impl"] == "reference":
             assert (r["launches"], r["syncs"]) == (7, 2)
-            assert r["speedup"] == 1.0
+            assert r["speedup"] == (None if cpu else 1.0)
+        if cpu:  # CPU timings are not GPU speed: no ms, no speedup
+            assert r["ms"] is None and r["speedup"] is None and r["gbps"] is None
         if r["impl"] in fastadv._backend.BACKENDS:
             assert r["syncs"] == 0, r  # no host sync on the fastadv path
             assert r["bytes"] and r["bytes"] > 0
     assert "op" in out.stdout and "speedup" in out.stdout
+
+
+# --------------------------------------------------------------------------
+# budget, progress, missing dependencies, CPU runs (issue 9)
+
+
+class FakeClock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_budget_refuses_what_would_overrun_it():
+    clock = FakeClock()
+    b = core.Budget(100, reserve=10, clock=clock)
+    assert b.left() == 90 and b.refuse(("fgm", "triton")) is None  # nothing known yet: it may start
+    clock.t = 30
+    b.record(("fgm", "triton"), 30)
+    assert b.refuse(("fgm", "triton")) is None  # 30 s expected, 60 s left
+    clock.t = 70
+    why = b.refuse(("fgm", "triton"))  # 30 s expected, 20 s left
+    assert why and "would take about 30 s" in why and "20 s" in why
+    assert b.refuse(("fgm", "torch")) is None  # unknown: may start
+    clock.t = 95
+    assert b.refuse(("fgm", "torch")) == "the 100 s budget was spent"
+    assert b.refused == 2
+    assert core.Budget(None).refuse(("x", "y")) is None and core.Budget(None).left() == float("inf")
+    assert core.Budget(100, clock=FakeClock()).timing_cap(5.0) == 5.0
+    assert core.Budget(8, clock=FakeClock()).timing_cap(5.0) == 2.0  # a quarter of what is left
+
+
+def _fake_impl(name, clock, seconds, exc=None):
+    def setup():
+        if exc is not None:
+            raise exc
+        clock.t += seconds
+        return core.Prepared(step=lambda: None, check=lambda: None, timed=False)
+    return core.Impl(name, setup)
+
+
+class _Case:
+    def __init__(self, name):
+        self.name = name
+
+
+def test_run_plan_under_a_budget_and_missing_dependencies():
+    clock = FakeClock()
+    module = type("M", (), {"release": staticmethod(lambda: None)})
+    units = [core.Unit("op", module, _Case(f"c{i}"), _fake_impl("slow", clock, 40), i) for i in range(3)]
+    units.append(core.Unit("op", module, _Case("c3"), _fake_impl(
+        "needs", clock, 0, ModuleNotFoundError("No module named 'opacus'", name="opacus")), 3))
+    budget = core.Budget(100, clock=clock)
+    lines = []
+    rows = core.run_plan(units, "cpu", timed=False, log=lines.append, budget=budget)
+    assert [r.get("budget", False) for r in rows] == [False, False, True, False]
+    assert rows[0]["check"] == "ok" and "would take about 40 s" in rows[2]["skipped"]
+    # a missing optional dependency: one line of reason, no error, no traceback
+    assert rows[3]["skipped"].startswith("needs opacus, not installed here")
+    assert "error" not in rows[3] and "traceback" not in rows[3] and lines == []
+    table = core.format_table(rows)
+    assert "not run, 1 row: over the budget" in table and table.count("needs opacus") == 1
+
+
+def test_a_real_error_is_one_line_and_keeps_its_traceback():
+    clock = FakeClock()
+    impl = _fake_impl("broken", clock, 0, ImportError("cannot import name 'X' from 'fastadv.ops'"))
+    lines, traces = [], []
+    row = core.run_unit("op", "c", impl, "cpu", warmup=0, iters=1, log=lines.append, trace=traces.append)
+    assert row["error"].startswith("ImportError") and "Traceback" in row["traceback"]
+    assert len(lines) == 1 and "ERROR" in lines[0] and len(traces) == 1
+    missing = ModuleNotFoundError("No module named 'fastadv.ops.nope'", name="fastadv.ops.nope")
+    assert core.missing_dependency(missing) is None  # a missing fastadv module is a bug
+
+
+def test_progress_line_without_a_terminal():
+    import io
+
+    clock = FakeClock()
+    out = io.StringIO()
+    keys = [("fgm", "reference"), ("fgm", "triton"), ("fgm", "reference"), ("fgm", "triton")]
+    p = core.Progress(keys, stream=out, interval=10, tty=False, clock=clock)
+    p.start(keys[0], "fgm c0: reference")
+    clock.t = 2
+    p.finish(keys[0], 2.0)
+    assert out.getvalue().startswith("[1/4  25%] 0:02 elapsed")  # a first line at once
+    clock.t = 12
+    p.start(keys[1], "fgm c0: triton")
+    p.finish(keys[1], 10.0)
+    assert p.eta() == 12.0  # one reference (2 s) + one triton (10 s) left
+    line = out.getvalue().splitlines()[-1]
+    assert line.startswith("[2/4  50%] 0:12 elapsed, ETA 0:12") and "\r" not in out.getvalue()
+    clock.t = 14
+    p.finish(keys[2], 2.0)
+    assert len(out.getvalue().splitlines()) == 2  # then at most one line per `interval`
+    p.finish(keys[3], 10.0)
+    assert out.getvalue().splitlines()[-1].startswith("[4/4 100%]") and "done" in out.getvalue()
+
+
+def test_progress_line_on_a_terminal_rewrites_itself():
+    import io
+
+    out = io.StringIO()
+    p = core.Progress([("a", "x")], stream=out, tty=True, clock=FakeClock())
+    p.start(("a", "x"), "a case: x")
+    p.message("a note")
+    p.finish(("a", "x"), 1.0)
+    p.close()
+    text = out.getvalue()
+    assert text.startswith("\r[0/1") and "a note\n" in text and text.endswith("\n")
+
+
+def test_cpu_rows_have_no_speedup_and_no_plot(tmp_path):
+    rows = core.add_derived(_rows(), 5000.0, speedups=False)
+    assert all(r["speedup"] is None and r["gbps"] is None and r["pct_copy_bw"] is None for r in rows)
+    path = core.write_results(rows, tmp_path, "cpu", 5000.0)
+    with pytest.raises(core.NothingToPlot):
+        core.plot(path, tmp_path / "cpu.png")
+
+
+def test_plot_has_a_panel_per_op_and_bars_per_impl(tmp_path):
+    pytest.importorskip("matplotlib")
+    rows = [{"op": op, "case": "c", "impl": impl, "ms": ms, "gbps": None}
+            for op in ("fgm", "dp") for impl, ms in (("reference", 4.0), ("triton", 1.0), ("cuda", 2.0))]
+    path = core.write_results(core.add_derived(rows, 100.0), tmp_path, "cpu", 100.0)
+    png = core.plot(path, tmp_path / "gpu.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_shadow_warning(tmp_path):
+    from fastadv import _env
+
+    tree = tmp_path / "checkout"
+    (tree / "fastadv").mkdir(parents=True)
+    (tree / "csrc").mkdir()
+    (tree / "pyproject.toml").write_text("")
+    site = tmp_path / "site" / "fastadv"
+    (site / "_lib").mkdir(parents=True)
+    (site / "_lib" / "libfastadv_cuda.so").write_bytes(b"")
+    installed = [{"package": site, "editable": False}]
+    warn = _env.shadow_warning(tree / "fastadv", installed)
+    assert warn and str(tree / "fastadv") in warn and str(site) in warn and "CUDA library" in warn
+    assert _env.shadow_warning(site, installed) is None  # the installed copy itself
+    assert _env.shadow_warning(tree / "fastadv", []) is None  # nothing installed
+    assert _env.shadow_warning(tree / "fastadv", [{"package": tree / "fastadv", "editable": True}]) is None
+
+
+def test_cli_env_prints_package_and_library_paths():
+    out = _run_cli("env", timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert f"package    {ROOT / 'fastadv'}" in out.stdout
+    assert "cuda lib   " in out.stdout and "libfastadv_cuda.so" in out.stdout
+
+
+def test_cli_bench_default_out_is_an_untracked_folder_of_the_cwd(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-m", "fastadv", "bench", "--ops", "attacks", "--impls",
+                          "reference,torch", "--no-plot"], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=240)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    path = (tmp_path / "fastadv-bench" / "cpu.json") if not torch.cuda.is_available() else None
+    if path is not None:
+        assert path.is_file() and f"results  {path}" in out.stdout  # printed as an absolute path
+        assert "CPU timings are not GPU speed" in out.stdout
+    assert "rows to run" in out.stdout and "[" in out.stdout  # the progress line
+    assert "Traceback" not in out.stdout + out.stderr
+    assert ".gitignore" and "fastadv-bench/" in (ROOT / ".gitignore").read_text()
+
+
+def test_smoke_units_cover_every_dtype():
+    from fastadv.bench import gpucheck
+
+    units = gpucheck.smoke_units(["fgm", "noise"], "cpu", backends=("torch",))
+    names = {u.case.name for u in units}
+    for dt in ("fp32", "fp16", "bf16"):
+        assert any(dt in n and n.startswith("128x64") for n in names), names
+    assert sum(n.startswith("token_ids") for n in names) == 1  # int ids: one dtype
+    assert {u.impl.name for u in units} == {"torch"}
+    assert all(not n.startswith("4000x128") for n in names)  # the smallest size only
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the dry run is the CPU rehearsal")
+def test_gpucheck_dry_run(tmp_path):
+    t0 = __import__("time").monotonic()
+    out = _run_cli("gpucheck", "--dry-run", "--out", str(tmp_path), "--ops", "attacks,noise",
+                   "--budget", "40", timeout=180)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    for name in ("gpucheck.log", "smoke.json", "summary.json", "cpu.json"):
+        assert (tmp_path / name).is_file(), name
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["ok"] and summary["dry_run"] and summary["pytest"]["status"] == "dry-run"
+    assert "-m gpu" in summary["pytest"]["command"]
+    smoke = json.loads((tmp_path / "smoke.json").read_text())["rows"]
+    done = [r for r in smoke if r["status"] == "ok"]
+    assert done and not [r for r in smoke if r["status"] in ("FAIL", "ERROR")]
+    assert {("torch", "bf16"), ("torch", "fp16"), ("torch", "fp32")} <= {
+        (r["impl"], r["case"].split()[-1]) for r in done if r["op"] == "attacks"}
+    assert all(r["sync"] == "none" and r["impl"] in r["launched"] for r in done)
+    assert summary["bench"]["rows"] > 0 and not summary["bench"]["failed"]
+    assert summary["seconds"] <= 40 + 30  # the budget holds (plus start-up and the files)
+    assert "Traceback" not in out.stdout
+    print(f"dry run took {__import__('time').monotonic() - t0:.0f} s")

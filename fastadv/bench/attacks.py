@@ -75,9 +75,9 @@ class Case:
         return n
 
 
-def cases(device, full: bool = False) -> list[Case]:
+def cases(device, full: bool | None = None) -> list[Case]:
     """Real sizes on CUDA or with ``full``; small ones on CPU."""
-    shape = SHAPE_FULL if full or torch.device(device).type == "cuda" else SHAPE_SMALL
+    shape = SHAPE_FULL if core.real_sizes(device, full) else SHAPE_SMALL
     return [Case(k, shape, dt) for k in KINDS for dt in DTYPES]
 
 

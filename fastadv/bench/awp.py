@@ -86,9 +86,9 @@ class Case:
         return self.model[0]
 
 
-def cases(device, full: bool = False) -> list[Case]:
+def cases(device, full: bool | None = None) -> list[Case]:
     """Real shapes on CUDA or with ``full``; tiny ones on CPU."""
-    big = full or torch.device(device).type == "cuda"
+    big = core.real_sizes(device, full)
     models = MODELS_FULL if big else MODELS_SMALL
     return [Case(kind, m, dt) for m in models for kind in ("awp", "ema")
             for dt in (torch.float32, torch.bfloat16)]

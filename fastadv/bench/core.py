@@ -6,10 +6,13 @@
 * :func:`time_ms` -- median wall time of a call (CUDA events on GPU).
 * :func:`measure_copy_bandwidth` -- the device's ``copy_`` bandwidth, the
   yardstick for the "% of copy bandwidth" column.
-* :class:`Impl` / :func:`run_op` -- check every implementation against the
-  reference, time it and count it, one result row per (op, case, impl).
-* :func:`write_results`, :func:`format_table`, :func:`plot` -- the JSON file in
-  ``benchmarks/results/<device>.json``, the printed table and the PNG.
+* :class:`Impl` / :func:`plan` / :func:`run_plan` (:func:`run_op` for one op)
+  -- check every implementation against the reference, time it and count it,
+  one result row per (op, case, impl), with a :class:`Progress` line (done /
+  total, ETA) and an optional :class:`Budget` (units that would overrun it are
+  not started and say so in their row).
+* :func:`write_results`, :func:`format_table`, :func:`plot` -- the JSON file
+  ``<out>/<device>.json``, the printed table and the PNG.
 
 Units: ``ms`` milliseconds, ``bytes`` bytes, ``gbps`` 1e9 bytes per second,
 the table's ``MB`` 1e6 bytes.
@@ -353,16 +356,25 @@ def flush_l2(device) -> None:
 
 
 def time_ms(fn: Callable[[], Any], device, warmup: int = 3, iters: int = 10, *,
-            flush_cache: bool = True, return_all: bool = False):
+            flush_cache: bool = True, return_all: bool = False, max_seconds: float | None = None):
     """Median milliseconds of ``fn()`` over ``iters`` runs after ``warmup`` runs.
 
     CUDA: one pair of CUDA events around each run, the L2 cache flushed before
     each (outside the events), one synchronize at the end.  CPU:
-    ``time.perf_counter`` around each run.
+    ``time.perf_counter`` around each run.  ``max_seconds``: fewer runs (at
+    least 3) when ``iters`` of them would take longer than that, judged from
+    the slowest warmup run.
     """
     device = torch.device(device)
+    slowest = 0.0
     for _ in range(warmup):
+        t0 = time.perf_counter()
         fn()
+        if max_seconds is not None:
+            synchronize(device)
+            slowest = max(slowest, time.perf_counter() - t0)
+    if max_seconds is not None and slowest > 0:
+        iters = max(min(iters, 3), min(iters, int(max_seconds / slowest)))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         pairs = []
@@ -436,6 +448,40 @@ class Skip(Exception):
     """An implementation that cannot run here; the message says why."""
 
 
+# pip names of the optional dependencies a bench case may need
+PIP_NAMES = {"opacus": "opacus (or fastadv[dp])", "matplotlib": "matplotlib", "triton": "triton"}
+
+
+def missing_dependency(exc: BaseException) -> str | None:
+    """The one-line reason for a row whose optional dependency is not installed
+    (a ``ModuleNotFoundError`` of a module outside fastadv), else None."""
+    name = getattr(exc, "name", None)
+    if not isinstance(exc, ModuleNotFoundError) or not name:
+        return None
+    top = name.split(".")[0]
+    if top == "fastadv":
+        return None  # a missing fastadv module is a bug, not a missing dependency
+    return f"needs {top}, not installed here (pip install {PIP_NAMES.get(top, top)})"
+
+
+def require(module: str):
+    """Import ``module`` or raise :class:`Skip` saying it is not installed."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise Skip(missing_dependency(exc) or f"{module} cannot be imported ({exc})") from exc
+
+
+def real_sizes(device, full: bool | None = None) -> bool:
+    """Whether a bench module uses the sizes users meet (True) or its small CPU
+    stand-ins: ``full`` when given, else real sizes on CUDA, small on CPU."""
+    if full is not None:
+        return bool(full)
+    return torch.device(device).type == "cuda"
+
+
 @dataclass
 class Prepared:
     """One implementation ready to run on one case.
@@ -450,7 +496,10 @@ class Prepared:
     (:func:`count_profiled`), bytes stay the eager-equivalent count, an upper
     bound).  ``timed=False`` leaves ``ms``
     empty (the Triton interpreter: its times mean nothing).  ``extra`` keys go
-    into the result row.
+    into the result row.  ``sync_free``: whether ``step`` must issue no host
+    sync (the GPU check runs it under ``torch.cuda.set_sync_debug_mode("error")``);
+    None: yes for the fastadv backends, not asserted for the others.  A step
+    that also runs a model or Opacus's hooks says False.
     """
     step: Callable[[], Any]
     check: Callable[[], str | None] | None = None
@@ -459,6 +508,7 @@ class Prepared:
     timed: bool = True
     extra: dict = field(default_factory=dict)
     teardown: Callable[[], None] | None = None
+    sync_free: bool | None = None
 
 
 @dataclass
@@ -475,60 +525,252 @@ def _sig(x: float | None, digits: int = 6):
     return float(f"{x:.{digits}g}")
 
 
-def run_impls(op: str, case: str, impls: Iterable[Impl], device, *, warmup: int, iters: int,
-              log: Callable[[str], None] = print, extra: dict | None = None) -> list[dict]:
-    """Check, time and count each implementation on one case; one row each."""
-    device = torch.device(device)
-    rows = []
-    for impl in impls:
-        row: dict[str, Any] = {"op": op, "case": case, "impl": impl.name, "ms": None, "gbps": None}
-        row.update(extra or {})
-        prep = None
+def _clock(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    return f"{seconds // 60}:{seconds % 60:02d}"
+
+
+class Budget:
+    """A wall-clock budget for a run.
+
+    Before a unit (one implementation on one case) starts, :meth:`refuse` says
+    why it must not: the budget is spent, or the previous unit with the same
+    key (op, impl) took longer than what is left.  A refused unit gets a row
+    saying so (``skipped``, ``budget: true``) instead of being cut half-way.
+    ``reserve`` seconds are kept for what comes after (the table, the file, the plot).
+    """
+
+    def __init__(self, seconds: float | None, *, reserve: float = 0.0, clock: Callable[[], float] = time.monotonic):
+        self.seconds = seconds
+        self.reserve = reserve
+        self.clock = clock
+        self.start = clock()
+        self.last: dict = {}
+        self.refused = 0
+
+    def elapsed(self) -> float:
+        return self.clock() - self.start
+
+    def left(self) -> float:
+        if self.seconds is None:
+            return math.inf
+        return self.seconds - self.reserve - self.elapsed()
+
+    def refuse(self, key) -> str | None:
+        if self.seconds is None:
+            return None
+        left = self.left()
+        why = None
+        if left <= 0:
+            why = f"the {self.seconds:.0f} s budget was spent"
+        else:
+            est = self.last.get(key)
+            if est is not None and est > left:
+                what = " ".join(map(str, key)) if isinstance(key, tuple) else str(key)
+                why = (f"would take about {est:.0f} s (as the previous {what} did), "
+                       f"{left:.0f} s of the {self.seconds:.0f} s budget left")
+        if why:
+            self.refused += 1
+        return why
+
+    def record(self, key, seconds: float) -> None:
+        self.last[key] = seconds
+
+    def timing_cap(self, cap: float | None) -> float | None:
+        """Seconds the timed runs of one unit may take: ``cap``, and at most a
+        quarter of what is left."""
+        if self.seconds is None:
+            return cap
+        quarter = max(0.5, self.left() / 4)
+        return quarter if cap is None else min(cap, quarter)
+
+
+class Progress:
+    """One progress line: units done / total, elapsed, ETA, the current unit.
+
+    On a terminal the line is rewritten in place (``\\r``); otherwise (a log, a
+    pipe, CI) a plain line is printed at most every ``interval`` seconds and
+    at the end.  The ETA adds, for every unit left, the mean time of the units
+    done with the same (op, impl), else with the same impl, else of all.
+    Messages (:meth:`message`) go above the line.
+    """
+
+    def __init__(self, keys: list, stream=None, *, interval: float = 15.0, tty: bool | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.keys = list(keys)
+        self.total = len(self.keys)
+        self.done = 0
+        self.stream = stream if stream is not None else sys.stdout
+        isatty = getattr(self.stream, "isatty", None)
+        self.tty = bool(isatty and isatty()) if tty is None else tty
+        self.interval = interval
+        self.clock = clock
+        self.t0 = clock()
+        self._last_print = -math.inf
+        self._drawn = False
+        self.current = ""
+        self._by_key: dict = collections.defaultdict(list)
+        self._by_impl: dict = collections.defaultdict(list)
+        self._all: list = []
+
+    def _mean(self, values):
+        return sum(values) / len(values) if values else None
+
+    def eta(self) -> float | None:
+        if not self._all:
+            return None
+        overall = self._mean(self._all)
+        total = 0.0
+        for key in self.keys[self.done:]:
+            impl = key[-1] if isinstance(key, tuple) else key
+            est = self._mean(self._by_key.get(key, ())) or self._mean(self._by_impl.get(impl, ()))
+            total += overall if est is None else est
+        return total
+
+    def text(self) -> str:
+        width = len(str(self.total))
+        pct = 100.0 * self.done / self.total if self.total else 100.0
+        eta = self.eta()
+        left = "ETA --:--" if eta is None else f"ETA {_clock(eta)}"
+        if self.done >= self.total:
+            left = "done"
+        head = f"[{self.done:>{width}}/{self.total} {pct:3.0f}%] {_clock(self.clock() - self.t0)} elapsed, {left}"
+        return head + (f"  {self.current}" if self.current and self.done < self.total else "")
+
+    def _write(self, s: str) -> None:
         try:
-            prep = impl.setup()
-            row.update(prep.extra)
-            failure = prep.check() if prep.check is not None else None
-            row["check"] = "ok" if failure is None else "FAIL"
-            if failure is not None:
-                row["check_detail"] = str(failure)
-                log(f"  CHECK FAILED {op} {case} {impl.name}: {failure}")
-            if prep.timed:
-                row["ms"] = _sig(time_ms(prep.step, device, warmup=warmup, iters=iters))
+            self.stream.write(s)
+            self.stream.flush()
+        except (OSError, ValueError):  # a closed stream: progress is optional
+            pass
+
+    def _draw(self, force: bool = False) -> None:
+        now = self.clock()
+        if self.tty:
+            import shutil
+
+            cols = shutil.get_terminal_size((100, 20)).columns
+            self._write("\r" + self.text()[: max(10, cols - 1)] + "\x1b[K")
+            self._drawn = True
+        elif force or now - self._last_print >= self.interval:
+            self._write(self.text() + "\n")
+            self._last_print = now
+
+    def start(self, key, label: str) -> None:
+        self.current = label
+        if self.tty:
+            self._draw()
+
+    def finish(self, key, seconds: float | None = None) -> None:
+        """One unit done; ``seconds`` (None: not measured, e.g. refused) feeds the ETA."""
+        self.done += 1
+        if seconds is not None:
+            impl = key[-1] if isinstance(key, tuple) else key
+            self._by_key[key].append(seconds)
+            self._by_impl[impl].append(seconds)
+            self._all.append(seconds)
+        self._draw(force=self.done >= self.total)
+
+    def message(self, text: str) -> None:
+        if self.tty and self._drawn:
+            self._write("\r\x1b[K" + text + "\n")
+            self._draw()
+        else:
+            self._write(text + "\n")
+
+    def close(self) -> None:
+        if self.tty and self._drawn:
+            self._write("\r" + self.text() + "\x1b[K\n")
+            self._drawn = False
+
+
+def run_unit(op: str, case: str, impl: Impl, device, *, warmup: int, iters: int, timed: bool = True,
+             log: Callable[[str], None] = print, extra: dict | None = None,
+             trace: Callable[[str], None] | None = None, budget: Budget | None = None,
+             timing_cap_s: float | None = None) -> dict:
+    """Check, time (unless ``timed`` is False) and count one implementation on
+    one case; its row.  A missing optional dependency makes a ``skipped`` row
+    with one line of reason; any other exception an ``error`` row (one line
+    logged, the traceback in the row's ``traceback`` and passed to ``trace``)."""
+    device = torch.device(device)
+    row: dict[str, Any] = {"op": op, "case": case, "impl": impl.name, "ms": None, "gbps": None}
+    row.update(extra or {})
+    key = (op, impl.name)
+    if budget is not None:
+        why = budget.refuse(key)
+        if why:
+            row.update(skipped=why, budget=True)
+            return row
+    t0 = time.monotonic()
+    b0 = budget.clock() if budget is not None else 0.0
+    prep = None
+    try:
+        prep = impl.setup()
+        row.update(prep.extra)
+        failure = prep.check() if prep.check is not None else None
+        row["check"] = "ok" if failure is None else "FAIL"
+        if failure is not None:
+            row["check_detail"] = str(failure)
+            log(f"  CHECK FAILED {op} {case} {impl.name}: {failure}")
+        if prep.timed and timed:
+            cap = budget.timing_cap(timing_cap_s) if budget is not None else timing_cap_s
+            row["ms"] = _sig(time_ms(prep.step, device, warmup=warmup, iters=iters, max_seconds=cap))
+        synchronize(device)
+        counts = count(prep.step, prep.design_bytes)
+        if prep.counting == "compiled" and device.type == "cuda":
             synchronize(device)
-            counts = count(prep.step, prep.design_bytes)
-            if prep.counting == "compiled" and device.type == "cuda":
-                synchronize(device)
-                counts.update({k: v for k, v in count_profiled(prep.step, device).items()
-                               if k in ("launches", "syncs")})
-            synchronize(device)
-            row.update({k: counts[k] for k in ("launches", "syncs", "bytes")})
-            if counts.get("kernels"):
-                row["kernels"] = counts["kernels"]
-        except Skip as exc:
-            row["skipped"] = str(exc)
-        except Exception as exc:  # record, do not crash the whole run
-            row["error"] = f"{type(exc).__name__}: {exc}"
+            counts.update({k: v for k, v in count_profiled(prep.step, device).items()
+                           if k in ("launches", "syncs")})
+        synchronize(device)
+        row.update({k: counts[k] for k in ("launches", "syncs", "bytes")})
+        if counts.get("kernels"):
+            row["kernels"] = counts["kernels"]
+    except Skip as exc:
+        row.pop("check", None)
+        row["skipped"] = str(exc)
+    except Exception as exc:  # record, do not crash the whole run
+        missing = missing_dependency(exc)
+        if missing is not None:
+            row.pop("check", None)
+            row["skipped"] = missing
+        else:
+            row["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            tb = "".join(traceback.format_exception(exc)).rstrip()
+            row["traceback"] = tb
             log(f"  ERROR {op} {case} {impl.name}: {row['error']}")
-            log("".join(traceback.format_exception(exc)).rstrip())
-        finally:
-            if prep is not None and prep.teardown is not None:
-                try:
-                    prep.teardown()
-                except Exception as exc:  # pragma: no cover
-                    log(f"  teardown of {impl.name} failed: {exc}")
-            del prep
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-        rows.append(row)
-    return rows
+            if trace is not None:
+                trace(f"ERROR {op} {case} {impl.name}:\n{tb}")
+    finally:
+        if prep is not None and prep.teardown is not None:
+            try:
+                prep.teardown()
+            except Exception as exc:  # pragma: no cover
+                log(f"  teardown of {impl.name} failed: {exc}")
+        del prep
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    row["wall_s"] = _sig(time.monotonic() - t0, 3)
+    if budget is not None:
+        budget.record(key, budget.clock() - b0)
+    return row
 
 
-def add_derived(rows: list[dict], copy_gbps: float | None) -> list[dict]:
+def run_impls(op: str, case: str, impls: Iterable[Impl], device, *, warmup: int, iters: int,
+              log: Callable[[str], None] = print, extra: dict | None = None, **kw) -> list[dict]:
+    """Check, time and count each implementation on one case; one row each
+    (keywords as :func:`run_unit`)."""
+    return [run_unit(op, case, impl, device, warmup=warmup, iters=iters, log=log, extra=extra, **kw)
+            for impl in impls]
+
+
+def add_derived(rows: list[dict], copy_gbps: float | None, *, speedups: bool = True) -> list[dict]:
     """Fill ``speedup`` (reference ms / ms, same op and case), ``gbps`` (bytes
-    / time) and ``pct_copy_bw`` (gbps / copy_gbps * 100) where defined."""
+    / time) and ``pct_copy_bw`` (gbps / copy_gbps * 100) where defined.
+    ``speedups=False`` (a CPU run: its times say nothing about GPU speed)
+    leaves all three empty."""
     ref = {(r["op"], r["case"]): r["ms"] for r in rows if r.get("impl") == "reference" and r.get("ms")}
     for r in rows:
-        ms = r.get("ms")
+        ms = r.get("ms") if speedups else None
         base = ref.get((r["op"], r["case"]))
         r["speedup"] = _sig(base / ms, 4) if ms and base else None
         nbytes = r.get("bytes")
@@ -616,17 +858,30 @@ def _fmt(x, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
 
-def format_table(rows: list[dict]) -> str:
+def _status(r: dict) -> str | None:
+    if r.get("error"):
+        return "ERROR"
+    if r.get("budget"):
+        return "not run"
+    if r.get("skipped"):
+        return "skipped"
+    return None
+
+
+def format_table(rows: list[dict], *, notes_per_reason: int = 3) -> str:
     """Plain-text table: op, case, impl, ms, speedup vs reference, GB/s, % of
-    copy bandwidth, launches, syncs, MB moved, check; notes for skipped rows."""
+    copy bandwidth, launches, syncs, MB moved, check; then one note per reason
+    a row was skipped, not run or failed (naming up to ``notes_per_reason`` rows)."""
     body = []
-    notes = []
+    reasons: dict = {}
     for r in rows:
-        if r.get("skipped") or r.get("error"):
-            why = r.get("skipped") or r.get("error")
-            status = "skipped" if r.get("skipped") else "ERROR"
+        status = _status(r)
+        if status:
+            why = r.get("error") or r.get("skipped")
             body.append((r["op"], r["case"], r["impl"], status) + ("",) * (len(COLUMNS) - 4))
-            notes.append(f"{r['op']} {r['case']} {r['impl']}: {status}: {why}")
+            group = (status, f"over the budget (first: {why})" if r.get("budget") else why)
+            group = next((g for g in reasons if r.get("budget") and g[1].startswith("over the budget")), group)
+            reasons.setdefault(group, []).append(f"{r['op']} {r['case']} {r['impl']}")
             continue
         mb = None if r.get("bytes") is None else r["bytes"] / 1e6
         body.append((r["op"], r["case"], r["impl"], _fmt(r.get("ms"), ".3f"),
@@ -643,28 +898,39 @@ def format_table(rows: list[dict]) -> str:
                          for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
 
     out = [line(COLUMNS), line(["-" * w for w in widths])] + [line(b) for b in body]
-    if notes:
-        out += [""] + notes
+    if reasons:
+        out.append("")
+        for (status, why), names in reasons.items():
+            shown = "; ".join(names[:notes_per_reason])
+            more = f" (+{len(names) - notes_per_reason} more)" if len(names) > notes_per_reason else ""
+            count_ = f"{len(names)} rows" if len(names) > 1 else "1 row"
+            out.append(f"{status}, {count_}: {why}  [{shown}{more}]")
     return "\n".join(out)
 
 
+class NothingToPlot(Exception):
+    """A results file without speedups (e.g. a CPU run): no plot is drawn."""
+
+
 def plot(results_json: str | os.PathLike, png_path: str | os.PathLike) -> Path:
-    """Bar chart of the speedup over the reference of every timed (case, impl)
-    in a results file, one panel per op; writes and returns ``png_path``."""
+    """Bar chart of the speedup over the reference of every (case, impl) that
+    has one in a results file, one panel per op (bars for every impl: compiled,
+    torch, triton, cuda, ...); writes and returns ``png_path``.  Raises
+    :class:`NothingToPlot` when no row has a speedup (a CPU run leaves them empty)."""
+    doc = json.loads(Path(results_json).read_text())
+    rows = [r for r in doc["rows"] if r.get("speedup") and r.get("impl") != "reference"]
+    if not rows:
+        raise NothingToPlot("no speedups in the results (a CPU run leaves them empty: they need GPU timings)")
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.ticker
     import matplotlib.pyplot as plt
 
-    doc = json.loads(Path(results_json).read_text())
-    rows = [r for r in doc["rows"] if r.get("ms")]
-    ref = {(r["op"], r["case"]): r["ms"] for r in rows if r["impl"] == "reference"}
-    ops = list(dict.fromkeys(r["op"] for r in rows)) or ["(no timed rows)"]
+    ops = list(dict.fromkeys(r["op"] for r in rows))
     fig, axes = plt.subplots(len(ops), 1, figsize=(12, 4.5 * len(ops)), squeeze=False)
     for ax, op in zip(axes[:, 0], ops):
-        op_rows = [r for r in rows if r["op"] == op and r["impl"] != "reference"
-                   and (op, r["case"]) in ref]
+        op_rows = [r for r in rows if r["op"] == op]
         cases = list(dict.fromkeys(r["case"] for r in op_rows))
         impls = list(dict.fromkeys(r["impl"] for r in op_rows))
         width = 0.8 / max(1, len(impls))
@@ -675,7 +941,7 @@ def plot(results_json: str | os.PathLike, png_path: str | os.PathLike) -> Path:
                 r = next((r for r in op_rows if r["case"] == case and r["impl"] == impl), None)
                 if r is not None:
                     xs.append(i + (j - (len(impls) - 1) / 2) * width)
-                    ys.append(ref[(op, case)] / r["ms"])
+                    ys.append(r["speedup"])
             # bars grow from 1x: up when faster than the reference, down when slower
             bars = ax.bar(xs, [y - 1.0 for y in ys], width, bottom=1.0, label=impl)
             for b, y in zip(bars, ys):
@@ -693,10 +959,7 @@ def plot(results_json: str | os.PathLike, png_path: str | os.PathLike) -> Path:
         ax.set_title(f"{op}: {doc.get('device', '?')}  ({doc.get('date', '?')}, "
                      f"{str(doc.get('commit', '?'))[:12]}, torch {doc.get('versions', {}).get('torch')})",
                      fontsize=10)
-        if impls:
-            ax.legend(fontsize=8)
-        else:
-            ax.text(0.5, 0.5, "no timed rows", transform=ax.transAxes, ha="center")
+        ax.legend(fontsize=8)
     fig.tight_layout()
     png_path = Path(png_path)
     png_path.parent.mkdir(parents=True, exist_ok=True)
@@ -722,26 +985,105 @@ def enable_triton_interpreter_on_cpu(device) -> bool:
     return _backend.triton_interpreter()
 
 
-def run_op(op: str, module, device, *, full: bool = False, quick: bool = False,
-           impls: Iterable[str] | None = None, warmup: int | None = None, iters: int | None = None,
-           log: Callable[[str], None] = print) -> list[dict]:
-    """Run every case of one op module (``cases(device, full)`` and
-    ``impls(case, device)``), returning its rows.  ``quick``: only the cases of
-    the first (smallest) size."""
+@dataclass
+class Unit:
+    """One implementation of one case of one op: a row to come."""
+    op: str
+    module: Any
+    case: Any
+    impl: Impl
+    index: int = 0  # place in the natural order (op, case, impl)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.op, self.impl.name)
+
+    @property
+    def label(self) -> str:
+        return f"{self.op} {self.case.name}: {self.impl.name}"
+
+
+def select_cases(module, device, *, full: bool | None = None, quick: bool = False) -> list:
+    """The cases of a bench module; ``quick``: those of its first (smallest) size."""
+    all_cases = list(module.cases(device, full))
+    if quick and all_cases:
+        first = getattr(all_cases[0], "size", None)
+        all_cases = [c for c in all_cases if getattr(c, "size", None) == first] if first else all_cases[:1]
+    return all_cases
+
+
+def plan(ops: Iterable[str], device, *, full: bool | None = None, quick: bool = False,
+         impls: Iterable[str] | None = None, exclude: Iterable[str] = ()) -> list[Unit]:
+    """Every (op, case, impl) to run, in order: ``impls`` keeps only those
+    names, ``exclude`` drops these (``full`` and ``quick`` as in :func:`select_cases`)."""
+    from fastadv import bench
+
+    only = set(impls) if impls else None
+    drop = set(exclude)
+    units: list[Unit] = []
+    for op in ops:
+        module = bench.load(op)
+        for case in select_cases(module, device, full=full, quick=quick):
+            for impl in module.impls(case, device):
+                if (only is None or impl.name in only) and impl.name not in drop:
+                    units.append(Unit(op, module, case, impl, len(units)))
+    return units
+
+
+def interleave(units: list[Unit]) -> list[Unit]:
+    """The units round-robin over ops, case by case (the first case of every
+    op, then the second, ...): under a budget every op gets its first rows."""
+    by_op: dict = {}
+    for u in units:
+        by_op.setdefault(u.op, {}).setdefault(u.case, []).append(u)
+    queues = [list(cases.values()) for cases in by_op.values()]
+    out: list[Unit] = []
+    while any(queues):
+        for q in queues:
+            if q:
+                out += q.pop(0)
+    return out
+
+
+def run_plan(units: list[Unit], device, *, warmup: int | None = None, iters: int | None = None,
+             timed: bool = True, log: Callable[[str], None] | None = None, progress: Progress | None = None,
+             budget: Budget | None = None, trace: Callable[[str], None] | None = None,
+             timing_cap_s: float | None = None) -> list[dict]:
+    """Run the units (see :func:`run_unit`), releasing each op's cached case
+    data after its last unit; rows in the units' order."""
     device = torch.device(device)
     if warmup is None:
         warmup = 5 if device.type == "cuda" else 2
     if iters is None:
         iters = 50 if device.type == "cuda" else 5
-    only = set(impls) if impls else None
+    if log is None:
+        log = progress.message if progress is not None else print
+    last = {u.op: i for i, u in enumerate(units)}
     rows = []
-    all_cases = list(module.cases(device, full))
-    if quick and all_cases:
-        first = getattr(all_cases[0], "size", None)
-        all_cases = [c for c in all_cases if getattr(c, "size", None) == first] if first else all_cases[:1]
-    for case in all_cases:
-        log(f"[{op}] {case.name}")
-        chosen = [i for i in module.impls(case, device) if only is None or i.name in only]
-        rows += run_impls(op, case.name, chosen, device, warmup=warmup, iters=iters, log=log,
-                          extra=getattr(case, "row_extra", lambda: {})())
+    for i, u in enumerate(units):
+        if progress is not None:
+            progress.start(u.key, u.label)
+        extra = getattr(u.case, "row_extra", lambda: {})()
+        row = run_unit(u.op, u.case.name, u.impl, device, warmup=warmup, iters=iters, timed=timed, log=log,
+                       extra=extra, trace=trace, budget=budget, timing_cap_s=timing_cap_s)
+        rows.append(row)
+        if progress is not None:
+            progress.finish(u.key, None if row.get("budget") else row.get("wall_s"))
+        if last[u.op] == i:
+            release = getattr(u.module, "release", None)
+            if release:
+                release()
     return rows
+
+
+def run_op(op: str, module, device, *, full: bool | None = None, quick: bool = False,
+           impls: Iterable[str] | None = None, warmup: int | None = None, iters: int | None = None,
+           log: Callable[[str], None] = print, **kw) -> list[dict]:
+    """Run every case of one op module (``cases(device, full)`` and
+    ``impls(case, device)``), returning its rows.  ``quick``: only the cases of
+    the first (smallest) size; other keywords as :func:`run_plan`."""
+    only = set(impls) if impls else None
+    units = [Unit(op, module, case, impl)
+             for case in select_cases(module, device, full=full, quick=quick)
+             for impl in module.impls(case, device) if only is None or impl.name in only]
+    return run_plan(units, device, warmup=warmup, iters=iters, log=log, **kw)

@@ -88,10 +88,10 @@ class Case:
         return self.tier + 1  # --quick keeps the cases of the first size (must be truthy)
 
 
-def cases(device, full: bool = False) -> list[Case]:
+def cases(device, full: bool | None = None) -> list[Case]:
     """Full sizes on CUDA or with ``full``; CPU stand-ins otherwise; fp32 and bf16
     (token ids: int64, listed once)."""
-    big = full or torch.device(device).type == "cuda"
+    big = core.real_sizes(device, full)
     shapes = SHAPES_FULL if big else SHAPES_SMALL
     out = []
     for tier in (0, 1, 2):
