@@ -335,17 +335,30 @@ def test_matches_hand_written_reference(name, mode, tmp_path):
     plain = plain_weights(name, tmp_path)
     diff = max(float((w[n] - plain[n]).abs().max()) for n in w)
     assert diff > (1e-9 if mode == "sift" else 1e-4), diff
-    if mode in ("fgm", "pgd"):  # the attacked tables are the ones the reference attacked
+    if mode in ("fgm", "pgd"):  # the attacked tables are the ones the reference attacked, the odd ones among them
         assert ours.attacker.emb_name == hand.adv.emb_name
+        attacked = {n for n, p in ours.model.named_parameters() if ours.attacker.emb_name in n}
+        assert attacked >= ATTACKED[name], attacked
 
 
-def test_fgm_on_the_triton_kernels(tmp_path):
+ATTACKED = {  # tables read in odd ways: through .weight, a tied head, learned positions with an offset
+    "bert": {"bert.embeddings.word_embeddings.weight"},
+    "roberta": {"roberta.embeddings.word_embeddings.weight", "roberta.embeddings.position_embeddings.weight",
+                "roberta.embeddings.token_type_embeddings.weight"},
+    "deberta": {"deberta.embeddings.word_embeddings.weight", "deberta.encoder.rel_embeddings.weight"},
+    "gpt2": {"transformer.wte.weight"},
+    "bart": {"model.encoder.embed_positions.weight", "model.decoder.embed_positions.weight"},
+}
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2"])  # row-sparse gradient; dense (tied head)
+def test_fgm_on_the_triton_kernels(name, tmp_path):
     why = _backend.why_not("triton", torch.device("cpu"))
     if why is not None:
         pytest.skip(why)
     import fastadv.kernels as kernels
     before = sum(n for k, n in kernels.LAUNCHES.items() if k.startswith("triton."))
-    (ours, w), (_, w_ref) = run_pair("gpt2", "fgm", tmp_path, backend="triton", max_steps=2)
+    (ours, w), (_, w_ref) = run_pair(name, "fgm", tmp_path, backend="triton", max_steps=2)
     assert sum(n for k, n in kernels.LAUNCHES.items() if k.startswith("triton.")) > before
     assert_same_weights(w, w_ref)
 
