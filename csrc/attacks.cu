@@ -1,7 +1,7 @@
 // Input attacks (fastadv.attacks): the fused step kernels of PGD / FGSM /
 // FFGSM (L-inf, one launch), PGD-L2 and MI-FGSM (a per-sample reduction, then
 // one update launch).  Same math as fastadv/kernels/triton/attacks.py; the
-// contracts are in attacks.h.
+// contracts are declared in fastadv.h ("input attacks").
 //
 // Tensors are contiguous [batch, per_sample]; images, adv, grad and out share
 // one dtype; math in fp32 with explicit IEEE roundings (no contraction), one
@@ -10,7 +10,6 @@
 // partials in a fixed order): deterministic, no atomics, no host sync.
 #include <initializer_list>
 
-#include "attacks.h"
 #include "common.cuh"
 
 namespace fastadv {

@@ -1,6 +1,7 @@
 // DP-SGD kernels: per-sample clipping and Gaussian noise in fused multi-tensor
 // passes.  They mirror fastadv/kernels/triton/dp.py (read its docstring for
-// the math and the table lists); the C ABI is at the end of this file.
+// the math and the table lists); the C ABI is at the end of this file,
+// declared in fastadv.h ("DP-SGD").
 //
 // Tables (multi_tensor.cuh) are built over the per-sample sizes n_t with three
 // lists: 0 = out [n_t], 1 = summed [n_t], 2 = per-sample gradients [B, n_t]

@@ -153,6 +153,76 @@ FASTADV_API int fastadv_sift_init(const void* x, float* delta, void* pert, int d
 FASTADV_API int64_t fastadv_sift_workspace_floats(int64_t rows);
 FASTADV_API int fastadv_sift_update(const void* x, float* delta, const float* grad, void* pert, int dtype, int64_t rows, int64_t cols, float* workspace, uint8_t* ok, float lr, void* stream);
 
+/* ---- input attacks (csrc/attacks.cu; fastadv.attacks) ----------------------
+ * The CUDA twin of fastadv/kernels/triton/attacks.py.  Tensors are contiguous
+ * [batch, per_sample]; out, adv, x (the clean images) and g share one dtype;
+ * math in fp32 with IEEE roundings in torchattacks' order, rounded once on
+ * store; `out` may equal `adv` (in place).  The per-sample sums are two-stage
+ * (per-chunk partials in `workspace`, summed in a fixed order by every update
+ * block): deterministic, no atomics. */
+
+/* out = clip01(x + clamp(adv + alpha*sign(g) - x, -eps, eps)); x == NULL:
+ * out = clip01(adv + alpha*sign(g)).  sign(0) = sign(NaN) = 0 (torch.sign). */
+FASTADV_API int fastadv_attack_linf_step(void* out, const void* adv, const void* x, const void* g,
+                                         int dtype, int64_t numel, float alpha, float eps,
+                                         void* stream);
+/* fp32 workspace floats of fastadv_attack_l2_step (kind 0) or
+ * fastadv_attack_momentum_step (kind 1); 0 when there is nothing to do. */
+FASTADV_API int64_t fastadv_attack_workspace_floats(int64_t batch, int64_t per_sample, int kind);
+/* Per sample: a = adv + alpha*g/(||g|| + eps_div); d = a - x;
+ * out = clip01(x + d*min(1, eps/||d||)), ||d||^2 taken as
+ * ||adv-x||^2 + 2s<adv-x, g> + s^2||g||^2, s = alpha/(||g|| + eps_div). */
+FASTADV_API int fastadv_attack_l2_step(void* out, const void* adv, const void* x, const void* g,
+                                       int dtype, int64_t batch, int64_t per_sample, float alpha,
+                                       float eps, float eps_div, float* workspace, void* stream);
+/* Per sample: m = g/mean(|g|) + decay*m (fp32, in place; first != 0: the old m
+ * is not read), out = clip01(x + clamp(adv + alpha*sign(m) - x, -eps, eps)). */
+FASTADV_API int fastadv_attack_momentum_step(void* out, const void* adv, const void* x,
+                                             const void* g, float* momentum, int first, int dtype,
+                                             int64_t batch, int64_t per_sample, float alpha,
+                                             float eps, float decay, float* workspace,
+                                             void* stream);
+
+/* ---- DP-SGD (csrc/dp.cu; fastadv.dp) ----------------------------------------
+ * The CUDA twin of fastadv/kernels/triton/dp.py (its docstring has the math).
+ * Per-sample tables (layout in csrc/multi_tensor.cuh) have three lists over
+ * the per-sample sizes n_t: 0 = out [n_t], 1 = summed [n_t], 2 = per-sample
+ * gradients [batch, n_t] (sample b's row at b * n_t); chunks of rng::kChunk
+ * (4096) elements; key = int64 device [seed, base] (csrc/rng.cuh). */
+
+/* partials[b * n_parts + col0 + c] = sum over chunk c of g[b]^2, for b < batch
+ * (per-sample gradients of dtype `gdtype`). */
+FASTADV_API int fastadv_dp_norm_partials(const int64_t* table, int64_t tensors, int64_t chunks,
+                                         int64_t chunk, int64_t batch, int gdtype, float* partials,
+                                         int64_t n_parts, int64_t col0, void* stream);
+/* out[b] = clip factor min(1, C * (1 / (n_b + 1e-6))) (0 when n_b is not finite),
+ * out[batch + b] = n_b (fp32 [2, batch]), n_b = sqrt of the fixed-order sum of
+ * row b of the partials; *count (int64, may be NULL) += number of non-finite norms. */
+FASTADV_API int fastadv_dp_clip_factors(const float* partials, int64_t n_parts, int64_t batch,
+                                        float* out, int64_t* count, float max_norm, void* stream);
+/* The fused pass: s = sum_b f_b g[b] (samples with factor 0 are not read) in
+ * fp32, [+ summed], [summed <- s], [+ std_ * z (Philox chunk chunk0 + c)],
+ * [/ divisor], out <- s.  flags: 1 read summed, 2 write summed, 4 write out,
+ * 8 noise, 16 secure (four streams, summed, halved), 32 divide.  out and
+ * summed have dtype `odtype`, the per-sample gradients `gdtype`. */
+FASTADV_API int fastadv_dp_clip_sum(const int64_t* table, int64_t tensors, int64_t chunks,
+                                    int64_t chunk, int64_t batch, int gdtype, int odtype,
+                                    const float* factors, const int64_t* key, float std_,
+                                    float divisor, int64_t chunk0, int flags, void* stream);
+/* Seed 000's optimizer (one-list table of gradients): partials[col0 + c] = sum
+ * over chunk c of g^2. */
+FASTADV_API int fastadv_dp_seed_sumsq(const int64_t* table, int64_t tensors, int64_t chunks,
+                                      int64_t chunk, int dtype, float* partials, int64_t col0,
+                                      void* stream);
+/* *out = sqrt(sum(partials[0, n))), fixed order. */
+FASTADV_API int fastadv_dp_global_norm(const float* partials, int64_t n, float* out, void* stream);
+/* In place g <- g * clamp(C * (1 / (*norm + 1e-6)), max=1) + sigma * z (noise when
+ * key != NULL), over a one-list table. */
+FASTADV_API int fastadv_dp_seed_update(const int64_t* table, int64_t tensors, int64_t chunks,
+                                       int64_t chunk, int dtype, const float* norm,
+                                       const int64_t* key, float max_norm, float sigma,
+                                       int64_t chunk0, void* stream);
+
 #ifdef __cplusplus
 } /* extern "C" */
 #endif
