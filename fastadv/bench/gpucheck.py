@@ -128,7 +128,8 @@ def _dtype_variants(module, cases: list, dtypes) -> list:
 
 def smoke_units(ops, device, backends=BACKENDS, dtypes=DTYPES) -> list[core.Unit]:
     """The smoke tier's units: the small cases of every op (the first size),
-    in every dtype, for every fastadv backend usable on ``device``."""
+    in every dtype, for every fastadv backend usable on ``device``;
+    round-robin over the ops (under the budget every op gets its first rows)."""
     from fastadv import bench
 
     units: list[core.Unit] = []
@@ -139,7 +140,7 @@ def smoke_units(ops, device, backends=BACKENDS, dtypes=DTYPES) -> list[core.Unit
             for impl in module.impls(case, device):
                 if impl.name in backends:
                     units.append(core.Unit(op, module, case, impl, len(units)))
-    return units
+    return core.interleave(units)
 
 
 def _sync_message(exc: BaseException) -> str | None:
