@@ -17,6 +17,11 @@ op                        math (fp32, rounded once to the images' dtype)        
                           ``pgd_step_`` with ``sign(m)``
 ========================  =========================================================  ==========
 
+Each is the registered op ``torch.ops.fastadv.attack_<name>_step_`` (see
+:mod:`fastadv.ops._registry`): it writes ``out`` when given, else ``adv``,
+declared as mutated (with ``momentum``); the Python functions validate, pick
+the backend and call it.
+
 ``sign`` is ``torch.sign`` (0 for 0 and for NaN).  On the ``triton`` and ``cuda``
 backends the L2 step's ``||d||`` comes from the same reduction pass as
 ``||g||`` (``||d_old + s g||^2 = d.d + 2 s d.g + s^2 g.g``): a reduction and an
@@ -39,13 +44,12 @@ writes m, adv).  See :func:`design_bytes`.
 from __future__ import annotations
 
 import numbers
+from typing import Optional
 
 import torch
 
-from .. import _backend
 from ..kernels import count_launch, device_guard
-
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from . import _registry
 
 
 # ---- validation ----------------------------------------------------------------------------------
@@ -112,37 +116,27 @@ def _like(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 
 
 def _pick(backend, adv, images, grad, out, momentum=None) -> str:
-    """The backend that runs this step; a kernel backend that cannot (dtype,
-    layout) falls back to torch under ``auto`` and raises when it was asked for."""
-    name = _backend.resolve(backend, adv.device)
-    if name == "torch":
-        return name
-    why, error = None, TypeError  # a dtype the kernels cannot take: TypeError; a layout: ValueError
-    if adv.dtype not in KERNEL_DTYPES:
-        why = (f"supports float32, float16 and bfloat16 images, got {adv.dtype} (it computes in "
-               f"float32; the torch backend computes float64 in float64)")
-    elif any(t is not None and t.dtype != adv.dtype for t in (images, grad)):
-        why = "needs images, adv and grad in one dtype"
-    elif momentum is not None and momentum.dtype != torch.float32:
-        why = f"needs a float32 momentum buffer, got {momentum.dtype}"
-    elif not all(_dense_batch_major(t) for t in (adv, out, momentum) if t is not None):
-        why, error = ("needs adv, out and momentum dense with the batch dimension outermost "
-                      "(e.g. contiguous)"), ValueError
+    """The backend that runs this step (:func:`fastadv.ops._registry.pick`):
+    the kernels take float32 / float16 / bfloat16 images, with adv, images and
+    grad in one dtype and a float32 momentum buffer (``TypeError`` when forced);
+    they walk adv, out and momentum as raw ``[batch, per_sample]`` memory, so
+    those must be dense with the batch outermost (contiguous, channels_last,
+    ...) and share one layout (``ValueError`` when forced)."""
+    same = [("adv", adv)] + [(what, t) for what, t in (("images", images), ("grad", grad)) if t is not None]
+    name = _registry.pick(backend, adv.device, dtypes=[("images", adv)], same_dtype=same)
+    if name != "torch" and momentum is not None:
+        name = _registry.pick(backend, adv.device, dtypes=[("momentum buffers", momentum)],
+                              allowed=(torch.float32,))
+    why = None
+    if not all(_dense_batch_major(t) for t in (adv, out, momentum) if t is not None):
+        why = "needs adv, out and momentum dense with the batch dimension outermost (e.g. contiguous)"
     elif any(t is not None and t.stride() != adv.stride() and t.numel() > 1 for t in (out, momentum)):
-        why, error = "needs adv, out and momentum in one memory layout", ValueError
-    if why is None:
+        why = "needs adv, out and momentum in one memory layout"
+    if name == "torch" or why is None:
         return name
-    if (backend or _backend.default()) != "auto":
-        raise error(f"the {name} backend {why}; use backend='torch'")
+    if _registry.forced(backend):  # the registry's rule for a limit pick() does not check
+        raise ValueError(f"the {name} backend {why}; use backend='torch'")
     return "torch"
-
-
-def _kernels(name: str):
-    if name == "triton":
-        from ..kernels.triton import attacks
-        return attacks
-    from ..kernels.cuda import attacks
-    return attacks
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -174,23 +168,102 @@ def _linf_project(a, x32, eps):
     return torch.clamp(x32 + torch.clamp(a - x32, min=-eps, max=eps), min=0, max=1)
 
 
-# ---- ops ------------------------------------------------------------------------------------------
+# ---- the registered ops ----------------------------------------------------------------------------
+# Each writes ``out`` when given, else ``adv`` in place (never both: the two are distinct tensors).
+
+@_registry.op("attack_fgsm_step_", mutates_args={"adv", "out"})
+def fgsm_step_op(adv: torch.Tensor, grad: torch.Tensor, out: Optional[torch.Tensor], alpha: float,
+                 backend: str) -> None:
+    """``clip01(adv + alpha * sign(grad))`` into ``out`` (None: into ``adv``)."""
+    target = adv if out is None else out
+    if backend == "torch":
+        count_launch("torch.attack_fgsm_step")
+        acc = _acc_of(adv, grad)
+        target.copy_(torch.clamp(_as(adv, acc) + alpha * _as(grad, acc).sign(), min=0, max=1))
+        return
+    with device_guard(adv):
+        _registry.kernels("attacks", backend).linf_step(_flat(adv), None, _flat(_like(grad, adv)),
+                                                        _flat(target), alpha, 0.0)
+
+
+@_registry.op("attack_pgd_step_", mutates_args={"adv", "out"})
+def pgd_step_op(adv: torch.Tensor, images: torch.Tensor, grad: torch.Tensor, out: Optional[torch.Tensor],
+                alpha: float, eps: float, backend: str) -> None:
+    """``clip01(images + clamp(adv + alpha*sign(grad) - images, -eps, eps))`` into ``out`` / ``adv``."""
+    target = adv if out is None else out
+    if backend == "torch":
+        count_launch("torch.attack_linf_step")
+        acc = _acc_of(adv, images, grad)
+        a = _as(adv, acc) + alpha * _as(grad, acc).sign()
+        target.copy_(_linf_project(a, _as(images, acc), eps))
+        return
+    with device_guard(adv):
+        _registry.kernels("attacks", backend).linf_step(_flat(adv), _flat(_like(images, adv)),
+                                                        _flat(_like(grad, adv)), _flat(target), alpha, eps)
+
+
+@_registry.op("attack_pgdl2_step_", mutates_args={"adv", "out"})
+def pgdl2_step_op(adv: torch.Tensor, images: torch.Tensor, grad: torch.Tensor, out: Optional[torch.Tensor],
+                  alpha: float, eps: float, eps_for_division: float, backend: str) -> None:
+    """One torchattacks PGD-L2 step into ``out`` / ``adv`` (a reduction, then the update)."""
+    target = adv if out is None else out
+    if backend == "torch":
+        count_launch("torch.attack_l2_step")
+        acc = _acc_of(adv, images, grad)
+        g, x = _as(grad, acc), _as(images, acc)
+        a = _as(adv, acc) + alpha * (g / (_per_sample_norm(g) + eps_for_division))
+        delta = a - x
+        dn = _per_sample_norm(delta)
+        factor = torch.min(eps / dn, torch.ones_like(dn))
+        target.copy_(torch.clamp(x + delta * factor, min=0, max=1))
+        return
+    with device_guard(adv):
+        _registry.kernels("attacks", backend).l2_step(_flat(adv), _flat(_like(images, adv)),
+                                                      _flat(_like(grad, adv)), _flat(target), alpha, eps,
+                                                      eps_for_division)
+
+
+@_registry.op("attack_mifgsm_step_", mutates_args={"adv", "out", "momentum"})
+def mifgsm_step_op(adv: torch.Tensor, images: torch.Tensor, grad: torch.Tensor, momentum: torch.Tensor,
+                   out: Optional[torch.Tensor], alpha: float, eps: float, decay: float, first: bool,
+                   backend: str) -> None:
+    """``momentum = grad / mean|grad| + decay * momentum`` in place (``first``:
+    the old momentum is not read), then the L-inf step on ``sign(momentum)``
+    into ``out`` / ``adv``."""
+    target = adv if out is None else out
+    if backend == "torch":
+        count_launch("torch.attack_momentum_step")
+        acc = _acc_of(adv, images, grad, momentum)
+        g = _as(grad, acc)
+        mean = g.abs().reshape(g.shape[0], -1).mean(dim=1).view(_bshape(g))
+        m = g / mean
+        if first:  # torchattacks adds a zero momentum times decay: the same bits without reading it
+            m = m + torch.zeros((), dtype=acc, device=m.device) * decay
+        else:
+            m = m + _as(momentum, acc) * decay
+        momentum.copy_(m)
+        a = _as(adv, acc) + alpha * m.sign()
+        target.copy_(_linf_project(a, _as(images, acc), eps))
+        return
+    with device_guard(adv):
+        _registry.kernels("attacks", backend).momentum_step(
+            _flat(adv), _flat(_like(images, adv)), _flat(_like(grad, adv)), _flat(momentum), _flat(target),
+            alpha, eps, decay, bool(first))
+
+
+for _op in (fgsm_step_op, pgd_step_op, pgdl2_step_op, mifgsm_step_op):
+    _op.register_fake(lambda *args: None)  # in place: nothing to allocate
+
+
+# ---- the functional API ----------------------------------------------------------------------------
 
 def fgsm_step_(adv: torch.Tensor, grad: torch.Tensor, alpha: float, *, out: torch.Tensor | None = None,
                backend: str | None = None) -> torch.Tensor:
     """``adv = clip01(adv + alpha * sign(grad))`` (FGSM with ``adv = images``, ``alpha = eps``)."""
     alpha = _number("alpha", alpha)
     _check_tensors(adv, None, grad, out)
-    target = adv if out is None else out
-    name = _pick(backend, adv, None, grad, out)
-    if name == "torch":
-        count_launch("torch.attack_fgsm_step")
-        acc = _acc_of(adv, grad)
-        target.copy_(torch.clamp(_as(adv, acc) + alpha * _as(grad, acc).sign(), min=0, max=1))
-        return target
-    with device_guard(adv):
-        _kernels(name).linf_step(_flat(adv), None, _flat(_like(grad, adv)), _flat(target), alpha, 0.0)
-    return target
+    fgsm_step_op(adv, grad, _distinct(adv, out), alpha, _pick(backend, adv, None, grad, out))
+    return adv if out is None else out
 
 
 def pgd_step_(adv: torch.Tensor, images: torch.Tensor, grad: torch.Tensor, alpha: float, eps: float, *,
@@ -198,18 +271,8 @@ def pgd_step_(adv: torch.Tensor, images: torch.Tensor, grad: torch.Tensor, alpha
     """``adv = clip01(images + clamp(adv + alpha*sign(grad) - images, -eps, eps))``: one L-inf PGD step."""
     alpha, eps = _number("alpha", alpha), _number("eps", eps)
     _check_tensors(adv, images, grad, out)
-    target = adv if out is None else out
-    name = _pick(backend, adv, images, grad, out)
-    if name == "torch":
-        count_launch("torch.attack_linf_step")
-        acc = _acc_of(adv, images, grad)
-        a = _as(adv, acc) + alpha * _as(grad, acc).sign()
-        target.copy_(_linf_project(a, _as(images, acc), eps))
-        return target
-    with device_guard(adv):
-        _kernels(name).linf_step(_flat(adv), _flat(_like(images, adv)), _flat(_like(grad, adv)),
-                                 _flat(target), alpha, eps)
-    return target
+    pgd_step_op(adv, images, grad, _distinct(adv, out), alpha, eps, _pick(backend, adv, images, grad, out))
+    return adv if out is None else out
 
 
 def pgdl2_step_(adv: torch.Tensor, images: torch.Tensor, grad: torch.Tensor, alpha: float, eps: float,
@@ -221,22 +284,9 @@ def pgdl2_step_(adv: torch.Tensor, images: torch.Tensor, grad: torch.Tensor, alp
     alpha, eps = _number("alpha", alpha), _number("eps", eps)
     eps_div = _number("eps_for_division", eps_for_division)
     _check_tensors(adv, images, grad, out)
-    target = adv if out is None else out
-    name = _pick(backend, adv, images, grad, out)
-    if name == "torch":
-        count_launch("torch.attack_l2_step")
-        acc = _acc_of(adv, images, grad)
-        g, x = _as(grad, acc), _as(images, acc)
-        a = _as(adv, acc) + alpha * (g / (_per_sample_norm(g) + eps_div))
-        delta = a - x
-        dn = _per_sample_norm(delta)
-        factor = torch.min(eps / dn, torch.ones_like(dn))
-        target.copy_(torch.clamp(x + delta * factor, min=0, max=1))
-        return target
-    with device_guard(adv):
-        _kernels(name).l2_step(_flat(adv), _flat(_like(images, adv)), _flat(_like(grad, adv)),
-                               _flat(target), alpha, eps, eps_div)
-    return target
+    pgdl2_step_op(adv, images, grad, _distinct(adv, out), alpha, eps, eps_div,
+                  _pick(backend, adv, images, grad, out))
+    return adv if out is None else out
 
 
 def mifgsm_step_(adv: torch.Tensor, images: torch.Tensor, grad: torch.Tensor, momentum: torch.Tensor,
@@ -252,26 +302,15 @@ def mifgsm_step_(adv: torch.Tensor, images: torch.Tensor, grad: torch.Tensor, mo
     _check_tensors(adv, images, grad, out, momentum)
     if momentum is None:
         raise TypeError("momentum must be a tensor")
-    target = adv if out is None else out
-    name = _pick(backend, adv, images, grad, out, momentum)
-    if name == "torch":
-        count_launch("torch.attack_momentum_step")
-        acc = _acc_of(adv, images, grad, momentum)
-        g = _as(grad, acc)
-        mean = g.abs().reshape(g.shape[0], -1).mean(dim=1).view(_bshape(g))
-        m = g / mean
-        if first:  # torchattacks adds a zero momentum times decay: the same bits without reading it
-            m = m + torch.zeros((), dtype=acc, device=m.device) * decay
-        else:
-            m = m + _as(momentum, acc) * decay
-        momentum.copy_(m)
-        a = _as(adv, acc) + alpha * m.sign()
-        target.copy_(_linf_project(a, _as(images, acc), eps))
-        return target
-    with device_guard(adv):
-        _kernels(name).momentum_step(_flat(adv), _flat(_like(images, adv)), _flat(_like(grad, adv)),
-                                     _flat(momentum), _flat(target), alpha, eps, decay, bool(first))
-    return target
+    mifgsm_step_op(adv, images, grad, momentum, _distinct(adv, out), alpha, eps, decay, bool(first),
+                   _pick(backend, adv, images, grad, out, momentum))
+    return adv if out is None else out
+
+
+def _distinct(adv: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor | None:
+    """``out=adv`` is the in-place step: the op is given ``out=None`` (a mutated
+    argument must not alias another)."""
+    return None if out is adv else out
 
 
 def design_bytes(kind: str, numel: int, element_size: int) -> int:
