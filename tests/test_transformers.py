@@ -641,6 +641,40 @@ def test_option_errors(tmp_path):
         t._check_supported()
 
 
+def test_ddp_two_processes_match_reference_and_stay_in_sync(tmp_path):
+    """torchrun, 2 CPU processes (gloo), gradient accumulation 2: on every rank
+    AdversarialTrainer gives the hand-written reference's weights, and the
+    ranks hold the same weights (the kept gradients are cloned under DDP)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
+           "--ddp-worker", str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    lines = [ln.split() for r in (0, 1) for ln in (tmp_path / f"rank{r}.txt").read_text().splitlines()]
+    assert len(lines) == 4, lines
+    for rank, mode, wrapped, ours_vs_ref, spread in lines:
+        assert wrapped == "DistributedDataParallel", lines
+        assert float(ours_vs_ref) <= 1e-6 and float(spread) == 0.0, lines
+
+
+def _ddp_worker(out):
+    import pathlib
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    gc.collect()
+    gc.freeze()
+    for mode in ("fgm", "awp"):  # the DDP path (kept gradients cloned) is the same for PGD
+        (ours, w), (_, w_ref) = run_pair("bert", mode, pathlib.Path(out) / mode, per_device_train_batch_size=2,
+                                         gradient_accumulation_steps=2, max_steps=2, ddp_backend="gloo")
+        diff = max(float((w[n] - w_ref[n]).abs().max()) for n in w)
+        flat = torch.cat([v.flatten() for v in w.values()])
+        every = [torch.zeros_like(flat) for _ in range(dist.get_world_size())]
+        dist.all_gather(every, flat)
+        spread = max(float((e - every[0]).abs().max()) for e in every)
+        with open(pathlib.Path(out) / f"rank{dist.get_rank()}.txt", "a") as f:  # one file per rank
+            f.write(f"{dist.get_rank()} {mode} {type(ours.model_wrapped).__name__} {diff:.3g} {spread:.3g}\n")
+
+
 def test_import_without_transformers_and_the_install_hint():
     code = r"""
 import sys
@@ -661,3 +695,7 @@ print("ok")
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+if __name__ == "__main__" and "--ddp-worker" in sys.argv:
+    _ddp_worker(sys.argv[sys.argv.index("--ddp-worker") + 1])

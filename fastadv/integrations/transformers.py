@@ -583,7 +583,8 @@ class EMACallback(_TrainerCallback):
                           "weights (use `with callback.applied(trainer.model): ...`)", stacklevel=2)
 
     def on_optimizer_step(self, args, state, control, **kwargs):
-        self.ema.update()
+        if self.ema is not None:
+            self.ema.update()
 
     def on_save(self, args, state, control, **kwargs):
         if self.ema is None or not state.is_world_process_zero:
