@@ -22,7 +22,7 @@ import dataclasses
 import torch
 
 from ..kernels import count_launch, device_guard
-from . import _registry
+from . import _dist, _registry
 from ._live import follow, retarget
 from ._registry import KERNEL_DTYPES  # noqa: F401  (re-exported for the ops built on FGM's)
 
@@ -138,6 +138,8 @@ def fgm_attack_(param: torch.Tensor, grad: torch.Tensor, epsilon: float, *,
     _check(param, grad, epsilon)
     if grad.is_sparse:
         grad = grad.to_dense()
+    if _dist.is_sharded(param):
+        return _sharded_attack(param, grad, float(epsilon), bool(row_sparse), backend)
     name = resolve(param, grad, backend)
     with torch.no_grad():
         backup = torch.empty_like(param)
@@ -145,14 +147,44 @@ def fgm_attack_(param: torch.Tensor, grad: torch.Tensor, epsilon: float, *,
     return FGMBackup(param, backup, rows if rows.numel() else None, name)
 
 
+def _sharded_attack(param, grad, epsilon: float, row_sparse: bool, backend) -> FGMBackup:
+    """FSDP2: the local shard is perturbed along the global ``g / ||g||``; the
+    norm's partial sum of squares is combined by one all_reduce (no host sync)."""
+    w, g = _dist.local(param), _dist.local(grad).detach()
+    name = resolve(w, g, backend)
+    group = _dist.shard_group(param)
+    with torch.no_grad():
+        backup = torch.empty_like(w)
+        if name == "torch":
+            count_launch("torch.fgm")
+            g32 = g.to(torch.float32)
+            norm = _dist.all_reduce_sum_((g32 * g32).sum().reshape(1), group).sqrt_()
+            backup.copy_(w)
+            invalid = (norm == 0) | torch.isnan(norm)
+            w.add_((epsilon * g32).div_(norm).masked_fill_(invalid, 0.0))
+            return FGMBackup(param, backup, None, name)
+        k, g = _registry.kernels("fgm", name), g.contiguous()
+        norm = torch.empty(1, dtype=torch.float32, device=w.device)
+        rows = torch.empty(w.shape[0], dtype=torch.uint8, device=w.device) if _by_rows(w, row_sparse, name) else None
+        with device_guard(w):
+            k.fgm_norm(g if rows is not None else g.view(1, -1), rows, norm)
+            norm = _dist.all_reduce_sum_(norm.square_(), group).sqrt_()
+            if rows is None:
+                k.fgm_update(w.view(1, -1), g.view(1, -1), backup, None, norm, epsilon)
+            else:
+                k.fgm_update(w, g, backup, rows, norm, epsilon)
+    return FGMBackup(param, backup, rows, name)
+
+
 def fgm_restore_(state: FGMBackup, param: torch.Tensor | None = None, name: str = "the parameter") -> None:
     """Put the saved values back, bit-exact, into ``param`` (default: the
     parameter attacked) as it is now: into its current storage if user code
     reallocated it (same shape and dtype; a device move is followed), else
     :class:`~fastadv.StorageMoved` is raised and ``state`` kept."""
-    target = state.param if param is None else param
+    state.param = state.param if param is None else param
+    target = _dist.local(state.param)  # FSDP2: the local shard
     retarget(name, state.data, target, "attack() and restore()")
-    state.data, state.rows, state.param = follow(state.data, target), follow(state.rows, target), target
+    state.data, state.rows = follow(state.data, target), follow(state.rows, target)
     backend = state.backend
     if state.rows is not None and (not target.is_contiguous() or _registry.unusable(backend, target)):
         backend = "torch"  # the storage moved where the kernel cannot go: exact dense write

@@ -14,7 +14,7 @@ import dataclasses
 import torch
 
 from ..kernels import count_launch, device_guard
-from . import _registry
+from . import _dist, _registry
 from ._live import follow, retarget
 from .fgm import _check, resolve
 
@@ -103,6 +103,8 @@ def pgd_attack_(param: torch.Tensor, grad: torch.Tensor, alpha: float, epsilon: 
     _check(param, grad, epsilon)
     if grad.is_sparse:
         grad = grad.to_dense()
+    if _dist.is_sharded(param):
+        return _sharded_step(param, grad, float(alpha), float(epsilon), state, name, backend)
     first = state is None
     if first:
         backend_name = resolve(param, grad, backend)
@@ -125,6 +127,37 @@ def pgd_attack_(param: torch.Tensor, grad: torch.Tensor, alpha: float, epsilon: 
     return state
 
 
+def _sharded_step(param, grad, alpha: float, eps: float, state, name: str, backend) -> PGDState:
+    """FSDP2: one step on the local shard.  The three sums the step needs
+    (``||g||^2``, ``||r||^2``, ``<r, g>``) are combined across the shards by one
+    all_reduce, then ``||r + s g||^2`` follows from them as in the kernels'
+    finalize.  Computed with torch ops on the shard (fp32 math)."""
+    w, g = _dist.local(param), _dist.local(grad).detach()
+    first = state is None
+    if first:
+        _registry.pick(backend, w.device)  # a forced backend that cannot run here still raises
+        state = PGDState(param, torch.empty_like(w), None, "torch")
+    else:
+        retarget(name, state.backup, w, "two PGD attack() steps")
+        state.backup, state.param = follow(state.backup, w), param
+    count_launch("torch.pgd")
+    with torch.no_grad():
+        if first:
+            state.backup.copy_(w)
+        g32, w32, w0 = g.to(torch.float32), w.to(torch.float32), state.backup.to(torch.float32)
+        r = w32 - w0
+        sums = _dist.all_reduce_sum_(torch.stack([(g32 * g32).sum(), (r * r).sum(), (r * g32).sum()]),
+                                     _dist.shard_group(param))
+        norm_g = sums[0].sqrt()
+        valid = (norm_g != 0) & ~torch.isnan(norm_g)
+        s = alpha / norm_g
+        norm_r = (sums[1] + 2 * s * sums[2] + s * s * sums[0]).clamp_min(0).sqrt()
+        d = (w32 + alpha * g32 / norm_g) - w0
+        d = torch.where(valid & (norm_r > eps), eps * d / norm_r, d)
+        w.copy_(torch.where(valid, w0 + d, w32))
+    return state
+
+
 def _follow(state: PGDState, param: torch.Tensor, name: str, between: str) -> None:
     """Point ``state`` at ``param``'s current storage, or raise if that is not exact."""
     retarget(name, state.backup, param, between)
@@ -138,9 +171,10 @@ def _follow(state: PGDState, param: torch.Tensor, name: str, between: str) -> No
 def pgd_restore_(state: PGDState, param: torch.Tensor | None = None, name: str = "the parameter") -> None:
     """Put ``w0`` back in place, bit-exact (``data_ptr`` unchanged), into
     ``param`` (default: the parameter attacked) as it is now."""
-    target = state.param if param is None else param
+    state.param = state.param if param is None else param
+    target = _dist.local(state.param)  # FSDP2: the local shard
     retarget(name, state.backup, target, "attack() and restore()")
-    state.backup, state.saved, state.param = follow(state.backup, target), follow(state.saved, target), target
+    state.backup, state.saved = follow(state.backup, target), follow(state.saved, target)
     backend = state.backend
     if state.saved is not None and (not target.is_contiguous() or _registry.unusable(backend, target)):
         backend = "torch"  # the storage moved where the kernel cannot go: exact dense write
