@@ -13,7 +13,6 @@ import math
 import os
 import subprocess
 import sys
-import warnings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
@@ -490,11 +489,11 @@ def test_resume_mid_epoch_keeps_awp_start_epoch_and_ema(tmp_path):
     assert cb_resumed.ema.num_updates == cb_full.ema.num_updates == 8
     assert_same_weights(cb_resumed.ema.shadow, cb_full.ema.shadow)
 
-    # AWP really ran from epoch 1: the same run without it differs
-    no_awp = AdversarialTrainer(model=fresh("bert"), args=arguments(tmp_path / "plain", **{**kw, "save_strategy": "no"}),
-                                train_dataset=data)
+    # AWP really ran from epoch 1: the same run without it differs, and so does AWP from epoch 0
+    unsaved = {**kw, "save_strategy": "no"}
+    no_awp = AdversarialTrainer(model=fresh("bert"), args=arguments(tmp_path / "plain", **unsaved), train_dataset=data)
     no_awp.train()
-    first_epoch = AdversarialTrainer(model=fresh("bert"), args=arguments(tmp_path / "e0", **{**kw, "save_strategy": "no"}),
+    first_epoch = AdversarialTrainer(model=fresh("bert"), args=arguments(tmp_path / "e0", **unsaved),
                                      train_dataset=data, adversarial="awp", adversarial_kwargs={**o, "start_epoch": 0})
     first_epoch.train()
     w, w0, w_all = params(full.model), params(no_awp.model), params(first_epoch.model)
