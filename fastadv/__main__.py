@@ -25,7 +25,7 @@ DEFAULT_OUT = "fastadv-bench"
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fastadv", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, metavar="{env,bench,gpucheck}")
     sub.add_parser("env", help="print versions, devices, usable backends, package and CUDA library paths")
     b = sub.add_parser("bench", help="check + count (+ time on a GPU) every op on this device",
                        description="Check each op against its reference, count launches, host syncs and "
@@ -79,6 +79,14 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--no-pytest", action="store_true", help="skip the `pytest -m gpu` step")
     g.add_argument("--pytest-timeout", type=float, default=None,
                    help="seconds for `pytest -m gpu` (default: 35%% of the budget, at most 180)")
+    w = sub.add_parser("_gpucheck_worker", help=argparse.SUPPRESS)  # one phase of gpucheck, in a child
+    w.add_argument("--phase", choices=("smoke", "bench"), required=True)
+    w.add_argument("--out", required=True)
+    w.add_argument("--ops", required=True)
+    w.add_argument("--deadline", type=float, required=True)
+    w.add_argument("--t0", type=float, required=True)
+    w.add_argument("--device", default=None)
+    w.add_argument("--dry-run", action="store_true")
     return p
 
 
@@ -198,10 +206,10 @@ def main(argv: list[str] | None = None) -> int:
         from fastadv import _env
 
         return _env.main()
-    if args.command in ("bench", "gpucheck"):
+    if args.command in ("bench", "gpucheck", "_gpucheck_worker"):
         import torch
 
-        dry = args.command == "gpucheck" and args.dry_run
+        dry = args.command != "bench" and args.dry_run
         dev_type = "cpu" if dry else _device(args.device).type if args.device else (
             "cuda" if torch.cuda.is_available() else "cpu")
         if not _interpreter_on(args, dev_type):
@@ -212,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
             return _bench(args)
         from fastadv.bench import gpucheck
 
-        return gpucheck.main(args)
+        return gpucheck.main(args) if args.command == "gpucheck" else gpucheck.worker(args)
     return 2  # pragma: no cover
 
 

@@ -17,6 +17,13 @@ call that fits well under 10 minutes (default budget: 420 s in all):
    budget is not started and says so (``not run``).  ``DIR/<device>.json`` and
    ``DIR/<device>.png`` as ``python -m fastadv bench`` writes them.
 
+The smoke tier and the bench run in worker processes that append each row to
+``DIR/smoke.jsonl`` / ``DIR/bench.jsonl`` as it finishes: nothing in fastadv has
+run on a GPU before, so a kernel that faults (a sticky CUDA error poisons the
+process) or hangs must not take the rest down.  After a fault the worker
+stops, after a hang past the phase's deadline it is killed; the row in flight
+is recorded as an error and a fresh worker goes on with the rows left.
+
 Everything printed also goes to ``DIR/gpucheck.log``; ``DIR/summary.json``
 says what passed, what failed and how long each phase took.  The exit status
 is 0 when the smoke tier, the tests and every bench check passed.
@@ -56,7 +63,8 @@ BACKENDS = ("triton", "cuda", "torch")
 
 class Log:
     """Print and append to ``DIR/gpucheck.log``, each line stamped with the
-    seconds since the start."""
+    seconds since ``t0`` (``time.time()`` of the check's start: the workers
+    write to the same log)."""
 
     def __init__(self, path: Path, t0: float):
         self.path, self.t0 = path, t0
@@ -67,7 +75,7 @@ class Log:
         self.file(text)
 
     def file(self, text: str) -> None:
-        stamp = f"[{time.monotonic() - self.t0:7.1f}s] "
+        stamp = f"[{time.time() - self.t0:7.1f}s] "
         for line in str(text).splitlines() or [""]:
             self.fh.write(stamp + line + "\n")
 
@@ -228,25 +236,6 @@ def smoke_unit(unit: core.Unit, device, *, budget: core.Budget | None = None) ->
     return row
 
 
-def run_smoke(units: list[core.Unit], device, *, budget: core.Budget | None, log, stream) -> list[dict]:
-    progress = core.Progress([u.key for u in units], stream=stream)
-    rows = []
-    last = {u.op: i for i, u in enumerate(units)}
-    for i, u in enumerate(units):
-        progress.start(u.key, u.label)
-        row = smoke_unit(u, device, budget=budget)
-        rows.append(row)
-        if row["status"] in ("FAIL", "ERROR"):
-            progress.message(f"  {row['status']} {u.label}: {row.get('why')}")
-            if row.get("traceback"):
-                log.file(row["traceback"])
-        progress.finish(u.key, None if row.get("budget") else row.get("wall_s"))
-        if last[u.op] == i and hasattr(u.module, "release"):
-            u.module.release()
-    progress.close()
-    return rows
-
-
 def smoke_table(rows: list[dict]) -> str:
     cols = ("op", "case", "impl", "status", "check", "sync", "launched")
     body = [(r["op"], r["case"], r["impl"], r["status"], (r.get("check") or "-").split(":")[0],
@@ -328,35 +317,168 @@ def bench_units(ops, device, *, dry: bool) -> list[core.Unit]:
         core.interleave([u for u in units if u.impl.name == "compiled"])
 
 
-def run_bench(ops, device, out_dir: Path, budget: core.Budget, log, stream, *, dry: bool) -> dict:
-    from fastadv.bench import core as c
+# --------------------------------------------------------------------------
+# workers: one phase's rows in a child process, appended to DIR/<phase>.jsonl
 
-    units = bench_units(ops, device, dry=dry)
-    if not dry:
+
+def _read_jsonl(path: Path) -> list[dict]:
+    out = []
+    if path.exists():
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                pass  # a line cut short by a dying process
+    return out
+
+
+def _row_key(row: dict) -> tuple:
+    return (row["op"], row["case"], row["impl"])
+
+
+def _cuda_fault(device) -> str | None:
+    """None when the CUDA context still works, else the (sticky) error."""
+    try:
+        torch.cuda.synchronize(device)
+        torch.ones(1, device=device).add_(1).cpu()
+        return None
+    except Exception as exc:  # an illegal address and its kind poison the process
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
+def worker(args) -> int:
+    """``python -m fastadv _gpucheck_worker``: run the rows of one phase not yet
+    in ``DIR/<phase>.jsonl`` until ``--deadline`` (``time.time()``), appending
+    ``{"start": key}`` before and ``{"row": row, "index": i}`` after each;
+    ``{"end": true}`` when every row has one.  Exit status 3 after a CUDA fault."""
+    out_dir = Path(args.out)
+    log = Log(out_dir / "gpucheck.log", args.t0)
+    stream = _TeeStream(log)
+    device = torch.device("cpu") if args.dry_run else torch.device(args.device)
+    ops = [o for o in args.ops.split(",") if o]
+    path = out_dir / f"{args.phase}.jsonl"
+    records = _read_jsonl(path)
+    done = {_row_key(r["row"]) for r in records if "row" in r}
+    budget = core.Budget(max(0.0, args.deadline - time.time()))
+    for r in records:  # what the rows took before a restart tells how long they take
+        row = r.get("row")
+        if row and row.get("wall_s") and not row.get("budget"):
+            budget.record((row["op"], row["impl"]), row["wall_s"])
+    if args.phase == "bench" and not args.dry_run:
         for impl, guess in FIRST_GUESS.items():
             for op in ops:
                 budget.last.setdefault((op, impl), guess)
+    smoke = args.phase == "smoke"
+    units = smoke_units(ops, device) if smoke else bench_units(ops, device, dry=args.dry_run)
+    todo = [u for u in units if (u.op, u.case.name, u.impl.name) not in done]
+    cpu = device.type == "cpu"
+    with open(path, "a", buffering=1) as fh:
+        def put(rec):
+            fh.write(json.dumps(rec) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+        if not smoke and not any("copy_gbps" in r for r in records):
+            put({"copy_gbps": core.measure_copy_bandwidth(device)})
+        if len(todo) < len(units):
+            log(f"{args.phase}: a fresh worker goes on with {len(todo)} of {len(units)} rows")
+        progress = core.Progress([u.key for u in todo], stream=stream)
+        last = {u.op: i for i, u in enumerate(todo)}
+        for i, u in enumerate(todo):
+            progress.start(u.key, u.label)
+            put({"start": [u.op, u.case.name, u.impl.name]})
+            if os.environ.get("FASTADV_GPUCHECK_CRASH_AT") == f"{args.phase}:{u.op}:{u.impl.name}:{u.case.name}":
+                os._exit(86)  # a rehearsed crash (tests): the parent must record it and go on
+            if smoke:
+                row = smoke_unit(u, device, budget=budget)
+                bad = row["status"] in ("FAIL", "ERROR")
+                if bad:
+                    progress.message(f"  {row['status']} {u.label}: {row.get('why')}")
+            else:
+                extra = getattr(u.case, "row_extra", lambda: {})()
+                row = core.run_unit(u.op, u.case.name, u.impl, device, warmup=5 if not cpu else 2,
+                                    iters=50 if not cpu else 5, timed=not cpu, log=progress.message,
+                                    extra=extra, trace=log.file, budget=budget, timing_cap_s=TIMING_CAP)
+                bad = bool(row.get("error"))
+            if row.get("traceback"):
+                log.file(row["traceback"])
+            fault = _cuda_fault(device) if bad and device.type == "cuda" else None
+            if fault:
+                row["cuda_fault"] = fault
+            put({"row": row, "index": u.index})
+            progress.finish(u.key, None if row.get("budget") else row.get("wall_s"))
+            if fault:
+                progress.close()
+                log(f"  CUDA fault after {u.label}: {fault}; this worker stops, a fresh one goes on")
+                return 3
+            if last[u.op] == i and hasattr(u.module, "release"):
+                u.module.release()
+        progress.close()
+        put({"end": True})
+    return 0
+
+
+def run_phase(phase: str, ops, args, out_dir: Path, deadline: float, t0: float, log, *,
+              max_workers: int = 8) -> tuple[list[dict], dict]:
+    """Run a phase in worker processes until every row is recorded or the
+    deadline passed (a worker still running 30 s after it is killed); the row
+    a dead or killed worker had in flight becomes an error row.  Returns the
+    rows in the natural order and the phase's other records."""
+    path = out_dir / f"{phase}.jsonl"
+    path.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "fastadv", "_gpucheck_worker", "--phase", phase, "--out", str(out_dir),
+           "--ops", ",".join(ops), "--deadline", repr(deadline), "--t0", repr(t0)]
+    cmd += ["--dry-run"] if args.dry_run else ["--device", str(args.device_resolved)]
+    info: dict = {"workers": 0, "faults": []}
+    for _ in range(max_workers):
+        if time.time() > deadline - 1 and info["workers"]:
+            break
+        info["workers"] += 1
+        try:
+            rc = subprocess.run(cmd, timeout=max(5.0, deadline - time.time()) + 30).returncode
+            why = None if rc == 0 else ("a CUDA fault" if rc == 3 else f"exit status {rc}")
+        except subprocess.TimeoutExpired:
+            rc, why = None, "killed: still running 30 s past the phase's deadline (a hung kernel?)"
+        records = _read_jsonl(path)
+        if any(r.get("end") for r in records):
+            break
+        finished = {tuple(r["row"][k] for k in ("op", "case", "impl")) for r in records if "row" in r}
+        starts = [tuple(r["start"]) for r in records if "start" in r]
+        if starts and starts[-1] not in finished:  # the worker died with this row in flight
+            op, case, impl = starts[-1]
+            row = {"op": op, "case": case, "impl": impl, "ms": None, "gbps": None,
+                   "status": "ERROR", "error": f"the worker process died running it ({why})",
+                   "why": f"the worker process died running it ({why})"}
+            with open(path, "a") as fh:
+                fh.write(json.dumps({"row": row, "index": -1}) + "\n")
+            log(f"  {phase}: worker {why} while running {op} {case} {impl}")
+        info["faults"].append(why or "worker stopped")
+        if rc is None:
+            break  # killed at the deadline: the phase's time is up
+    records = _read_jsonl(path)
+    rows = [r for r in records if "row" in r]
+    rows.sort(key=lambda r: r.get("index", -1) if r.get("index", -1) >= 0 else 10**9)
+    info["copy_gbps"] = next((r["copy_gbps"] for r in records if "copy_gbps" in r), None)
+    info["complete"] = any(r.get("end") for r in records)
+    return [r["row"] for r in rows], info
+
+
+def finish_bench(rows: list[dict], info: dict, device, out_dir: Path, budget_s: float, log, *,
+                 dry: bool) -> dict:
     cpu = torch.device(device).type == "cpu"
-    copy_gbps = c.measure_copy_bandwidth(device)
-    log(f"bench    {len(units)} rows, {budget.left():.0f} s of budget; copy bandwidth {copy_gbps:.1f} GB/s")
-    progress = c.Progress([u.key for u in units], stream=stream)
-    rows = c.run_plan(units, device, timed=not cpu, progress=progress, budget=budget, trace=log.file,
-                      timing_cap_s=TIMING_CAP)
-    progress.close()
-    order = {(u.op, u.case.name, u.impl.name): u.index for u in units}
-    rows.sort(key=lambda r: order.get((r["op"], r["case"], r["impl"]), 0))
-    c.add_derived(rows, copy_gbps, speedups=not cpu)
-    log(c.format_table(rows))
-    header = c.environment(device)
-    header["run"] = {"sizes": "real" if c.real_sizes(device) else "small", "timed": not cpu,
-                     "budget_s": budget.seconds, "by": "gpucheck"}
-    path = c.write_results(rows, out_dir, device, copy_gbps, header=header).resolve()
+    copy_gbps = info.get("copy_gbps")
+    core.add_derived(rows, copy_gbps, speedups=not cpu)
+    log(core.format_table(rows))
+    header = core.environment(device)
+    header["run"] = {"sizes": "real" if core.real_sizes(device) else "small", "timed": not cpu,
+                     "budget_s": budget_s, "by": "gpucheck"}
+    path = core.write_results(rows, out_dir, device, copy_gbps, header=header).resolve()
     log(f"results  {path}")
     png = None
     try:
-        png = str(Path(c.plot(path, path.with_suffix(".png"))).resolve())
+        png = str(Path(core.plot(path, path.with_suffix(".png"))).resolve())
         log(f"plot     {png}")
-    except c.NothingToPlot as exc:
+    except core.NothingToPlot as exc:
         log(f"plot     not drawn: {exc}")
     except ImportError as exc:
         log(f"plot     not drawn: {exc} (pip install matplotlib)")
@@ -364,6 +486,7 @@ def run_bench(ops, device, out_dir: Path, budget: core.Budget, log, stream, *, d
     return {"rows": len(rows), "checked_ok": sum(1 for r in rows if r.get("check") == "ok"),
             "failed": failed, "not_run_budget": sum(1 for r in rows if r.get("budget")),
             "skipped": sum(1 for r in rows if r.get("skipped") and not r.get("budget")),
+            "complete": info["complete"], "workers": info["workers"], "faults": info["faults"],
             "json": str(path), "png": png}
 
 
@@ -385,6 +508,7 @@ def main(args) -> int:
         device = torch.device(args.device) if args.device else torch.device("cuda", torch.cuda.current_device())
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
+    args.device_resolved = device
     from fastadv import bench
 
     ops = list(bench.OPS) if args.ops in ("all", "") else [o.strip() for o in args.ops.split(",") if o.strip()]
@@ -395,10 +519,9 @@ def main(args) -> int:
     total = args.budget if args.budget is not None else (DEFAULT_BUDGET_DRY if dry else DEFAULT_BUDGET)
     out_dir = Path(args.out).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
-    t0 = time.monotonic()
+    t0 = time.time()
+    end = t0 + total
     log = Log(out_dir / "gpucheck.log", t0)
-    stream = _TeeStream(log)
-    overall = core.Budget(total)
     summary: dict = {"dry_run": dry, "budget_s": total, "ops": ops}
     try:
         header = core.environment(device)
@@ -415,21 +538,21 @@ def main(args) -> int:
                 "host syncs counted instead of the sync debug mode; nothing timed")
 
         # 1. smoke tier
-        t = time.monotonic()
-        smoke_budget = core.Budget(min(SMOKE_MAX, SMOKE_SHARE * total))
-        units = smoke_units(ops, device)
-        log(f"\n== smoke tier: {len(units)} rows (backend x dtype x small case), "
-            f"at most {smoke_budget.seconds:.0f} s")
-        rows = run_smoke(units, device, budget=smoke_budget, log=log, stream=stream)
+        t = time.time()
+        cap = min(SMOKE_MAX, SMOKE_SHARE * total)
+        log(f"\n== smoke tier: every backend x dtype x small case, at most {cap:.0f} s")
+        rows, info = run_phase("smoke", ops, args, out_dir, t + cap, t0, log)
         (out_dir / "smoke.json").write_text(json.dumps({**header, "rows": rows}, indent=1) + "\n")
         log(smoke_table(rows))
         bad = [f"{r['op']} {r['case']} {r['impl']}: {r.get('why')}" for r in rows if r["status"] in ("FAIL", "ERROR")]
         summary["smoke"] = {"rows": len(rows), "ok": sum(1 for r in rows if r["status"] == "ok"),
                             "failed": bad, "skipped": sum(1 for r in rows if r["status"] == "skipped"),
                             "not_run_budget": sum(1 for r in rows if r.get("budget")),
-                            "seconds": round(time.monotonic() - t, 1)}
+                            "complete": info["complete"], "workers": info["workers"], "faults": info["faults"],
+                            "seconds": round(time.time() - t, 1)}
         log(f"smoke    {summary['smoke']['ok']} ok, {len(bad)} failed, {summary['smoke']['skipped']} skipped, "
-            f"{summary['smoke']['not_run_budget']} not run (budget) in {summary['smoke']['seconds']:.0f} s")
+            f"{summary['smoke']['not_run_budget']} not run (budget) in {summary['smoke']['seconds']:.0f} s"
+            + ("" if info["complete"] else " (stopped at its deadline)"))
 
         # 2. pytest -m gpu
         log("\n== pytest -m gpu")
@@ -438,23 +561,22 @@ def main(args) -> int:
             log("pytest   skipped (--no-pytest)")
         else:
             share = args.pytest_timeout if args.pytest_timeout is not None else min(PYTEST_MAX, PYTEST_SHARE * total)
-            timeout = max(0.0, min(share, overall.left() - BENCH_MIN - RESERVE))
+            timeout = max(0.0, min(share, end - time.time() - BENCH_MIN - RESERVE))
             summary["pytest"] = run_pytest(out_dir, timeout, log, dry=dry)
 
         # 3. the bench under what is left
-        t = time.monotonic()
-        left = overall.left()
-        log(f"\n== bench: {left:.0f} s left")
-        budget = core.Budget(max(0.0, left), reserve=RESERVE)
-        summary["bench"] = run_bench(ops, device, out_dir, budget, log, stream, dry=dry)
-        summary["bench"]["seconds"] = round(time.monotonic() - t, 1)
+        t = time.time()
+        log(f"\n== bench: {end - RESERVE - t:.0f} s left for it")
+        rows, info = run_phase("bench", ops, args, out_dir, end - RESERVE, t0, log)
+        summary["bench"] = finish_bench(rows, info, device, out_dir, total, log, dry=dry)
+        summary["bench"]["seconds"] = round(time.time() - t, 1)
     except Exception as exc:  # still write what we have
         import traceback
 
         log(f"gpucheck stopped: {type(exc).__name__}: {exc}")
         log.file(traceback.format_exc())
         summary["stopped"] = f"{type(exc).__name__}: {exc}"
-    summary["seconds"] = round(time.monotonic() - t0, 1)
+    summary["seconds"] = round(time.time() - t0, 1)
     ok = ("stopped" not in summary and not summary.get("smoke", {}).get("failed")
           and summary.get("pytest", {}).get("status") in ("ok", "skipped", "dry-run")
           and not summary.get("bench", {}).get("failed"))
