@@ -537,14 +537,24 @@ def test_ema_callback_follows_the_reference_ema_and_evaluates_on_it(tmp_path):
     assert_same_weights(params(t.model), live, tol=dict(rtol=0, atol=0))
 
 
-def test_ema_callback_with_a_plain_trainer_updates_and_warns(tmp_path):
-    cb = EMACallback(decay=0.5, evaluate_with_ema=True)
-    t = Trainer(model=fresh("bert"), args=arguments(tmp_path), train_dataset=dataset("seq", 0), callbacks=[cb])
+def test_ema_callback_with_a_plain_trainer_updates_resumes_and_warns(tmp_path):
+    def trainer():
+        cb = EMACallback(decay=0.5, evaluate_with_ema=True)
+        return Trainer(model=fresh("bert"), args=arguments(tmp_path, save_strategy="steps", save_steps=2),
+                       train_dataset=dataset("seq", 0), callbacks=[cb]), cb
+
+    t, cb = trainer()
     with pytest.warns(UserWarning, match="AdversarialTrainer"):
         t.train()
     assert cb.ema.num_updates == 3
     with cb.applied(t.model):
         assert_same_weights(params(t.model), cb.ema.shadow, tol=dict(rtol=0, atol=0))
+    # resumed by a plain Trainer: the callback finds the state in output_dir/checkpoint-<step>
+    again, cb_again = trainer()
+    with pytest.warns(UserWarning, match="AdversarialTrainer"):
+        again.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert cb_again.ema.num_updates == 3
+    assert_same_weights(cb_again.ema.shadow, cb.ema.shadow)
 
 
 # -- NEFTune --------------------------------------------------------------------
@@ -577,7 +587,7 @@ def test_neftune_hook_is_replaced_during_training(fused, tmp_path):
 
 
 def test_neftune_noise_has_trainers_distribution():
-    from scipy import stats
+    stats = pytest.importorskip("scipy.stats")
     from transformers.integrations.neftune import neftune_post_forward_hook
     emb = torch.nn.Embedding(V, 64)
     emb.neftune_noise_alpha = 5.0
