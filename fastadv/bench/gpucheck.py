@@ -307,13 +307,14 @@ def run_pytest(out_dir: Path, timeout: float, log, *, dry: bool) -> dict:
 
 
 def bench_units(ops, device, *, dry: bool) -> list[core.Unit]:
-    """Every row of the bench, the ``compiled`` ones last and round-robin over
-    the ops (so a short budget still gives each op its first compiled row).
-    On CPU (a dry run): the CPU main job's rows (smallest sizes, no compiled)."""
+    """Every row of the bench, round-robin over the ops case by case (so a
+    short budget still gives every op its first cases), the ``compiled`` rows
+    after all the others.  On CPU (a dry run): the CPU main job's rows
+    (smallest sizes, no compiled)."""
     if dry:
-        return core.plan(ops, device, quick=True, exclude=("compiled",))
+        return core.interleave(core.plan(ops, device, quick=True, exclude=("compiled",)))
     units = core.plan(ops, device)
-    return [u for u in units if u.impl.name != "compiled"] + \
+    return core.interleave([u for u in units if u.impl.name != "compiled"]) + \
         core.interleave([u for u in units if u.impl.name == "compiled"])
 
 
