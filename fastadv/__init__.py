@@ -10,6 +10,8 @@ from .optim import SAM  # noqa: E402
 from .adversarial.fgsm import adversarial_train_step  # noqa: E402
 from .ops.fgsm import fgsm_perturb  # noqa: E402
 from . import attacks, noise, sift  # noqa: E402
-from .dp.seed import DPOptimizer  # noqa: E402
+# seed 000's total-norm optimizer (NOT per-sample DP: that is fastadv.dp.DPOptimizer); it warns
+# on its first use, see fastadv/dp/seed.py
+from .dp.seed import _TopLevelDPOptimizer as DPOptimizer  # noqa: E402
 
 __all__ = ["FGM", "PGD", "AWP", "SAM", "ModelEMA", "swa_multi_avg_fn", "ema_multi_avg_fn", "fgsm_perturb", "adversarial_train_step", "attacks", "noise", "sift", "DPOptimizer", "BackendUnavailable", "StorageMoved", "__version__"]

@@ -9,14 +9,16 @@
   changed import; accounting, Poisson sampling and hooks stay Opacus's);
 * :func:`dp_logits`, :class:`DPLogits`, :func:`gaussian_sigma` -- noise on
   output logits (seed 004);
-* :class:`fastadv.dp.seed.DPOptimizer` -- seed 000's batch-level (not per-sample)
-  optimizer, fused.
+* :class:`fastadv.dp.seed.SeedDPOptimizer` -- seed 000's batch-level (NOT
+  per-sample) optimizer, fused; the seed's import ``fastadv.DPOptimizer`` is
+  that class too, and warns on first use that it is not this package's
+  :class:`DPOptimizer`.
 
 The optimizer and the engine need ``opacus`` (imported on first use).
 See docs/dp.md.
 """
 from ..ops.dp import add_noise, clip_and_accumulate, clip_and_noise  # noqa: F401
-from . import seed  # noqa: F401  (seed 000's optimizer: fastadv.dp.seed.DPOptimizer)
+from . import seed  # noqa: F401  (seed 000's optimizer: fastadv.dp.seed.SeedDPOptimizer)
 from .logits import DPLogits, dp_logits, gaussian_sigma  # noqa: F401
 
 _OPACUS_NAMES = {"DPOptimizer": "optimizer", "DistributedDPOptimizer": "optimizer",

@@ -1,5 +1,11 @@
 """Seed 000's ``DPOptimizer``, fused: clip the *total* gradient norm, add noise.
 
+Names: :class:`SeedDPOptimizer` (also ``fastadv.dp.seed.DPOptimizer``, the
+seed's own name in the seed's module) and ``fastadv.DPOptimizer``, the seed's
+import, a subclass that warns (:class:`SeedDPOptimizerWarning`, once per
+process) on its first instantiation that it is this optimizer and not
+:class:`fastadv.dp.DPOptimizer` (Opacus's, per-sample DP).
+
 NOT per-sample differential privacy.  This optimizer clips the gradient of
 the whole batch (``torch.nn.utils.clip_grad_norm_``) and adds ``N(0,
 noise_multiplier^2)`` to it.  Clipping the sum bounds the batch gradient's
@@ -25,17 +31,27 @@ kernel from Philox keyed by ``generator`` (default: the device's generator, so
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from ..ops import dp as _ops
 
+__all__ = ["SeedDPOptimizer", "DPOptimizer", "SeedDPOptimizerWarning"]
 
-class DPOptimizer(torch.optim.Optimizer):
-    """``DPOptimizer(params, noise_multiplier=1.0, max_grad_norm=1.0)``, seed 000's API.
+
+class SeedDPOptimizerWarning(UserWarning):
+    """``fastadv.DPOptimizer`` was used: seed 000's total-norm optimizer, not per-sample DP."""
+
+
+class SeedDPOptimizer(torch.optim.Optimizer):
+    """``SeedDPOptimizer(params, noise_multiplier=1.0, max_grad_norm=1.0)``, seed
+    000's ``DPOptimizer`` API: total-norm clip + noise, NOT per-sample DP.
 
     Example::
 
-        opt = fastadv.DPOptimizer(model.parameters(), noise_multiplier=0.01, max_grad_norm=1.0)
+        opt = fastadv.dp.seed.SeedDPOptimizer(model.parameters(), noise_multiplier=0.01,
+                                              max_grad_norm=1.0)
         loss.backward()
         opt.step()            # p.grad <- clip(p.grad) + noise; parameters unchanged
         inner_optimizer.step()
@@ -59,3 +75,30 @@ class DPOptimizer(torch.optim.Optimizer):
         _ops.clip_grad_norm_and_noise_([p.grad for p in params], self.max_grad_norm, self.noise_multiplier,
                                        generator=self.generator, backend=self.backend)
         return None
+
+
+DPOptimizer = SeedDPOptimizer  # the seed's name, in the seed's module (no warning: the path says it)
+
+WARNING = ("fastadv.DPOptimizer is seed 000's optimizer: it clips the TOTAL gradient norm of the batch "
+           "and adds N(0, noise_multiplier^2) noise -- NOT per-sample differential privacy, no "
+           "(epsilon, delta) guarantee.  For DP-SGD use fastadv.dp.DPOptimizer or "
+           "fastadv.dp.PrivacyEngine (Opacus's, per-sample clipping and accounting).  To keep the seed's "
+           "optimizer without this warning import fastadv.dp.seed.SeedDPOptimizer.")
+_warned = False
+
+
+class _TopLevelDPOptimizer(SeedDPOptimizer):
+    """``fastadv.DPOptimizer``: :class:`SeedDPOptimizer` (seed 000's import
+    keeps working) that warns on its first instantiation in the process, so
+    that it cannot be taken for :class:`fastadv.dp.DPOptimizer`."""
+
+    def __init__(self, *args, **kwargs):
+        global _warned
+        if not _warned:
+            _warned = True
+            warnings.warn(WARNING, SeedDPOptimizerWarning, stacklevel=2)
+        super().__init__(*args, **kwargs)
+
+
+_TopLevelDPOptimizer.__name__ = _TopLevelDPOptimizer.__qualname__ = "DPOptimizer"
+_TopLevelDPOptimizer.__module__ = "fastadv"

@@ -17,6 +17,25 @@ gradient once and writes the clipped sum, the noise drawn inside the kernel
 (Philox keyed from the PyTorch generator, see
 ``fastadv/kernels/triton/rng.py``).  Nothing is read back to the host.
 
+Registered ops (``torch.ops.fastadv.*``, see :mod:`fastadv.ops._registry`):
+
+==========================  ==============================================================
+``dp_clip_and_noise``       clip, sum (into ``summed`` when given), noise, scale into ``out``
+``dp_clip_and_accumulate``  clip and add the sum into ``summed`` (no noise)
+``dp_add_noise``            ``out = (x + noise) / divisor``
+``dp_seed_clip_noise_``     seed 000: total-norm clip + noise, in place on the gradients
+``dp_noise_key``            the Philox key ``[seed, base]`` (int64 device tensor) of one call
+``dp_normal``               the torch backend's noise, ``torch.normal`` as Opacus draws it
+==========================  ==============================================================
+
+Randomness enters the compute ops only as tensors: the kernel backends take
+the key (``key``), the torch backend the drawn noise (``noise``).  The Python
+functions below draw them from ``generator`` (eager), or through
+``dp_noise_key`` / ``dp_normal`` from the device's default generator when
+``generator`` is None -- the one form ``torch.compile`` can trace (a
+``torch.Generator`` cannot enter a graph): compiled and eager calls then draw
+the same numbers under one ``torch.manual_seed``.
+
 Non-finite samples.  A sample whose norm is NaN or inf (a NaN or inf anywhere
 in its gradient, or a norm beyond the fp32 range, about 1.8e19) gets factor 0:
 it is dropped from the sum (never multiplied in: ``0 * NaN`` would poison the
@@ -33,35 +52,28 @@ words, ``|z| <= 6.76``.  ``secure_mode=True`` draws the Philox key from
 ``z = (z_1 + z_2 + z_3 + z_4) / 2`` over four independent streams (Opacus's
 defence against floating-point attacks, which also lifts the bound on ``|z|``
 to 13.5); see docs/dp.md for the threat model.  The torch backend draws with
-``torch.normal`` from the same generator (other numbers, same distribution).
+``torch.normal`` from the same generator (other numbers, same distribution),
+every tensor's noise before the sums (it holds one noise tensor per output
+for the duration of the call).
 """
 from __future__ import annotations
 
 import math
 import numbers
 import os
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
-from .. import _backend
 from ..kernels import count_launch, device_guard, host
 from ..kernels.host import new_key  # noqa: F401  (part of this module's API)
+from . import _registry
 
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 CHUNK = host.RNG_CHUNK    # elements per work item: one Philox chunk
 NONFINITE = ("drop", "raise")
 
 
 # ---------------------------------------------------------------- helpers
-
-def _kernels(name: str):
-    if name == "triton":
-        from ..kernels.triton import dp
-        return dp
-    from ..kernels.cuda import dp
-    return dp
-
 
 _cache_obj = None
 
@@ -71,9 +83,6 @@ def _cache():
     if _cache_obj is None:
         _cache_obj = host.TableCache(maxsize=64)
     return _cache_obj
-
-
-
 
 
 def _number(value, what: str) -> float:
@@ -159,23 +168,180 @@ def _check_targets(ts, shapes, device, what: str) -> None:
             raise ValueError(f"{what}[{i}] is on {t.device}, the per-sample gradients on {device}")
 
 
-def _kernel_reason(gs, outs, summed, devices) -> str | None:
-    if len(devices) > 1:
-        return f"needs every tensor on one device, got {sorted(str(d) for d in devices)}"
-    for name, ts in (("grad_samples", gs), ("out", outs), ("summed", summed)):
-        for i, t in enumerate(ts or ()):
-            if t.dtype not in KERNEL_DTYPES:
-                return f"supports float32, float16 and bfloat16 tensors, got {t.dtype} ({name}[{i}])"
-            if name != "grad_samples" and not t.is_contiguous():
-                return f"writes contiguous tensors only; {name}[{i}] is not"
-    if outs is not None and summed is not None:
-        for i, (o, s) in enumerate(zip(outs, summed)):
-            if o.dtype != s.dtype:
-                return f"needs out and summed in one dtype, got {o.dtype} and {s.dtype} (index {i})"
+def _refuse(name: str, backend: str | None, why: str | None) -> str:
+    """``name``, or -- when the kernels of ``name`` cannot take the tensors for
+    a reason :func:`~fastadv.ops._registry.pick` does not check (``why``) --
+    the registry's rule: a forced backend raises ``ValueError``, ``auto`` takes
+    torch."""
+    if name == "torch" or why is None:
+        return name
+    if _registry.forced(backend):
+        raise ValueError(f"the {name} backend {why}; use backend='torch'")
+    return "torch"
+
+
+def _one_device(name: str, backend: str | None, devices) -> str:
+    """Tensors on several devices: one kernel launch runs on one device, the
+    torch backend takes them."""
+    why = None if len(devices) <= 1 else \
+        f"needs every tensor on one device, got {sorted(str(d) for d in devices)}"
+    return _refuse(name, backend, why)
+
+
+def _choose(backend: str | None, device, gs, outs, summed, devices) -> str:
+    """The backend of one DP call (:func:`fastadv.ops._registry.pick`): the
+    kernels take float32 / float16 / bfloat16 tensors, write contiguous ones,
+    and need ``out[i]`` and ``summed[i]`` in one dtype."""
+    dtypes = ([("per-sample gradients", g) for g in gs] + [("outputs", o) for o in outs or ()]
+              + [("summed tensors", s) for s in summed or ()])
+    contiguous = [("output", o) for o in outs or ()] + [("summed tensor", s) for s in summed or ()]
+    name = _registry.pick(backend, device, dtypes=dtypes, contiguous=contiguous)
+    mixed = [(o, s) for o, s in zip(outs or (), summed or ()) if o.dtype != s.dtype]
+    if name != "torch" and mixed:  # the registry's rule and message for the first pair that differs
+        o, s = mixed[0]
+        name = _registry.pick(backend, device, same_dtype=[("summed tensor", s), ("output", o)])
+    return _one_device(name, backend, devices)
+
+
+# ---------------------------------------------------------------- randomness, as tensors
+
+@_registry.op("dp_noise_key")
+def noise_key_op(like: list[torch.Tensor], secure: bool, follow_opacus: bool) -> torch.Tensor:
+    """The Philox key ``[seed, base]`` (int64, on ``like[0]``'s device) of one
+    noisy call, from the device's default generator (``secure``: from
+    ``os.urandom``).  ``follow_opacus``: :func:`noise_key` (on the CPU the
+    generator then moves as Opacus's ``torch.normal`` draws for ``like`` move
+    it), else :func:`new_key`."""
+    device = like[0].device
+    if follow_opacus:
+        return noise_key(device, None, secure, [(tuple(t.shape), t.dtype) for t in like])
+    return new_key(device, None, secure)
+
+
+@noise_key_op.register_fake
+def _(like, secure, follow_opacus):
+    return like[0].new_empty(2, dtype=torch.int64)
+
+
+@_registry.op("dp_normal")
+def normal_op(like: list[torch.Tensor], std: float, secure: bool) -> list[torch.Tensor]:
+    """The torch backend's noise: for each tensor of ``like``, a flat
+    ``N(0, std^2)`` draw of its size, in its dtype and on its device, from that
+    device's default generator (Opacus's non-secure ``torch.normal``); with
+    ``secure``, Opacus's secure draw (four float32 draws from a generator seeded
+    from ``os.urandom``, summed, times ``std / 2``)."""
+    return [_torch_noise((t.numel(),), std, t.device, None, secure, t.dtype) for t in like]
+
+
+@normal_op.register_fake
+def _(like, std, secure):
+    return [t.new_empty(t.numel(), dtype=torch.float32 if secure else t.dtype) for t in like]
+
+
+def _no_generator_when_compiling(generator) -> None:
+    if generator is not None and torch.compiler.is_compiling():
+        raise RuntimeError("fastadv.dp under torch.compile draws its noise from the default generator: "
+                           "pass generator=None (seed it with torch.manual_seed); a torch.Generator "
+                           "cannot be traced into a graph")
+
+
+def _draw_key(targets, generator, secure: bool, follow_opacus: bool = True) -> torch.Tensor:
+    """The key of a kernel backend's noisy call (a device tensor)."""
+    if generator is None or secure:
+        return noise_key_op(list(targets), bool(secure), follow_opacus)
+    _no_generator_when_compiling(generator)
+    device = targets[0].device
+    if follow_opacus:
+        return noise_key(device, generator, secure, [(tuple(t.shape), t.dtype) for t in targets])
+    return new_key(device, generator, secure)
+
+
+def _draw_noise(targets, std: float, generator, secure: bool) -> list[torch.Tensor]:
+    """The torch backend's noise for ``targets``, drawn before the sums (the
+    generators move as Opacus's draws move them: one per tensor, in order)."""
+    if generator is None or secure:
+        return normal_op(list(targets), float(std), bool(secure))
+    _no_generator_when_compiling(generator)
+    return [_torch_noise((t.numel(),), std, t.device, generator, False, t.dtype) for t in targets]
+
+
+# ---------------------------------------------------------------- the registered compute ops
+
+@_registry.op("dp_clip_and_noise", mutates_args={"summed", "out", "count"})
+def clip_and_noise_op(grad_samples: list[torch.Tensor], summed: list[torch.Tensor], out: list[torch.Tensor],
+                      count: Optional[torch.Tensor], key: Optional[torch.Tensor], noise: list[torch.Tensor],
+                      max_grad_norm: float, std: float, divisor: Optional[float], read_summed: bool,
+                      write_summed: bool, secure: bool, true_div: bool, check_raise: bool,
+                      backend: str) -> None:
+    """``out = (summed + sum_b f_b g[b] + noise) / divisor`` (``summed`` read
+    when ``read_summed``, overwritten with the noise-free sum when
+    ``write_summed``; empty: no carried sum).  The noise: ``std * z`` from
+    ``key`` (kernel backends; None: no noise) or the drawn ``noise`` tensors
+    (torch backend; empty: no noise).  ``count`` += the samples dropped for a
+    non-finite norm; ``check_raise`` raises before anything is written if one
+    was.  ``divisor`` None: no scaling; ``true_div``: Opacus's clip factor as
+    ``C / (n + 1e-6)`` (a tensor ``max_grad_norm``), on the torch backend."""
+    _run(backend, grad_samples, summed=summed, read_summed=read_summed, write_summed=write_summed, out=out,
+         count=count, key=key, noise=noise, max_grad_norm=max_grad_norm, std=std, divisor=divisor,
+         secure=secure, true_div=true_div, check_raise=check_raise)
+
+
+@clip_and_noise_op.register_fake
+def _(grad_samples, summed, out, count, key, noise, max_grad_norm, std, divisor, read_summed, write_summed,
+      secure, true_div, check_raise, backend):
     return None
 
 
-# ---------------------------------------------------------------- the fused op
+@_registry.op("dp_clip_and_accumulate", mutates_args={"summed", "count"})
+def clip_and_accumulate_op(grad_samples: list[torch.Tensor], summed: list[torch.Tensor],
+                           count: Optional[torch.Tensor], max_grad_norm: float, read_summed: bool,
+                           true_div: bool, check_raise: bool, backend: str) -> None:
+    """``summed = [summed +] sum_b f_b g[b]`` in place (read when ``read_summed``), no noise."""
+    _run(backend, grad_samples, summed=summed, read_summed=read_summed, write_summed=True, out=[],
+         count=count, key=None, noise=[], max_grad_norm=max_grad_norm, std=0.0, divisor=None, secure=False,
+         true_div=true_div, check_raise=check_raise)
+
+
+@clip_and_accumulate_op.register_fake
+def _(grad_samples, summed, count, max_grad_norm, read_summed, true_div, check_raise, backend):
+    return None
+
+
+@_registry.op("dp_add_noise", mutates_args={"out"})
+def add_noise_op(tensors: list[torch.Tensor], out: list[torch.Tensor], key: Optional[torch.Tensor],
+                 noise: list[torch.Tensor], std: float, divisor: Optional[float], secure: bool,
+                 backend: str) -> None:
+    """``out = (tensors + std * z) / divisor``, one launch on the kernel backends."""
+    _run(backend, [], summed=tensors, read_summed=True, write_summed=False, out=out, count=None, key=key,
+         noise=noise, max_grad_norm=1.0, std=std, divisor=divisor, secure=secure, true_div=False,
+         check_raise=False)
+
+
+@add_noise_op.register_fake
+def _(tensors, out, key, noise, std, divisor, secure, backend):
+    return None
+
+
+def _run(backend, gs, *, summed, read_summed, write_summed, out, count, key, noise, max_grad_norm, std,
+         divisor, secure, true_div, check_raise) -> None:
+    """The three compute ops' one implementation (lists may be empty)."""
+    if summed and out and any(o.data_ptr() == s.data_ptr() and o.numel() for o, s in zip(out, summed)):
+        raise ValueError("out and summed must be different tensors")
+    shapes = [tuple(g.shape[1:]) for g in gs] if gs else [tuple(s.shape) for s in summed]
+    args = dict(batch=gs[0].shape[0] if gs else 0, max_grad_norm=max_grad_norm, std=std,
+                summed=summed or None, read_summed=read_summed, write_summed=write_summed,
+                out=out or None, write_out=bool(out), divisor=divisor, secure=bool(secure), count=count,
+                check_raise=check_raise)
+    if backend == "torch":
+        _torch_fused(gs, shapes, noise=noise, true_div=true_div, **args)
+        return
+    ref = gs[0] if gs else (summed[0] if summed else out[0])
+    with device_guard(ref):
+        _kernel_fused(backend, [g if g.is_contiguous() else g.contiguous() for g in gs], shapes, key=key,
+                      **args)
+
+
+# ---------------------------------------------------------------- the general form (Python)
 
 def fused_clip_noise(grad_samples, *, max_grad_norm: float, std: float, summed=None,
                      read_summed: bool = False, write_summed: bool = False, out=None,
@@ -183,7 +349,10 @@ def fused_clip_noise(grad_samples, *, max_grad_norm: float, std: float, summed=N
                      shapes=None, expected_batch_size=None, generator=None, secure_mode: bool = False,
                      on_nonfinite: str = "drop", nonfinite_count: torch.Tensor | None = None,
                      backend: str | None = None):
-    """The general form of the ops below (the optimizers call it directly).
+    """The general form of the ops below (the optimizers call it directly):
+    validates, picks the backend, draws the key / noise and calls one of the
+    registered ops (``dp_clip_and_noise``, ``dp_clip_and_accumulate``,
+    ``dp_add_noise``).
 
     ``max_grad_norm`` as the user gave it (a number or a 0-d tensor: with a
     tensor Opacus's clip factor is ``C / (n + 1e-6)``, with a number
@@ -191,13 +360,17 @@ def fused_clip_noise(grad_samples, *, max_grad_norm: float, std: float, summed=N
     compute the latter, one fp32 rounding apart).
 
     ``grad_samples``: list of ``[B, *shape_t]`` (may be empty when ``shapes``
-    is given: no per-sample term).  ``summed``: tensors read (``read_summed``)
+    is given: then ``summed`` is read and ``out`` written, the
+    ``dp_add_noise`` op).  ``summed``: tensors read (``read_summed``)
     and / or written (``write_summed``: the noise-free sum) in place; allocated
     in ``out_dtype`` (default: each per-sample gradient's dtype) when None and
     written.  ``out``: written with ``(sum + std * z) / expected_batch_size``
     when ``write_out`` (allocated when None).  ``std``: the noise std itself
     (0: no noise, no key drawn).  Returns ``(out, summed)``, each None when
     not written.
+
+    With ``on_nonfinite="raise"`` the key / noise is drawn before the check:
+    a call that raises has still moved the generator.
     """
     if on_nonfinite not in NONFINITE:
         raise ValueError(f"on_nonfinite must be one of {NONFINITE}, got {on_nonfinite!r}")
@@ -227,8 +400,11 @@ def fused_clip_noise(grad_samples, *, max_grad_norm: float, std: float, summed=N
         out = _tensor_list(out, "out")
         _check_targets(out, shapes, out[0].device if not gs else device, "out")
         devices |= {t.device for t in out}
-        if summed is not None and any(o.data_ptr() == s.data_ptr() and o.numel() for o, s in zip(out, summed)):
-            raise ValueError("out and summed must be different tensors")
+    if not gs and not (read_summed and write_out and not write_summed):
+        raise ValueError("without per-sample gradients the op reads summed and writes out "
+                         "(read_summed=True, write_out=True, write_summed=False)")
+    if not write_out and not write_summed:
+        return None, None
     if write_summed and summed is None:
         summed = [torch.empty(s, dtype=dt, device=device) for s, dt in zip(shapes, dtypes)]
     if write_out and out is None:
@@ -238,28 +414,27 @@ def fused_clip_noise(grad_samples, *, max_grad_norm: float, std: float, summed=N
     true_div = isinstance(max_grad_norm, torch.Tensor)
     max_grad_norm = _number(max_grad_norm, "max_grad_norm")
     std = _number(std, "std")
-    noise = write_out and std != 0.0
 
-    name = _backend.resolve(backend, device)
-    if name != "torch":
-        why = _kernel_reason(gs, out if write_out else None, summed, devices)
-        if why is not None:
-            if (backend or _backend.default()) != "auto":
-                raise (TypeError if "supports" in why else ValueError)(
-                    f"the {name} backend {why}; use backend='torch'")
-            name = "torch"
+    name = _choose(backend, device, gs, out if write_out else None, summed, devices)
     count = nonfinite_count
     if on_nonfinite == "raise" and batch:
         count = torch.zeros(1, dtype=torch.int64, device=device)
-    args = dict(batch=batch, max_grad_norm=max_grad_norm, std=std, summed=summed,
-                read_summed=read_summed, write_summed=write_summed, out=out, write_out=write_out,
-                divisor=divisor, noise=noise, generator=generator, secure=bool(secure_mode), count=count,
-                check_raise=on_nonfinite == "raise")
-    if name == "torch":
-        _torch_fused(gs, shapes, true_div=true_div, **args)
+    check_raise = on_nonfinite == "raise"
+    key, noise = None, []
+    if write_out and std != 0.0:
+        if name == "torch":
+            noise = _draw_noise(out, std, generator, secure_mode)
+        else:
+            key = _draw_key(out, generator, secure_mode)
+    secure = bool(secure_mode)
+    if not gs:
+        add_noise_op(summed, out, key, noise, std, divisor, secure, name)
+    elif write_out:
+        clip_and_noise_op(gs, summed or [], out, count, key, noise, max_grad_norm, std, divisor,
+                          bool(read_summed), bool(write_summed), secure, true_div, check_raise, name)
     else:
-        with device_guard(ref):
-            _kernel_fused(name, [g if g.is_contiguous() else g.contiguous() for g in gs], shapes, **args)
+        clip_and_accumulate_op(gs, summed, count, max_grad_norm, bool(read_summed), true_div, check_raise,
+                               name)
     if count is not None and count is not nonfinite_count and nonfinite_count is not None:
         nonfinite_count.add_(count)
     return (out if write_out else None), (summed if write_summed else None)
@@ -275,8 +450,8 @@ def _raise_nonfinite(count: torch.Tensor) -> None:
 
 
 def _kernel_fused(name, gs, shapes, *, batch, max_grad_norm, std, summed, read_summed, write_summed,
-                  out, write_out, divisor, noise, generator, secure, count, check_raise) -> None:
-    k = _kernels(name)
+                  out, write_out, divisor, key, secure, count, check_raise) -> None:
+    k = _registry.kernels("dp", name)
     cache = _cache()
     targets = out if write_out else summed
     device = targets[0].device
@@ -285,8 +460,8 @@ def _kernel_fused(name, gs, shapes, *, batch, max_grad_norm, std, summed, read_s
     s_list = summed if summed is not None else targets
     keys = [(g_list[i].dtype, targets[i].dtype) for i in range(n)]
     groups: dict = {}
-    for i, key in enumerate(keys):
-        groups.setdefault(key, []).append(i)
+    for i, k_ in enumerate(keys):
+        groups.setdefault(k_, []).append(i)
     tables = []
     for (g_dtype, o_dtype), idx in groups.items():
         lists = [[targets[i] for i in idx], [s_list[i] for i in idx], [g_list[i] for i in idx]]
@@ -306,11 +481,11 @@ def _kernel_fused(name, gs, shapes, *, batch, max_grad_norm, std, summed, read_s
         k.clip_factors(partials, max_grad_norm, factors, count)
         if check_raise:
             _raise_nonfinite(count)
-    key = noise_key(device, generator, secure, [(tuple(t.shape), t.dtype) for t in targets]) if noise else None
+    noisy = key is not None and write_out
     chunk0 = 0
     for table, g_dtype, o_dtype in tables:
-        k.clip_sum(table, g_dtype, o_dtype, batch if gs else 0, factors, key, std, divisor, chunk0,
-                   read_summed=read_summed, write_summed=write_summed, write_out=write_out,
+        k.clip_sum(table, g_dtype, o_dtype, batch if gs else 0, factors, key if noisy else None, std, divisor,
+                   chunk0, read_summed=read_summed, write_summed=write_summed, write_out=write_out,
                    secure=secure)
         chunk0 += table.n_chunks
 
@@ -379,10 +554,11 @@ def _torch_noise(shape, std, device, generator, secure, dtype=torch.float32) -> 
 
 
 def _torch_fused(gs, shapes, *, batch, max_grad_norm, std, summed, read_summed, write_summed, out,
-                 write_out, divisor, noise, generator, secure, count, check_raise, true_div=False) -> None:
+                 write_out, divisor, noise, secure, count, check_raise, true_div=False) -> None:
     """Pure-PyTorch path (any device and float dtype); no host sync.  Opacus's
-    ops in Opacus's order (fp32 results are its bits under one seed); the
-    noise is drawn in each output's dtype, as Opacus draws it."""
+    ops in Opacus's order (fp32 results are its bits under one seed); ``noise``
+    (drawn by :func:`_draw_noise` in each output's dtype, as Opacus draws it;
+    empty: no noise) is added to the sums."""
     count_launch("torch.dp_clip_noise")
     factors = finite = None
     targets = [t for t in (out if write_out else []) + (summed or [])]
@@ -408,7 +584,7 @@ def _torch_fused(gs, shapes, *, batch, max_grad_norm, std, summed, read_summed, 
             summed[i].copy_(s.view(summed[i].shape))
         if write_out:
             if noise:
-                s = s + _torch_noise(s.shape, std, s.device, generator, secure, out[i].dtype).to(acc)
+                s = s + noise[i].reshape(-1).to(acc)
             if divisor is not None:
                 s = s / divisor
             out[i].copy_(s.view(out[i].shape))
@@ -435,7 +611,9 @@ def clip_and_noise(grad_samples: Sequence[torch.Tensor], max_grad_norm: float, n
     noise.  ``out``: tensors to write the result into (contiguous).
     ``nonfinite_count``: int64 device tensor, increased by the number of
     samples dropped for a non-finite norm; ``on_nonfinite="raise"`` raises
-    instead (one host sync).  See the module docstring for the rest.
+    instead (one host sync).  ``generator`` None (the device's default
+    generator) is the form ``torch.compile`` traces.  See the module docstring
+    for the rest.
     """
     check_hyperparameters(max_grad_norm, noise_multiplier)
     res, _ = fused_clip_noise(grad_samples, max_grad_norm=max_grad_norm,
@@ -480,6 +658,44 @@ def add_noise(tensors: Sequence[torch.Tensor], std: float, *, expected_batch_siz
 
 # ---------------------------------------------------------------- seed 000: clip the total norm + noise
 
+@_registry.op("dp_seed_clip_noise_", mutates_args={"grads"})
+def seed_clip_noise_op(grads: list[torch.Tensor], key: Optional[torch.Tensor], noise: list[torch.Tensor],
+                       max_norm: float, noise_multiplier: float, backend: str) -> None:
+    """Seed 000's step in place: ``g = g * min(1, C / (||all||_2 + 1e-6)) +
+    noise_multiplier * z``, ``z`` from ``key`` (kernel backends) or the drawn
+    standard normal ``noise`` (torch backend); None / empty: no noise."""
+    if backend == "torch":
+        _torch_seed(grads, max_norm, noise_multiplier, noise)
+        return
+    device = grads[0].device
+    with device_guard(grads[0]):
+        k = _registry.kernels("dp", backend)
+        cache = _cache()
+        groups: dict = {}
+        for i, g in enumerate(grads):
+            groups.setdefault(g.dtype, []).append(i)
+        tables = [(cache.get("dp_seed", [[grads[i] for i in idx]], chunk=CHUNK), dtype)
+                  for dtype, idx in groups.items()]
+        n_parts = sum(t.n_chunks for t, _ in tables)
+        partials = torch.empty(n_parts, dtype=torch.float32, device=device) if n_parts else \
+            torch.zeros(1, dtype=torch.float32, device=device)
+        col = 0
+        for table, dtype in tables:
+            k.seed_sumsq(table, dtype, partials, col)
+            col += table.n_chunks
+        norm = torch.empty(1, dtype=torch.float32, device=device)
+        k.global_norm(partials, n_parts, norm)
+        chunk0 = 0
+        for table, dtype in tables:
+            k.seed_update(table, dtype, norm, key, max_norm, noise_multiplier, chunk0)
+            chunk0 += table.n_chunks
+
+
+@seed_clip_noise_op.register_fake
+def _(grads, key, noise, max_norm, noise_multiplier, backend):
+    return None
+
+
 def clip_grad_norm_and_noise_(grads: Sequence[torch.Tensor], max_norm: float, noise_multiplier: float, *,
                               generator: torch.Generator | None = None,
                               backend: str | None = None) -> None:
@@ -494,59 +710,27 @@ def clip_grad_norm_and_noise_(grads: Sequence[torch.Tensor], max_norm: float, no
         return
     max_norm = _number(max_norm, "max_grad_norm")
     sigma = _number(noise_multiplier, "noise_multiplier")
-    devices = {g.device for g in gs}
     device = gs[0].device
-    name = _backend.resolve(backend, device)
-    if name != "torch":
-        why = None
-        if len(devices) > 1:
-            why = "needs every gradient on one device"
-        elif any(g.dtype not in KERNEL_DTYPES for g in gs):
-            why = "supports float32, float16 and bfloat16 gradients"
-        elif any(not g.is_contiguous() or g.is_sparse for g in gs):
-            why = "needs dense contiguous gradients"
-        if why is not None:
-            if (backend or _backend.default()) != "auto":
-                raise (TypeError if "supports" in why else ValueError)(f"the {name} backend {why}; "
-                                                                       f"use backend='torch'")
-            name = "torch"
-    if name == "torch":
-        _torch_seed(gs, max_norm, sigma, generator)
-        return
-    with device_guard(gs[0]):
-        k = _kernels(name)
-        cache = _cache()
-        groups: dict = {}
-        for i, g in enumerate(gs):
-            groups.setdefault(g.dtype, []).append(i)
-        tables = [(cache.get("dp_seed", [[gs[i] for i in idx]], chunk=CHUNK), dtype)
-                  for dtype, idx in groups.items()]
-        n_parts = sum(t.n_chunks for t, _ in tables)
-        partials = torch.empty(n_parts, dtype=torch.float32, device=device) if n_parts else \
-            torch.zeros(1, dtype=torch.float32, device=device)
-        col = 0
-        for table, dtype in tables:
-            k.seed_sumsq(table, dtype, partials, col)
-            col += table.n_chunks
-        norm = torch.empty(1, dtype=torch.float32, device=device)
-        k.global_norm(partials, n_parts, norm)
-        key = new_key(device, generator) if sigma != 0 else None
-        chunk0 = 0
-        for table, dtype in tables:
-            k.seed_update(table, dtype, norm, key, max_norm, sigma, chunk0)
-            chunk0 += table.n_chunks
+    if any(g.is_sparse for g in gs):
+        name = _refuse(_registry.pick(backend, device), backend, "needs dense gradients")
+    else:
+        name = _registry.pick(backend, device, dtypes=[("gradients", g) for g in gs],
+                              contiguous=[("gradient", g) for g in gs])
+    name = _one_device(name, backend, {g.device for g in gs})
+    key, noise = None, []
+    if sigma != 0:
+        if name == "torch":
+            noise = _draw_noise(gs, 1.0, generator, False)
+        else:
+            key = _draw_key(gs, generator, False, follow_opacus=False)
+    seed_clip_noise_op(gs, key, noise, max_norm, sigma, name)
 
 
-def _torch_seed(gs, max_norm, sigma, generator) -> None:
+def _torch_seed(gs, max_norm, sigma, noise) -> None:
     count_launch("torch.dp_seed_clip_noise")
     total = torch.nn.utils.get_total_norm(gs)
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
     for g in gs:
         g.mul_(coef.to(g.device))
-    if sigma != 0:
-        for g in gs:
-            if generator is None or host.same_device(generator.device, g.device):
-                g.add_(torch.randn(g.shape, dtype=g.dtype, device=g.device, generator=generator) * sigma)
-            else:
-                g.add_(torch.randn(g.shape, dtype=g.dtype, device=generator.device,
-                                   generator=generator).to(g.device) * sigma)
+    for g, z in zip(gs, noise):  # as the seed: g += randn_like(g) * sigma
+        g.add_(z.view(g.shape) * sigma)
