@@ -10,7 +10,8 @@ from torch import nn
 from fastadv.reference import (AWP, PGD, DPOptimizer, GaussianNoise, add_gaussian_noise,
                                adversarial_train_step, clip_and_noise, ffgsm, fgsm_perturb,
                                mifgsm_torchattacks, noisy_token_ids, pgdl2, weight_noise)
-from fastadv.reference.mifgsm import fgsm, mifgsm, pgd
+from fastadv.reference.attacks import fgsm, pgd
+from fastadv.reference.mifgsm import mifgsm
 
 V, D, C, B, L = 11, 6, 3, 4, 5
 

@@ -1,9 +1,8 @@
-"""MI-FGSM of seed ``002_a8eb003f55ca757d.txt`` and the input-space attacks of
-torchattacks (FGSM, PGD, PGD-L2, MI-FGSM, FFGSM), written from their math.
-
-The seed's ``mifgsm`` has no installable peer: tests/test_attacks.py checks
-against it.  The torchattacks ones are kept for tests/test_reference.py and
-the benchmarks; fastadv.attacks is tested against torchattacks 3.5.1 itself.
+"""The input-space attacks of torchattacks (FGSM, PGD, PGD-L2, MI-FGSM, FFGSM),
+written from their math: the reference of ``fastadv.attacks`` /
+``fastadv.ops.attacks`` (tests/test_reference.py checks them; fastadv.attacks
+itself is tested against torchattacks 3.5.1).  Seed 002's MI-FGSM, which has
+no installable peer, is :func:`fastadv.reference.mifgsm.mifgsm`.
 
 Images live in ``[0, 1]``; ``B`` is the batch (first) dimension and per-sample
 reductions run over all other dimensions (torchattacks assumes NCHW; any rank
@@ -29,13 +28,9 @@ adversarial images; the model's train/eval mode is left to the caller.
   The start is drawn as torchattacks draws it, ``randn_like(x).uniform_``
   (a normal draw overwritten by the uniform one), so the generator advances
   the same way.
-* ``mifgsm`` (seed 002): ``alpha = eps / steps``, ``g_0 = 0``,
-  ``g_{t+1} = decay * g_t + grad / ||grad||_1`` (per-sample L1 mean, as
-  torchattacks), ``x_{t+1} = x_t + alpha * sign(g_{t+1})``, projected to the
-  L-inf eps ball and to [0, 1]; any ``loss_fn(logits, y)``.
 
-``fgsm``, ``pgd`` and ``mifgsm`` are not re-exported by ``fastadv.reference``
-(they would shadow its submodules of the same names): import them from here.
+``fgsm`` and ``pgd`` are not re-exported by ``fastadv.reference`` (they would
+shadow its submodules of the same names): import them from here.
 """
 import torch
 import torch.nn.functional as F
@@ -124,6 +119,3 @@ def ffgsm(model, images, labels, eps=8 / 255, alpha=10 / 255, targeted=False, ta
     g = _grad(model, adv, labels, targeted, target_labels)
     return _linf_project(x, adv + alpha * g.sign(), eps)
 
-
-def mifgsm(model, x, y, eps, steps=10, decay=1.0, loss_fn=F.cross_entropy):
-    return _momentum_attack(model, x, y, eps, eps / steps, steps, decay, False, None, loss_fn)
