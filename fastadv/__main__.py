@@ -210,8 +210,12 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         dry = args.command != "bench" and args.dry_run
-        dev_type = "cpu" if dry else _device(args.device).type if args.device else (
+        dev_type = "cpu" if dry else torch.device(args.device).type if args.device else (
             "cuda" if torch.cuda.is_available() else "cpu")
+        if dev_type == "cuda" and not torch.cuda.is_available():
+            print(f"--device {args.device}: no CUDA device here (torch {torch.__version__}, "
+                  f"torch.cuda.is_available() is False)", file=sys.stderr)
+            return 2
         if not _interpreter_on(args, dev_type):
             env = dict(os.environ, TRITON_INTERPRET="1")
             argv = sys.argv[1:] if argv is None else list(argv)
