@@ -1185,6 +1185,19 @@ def test_compiled_dp_step_has_no_graph_break(backend, device):
     assert not ours, ours
 
 
+def test_compiled_call_with_a_generator_says_what_to_do():
+    """A torch.Generator cannot enter a graph: under torch.compile the wrapper
+    refuses it with the fix (generator=None, torch.manual_seed)."""
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(0)
+
+    def step(g):
+        return dp.clip_and_noise([g], 1.0, 0.5, generator=gen, backend="torch")[0]
+
+    with pytest.raises(Exception, match=r"(?s)generator=None.*manual_seed"):
+        torch.compile(step, fullgraph=True)(torch.randn(4, 3))
+
+
 # ------------------------------------------------------------------ seed 000's name
 
 def test_seed_optimizer_names_cannot_be_confused():

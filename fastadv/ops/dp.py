@@ -329,7 +329,8 @@ def _run(backend, gs, *, summed, read_summed, write_summed, out, count, key, noi
         raise ValueError("out and summed must be different tensors")
     shapes = [tuple(g.shape[1:]) for g in gs] if gs else [tuple(s.shape) for s in summed]
     args = dict(batch=gs[0].shape[0] if gs else 0, max_grad_norm=max_grad_norm, std=std,
-                summed=summed or None, read_summed=read_summed, write_summed=write_summed,
+                summed=summed or None, read_summed=read_summed and bool(summed),
+                write_summed=write_summed and bool(summed),
                 out=out or None, write_out=bool(out), divisor=divisor, secure=bool(secure), count=count,
                 check_raise=check_raise)
     if backend == "torch":
