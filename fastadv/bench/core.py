@@ -244,10 +244,13 @@ class _CountingMode(TorchDispatchMode):
 
 
 def _launch_diff(before: collections.Counter) -> collections.Counter:
+    """fastadv kernel launches since ``before``.  ``torch.*`` entries are
+    markers of the torch backend (which ran aten ops, counted as such), not
+    kernels, and are left out."""
     from fastadv.kernels import LAUNCHES
 
     return collections.Counter({k: v - before.get(k, 0) for k, v in LAUNCHES.items()
-                                if v - before.get(k, 0) > 0})
+                                if v - before.get(k, 0) > 0 and not k.startswith("torch.")})
 
 
 def count(fn: Callable[[], Any], design_bytes: int | Callable[[collections.Counter], int] | None = None
