@@ -8,7 +8,6 @@ reason and the fix, never a silent fallback.
 """
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -26,14 +25,18 @@ def triton_interpreter() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=None)
+_TRITON_ERROR: list = []  # filled once: [None] or [reason] (a plain cache that Dynamo traces)
+
+
 def _triton_import_error() -> str | None:
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception as exc:  # ImportError, or a broken install
-        return f"triton cannot be imported ({exc}); install it with `pip install triton`"
-    return None
+    if not _TRITON_ERROR:
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401
+            _TRITON_ERROR.append(None)
+        except Exception as exc:  # ImportError, or a broken install
+            _TRITON_ERROR.append(f"triton cannot be imported ({exc}); install it with `pip install triton`")
+    return _TRITON_ERROR[0]
 
 
 def why_not(backend: str, device: torch.device) -> str | None:
