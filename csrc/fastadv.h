@@ -122,36 +122,77 @@ FASTADV_API int fastadv_pgd_restore_rows(void* w, const void* backup, int dtype,
 FASTADV_API int fastadv_fgsm_perturb(const void* e, const void* g, void* out, int dtype,
                                      int64_t n, float eps, void* stream);
 
-/* ---- multi-tensor ops (AWP, SAM, EMA / SWA): `table` is the device work list of
- * fastadv/kernels/triton/multi_tensor.py (layout in csrc/multi_tensor.cuh); one block
- * per chunk of `chunk` elements (a positive multiple of 16).  AWP/SAM lists: 0 = w,
- * 1 = g, 2 = backup; lerp: 0 = average, 1 = model. */
+/* ---- multi-tensor plumbing (csrc/multi_tensor.cu) --------------------------------------
+ * `table` is the device work list of fastadv/kernels/host.py (TensorTable; layout in
+ * csrc/multi_tensor.cuh): `lists` lists of `tensors` tensors cut into `chunks` chunks of
+ * `chunk` elements (a positive multiple of 16), one block per chunk.
+ *
+ * fastadv_mt_sumsq: one fp32 partial per chunk over lists 0 = w, 1 = g; mode 0 (AWP):
+ * partials[c] = sum g^2 and partials[chunks + c] = sum w^2; mode 1 (SAM): sum g^2;
+ * mode 2 (ASAM): sum (|w| g)^2.  fastadv_mt_norms: out[a * tensors + t] = sqrt(sum of
+ * tensor t's partials in array a), partials laid out [arrays][chunks], fixed order.
+ * fastadv_mt_global_norm: *out = sqrt(sum of partials[0, n)), fixed order.
+ * fastadv_mt_copy: list dst_list <- list src_list, bit-exact when the dtypes match. */
 FASTADV_API int fastadv_mt_sumsq(const int64_t* table, int lists, int64_t tensors, int64_t chunks,
                                  int64_t chunk, int dtype, int mode, float* partials, void* stream);
 FASTADV_API int fastadv_mt_norms(const int64_t* table, int lists, int64_t tensors, int64_t chunks,
                                  const float* partials, int arrays, float* out, void* stream);
 FASTADV_API int fastadv_mt_global_norm(const float* partials, int64_t n, float* out, void* stream);
-FASTADV_API int fastadv_awp_update(const int64_t* table, int64_t tensors, int64_t chunks, int64_t chunk,
-                                   int dtype, const float* norms, float lr, float eps, int write_backup,
-                                   void* stream);
-FASTADV_API int fastadv_sam_update(const int64_t* table, int64_t tensors, int64_t chunks, int64_t chunk,
-                                   int dtype, const float* norm, float rho, int adaptive, void* stream);
-FASTADV_API int fastadv_mt_lerp(const int64_t* table, int64_t tensors, int64_t chunks, int64_t chunk,
-                                int dtype_a, int dtype_x, float weight, const int64_t* count, void* stream);
 FASTADV_API int fastadv_mt_copy(const int64_t* table, int lists, int64_t tensors, int64_t chunks,
                                 int64_t chunk, int dst_list, int dst_dtype, int src_list, int src_dtype,
                                 void* stream);
 
-/* ---- noise injection and SiFT (csrc/noise.cu; key = int64 device [seed, base]) ---- */
+/* ---- AWP (csrc/awp.cu): lists 0 = w, 1 = g, 2 = backup; norms = [||g_t||] ++ [||w_t||].
+ * Unless ||g_t|| is 0 or NaN (read on the device): w <- clamp(w + ((lr * g) / (||g|| + 1e-6))
+ * * (||w|| + 1e-6), w0 -/+ eps * |w0|), w0 the backup (written from w first when
+ * write_backup). */
+FASTADV_API int fastadv_awp_update(const int64_t* table, int64_t tensors, int64_t chunks, int64_t chunk,
+                                   int dtype, const float* norms, float lr, float eps, int write_backup,
+                                   void* stream);
+
+/* ---- SAM (csrc/sam.cu): lists 0 = w, 1 = g, 2 = backup; *norm the global norm.
+ * backup <- w; w <- w + ((w^2 if adaptive) * g) * (rho / (*norm + 1e-12)). */
+FASTADV_API int fastadv_sam_update(const int64_t* table, int64_t tensors, int64_t chunks, int64_t chunk,
+                                   int dtype, const float* norm, float rho, int adaptive, void* stream);
+
+/* ---- EMA / SWA (csrc/ema.cu): lists 0 = average, 1 = model.  a <- lerp(a, x, weight)
+ * in fp32 (torch.lerp's formula); weight = 1 / (*count + 1) when count is not NULL. */
+FASTADV_API int fastadv_mt_lerp(const int64_t* table, int64_t tensors, int64_t chunks, int64_t chunk,
+                                int dtype_a, int dtype_x, float weight, const int64_t* count, void* stream);
+
+/* ---- noise injection (csrc/noise.cu; key = int64 device [seed, base], csrc/rng.cuh) ----
+ * fastadv_noise_add: out = x + r * s (out may be x), r ~ N(0, 1) or U[-1, 1) (uniform),
+ * s = scale or row_scale[e / row_len].  fastadv_noise_token_ids: out = clamp(long(float(ids)
+ * + factor * z), 0, vocab_size - 1).  fastadv_mt_weight_noise: two-list table (w, backup)
+ * of RNG chunks (4 * fastadv_rng_quarter() elements): backup <- w, w <- w + std * z.
+ * fastadv_rng_host_chunk: what chunk `chunk` of a launch with the host key draws (tests). */
 FASTADV_API int64_t fastadv_rng_quarter(void);
-FASTADV_API int fastadv_rng_host_chunk(const int64_t* key, int64_t chunk, uint32_t* words, float* normals, float* uniforms);
-FASTADV_API int fastadv_noise_add(const void* x, void* out, int dtype, int64_t numel, const int64_t* key, float scale, const float* row_scale, int64_t row_len, int uniform, void* stream);
-FASTADV_API int fastadv_neftune_scale(const float* mask, float* scale, int64_t batch, int64_t seq_len, float alpha_over_sqrt_d, void* stream);
-FASTADV_API int fastadv_mt_weight_noise(const int64_t* table, int64_t n_tensors, int64_t n_chunks, int dtype, const int64_t* key, float std_, void* stream);
-FASTADV_API int fastadv_noise_token_ids(const int64_t* ids, int64_t* out, int64_t numel, const int64_t* key, float factor, int64_t vocab_size, void* stream);
-FASTADV_API int fastadv_sift_init(const void* x, float* delta, void* pert, int dtype, int64_t numel, const int64_t* key, float ip, void* stream);
+FASTADV_API int fastadv_rng_host_chunk(const int64_t* key, int64_t chunk, uint32_t* words, float* normals,
+                                       float* uniforms);
+FASTADV_API int fastadv_noise_add(const void* x, void* out, int dtype, int64_t numel, const int64_t* key,
+                                  float scale, const float* row_scale, int64_t row_len, int uniform,
+                                  void* stream);
+FASTADV_API int fastadv_noise_token_ids(const int64_t* ids, int64_t* out, int64_t numel, const int64_t* key,
+                                        float factor, int64_t vocab_size, void* stream);
+FASTADV_API int fastadv_mt_weight_noise(const int64_t* table, int64_t n_tensors, int64_t n_chunks, int dtype,
+                                        const int64_t* key, float std_, void* stream);
+
+/* ---- NEFTune (csrc/neftune.cu): scale[b, t] = mask[b, t] * alpha_over_sqrt_d /
+ * sqrt(sum_t mask[b, t]) (0 for an empty sequence); mask, scale: float32 [batch, seq_len]. */
+FASTADV_API int fastadv_neftune_scale(const float* mask, float* scale, int64_t batch, int64_t seq_len,
+                                      float alpha_over_sqrt_d, void* stream);
+
+/* ---- SiFT (csrc/sift.cu) ------------------------------------------------------------------
+ * fastadv_sift_init: delta = clamp(ip * z, -2 ip, 2 ip) (float32), pert = x + delta (dtype).
+ * fastadv_sift_update on [rows, cols]: unless ||grad|| is NaN or inf, delta += lr * grad /
+ * (1e-6 + max_row |grad|); then pert = x + delta; *ok = the step was taken (if ok != NULL);
+ * workspace: fastadv_sift_workspace_floats(rows) floats. */
+FASTADV_API int fastadv_sift_init(const void* x, float* delta, void* pert, int dtype, int64_t numel,
+                                  const int64_t* key, float ip, void* stream);
 FASTADV_API int64_t fastadv_sift_workspace_floats(int64_t rows);
-FASTADV_API int fastadv_sift_update(const void* x, float* delta, const float* grad, void* pert, int dtype, int64_t rows, int64_t cols, float* workspace, uint8_t* ok, float lr, void* stream);
+FASTADV_API int fastadv_sift_update(const void* x, float* delta, const float* grad, void* pert, int dtype,
+                                    int64_t rows, int64_t cols, float* workspace, uint8_t* ok, float lr,
+                                    void* stream);
 
 /* ---- input attacks (csrc/attacks.cu; fastadv.attacks) ----------------------
  * The CUDA twin of fastadv/kernels/triton/attacks.py.  Tensors are contiguous

@@ -41,6 +41,11 @@ struct Table {
   }
 };
 
+// The Table of a device table pointer handed over the C ABI.
+inline Table make_table(const int64_t* table, int lists, int64_t tensors, int64_t chunk) {
+  return Table{table, tensors, lists, chunk};
+}
+
 // Elements [start, end) of tensor `tensor` form chunk c.
 struct Chunk {
   int64_t tensor, start, end;

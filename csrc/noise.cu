@@ -1,7 +1,8 @@
-// Noise injection and SiFT kernels: the noise is drawn inside the kernel
-// (Philox, rng.cuh), so each op reads its input once and writes its output
-// once.  They mirror fastadv/kernels/triton/noise.py (same counters, so the
-// same 32-bit random words for the same key); the C ABI is at the end.
+// Noise injection kernels: the noise is drawn inside the kernel (Philox,
+// rng.cuh), so each op reads its input once and writes its output once.  They
+// mirror fastadv/kernels/triton/noise.py (same counters, so the same 32-bit
+// random words for the same key); the ctypes launchers are in
+// fastadv/kernels/cuda/noise.py and the C ABI is at the end.
 //
 // Random kernels run one block per chunk of rng::kChunk elements; thread j
 // handles counters j, j + kThreads, ... of the chunk and, for each, the four
@@ -15,14 +16,11 @@ namespace {
 
 using rng::kChunk;
 using rng::kQuarter;
-
-constexpr int kFinalize = 1024;
-
-// e / n, in 32 bits when both fit (64-bit integer division is slow on GPUs).
-__device__ __forceinline__ int64_t div_index(int64_t e, int64_t n) {
-  if (((e | n) >> 31) == 0) return int64_t(uint32_t(e) / uint32_t(n));
-  return e / n;
-}
+using rng::chunk_grid;
+using rng::div_index;
+using rng::kMaxChunks;
+using rng::null_arg;
+using rng::too_big;
 
 // ---- element-wise noise -----------------------------------------------------------
 
@@ -55,24 +53,6 @@ add_noise_kernel(const typename Tr::bits* x, typename Tr::bits* out, int64_t num
       }
     }
   }
-}
-
-// One block per sequence: L = sum(mask[b]); scale[b, t] = mask[b, t] * alpha / sqrt(L * d),
-// 0 when L = 0 (all padding; the reference divides by zero there).
-__global__ void __launch_bounds__(kThreads)
-neftune_scale_kernel(const float* __restrict__ mask, float* __restrict__ scale, int64_t seq_len,
-                     float alpha_over_sqrt_d) {
-  const float* m = mask + int64_t(blockIdx.x) * seq_len;
-  float* s = scale + int64_t(blockIdx.x) * seq_len;
-  float acc = 0.f;
-  for (int64_t t = threadIdx.x; t < seq_len; t += kThreads) acc += m[t];
-  __shared__ float total;
-  const float sum = block_sum<kThreads>(acc);
-  if (threadIdx.x == 0) total = sum;
-  __syncthreads();
-  const float length = total;
-  const float f = length > 0.f ? __fdiv_rn(alpha_over_sqrt_d, __fsqrt_rn(length)) : 0.f;
-  for (int64_t t = threadIdx.x; t < seq_len; t += kThreads) s[t] = m[t] * f;
 }
 
 // The seed's token-id noise: clamp(long(float(id) + f * z), 0, vmax).
@@ -127,106 +107,10 @@ weight_noise_kernel(mt::Table tb, const int64_t* __restrict__ key, float std_) {
   }
 }
 
-// ---- SiFT ----------------------------------------------------------------------------------
-
-// delta = clamp(ip * z, -2 ip, 2 ip) (fp32), pert = x + delta rounded once.
-template <typename Tr>
-__global__ void __launch_bounds__(kThreads)
-sift_init_kernel(const typename Tr::bits* __restrict__ x, float* __restrict__ delta,
-                 typename Tr::bits* __restrict__ pert, int64_t numel, const int64_t* __restrict__ key, float ip) {
-  const rng::Key k = rng::load_key(key);
-  const int64_t chunk = blockIdx.x;
-  for (int64_t j = threadIdx.x; j < kQuarter; j += kThreads) {
-    float z[4];
-    rng::normal4(rng::philox4x32_10(uint64_t(k.base + chunk * kQuarter + j), k.seed), z);
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      const int64_t e = chunk * kChunk + q * kQuarter + j;
-      if (e < numel) {
-        const float d = fminf(fmaxf(z[q] * ip, -2.f * ip), 2.f * ip);
-        delta[e] = d;
-        pert[e] = Tr::from_float(Tr::to_float(x[e]) + d);
-      }
-    }
-  }
-}
-
-// One warp per row: sumsq[r] = sum g^2, rowmax[r] = max |g| (fp32 gradient of delta).
-__global__ void __launch_bounds__(kThreads)
-sift_row_stats_kernel(const float* __restrict__ g, int64_t rows, int64_t cols, float* __restrict__ sumsq,
-                      float* __restrict__ rowmax) {
-  const int lane = threadIdx.x & 31;
-  const int64_t nwarps = (int64_t(gridDim.x) * blockDim.x) >> 5;
-  for (int64_t r = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5; r < rows; r += nwarps) {
-    const float* gr = g + r * cols;
-    float acc = 0.f, mx = 0.f;
-    for (int64_t c = lane; c < cols; c += 32) {
-      const float v = gr[c];
-      acc = fmaf(v, v, acc);
-      mx = fmaxf(mx, fabsf(v));
-    }
-    acc = warp_sum(acc);
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
-    if (lane == 0) {
-      sumsq[r] = acc;
-      rowmax[r] = mx;
-    }
-  }
-}
-
-// One block: *out = sqrt(sum of partials) in a fixed order; *ok = (it is finite).
-__global__ void __launch_bounds__(kFinalize)
-finalize_norm_kernel(const float* __restrict__ partials, int64_t n, float* __restrict__ out,
-                     uint8_t* __restrict__ ok) {
-  float acc = 0.f;
-  for (int64_t i = threadIdx.x; i < n; i += kFinalize) acc += partials[i];
-  const float s = block_sum<kFinalize>(acc);
-  if (threadIdx.x == 0) {
-    const float norm = sqrtf(s);
-    *out = norm;
-    if (ok != nullptr) *ok = uint8_t(!isnan(norm) && !isinf(norm));
-  }
-}
-
-// delta += (lr * g) / (1e-6 + rowmax) unless the norm is NaN or inf (DeBERTa's
-// order and its skip, decided on the device); pert = x + delta.
-template <typename Tr>
-__global__ void __launch_bounds__(kThreads)
-sift_update_kernel(const typename Tr::bits* __restrict__ x, float* __restrict__ delta, const float* __restrict__ g,
-                   const float* __restrict__ rowmax, const float* __restrict__ norm_p,
-                   typename Tr::bits* __restrict__ pert, int64_t numel, int64_t cols, float lr) {
-  const float norm = *norm_p;
-  const bool ok = !isnan(norm) && !isinf(norm);
-  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < numel; e += stride) {
-    float d = delta[e];
-    if (ok) {
-      d = __fadd_rn(d, __fdiv_rn(__fmul_rn(lr, g[e]), __fadd_rn(1e-6f, rowmax[div_index(e, cols)])));
-      delta[e] = d;
-    }
-    pert[e] = Tr::from_float(__fadd_rn(Tr::to_float(x[e]), d));
-  }
-}
-
-// ---- host side -----------------------------------------------------------------------------
-
-inline unsigned chunk_grid(int64_t numel) { return unsigned(ceil_div(numel, kChunk)); }
-
-constexpr int64_t kMaxChunks = (int64_t(1) << 31) - 1;
-
-inline int too_big(const char* fn, int64_t numel) {
-  return fail(int(cudaErrorInvalidValue), "%s: %lld elements exceed the chunk grid", fn, (long long)numel);
-}
-
-inline int null_arg(const char* fn, const char* what) {
-  return fail(int(cudaErrorInvalidValue), "%s: %s is NULL", fn, what);
-}
-
 }  // namespace
 }  // namespace fastadv
 
-// ---- C ABI (see the prototypes and contracts in the header comment of each) -------------------
+// ---- C ABI (declared in fastadv.h) ---------------------------------------------------------
 
 using namespace fastadv;
 
@@ -285,19 +169,6 @@ extern "C" FASTADV_API int fastadv_noise_add(const void* x, void* out, int dtype
   });
 }
 
-// scale[b, t] = mask[b, t] * alpha_over_sqrt_d / sqrt(sum_t mask[b, t]) (0 for an empty sequence);
-// mask and scale are float32 [batch, seq_len].
-extern "C" FASTADV_API int fastadv_neftune_scale(const float* mask, float* scale, int64_t batch,
-                                                 int64_t seq_len, float alpha_over_sqrt_d, void* stream) {
-  static const char* fn = "fastadv_neftune_scale";
-  if (batch < 0 || seq_len < 0) return bad_sizes(fn, batch, seq_len);
-  if (batch == 0 || seq_len == 0) return 0;
-  if (batch > kMaxChunks) return too_big(fn, batch);
-  neftune_scale_kernel<<<unsigned(batch), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
-      mask, scale, seq_len, alpha_over_sqrt_d);
-  return check_launch(fn);
-}
-
 // out = clamp(long(float(ids) + factor * z), 0, vocab_size - 1), int64.
 extern "C" FASTADV_API int fastadv_noise_token_ids(const int64_t* ids, int64_t* out, int64_t numel,
                                                    const int64_t* key, float factor, int64_t vocab_size,
@@ -328,61 +199,6 @@ extern "C" FASTADV_API int fastadv_mt_weight_noise(const int64_t* table, int64_t
   return dispatch_dtype(fn, dtype, [&](auto tr) {
     using Tr = decltype(tr);
     weight_noise_kernel<Tr><<<unsigned(n_chunks), kThreads, 0, s>>>(tb, key, std_);
-    return check_launch(fn);
-  });
-}
-
-// SiFT start: delta = clamp(ip * z, -2 ip, 2 ip) (float32), pert = x + delta (dtype).
-extern "C" FASTADV_API int fastadv_sift_init(const void* x, float* delta, void* pert, int dtype, int64_t numel,
-                                             const int64_t* key, float ip, void* stream) {
-  static const char* fn = "fastadv_sift_init";
-  if (numel < 0) return bad_sizes(fn, 1, numel);
-  if (numel == 0) return 0;
-  if (key == nullptr) return null_arg(fn, "key");
-  if (ceil_div(numel, kChunk) > kMaxChunks) return too_big(fn, numel);
-  cudaStream_t s = static_cast<cudaStream_t>(stream);
-  return dispatch_dtype(fn, dtype, [&](auto tr) {
-    using Tr = decltype(tr);
-    using B = typename Tr::bits;
-    sift_init_kernel<Tr><<<chunk_grid(numel), kThreads, 0, s>>>(
-        static_cast<const B*>(x), delta, static_cast<B*>(pert), numel, key, ip);
-    return check_launch(fn);
-  });
-}
-
-// Workspace floats fastadv_sift_update needs for `rows` rows: sums of squares, row maxima, the norm.
-extern "C" FASTADV_API int64_t fastadv_sift_workspace_floats(int64_t rows) {
-  return rows > 0 ? 2 * rows + 1 : 1;
-}
-
-// SiFT step on [rows, cols]: norm = ||grad|| (deterministic); unless it is NaN or inf,
-// delta += lr * grad / (1e-6 + max_row |grad|); then pert = x + delta.  The norm is left
-// in workspace[2 * rows] (the last float), and *ok (if not NULL) = 1 when the step was
-// taken, 0 when skipped.  Three launches.
-extern "C" FASTADV_API int fastadv_sift_update(const void* x, float* delta, const float* grad, void* pert,
-                                               int dtype, int64_t rows, int64_t cols, float* workspace,
-                                               uint8_t* ok, float lr, void* stream) {
-  static const char* fn = "fastadv_sift_update";
-  if (rows < 0 || cols < 0) return bad_sizes(fn, rows, cols);
-  if (dtype < FASTADV_FLOAT32 || dtype > FASTADV_BFLOAT16) return bad_dtype(fn, dtype);
-  if (workspace == nullptr) return null_arg(fn, "workspace");
-  cudaStream_t s = static_cast<cudaStream_t>(stream);
-  const int64_t n = rows * cols;
-  float* sumsq = workspace;
-  float* rowmax = workspace + (rows > 0 ? rows : 0);
-  float* norm = workspace + (rows > 0 ? 2 * rows : 0);
-  if (n > 0) {
-    sift_row_stats_kernel<<<grid_for_rows(rows), kThreads, 0, s>>>(grad, rows, cols, sumsq, rowmax);
-    if (int e = check_launch("fastadv_sift_update (row stats)")) return e;
-  }
-  finalize_norm_kernel<<<1, kFinalize, 0, s>>>(sumsq, n > 0 ? rows : 0, norm, ok);
-  if (int e = check_launch("fastadv_sift_update (norm)")) return e;
-  if (n == 0) return 0;
-  return dispatch_dtype(fn, dtype, [&](auto tr) {
-    using Tr = decltype(tr);
-    using B = typename Tr::bits;
-    sift_update_kernel<Tr><<<grid_for(n), kThreads, 0, s>>>(static_cast<const B*>(x), delta, grad, rowmax, norm,
-                                                            static_cast<B*>(pert), n, cols, lr);
     return check_launch(fn);
   });
 }

@@ -26,6 +26,8 @@
 #include <cmath>
 #include <cstdint>
 
+#include "common.cuh"
+
 namespace fastadv {
 namespace rng {
 
@@ -89,6 +91,28 @@ __host__ __device__ inline void normal4(const Words& w, float z[4]) {
 __host__ __device__ inline void uniform4(const Words& w, float u[4]) {
 #pragma unroll
   for (int q = 0; q < 4; ++q) u[q] = uniform01(w.w[q]);
+}
+
+
+// ---- launch helpers of the kernels on this chunk layout (noise, NEFTune, SiFT) ----------
+
+constexpr int64_t kMaxChunks = (int64_t(1) << 31) - 1;  // grid.x limit
+
+// Blocks of one chunk each covering numel elements.
+inline unsigned chunk_grid(int64_t numel) { return unsigned(ceil_div(numel, kChunk)); }
+
+inline int too_big(const char* fn, int64_t numel) {
+  return fail(int(cudaErrorInvalidValue), "%s: %lld elements exceed the chunk grid", fn, (long long)numel);
+}
+
+inline int null_arg(const char* fn, const char* what) {
+  return fail(int(cudaErrorInvalidValue), "%s: %s is NULL", fn, what);
+}
+
+// e / n, in 32 bits when both fit (64-bit integer division is slow on GPUs).
+__device__ __forceinline__ int64_t div_index(int64_t e, int64_t n) {
+  if (((e | n) >> 31) == 0) return int64_t(uint32_t(e) / uint32_t(n));
+  return e / n;
 }
 
 }  // namespace rng

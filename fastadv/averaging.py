@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from . import _backend
-from .ops.awp import BackupBuffers, Tables, copy_tensors_, restore_live_
+from .ops.multi_tensor import BackupBuffers, copy_tensors_, restore_live_
 from .ops.ema import lerp_
 
 
@@ -68,7 +68,6 @@ class ModelEMA:
         self.dtype = dtype
         self.backend = _backend.check_name(backend.lower()) if backend else None
         self.num_updates = 0
-        self._tables = Tables()
         self._backups = BackupBuffers()
         self._applied: tuple | None = None   # (model, names, backups) while the average is applied
         self.shadow: dict[str, torch.Tensor] = {}
@@ -129,7 +128,7 @@ class ModelEMA:
         params = self._params(model)
         if params:
             lerp_([self.shadow[n] for n, _ in params], [p.detach() for _, p in params],
-                  1.0 - self.current_decay(), backend=self.backend, cache=self._tables)
+                  1.0 - self.current_decay(), backend=self.backend)
         self.num_updates += 1
 
     @torch.no_grad()
@@ -144,8 +143,8 @@ class ModelEMA:
         live = [p.data for _, p in params]
         backups = self._backups.views(live)
         if live:
-            copy_tensors_(backups, live, backend=self.backend, cache=self._tables)
-            copy_tensors_(live, [self.shadow[n] for n in names], backend=self.backend, cache=self._tables)
+            copy_tensors_(backups, live, backend=self.backend)
+            copy_tensors_(live, [self.shadow[n] for n in names], backend=self.backend)
         self._applied = (model, names, backups)
 
     @torch.no_grad()
@@ -165,7 +164,7 @@ class ModelEMA:
         applied_model, names, backups = self._applied
         live = dict((model if model is not None else applied_model).named_parameters())
         restore_live_(names, [live[n].data if n in live else None for n in names], backups,
-                      between="apply_to() and restore()", backend=self.backend, cache=self._tables)
+                      between="apply_to() and restore()", backend=self.backend)
         self._applied = None
 
     apply_shadow = apply_to  # the Kaggle EMA's name
@@ -194,8 +193,6 @@ class ModelEMA:
 
 
 def _multi_avg_fn(weight_of, integer_update, backend):
-    cache = Tables()
-
     @torch.no_grad()
     def update(averaged_param_list, current_param_list, num_averaged) -> None:
         if not averaged_param_list:
@@ -205,7 +202,7 @@ def _multi_avg_fn(weight_of, integer_update, backend):
                 a.copy_(integer_update(a, c, num_averaged))
             return
         weight, count = weight_of(num_averaged)
-        lerp_(averaged_param_list, current_param_list, weight, count=count, backend=backend, cache=cache)
+        lerp_(averaged_param_list, current_param_list, weight, count=count, backend=backend)
 
     return update
 

@@ -12,7 +12,8 @@ from fastadv.adversarial.awp import AWP
 from fastadv.bench.core import count
 from fastadv.kernels.host import TableCache, TensorTable
 from fastadv.ops._live import StorageMoved
-from fastadv.ops.awp import awp_step_, copy_tensors_, design_bytes
+from fastadv.ops.awp import awp_step_, design_bytes
+from fastadv.ops.multi_tensor import copy_tensors_
 from fastadv.reference import AWP as RefAWP
 
 from conftest import DEVICE, record_guards
@@ -602,15 +603,16 @@ def test_kernel_launches_run_under_the_device_guard(backend, monkeypatch):
     if backend not in KERNEL_BACKENDS:
         pytest.skip("kernel backends only")
     import fastadv.ops.awp as ops_awp
-    seen = record_guards(monkeypatch, ops_awp)
+    import fastadv.ops.multi_tensor as ops_mt
+    seen = [record_guards(monkeypatch, m) for m in (ops_awp, ops_mt)]
     ws = [torch.randn(n, device=DEVICE) for n in (3, 50)]
     gs, bs = [torch.randn_like(w) for w in ws], [torch.empty_like(w) for w in ws]
     before = sum(kernels.LAUNCHES.values())
     awp_step_(ws, gs, bs, adv_lr=0.1, adv_eps=0.01, write_backup=True, backend=backend)
     copy_tensors_(ws, bs, backend=backend)
     total = sum(kernels.LAUNCHES.values()) - before
-    assert total > 0 and seen["inside"] == total
-    assert seen["devices"] and all(d == ws[0].device for d in seen["devices"])
+    assert total > 0 and sum(s["inside"] for s in seen) == total
+    assert all(s["devices"] and all(d == ws[0].device for d in s["devices"]) for s in seen)
 
 
 SIZES = (2048, 4101, 32768 + 2048 + 3, 1)  # whole blocks only; blocks + tail; two chunks; tail only
@@ -637,23 +639,24 @@ def awp_formula(w, g, w0, lr, eps):
 
 @pytest.mark.parametrize("odd", [False, True], ids=["aligned", "odd-address"])
 def test_blocks_tails_and_alignment_match_the_seed_math(backend, odd):
-    from fastadv.ops.awp import Tables
+    from fastadv.kernels.host import shared_tables
     ws = [_tensors(n, odd) for n in SIZES]
     gs = [_tensors(n, odd) for n in SIZES]
     bs = [_tensors(n, odd) for n in SIZES]
     w0 = [w.clone() for w in ws]
     expect = [w.clone() for w in ws]
-    cache = Tables()
+    cache = shared_tables()
+    cache.clear()
     for first in (True, False):
-        awp_step_(ws, gs, bs, adv_lr=0.3, adv_eps=0.05, write_backup=first, backend=backend, cache=cache)
+        awp_step_(ws, gs, bs, adv_lr=0.3, adv_eps=0.05, write_backup=first, backend=backend)
         expect = [awp_formula(e, g, b, 0.3, 0.05) for e, g, b in zip(expect, gs, w0)]
         for a, b in zip(ws, expect):
             torch.testing.assert_close(a, b, **FP32)
     assert all(torch.equal(b, w) for b, w in zip(bs, w0))
     if backend != "torch":
-        tables = list(cache._cache._tables.values())
+        tables = list(cache._tables.values())
         assert tables and all(t.aligned == (not odd) for t in tables)
-    copy_tensors_(ws, bs, backend=backend, cache=cache)
+    copy_tensors_(ws, bs, backend=backend)
     assert all(torch.equal(w, b) for w, b in zip(ws, w0))
 
 
@@ -736,3 +739,67 @@ def test_a_perturb_without_gradients_still_counts(backend):
     with awp.perturbed():  # and the kernels run once there is one
         assert not torch.equal(model.layers[0].weight, before[1])
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+# -- torch.library registration and torch.compile ---------------------------------------------
+
+def test_opcheck(backend):
+    """Schema (mutations declared), fake tensor and AOT dispatch of ``fastadv::awp_step_``
+    and of the multi-tensor copy every restore uses, on mixed sizes and dtypes."""
+    from fastadv.ops.awp import awp_step_op
+    from fastadv.ops.multi_tensor import mt_copy_op
+    dtypes = (torch.float32, torch.float64) if backend == "torch" else (torch.float32,)
+    for dtype in dtypes:
+        ws = [torch.randn(5, 3, device=DEVICE, dtype=dtype), torch.randn(7, device=DEVICE, dtype=dtype)]
+        gs = [torch.randn_like(w) for w in ws]
+        gs[1].zero_()  # a tensor the step skips
+        for first in (True, False):
+            bs = [w.clone() for w in ws]
+            torch.library.opcheck(awp_step_op.overload, ([w.clone() for w in ws], gs, bs, 0.3, 0.05, first,
+                                                         backend))
+        torch.library.opcheck(mt_copy_op.overload, ([torch.empty_like(w) for w in ws], ws, backend))
+
+
+def test_registered():
+    assert {"awp_step_", "mt_copy_"} <= set(dir(torch.ops.fastadv))
+
+
+def _compiled_awp_step(model, awp):
+    def loss_of(ids, labels, mask):
+        return model(input_ids=ids, attention_mask=mask, labels=labels)[0]
+
+    def step(ids, labels, mask):
+        loss = loss_of(ids, labels, mask).mean()
+        loss.backward()
+        awp.perturb()                                    # by hand ...
+        model.zero_grad()
+        loss_of(ids, labels, mask).mean().backward()
+        awp.restore()
+        adv = awp.attack_backward(closure=lambda: loss_of(ids, labels, mask))  # ... and the closure form
+        return loss.detach(), adv
+    return step
+
+
+def test_compiled_training_step_has_no_graph_break(backend):
+    """perturb / restore and attack_backward under torch.compile(fullgraph=True)
+    equal eager.  The AWP's ``optimizer`` is the model: attack_backward calls
+    its ``zero_grad()``, and dynamo refuses to trace ``torch.optim.Optimizer.zero_grad``."""
+    torch._dynamo.reset()
+    model, ref_model = twins()
+    awp = AWP(model, model, adv_lr=0.5, adv_eps=0.01, backend=backend)
+    ref = AWP(ref_model, ref_model, adv_lr=0.5, adv_eps=0.01, backend=backend)
+    step, ref_step = _compiled_awp_step(model, awp), _compiled_awp_step(ref_model, ref)
+    ids, labels, mask = batch()
+    for s in (step, ref_step):  # the backup buffer is made on the first call (eager, once)
+        s(ids, labels, mask)
+    model.zero_grad(), ref_model.zero_grad()
+    with torch._dynamo.config.patch(trace_autograd_ops=True):
+        compiled = torch.compile(step, fullgraph=True)
+        for _ in range(2):
+            ids, labels, mask = batch()
+            got = compiled(ids, labels, mask)
+            expect = ref_step(ids, labels, mask)
+            for a, b in zip(got, expect):
+                torch.testing.assert_close(a, b, **FP32)
+            assert_models(model, ref_model)
+            model.zero_grad(), ref_model.zero_grad()

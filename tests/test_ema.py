@@ -225,21 +225,22 @@ def test_kernel_launches_run_under_the_device_guard(backend, monkeypatch):
 
 @pytest.mark.parametrize("odd", [False, True], ids=["aligned", "odd-address"])
 def test_blocks_tails_and_alignment_match_the_formula(backend, odd):
-    from fastadv.ops.awp import Tables
+    from fastadv.kernels.host import shared_tables
     sizes = (2048, 4101, 32768 + 2048 + 3, 1)  # whole blocks; blocks + tail; two chunks; tail only
     avg = [odd_or_aligned(n, odd) for n in sizes]
     cur = [odd_or_aligned(n, odd) for n in sizes]
     expect = [torch.lerp(a, c, 0.1) for a, c in zip(avg, cur)]
-    cache = Tables()
-    lerp_(avg, cur, 0.1, backend=backend, cache=cache)
+    cache = shared_tables()
+    cache.clear()
+    lerp_(avg, cur, 0.1, backend=backend)
     for a, b in zip(avg, expect):
         torch.testing.assert_close(a, b, **FP32)
     swa_average(expect, cur, 2)
-    lerp_(avg, cur, count=torch.tensor(2, device=DEVICE), backend=backend, cache=cache)
+    lerp_(avg, cur, count=torch.tensor(2, device=DEVICE), backend=backend)
     for a, b in zip(avg, expect):
         torch.testing.assert_close(a, b, **FP32)
     if backend != "torch":
-        tables = list(cache._cache._tables.values())
+        tables = list(cache._tables.values())
         assert tables and all(t.aligned == (not odd) for t in tables)
 
 
@@ -369,3 +370,23 @@ def test_restore_refuses_a_parameter_that_left_the_model(backend):
         ema.restore()
     model[0] = original
     ema.restore()
+
+
+# -- torch.library registration ----------------------------------------------------------------
+
+@pytest.mark.parametrize("by_count", [False, True], ids=["weight", "count"])
+def test_opcheck(backend, by_count):
+    """Schema (mutation declared), fake tensor and AOT dispatch of ``fastadv::ema_lerp_``,
+    with an fp32 average of a model tensor of another dtype on the torch backend."""
+    from fastadv.ops.ema import lerp_op
+    avg = [torch.randn(5, 3, device=DEVICE), torch.randn(7, device=DEVICE)]
+    cur = [torch.randn_like(a) for a in avg]
+    if backend == "torch":
+        cur[1] = cur[1].double()
+    count = torch.tensor(3, device=DEVICE) if by_count else None
+    torch.library.opcheck(lerp_op.overload, ([a.clone() for a in avg], cur, 0.0 if by_count else 0.1, count,
+                                             backend))
+
+
+def test_registered():
+    assert "ema_lerp_" in dir(torch.ops.fastadv)

@@ -282,22 +282,23 @@ def sam_formula(ws, gs, rhos, adaptives):
 
 @pytest.mark.parametrize("odd", [False, True], ids=["aligned", "odd-address"])
 def test_blocks_tails_and_alignment_match_the_formula(backend, odd):
-    from fastadv.ops.awp import Tables
+    from fastadv.kernels.host import shared_tables
     sizes = (2048, 4101, 32768 + 2048 + 3, 1)  # whole blocks; blocks + tail; two chunks; tail only
     ws = [odd_or_aligned(n, odd) for n in sizes]
     gs = [odd_or_aligned(n, odd) for n in sizes]
     bs = [odd_or_aligned(n, odd) for n in sizes]
     w0 = [w.clone() for w in ws]
-    cache = Tables()
+    cache = shared_tables()
+    cache.clear()
     rhos, adaptive = [0.05, 0.05, 0.1, 0.1], [True, True, False, False]
-    norm = sam_perturb_(ws, gs, bs, rhos, adaptive, backend=backend, cache=cache)
+    norm = sam_perturb_(ws, gs, bs, rhos, adaptive, backend=backend)
     expect_norm, expect = sam_formula(w0, gs, rhos, adaptive)
     torch.testing.assert_close(norm, expect_norm, **FP32)
     for a, b in zip(ws, expect):
         torch.testing.assert_close(a, b, **FP32)
     assert all(torch.equal(b, w) for b, w in zip(bs, w0))
     if backend != "torch":
-        tables = list(cache._cache._tables.values())
+        tables = list(cache._tables.values())
         assert tables and all(t.aligned == (not odd) for t in tables)
 
 
@@ -351,20 +352,21 @@ def test_equal_size_buckets_get_their_own_tables(backend):
     """Two buckets of identical sizes: two tables, each listing its own tensors."""
     if backend == "torch":
         pytest.skip("kernel backends only (the torch path has no tables)")
-    from fastadv.ops.awp import Tables
+    from fastadv.kernels.host import shared_tables
     ws = [torch.randn(40, device=DEVICE) for _ in range(4)]
     gs = [torch.randn_like(w) for w in ws]
     bs = [torch.empty_like(w) for w in ws]
     w0 = [w.clone() for w in ws]
-    cache = Tables()
+    cache = shared_tables()
+    cache.clear()
     rhos, adaptive = [0.1, 0.1, 0.3, 0.3], [False, True, False, True]  # four buckets, one size
-    norm = sam_perturb_(ws, gs, bs, rhos, adaptive, backend=backend, cache=cache)
+    norm = sam_perturb_(ws, gs, bs, rhos, adaptive, backend=backend)
     expect_norm, expect = sam_formula(w0, gs, rhos, adaptive)
     torch.testing.assert_close(norm, expect_norm, **FP32)
     for a, b in zip(ws, expect):
         torch.testing.assert_close(a, b, **FP32)
     assert all(torch.equal(b, w) for b, w in zip(bs, w0))
-    tables = list(cache._cache._tables.values())
+    tables = list(cache._tables.values())
     assert len({id(t) for t in tables}) == len(tables) == 4
     assert sorted(t.ptrs[0] for t in tables) == sorted(w.data_ptr() for w in ws)
 
@@ -427,3 +429,20 @@ def test_restore_refuses_an_inexact_target_and_keeps_the_backup(backend, change)
         model[0].bias.data = torch.zeros(10, device=DEVICE)
     opt.restore()  # the backup was kept
     assert all(torch.equal(p, o) for p, o in zip(model.parameters(), originals))
+
+
+# -- torch.library registration ----------------------------------------------------------------
+
+def test_opcheck(backend):
+    """Schema (mutations declared), fake tensor and AOT dispatch of ``fastadv::sam_perturb_``:
+    buckets of (rho, adaptive), one tensor without gradient signal."""
+    from fastadv.ops.sam import sam_perturb_op
+    ws = [torch.randn(5, 3, device=DEVICE), torch.randn(7, device=DEVICE), torch.randn(40, device=DEVICE)]
+    gs = [torch.randn_like(w) for w in ws]
+    gs[1].zero_()
+    torch.library.opcheck(sam_perturb_op.overload, ([w.clone() for w in ws], gs, [torch.empty_like(w) for w in ws],
+                                                    [0.05, 0.05, 0.2], [False, True, True], backend))
+
+
+def test_registered():
+    assert "sam_perturb_" in dir(torch.ops.fastadv)

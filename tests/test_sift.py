@@ -1,5 +1,6 @@
-"""fastadv.sift against a reference written from DeBERTa's SiFT math
-(fastadv.reference.sift), on a tiny model, on every backend.
+"""fastadv.sift (and its ops, fastadv.ops.sift) against a reference written
+from DeBERTa's SiFT math (fastadv.reference.sift), on a tiny model, on every
+backend; the registered ops (opcheck), the CUDA entry points' argument checks.
 
 The initial perturbation is drawn inside the kernel (Philox), so the reference
 is given the very same initial delta; from there on everything (the layer
@@ -16,7 +17,8 @@ from torch import nn
 
 import fastadv.reference.sift as ref
 from fastadv import sift
-from fastadv.ops import noise as ops
+from fastadv.ops import noise as ops_noise
+from fastadv.ops import sift as ops
 
 from conftest import DEVICE, launches_total, record_guards
 
@@ -288,3 +290,65 @@ def test_kernel_launches_run_under_the_device_guard(backend, monkeypatch):
     total = launches_total() - before
     assert total >= 4 and seen["inside"] == total
     assert seen["devices"] and all(d == x.device for d in seen["devices"])
+
+
+def test_launches_disable_fp_fusion(backend, monkeypatch):
+    # x + delta must round once per op on the GPU too (no FMA), as under the interpreter.
+    if backend != "triton":
+        pytest.skip("checks the Triton launch options")
+    from fastadv.kernels.triton import sift as tk
+    calls = {}
+    for name in ("_sift_init_kernel", "_sift_update_kernel"):
+        real = getattr(tk, name)
+
+        class Spy:
+            def __init__(self, real, name):
+                self.real, self.name = real, name
+
+            def __getitem__(self, grid):
+                def run(*args, **kw):
+                    calls.setdefault(self.name, []).append(kw)
+                    return self.real[grid](*args, **kw)
+                return run
+        monkeypatch.setattr(tk, name, Spy(real, name))
+    x = torch.randn(3, 8, device=DEVICE)
+    delta, _ = ops.sift_init(x, 0.01, backend=backend)
+    ops.sift_update_(x, delta, torch.randn_like(x), 0.1, backend=backend)
+    assert set(calls) == {"_sift_init_kernel", "_sift_update_kernel"}
+    assert all(kw.get("enable_fp_fusion") is False for kws in calls.values() for kw in kws)
+
+
+def test_cuda_argument_errors_need_no_gpu():
+    from fastadv.kernels import cuda as fcuda
+    import fastadv.kernels.cuda.sift  # noqa: F401  (types the C functions)
+    if fcuda.load_error() is not None:
+        pytest.skip(f"CUDA library not loadable: {fcuda.load_error()}")
+    lib = fcuda.lib()
+    assert lib.fastadv_sift_update(None, None, None, None, 9, 2, 2, None, None, 1.0, None) != 0
+    assert b"dtype" in lib.fastadv_last_error()
+    assert lib.fastadv_sift_init(None, None, None, 0, 5, None, 0.1, None) != 0
+    assert b"key is NULL" in lib.fastadv_last_error()
+    assert lib.fastadv_sift_init(None, None, None, 0, 0, None, 0.1, None) == 0  # nothing to do
+    assert lib.fastadv_sift_workspace_floats(10) == 21
+
+
+# ---- torch.library registration ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(3, 5, 8), (4, 8)])
+def test_opcheck(backend, shape):
+    """Schema (``delta`` declared mutated), fake tensor and AOT dispatch of
+    ``fastadv::sift_init_`` and ``fastadv::sift_update_`` (a step taken, and one
+    skipped for an inf gradient).  They carry no autograd formula: torch.library
+    refuses one on an op that mutates an input; the layer's autograd link is a
+    ``torch.autograd.Function`` (``fastadv/sift/sift.py``)."""
+    x = torch.randn(*shape, device=DEVICE)
+    rand = ops_noise.draw(backend, x.shape, torch.float32, x.device, None)
+    torch.library.opcheck(ops.sift_init_op.overload, (x, torch.empty(shape, device=DEVICE), rand, 0.02, backend))
+    grad = torch.randn(shape, device=DEVICE)
+    torch.library.opcheck(ops.sift_update_op.overload, (x, torch.randn(shape, device=DEVICE), grad, 1e-3, backend))
+    grad[0].view(-1)[0] = float("inf")
+    torch.library.opcheck(ops.sift_update_op.overload, (x, torch.randn(shape, device=DEVICE), grad, 1e-3, backend))
+
+
+def test_registered():
+    assert {"sift_init_", "sift_update_"} <= set(dir(torch.ops.fastadv))

@@ -48,7 +48,9 @@ from torch import nn
 
 from .. import _backend
 from ..ops._live import retarget
-from ..ops.awp import BackupBuffers, Tables, awp_step_, group, restore_live_
+from ..ops.awp import awp_step_
+from ..ops.multi_tensor import BackupBuffers, group, restore_live_
+
 
 def _number(value, what: str, minimum=None) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -93,7 +95,6 @@ class AWP:
         self.backup_eps: dict = {}                  # unused: bounds come from the backup
         self._saved: dict[str, nn.Parameter] = {}   # targets recorded by _save()
         self._buffers = BackupBuffers()             # the one backup copy, kept between attacks
-        self._tables = Tables()
         self._perturbing = False                    # perturb() ran, restore() pending
 
     # -- the seed's protocol ------------------------------------------------
@@ -175,7 +176,7 @@ class AWP:
         for idx in group([w.device for w in weights]).values():
             awp_step_([weights[i] for i in idx], [grads[i] for i in idx], [backups[i] for i in idx],
                       adv_lr=self.adv_lr, adv_eps=self.adv_eps, write_backup=write_backup,
-                      backend=self.backend, cache=self._tables)
+                      backend=self.backend)
             if write_backup:  # only now do these backups hold w0
                 self.backup.update((names[i], backups[i]) for i in idx)
 
@@ -193,7 +194,7 @@ class AWP:
         live = dict(self.model.named_parameters())
         restore_live_(names, [live[n].data if n in live else None for n in names],
                       [self.backup[n] for n in names], between="the AWP attack and its restore",
-                      backend=self.backend, cache=self._tables)
+                      backend=self.backend)
         self.backup = {}
         self.backup_eps = {}
         self._saved = {}
@@ -225,8 +226,9 @@ class AWP:
             self._restore()
 
     def release(self) -> None:
-        """Free the backup buffer and device tables (they are rebuilt on the next attack)."""
+        """Free the backup buffer (it is made again on the next attack).  The
+        device work tables are in the multi-tensor ops' shared cache (a few
+        bytes per tensor, least recently used dropped first)."""
         if self._saved:
             raise RuntimeError("AWP.release() while weights are perturbed; restore first")
         self._buffers.clear()
-        self._tables.clear()

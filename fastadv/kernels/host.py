@@ -178,7 +178,7 @@ class TensorTable:
 
 
 class TableCache:
-    """Tables of one owner (an AWP, SAM or EMA object, or an op module), keyed
+    """Tables of one owner (the multi-tensor ops share :func:`shared_tables`; DP has its own), keyed
     by ``(tag, device, stream, dtypes, sizes, addresses, chunk)`` computed from
     the live tensors at every :meth:`get`; least recently used dropped past
     ``maxsize``.  Tables are immutable, so a cached one is exactly the table
@@ -211,6 +211,20 @@ class TableCache:
 
     def __len__(self) -> int:
         return len(self._tables)
+
+
+_SHARED_TABLES: TableCache | None = None
+
+
+def shared_tables() -> TableCache:
+    """The one table cache of the multi-tensor ops (AWP, SAM, EMA / SWA, weight
+    noise, the multi-tensor copy).  The registered ops build their tables here
+    from the tensors they are given; tables are immutable and keyed by the
+    addresses they list, so every caller can share it."""
+    global _SHARED_TABLES
+    if _SHARED_TABLES is None:
+        _SHARED_TABLES = TableCache(maxsize=128)
+    return _SHARED_TABLES
 
 
 _witnesses: dict = {}

@@ -1,5 +1,6 @@
 """Noise injection on fused kernels: input, activation and weight noise, NEFTune,
-and the seed's token-id noise.
+and the seed's token-id noise (the wrappers of ``fastadv.ops.noise`` and
+``fastadv.ops.neftune``; ``fastadv.noise`` re-exports them).
 
 Drop-in for ``fastadv.reference.noise`` (same names, arguments and behaviour;
 keyword-only extras ``generator=`` and ``backend=``)::
@@ -25,6 +26,7 @@ import torch
 from torch import nn
 
 from .._backend import check_name
+from ..ops import neftune as _neftune
 from ..ops import noise as _ops
 from ..ops._live import StorageMoved
 
@@ -53,7 +55,7 @@ def neftune(embeds: torch.Tensor, alpha: float, attention_mask: torch.Tensor | N
     ``L`` is the padded length; with it (``[B, L]``), ``L`` is each sequence's
     unpadded length and padded positions get no noise, as in NEFTune's training
     code.  Apply it in training only (it does not look at any module's mode)."""
-    return _ops.neftune(embeds, alpha, attention_mask, generator=generator, backend=backend)
+    return _neftune.neftune(embeds, alpha, attention_mask, generator=generator, backend=backend)
 
 
 def noisy_token_ids(input_ids: torch.Tensor, noise_factor: float, vocab_size: int, *,
@@ -74,7 +76,7 @@ class GaussianNoise(nn.Module):
 
     def __init__(self, std: float, *, backend: str | None = None, generator: torch.Generator | None = None):
         super().__init__()
-        self.std = _ops._number(std, "std")
+        self.std = _ops.number(std, "std")
         self.backend = check_name(backend.lower()) if backend else None
         self.generator = generator
 
@@ -139,7 +141,7 @@ def weight_noise(model: nn.Module, std: float, adv_param: str = "weight", *,
     weights inside the block (an optimizer step) are overwritten on exit, as in
     the reference.  Yields ``model``.
     """
-    std = _ops._number(std, "std")
+    std = _ops.number(std, "std")
     selected = _selected(model, adv_param, param_filter)
     state = None
     if std:

@@ -1,4 +1,5 @@
-"""Weight averaging as a functional op over many tensors: ``lerp_``.
+"""Weight averaging as a functional op over many tensors:
+``torch.ops.fastadv.ema_lerp_``.
 
 ``lerp_(averages, currents, weight)`` sets ``a <- a + weight * (x - a)`` for
 every pair, in fp32 with ``torch.lerp``'s formula, rounded once (the average
@@ -11,40 +12,39 @@ sync.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from ..kernels import count_launch, device_guard
-from .awp import _cache, check_lists, choose, device_of, f32, group, kernels, pick
+from . import _registry
+from .multi_tensor import check_lists, f32, group, split, tables, take
 
 
-def lerp_(averages, currents, weight: float | None = None, *, count: torch.Tensor | None = None,
-          backend: str | None = None, cache=None) -> None:
-    """``a <- a + w * (x - a)`` in place, ``w = weight``, or ``1 / (count + 1)``
-    with ``count`` read on the device."""
-    if (weight is None) == (count is None):
-        raise ValueError("give exactly one of weight= and count=")
-    lists = (list(averages), list(currents))
-    if not lists[0]:
+@_registry.op("ema_lerp_", mutates_args={"averages"})
+def lerp_op(averages: list[torch.Tensor], currents: list[torch.Tensor], weight: float,
+            count: Optional[torch.Tensor], backend: str) -> None:
+    """``a <- a + w * (x - a)`` in place over tensors on one device; ``w =
+    weight``, or ``1 / (count + 1)`` (``count``: a 0-dim int64 tensor on that
+    device, read by the kernels) when ``count`` is given."""
+    if not averages:
         return
-    device = check_lists(lists, ("averages", "currents"))
-    if count is not None:
-        count = count.detach().reshape(()).to(device=device, dtype=torch.int64)
-    name, fast, slow = choose(backend, device, lists, same_dtype=False)
-    if fast:
-        with device_guard(device_of(lists, fast)):
-            k = kernels(name)
-            cache = _cache(cache)
-            keys = [(lists[0][i].dtype, lists[1][i].dtype) for i in fast]
-            for (dt_a, dt_x), pos in group(keys).items():
-                idx = pick(fast, pos)
-                table = cache.get("lerp", [pick(lst, idx) for lst in lists])
-                k.lerp(table, dt_a, dt_x, 0.0 if weight is None else float(weight), count)
-    if slow:
-        keys = [(lists[0][i].dtype, lists[1][i].dtype) for i in slow]
-        for pos in group(keys).values():
-            idx = pick(slow, pos)
-            _torch_lerp(pick(lists[0], idx), pick(lists[1], idx), weight, count)
+    groups = group([(a.dtype, x.dtype) for a, x in zip(averages, currents)])
+    if backend == "torch":
+        for idx in groups.values():
+            _torch_lerp(take(averages, idx), take(currents, idx), weight, count)
         count_launch("torch.lerp")
+        return
+    k = _registry.kernels("ema", backend)
+    with device_guard(averages[0]):
+        for (dt_a, dt_x), idx in groups.items():
+            table = tables().get("lerp", [take(averages, idx), take(currents, idx)])
+            k.lerp(table, dt_a, dt_x, weight, count)
+
+
+@lerp_op.register_fake
+def _(averages, currents, weight, count, backend):
+    return None
 
 
 def _torch_lerp(avg, cur, weight, count) -> None:
@@ -60,3 +60,24 @@ def _torch_lerp(avg, cur, weight, count) -> None:
         torch._foreach_mul_(new, 1.0 / (count + 1).to(torch.float32))
         torch._foreach_add_(new, a32)
     torch._foreach_copy_(avg, new)
+
+
+def lerp_(averages, currents, weight: float | None = None, *, count: torch.Tensor | None = None,
+          backend: str | None = None) -> None:
+    """``a <- a + w * (x - a)`` in place, ``w = weight``, or ``1 / (count + 1)``
+    with ``count`` read on the device."""
+    if (weight is None) == (count is None):
+        raise ValueError("give exactly one of weight= and count=")
+    lists = (list(averages), list(currents))
+    if not lists[0]:
+        return
+    device = check_lists(lists, ("averages", "currents"))
+    if count is not None:
+        count = count.detach().reshape(()).to(device=device, dtype=torch.int64)
+    w = 0.0 if weight is None else float(weight)
+    name, fast, slow = split(backend, device, lists, ("average", "model tensor"), same_dtype=False)
+    with torch.no_grad():
+        if fast:
+            lerp_op(take(lists[0], fast), take(lists[1], fast), w, count, name)
+        if slow:
+            lerp_op(take(lists[0], slow), take(lists[1], slow), w, count, "torch")

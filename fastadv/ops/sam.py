@@ -1,4 +1,5 @@
-"""SAM's first step as a functional op over many tensors.
+"""SAM's first step as a functional op over many tensors:
+``torch.ops.fastadv.sam_perturb_``.
 
 ``sam_perturb_(weights, grads, backups, rhos, adaptives)`` computes, as in
 davda54's SAM (``fastadv.reference.sam``)::
@@ -13,20 +14,74 @@ with one global norm over all tensors and ``rho`` / ``adaptive`` per tensor
 no host sync.  Each bucket has its own work table (immutable, keyed by its
 tensors' addresses), so buckets of equal sizes -- per-block ``rho`` on
 identical blocks -- never share one.  The restore (second step) is
-:func:`fastadv.ops.awp.copy_tensors_`.
+:func:`fastadv.ops.multi_tensor.restore_live_`.
 """
 from __future__ import annotations
 
 import torch
 
 from ..kernels import count_launch, device_guard
-from .awp import _cache, check_lists, choose, f32, group, kernels, pick
+from . import _registry
+from .multi_tensor import check_lists, f32, group, split, tables, take
 
 SAM_EPS = 1e-12
 
 
-def sam_perturb_(weights, grads, backups, rhos, adaptives, *, backend: str | None = None,
-                 cache=None) -> torch.Tensor:
+@_registry.op("sam_perturb_", mutates_args={"weights", "backups"})
+def sam_perturb_op(weights: list[torch.Tensor], grads: list[torch.Tensor], backups: list[torch.Tensor],
+                   rhos: list[float], adaptives: list[bool], backend: str) -> torch.Tensor:
+    """Back up and perturb every weight in place (one device, at least one
+    tensor); returns the global gradient norm, a 0-dim fp32 device tensor."""
+    if backend == "torch":
+        count_launch("torch.sam")
+        return _torch_sam(weights, grads, backups, rhos, adaptives)
+    device = weights[0].device
+    k, mt = _registry.kernels("sam", backend), _registry.kernels("multi_tensor", backend)
+    with device_guard(weights[0]):
+        buckets = []
+        for (dtype, rho, adaptive), idx in group([(w.dtype, r, a) for w, r, a in
+                                                 zip(weights, rhos, adaptives)]).items():
+            table = tables().get("sam", [take(weights, idx), take(grads, idx), take(backups, idx)])
+            buckets.append((dtype, rho, adaptive, table))
+        total = sum(b[3].n_chunks for b in buckets)
+        partials = torch.empty(max(total, 1), dtype=torch.float32, device=device)
+        offset = 0
+        for dtype, _, adaptive, table in buckets:
+            k.sam_sumsq(table, dtype, partials[offset: offset + max(table.n_chunks, 1)], adaptive)
+            offset += table.n_chunks
+        norm = torch.empty((), dtype=torch.float32, device=device)
+        mt.global_norm(partials, total, norm)
+        for dtype, rho, adaptive, table in buckets:
+            k.sam_update(table, dtype, norm, rho, adaptive)
+    return norm
+
+
+@sam_perturb_op.register_fake
+def _(weights, grads, backups, rhos, adaptives, backend):
+    return torch.empty((), dtype=torch.float32, device=weights[0].device)
+
+
+def _torch_sam(ws, gs, bs, rhos, adaptives) -> torch.Tensor:
+    """torch._foreach_* version: fp32 math, no host sync."""
+    w32, g32 = f32(ws), f32(gs)
+    buckets = group(list(zip(rhos, adaptives)))
+    norms = []
+    for (_, adaptive), idx in buckets.items():
+        g = take(g32, idx)
+        if adaptive:
+            g = torch._foreach_mul(torch._foreach_abs(take(w32, idx)), g)
+        norms += torch._foreach_norm(g)
+    norm = torch.linalg.vector_norm(torch.stack(norms))
+    torch._foreach_copy_(bs, ws)
+    for (rho, adaptive), idx in buckets.items():
+        w, g = take(w32, idx), take(g32, idx)
+        e = torch._foreach_mul(torch._foreach_mul(w, w), g) if adaptive else g
+        e = torch._foreach_mul(e, rho / (norm + SAM_EPS))
+        torch._foreach_copy_(take(ws, idx), torch._foreach_add(w, e))
+    return norm
+
+
+def sam_perturb_(weights, grads, backups, rhos, adaptives, *, backend: str | None = None) -> torch.Tensor:
     """Back up and perturb every weight in place; returns the global gradient
     norm (an fp32 device tensor, never read back)."""
     lists = (list(weights), list(grads), list(backups))
@@ -36,45 +91,8 @@ def sam_perturb_(weights, grads, backups, rhos, adaptives, *, backend: str | Non
     if not lists[0]:
         return torch.zeros((), dtype=torch.float32)
     device = check_lists(lists, ("weights", "grads", "backups"))
-    name, fast, slow = choose(backend, device, lists)
+    name, fast, slow = split(backend, device, lists, ("weight", "gradient", "backup"))
     if slow:  # one global norm: all tensors on one path
-        count_launch("torch.sam")
-        return _torch_sam(*lists, rhos, adaptives)
-    with device_guard(lists[0][0]):
-        k = kernels(name)
-        cache = _cache(cache)
-        keys = [(lists[0][i].dtype, rhos[i], adaptives[i]) for i in range(len(rhos))]
-        buckets = []
-        for (dtype, rho, adaptive), idx in group(keys).items():
-            buckets.append((dtype, rho, adaptive, cache.get("sam", [pick(lst, idx) for lst in lists])))
-        total = sum(b[3].n_chunks for b in buckets)
-        partials = torch.empty(max(total, 1), dtype=torch.float32, device=device)
-        offset = 0
-        for dtype, _, adaptive, table in buckets:
-            k.sam_sumsq(table, dtype, partials[offset: offset + max(table.n_chunks, 1)], adaptive)
-            offset += table.n_chunks
-        norm = torch.empty(1, dtype=torch.float32, device=device)
-        k.global_norm(partials, total, norm)
-        for dtype, rho, adaptive, table in buckets:
-            k.sam_update(table, dtype, norm, rho, adaptive)
-    return norm[0]
-
-
-def _torch_sam(ws, gs, bs, rhos, adaptives) -> torch.Tensor:
-    """torch._foreach_* version: fp32 math, no host sync."""
-    w32, g32 = f32(ws), f32(gs)
-    buckets = group(list(zip(rhos, adaptives)))
-    norms = []
-    for (_, adaptive), idx in buckets.items():
-        g = pick(g32, idx)
-        if adaptive:
-            g = torch._foreach_mul(torch._foreach_abs(pick(w32, idx)), g)
-        norms += torch._foreach_norm(g)
-    norm = torch.linalg.vector_norm(torch.stack(norms))
-    torch._foreach_copy_(bs, ws)
-    for (rho, adaptive), idx in buckets.items():
-        w, g = pick(w32, idx), pick(g32, idx)
-        e = torch._foreach_mul(torch._foreach_mul(w, w), g) if adaptive else g
-        e = torch._foreach_mul(e, rho / (norm + SAM_EPS))
-        torch._foreach_copy_(pick(ws, idx), torch._foreach_add(w, e))
-    return norm
+        name = "torch"
+    with torch.no_grad():
+        return sam_perturb_op(*lists, rhos, adaptives, name)

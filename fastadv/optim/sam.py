@@ -39,7 +39,7 @@ from __future__ import annotations
 import torch
 
 from .. import _backend
-from ..ops.awp import BackupBuffers, Tables, restore_live_
+from ..ops.multi_tensor import BackupBuffers, restore_live_
 from ..ops.sam import sam_perturb_
 
 
@@ -69,7 +69,6 @@ class SAM(torch.optim.Optimizer):
         self.defaults.update(self.base_optimizer.defaults)
         self.backend = _backend.check_name(backend.lower()) if backend else None
         self._buffers = BackupBuffers()
-        self._tables = Tables()
         self._perturbed: tuple[list, list] | None = None
         self.last_grad_norm: torch.Tensor | None = None
 
@@ -94,8 +93,7 @@ class SAM(torch.optim.Optimizer):
         if len({w.device for w in weights}) > 1:
             raise ValueError("SAM needs every parameter with a gradient on one device (one global "
                              "gradient norm)")
-        self.last_grad_norm = sam_perturb_(weights, grads, backups, rhos, adaptives, backend=self.backend,
-                                           cache=self._tables)
+        self.last_grad_norm = sam_perturb_(weights, grads, backups, rhos, adaptives, backend=self.backend)
         for p, b in zip(params, backups):
             self.state[p]["old_p"] = b
         self._perturbed = (params, backups, names)
@@ -117,7 +115,7 @@ class SAM(torch.optim.Optimizer):
             raise RuntimeError("SAM.restore() / second_step() called without a preceding first_step()")
         params, backups, names = self._perturbed
         restore_live_(names, [p.data for p in params], backups, between="first_step() and restore()",
-                      backend=self.backend, cache=self._tables)
+                      backend=self.backend)
         self._perturbed = None
 
     @torch.no_grad()

@@ -30,16 +30,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._backend import check_name
-from ..ops import noise as _ops
+from ..ops import sift as _ops
 
 __all__ = ["PerturbationLayer", "AdversarialLearner", "hook_sift_layer", "symmetric_kl", "kl", "mse",
            "perturbation_loss_fns"]
 
 
 class _Perturbed(torch.autograd.Function):
-    """``x_hat + delta`` computed by ``compute()`` (a fused kernel); the gradient
-    w.r.t. ``delta`` (fp32) is the incoming gradient in fp32, as for
-    ``(x_hat.float() + delta).to(x_hat.dtype)``."""
+    """``x_hat + delta`` computed by ``compute()`` (the registered op
+    ``fastadv::sift_init_`` / ``sift_update_``, which writes ``delta`` in the
+    same pass); the gradient w.r.t. ``delta`` (fp32) is the incoming gradient
+    in fp32, as for ``(x_hat.float() + delta).to(x_hat.dtype)``.  The link is
+    made here rather than by ``register_autograd`` because ``torch.library``
+    takes no autograd formula for an op that mutates an input."""
 
     @staticmethod
     def forward(ctx, delta, compute):

@@ -134,8 +134,13 @@ from . import fgm  # noqa: E402  (declares its signatures before any load)
 from .fgm import fgm_norm, fgm_restore_rows, fgm_update, fgm_workspace_floats  # noqa: E402,F401
 from . import pgd  # noqa: E402
 from .pgd import pgd_restore_rows, pgd_step, pgd_workspace_floats  # noqa: E402,F401
-from . import awp  # noqa: E402,F401  (multi-tensor AWP / SAM / EMA)
-from . import noise  # noqa: E402,F401  (noise injection, SiFT)
+from . import multi_tensor  # noqa: E402,F401  (multi-tensor reductions and copy)
+from . import awp  # noqa: E402,F401  (AWP)
+from . import sam  # noqa: E402,F401  (SAM's first step)
+from . import ema  # noqa: E402,F401  (EMA / SWA lerp)
+from . import noise  # noqa: E402,F401  (noise injection, weight noise)
+from . import neftune  # noqa: E402,F401  (NEFTune's row scale)
+from . import sift  # noqa: E402,F401  (SiFT)
 from . import dp as _dp  # noqa: E402,F401  (DP-SGD clip + noise)
 from . import attacks  # noqa: E402,F401  (declares the input-attack launchers)
 from . import fgsm  # noqa: E402,F401  (embedding FGSM)

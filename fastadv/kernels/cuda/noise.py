@@ -1,4 +1,4 @@
-"""ctypes launchers of the noise-injection and SiFT kernels in ``csrc/noise.cu``.
+"""ctypes launchers of the noise-injection kernels in ``csrc/noise.cu``.
 
 Same functions, arguments and semantics as ``fastadv/kernels/triton/noise.py``
 (and the same Philox counters, see ``csrc/rng.cuh``); each counts its launches.
@@ -17,15 +17,9 @@ declare({
     "fastadv_rng_host_chunk": (_c_int, [_c_void_p, _c_int64, _c_void_p, _c_void_p, _c_void_p]),
     "fastadv_noise_add": (_c_int, [_c_void_p, _c_void_p, _c_int, _c_int64, _c_void_p, _c_float, _c_void_p,
                                    _c_int64, _c_int, _c_void_p]),
-    "fastadv_neftune_scale": (_c_int, [_c_void_p, _c_void_p, _c_int64, _c_int64, _c_float, _c_void_p]),
     "fastadv_noise_token_ids": (_c_int, [_c_void_p, _c_void_p, _c_int64, _c_void_p, _c_float, _c_int64,
                                          _c_void_p]),
     "fastadv_mt_weight_noise": (_c_int, [_c_void_p, _c_int64, _c_int64, _c_int, _c_void_p, _c_float, _c_void_p]),
-    "fastadv_sift_init": (_c_int, [_c_void_p, _c_void_p, _c_void_p, _c_int, _c_int64, _c_void_p, _c_float,
-                                   _c_void_p]),
-    "fastadv_sift_workspace_floats": (_c_int64, [_c_int64]),
-    "fastadv_sift_update": (_c_int, [_c_void_p, _c_void_p, _c_void_p, _c_void_p, _c_int, _c_int64, _c_int64,
-                                     _c_void_p, _c_void_p, _c_float, _c_void_p]),
 })
 
 CHUNK = host.RNG_CHUNK  # elements per chunk (one block): rng.cuh kChunk
@@ -76,19 +70,6 @@ def add_noise(x: torch.Tensor, out: torch.Tensor, key: torch.Tensor, scale: floa
     count_launch("cuda.noise_add", 1 if numel else 0)
 
 
-def neftune_scale(mask2d: torch.Tensor, scale_out: torch.Tensor, alpha_over_sqrt_d: float) -> None:
-    """``scale_out[b, t] = mask[b, t] * alpha / sqrt(L_b * d)`` (fp32); the mask is
-    converted to float32 first when it is not."""
-    _check(scale_out, "scale_out")
-    mask = mask2d if mask2d.dtype == torch.float32 else mask2d.to(torch.float32)
-    mask = mask.contiguous()
-    batch, seq_len = mask.shape
-    with torch.cuda.device(mask.device):
-        _call("fastadv_neftune_scale", _ptr(mask), _ptr(scale_out), batch, seq_len, float(alpha_over_sqrt_d),
-              _stream(mask))
-    count_launch("cuda.neftune_scale", 1 if batch * seq_len else 0)
-
-
 def token_ids(ids: torch.Tensor, out: torch.Tensor, key: torch.Tensor, factor: float, vocab_size: int) -> None:
     for t, what in ((ids, "ids"), (out, "out")):
         _check(t, what)
@@ -107,7 +88,7 @@ def weight_noise(table, dtype: torch.dtype, key: torch.Tensor, std: float) -> No
     (``0 = w``, ``1 = backup``; a :class:`~fastadv.kernels.host.TensorTable` of
     ``RNG_CHUNK``-element chunks), the original bits to the backups in the same
     pass.  One launch.  The restore is the multi-tensor copy
-    (:func:`fastadv.kernels.cuda.awp.copy`)."""
+    (:func:`fastadv.kernels.cuda.multi_tensor.copy`)."""
     if table.device.type != "cuda":
         raise ValueError(f"the cuda backend needs CUDA tensors; got tensors on {table.device}")
     if table.n_lists != 2 or table.chunk != CHUNK:
@@ -118,34 +99,3 @@ def weight_noise(table, dtype: torch.dtype, key: torch.Tensor, std: float) -> No
         _call("fastadv_mt_weight_noise", table.data.data_ptr(), table.n_tensors, table.n_chunks,
               dtype_code(dtype), _ptr(key), float(std), _stream(table.data))
     count_launch("cuda.weight_noise", 1 if table.n_chunks else 0)
-
-
-def sift_init(x: torch.Tensor, delta: torch.Tensor, pert: torch.Tensor, key: torch.Tensor,
-              init_perturbation: float) -> None:
-    for t, what in ((x, "x"), (delta, "delta"), (pert, "pert")):
-        _check(t, what)
-    _key(key)
-    if delta.dtype != torch.float32 or pert.dtype != x.dtype:
-        raise ValueError("delta must be float32 and pert of x's dtype")
-    numel = x.numel()
-    with torch.cuda.device(x.device):
-        _call("fastadv_sift_init", _ptr(x), _ptr(delta), _ptr(pert), dtype_code(x.dtype), numel, _ptr(key),
-              float(init_perturbation), _stream(x))
-    count_launch("cuda.sift_init", 1 if numel else 0)
-
-
-def sift_update(x2d: torch.Tensor, delta: torch.Tensor, grad: torch.Tensor, pert: torch.Tensor,
-                learning_rate: float) -> torch.Tensor:
-    """DeBERTa's step on ``[rows, cols]``; returns the device flag ``||grad|| is finite``."""
-    for t, what in ((x2d, "x"), (delta, "delta"), (grad, "grad"), (pert, "pert")):
-        _check(t, what)
-    if delta.dtype != torch.float32 or grad.dtype != torch.float32 or pert.dtype != x2d.dtype:
-        raise ValueError("delta and grad must be float32, pert of x's dtype")
-    rows, cols = x2d.shape
-    with torch.cuda.device(x2d.device):
-        ws = torch.empty(int(lib().fastadv_sift_workspace_floats(rows)), dtype=torch.float32, device=x2d.device)
-        ok = torch.empty(1, dtype=torch.uint8, device=x2d.device)
-        _call("fastadv_sift_update", _ptr(x2d), _ptr(delta), _ptr(grad), _ptr(pert), dtype_code(x2d.dtype),
-              rows, cols, _ptr(ws), _ptr(ok), float(learning_rate), _stream(x2d))
-    count_launch("cuda.sift_update", 3 if rows * cols else 1)
-    return ok.view(torch.bool)[0]

@@ -1,13 +1,11 @@
-"""Triton kernels for noise injection and SiFT: the noise is drawn inside the
-kernel (Philox, keyed from the PyTorch generator: see :mod:`.rng`), so each op
-reads its input once and writes its output once.
-
-Noise ops (one launch each):
+"""Triton kernels for noise injection: the noise is drawn inside the kernel
+(Philox, keyed from the PyTorch generator: see :mod:`.rng`), so each op reads
+its input once and writes its output once.
 
 * :func:`add_noise` -- ``out = x + r * s`` in fp32, rounded once, with
-  ``r ~ N(0, 1)`` or ``U[-1, 1)`` and ``s`` a scalar or a per-row scale (NEFTune:
-  ``s[row] = mask[row] * alpha / sqrt(L * d)``, made by :func:`neftune_scale`).
-  ``out`` may be ``x`` (in place).
+  ``r ~ N(0, 1)`` or ``U[-1, 1)`` and ``s`` a scalar or a per-row scale (NEFTune's,
+  made by :func:`fastadv.kernels.triton.neftune.neftune_scale`).  ``out`` may
+  be ``x`` (in place).
 * :func:`token_ids` -- the seed's token-id noise,
   ``clamp(long(float(ids) + f * z), 0, V - 1)``.
 * :func:`weight_noise` -- multi-tensor: one launch perturbs every tensor of a
@@ -16,14 +14,7 @@ Noise ops (one launch each):
   (:class:`fastadv.kernels.host.TensorTable`, the CUDA backend reads the same
   layout); the restore is the multi-tensor copy.
 
-SiFT (DeBERTa's perturbation layer, on a normalised input ``x [rows, cols]``):
-
-* :func:`sift_init` -- ``delta = clamp(ip * z, -2 ip, 2 ip)`` (fp32) and
-  ``pert = x + delta`` in one pass.
-* :func:`sift_update` -- ``delta += lr * g / (1e-6 + max_row |g|)`` unless
-  ``||g||`` is NaN or inf (decided on the device), then ``pert = x + delta``:
-  a row pass (sum of squares and max of |g| per row), a one-program finalize
-  (``||g||``, fixed order), one element-wise pass.
+SiFT's kernels are in :mod:`.sift`, NEFTune's row scale in :mod:`.neftune`.
 
 Rounding: the element-wise launches pass ``enable_fp_fusion=False``, so
 ``x + r * s`` is rounded twice on the GPU as under the interpreter and in the
@@ -42,16 +33,14 @@ from . import rng
 QUARTER = rng.QUARTER
 CHUNK = rng.CHUNK
 NUM_WARPS = 8                 # 256 threads: 4 Philox counters (16 elements) each per chunk
-BLOCK = 4096                  # elements per program, non-random element-wise passes
-FINALIZE_BLOCK = 1024
 
 
 # ---- element-wise noise ------------------------------------------------------------------------
 
 @triton.jit
-def _row_of(offs, row_len, IDX32: tl.constexpr):
+def row_of(offs, row_len, IDX32: tl.constexpr):
     # offs // row_len (int64); the division in 32 bits when every offset fits (int64
-    # division is slow on GPUs).  One return: compiled Triton rejects branches that
+    # division is slow on GPUs).  Also used by SiFT's update.  One return: compiled Triton rejects branches that
     # return different types.
     if IDX32:
         r = (offs.to(tl.int32) // row_len).to(tl.int64)
@@ -66,7 +55,7 @@ def _add_quarter(x_ptr, out_ptr, offs, numel, r, scale, rs_ptr, row_len, ROW_SCA
     m = offs < numel
     x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
     if ROW_SCALE:
-        s = tl.load(rs_ptr + _row_of(offs, row_len, IDX32), mask=m, other=0.0)
+        s = tl.load(rs_ptr + row_of(offs, row_len, IDX32), mask=m, other=0.0)
     else:
         s = scale
     tl.store(out_ptr + offs, (x + r * s).to(out_ptr.dtype.element_ty), mask=m)
@@ -89,25 +78,6 @@ def _add_noise_kernel(x_ptr, out_ptr, key_ptr, numel, scale, rs_ptr, row_len,
     _add_quarter(x_ptr, out_ptr, offs + QUARTER_, numel, r1, scale, rs_ptr, row_len, ROW_SCALE, IDX32)
     _add_quarter(x_ptr, out_ptr, offs + 2 * QUARTER_, numel, r2, scale, rs_ptr, row_len, ROW_SCALE, IDX32)
     _add_quarter(x_ptr, out_ptr, offs + 3 * QUARTER_, numel, r3, scale, rs_ptr, row_len, ROW_SCALE, IDX32)
-
-
-@triton.jit
-def _neftune_scale_kernel(mask_ptr, scale_ptr, seq_len, alpha_over_sqrt_d, BLOCK_T: tl.constexpr):
-    # One program per sequence: L = sum(mask); scale[t] = mask[t] * alpha / sqrt(L * d)
-    # (0 for an all-padding sequence, where the reference divides by 0).
-    b = tl.program_id(0)
-    row = b.to(tl.int64) * seq_len
-    acc = tl.zeros([BLOCK_T], dtype=tl.float32)
-    for start in range(0, seq_len, BLOCK_T):
-        offs = start + tl.arange(0, BLOCK_T)
-        acc += tl.load(mask_ptr + row + offs, mask=offs < seq_len, other=0).to(tl.float32)
-    length = tl.sum(acc, axis=0)
-    f = tl.where(length > 0, tl.div_rn(alpha_over_sqrt_d, tl.sqrt_rn(tl.maximum(length, 1e-30))), 0.0)
-    for start in range(0, seq_len, BLOCK_T):
-        offs = start + tl.arange(0, BLOCK_T)
-        m = offs < seq_len
-        mk = tl.load(mask_ptr + row + offs, mask=m, other=0).to(tl.float32)
-        tl.store(scale_ptr + row + offs, mk * f, mask=m)
 
 
 @triton.jit
@@ -149,16 +119,6 @@ def add_noise(x: torch.Tensor, out: torch.Tensor, key: torch.Tensor, scale: floa
         UNIFORM=bool(uniform), ROW_SCALE=row_scale is not None, IDX32=rng.chunks(numel) * CHUNK < 2 ** 31,
         QUARTER_=QUARTER, num_warps=NUM_WARPS, enable_fp_fusion=False)
     count_launch("triton.noise_add")
-
-
-def neftune_scale(mask2d: torch.Tensor, scale_out: torch.Tensor, alpha_over_sqrt_d: float) -> None:
-    """``scale_out[b, t] = mask[b, t] * alpha / sqrt(L_b * d)`` (fp32), ``L_b = sum_t mask[b, t]``."""
-    batch, seq_len = mask2d.shape
-    if batch == 0 or seq_len == 0:
-        return
-    block_t = min(triton.next_power_of_2(seq_len), 4096)
-    _neftune_scale_kernel[(batch,)](mask2d, scale_out, seq_len, float(alpha_over_sqrt_d), BLOCK_T=block_t)
-    count_launch("triton.neftune_scale")
 
 
 def token_ids(ids: torch.Tensor, out: torch.Tensor, key: torch.Tensor, factor: float, vocab_size: int) -> None:
@@ -224,112 +184,3 @@ def weight_noise(table: mt.TensorTable, dtype: torch.dtype, key: torch.Tensor, s
                                             float(std), QUARTER_=QUARTER, ALIGNED=bool(table.aligned),
                                             num_warps=NUM_WARPS, enable_fp_fusion=False)
     count_launch("triton.weight_noise")
-
-
-# ---- SiFT ----------------------------------------------------------------------------------------
-
-@triton.jit
-def _sift_init_quarter(x_ptr, delta_ptr, pert_ptr, offs, numel, z, ip):
-    m = offs < numel
-    d = tl.minimum(tl.maximum(z * ip, -2.0 * ip), 2.0 * ip)
-    x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    tl.store(delta_ptr + offs, d, mask=m)
-    tl.store(pert_ptr + offs, (x + d).to(pert_ptr.dtype.element_ty), mask=m)
-
-
-@triton.jit
-def _sift_init_kernel(x_ptr, delta_ptr, pert_ptr, key_ptr, numel, ip, QUARTER_: tl.constexpr):
-    chunk = tl.program_id(0)
-    seed, base = rng.load_key(key_ptr)
-    z0, z1, z2, z3 = rng.normal4x(seed, rng.chunk_counters(base, chunk, QUARTER_))
-    offs = chunk.to(tl.int64) * 4 * QUARTER_ + tl.arange(0, QUARTER_)
-    _sift_init_quarter(x_ptr, delta_ptr, pert_ptr, offs, numel, z0, ip)
-    _sift_init_quarter(x_ptr, delta_ptr, pert_ptr, offs + QUARTER_, numel, z1, ip)
-    _sift_init_quarter(x_ptr, delta_ptr, pert_ptr, offs + 2 * QUARTER_, numel, z2, ip)
-    _sift_init_quarter(x_ptr, delta_ptr, pert_ptr, offs + 3 * QUARTER_, numel, z3, ip)
-
-
-@triton.jit
-def _sift_row_stats_kernel(g_ptr, sumsq_ptr, rowmax_ptr, cols, BLOCK_C: tl.constexpr):
-    row = tl.program_id(0)
-    base = row.to(tl.int64) * cols
-    acc = tl.zeros([BLOCK_C], dtype=tl.float32)
-    mx = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for start in range(0, cols, BLOCK_C):
-        offs = start + tl.arange(0, BLOCK_C)
-        g = tl.load(g_ptr + base + offs, mask=offs < cols, other=0.0).to(tl.float32)
-        acc += g * g
-        mx = tl.maximum(mx, tl.abs(g))
-    tl.store(sumsq_ptr + row, tl.sum(acc, axis=0))
-    tl.store(rowmax_ptr + row, tl.max(mx, axis=0))
-
-
-@triton.jit
-def _finalize_norm_kernel(part_ptr, n, norm_ptr, ok_ptr, BLOCK_: tl.constexpr):
-    # ||g|| from the row partials in a fixed order, and whether it is finite
-    acc = tl.zeros([BLOCK_], dtype=tl.float32)
-    for start in range(0, n, BLOCK_):
-        offs = start + tl.arange(0, BLOCK_)
-        acc += tl.load(part_ptr + offs, mask=offs < n, other=0.0)
-    norm = tl.sqrt_rn(tl.sum(acc, axis=0))
-    tl.store(norm_ptr, norm)
-    tl.store(ok_ptr, ((norm == norm) & (norm != float("inf"))).to(tl.uint8))
-
-
-@triton.jit
-def _sift_update_kernel(x_ptr, delta_ptr, g_ptr, rowmax_ptr, norm_ptr, pert_ptr, numel, cols, lr,
-                        IDX32: tl.constexpr, BLOCK_: tl.constexpr):
-    pid = tl.program_id(0)
-    offs = pid.to(tl.int64) * BLOCK_ + tl.arange(0, BLOCK_)
-    m = offs < numel
-    d = tl.load(delta_ptr + offs, mask=m, other=0.0).to(tl.float32)  # fp32 (a no-op for the fp32 delta)
-    norm = tl.load(norm_ptr)
-    # DeBERTa skips the step when ||g|| is NaN or inf; decided here, on the device.
-    if (norm == norm) & (norm != float("inf")):
-        g = tl.load(g_ptr + offs, mask=m, other=0.0).to(tl.float32)
-        gmax = tl.load(rowmax_ptr + _row_of(offs, cols, IDX32), mask=m, other=1.0)
-        d = d + tl.div_rn(lr * g, 1e-6 + gmax)
-        tl.store(delta_ptr + offs, d.to(delta_ptr.dtype.element_ty), mask=m)
-    x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    tl.store(pert_ptr + offs, (x + d).to(pert_ptr.dtype.element_ty), mask=m)
-
-
-def sift_init(x: torch.Tensor, delta: torch.Tensor, pert: torch.Tensor, key: torch.Tensor,
-              init_perturbation: float) -> None:
-    """``delta = clamp(ip * z, -2 ip, 2 ip)`` (fp32), ``pert = (x + delta)`` in x's dtype.  One launch."""
-    _check_key(key)
-    numel = x.numel()
-    if numel == 0:
-        return
-    _sift_init_kernel[(rng.chunks(numel),)](x, delta, pert, key, numel, float(init_perturbation),
-                                            QUARTER_=QUARTER, num_warps=NUM_WARPS,
-                                            enable_fp_fusion=False)
-    count_launch("triton.sift_init")
-
-
-def sift_update(x2d: torch.Tensor, delta: torch.Tensor, grad: torch.Tensor, pert: torch.Tensor,
-                learning_rate: float) -> torch.Tensor:
-    """DeBERTa's step on ``[rows, cols]`` tensors: ``delta`` updated in place unless
-    ``||grad||`` is NaN/inf, ``pert = x + delta``.  Three launches.  Returns the
-    device flag ``||grad|| is finite`` (0-dim bool, not read on the host)."""
-    rows, cols = x2d.shape
-    norm = torch.empty(1, dtype=torch.float32, device=x2d.device)
-    ok = torch.empty(1, dtype=torch.uint8, device=x2d.device)
-    sumsq = torch.empty(max(rows, 1), dtype=torch.float32, device=x2d.device)
-    rowmax = torch.empty(max(rows, 1), dtype=torch.float32, device=x2d.device)
-    if rows and cols:
-        block_c = min(triton.next_power_of_2(cols), 4096)
-        _sift_row_stats_kernel[(rows,)](grad, sumsq, rowmax, cols, BLOCK_C=block_c)
-        count_launch("triton.sift_row_stats")
-    else:
-        rows = 0
-    _finalize_norm_kernel[(1,)](sumsq, rows, norm, ok, BLOCK_=FINALIZE_BLOCK)
-    count_launch("triton.sift_finalize")
-    numel = x2d.numel()
-    if numel:
-        _sift_update_kernel[(triton.cdiv(numel, BLOCK),)](x2d, delta, grad, rowmax, norm, pert, numel, cols,
-                                                          float(learning_rate),
-                                                          IDX32=triton.cdiv(numel, BLOCK) * BLOCK < 2 ** 31,
-                                                          BLOCK_=BLOCK, enable_fp_fusion=False)
-        count_launch("triton.sift_update")
-    return ok.view(torch.bool)[0]
