@@ -277,7 +277,10 @@ class SessionRecorder:
         return not self.partial and set(files) <= self.files
 
     def dump(self) -> dict:
-        return {"records": list(self.records.values()), "helpers": sorted(self.helpers),
+        # fastadv's kernels only: a test may define a @triton.jit of its own (test_bench.py
+        # does), which cannot be re-imported by name for compilation
+        return {"records": [r for r in self.records.values() if r["module"].startswith("fastadv.")],
+                "helpers": sorted(h for h in self.helpers if h.startswith("fastadv.")),
                 "data32": {k: {a: sorted(b) for a, b in v.items()} for k, v in self.data32.items()},
                 "errors": sorted(self.errors), "pytest_rc": 0}
 
