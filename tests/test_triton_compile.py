@@ -282,7 +282,7 @@ class SessionRecorder:
         return {"records": [r for r in self.records.values() if r["module"].startswith("fastadv.")],
                 "helpers": sorted(h for h in self.helpers if h.startswith("fastadv.")),
                 "data32": {k: {a: sorted(b) for a, b in v.items()} for k, v in self.data32.items()},
-                "errors": sorted(self.errors), "pytest_rc": 0}
+                "errors": sorted(e for e in self.errors if e.startswith("fastadv.")), "pytest_rc": 0}
 
 
 def enabled(config) -> bool:
