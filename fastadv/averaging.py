@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from . import _backend
+from .ops import _dist
 from .ops.multi_tensor import BackupBuffers, copy_tensors_, restore_live_
 from .ops.ema import lerp_
 
@@ -140,7 +141,7 @@ class ModelEMA:
         model = self.model if model is None else model
         params = self._params(model)
         names = [n for n, _ in params]
-        live = [p.data for _, p in params]
+        live = [_dist.local(p.data) for _, p in params]  # FSDP2: the local shards
         backups = self._backups.views(live)
         if live:
             copy_tensors_(backups, live, backend=self.backend)

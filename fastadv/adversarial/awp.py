@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from .. import _backend
+from ..ops import _dist
 from ..ops._live import retarget
 from ..ops.awp import awp_step_
 from ..ops.multi_tensor import BackupBuffers, group, restore_live_
@@ -163,14 +164,15 @@ class AWP:
         pending = [n for n in self._saved if n not in self.backup]
         write_backup = bool(pending) and set(pending) == set(names)
         if write_backup:  # the first step: its update kernel writes the backup
-            backups = self._buffers.views([p.data for _, p in targets])
+            # FSDP2: backups of the local shards (the op works on them)
+            backups = self._buffers.views([_dist.local(p.data) for _, p in targets])
         else:  # rare: parameters saved later, or saved without a gradient now
             live = dict(self.model.named_parameters())
             for n in pending:
-                self.backup[n] = (live[n] if n in live else self._saved[n]).data.clone()
+                self.backup[n] = _dist.local((live[n] if n in live else self._saved[n]).data).clone()
             backups = [self.backup[n] for n in names]
             for (n, p), b in zip(targets, backups):  # the parameter may have moved since the last step
-                retarget(n, b, p.data, "two AWP attack steps")
+                retarget(n, b, _dist.local(p.data), "two AWP attack steps")
         weights = [p.data for _, p in targets]
         grads = [p.grad.to_dense() if p.grad.is_sparse else p.grad for _, p in targets]
         for idx in group([w.device for w in weights]).values():

@@ -43,3 +43,33 @@ def all_reduce_sum_(t: torch.Tensor, group) -> torch.Tensor:
     import torch.distributed as dist
     dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
     return t
+
+
+def localize(lists, names):
+    """The local shards of every tensor of ``lists`` and the process group
+    over which ``lists[0]``'s tensors are sharded (None when none is).
+
+    One call of a multi-tensor op combines all its partial sums with *one*
+    all_reduce, so its sharded tensors must share one shard group, and it
+    cannot mix sharded and unsharded tensors (an unsharded tensor's partial
+    would be counted once per rank): both are refused, naming the index."""
+    first = lists[0]
+    sharded = [is_sharded(t) for t in first]
+    if not any(sharded):
+        return [list(lst) for lst in lists], None
+    if not all(sharded):
+        i = sharded.index(False)
+        raise ValueError(f"{names[0]}[{i}] is not sharded but {names[0]}[{sharded.index(True)}] is "
+                         f"(FSDP2): one call cannot combine sharded and unsharded tensors; call the op "
+                         f"once for each kind")
+    group = shard_group(first[0])
+    for i, t in enumerate(first):
+        if shard_group(t) is not group:
+            raise ValueError(f"{names[0]}[{i}] is sharded over another process group than "
+                             f"{names[0]}[0]: one call combines its norms over one group")
+    return [[local(t) for t in lst] for lst in lists], group
+
+
+def local_lists(lists):
+    """The local shards of every tensor (ops without a collective: EMA, copies)."""
+    return [[local(t) for t in lst] for lst in lists]

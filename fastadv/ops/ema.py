@@ -8,7 +8,9 @@ model).  EMA uses ``weight = 1 - decay``; SWA passes ``count`` (a device
 tensor, e.g. ``AveragedModel.n_averaged``) and gets ``weight = 1 / (count +
 1)`` computed on the device.  Kernel backends: one launch per dtype pair,
 reading each tensor once and writing the average once (3 passes); no host
-sync.
+sync.  FSDP2: averages and model tensors sharded alike (an EMA of a
+``fully_shard``-ed model, registered from its DTensor parameters) are
+averaged shard by shard, with no collective.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from typing import Optional
 import torch
 
 from ..kernels import count_launch, device_guard
-from . import _registry
+from . import _dist, _registry
 from .multi_tensor import check_lists, f32, group, split, tables, take
 
 
@@ -68,7 +70,7 @@ def lerp_(averages, currents, weight: float | None = None, *, count: torch.Tenso
     with ``count`` read on the device."""
     if (weight is None) == (count is None):
         raise ValueError("give exactly one of weight= and count=")
-    lists = (list(averages), list(currents))
+    lists = _dist.local_lists((averages, currents))  # FSDP2: shard by shard, no collective
     if not lists[0]:
         return
     device = check_lists(lists, ("averages", "currents"))

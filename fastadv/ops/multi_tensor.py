@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from ..kernels import count_launch, device_guard, host
-from . import _registry
+from . import _dist, _registry
 from ._live import StorageMoved, follow, retarget
 
 
@@ -130,7 +130,7 @@ def _(dst, src, backend):
 def copy_tensors_(dst, src, *, backend: str | None = None) -> None:
     """``dst[i].copy_(src[i])`` for every i, in place; bit-exact when the
     dtypes match (one launch per dtype pair on the kernel backends)."""
-    lists = (list(dst), list(src))
+    lists = _dist.local_lists((dst, src))  # FSDP2: shard by shard
     if not lists[0]:
         return
     device = check_lists(lists, ("dst", "src"))
@@ -154,7 +154,10 @@ def restore_live_(names, live, backups, *, between: str, backend: str | None = N
     raises :class:`~fastadv.ops._live.StorageMoved` naming the parameter and
     what changed, before anything is written, and the backups are untouched.
     ``live[i]`` may be None (the parameter left the model): that raises too."""
-    names, live, backups = list(names), list(live), list(backups)
+    names = list(names)
+    # FSDP2: the local shards (a backup holds its shard's bits; nothing to combine)
+    live = [None if t is None else _dist.local(t) for t in live]
+    backups = [_dist.local(b) for b in backups]
     for n, t, b in zip(names, live, backups):
         if t is None:
             raise StorageMoved(f"{n} is no longer a parameter of the model (it was renamed or removed "

@@ -11,7 +11,9 @@ davda54's SAM (``fastadv.reference.sam``)::
 with one global norm over all tensors and ``rho`` / ``adaptive`` per tensor
 (per parameter group).  Kernel backends: one reduction launch per bucket of
 (dtype, rho, adaptive), one finalize launch, one update launch per bucket;
-no host sync.  Each bucket has its own work table (immutable, keyed by its
+no host sync.  FSDP2 (DTensor shards): the local shards' global norm is
+squared and summed over the shard group by one ``all_reduce`` of 4 bytes per
+call, then the update runs on the local shards.  Each bucket has its own work table (immutable, keyed by its
 tensors' addresses), so buckets of equal sizes -- per-block ``rho`` on
 identical blocks -- never share one.  The restore (second step) is
 :func:`fastadv.ops.multi_tensor.restore_live_`.
@@ -21,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from ..kernels import count_launch, device_guard
-from . import _registry
+from . import _dist, _registry
 from .multi_tensor import check_lists, f32, group, split, tables, take
 
 SAM_EPS = 1e-12
@@ -35,25 +37,41 @@ def sam_perturb_op(weights: list[torch.Tensor], grads: list[torch.Tensor], backu
     if backend == "torch":
         count_launch("torch.sam")
         return _torch_sam(weights, grads, backups, rhos, adaptives)
-    device = weights[0].device
-    k, mt = _registry.kernels("sam", backend), _registry.kernels("multi_tensor", backend)
     with device_guard(weights[0]):
-        buckets = []
-        for (dtype, rho, adaptive), idx in group([(w.dtype, r, a) for w, r, a in
-                                                 zip(weights, rhos, adaptives)]).items():
-            table = tables().get("sam", [take(weights, idx), take(grads, idx), take(backups, idx)])
-            buckets.append((dtype, rho, adaptive, table))
-        total = sum(b[3].n_chunks for b in buckets)
-        partials = torch.empty(max(total, 1), dtype=torch.float32, device=device)
-        offset = 0
-        for dtype, _, adaptive, table in buckets:
-            k.sam_sumsq(table, dtype, partials[offset: offset + max(table.n_chunks, 1)], adaptive)
-            offset += table.n_chunks
-        norm = torch.empty((), dtype=torch.float32, device=device)
-        mt.global_norm(partials, total, norm)
-        for dtype, rho, adaptive, table in buckets:
-            k.sam_update(table, dtype, norm, rho, adaptive)
+        buckets = _kernel_buckets(weights, grads, backups, rhos, adaptives, backend)
+        norm = _kernel_norm(buckets, backend, weights[0].device)
+        _kernel_update(buckets, backend, norm)
     return norm
+
+
+def _kernel_buckets(weights, grads, backups, rhos, adaptives, backend):
+    """One work table per bucket of (dtype, rho, adaptive)."""
+    buckets = []
+    for (dtype, rho, adaptive), idx in group([(w.dtype, r, a) for w, r, a in
+                                             zip(weights, rhos, adaptives)]).items():
+        table = tables().get("sam", [take(weights, idx), take(grads, idx), take(backups, idx)])
+        buckets.append((dtype, rho, adaptive, table))
+    return buckets
+
+
+def _kernel_norm(buckets, backend, device) -> torch.Tensor:
+    """The global norm over every bucket: per-chunk partials, one finalize."""
+    k, mt = _registry.kernels("sam", backend), _registry.kernels("multi_tensor", backend)
+    total = sum(b[3].n_chunks for b in buckets)
+    partials = torch.empty(max(total, 1), dtype=torch.float32, device=device)
+    offset = 0
+    for dtype, _, adaptive, table in buckets:
+        k.sam_sumsq(table, dtype, partials[offset: offset + max(table.n_chunks, 1)], adaptive)
+        offset += table.n_chunks
+    norm = torch.empty((), dtype=torch.float32, device=device)
+    mt.global_norm(partials, total, norm)
+    return norm
+
+
+def _kernel_update(buckets, backend, norm) -> None:
+    k = _registry.kernels("sam", backend)
+    for dtype, rho, adaptive, table in buckets:
+        k.sam_update(table, dtype, norm, rho, adaptive)
 
 
 @sam_perturb_op.register_fake
@@ -63,21 +81,47 @@ def _(weights, grads, backups, rhos, adaptives, backend):
 
 def _torch_sam(ws, gs, bs, rhos, adaptives) -> torch.Tensor:
     """torch._foreach_* version: fp32 math, no host sync."""
+    norm = _torch_norm(ws, gs, rhos, adaptives)
+    _torch_update(ws, gs, bs, rhos, adaptives, norm)
+    return norm
+
+
+def _torch_norm(ws, gs, rhos, adaptives) -> torch.Tensor:
     w32, g32 = f32(ws), f32(gs)
-    buckets = group(list(zip(rhos, adaptives)))
     norms = []
-    for (_, adaptive), idx in buckets.items():
+    for (_, adaptive), idx in group(list(zip(rhos, adaptives))).items():
         g = take(g32, idx)
         if adaptive:
             g = torch._foreach_mul(torch._foreach_abs(take(w32, idx)), g)
         norms += torch._foreach_norm(g)
-    norm = torch.linalg.vector_norm(torch.stack(norms))
+    return torch.linalg.vector_norm(torch.stack(norms))
+
+
+def _torch_update(ws, gs, bs, rhos, adaptives, norm) -> None:
+    w32, g32 = f32(ws), f32(gs)
     torch._foreach_copy_(bs, ws)
-    for (rho, adaptive), idx in buckets.items():
+    for (rho, adaptive), idx in group(list(zip(rhos, adaptives))).items():
         w, g = take(w32, idx), take(g32, idx)
         e = torch._foreach_mul(torch._foreach_mul(w, w), g) if adaptive else g
         e = torch._foreach_mul(e, rho / (norm + SAM_EPS))
         torch._foreach_copy_(take(ws, idx), torch._foreach_add(w, e))
+
+
+def _sharded_sam(ws, gs, bs, rhos, adaptives, backend, group_) -> torch.Tensor:
+    """FSDP2: the local shards' norm, squared, summed over the shard group by
+    one all_reduce (4 bytes), square-rooted; then the update on the local shards."""
+    with device_guard(ws[0]):
+        if backend == "torch":
+            count_launch("torch.sam")
+            norm = _torch_norm(ws, gs, rhos, adaptives)
+        else:
+            buckets = _kernel_buckets(ws, gs, bs, rhos, adaptives, backend)
+            norm = _kernel_norm(buckets, backend, ws[0].device)
+        norm = _dist.all_reduce_sum_(norm.reshape(1).square_(), group_).sqrt_().reshape(())
+        if backend == "torch":
+            _torch_update(ws, gs, bs, rhos, adaptives, norm)
+        else:
+            _kernel_update(buckets, backend, norm)
     return norm
 
 
@@ -90,9 +134,12 @@ def sam_perturb_(weights, grads, backups, rhos, adaptives, *, backend: str | Non
         raise ValueError("rhos and adaptives need one entry per weight")
     if not lists[0]:
         return torch.zeros((), dtype=torch.float32)
+    lists, group_ = _dist.localize(lists, ("weights", "grads", "backups"))
     device = check_lists(lists, ("weights", "grads", "backups"))
     name, fast, slow = split(backend, device, lists, ("weight", "gradient", "backup"))
     if slow:  # one global norm: all tensors on one path
         name = "torch"
     with torch.no_grad():
+        if group_ is not None:  # FSDP2 shards: one all_reduce of the norm's square
+            return _sharded_sam(*lists, rhos, adaptives, name, group_)
         return sam_perturb_op(*lists, rhos, adaptives, name)

@@ -39,6 +39,7 @@ from __future__ import annotations
 import torch
 
 from .. import _backend
+from ..ops import _dist
 from ..ops.multi_tensor import BackupBuffers, restore_live_
 from ..ops.sam import sam_perturb_
 
@@ -89,7 +90,7 @@ class SAM(torch.optim.Optimizer):
                 names.append(f"param_groups[{g}]['params'][{i}]")
         weights = [p.data for p in params]
         grads = [p.grad.to_dense() if p.grad.is_sparse else p.grad for p in params]
-        backups = self._buffers.views(weights)
+        backups = self._buffers.views([_dist.local(w) for w in weights])  # FSDP2: the local shards
         if len({w.device for w in weights}) > 1:
             raise ValueError("SAM needs every parameter with a gradient on one device (one global "
                              "gradient norm)")
