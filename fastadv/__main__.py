@@ -17,7 +17,6 @@ import argparse
 import os
 import subprocess
 import sys
-import time
 
 DEFAULT_OUT = "fastadv-bench"
 
@@ -122,82 +121,14 @@ def _ops(arg: str) -> list[str] | None:
     return ops
 
 
-def print_header(device, header: dict, out=print) -> None:
-    from fastadv import _env
-
-    out(f"device   {header['device']}")
-    out(f"commit   {header['commit']}   date {header['date']}")
-    out("versions " + ", ".join(f"{k} {v}" for k, v in header["versions"].items()))
-    for line in _env.where():
-        out(line)
-    for name, why in _env.backends(device).items():
-        if why is not None:
-            out(f"backend {name}: not usable here: {why}")
-
-
 def _bench(args) -> int:
-    from pathlib import Path
-
-    from fastadv import _backend
-    from fastadv.bench import core
+    from fastadv.bench import run
 
     device = _device(args.device)
     ops = _ops(args.ops)
     if ops is None:
         return 2
-    impls = [i.strip() for i in args.impls.split(",") if i.strip()] if args.impls else None
-    cpu = device.type == "cpu"
-    quick = args.quick or (cpu and not args.full)
-    timed = not cpu or args.full or args.iters is not None
-    exclude = ("compiled",) if cpu and not args.full and impls is None else ()
-
-    header = core.environment(device)
-    print_header(device, header)
-    if cpu and _backend.triton_interpreter():
-        print("note: TRITON_INTERPRET=1: triton rows run in the Triton interpreter (checked and counted, "
-              "never timed; no bf16/fp16 there)")
-    if cpu:
-        what = ("every op at its smallest size, without torch.compile (--full: every case and "
-                "implementation)" if quick and not args.full else "the full CPU sweep")
-        print(f"note: CPU run, {what}: CPU timings are not GPU speed, so the speedup, GB/s and %copy "
-              f"columns stay blank" + ("; ms are CPU wall times" if timed else " and nothing is timed"))
-    copy_gbps = core.measure_copy_bandwidth(device)
-    print(f"copy bandwidth {copy_gbps:.1f} GB/s (dst.copy_(src), bytes read + written)")
-
-    t0 = time.perf_counter()
-    full = True if args.real_sizes else None
-    units = core.plan(ops, device, full=full, quick=quick, impls=impls, exclude=exclude)
-    print(f"{len(units)} rows to run ({len(ops)} ops){'' if args.budget is None else f', budget {args.budget:.0f} s'}")
-    print()
-    progress = core.Progress([u.key for u in units])
-    budget = core.Budget(args.budget, reserve=5.0) if args.budget else None
-    trace = progress.message if args.verbose else None
-    rows = core.run_plan(units, device, warmup=args.warmup, iters=args.iters, timed=timed,
-                         progress=progress, budget=budget, trace=trace)
-    progress.close()
-    core.add_derived(rows, copy_gbps, speedups=not cpu)
-    print()
-    print(core.format_table(rows))
-    print()
-    header["run"] = {"sizes": "real" if core.real_sizes(device, full) else "small", "quick": quick,
-                     "timed": timed, "budget_s": args.budget}
-    path = core.write_results(rows, args.out, device, copy_gbps, header=header).resolve()
-    print(f"results  {path}")
-    if not args.no_plot:
-        try:
-            png = core.plot(path, path.with_suffix(".png"))
-            print(f"plot     {Path(png).resolve()}")
-        except core.NothingToPlot as exc:
-            print(f"plot     not drawn: {exc}")
-        except ImportError as exc:
-            print(f"plot     not drawn: {exc} (pip install matplotlib)")
-    failed = [r for r in rows if r.get("check") == "FAIL" or r.get("error")]
-    skipped = sum(1 for r in rows if r.get("skipped"))
-    checked = sum(1 for r in rows if r.get("check") == "ok")
-    print(f"{len(rows)} rows in {time.perf_counter() - t0:.1f} s: {checked} checked ok, {skipped} skipped, "
-          + (f"{len(failed)} FAILED: " + ", ".join(f"{r['op']} {r['case']} {r['impl']}" for r in failed)
-             if failed else "0 failed"))
-    return 1 if failed else 0
+    return run.main(args, device, ops)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,7 +10,8 @@ import torch
 
 import fastadv
 from fastadv import kernels
-from fastadv.bench import core
+from fastadv.bench import case, report, run, timing
+from fastadv.bench.count import count
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,7 +24,7 @@ def _run_cli(*args, timeout=240):
 
 
 # --------------------------------------------------------------------------
-# core.count on known torch snippets
+# count on known torch snippets
 
 
 @pytest.fixture
@@ -32,20 +33,20 @@ def x():
 
 
 def test_clone_is_one_launch_two_passes(x):
-    c = core.count(lambda: x.clone())
+    c = count(lambda: x.clone())
     assert (c["launches"], c["syncs"], c["bytes"]) == (1, 0, 2 * x.nbytes)
     assert c["ops"] == {"clone": 1}
 
 
 def test_item_is_a_sync(x):
-    c = core.count(lambda: float(x.sum()))
+    c = count(lambda: float(x.sum()))
     assert c["syncs"] == 1
     assert c["launches"] == 1  # the sum; reading the scalar back launches nothing
     assert c["bytes"] == x.nbytes + 4
 
 
 def test_bool_of_tensor_is_a_sync(x):
-    c = core.count(lambda: bool(x.norm() != 0))
+    c = count(lambda: bool(x.norm() != 0))
     assert (c["launches"], c["syncs"]) == (2, 1)
 
 
@@ -58,46 +59,46 @@ def test_views_cost_nothing(x):
         x.unsqueeze(0).expand(3, -1, -1)
         x.reshape(64, 1000)  # contiguous: a view
 
-    assert core.count(views)["launches"] == 0
-    assert core.count(views)["bytes"] == 0
+    assert count(views)["launches"] == 0
+    assert count(views)["bytes"] == 0
 
 
 def test_inplace_reads_and_writes_self_once(x):
     y = torch.randn_like(x)
-    assert core.count(lambda: x.add_(y))["bytes"] == 3 * x.nbytes
-    assert core.count(lambda: x.copy_(y))["bytes"] == 2 * x.nbytes  # copy_ does not read self
-    c = core.count(lambda: x.zero_())
+    assert count(lambda: x.add_(y))["bytes"] == 3 * x.nbytes
+    assert count(lambda: x.copy_(y))["bytes"] == 2 * x.nbytes  # copy_ does not read self
+    c = count(lambda: x.zero_())
     assert (c["launches"], c["bytes"]) == (1, x.nbytes)
 
 
 def test_out_of_place_binary(x):
     y = torch.randn_like(x)
-    c = core.count(lambda: x * y)
+    c = count(lambda: x * y)
     assert (c["launches"], c["bytes"]) == (1, 3 * x.nbytes)
     # a Python scalar operand is no tensor traffic; a broadcast row is read once
-    assert core.count(lambda: x * 2.0)["bytes"] == 2 * x.nbytes
+    assert count(lambda: x * 2.0)["bytes"] == 2 * x.nbytes
     row = torch.randn(64)
-    assert core.count(lambda: x + row)["bytes"] == 2 * x.nbytes + row.nbytes
+    assert count(lambda: x + row)["bytes"] == 2 * x.nbytes + row.nbytes
 
 
 def test_gather_and_scatter_count_the_indexed_rows(x):
     idx = torch.tensor([3, 7, 7, 100])
-    c = core.count(lambda: x.index_select(0, idx))
+    c = count(lambda: x.index_select(0, idx))
     row_bytes = 64 * 4
     assert c["bytes"] == 4 * row_bytes + idx.nbytes + 4 * row_bytes
     src = torch.randn(4, 64)
-    c = core.count(lambda: x.index_add_(0, idx, src))
+    c = count(lambda: x.index_add_(0, idx, src))
     assert c["bytes"] == src.nbytes + idx.nbytes + 2 * src.nbytes
-    c = core.count(lambda: x.index_copy_(0, torch.tensor([1, 2, 5, 9]), src))
+    c = count(lambda: x.index_copy_(0, torch.tensor([1, 2, 5, 9]), src))
     assert c["bytes"] == src.nbytes + 4 * 8 + src.nbytes
 
 
 def test_data_dependent_shapes_are_syncs(x):
     mask = x[:, 0] > 0
-    assert core.count(lambda: x[mask])["syncs"] == 1
-    assert core.count(lambda: x.nonzero())["syncs"] == 1
-    assert core.count(lambda: x[torch.tensor([0, 1])])["syncs"] == 0  # integer index: no sync
-    assert core.count(lambda: x.__setitem__(mask, 0.0))["syncs"] == 1
+    assert count(lambda: x[mask])["syncs"] == 1
+    assert count(lambda: x.nonzero())["syncs"] == 1
+    assert count(lambda: x[torch.tensor([0, 1])])["syncs"] == 0  # integer index: no sync
+    assert count(lambda: x.__setitem__(mask, 0.0))["syncs"] == 1
 
 
 def test_reference_fgm_matches_the_design_notes():
@@ -114,7 +115,7 @@ def test_reference_fgm_matches_the_design_notes():
         f.attack()
         f.restore()
 
-    c = core.count(step)
+    c = count(step)
     n = 1000 * 64
     assert (c["launches"], c["syncs"]) == (7, 2)
     assert 40 * n <= c["bytes"] <= 40 * n + 64  # + the 0-d norm and its tests
@@ -127,13 +128,13 @@ def test_fastadv_launches_use_the_design_bytes():
         kernels.count_launch("test.fake_kernel", 2)
         y.mul_(2)  # an aten op the op issues besides its kernels
 
-    c = core.count(fn, design_bytes=1234)
+    c = count(fn, design_bytes=1234)
     assert c["launches"] == 3 and c["kernel_launches"] == 2 and c["aten_launches"] == 1
     assert c["bytes"] == 1234 and c["aten_bytes"] == 2 * y.nbytes  # mul_ by a scalar: read + write
     assert c["kernels"] == {"test.fake_kernel": 2}
-    assert core.count(fn)["bytes"] is None  # kernels ran, nobody said what they move
-    assert core.count(fn, design_bytes=lambda k: 100 * k["test.fake_kernel"])["bytes"] == 200
-    assert core.count(lambda: y.mul_(2), design_bytes=1234)["bytes"] == 2 * y.nbytes  # no kernel ran
+    assert count(fn)["bytes"] is None  # kernels ran, nobody said what they move
+    assert count(fn, design_bytes=lambda k: 100 * k["test.fake_kernel"])["bytes"] == 200
+    assert count(lambda: y.mul_(2), design_bytes=1234)["bytes"] == 2 * y.nbytes  # no kernel ran
 
 
 def test_triton_interpreter_staging_is_not_counted():
@@ -153,7 +154,7 @@ def test_triton_interpreter_staging_is_not_counted():
 
     a = torch.randn(300, device=dev)
     b = torch.empty_like(a)
-    c = core.count(lambda: _copy[(3,)](a, b, 300, BLOCK=128))
+    c = count(lambda: _copy[(3,)](a, b, 300, BLOCK=128))
     assert torch.equal(a, b)
     assert c["launches"] == 0 and c["bytes"] == 0 and c["syncs"] == 0
 
@@ -164,9 +165,9 @@ def test_triton_interpreter_staging_is_not_counted():
 
 def test_time_ms_and_copy_bandwidth():
     calls = []
-    ms = core.time_ms(lambda: calls.append(1), "cpu", warmup=2, iters=3)
+    ms = timing.time_ms(lambda: calls.append(1), "cpu", warmup=2, iters=3)
     assert len(calls) == 5 and ms >= 0
-    assert core.measure_copy_bandwidth("cpu", nbytes=2**20, iters=2) > 0
+    assert timing.measure_copy_bandwidth("cpu", nbytes=2**20, iters=2) > 0
 
 
 def _rows():
@@ -179,20 +180,20 @@ def _rows():
 
 
 def test_derived_columns():
-    rows = core.add_derived(_rows(), copy_gbps=5000.0)
+    rows = report.add_derived(_rows(), copy_gbps=5000.0)
     ref, tri, comp = rows
     assert ref["speedup"] == 1.0 and tri["speedup"] == 4.0 and comp["speedup"] is None
     assert ref["gbps"] == 2000.0 and tri["gbps"] == 4000.0
     assert tri["pct_copy_bw"] == 80.0
-    table = core.format_table(rows)
+    table = report.format_table(rows)
     for col in ("op", "case", "impl", "ms", "speedup", "GB/s", "%copy", "launches", "syncs", "MB"):
         assert col in table.splitlines()[0]
     assert "4.00x" in table and "skipped" in table
 
 
 def test_results_file_shape_and_merge(tmp_path):
-    rows = core.add_derived(_rows(), 5000.0)
-    path = core.write_results(rows, tmp_path, "cpu", 5000.0)
+    rows = report.add_derived(_rows(), 5000.0)
+    path = report.write_results(rows, tmp_path, "cpu", 5000.0)
     assert path == tmp_path / "cpu.json"
     doc = json.loads(path.read_text())
     assert list(doc)[:6] == ["device", "date", "commit", "versions", "copy_gbps", "rows"]
@@ -200,12 +201,12 @@ def test_results_file_shape_and_merge(tmp_path):
     assert doc["versions"]["torch"] == torch.__version__
     assert isinstance(doc["copy_gbps"], float) and len(doc["date"]) == 10
     for r in doc["rows"]:
-        assert all(k in r for k in core.REQUIRED_ROW)
+        assert all(k in r for k in report.REQUIRED_ROW)
 
     # a later run replaces (op, case, impl) rows in place and appends new ones
     new = [{"op": "fgm", "case": "c1", "impl": "triton", "ms": 0.5, "gbps": 8000.0},
            {"op": "pgd", "case": "c9", "impl": "reference", "ms": 2.0, "gbps": 1.0}]
-    core.write_results(new, tmp_path, "cpu", 4000.0)
+    report.write_results(new, tmp_path, "cpu", 4000.0)
     doc = json.loads(path.read_text())
     keys = [(r["op"], r["case"], r["impl"]) for r in doc["rows"]]
     assert keys == [("fgm", "c1", "reference"), ("fgm", "c1", "triton"), ("fgm", "c1", "compiled"),
@@ -215,8 +216,8 @@ def test_results_file_shape_and_merge(tmp_path):
 
 def test_plot(tmp_path):
     pytest.importorskip("matplotlib")
-    path = core.write_results(core.add_derived(_rows(), 5000.0), tmp_path, "cpu", 5000.0)
-    png = core.plot(path, tmp_path / "cpu.png")
+    path = report.write_results(report.add_derived(_rows(), 5000.0), tmp_path, "cpu", 5000.0)
+    png = report.plot(path, tmp_path / "cpu.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -293,7 +294,7 @@ class FakeClock:
 
 def test_budget_refuses_what_would_overrun_it():
     clock = FakeClock()
-    b = core.Budget(100, reserve=10, clock=clock)
+    b = run.Budget(100, reserve=10, clock=clock)
     assert b.left() == 90 and b.refuse(("fgm", "triton")) is None  # nothing known yet: it may start
     clock.t = 30
     b.record(("fgm", "triton"), 30)
@@ -305,9 +306,9 @@ def test_budget_refuses_what_would_overrun_it():
     clock.t = 95
     assert b.refuse(("fgm", "torch")) == "the 100 s budget was spent"
     assert b.refused == 2
-    assert core.Budget(None).refuse(("x", "y")) is None and core.Budget(None).left() == float("inf")
-    assert core.Budget(100, clock=FakeClock()).timing_cap(5.0) == 5.0
-    assert core.Budget(8, clock=FakeClock()).timing_cap(5.0) == 2.0  # a quarter of what is left
+    assert run.Budget(None).refuse(("x", "y")) is None and run.Budget(None).left() == float("inf")
+    assert run.Budget(100, clock=FakeClock()).timing_cap(5.0) == 5.0
+    assert run.Budget(8, clock=FakeClock()).timing_cap(5.0) == 2.0  # a quarter of what is left
 
 
 def _fake_impl(name, clock, seconds, exc=None):
@@ -315,8 +316,8 @@ def _fake_impl(name, clock, seconds, exc=None):
         if exc is not None:
             raise exc
         clock.t += seconds
-        return core.Prepared(step=lambda: None, check=lambda: None, timed=False)
-    return core.Impl(name, setup)
+        return case.Prepared(step=lambda: None, check=lambda: None, timed=False)
+    return case.Impl(name, setup)
 
 
 class _Case:
@@ -327,18 +328,18 @@ class _Case:
 def test_run_plan_under_a_budget_and_missing_dependencies():
     clock = FakeClock()
     module = type("M", (), {"release": staticmethod(lambda: None)})
-    units = [core.Unit("op", module, _Case(f"c{i}"), _fake_impl("slow", clock, 40), i) for i in range(3)]
-    units.append(core.Unit("op", module, _Case("c3"), _fake_impl(
+    units = [case.Unit("op", module, _Case(f"c{i}"), _fake_impl("slow", clock, 40), i) for i in range(3)]
+    units.append(case.Unit("op", module, _Case("c3"), _fake_impl(
         "needs", clock, 0, ModuleNotFoundError("No module named 'opacus'", name="opacus")), 3))
-    budget = core.Budget(100, clock=clock)
+    budget = run.Budget(100, clock=clock)
     lines = []
-    rows = core.run_plan(units, "cpu", timed=False, log=lines.append, budget=budget)
+    rows = run.run_plan(units, "cpu", timed=False, log=lines.append, budget=budget)
     assert [r.get("budget", False) for r in rows] == [False, False, True, False]
     assert rows[0]["check"] == "ok" and "would take about 40 s" in rows[2]["skipped"]
     # a missing optional dependency: one line of reason, no error, no traceback
     assert rows[3]["skipped"].startswith("needs opacus, not installed here")
     assert "error" not in rows[3] and "traceback" not in rows[3] and lines == []
-    table = core.format_table(rows)
+    table = report.format_table(rows)
     assert "not run, 1 row: over the budget" in table and table.count("needs opacus") == 1
 
 
@@ -346,11 +347,11 @@ def test_a_real_error_is_one_line_and_keeps_its_traceback():
     clock = FakeClock()
     impl = _fake_impl("broken", clock, 0, ImportError("cannot import name 'X' from 'fastadv.ops'"))
     lines, traces = [], []
-    row = core.run_unit("op", "c", impl, "cpu", warmup=0, iters=1, log=lines.append, trace=traces.append)
+    row = run.run_unit("op", "c", impl, "cpu", warmup=0, iters=1, log=lines.append, trace=traces.append)
     assert row["error"].startswith("ImportError") and "Traceback" in row["traceback"]
     assert len(lines) == 1 and "ERROR" in lines[0] and len(traces) == 1
     missing = ModuleNotFoundError("No module named 'fastadv.ops.nope'", name="fastadv.ops.nope")
-    assert core.missing_dependency(missing) is None  # a missing fastadv module is a bug
+    assert case.missing_dependency(missing) is None  # a missing fastadv module is a bug
 
 
 def test_progress_line_without_a_terminal():
@@ -359,7 +360,7 @@ def test_progress_line_without_a_terminal():
     clock = FakeClock()
     out = io.StringIO()
     keys = [("fgm", "reference"), ("fgm", "triton"), ("fgm", "reference"), ("fgm", "triton")]
-    p = core.Progress(keys, stream=out, interval=10, tty=False, clock=clock)
+    p = run.Progress(keys, stream=out, interval=10, tty=False, clock=clock)
     p.start(keys[0], "fgm c0: reference")
     clock.t = 2
     p.finish(keys[0], 2.0)
@@ -381,7 +382,7 @@ def test_progress_line_on_a_terminal_rewrites_itself():
     import io
 
     out = io.StringIO()
-    p = core.Progress([("a", "x")], stream=out, tty=True, clock=FakeClock())
+    p = run.Progress([("a", "x")], stream=out, tty=True, clock=FakeClock())
     p.start(("a", "x"), "a case: x")
     p.message("a note")
     p.finish(("a", "x"), 1.0)
@@ -391,19 +392,19 @@ def test_progress_line_on_a_terminal_rewrites_itself():
 
 
 def test_cpu_rows_have_no_speedup_and_no_plot(tmp_path):
-    rows = core.add_derived(_rows(), 5000.0, speedups=False)
+    rows = report.add_derived(_rows(), 5000.0, speedups=False)
     assert all(r["speedup"] is None and r["gbps"] is None and r["pct_copy_bw"] is None for r in rows)
-    path = core.write_results(rows, tmp_path, "cpu", 5000.0)
-    with pytest.raises(core.NothingToPlot):
-        core.plot(path, tmp_path / "cpu.png")
+    path = report.write_results(rows, tmp_path, "cpu", 5000.0)
+    with pytest.raises(report.NothingToPlot):
+        report.plot(path, tmp_path / "cpu.png")
 
 
 def test_plot_has_a_panel_per_op_and_bars_per_impl(tmp_path):
     pytest.importorskip("matplotlib")
     rows = [{"op": op, "case": "c", "impl": impl, "ms": ms, "gbps": None}
             for op in ("fgm", "dp") for impl, ms in (("reference", 4.0), ("triton", 1.0), ("cuda", 2.0))]
-    path = core.write_results(core.add_derived(rows, 100.0), tmp_path, "cpu", 100.0)
-    png = core.plot(path, tmp_path / "gpu.png")
+    path = report.write_results(report.add_derived(rows, 100.0), tmp_path, "cpu", 100.0)
+    png = report.plot(path, tmp_path / "gpu.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

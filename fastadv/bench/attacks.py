@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import core
+from .case import CaseCache, Impl, Prepared, Skip, real_sizes
 
 KINDS = ("pgd", "pgdl2", "mifgsm")
 SHAPE_FULL = (256, 3, 224, 224)
@@ -77,7 +77,7 @@ class Case:
 
 def cases(device, full: bool | None = None) -> list[Case]:
     """Real sizes on CUDA or with ``full``; small ones on CPU."""
-    shape = SHAPE_FULL if core.real_sizes(device, full) else SHAPE_SMALL
+    shape = SHAPE_FULL if real_sizes(device, full) else SHAPE_SMALL
     return [Case(k, shape, dt) for k in KINDS for dt in DTYPES]
 
 
@@ -145,11 +145,11 @@ class CaseData:
         return None if ok else f"differs from the reference step: max abs error {float(err.max()):.3g}"
 
 
-_data = core.CaseCache(CaseData)
+_data = CaseCache(CaseData)
 
 
-def _reference_like(case: Case, device, name: str, compile_it: bool) -> core.Impl:
-    def setup() -> core.Prepared:
+def _reference_like(case: Case, device, name: str, compile_it: bool) -> Impl:
+    def setup() -> Prepared:
         data = _data(case, device)
         fn = lambda adv, x, g, m: reference_step(case.kind, adv, x, g, m)  # noqa: E731
         extra = {}
@@ -161,7 +161,7 @@ def _reference_like(case: Case, device, name: str, compile_it: bool) -> core.Imp
                 fn = torch.compile(fn)
                 fn(data.adv0, data.x, data.g, data.mom0)  # compile now: a failure is a skip
             except Exception as exc:
-                raise core.Skip(f"torch.compile failed here: {type(exc).__name__}: "
+                raise Skip(f"torch.compile failed here: {type(exc).__name__}: "
                                 f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
 
         def step():
@@ -175,21 +175,21 @@ def _reference_like(case: Case, device, name: str, compile_it: bool) -> core.Imp
             if compile_it:
                 torch._dynamo.reset()
 
-        return core.Prepared(step=step, check=check, counting="compiled" if compile_it else "dispatch",
+        return Prepared(step=step, check=check, counting="compiled" if compile_it else "dispatch",
                              extra=extra, teardown=teardown)
 
-    return core.Impl(name, setup)
+    return Impl(name, setup)
 
 
-def _fastadv_impl(case: Case, device, backend: str) -> core.Impl:
-    def setup() -> core.Prepared:
+def _fastadv_impl(case: Case, device, backend: str) -> Impl:
+    def setup() -> Prepared:
         from fastadv import _backend
         from fastadv.ops import attacks as ops
 
         interpreted = (backend == "triton" and _backend.triton_interpreter()
                        and torch.device(device).type == "cpu")
         if interpreted and case.dtype in (torch.bfloat16, torch.float16):
-            raise core.Skip("the Triton interpreter has no bf16/fp16 arithmetic (GPU only)")
+            raise Skip("the Triton interpreter has no bf16/fp16 arithmetic (GPU only)")
         data = _data(case, device)
         adv = data.adv0.clone()
         mom = None if data.mom0 is None else data.mom0.clone()
@@ -215,12 +215,12 @@ def _fastadv_impl(case: Case, device, backend: str) -> core.Impl:
 
         nbytes = ops.design_bytes(kind, case.numel, data.x.element_size())
         extra = {"interpreted": True} if interpreted else {}
-        return core.Prepared(step=step, check=check, design_bytes=nbytes, extra=extra, timed=not interpreted)
+        return Prepared(step=step, check=check, design_bytes=nbytes, extra=extra, timed=not interpreted)
 
-    return core.Impl(backend, setup)
+    return Impl(backend, setup)
 
 
-def impls(case: Case, device) -> list[core.Impl]:
+def impls(case: Case, device) -> list[Impl]:
     """reference, compiled, then every fastadv backend usable on ``device``."""
     from fastadv import _env
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import core
+from .case import CaseCache, Impl, Prepared, Skip, real_sizes
 from .fgm import _SHORT
 
 ADV_LR, ADV_EPS, EMA_DECAY = 1.0, 0.2, 0.999
@@ -88,7 +88,7 @@ class Case:
 
 def cases(device, full: bool | None = None) -> list[Case]:
     """Real shapes on CUDA or with ``full``; tiny ones on CPU."""
-    big = core.real_sizes(device, full)
+    big = real_sizes(device, full)
     models = MODELS_FULL if big else MODELS_SMALL
     return [Case(kind, m, dt) for m in models for kind in ("awp", "ema")
             for dt in (torch.float32, torch.bfloat16)]
@@ -161,7 +161,7 @@ class Data:
         return {"tensors": len(self.perturbed), "elements": self.elements}
 
 
-_data = core.CaseCache(Data)
+_data = CaseCache(Data)
 
 
 def _awp_step(awp):
@@ -189,14 +189,14 @@ def _interpreted(backend: str, device) -> bool:
     return backend == "triton" and _backend.triton_interpreter() and torch.device(device).type == "cpu"
 
 
-def _awp_impl(case: Case, device, name: str) -> core.Impl:
-    def setup() -> core.Prepared:
+def _awp_impl(case: Case, device, name: str) -> Impl:
+    def setup() -> Prepared:
         from fastadv.adversarial.awp import AWP
         from fastadv.ops.awp import design_bytes
         from fastadv.reference import AWP as RefAWP
 
         if _interpreted(name, device) and case.dtype != torch.float32:
-            raise core.Skip("the Triton interpreter has no bf16/fp16 arithmetic (GPU only)")
+            raise Skip("the Triton interpreter has no bf16/fp16 arithmetic (GPU only)")
         data = _data(case, device)
         model = data.model()
         fused = name not in ("reference", "compiled")
@@ -219,11 +219,11 @@ def _awp_impl(case: Case, device, name: str) -> core.Impl:
         interpreted = _interpreted(name, device)
         if interpreted:
             extra["interpreted"] = True
-        return core.Prepared(step=step, check=lambda: data.check_awp(awp, model, inplace=fused),
+        return Prepared(step=step, check=lambda: data.check_awp(awp, model, inplace=fused),
                              design_bytes=design, counting="compiled" if name == "compiled" else "dispatch",
                              extra=extra, teardown=teardown, timed=not interpreted)
 
-    return core.Impl(name, setup)
+    return Impl(name, setup)
 
 
 def _compiled(ref):
@@ -239,22 +239,22 @@ def _compiled(ref):
         _awp_step(Compiled)()  # compile now: a failure is a skip, not a crash
         return Compiled
     except Exception as exc:
-        raise core.Skip(f"torch.compile failed here: {type(exc).__name__}: "
+        raise Skip(f"torch.compile failed here: {type(exc).__name__}: "
                         f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
 
 
-def _ema_impl(case: Case, device, name: str) -> core.Impl:
-    def setup() -> core.Prepared:
+def _ema_impl(case: Case, device, name: str) -> Impl:
+    def setup() -> Prepared:
         from fastadv.averaging import ModelEMA
         from fastadv.reference.ema import EMA as RefEMA
 
         if _interpreted(name, device) and case.dtype != torch.float32:
-            raise core.Skip("the Triton interpreter has no bf16/fp16 arithmetic (GPU only)")
+            raise Skip("the Triton interpreter has no bf16/fp16 arithmetic (GPU only)")
         data = _data(case, device)
         model = data.model()
         if name == "reference":
             if case.dtype != torch.float32:
-                raise core.Skip("the Kaggle EMA computes in the model's dtype: in bf16 it rounds "
+                raise Skip("the Kaggle EMA computes in the model's dtype: in bf16 it rounds "
                                 f"decay={EMA_DECAY} to 1.0 and its average never moves")
             ema = RefEMA(model, EMA_DECAY)
             ema.register()
@@ -282,14 +282,14 @@ def _ema_impl(case: Case, device, name: str) -> core.Impl:
         extra = {"tensors": len(shadow), "elements": numel}
         if interpreted:
             extra["interpreted"] = True
-        return core.Prepared(step=ema.update, check=check,
+        return Prepared(step=ema.update, check=check,
                              design_bytes=3 * numel * es if name in ("triton", "cuda") else None,
                              extra=extra, timed=not interpreted)
 
-    return core.Impl(name, setup)
+    return Impl(name, setup)
 
 
-def impls(case: Case, device) -> list[core.Impl]:
+def impls(case: Case, device) -> list[Impl]:
     """reference, compiled (AWP), then every fastadv backend usable on ``device``."""
     from fastadv import _env
 

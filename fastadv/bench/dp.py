@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from . import core
+from .case import CaseCache, Impl, Prepared, Skip, real_sizes, require
 
 # Opacus's notes on every engine and hook: true, and not the bench's business
 warnings.filterwarnings("ignore", message="Secure RNG turned off")
@@ -135,7 +135,7 @@ def cases(device, full: bool | None = None) -> list[Case]:
     small widths and B = 4 on CPU, where tier 0 is the clip of the BERT tail
     (36 tensors) and the ResNet-18 step, tier 1 the ResNet-18 clip (62
     tensors: the Triton interpreter runs a program per tensor and sample)."""
-    if core.real_sizes(device, full):
+    if real_sizes(device, full):
         out = [Case("clip", m, b, w, tier) for m, w in (("resnet18", 64), ("bert-last2", 768))
                for tier, b in enumerate(BATCHES)]
         return out + [Case("step", "resnet18", b, 64, tier) for tier, b in enumerate(BATCHES)]
@@ -213,9 +213,9 @@ def _fastadv_optimizer(data: ClipData, sigma: float, backend: str):
                        expected_batch_size=data.case.batch, backend=backend)
 
 
-def _clip_impl(case: Case, device, name: str) -> core.Impl:
-    def setup() -> core.Prepared:
-        core.require("opacus")
+def _clip_impl(case: Case, device, name: str) -> Impl:
+    def setup() -> Prepared:
+        require("opacus")
         data = _data(case, device)
         interpreted = False
         if name == "reference":
@@ -236,19 +236,19 @@ def _clip_impl(case: Case, device, name: str) -> core.Impl:
                 p.grad = None
                 p.summed_grad = None
 
-        return core.Prepared(step=step, check=lambda: data.check(check_opt),
+        return Prepared(step=step, check=lambda: data.check(check_opt),
                              design_bytes=None if name == "reference" else data.design_bytes(),
                              timed=not interpreted, teardown=teardown,
                              extra={"interpreted": True} if interpreted else {})
 
-    return core.Impl(name, setup)
+    return Impl(name, setup)
 
 
-def _compiled_clip_impl(case: Case, device) -> core.Impl:
-    def setup() -> core.Prepared:
+def _compiled_clip_impl(case: Case, device) -> Impl:
+    def setup() -> Prepared:
         from fastadv.reference.dp import clip_and_noise
 
-        core.require("opacus")  # the check compares with Opacus's p.grad
+        require("opacus")  # the check compares with Opacus's p.grad
         data = _data(case, device)
         try:
             import torch._dynamo
@@ -256,7 +256,7 @@ def _compiled_clip_impl(case: Case, device) -> core.Impl:
             fn = torch.compile(clip_and_noise)
             fn(data.grad_samples, C, 0.0, expected_batch_size=case.batch)
         except Exception as exc:
-            raise core.Skip(f"torch.compile failed here: {type(exc).__name__}: "
+            raise Skip(f"torch.compile failed here: {type(exc).__name__}: "
                             f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
 
         def check():
@@ -264,10 +264,10 @@ def _compiled_clip_impl(case: Case, device) -> core.Impl:
             bad = [i for i, (g, e) in enumerate(zip(got, data.expected())) if not torch.allclose(g, e, **TOL)]
             return None if not bad else f"differs from Opacus's p.grad at tensors {bad[:5]}"
 
-        return core.Prepared(step=lambda: fn(data.grad_samples, C, SIGMA, expected_batch_size=case.batch),
+        return Prepared(step=lambda: fn(data.grad_samples, C, SIGMA, expected_batch_size=case.batch),
                              check=check, counting="compiled", teardown=torch._dynamo.reset)
 
-    return core.Impl("compiled", setup)
+    return Impl("compiled", setup)
 
 
 # ---------------------------------------------------------------- step cases
@@ -328,9 +328,9 @@ def train_step(model, opt, x, y) -> None:
     opt.step()
 
 
-def _step_impl(case: Case, device, name: str) -> core.Impl:
-    def setup() -> core.Prepared:
-        opacus = core.require("opacus")
+def _step_impl(case: Case, device, name: str) -> Impl:
+    def setup() -> Prepared:
+        opacus = require("opacus")
         data = _data(case, device)
         x, y = data.batch()
         interpreted = False
@@ -349,18 +349,18 @@ def _step_impl(case: Case, device, name: str) -> core.Impl:
             model, opt = data.private(PrivacyEngine, SIGMA, backend=name)
             check = lambda: data.check(PrivacyEngine, backend=name)  # noqa: E731
         # the step runs the model and Opacus's grad-sample hooks: syncs there are not fastadv's
-        return core.Prepared(step=lambda: train_step(model, opt, x, y), check=check, timed=not interpreted,
+        return Prepared(step=lambda: train_step(model, opt, x, y), check=check, timed=not interpreted,
                              extra={"interpreted": True} if interpreted else {}, sync_free=False)
 
-    return core.Impl(name, setup)
+    return Impl(name, setup)
 
 
 # ---------------------------------------------------------------- registry
 
-_data = core.CaseCache(lambda case, device: (ClipData if case.kind == "clip" else StepData)(case, device))
+_data = CaseCache(lambda case, device: (ClipData if case.kind == "clip" else StepData)(case, device))
 
 
-def impls(case: Case, device) -> list[core.Impl]:
+def impls(case: Case, device) -> list[Impl]:
     """clip: reference (Opacus), compiled, fastadv backends; step: nonprivate,
     reference (Opacus), fastadv backends."""
     from fastadv import _env

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import core
+from .case import CaseCache, Impl, Prepared, Skip, real_sizes
 
 EPSILON = 1.0
 EMB_NAME = "word_embeddings."
@@ -74,7 +74,7 @@ class Case:
 
 def cases(device, full: bool | None = None) -> list[Case]:
     """Real sizes on CUDA or with ``full``; small ones on CPU."""
-    big = core.real_sizes(device, full)
+    big = real_sizes(device, full)
     sizes, ids = (SIZES_FULL, IDS_FULL) if big else (SIZES_SMALL, IDS_SMALL)
     return [Case(r, c, dt, sp) for (r, c) in sizes for dt in DTYPES for sp in (ids, None)]
 
@@ -194,11 +194,11 @@ class CaseData:
         return int(design_bytes(c.rows * c.cols, self.w0.element_size()))
 
 
-_data = core.CaseCache(CaseData)
+_data = CaseCache(CaseData)
 
 
-def _reference_impl(case: Case, device) -> core.Impl:
-    def setup() -> core.Prepared:
+def _reference_impl(case: Case, device) -> Impl:
+    def setup() -> Prepared:
         from fastadv.reference.fgm import FGM as RefFGM
 
         data = _data(case, device)
@@ -210,13 +210,13 @@ def _reference_impl(case: Case, device) -> core.Impl:
             fgm.attack()
             fgm.restore()
 
-        return core.Prepared(step=step, check=lambda: data.check(fgm, model), extra=data.row_extra())
+        return Prepared(step=step, check=lambda: data.check(fgm, model), extra=data.row_extra())
 
-    return core.Impl("reference", setup)
+    return Impl("reference", setup)
 
 
-def _compiled_impl(case: Case, device) -> core.Impl:
-    def setup() -> core.Prepared:
+def _compiled_impl(case: Case, device) -> Impl:
+    def setup() -> Prepared:
         from fastadv.reference.fgm import FGM as RefFGM
 
         data = _data(case, device)
@@ -235,7 +235,7 @@ def _compiled_impl(case: Case, device) -> core.Impl:
             c_restore()
             captured = int(counters["stats"].get("calls_captured", 0))
         except Exception as exc:
-            raise core.Skip(f"torch.compile failed here: {type(exc).__name__}: "
+            raise Skip(f"torch.compile failed here: {type(exc).__name__}: "
                             f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
 
         class Compiled:
@@ -253,25 +253,25 @@ def _compiled_impl(case: Case, device) -> core.Impl:
         # data-dependent branch inside the loop: with torch 2.13 the whole
         # attack runs eagerly and only restore's `param.data = backup` is
         # captured); captured_ops says how many calls went into graphs.
-        return core.Prepared(step=step, check=lambda: data.check(Compiled, model),
+        return Prepared(step=step, check=lambda: data.check(Compiled, model),
                              counting="compiled",
                              extra={**data.row_extra(), "captured_ops": captured},
                              teardown=teardown)
 
-    return core.Impl("compiled", setup)
+    return Impl("compiled", setup)
 
 
-def _fastadv_impl(case: Case, device, backend: str) -> core.Impl:
-    def setup() -> core.Prepared:
+def _fastadv_impl(case: Case, device, backend: str) -> Impl:
+    def setup() -> Prepared:
         try:
             from fastadv import FGM
         except ImportError as exc:
-            raise core.Skip(f"fastadv.FGM is not available ({exc})") from exc
+            raise Skip(f"fastadv.FGM is not available ({exc})") from exc
         from fastadv import _backend
 
         if (backend == "triton" and _backend.triton_interpreter() and torch.device(device).type == "cpu"
                 and case.dtype in (torch.bfloat16, torch.float16)):
-            raise core.Skip("the Triton interpreter has no bf16/fp16 arithmetic (GPU only)")
+            raise Skip("the Triton interpreter has no bf16/fp16 arithmetic (GPU only)")
         data = _data(case, device)
         model = data.model()
         fgm = FGM(model, EMB_NAME, EPSILON, backend=backend,
@@ -301,11 +301,11 @@ def _fastadv_impl(case: Case, device, backend: str) -> core.Impl:
                 failure = _host_sync_on_cuda(fgm)
             return failure
 
-        return core.Prepared(step=step, check=check,
+        return Prepared(step=step, check=check,
                              design_bytes=data.design_bytes(), extra=extra, teardown=teardown,
                              timed=not interpreted)
 
-    return core.Impl(backend, setup)
+    return Impl(backend, setup)
 
 
 def _host_sync_on_cuda(fgm) -> str | None:
@@ -328,7 +328,7 @@ def _host_sync_on_cuda(fgm) -> str | None:
     return None
 
 
-def impls(case: Case, device) -> list[core.Impl]:
+def impls(case: Case, device) -> list[Impl]:
     """reference, compiled, then every fastadv backend usable on ``device``."""
     from fastadv import _env
 

@@ -47,7 +47,11 @@ from pathlib import Path
 
 import torch
 
-from . import core
+from .case import Skip, Unit, interleave, missing_dependency, plan, real_sizes, select_cases
+from .count import SYNC_ONLY, count
+from .run import Budget, Progress, run_unit
+from .report import NothingToPlot, add_derived, environment, format_table, plot, write_results
+from .timing import measure_copy_bandwidth
 
 DEFAULT_BUDGET = 420.0      # seconds, the whole check on a GPU
 DEFAULT_BUDGET_DRY = 90.0   # seconds, --dry-run
@@ -134,21 +138,21 @@ def _dtype_variants(module, cases: list, dtypes) -> list:
     return out
 
 
-def smoke_units(ops, device, backends=BACKENDS, dtypes=DTYPES) -> list[core.Unit]:
+def smoke_units(ops, device, backends=BACKENDS, dtypes=DTYPES) -> list[Unit]:
     """The smoke tier's units: the small cases of every op (the first size),
     in every dtype, for every fastadv backend usable on ``device``;
     round-robin over the ops (under the budget every op gets its first rows)."""
     from fastadv import bench
 
-    units: list[core.Unit] = []
+    units: list[Unit] = []
     for op in ops:
         module = bench.load(op)
-        cases = core.select_cases(module, device, full=False, quick=True)
+        cases = select_cases(module, device, full=False, quick=True)
         for case in _dtype_variants(module, cases, dtypes):
             for impl in module.impls(case, device):
                 if impl.name in backends:
-                    units.append(core.Unit(op, module, case, impl, len(units)))
-    return core.interleave(units)
+                    units.append(Unit(op, module, case, impl, len(units)))
+    return interleave(units)
 
 
 def _sync_message(exc: BaseException) -> str | None:
@@ -156,7 +160,7 @@ def _sync_message(exc: BaseException) -> str | None:
     return text.splitlines()[0] if "synchroniz" in text.lower() else None
 
 
-def smoke_unit(unit: core.Unit, device, *, budget: core.Budget | None = None) -> dict:
+def smoke_unit(unit: Unit, device, *, budget: Budget | None = None) -> dict:
     """Set up, check against the reference, then run one step watching for
     host syncs and for the kernels of the backend under test; one row."""
     from fastadv import kernels
@@ -192,9 +196,9 @@ def smoke_unit(unit: core.Unit, device, *, budget: core.Budget | None = None) ->
                 torch.cuda.set_sync_debug_mode(previous)
             torch.cuda.synchronize(device)
         else:
-            counts = core.count(prep.step, prep.design_bytes)
+            counts = count(prep.step, prep.design_bytes)
             if counts["syncs"]:
-                sync = f"{counts['syncs']} host syncs ({', '.join(sorted(k for k in counts['ops'] if k in core._SYNC_ONLY)) or 'data-dependent ops'})"
+                sync = f"{counts['syncs']} host syncs ({', '.join(sorted(k for k in counts['ops'] if k in SYNC_ONLY)) or 'data-dependent ops'})"
         ran = sorted({k.split(".")[0] for k, v in kernels.LAUNCHES.items() if v > before.get(k, 0)})
         row["launched"] = ran
         row["sync"] = "none" if sync is None else sync
@@ -211,10 +215,10 @@ def smoke_unit(unit: core.Unit, device, *, budget: core.Budget | None = None) ->
         row["status"] = "ok" if not problems else "FAIL"
         if problems:
             row["why"] = "; ".join(problems)
-    except core.Skip as exc:
+    except Skip as exc:
         row.update(status="skipped", why=str(exc))
     except Exception as exc:
-        missing = core.missing_dependency(exc)
+        missing = missing_dependency(exc)
         if missing:
             row.update(status="skipped", why=missing)
         else:
@@ -306,16 +310,16 @@ def run_pytest(out_dir: Path, timeout: float, log, *, dry: bool) -> dict:
 # the bench under a budget
 
 
-def bench_units(ops, device, *, dry: bool) -> list[core.Unit]:
+def bench_units(ops, device, *, dry: bool) -> list[Unit]:
     """Every row of the bench, round-robin over the ops case by case (so a
     short budget still gives every op its first cases), the ``compiled`` rows
     after all the others.  On CPU (a dry run): the CPU main job's rows
     (smallest sizes, no compiled)."""
     if dry:
-        return core.interleave(core.plan(ops, device, quick=True, exclude=("compiled",)))
-    units = core.plan(ops, device)
-    return core.interleave([u for u in units if u.impl.name != "compiled"]) + \
-        core.interleave([u for u in units if u.impl.name == "compiled"])
+        return interleave(plan(ops, device, quick=True, exclude=("compiled",)))
+    units = plan(ops, device)
+    return interleave([u for u in units if u.impl.name != "compiled"]) + \
+        interleave([u for u in units if u.impl.name == "compiled"])
 
 
 # --------------------------------------------------------------------------
@@ -360,7 +364,7 @@ def worker(args) -> int:
     path = out_dir / f"{args.phase}.jsonl"
     records = _read_jsonl(path)
     done = {_row_key(r["row"]) for r in records if "row" in r}
-    budget = core.Budget(max(0.0, args.deadline - time.time()))
+    budget = Budget(max(0.0, args.deadline - time.time()))
     for r in records:  # what the rows took before a restart tells how long they take
         row = r.get("row")
         if row and row.get("wall_s") and not row.get("budget"):
@@ -380,10 +384,10 @@ def worker(args) -> int:
             os.fsync(fh.fileno())
 
         if not smoke and not any("copy_gbps" in r for r in records):
-            put({"copy_gbps": core.measure_copy_bandwidth(device)})
+            put({"copy_gbps": measure_copy_bandwidth(device)})
         if len(todo) < len(units):
             log(f"{args.phase}: a fresh worker goes on with {len(todo)} of {len(units)} rows")
-        progress = core.Progress([u.key for u in todo], stream=stream)
+        progress = Progress([u.key for u in todo], stream=stream)
         last = {u.op: i for i, u in enumerate(todo)}
         for i, u in enumerate(todo):
             progress.start(u.key, u.label)
@@ -397,7 +401,7 @@ def worker(args) -> int:
                     progress.message(f"  {row['status']} {u.label}: {row.get('why')}")
             else:
                 extra = getattr(u.case, "row_extra", lambda: {})()
-                row = core.run_unit(u.op, u.case.name, u.impl, device, warmup=5 if not cpu else 2,
+                row = run_unit(u.op, u.case.name, u.impl, device, warmup=5 if not cpu else 2,
                                     iters=50 if not cpu else 5, timed=not cpu, log=progress.message,
                                     extra=extra, trace=log.file, budget=budget, timing_cap_s=TIMING_CAP)
                 bad = bool(row.get("error"))
@@ -468,18 +472,18 @@ def finish_bench(rows: list[dict], info: dict, device, out_dir: Path, budget_s: 
                  dry: bool) -> dict:
     cpu = torch.device(device).type == "cpu"
     copy_gbps = info.get("copy_gbps")
-    core.add_derived(rows, copy_gbps, speedups=not cpu)
-    log(core.format_table(rows))
-    header = core.environment(device)
-    header["run"] = {"sizes": "real" if core.real_sizes(device) else "small", "timed": not cpu,
+    add_derived(rows, copy_gbps, speedups=not cpu)
+    log(format_table(rows))
+    header = environment(device)
+    header["run"] = {"sizes": "real" if real_sizes(device) else "small", "timed": not cpu,
                      "budget_s": budget_s, "by": "gpucheck"}
-    path = core.write_results(rows, out_dir, device, copy_gbps, header=header).resolve()
+    path = write_results(rows, out_dir, device, copy_gbps, header=header).resolve()
     log(f"results  {path}")
     png = None
     try:
-        png = str(Path(core.plot(path, path.with_suffix(".png"))).resolve())
+        png = str(Path(plot(path, path.with_suffix(".png"))).resolve())
         log(f"plot     {png}")
-    except core.NothingToPlot as exc:
+    except NothingToPlot as exc:
         log(f"plot     not drawn: {exc}")
     except ImportError as exc:
         log(f"plot     not drawn: {exc} (pip install matplotlib)")
@@ -525,7 +529,7 @@ def main(args) -> int:
     log = Log(out_dir / "gpucheck.log", t0)
     summary: dict = {"dry_run": dry, "budget_s": total, "ops": ops}
     try:
-        header = core.environment(device)
+        header = environment(device)
         summary.update({k: header[k] for k in ("device", "commit", "date", "versions")})
         log(f"gpucheck{' (dry run on CPU)' if dry else ''}: budget {total:.0f} s, out {out_dir}")
         log(_env.report())

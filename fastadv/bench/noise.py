@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import core
+from .case import CaseCache, Impl, Prepared, Skip, real_sizes
 
 STD = 0.1
 ALPHA = 5.0
@@ -91,7 +91,7 @@ class Case:
 def cases(device, full: bool | None = None) -> list[Case]:
     """Full sizes on CUDA or with ``full``; CPU stand-ins otherwise; fp32 and bf16
     (token ids: int64, listed once)."""
-    big = core.real_sizes(device, full)
+    big = real_sizes(device, full)
     shapes = SHAPES_FULL if big else SHAPES_SMALL
     out = []
     for tier in (0, 1, 2):
@@ -196,7 +196,7 @@ class CaseData:
         return None
 
 
-_data = core.CaseCache(CaseData)
+_data = CaseCache(CaseData)
 
 
 def release() -> None:
@@ -310,19 +310,19 @@ def _functions(case: Case, d: CaseData, impl: str):
     raise ValueError(op)
 
 
-def _reference_impl(case: Case, device) -> core.Impl:
-    def setup() -> core.Prepared:
+def _reference_impl(case: Case, device) -> Impl:
+    def setup() -> Prepared:
         d = _data(case, device)
         fn, check = _functions(case, d, "reference")
-        return core.Prepared(step=fn, check=lambda: check(fn))
+        return Prepared(step=fn, check=lambda: check(fn))
 
-    return core.Impl("reference", setup)
+    return Impl("reference", setup)
 
 
-def _compiled_impl(case: Case, device) -> core.Impl:
-    def setup() -> core.Prepared:
+def _compiled_impl(case: Case, device) -> Impl:
+    def setup() -> Prepared:
         if case.op in ("weight_noise", "sift"):
-            raise core.Skip("not compiled: a context manager / a stateful layer with a host-side branch")
+            raise Skip("not compiled: a context manager / a stateful layer with a host-side branch")
         d = _data(case, device)
         fn, check = _functions(case, d, "compiled")
         try:
@@ -332,32 +332,32 @@ def _compiled_impl(case: Case, device) -> core.Impl:
             compiled = torch.compile(fn)
             compiled()
         except Exception as exc:
-            raise core.Skip(f"torch.compile failed here: {type(exc).__name__}: "
+            raise Skip(f"torch.compile failed here: {type(exc).__name__}: "
                             f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
-        return core.Prepared(step=compiled, check=lambda: check(compiled), counting="compiled",
+        return Prepared(step=compiled, check=lambda: check(compiled), counting="compiled",
                              teardown=torch._dynamo.reset)
 
-    return core.Impl("compiled", setup)
+    return Impl("compiled", setup)
 
 
-def _fastadv_impl(case: Case, device, backend: str) -> core.Impl:
-    def setup() -> core.Prepared:
+def _fastadv_impl(case: Case, device, backend: str) -> Impl:
+    def setup() -> Prepared:
         from fastadv import _backend
 
         interpreted = (backend == "triton" and _backend.triton_interpreter()
                        and torch.device(device).type == "cpu")
         if interpreted and case.dtype in (torch.bfloat16, torch.float16):
-            raise core.Skip("the Triton interpreter has no bf16/fp16 arithmetic (GPU only)")
+            raise Skip("the Triton interpreter has no bf16/fp16 arithmetic (GPU only)")
         d = _data(case, device)
         fn, check = _functions(case, d, backend)
         extra = {"interpreted": True} if interpreted else {}
-        return core.Prepared(step=fn, check=lambda: check(fn), design_bytes=d.design_bytes(), extra=extra,
+        return Prepared(step=fn, check=lambda: check(fn), design_bytes=d.design_bytes(), extra=extra,
                              timed=not interpreted)
 
-    return core.Impl(backend, setup)
+    return Impl(backend, setup)
 
 
-def impls(case: Case, device) -> list[core.Impl]:
+def impls(case: Case, device) -> list[Impl]:
     """reference, compiled, then every fastadv backend usable on ``device``."""
     from fastadv import _env
 

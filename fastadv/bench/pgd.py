@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import core
+from .case import CaseCache, Impl, Prepared, Skip, real_sizes
 from .fgm import _SHORT, TOLERANCES
 
 K = 3
@@ -46,7 +46,7 @@ class Case:
 
 
 def cases(device, full: bool | None = None) -> list[Case]:
-    big = core.real_sizes(device, full)
+    big = real_sizes(device, full)
     sizes, ids = (SIZES_FULL, IDS_FULL) if big else (SIZES_SMALL, IDS_SMALL)
     return [Case(r, c, n, dt, sp) for (r, c, n) in sizes
             for dt in (torch.float32, torch.bfloat16) for sp in (ids, None)]
@@ -136,7 +136,7 @@ def _impl(name, case, device, make):
         extra = {"touched_rows": data.touched} if data.touched else {}
         interpreted = name == "triton" and torch.device(device).type == "cpu"
         if interpreted and case.dtype != torch.float32:
-            raise core.Skip("the Triton interpreter has no bf16/fp16 arithmetic (GPU only)")
+            raise Skip("the Triton interpreter has no bf16/fp16 arithmetic (GPU only)")
 
         def check():
             rtol, atol = TOLERANCES[case.dtype]
@@ -155,15 +155,15 @@ def _impl(name, case, device, make):
             numel, es = case.rows * case.cols, data.w0.element_size()
             design = (design_bytes(numel, es, K, data.touched, case.cols) if case.ids
                       else design_bytes(numel, es, K))
-        return core.Prepared(step=lambda: run_k_steps(model, pgd, data), check=check,
+        return Prepared(step=lambda: run_k_steps(model, pgd, data), check=check,
                              design_bytes=design, extra=extra, timed=not interpreted)
-    return core.Impl(name, setup)
+    return Impl(name, setup)
 
 
-_data = core.CaseCache(Data)
+_data = CaseCache(Data)
 
 
-def impls(case: Case, device) -> list[core.Impl]:
+def impls(case: Case, device) -> list[Impl]:
     from fastadv import PGD, _env
     from fastadv.reference import PGD as RefPGD
     out = [_impl("reference", case, device,

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import core
+from .case import Impl, Prepared, real_sizes
 
 K = 3
 
@@ -38,7 +38,7 @@ class Case:
 
 
 def cases(device, full: bool | None = None) -> list[Case]:
-    if core.real_sizes(device, full):
+    if real_sizes(device, full):
         return [Case(30522, 256, 4, (16, 128))]
     return [Case(128, 32, 2, (2, 16))]  # small: the Triton interpreter runs one program per table row
 
@@ -95,13 +95,13 @@ def _impl(name, case, device, make_pgd):
         pgd = make_pgd(model)
         opt = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: every timed step is the same step
         # the step runs the model's forward and backward: syncs there are not fastadv's
-        return core.Prepared(step=lambda: train_step(model, pgd, opt, ids, labels), check=check,
+        return Prepared(step=lambda: train_step(model, pgd, opt, ids, labels), check=check,
                              timed=not interpreted, extra={"interpreted": True} if interpreted else {},
                              sync_free=False)
-    return core.Impl(name, setup)
+    return Impl(name, setup)
 
 
-def impls(case: Case, device) -> list[core.Impl]:
+def impls(case: Case, device) -> list[Impl]:
     from fastadv import PGD, _env
     from fastadv.reference import PGD as RefPGD
     out = [_impl("reference", case, device, lambda m: RefPGD(m))]
