@@ -7,6 +7,9 @@
   (subclasses) doing their work with that op;
 * :class:`PrivacyEngine` -- Opacus's engine handing out those optimizers (one
   changed import; accounting, Poisson sampling and hooks stay Opacus's);
+* :class:`GhostClippingModule`, :class:`GhostDPOptimizer`, :class:`DPLossGhost`
+  -- ``make_private(grad_sample_mode="ghost" | "bk")``: per-sample norms
+  without per-sample gradients (ghost clipping, book-keeping);
 * :func:`dp_logits`, :class:`DPLogits`, :func:`gaussian_sigma` -- noise on
   output logits (seed 004);
 * :class:`fastadv.dp.seed.SeedDPOptimizer` -- seed 000's batch-level (NOT
@@ -22,10 +25,12 @@ from . import seed  # noqa: F401  (seed 000's optimizer: fastadv.dp.seed.SeedDPO
 from .logits import DPLogits, dp_logits, gaussian_sigma  # noqa: F401
 
 _OPACUS_NAMES = {"DPOptimizer": "optimizer", "DistributedDPOptimizer": "optimizer",
-                 "PrivacyEngine": "engine"}
+                 "PrivacyEngine": "engine", "GhostClippingModule": "ghost", "GhostDPOptimizer": "ghost",
+                 "DPLossGhost": "ghost", "UnsupportedLayerError": "ghost"}
 
 __all__ = ["clip_and_noise", "clip_and_accumulate", "add_noise", "DPOptimizer", "DistributedDPOptimizer",
-           "PrivacyEngine", "dp_logits", "DPLogits", "gaussian_sigma"]
+           "PrivacyEngine", "GhostClippingModule", "GhostDPOptimizer", "DPLossGhost", "UnsupportedLayerError",
+           "dp_logits", "DPLogits", "gaussian_sigma"]
 
 
 def __getattr__(name):

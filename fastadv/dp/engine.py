@@ -7,14 +7,23 @@ Everything but the optimizer is Opacus's own: the grad-sample hooks
 when it is the flat-clipping ``DPOptimizer`` or ``DistributedDPOptimizer``, it
 is rebuilt as fastadv's class with the same arguments (generator, secure mode,
 expected batch size, loss reduction).  Other clipping modes (``per_layer``,
-``adaptive``, ghost clipping) keep Opacus's optimizer.
+``adaptive``) keep Opacus's optimizer.
+
+``grad_sample_mode="ghost"`` and ``"bk"`` are fastadv's own
+(:mod:`fastadv.dp.ghost`): per-sample norms without per-sample gradients;
+``make_private`` then returns ``(module, optimizer, criterion, data_loader)``
+as Opacus's ghost mode does.  Opacus's data loader, validation and
+accountant are used there too.
 """
 from __future__ import annotations
 
 import opacus
+import torch
+from torch import nn
 from opacus.optimizers import DistributedDPOptimizer as _OpacusDistributed
 from opacus.optimizers import DPOptimizer as _OpacusDP
 
+from . import ghost as _ghost
 from .optimizer import DistributedDPOptimizer, DPOptimizer
 
 _SWAP = {_OpacusDP: DPOptimizer, _OpacusDistributed: DistributedDPOptimizer}
@@ -61,3 +70,61 @@ class PrivacyEngine(opacus.PrivacyEngine):
     def _prepare_optimizer(self, *args, **kwargs):
         optimizer = super()._prepare_optimizer(*args, **kwargs)
         return to_fastadv(optimizer, backend=self.backend, on_nonfinite=self.on_nonfinite)
+
+    def make_private(self, *, module, optimizer, criterion=nn.CrossEntropyLoss(), data_loader,
+                     noise_multiplier, max_grad_norm, grad_sample_mode: str = "hooks", **kwargs):
+        """Opacus's ``make_private``; with ``grad_sample_mode="ghost"`` or
+        ``"bk"`` fastadv's ghost / book-keeping clipping, returning
+        ``(module, optimizer, criterion, data_loader)`` (Opacus's ghost API)."""
+        if grad_sample_mode not in _ghost.GHOST_MODES:
+            return super().make_private(module=module, optimizer=optimizer, criterion=criterion,
+                                        data_loader=data_loader, noise_multiplier=noise_multiplier,
+                                        max_grad_norm=max_grad_norm, grad_sample_mode=grad_sample_mode,
+                                        **kwargs)
+        return self._make_private_ghost(module=module, optimizer=optimizer, criterion=criterion,
+                                        data_loader=data_loader, noise_multiplier=noise_multiplier,
+                                        max_grad_norm=max_grad_norm, mode=grad_sample_mode, **kwargs)
+
+    def _make_private_ghost(self, *, module, optimizer, criterion, data_loader, noise_multiplier, max_grad_norm,
+                            mode, batch_first: bool = True, loss_reduction: str = "mean",
+                            poisson_sampling: bool = True, clipping: str = "flat", noise_generator=None,
+                            wrap_model: bool = True, rand_on_empty: bool = False, strategy: str = "auto"):
+        """Opacus 1.6's ``make_private`` steps for ghost mode, with fastadv's
+        module wrapper, optimizer and criterion."""
+        from itertools import chain
+
+        from torch.nn.parallel import DistributedDataParallel
+
+        if noise_generator and self.secure_mode:
+            raise ValueError("Passing seed is prohibited in secure mode")
+        if clipping != "flat":
+            raise NotImplementedError(f"grad_sample_mode={mode!r} supports clipping='flat' only, got {clipping!r}")
+        if not wrap_model:
+            raise NotImplementedError(f"grad_sample_mode={mode!r} needs wrap_model=True")
+        if isinstance(module, DistributedDataParallel) or torch.distributed.is_initialized():
+            raise NotImplementedError(f"grad_sample_mode={mode!r} is single-process for now")
+        model_parameters = set(module.parameters())
+        for p in chain.from_iterable(g["params"] for g in optimizer.param_groups):
+            if p not in model_parameters:
+                raise ValueError("Module parameters are different than optimizer Parameters")
+        self.validate(module=module, optimizer=None, data_loader=None)
+        module = _ghost.GhostClippingModule(module, mode=mode, batch_first=batch_first,
+                                            loss_reduction=loss_reduction, max_grad_norm=max_grad_norm,
+                                            strategy=strategy)
+        if poisson_sampling:
+            module.forbid_grad_accumulation()
+        data_loader = self._prepare_data_loader(data_loader, distributed=False, poisson_sampling=poisson_sampling,
+                                                batch_first=batch_first, rand_on_empty=rand_on_empty)
+        sample_rate = 1 / len(data_loader)
+        expected_batch_size = int(len(data_loader.dataset) * sample_rate)
+        if isinstance(optimizer, _OpacusDP):
+            optimizer = optimizer.original_optimizer
+        generator = self.secure_rng if self.secure_mode else noise_generator
+        optimizer = _ghost.GhostDPOptimizer(optimizer, noise_multiplier=noise_multiplier,
+                                            max_grad_norm=max_grad_norm, expected_batch_size=expected_batch_size,
+                                            loss_reduction=loss_reduction, generator=generator,
+                                            secure_mode=self.secure_mode, backend=self.backend,
+                                            on_nonfinite=self.on_nonfinite)
+        optimizer.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
+        criterion = _ghost.DPLossGhost(module, optimizer, criterion, loss_reduction)
+        return module, optimizer, criterion, data_loader

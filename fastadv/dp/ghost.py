@@ -1,0 +1,545 @@
+"""DP-SGD without per-sample gradients: ghost clipping and book-keeping.
+
+``PrivacyEngine.make_private(..., grad_sample_mode="ghost" | "bk")`` wraps the
+model in :class:`GhostClippingModule`, the optimizer in
+:class:`GhostDPOptimizer` and the criterion in :class:`DPLossGhost` (Opacus
+1.6's ``DPLossFastGradientClipping`` API: ``loss = criterion(out, y);
+loss.backward()``).
+
+One step:
+
+1. forward: a forward hook on every supported layer keeps its input ``a``
+   (detached) and its output ``y``;
+2. ``loss.backward()`` runs ``torch.autograd.grad(sum_b loss_b, [y...])``: the
+   output gradients ``g`` of every layer, and no parameter gradient;
+3. per-sample norms from ``(a, g)`` (:mod:`fastadv.reference.dp_ghost`: the
+   Gram form or the per-sample gradient, whichever is cheaper per layer; tied
+   parameters summed over their uses exactly), Opacus's clip factor ``f_b``;
+4. ``"bk"`` (book-keeping): ``p.grad += sum_b f_b G_b`` from the kept ``a``
+   and ``g`` (``a^T (f g)`` for a Linear layer), no second backward;
+   ``"ghost"``: a second backward of ``sum_b f_b loss_b`` fills ``p.grad``;
+5. ``optimizer.step()``: noise and scaling with fastadv's noise op (the same
+   draws as :class:`fastadv.dp.DPOptimizer`), then the inner optimizer.
+
+Exact by construction: every trainable parameter must belong to a supported
+layer (checked when wrapping), and at every backward the autograd graph is
+walked to count each parameter's uses: a use that no hook saw (a tied head
+written as ``h @ W.t()``, a layer called with hooks off) raises instead of
+giving a wrong norm.  A layer output modified in place after the layer
+(``ReLU(inplace=True)`` on a Linear output) raises too.
+"""
+from __future__ import annotations
+
+import collections
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping, DPTensorFastGradientClipping
+from torch import nn
+
+from ..ops import dp as _ops
+from ..reference import dp_ghost as ref
+from .optimizer import DPOptimizer
+
+GHOST_MODES = ("ghost", "bk")
+
+__all__ = ["GHOST_MODES", "GhostClippingModule", "GhostDPOptimizer", "DPLossGhost", "DPTensorGhost",
+           "UnsupportedLayerError", "supported_layers"]
+
+
+class UnsupportedLayerError(NotImplementedError):
+    """A layer with trainable parameters that ghost / book-keeping clipping cannot handle."""
+
+
+# ---------------------------------------------------------------- layer rules
+
+@dataclass
+class _Uses:
+    """What one layer call contributes: weight matrices (as ``MatUse``, with the
+    view of the parameter as ``[rows, cols]``) and small parameters' per-sample
+    gradients."""
+    mats: list = field(default_factory=list)   # (param, MatUse)
+    vecs: list = field(default_factory=list)   # (param, [B, *param.shape])
+
+
+def _flat3(t: torch.Tensor) -> torch.Tensor:
+    """``[B, ..., d]`` as ``[B, T, d]`` (a 2-D input is ``T = 1``)."""
+    return t.reshape(t.shape[0], math.prod(t.shape[1:-1]), t.shape[-1])  # no -1: the batch may be empty
+
+
+def _linear(m: nn.Linear, a, g) -> _Uses:
+    out = _Uses()
+    if m.weight.requires_grad:
+        out.mats.append((m.weight, ref.MatUse(p=_flat3(g), q=_flat3(a))))
+    if m.bias is not None and m.bias.requires_grad:
+        out.vecs.append((m.bias, _flat3(g).sum(1)))
+    return out
+
+
+def _hf_conv1d(m, a, g) -> _Uses:
+    """transformers' ``Conv1D`` (GPT-2): ``y = x @ W + b`` with ``W [in, out]``."""
+    out = _Uses()
+    if m.weight.requires_grad:
+        out.mats.append((m.weight, ref.MatUse(p=_flat3(a), q=_flat3(g))))
+    if m.bias is not None and m.bias.requires_grad:
+        out.vecs.append((m.bias, _flat3(g).sum(1)))
+    return out
+
+
+def _embedding(m: nn.Embedding, ids, g) -> _Uses:
+    ids = ids.reshape(ids.shape[0], math.prod(ids.shape[1:]))
+    g = g.reshape(ids.shape[0], ids.shape[1], g.shape[-1])
+    if m.padding_idx is not None:  # the padding row gets no gradient
+        g = g * (ids != m.padding_idx)[:, :, None].to(g.dtype)
+    return _Uses(mats=[(m.weight, ref.MatUse(ids=ids, q=g))])
+
+
+def _norm_layer(m, a, g, xhat) -> _Uses:
+    out = _Uses()
+    dims = tuple(range(1, a.dim() - len(m.normalized_shape)))
+    acc = ref.acc_dtype(a, g)
+    if m.weight is not None and m.weight.requires_grad:
+        out.vecs.append((m.weight, (g.to(acc) * xhat).sum(dims) if dims else g.to(acc) * xhat))
+    if getattr(m, "bias", None) is not None and m.bias.requires_grad:
+        out.vecs.append((m.bias, g.to(acc).sum(dims) if dims else g.to(acc)))
+    return out
+
+
+def _layer_norm(m: nn.LayerNorm, a, g) -> _Uses:
+    xhat = F.layer_norm(a.to(ref.acc_dtype(a)), m.normalized_shape, eps=m.eps)
+    return _norm_layer(m, a, g, xhat)
+
+
+def _rms_norm(m, a, g) -> _Uses:
+    eps = m.eps if m.eps is not None else torch.finfo(a.dtype).eps  # torch's default: the input's eps
+    xhat = F.rms_norm(a.to(ref.acc_dtype(a)), m.normalized_shape, eps=eps)
+    return _norm_layer(m, a, g, xhat)
+
+
+def _group_norm(m: nn.GroupNorm, a, g) -> _Uses:
+    """GroupNorm: per-channel affine after normalising groups of channels."""
+    acc = ref.acc_dtype(a, g)
+    xhat = F.group_norm(a.to(acc), m.num_groups, eps=m.eps)
+    dims = tuple(range(2, a.dim()))
+    out = _Uses()
+    if m.weight is not None and m.weight.requires_grad:
+        out.vecs.append((m.weight, (g.to(acc) * xhat).sum(dims)))
+    if m.bias is not None and m.bias.requires_grad:
+        out.vecs.append((m.bias, g.to(acc).sum(dims)))
+    return out
+
+
+def _conv(m, a, g) -> _Uses:
+    """Conv1d / Conv2d: the unfolded input patches make it a Linear layer with
+    one step per output position (``weight`` viewed as ``[out, in * k]``)."""
+    if m.weight.dim() == 3:  # Conv1d as a 1 x k Conv2d
+        a = a.unsqueeze(2)
+        k, s, p, d = (1, *m.kernel_size), (1, *m.stride), (0, *m.padding), (1, *m.dilation)
+    else:
+        k, s, p, d = m.kernel_size, m.stride, m.padding, m.dilation
+    patches = F.unfold(a, k, dilation=d, padding=p, stride=s).transpose(1, 2)  # [B, L, in * k]
+    gl = g.reshape(g.shape[0], g.shape[1], math.prod(g.shape[2:])).transpose(1, 2)                  # [B, L, out]
+    out = _Uses()
+    if m.weight.requires_grad:
+        out.mats.append((m.weight, ref.MatUse(p=gl, q=patches)))
+    if m.bias is not None and m.bias.requires_grad:
+        out.vecs.append((m.bias, gl.sum(1)))
+    return out
+
+
+def _check_conv(m) -> str | None:
+    if m.groups != 1:
+        return f"groups={m.groups} (only groups=1)"
+    if m.padding_mode != "zeros":
+        return f"padding_mode={m.padding_mode!r} (only 'zeros')"
+    if isinstance(m.padding, str):
+        return f"padding={m.padding!r} (give the padding as numbers)"
+    return None
+
+
+def _check_embedding(m) -> str | None:
+    if m.max_norm is not None:
+        return "max_norm (it rewrites the table in the forward pass)"
+    if m.sparse:
+        return "sparse=True"
+    if m.scale_grad_by_freq:
+        return "scale_grad_by_freq=True"
+    return None
+
+
+# type -> (rule(module, input, output_grad) -> _Uses, check(module) -> reason or None)
+_RULES = {
+    nn.Linear: (_linear, None),
+    nn.Embedding: (_embedding, _check_embedding),
+    nn.LayerNorm: (_layer_norm, None),
+    nn.GroupNorm: (_group_norm, None),
+    nn.Conv1d: (_conv, _check_conv),
+    nn.Conv2d: (_conv, _check_conv),
+}
+if hasattr(nn, "RMSNorm"):
+    _RULES[nn.RMSNorm] = (_rms_norm, None)
+try:  # GPT-2's linear layer, when transformers is installed
+    from transformers.pytorch_utils import Conv1D as _HFConv1D
+    _RULES[_HFConv1D] = (_hf_conv1d, None)
+except Exception:  # pragma: no cover - transformers is optional
+    pass
+
+
+def supported_layers() -> list[str]:
+    """The layer types with a rule (exact types: a subclass may change forward)."""
+    return [f"{t.__module__}.{t.__qualname__}" for t in _RULES]
+
+
+def _type_name(m) -> str:
+    return f"{type(m).__module__}.{type(m).__qualname__}"
+
+
+# ---------------------------------------------------------------- autograd graph walk
+
+def _param_uses(root, params: dict[int, str]) -> collections.Counter:
+    """How many times each parameter enters the graph below ``root``.
+
+    A use is an edge from an op into the parameter's leaf, or into a chain of
+    one-input nodes ending at it (a transpose, an autocast copy: autocast
+    caches one cast per weight, so two uses share the copy node and are two
+    edges into it)."""
+    chain: dict = {}
+
+    def leaf_of(fn):  # id of the parameter a node is a one-input chain to, or None
+        if fn in chain:
+            return chain[fn]
+        var = getattr(fn, "variable", None)
+        if var is not None:
+            res = id(var) if id(var) in params else None
+        else:
+            nxt = [n for n, _ in fn.next_functions if n is not None]
+            res = leaf_of(nxt[0]) if len(nxt) == 1 else None
+        chain[fn] = res
+        return res
+
+    counts: collections.Counter = collections.Counter()
+    seen, stack = set(), [root]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        for nxt, _ in fn.next_functions:
+            if nxt is None:
+                continue
+            leaf = leaf_of(nxt)
+            if leaf is not None:
+                counts[leaf] += 1
+            elif getattr(nxt, "variable", None) is None:
+                stack.append(nxt)
+    return counts
+
+
+# ---------------------------------------------------------------- the module wrapper
+
+@dataclass
+class _Record:
+    name: str
+    module: nn.Module
+    a: torch.Tensor
+    y: torch.Tensor
+    version: int
+
+
+class GhostClippingModule(nn.Module):
+    """The model, plus forward hooks that keep each supported layer's input and
+    output; the DP criterion (:class:`DPLossGhost`) turns them into per-sample
+    norms and clipped gradients.  ``forward`` is the model's.
+
+    ``mode``: ``"ghost"`` (second backward) or ``"bk"`` (book-keeping, one
+    backward).  Raises :class:`UnsupportedLayerError` naming the first layer
+    with trainable parameters that no rule covers (freeze it, or replace it)."""
+
+    def __init__(self, m: nn.Module, *, mode: str = "bk", batch_first: bool = True,
+                 loss_reduction: str = "mean", max_grad_norm: float = 1.0, strategy: str = "auto"):
+        super().__init__()
+        if mode not in GHOST_MODES:
+            raise ValueError(f"mode must be one of {GHOST_MODES}, got {mode!r}")
+        if not batch_first:
+            raise NotImplementedError("ghost / bk clipping supports batch_first=True only")
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+        if strategy not in ("auto", "gram", "per_sample"):
+            raise ValueError(f"strategy must be 'auto', 'gram' or 'per_sample', got {strategy!r}")
+        self._module = m
+        self.mode, self.batch_first, self.loss_reduction = mode, batch_first, loss_reduction
+        self.max_grad_norm, self.strategy = max_grad_norm, strategy
+        self.hooks_enabled = True
+        self._records: list[_Record] = []
+        self._forbid_accumulation = False
+        self._per_sample_gradient_norms = None
+        self._names = {id(p): n for n, p in m.named_parameters()}
+        self._handles = []
+        for name, sub in m.named_modules():
+            own = [n for n, p in sub.named_parameters(recurse=False) if p.requires_grad]
+            if not own:
+                continue
+            rule = _RULES.get(type(sub))
+            if rule is None:
+                raise UnsupportedLayerError(
+                    f"layer {name or '<root>'!r} ({_type_name(sub)}) has trainable parameters {own} and "
+                    f"no ghost-clipping rule; supported layers: {supported_layers()}. Freeze its "
+                    f"parameters or use grad_sample_mode='hooks'")
+            why = rule[1](sub) if rule[1] is not None else None
+            if why is not None:
+                raise UnsupportedLayerError(f"layer {name!r} ({_type_name(sub)}): {why} is not supported "
+                                            f"by ghost / bk clipping")
+            self._handles.append(sub.register_forward_hook(self._capture(name)))
+
+    def forward(self, *args, **kwargs):
+        return self._module(*args, **kwargs)
+
+    # Opacus's GradSampleModule methods that the criterion and users call
+    def enable_hooks(self):
+        self.hooks_enabled = True
+
+    def disable_hooks(self):
+        self.hooks_enabled = False
+
+    def forbid_grad_accumulation(self):
+        self._forbid_accumulation = True
+
+    def allow_grad_accumulation(self):
+        self._forbid_accumulation = False
+
+    def remove_hooks(self):
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._records = []
+
+    cleanup = remove_hooks
+
+    @property
+    def per_sample_gradient_norms(self) -> torch.Tensor:
+        """The last batch's per-sample gradient norms (not private: debugging only)."""
+        if self._per_sample_gradient_norms is None:
+            raise AttributeError("per_sample_gradient_norms is set by the first DP backward")
+        return self._per_sample_gradient_norms
+
+    def _capture(self, name):
+        def hook(module, inputs, output):
+            if not (self.hooks_enabled and module.training and torch.is_grad_enabled()):
+                return
+            if not isinstance(output, torch.Tensor) or not output.requires_grad:
+                return
+            self._records.append(_Record(name, module, inputs[0].detach(), output, output._version))
+        return hook
+
+    # ---- the DP backward
+
+    def _take_records(self) -> list[_Record]:
+        records, self._records = self._records, []
+        for r in records:
+            if r.y._version != r.version:
+                raise RuntimeError(f"the output of layer {r.name!r} ({_type_name(r.module)}) was modified "
+                                   f"in place after the layer (e.g. ReLU(inplace=True)); its gradient "
+                                   f"cannot be read: make that operation out of place")
+        return records
+
+    def _collect(self, records, grads, batch: int):
+        """Per parameter: its matrix uses and its per-sample vectors."""
+        mats, vecs = collections.defaultdict(list), collections.defaultdict(list)
+        for r, g in zip(records, grads):
+            if g is None:
+                continue  # this call does not reach the loss
+            if r.a.shape[0] != batch or g.shape[0] != batch:
+                raise ValueError(f"layer {r.name!r} ({_type_name(r.module)}) saw a batch of "
+                                 f"{r.a.shape[0]} (output gradient {g.shape[0]}), the loss has {batch} "
+                                 f"samples: every layer input must have the batch first (for HF models "
+                                 f"pass position_ids of shape [batch, length])")
+            uses = _RULES[type(r.module)][0](r.module, r.a, g.detach())
+            for p, u in uses.mats:
+                mats[p].append(u)
+            for p, v in uses.vecs:
+                vecs[p].append(v)
+        return mats, vecs
+
+    def _check_uses(self, graph_counts, mats, vecs) -> None:
+        hooked = collections.Counter()
+        for p, us in list(mats.items()) + list(vecs.items()):
+            hooked[id(p)] += len(us)
+        for pid, n in graph_counts.items():
+            if n != hooked[pid]:
+                raise RuntimeError(
+                    f"parameter {self._names[pid]!r} enters the autograd graph {n} times but the layer "
+                    f"hooks saw {hooked[pid]} uses: it is used outside its layer (e.g. a tied head "
+                    f"written as h @ W.t()); per-sample norms would be wrong. Use the layer module "
+                    f"(nn.Linear, nn.Embedding, ...) for every use")
+
+    def _matrix_norms(self, p, uses) -> torch.Tensor:
+        rows = _rows(p, uses[0])
+        return ref.matrix_sq_norms(uses, rows, self.strategy)
+
+    def dp_backward(self, loss_per_sample: torch.Tensor, max_grad_norm):
+        """The clip factors of this batch, ``[B]``; in ``"bk"`` mode also adds the
+        clipped sum into every ``p.grad`` (``"ghost"`` leaves that to the
+        criterion's second backward).  Returns ``(factors, finite)``."""
+        if loss_per_sample.dim() != 1:
+            raise ValueError(f"the per-sample loss must be 1-D [batch], got shape {tuple(loss_per_sample.shape)}")
+        records = self._take_records()
+        batch = loss_per_sample.shape[0]
+        total = loss_per_sample.sum()
+        params = {id(p): p for p in self._module.parameters() if p.requires_grad}
+        counts = _param_uses(total.grad_fn, params) if total.grad_fn is not None else collections.Counter()
+        ys = [r.y for r in records]
+        grads = torch.autograd.grad(total, ys, retain_graph=self.mode == "ghost", allow_unused=True) if ys else []
+        mats, vecs = self._collect(records, grads, batch)
+        self._check_uses(counts, mats, vecs)
+        sq = torch.zeros(batch, dtype=ref.acc_dtype(*[r.a for r in records]), device=loss_per_sample.device)
+        for p, uses in mats.items():
+            sq = sq + self._matrix_norms(p, uses).to(sq.device)
+        for p, vs in vecs.items():
+            sq = sq + ref.vector_sq_norms(vs).to(sq.device)
+        factors, finite = ref.clip_factors(sq, max_grad_norm)
+        self._per_sample_gradient_norms = sq.sqrt()
+        return factors, finite, mats, vecs
+
+    def write_clipped(self, factors, mats, vecs) -> None:
+        """Book-keeping: ``p.grad += sum_b f_b G_b`` for every used parameter."""
+        for p, uses in mats.items():
+            g = ref.clipped_matrix_grad(uses, _rows(p, uses[0]), factors.to(uses[0].q.device))
+            _accumulate(p, g)
+        for p, vs in vecs.items():
+            _accumulate(p, ref.clipped_vector_grad(vs, factors.to(vs[0].device)))
+
+
+def _rows(p: torch.Tensor, use: ref.MatUse) -> int:
+    """Rows of the ``[rows, cols]`` view of ``p`` that a use's ``G = P^T Q`` has."""
+    return math.prod(p.shape) // use.q.shape[2]
+
+
+def _accumulate(p: torch.Tensor, g: torch.Tensor) -> None:
+    g = g.reshape(p.shape).to(p.dtype)
+    if p.grad is None:
+        p.grad = g
+    else:
+        p.grad.add_(g)
+
+
+# ---------------------------------------------------------------- the criterion
+
+class DPTensorGhost(DPTensorFastGradientClipping):
+    """Opacus's ``DPTensorFastGradientClipping`` (``.item()``, arithmetic) whose
+    ``backward()`` is fastadv's: the output gradients without parameter
+    gradients, the norms, then the clipped gradient (``"bk"``) or the second
+    backward on ``sum_b f_b loss_b`` (``"ghost"``).  Gradients accumulate in
+    ``p.grad`` across backwards (micro-batches) until ``optimizer.step()``."""
+
+    def backward(self):
+        module, opt = self.module, self.optimizer
+        if module._forbid_accumulation and opt._pending_backwards:
+            raise ValueError("Poisson sampling is not compatible with grad accumulation. You need to call "
+                             "optimizer.step() after every forward/backward pass or consider using "
+                             "BatchMemoryManager")
+        factors, finite, mats, vecs = module.dp_backward(self.loss_per_sample, opt.max_grad_norm)
+        opt._count_nonfinite(finite)
+        if module.mode == "bk":
+            module.write_clipped(factors, mats, vecs)
+        else:
+            weighted = (factors.detach().to(self.loss_per_sample.dtype) * self.loss_per_sample).sum()
+            module.disable_hooks()
+            try:
+                weighted.backward()
+            finally:
+                module.enable_hooks()
+        opt._pending_backwards += 1
+
+
+def _wrap_result(name):
+    base = getattr(DPTensorFastGradientClipping, name)
+
+    def method(self, *args):
+        r = base(self, *args)
+        return DPTensorGhost(r.module, r.optimizer, r.loss_per_sample, r.loss_reduction)
+    method.__name__ = name
+    return method
+
+
+for _name in ("__truediv__", "__mul__", "__rmul__", "__add__", "__radd__", "__sub__", "__rsub__", "__neg__"):
+    setattr(DPTensorGhost, _name, _wrap_result(_name))
+
+
+class DPLossGhost(DPLossFastGradientClipping):
+    """Opacus's ``DPLossFastGradientClipping``: ``criterion(output, target)``
+    computes the per-sample loss (``shape=`` for token-level losses, as
+    Opacus) and returns a :class:`DPTensorGhost`."""
+
+    def __call__(self, *args, shape=None, **kwargs) -> DPTensorGhost:
+        r = super().__call__(*args, shape=shape, **kwargs)
+        return DPTensorGhost(r.module, r.optimizer, r.loss_per_sample, r.loss_reduction)
+
+
+# ---------------------------------------------------------------- the optimizer
+
+class GhostDPOptimizer(DPOptimizer):
+    """The optimizer of the ghost / bk modes: ``p.grad`` already holds the
+    clipped sum (written by the DP backward); ``step()`` accumulates it into
+    ``p.summed_grad``, and unless the step is skipped (virtual batches) adds
+    ``N(0, (noise_multiplier * max_grad_norm)^2)`` with fastadv's noise op --
+    the same draws as :class:`fastadv.dp.DPOptimizer` -- and divides by
+    ``expected_batch_size * accumulated_iterations`` for ``loss_reduction="mean"``
+    (``accumulated_iterations``: the DP backwards since the last step, as
+    Opacus's vanilla optimizer counts accumulated batches)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._pending_backwards = 0
+
+    @property
+    def accumulated_iterations(self) -> int:
+        return max(self._pending_backwards, 1)
+
+    def _count_nonfinite(self, finite: torch.Tensor) -> None:
+        counter = self._counter(finite.device)
+        counter.add_((~finite).sum())
+        if self.on_nonfinite == "raise" and bool((~finite).any()):
+            raise FloatingPointError(f"{int((~finite).sum())} sample(s) have a non-finite gradient norm")
+
+    def zero_grad(self, set_to_none: bool = False):
+        for p in self.params:
+            if not self._is_last_step_skipped:
+                p.summed_grad = None
+        self.original_optimizer.zero_grad(set_to_none)
+
+    def clip_and_accumulate(self):
+        """``p.summed_grad += p.grad`` (the clipping happened in the backward)."""
+        for p in self.params:
+            g = p.grad if p.grad is not None else torch.zeros_like(p)
+            s = getattr(p, "summed_grad", None)
+            p.summed_grad = g.detach().clone() if s is None else s.add_(g)
+
+    def add_noise(self, divisor=None):
+        params = self.params
+        grads = _ops.add_noise([p.summed_grad for p in params], self._noise_std(),
+                               expected_batch_size=divisor, generator=self.generator,
+                               secure_mode=self.secure_mode, backend=self.backend)
+        for p, g in zip(params, grads):
+            p.grad = g.view_as(p)
+
+    def pre_step(self, closure=None) -> bool:
+        if not self.params:
+            return True
+        if self._pending_backwards == 0:
+            raise ValueError("no DP backward since the last step: call loss.backward() on the loss "
+                             "returned by the criterion of make_private")
+        _ops.check_hyperparameters(self.max_grad_norm, self.noise_multiplier)
+        self.clip_and_accumulate()
+        if self._check_skip_next_step():
+            self._is_last_step_skipped = True
+            self._pending_backwards = 0
+            return False
+        divisor = self.expected_batch_size * self.accumulated_iterations if self.loss_reduction == "mean" else None
+        self.add_noise(divisor)
+        if self.step_hook:
+            self.step_hook(self)
+        self._is_last_step_skipped = False
+        self._pending_backwards = 0
+        return True

@@ -1,0 +1,453 @@
+"""Ghost clipping and book-keeping DP-SGD (fastadv.dp.ghost) against Opacus 1.6's
+vanilla per-sample mode (``grad_sample_mode="hooks"``), the reference.
+
+Every exactness test runs Opacus's own ``PrivacyEngine.make_private`` on one
+copy of a model and fastadv's ``make_private(grad_sample_mode=...)`` on
+another, feeds both the same batch and compares the private gradients
+(``p.grad`` after ``pre_step``: clipped, summed, noised, scaled).
+"""
+import copy
+
+import opacus
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastadv.dp import PrivacyEngine
+from fastadv.dp import ghost
+from fastadv.reference import dp_ghost as ref
+
+MODES = ["ghost", "bk"]
+TOL = dict(rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------- models
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.ln, self.fc2 = nn.Linear(6, 8), nn.LayerNorm(8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.ln(self.fc1(x))))
+
+
+class CNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 4, 3, padding=1, stride=2)
+        self.gn = nn.GroupNorm(2, 4)
+        self.c2 = nn.Conv1d(4, 3, 2, dilation=2)
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, x):                       # x [B, 2, 6, 6]
+        h = torch.tanh(self.gn(self.c1(x)))     # [B, 4, 3, 3]
+        h = torch.tanh(self.c2(h.flatten(2)))   # [B, 3, 7]
+        return self.fc(h.mean(2))
+
+
+class TinyLM(nn.Module):
+    """Token + position embeddings, one attention block, a head tied to the embedding."""
+
+    def __init__(self, vocab=11, d=8, rms=False):
+        super().__init__()
+        self.emb, self.pos = nn.Embedding(vocab, d), nn.Embedding(16, d)
+        self.ln1 = nn.RMSNorm(d) if rms else nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.ln2 = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab, bias=False)
+        self.head.weight = self.emb.weight      # tied
+
+    def forward(self, ids):
+        b, t = ids.shape
+        h = self.emb(ids) + self.pos(torch.arange(t).expand(b, t))
+        q, k, v = self.qkv(self.ln1(h)).chunk(3, dim=-1)
+        h = h + self.proj(F.scaled_dot_product_attention(q, k, v, is_causal=True))
+        return self.head(self.ln2(h))
+
+
+def bert_tiny():
+    from transformers import BertConfig, BertForSequenceClassification
+    cfg = BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=24, max_position_embeddings=16, num_labels=3,
+                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return BertForSequenceClassification(cfg)
+
+
+def gpt2_tiny():
+    from transformers import GPT2Config, GPT2LMHeadModel
+    cfg = GPT2Config(vocab_size=30, n_embd=16, n_layer=1, n_head=2, n_positions=16,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(cfg)
+
+
+class HFWrap(nn.Module):
+    """Logits of an HF model, with position ids of shape [B, T] (a [1, T] buffer
+    has no batch dimension: neither Opacus nor fastadv can split it by sample)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids):
+        b, t = ids.shape
+        return self.model(input_ids=ids, position_ids=torch.arange(t).expand(b, t)).logits
+
+
+def _data(kind, b):
+    if kind == "mlp":
+        return torch.randn(b, 6), torch.randint(0, 3, (b,))
+    if kind == "cnn":
+        return torch.randn(b, 2, 6, 6), torch.randint(0, 3, (b,))
+    if kind == "bert":
+        return torch.randint(0, 30, (b, 5)), torch.randint(0, 3, (b,))
+    vocab = 30 if kind == "gpt2" else 11
+    return torch.randint(0, vocab, (b, 5)), torch.randint(0, vocab, (b, 5))
+
+
+MODELS = {"mlp": MLP, "cnn": CNN, "lm": TinyLM, "bert": lambda: HFWrap(bert_tiny()),
+          "gpt2": lambda: HFWrap(gpt2_tiny())}
+
+
+def _loss_vanilla(out, y):
+    if y.dim() == 2:  # token level: the mean over all tokens (Opacus's per-sample unit is the sequence)
+        return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+    return F.cross_entropy(out, y)
+
+
+def _loss_dp(criterion, out, y):
+    if y.dim() == 2:
+        return criterion(out.reshape(-1, out.shape[-1]), y.reshape(-1), shape=out.shape)
+    return criterion(out, y)
+
+
+def _loader(x, y, batch):
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch)
+
+
+# ---------------------------------------------------------------- runners
+
+def opacus_grads(model, batches, C, sigma=0.0, seed=None, reduction="mean"):
+    """Opacus vanilla: ``p.grad`` after one (accumulated) step, by parameter name."""
+    x = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    m, opt, _ = opacus.PrivacyEngine().make_private(
+        module=model, optimizer=opt, data_loader=_loader(x, y, len(batches[0][0])), noise_multiplier=sigma,
+        max_grad_norm=C, poisson_sampling=False, noise_generator=gen, loss_reduction=reduction)
+    opt.zero_grad()
+    for xb, yb in batches:
+        loss = _loss_vanilla(m(xb), yb)
+        (loss * len(xb) if reduction == "sum" else loss).backward()
+    opt.step()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def fast_grads(model, batches, C, mode, sigma=0.0, seed=None, reduction="mean", backend=None, **kw):
+    x = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    crit = nn.CrossEntropyLoss(reduction=reduction)
+    m, opt, crit, _ = PrivacyEngine(backend=backend).make_private(
+        module=model, optimizer=opt, criterion=crit, data_loader=_loader(x, y, len(batches[0][0])),
+        noise_multiplier=sigma, max_grad_norm=C, poisson_sampling=False, noise_generator=gen,
+        grad_sample_mode=mode, loss_reduction=reduction, **kw)
+    opt.zero_grad()
+    for xb, yb in batches:
+        _loss_dp(crit, m(xb), yb).backward()
+    opt.step()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}, m
+
+
+def _assert_same(got, want, **tol):
+    assert got.keys() == want.keys()
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], **(tol or TOL), msg=lambda s: f"{n}: {s}")
+
+
+# ---------------------------------------------------------------- exactness against Opacus vanilla
+
+@pytest.mark.parametrize("kind", list(MODELS))
+@pytest.mark.parametrize("mode", MODES)
+def test_update_equals_opacus_vanilla(kind, mode):
+    torch.manual_seed(1)
+    model = MODELS[kind]()
+    batch = _data(kind, 6)
+    want = opacus_grads(copy.deepcopy(model), [batch], C=0.3)
+    got, m = fast_grads(model, [batch], C=0.3, mode=mode)
+    norms = m.per_sample_gradient_norms
+    assert (norms > 0.3).any(), "the test should clip some samples"
+    _assert_same(got, want)
+
+
+@pytest.mark.parametrize("strategy", ["gram", "per_sample"])
+def test_both_norm_strategies_equal_opacus(strategy):
+    torch.manual_seed(2)
+    model = TinyLM()
+    batch = _data("lm", 5)
+    want = opacus_grads(copy.deepcopy(model), [batch], C=0.5)
+    got, _ = fast_grads(model, [batch], C=0.5, mode="bk", strategy=strategy)
+    _assert_same(got, want)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_sum_reduction_and_accumulation_equal_opacus(mode):
+    """Two micro-batches accumulated before one step, loss_reduction "sum" and "mean"."""
+    torch.manual_seed(3)
+    model = TinyLM()
+    batches = [_data("lm", 4), _data("lm", 4)]
+    for reduction in ("mean", "sum"):
+        want = opacus_grads(copy.deepcopy(model), batches, C=0.5, reduction=reduction)
+        got, _ = fast_grads(copy.deepcopy(model), batches, C=0.5, mode=mode, reduction=reduction)
+        _assert_same(got, want)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_accumulation_equals_one_batch(mode):
+    """Two micro-batches of 4 give the clipped sum of the batch of 8 (the mean
+    divides by expected_batch_size * 2, as Opacus's vanilla accumulation)."""
+    torch.manual_seed(4)
+    model = MLP()
+    x, y = _data("mlp", 8)
+    one, _ = fast_grads(copy.deepcopy(model), [(x, y)], C=0.2, mode=mode, reduction="sum")
+    two, _ = fast_grads(copy.deepcopy(model), [(x[:4], y[:4]), (x[4:], y[4:])], C=0.2, mode=mode, reduction="sum")
+    _assert_same(two, one)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_virtual_batches_equal_opacus(mode):
+    """BatchMemoryManager-style skipped steps: signal_skip_step, then step."""
+    torch.manual_seed(5)
+    model = MLP()
+    x, y = _data("mlp", 8)
+
+    def run(engine_mode):
+        m0 = copy.deepcopy(model)
+        opt = torch.optim.SGD(m0.parameters(), lr=0.0)
+        if engine_mode == "hooks":
+            m, opt, _ = opacus.PrivacyEngine().make_private(module=m0, optimizer=opt, data_loader=_loader(x, y, 8),
+                                                            noise_multiplier=0.0, max_grad_norm=0.2,
+                                                            poisson_sampling=False)
+            crit = None
+        else:
+            m, opt, crit, _ = PrivacyEngine().make_private(module=m0, optimizer=opt, data_loader=_loader(x, y, 8),
+                                                           criterion=nn.CrossEntropyLoss(), noise_multiplier=0.0,
+                                                           max_grad_norm=0.2, poisson_sampling=False,
+                                                           grad_sample_mode=engine_mode)
+        for i, sl in enumerate((slice(0, 4), slice(4, 8))):
+            opt.zero_grad()
+            out = m(x[sl])
+            (F.cross_entropy(out, y[sl]) if crit is None else crit(out, y[sl])).backward()
+            if i == 0:
+                opt.signal_skip_step(do_skip=True)
+                assert opt.step() is None
+        opt.step()
+        return {n: p.grad.clone() for n, p in m0.named_parameters()}
+
+    _assert_same(run(mode), run("hooks"))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_poisson_sampling_and_accounting(mode):
+    """Poisson batches (Opacus's DPDataLoader), an empty batch, the accountant."""
+    torch.manual_seed(6)
+    x, y = _data("mlp", 40)
+    model = MLP()
+    engine = PrivacyEngine()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    m, opt, crit, loader = engine.make_private(module=model, optimizer=opt, data_loader=_loader(x, y, 8),
+                                               criterion=nn.CrossEntropyLoss(), noise_multiplier=1.0,
+                                               max_grad_norm=1.0, grad_sample_mode=mode)
+    assert isinstance(loader, torch.utils.data.DataLoader) and type(loader).__name__ == "DPDataLoader"
+    for xb, yb in loader:
+        opt.zero_grad()
+        crit(m(xb), yb).backward()
+        opt.step()
+    opt.zero_grad()
+    crit(m(x[:0]), y[:0]).backward()   # an empty Poisson batch
+    opt.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    ref_engine = opacus.PrivacyEngine()
+    ref_engine.accountant.history = list(engine.accountant.history)
+    assert len(engine.accountant.history) == 1 and engine.accountant.history[0][2] == len(loader) + 1
+    assert engine.get_epsilon(1e-5) == ref_engine.get_epsilon(1e-5)
+    opt.zero_grad()
+    crit(m(x[:4]), y[:4]).backward()
+    with pytest.raises(ValueError, match="Poisson sampling is not compatible with grad accumulation"):
+        crit(m(x[:4]), y[:4]).backward()
+
+
+# ---------------------------------------------------------------- noise
+
+@pytest.mark.parametrize("mode", MODES)
+def test_noise_is_opacus_draws_on_torch_backend(mode):
+    """The same generator seed gives Opacus vanilla's private gradient, noise included."""
+    torch.manual_seed(7)
+    model = TinyLM()
+    batch = _data("lm", 5)
+    want = opacus_grads(copy.deepcopy(model), [batch], C=0.5, sigma=1.3, seed=11)
+    got, _ = fast_grads(model, [batch], C=0.5, mode=mode, sigma=1.3, seed=11, backend="torch")
+    _assert_same(got, want)
+
+
+def test_noise_equals_fastadv_vanilla(backend):
+    """Every backend: the ghost optimizer draws fastadv vanilla's noise numbers
+    (the same op and key), so the private gradients agree under one seed."""
+    torch.manual_seed(8)
+    model = MLP()
+    batch = _data("mlp", 6)
+    x, y = batch
+
+    def vanilla():
+        m0 = copy.deepcopy(model)
+        opt = torch.optim.SGD(m0.parameters(), lr=0.0)
+        m, opt, _ = PrivacyEngine(backend=backend).make_private(
+            module=m0, optimizer=opt, data_loader=_loader(x, y, 6), noise_multiplier=2.0, max_grad_norm=0.4,
+            poisson_sampling=False, noise_generator=torch.Generator().manual_seed(3))
+        opt.zero_grad()
+        F.cross_entropy(m(x), y).backward()
+        opt.step()
+        return {n: p.grad.clone() for n, p in m0.named_parameters()}
+
+    got, _ = fast_grads(copy.deepcopy(model), [batch], C=0.4, mode="bk", sigma=2.0, seed=3, backend=backend)
+    _assert_same(got, vanilla())
+
+
+# ---------------------------------------------------------------- tied weights, misuse, errors
+
+def test_tied_head_norm_is_norm_of_sum():
+    """The tied parameter's per-sample gradient is the sum over its two uses:
+    the norms equal functorch's per-sample gradients of the whole model."""
+    torch.manual_seed(9)
+    model = TinyLM()
+    ids, y = _data("lm", 4)
+    m = ghost.GhostClippingModule(model, mode="bk")
+    loss = F.cross_entropy(m(ids).transpose(1, 2), y, reduction="none").mean(1)
+    m.dp_backward(loss, 1.0)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+
+    def one(p, i, t):
+        out = torch.func.functional_call(model, p, (i[None],))
+        return F.cross_entropy(out.transpose(1, 2), t[None], reduction="none").mean()
+
+    gs = torch.func.vmap(torch.func.grad(one), in_dims=(None, 0, 0))(params, ids, y)
+    want = torch.stack([g.flatten(1).square().sum(1) for g in gs.values()]).sum(0).sqrt()
+    torch.testing.assert_close(m.per_sample_gradient_norms, want, **TOL)
+
+
+def test_use_outside_the_layer_raises():
+    """A tied head written as h @ W.t() is a use no hook sees: refused, not wrong."""
+    class Bad(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(7, 4)
+
+        def forward(self, ids):
+            return self.emb(ids) @ self.emb.weight.t()
+
+    m = ghost.GhostClippingModule(Bad(), mode="bk")
+    ids = torch.randint(0, 7, (3, 5))
+    loss = m(ids).sum((1, 2))
+    with pytest.raises(RuntimeError, match="'emb.weight' enters the autograd graph 2 times"):
+        m.dp_backward(loss, 1.0)
+
+
+def test_unsupported_layer_raises_with_its_name():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.PReLU()))
+    with pytest.raises(ghost.UnsupportedLayerError, match=r"layer '1.0' \(torch.nn.modules.activation.PReLU\)"):
+        ghost.GhostClippingModule(model)
+    model[1][0].weight.requires_grad_(False)   # frozen: skipped
+    ghost.GhostClippingModule(model)
+    with pytest.raises(ghost.UnsupportedLayerError, match="max_norm"):
+        ghost.GhostClippingModule(nn.Embedding(4, 2, max_norm=1.0))
+
+
+def test_inplace_on_layer_output_raises():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(inplace=True), nn.Linear(4, 2))
+    m = ghost.GhostClippingModule(model)
+    loss = m(torch.randn(3, 4)).sum(1)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        m.dp_backward(loss, 1.0)
+
+
+def test_batch_dim_missing_raises():
+    """A position embedding fed [1, T] ids cannot be split by sample."""
+    class Pos(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pos = nn.Embedding(8, 4)
+
+        def forward(self, x):
+            return x + self.pos(torch.arange(x.shape[1])[None])
+
+    m = ghost.GhostClippingModule(Pos())
+    loss = m(torch.randn(3, 5, 4)).sum((1, 2))
+    with pytest.raises(ValueError, match="layer 'pos'.*position_ids"):
+        m.dp_backward(loss, 1.0)
+
+
+def test_frozen_layers_are_skipped():
+    torch.manual_seed(10)
+    model = TinyLM()
+    model.ln1.requires_grad_(False)
+    model.qkv.weight.requires_grad_(False)
+    batch = _data("lm", 5)
+    want = opacus_grads(copy.deepcopy(model), [batch], C=0.5)
+    got, _ = fast_grads(model, [batch], C=0.5, mode="ghost")
+    _assert_same(got, want)
+
+
+def test_nonfinite_sample_dropped_in_bk():
+    torch.manual_seed(11)
+    model = MLP()
+    x, y = _data("mlp", 5)
+    x[2, 0] = float("nan")
+    got, _ = fast_grads(copy.deepcopy(model), [(x, y)], C=0.3, mode="bk", reduction="sum")
+    keep = torch.tensor([0, 1, 3, 4])
+    want, _ = fast_grads(copy.deepcopy(model), [(x[keep], y[keep])], C=0.3, mode="bk", reduction="sum")
+    _assert_same(got, want)
+
+
+# ---------------------------------------------------------------- low precision
+
+def test_bf16_autocast_accumulates_in_fp32():
+    """Under CPU bf16 autocast the layers' inputs and output gradients are bf16;
+    norms and clipped sums are computed in fp32 from them.  Reference: the same
+    bf16 ``a`` and ``g``, per-sample gradients materialised in fp64."""
+    torch.manual_seed(12)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    x, y = _data("mlp", 6)
+    m = ghost.GhostClippingModule(model, mode="bk")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(x)
+    assert out.dtype == torch.bfloat16
+    loss = F.cross_entropy(out.float(), y, reduction="none")
+    records = list(m._records)
+    factors, finite, mats, vecs = m.dp_backward(loss, 0.3)
+    assert {u.p.dtype for us in mats.values() for u in us} == {torch.bfloat16}   # output gradients
+    assert {u.q.dtype for us in mats.values() for u in us} == {torch.float32, torch.bfloat16}  # x, then bf16
+    want = torch.zeros(6, dtype=torch.float64)
+    for us in mats.values():
+        for u in us:
+            gs = torch.bmm(u.p.double().transpose(1, 2), u.q.double())
+            want += gs.flatten(1).square().sum(1)
+    for vs in vecs.values():
+        want += vs[0].double().square().sum(1)
+    assert len(records) == 2
+    torch.testing.assert_close(m.per_sample_gradient_norms.double(), want.sqrt(), rtol=1e-5, atol=1e-7)
+
+
+# ---------------------------------------------------------------- the reference math
+
+def test_reference_gram_equals_materialised():
+    torch.manual_seed(13)
+    b, t, o, i, v = 3, 4, 5, 6, 7
+    uses = [ref.MatUse(p=torch.randn(b, t, o), q=torch.randn(b, t, i)),
+            ref.MatUse(p=torch.randn(b, 1, o), q=torch.randn(b, 1, i))]
+    torch.testing.assert_close(ref.gram_sq_norms(uses), ref.per_sample_grads(uses, o).flatten(1).square().sum(1), **TOL)
+    emb = [ref.MatUse(ids=torch.randint(0, v, (b, t)), q=torch.randn(b, t, i)),
+           ref.MatUse(p=torch.randn(b, 2, v), q=torch.randn(b, 2, i))]
+    torch.testing.assert_close(ref.gram_sq_norms(emb), ref.per_sample_grads(emb, v).flatten(1).square().sum(1), **TOL)
