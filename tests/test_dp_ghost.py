@@ -365,11 +365,36 @@ def test_unsupported_layer_raises_with_its_name():
         ghost.GhostClippingModule(nn.Embedding(4, 2, max_norm=1.0))
 
 
-def test_inplace_on_layer_output_raises():
-    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(inplace=True), nn.Linear(4, 2))
-    m = ghost.GhostClippingModule(model)
+@pytest.mark.parametrize("mode", MODES)
+def test_inplace_on_layer_output_is_exact(mode):
+    """ReLU(inplace=True) on a Linear output: the gradient of the value the layer
+    produced is read from its output's autograd edge (Opacus: the same model
+    with an out-of-place ReLU)."""
+    torch.manual_seed(14)
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(inplace=True), nn.Linear(5, 3))
+    batch = (torch.randn(6, 4), torch.randint(0, 3, (6,)))
+    plain = copy.deepcopy(model)
+    plain[1] = nn.ReLU()
+    want = opacus_grads(plain, [batch], C=0.2)
+    got, _ = fast_grads(model, [batch], C=0.2, mode=mode)
+    _assert_same(got, want)
+
+
+def test_inplace_on_layer_input_raises():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            h = torch.tanh(self.fc1(x))
+            out = self.fc2(h)
+            h.mul_(2)   # fc2's input changes after fc2 ran
+            return out
+
+    m = ghost.GhostClippingModule(M())
     loss = m(torch.randn(3, 4)).sum(1)
-    with pytest.raises(RuntimeError, match="modified in place"):
+    with pytest.raises(RuntimeError, match="input of layer 'fc2'.*modified in place"):
         m.dp_backward(loss, 1.0)
 
 

@@ -25,8 +25,8 @@ Exact by construction: every trainable parameter must belong to a supported
 layer (checked when wrapping), and at every backward the autograd graph is
 walked to count each parameter's uses: a use that no hook saw (a tied head
 written as ``h @ W.t()``, a layer called with hooks off) raises instead of
-giving a wrong norm.  A layer output modified in place after the layer
-(``ReLU(inplace=True)`` on a Linear output) raises too.
+giving a wrong norm.  A layer input modified in place after the layer
+raises too (an in-place op on a layer's output is fine).
 """
 from __future__ import annotations
 
@@ -241,21 +241,76 @@ def _param_uses(root, params: dict[int, str]) -> collections.Counter:
 
 @dataclass
 class _Record:
+    """One layer call: its input (detached, with its version to detect a later
+    in-place change) and the autograd edge of its output.  The output tensor
+    itself is not kept (autograd may not need it; keeping it would cost
+    memory), and an in-place op on it after the layer (``ReLU(inplace=True)``)
+    is fine: the edge still receives the gradient of the value the layer
+    produced."""
     name: str
     module: nn.Module
     a: torch.Tensor
-    y: torch.Tensor
     version: int
+    edge: object
+    seen: bool = False
+
+
+class _Pass:
+    """One DP backward's per-sample norms, layer by layer as the output
+    gradients arrive.  Uses of a parameter used once are reduced to their
+    ``[B]`` squared norms at once (ghost mode then drops ``g``); uses of a tied
+    parameter are kept until all have arrived (their cross terms need them);
+    book-keeping keeps every use for the clipped gradient."""
+
+    def __init__(self, owner, batch, acc, device, shared, keep):
+        self.owner, self.batch, self.shared, self.keep = owner, batch, shared, keep
+        self.sq = torch.zeros(batch, dtype=acc, device=device)
+        self.mats, self.vecs = collections.defaultdict(list), collections.defaultdict(list)
+        self.hooked = collections.Counter()
+
+    def add(self, r: _Record, g) -> None:
+        if g is None:
+            return  # this call does not reach the loss
+        if r.a.shape[0] != self.batch or g.shape[0] != self.batch:
+            raise ValueError(f"layer {r.name!r} ({_type_name(r.module)}) saw a batch of "
+                             f"{r.a.shape[0]} (output gradient {g.shape[0]}), the loss has {self.batch} "
+                             f"samples: every layer input must have the batch first (for HF models "
+                             f"pass position_ids of shape [batch, length])")
+        uses = _RULES[type(r.module)][0](r.module, r.a, g.detach())
+        for p, u in uses.mats:
+            self.hooked[id(p)] += 1
+            if self.keep or id(p) in self.shared:
+                self.mats[p].append(u)
+            else:
+                self.sq += ref.matrix_sq_norms([u], _rows(p, u), self.owner.strategy).to(self.sq.device)
+        for p, v in uses.vecs:
+            self.hooked[id(p)] += 1
+            if self.keep or id(p) in self.shared:
+                self.vecs[p].append(v)
+            else:
+                self.sq += ref.vector_sq_norms([v]).to(self.sq.device)
+
+    def finish(self) -> torch.Tensor:
+        """The squared norms of the whole gradient, ``[B]``."""
+        sq = self.sq
+        for p, uses in self.mats.items():
+            sq = sq + ref.matrix_sq_norms(uses, _rows(p, uses[0]), self.owner.strategy).to(sq.device)
+        for p, vs in self.vecs.items():
+            sq = sq + ref.vector_sq_norms(vs).to(sq.device)
+        return sq
 
 
 class GhostClippingModule(nn.Module):
     """The model, plus forward hooks that keep each supported layer's input and
-    output; the DP criterion (:class:`DPLossGhost`) turns them into per-sample
-    norms and clipped gradients.  ``forward`` is the model's.
+    output edge; the DP criterion (:class:`DPLossGhost`) turns them into
+    per-sample norms and clipped gradients.  ``forward`` is the model's.
 
     ``mode``: ``"ghost"`` (second backward) or ``"bk"`` (book-keeping, one
-    backward).  Raises :class:`UnsupportedLayerError` naming the first layer
-    with trainable parameters that no rule covers (freeze it, or replace it)."""
+    backward).  ``strategy``: ``"auto"`` (per layer, the Gram form or the
+    per-sample gradient, whichever costs fewer operations), ``"gram"`` or
+    ``"per_sample"``.  Raises :class:`UnsupportedLayerError` naming the first
+    layer with trainable parameters that no rule covers (freeze it, or replace
+    it)."""
 
     def __init__(self, m: nn.Module, *, mode: str = "bk", batch_first: bool = True,
                  loss_reduction: str = "mean", max_grad_norm: float = 1.0, strategy: str = "auto"):
@@ -330,7 +385,9 @@ class GhostClippingModule(nn.Module):
                 return
             if not isinstance(output, torch.Tensor) or not output.requires_grad:
                 return
-            self._records.append(_Record(name, module, inputs[0].detach(), output, output._version))
+            a = inputs[0].detach()  # shares the input's version counter
+            edge = torch.autograd.graph.get_gradient_edge(output)
+            self._records.append(_Record(name, module, a, a._version, edge))
         return hook
 
     # ---- the DP backward
@@ -338,34 +395,13 @@ class GhostClippingModule(nn.Module):
     def _take_records(self) -> list[_Record]:
         records, self._records = self._records, []
         for r in records:
-            if r.y._version != r.version:
-                raise RuntimeError(f"the output of layer {r.name!r} ({_type_name(r.module)}) was modified "
-                                   f"in place after the layer (e.g. ReLU(inplace=True)); its gradient "
-                                   f"cannot be read: make that operation out of place")
+            if r.a._version != r.version:
+                raise RuntimeError(f"the input of layer {r.name!r} ({_type_name(r.module)}) was modified "
+                                   f"in place after the layer ran; its per-sample gradient cannot be "
+                                   f"computed from it: make that operation out of place")
         return records
 
-    def _collect(self, records, grads, batch: int):
-        """Per parameter: its matrix uses and its per-sample vectors."""
-        mats, vecs = collections.defaultdict(list), collections.defaultdict(list)
-        for r, g in zip(records, grads):
-            if g is None:
-                continue  # this call does not reach the loss
-            if r.a.shape[0] != batch or g.shape[0] != batch:
-                raise ValueError(f"layer {r.name!r} ({_type_name(r.module)}) saw a batch of "
-                                 f"{r.a.shape[0]} (output gradient {g.shape[0]}), the loss has {batch} "
-                                 f"samples: every layer input must have the batch first (for HF models "
-                                 f"pass position_ids of shape [batch, length])")
-            uses = _RULES[type(r.module)][0](r.module, r.a, g.detach())
-            for p, u in uses.mats:
-                mats[p].append(u)
-            for p, v in uses.vecs:
-                vecs[p].append(v)
-        return mats, vecs
-
-    def _check_uses(self, graph_counts, mats, vecs) -> None:
-        hooked = collections.Counter()
-        for p, us in list(mats.items()) + list(vecs.items()):
-            hooked[id(p)] += len(us)
+    def _check_uses(self, graph_counts, hooked) -> None:
         for pid, n in graph_counts.items():
             if n != hooked[pid]:
                 raise RuntimeError(
@@ -374,14 +410,24 @@ class GhostClippingModule(nn.Module):
                     f"written as h @ W.t()); per-sample norms would be wrong. Use the layer module "
                     f"(nn.Linear, nn.Embedding, ...) for every use")
 
-    def _matrix_norms(self, p, uses) -> torch.Tensor:
-        rows = _rows(p, uses[0])
-        return ref.matrix_sq_norms(uses, rows, self.strategy)
+    def _shared(self, records) -> set:
+        """Parameters used by more than one recorded call (tied weights, reused layers)."""
+        calls = collections.Counter()
+        for r in records:
+            for p in r.module.parameters(recurse=False):
+                if p.requires_grad:
+                    calls[id(p)] += 1
+        return {pid for pid, n in calls.items() if n > 1}
 
     def dp_backward(self, loss_per_sample: torch.Tensor, max_grad_norm):
-        """The clip factors of this batch, ``[B]``; in ``"bk"`` mode also adds the
-        clipped sum into every ``p.grad`` (``"ghost"`` leaves that to the
-        criterion's second backward).  Returns ``(factors, finite)``."""
+        """One backward of ``sum_b loss_b`` that computes the per-sample gradient
+        norms.  ``"bk"``: the output gradients only (``torch.autograd.grad`` on
+        the layers' output edges: no parameter gradient is computed), kept for
+        :meth:`write_clipped`.  ``"ghost"``: a backward to the parameters (the
+        graph retained for the criterion's second backward; the parameter
+        gradients are dropped), each layer's norms computed by a hook on its
+        output's node as its gradient arrives, so that the output gradients
+        are not all kept.  Returns ``(factors, finite, mats, vecs)``."""
         if loss_per_sample.dim() != 1:
             raise ValueError(f"the per-sample loss must be 1-D [batch], got shape {tuple(loss_per_sample.shape)}")
         records = self._take_records()
@@ -389,24 +435,40 @@ class GhostClippingModule(nn.Module):
         total = loss_per_sample.sum()
         params = {id(p): p for p in self._module.parameters() if p.requires_grad}
         counts = _param_uses(total.grad_fn, params) if total.grad_fn is not None else collections.Counter()
-        ys = [r.y for r in records]
-        grads = torch.autograd.grad(total, ys, retain_graph=self.mode == "ghost", allow_unused=True) if ys else []
-        mats, vecs = self._collect(records, grads, batch)
-        self._check_uses(counts, mats, vecs)
-        sq = torch.zeros(batch, dtype=ref.acc_dtype(*[r.a for r in records]), device=loss_per_sample.device)
-        for p, uses in mats.items():
-            sq = sq + self._matrix_norms(p, uses).to(sq.device)
-        for p, vs in vecs.items():
-            sq = sq + ref.vector_sq_norms(vs).to(sq.device)
+        acc = ref.acc_dtype(*[r.a for r in records])
+        state = _Pass(self, batch, acc, loss_per_sample.device, self._shared(records), keep=self.mode == "bk")
+        if self.mode == "bk":
+            grads = list(torch.autograd.grad(total, [r.edge for r in records], allow_unused=True)) if records else []
+            for i, r in enumerate(records):
+                state.add(r, grads[i])
+                grads[i] = None
+        else:
+            used = [p for pid, p in params.items() if counts[pid]]
+            handles = [r.edge.node.register_prehook(self._prehook(r, state)) for r in records]
+            try:
+                if used:
+                    torch.autograd.grad(total, used, retain_graph=True, allow_unused=True)
+            finally:
+                for h in handles:
+                    h.remove()
+        self._check_uses(counts, state.hooked)
+        sq = state.finish()
         factors, finite = ref.clip_factors(sq, max_grad_norm)
         self._per_sample_gradient_norms = sq.sqrt()
-        return factors, finite, mats, vecs
+        return factors, finite, state.mats, state.vecs
+
+    @staticmethod
+    def _prehook(r: _Record, state: _Pass):
+        def hook(grad_outputs):
+            if not r.seen:
+                r.seen = True
+                state.add(r, grad_outputs[r.edge.output_nr])
+        return hook
 
     def write_clipped(self, factors, mats, vecs) -> None:
         """Book-keeping: ``p.grad += sum_b f_b G_b`` for every used parameter."""
         for p, uses in mats.items():
-            g = ref.clipped_matrix_grad(uses, _rows(p, uses[0]), factors.to(uses[0].q.device))
-            _accumulate(p, g)
+            _accumulate(p, ref.clipped_matrix_grad(uses, _rows(p, uses[0]), factors.to(uses[0].q.device)))
         for p, vs in vecs.items():
             _accumulate(p, ref.clipped_vector_grad(vs, factors.to(vs[0].device)))
 
