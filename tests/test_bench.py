@@ -137,6 +137,21 @@ def test_fastadv_launches_use_the_design_bytes():
     assert count(lambda: y.mul_(2), design_bytes=1234)["bytes"] == 2 * y.nbytes  # no kernel ran
 
 
+def test_a_registered_op_through_the_dispatcher_counts_what_it_runs():
+    """torch.ops.fastadv.<op> (the compile / autograd path) is counted by the
+    aten ops and kernels its implementation runs, as the direct eager call is,
+    not as one opaque op."""
+    @torch.library.custom_op("fastadv::_bench_count_probe", mutates_args=())
+    def probe(x: torch.Tensor) -> torch.Tensor:
+        return (x * 2).sin()
+
+    x = torch.randn(100)
+    through = count(lambda: torch.ops.fastadv._bench_count_probe(x))
+    direct = count(lambda: (x * 2).sin())
+    assert through["ops"] == direct["ops"] == {"mul": 1, "sin": 1}
+    assert (through["launches"], through["bytes"]) == (direct["launches"], direct["bytes"]) == (2, 4 * x.nbytes)
+
+
 def test_triton_interpreter_staging_is_not_counted():
     triton = pytest.importorskip("triton")
     import triton.language as tl

@@ -1,8 +1,11 @@
 """``python -m fastadv bench``: check, time and count every op on this device.
 
 Each op is one module here with ``cases(device, full)`` and
-``impls(case, device)`` (see :mod:`fastadv.bench.fgm`); add it to :data:`OPS`
-with one line and the CLI, the results file and the plot pick it up.
+``impls(case, device)`` (see :mod:`fastadv.bench.fgm` and
+:mod:`fastadv.bench.case`); add it to :data:`OPS` with one line and the CLI,
+``gpucheck``, ``benchmarks/`` (pytest-benchmark), the results file and the
+plot pick it up.  ``eager`` is no op of its own: the eager cost of one
+registered op call by the path it takes (wrapper, dispatcher, direct).
 """
 from __future__ import annotations
 
@@ -16,6 +19,10 @@ OPS: dict[str, str] = {
     "awp": "fastadv.bench.awp",
     "noise": "fastadv.bench.noise",
     "dp": "fastadv.bench.dp",
+    "fgsm": "fastadv.bench.fgsm",
+    "sam": "fastadv.bench.sam",
+    "sift": "fastadv.bench.sift",
+    "eager": "fastadv.bench.eager",
 }
 
 

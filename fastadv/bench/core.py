@@ -5,6 +5,8 @@ The bench machinery lives in one module per concern: :mod:`.case` (the case
 :mod:`.timing`, :mod:`.run` (the runner and ``python -m fastadv bench``),
 :mod:`.report` (derived columns, JSON, table, PNG).  Import from those.
 """
-from .case import Impl, Prepared, Skip  # noqa: F401
-from .count import count  # noqa: F401
-from .run import run_op  # noqa: F401
+from .case import Impl, Prepared, Skip
+from .count import count
+from .run import run_op
+
+__all__ = ["Impl", "Prepared", "Skip", "count", "run_op"]

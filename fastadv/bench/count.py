@@ -201,6 +201,22 @@ def _op_bytes(name: str, bound_pairs, bound: dict, out) -> int:
         + fresh
 
 
+def _fastadv_impl(func) -> Callable | None:
+    """The Python implementation of a ``torch.ops.fastadv`` op, or None.
+
+    Called through the dispatcher (``torch.ops.fastadv.<op>``, the path of
+    ``torch.compile`` and of autograd), a registered op reaches the counting
+    mode as one opaque op whose implementation runs below it, out of sight;
+    running the implementation under the mode instead counts what the op
+    really launches and moves, as in the eager path that calls it directly."""
+    if getattr(func, "namespace", None) != "fastadv":
+        return None
+    from torch._library.custom_ops import OPDEFS
+
+    opdef = OPDEFS.get(func._schema.name)
+    return getattr(opdef, "_init_fn", None)
+
+
 class _CountingMode(TorchDispatchMode):
     def __init__(self):
         super().__init__()
@@ -211,6 +227,10 @@ class _CountingMode(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        impl = _fastadv_impl(func)
+        if impl is not None:
+            with self:  # the mode is off inside its own handler: back on for the implementation
+                return impl(*args, **kwargs)
         out = func(*args, **kwargs)
         if not _inside_triton_interpreter():
             self._record(func, args, kwargs, out)

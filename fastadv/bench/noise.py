@@ -1,4 +1,4 @@
-"""Noise injection and SiFT: cases and implementations for the benchmark.
+"""Noise injection and NEFTune: cases and implementations for the benchmark.
 
 Ops (each timed per call):
 
@@ -8,10 +8,9 @@ Ops (each timed per call):
 * ``token_ids``    the seed's token-id noise;
 * ``weight_noise`` ``with weight_noise(model, std): pass``, enter + exit, over the
   parameter shapes of BERT-base (199 tensors, 101 named ``*weight*``) and
-  BERT-large;
-* ``sift``         one SiFT perturbation step on ``[tokens, hidden]``: the
-  initial delta and ``x + delta``, then one max-norm update and ``x + delta``
-  (reference: DeBERTa's layer, ``fastadv.reference.sift``).
+  BERT-large.
+
+SiFT's ops have their own cases (:mod:`fastadv.bench.sift`).
 
 Sizes: on CUDA (or with ``--full``) activations of 16x512x768 and embedding
 tables of 30522x768 and 250002x1024, NEFTune on 8x2048x4096, fp32 and bf16;
@@ -22,13 +21,14 @@ Implementations: ``reference``, ``compiled`` (``torch.compile`` of the
 reference; elementwise ops only: Inductor draws the noise inside its fused
 kernel too, the fair baseline), and each fastadv backend usable here.
 The ``GB/s`` and ``%copy`` columns use the bytes the op must move
-(``fastadv.ops.noise.design_bytes``: read x once, write the output once, ...)
+(``fastadv.ops.noise.design_bytes`` / ``fastadv.ops.neftune.design_bytes``:
+read x once, write the output once, ...)
 for fastadv rows, and the counted aten traffic for the others.
 
 Checks before timing: the noise of the output has mean ~0 and the right
 spread (normal: std within 2 %; uniform: within the bound, std within 2 %),
 token ids stay in the vocabulary, weight_noise restores every weight bit for
-bit (same ``data_ptr``), SiFT's update equals DeBERTa's formula.
+bit (same ``data_ptr``).
 """
 from __future__ import annotations
 
@@ -44,8 +44,6 @@ STD = 0.1
 ALPHA = 5.0
 TOKEN_FACTOR = 3.0
 VOCAB = 30522
-SIFT_LR = 1e-3
-SIFT_IP = 1e-2
 DTYPES = (torch.float32, torch.bfloat16)
 _SHORT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -56,7 +54,6 @@ SHAPES_FULL = {
     ("neftune", 0): (16, 512, 768), ("neftune", 1): (8, 2048, 4096),
     ("token_ids", 0): (16, 512), ("token_ids", 1): (256, 2048),
     ("weight_noise", 0): ("bert-base",), ("weight_noise", 1): ("bert-large",),
-    ("sift", 0): (16 * 512, 768), ("sift", 1): (32 * 512, 1024),
 }
 SHAPES_SMALL = {
     ("gaussian", 0): (4, 64, 64), ("gaussian", 1): (1000, 256),
@@ -64,7 +61,6 @@ SHAPES_SMALL = {
     ("neftune", 0): (4, 64, 64),
     ("token_ids", 0): (16, 512),
     ("weight_noise", 0): ("bert-mini",),
-    ("sift", 0): (256, 64),
 }
 # hidden, layers, intermediate, vocab
 MODELS = {"bert-base": (768, 12, 3072, 30522), "bert-large": (1024, 24, 4096, 30522),
@@ -153,14 +149,12 @@ class CaseData:
                 b, seq = c.shape[0], c.shape[1]
                 lengths = torch.randint(seq // 2, seq + 1, (b,), device=self.device, generator=gen)
                 self.mask = (torch.arange(seq, device=self.device)[None, :] < lengths[:, None]).long()
-            if c.op == "sift":
-                self.x = nn.functional.layer_norm(self.x.float(), (c.shape[-1],), eps=1e-7).to(c.dtype)
-                self.grad = torch.randn(c.shape, device=self.device, generator=gen) * 1e-3
 
     def element_size(self) -> int:
         return torch.empty((), dtype=self.case.dtype).element_size()
 
     def design_bytes(self) -> int:
+        from fastadv.ops.neftune import design_bytes as neftune_bytes
         from fastadv.ops.noise import design_bytes
 
         c = self.case
@@ -170,13 +164,10 @@ class CaseData:
         if c.op == "gaussian_":
             return design_bytes("noise_", self.numel, s)
         if c.op == "neftune":
-            return design_bytes("neftune", self.numel, s, rows=c.shape[0] * c.shape[1])
+            return neftune_bytes(self.numel, s, rows=c.shape[0] * c.shape[1])
         if c.op == "token_ids":
             return design_bytes("token_ids", self.numel, 8)
-        if c.op == "weight_noise":
-            return design_bytes("weight_noise", self.numel, s)
-        rows = c.shape[0]
-        return design_bytes("sift_init", self.numel, s) + design_bytes("sift_update", self.numel, s, rows=rows)
+        return design_bytes("weight_noise", self.numel, s)
 
     # -- checks: None when fine, else what is wrong -------------------------------------------------
     def check_noise(self, out: torch.Tensor, x: torch.Tensor, scale: float, uniform: bool = False):
@@ -208,7 +199,6 @@ def release() -> None:
 def _functions(case: Case, d: CaseData, impl: str):
     """(step, check) of ``impl`` ('reference', 'compiled', or a backend) on the case."""
     from fastadv import noise as fnoise
-    from fastadv.ops import noise as ops
     from fastadv.reference import noise as ref
     from fastadv.reference.neftune import neftune as ref_neftune
 
@@ -276,37 +266,6 @@ def _functions(case: Case, d: CaseData, impl: str):
                 return "data_ptr changed"
             return inner["msg"]
         return fn, check
-    if op == "sift":
-        if b is None:
-            from fastadv.reference.sift import PerturbationLayer
-        else:
-            from fastadv.sift import PerturbationLayer
-        kw = {} if b is None else {"backend": b}
-        layer = PerturbationLayer(case.shape[-1], SIFT_LR, SIFT_IP, **kw)
-
-        def fn():
-            layer.input = d.x
-            layer.adversarial_(True)
-            layer.update_delta(True)       # initial delta, x + delta
-            layer.delta.grad = d.grad
-            layer.update_delta(True)       # max-norm step, x + delta
-            layer.adversarial_(False)
-
-        def check(f):
-            if b is None:
-                return None
-            x = d.x
-            delta, _ = ops.sift_init(x, SIFT_IP, backend=b)
-            if float(delta.abs().max()) > 2 * SIFT_IP * (1 + 1e-6):
-                return "initial delta beyond 2 * init_perturbation"
-            expect = delta + SIFT_LR * d.grad / (1e-6 + d.grad.abs().amax(-1, keepdim=True))
-            pert, _ = ops.sift_update_(x, delta, d.grad, SIFT_LR, backend=b)
-            if not torch.allclose(delta, expect, rtol=1e-5, atol=1e-7):
-                return "update differs from DeBERTa's formula"
-            if not torch.allclose(pert.float(), (x.float() + expect).to(x.dtype).float(), rtol=1e-2, atol=1e-2):
-                return "x + delta differs"
-            return None
-        return fn, check
     raise ValueError(op)
 
 
@@ -321,8 +280,8 @@ def _reference_impl(case: Case, device) -> Impl:
 
 def _compiled_impl(case: Case, device) -> Impl:
     def setup() -> Prepared:
-        if case.op in ("weight_noise", "sift"):
-            raise Skip("not compiled: a context manager / a stateful layer with a host-side branch")
+        if case.op == "weight_noise":
+            raise Skip("not compiled: a context manager with a host-side restore")
         d = _data(case, device)
         fn, check = _functions(case, d, "compiled")
         try:

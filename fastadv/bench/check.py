@@ -1,0 +1,56 @@
+"""Checks against the reference shared by the bench op modules: dtype names,
+tolerances, the Triton interpreter's limits, the backends to list.
+
+Tolerances (``/work/shared/DESIGN.md``): fp32 against the fp32 reference
+``rtol=1e-5, atol=1e-6``; bf16 / fp16 against the reference run in fp32 and
+rounded once, within two ulps of the result plus two ulps of the step
+(low-precision seeds round intermediate values in their own dtype).
+"""
+from __future__ import annotations
+
+import torch
+
+from .case import Skip
+
+SHORT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+TOLERANCES = {  # (rtol, atol)
+    torch.float32: (1e-5, 1e-6),
+    torch.bfloat16: (2 * 2**-7, 1e-5),  # two ulps of bf16 (at the bottom of a binade)
+    torch.float16: (2 * 2**-10, 1e-5),  # two ulps of fp16
+}
+
+
+def close(got: torch.Tensor, expected: torch.Tensor, step: torch.Tensor | None = None) -> tuple[bool, float]:
+    """(within tolerance, max abs error) of ``got`` against ``expected`` (in
+    ``got``'s dtype): ``|got - exp| <= atol + rtol (|exp| + |step|)``, the
+    step term only for low-precision dtypes."""
+    rtol, atol = TOLERANCES[got.dtype]
+    exp = expected.float()
+    err = (got.float() - exp).abs()
+    allowed = exp.abs().mul_(rtol).add_(atol)
+    if step is not None and got.dtype != torch.float32:
+        allowed.add_(step.float().abs(), alpha=rtol)
+    return bool((err <= allowed).all()), float(err.max()) if err.numel() else 0.0
+
+
+def interpreted(backend: str, device) -> bool:
+    """Whether ``backend`` runs in the Triton interpreter here (checked and
+    counted, never timed: its times are numpy's)."""
+    from fastadv import _backend
+
+    return backend == "triton" and _backend.triton_interpreter() and torch.device(device).type == "cpu"
+
+
+def skip_unsupported(backend: str, device, dtype: torch.dtype) -> None:
+    """:class:`Skip` for a low-precision case under the interpreter (it has no
+    bf16 / fp16 arithmetic)."""
+    if interpreted(backend, device) and dtype in (torch.bfloat16, torch.float16):
+        raise Skip("the Triton interpreter has no bf16/fp16 arithmetic (GPU only)")
+
+
+def usable_backends(device) -> list[str]:
+    """The fastadv backends that get a row on ``device`` (``python -m fastadv
+    env`` says why the others do not)."""
+    from fastadv import _env
+
+    return [b for b, why in _env.backends(device).items() if why is None]
