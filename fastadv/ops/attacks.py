@@ -87,25 +87,13 @@ def _check_tensors(adv, images, grad, out, momentum=None) -> None:
             raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
         if t.shape != adv.shape:
             raise ValueError(f"{name} has shape {tuple(t.shape)}, adv has {tuple(adv.shape)}")
-        if t.device != adv.device:
-            raise ValueError(f"{name} is on {t.device}, adv is on {adv.device}")
     if adv.dim() < 1:
         raise ValueError("adv needs a batch dimension (shape [batch, ...])")
     if out is not None and out.dtype != adv.dtype:
         raise TypeError(f"out has dtype {out.dtype}, adv has {adv.dtype}")
 
 
-def _dense_batch_major(t: torch.Tensor) -> bool:
-    """True when each sample of ``t`` is one dense block of memory, samples one
-    after the other (contiguous, channels_last, ...): the kernels then walk raw
-    memory as ``[batch, per_sample]``."""
-    inner = sorted(((st, sz) for sz, st in zip(t.shape[1:], t.stride()[1:]) if sz != 1), reverse=True)
-    expected = 1
-    for st, sz in reversed(inner):
-        if st != expected:
-            return False
-        expected *= sz
-    return t.shape[0] <= 1 or t.stride(0) == expected
+_dense_batch_major = _registry.dense_batch_major  # the registry's layout rule (fastadv.attacks.base uses it)
 
 
 def _like(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
@@ -116,27 +104,20 @@ def _like(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 
 
 def _pick(backend, adv, images, grad, out, momentum=None) -> str:
-    """The backend that runs this step (:func:`fastadv.ops._registry.pick`):
-    the kernels take float32 / float16 / bfloat16 images, with adv, images and
-    grad in one dtype and a float32 momentum buffer (``TypeError`` when forced);
-    they walk adv, out and momentum as raw ``[batch, per_sample]`` memory, so
-    those must be dense with the batch outermost (contiguous, channels_last,
-    ...) and share one layout (``ValueError`` when forced)."""
-    same = [("adv", adv)] + [(what, t) for what, t in (("images", images), ("grad", grad)) if t is not None]
-    name = _registry.pick(backend, adv.device, dtypes=[("images", adv)], same_dtype=same)
-    if name != "torch" and momentum is not None:
-        name = _registry.pick(backend, adv.device, dtypes=[("momentum buffers", momentum)],
-                              allowed=(torch.float32,))
-    why = None
-    if not all(_dense_batch_major(t) for t in (adv, out, momentum) if t is not None):
-        why = "needs adv, out and momentum dense with the batch dimension outermost (e.g. contiguous)"
-    elif any(t is not None and t.stride() != adv.stride() and t.numel() > 1 for t in (out, momentum)):
-        why = "needs adv, out and momentum in one memory layout"
-    if name == "torch" or why is None:
-        return name
-    if _registry.forced(backend):  # the registry's rule for a limit pick() does not check
-        raise ValueError(f"the {name} backend {why}; use backend='torch'")
-    return "torch"
+    """The backend that runs this step (the registry's rule,
+    :func:`fastadv.ops._registry.pick`): every tensor on adv's device; the
+    kernels take float32 / float16 / bfloat16 images, with adv, images and
+    grad in one dtype and a float32 momentum buffer; they walk adv, out and
+    momentum as raw ``[batch, per_sample]`` memory, so those must be dense
+    with the batch outermost (contiguous, channels_last, ...) and share one
+    layout (images and grad are copied into it when they differ)."""
+    return _registry.pick(
+        backend, adv.device,
+        same_device=[("adv", adv), ("images", images), ("grad", grad), ("out", out), ("momentum", momentum)],
+        dtypes=[("images", adv), ("momentum buffers", momentum, (torch.float32,))],
+        same_dtype=[("adv", adv), ("images", images), ("grad", grad)],
+        batch_major=[("adv", adv), ("out", out), ("momentum", momentum)],
+        same_layout=[("adv", adv), ("out", out), ("momentum", momentum)])
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -171,7 +152,7 @@ def _linf_project(a, x32, eps):
 # ---- the registered ops ----------------------------------------------------------------------------
 # Each writes ``out`` when given, else ``adv`` in place (never both: the two are distinct tensors).
 
-@_registry.op("attack_fgsm_step_", mutates_args={"adv", "out"})
+@_registry.op("attack_fgsm_step_", mutates_args={"adv", "out"}, triton=True)
 def fgsm_step_op(adv: torch.Tensor, grad: torch.Tensor, out: Optional[torch.Tensor], alpha: float,
                  backend: str) -> None:
     """``clip01(adv + alpha * sign(grad))`` into ``out`` (None: into ``adv``)."""
@@ -186,7 +167,7 @@ def fgsm_step_op(adv: torch.Tensor, grad: torch.Tensor, out: Optional[torch.Tens
                                                         _flat(target), alpha, 0.0)
 
 
-@_registry.op("attack_pgd_step_", mutates_args={"adv", "out"})
+@_registry.op("attack_pgd_step_", mutates_args={"adv", "out"}, triton=True)
 def pgd_step_op(adv: torch.Tensor, images: torch.Tensor, grad: torch.Tensor, out: Optional[torch.Tensor],
                 alpha: float, eps: float, backend: str) -> None:
     """``clip01(images + clamp(adv + alpha*sign(grad) - images, -eps, eps))`` into ``out`` / ``adv``."""

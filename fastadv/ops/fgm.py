@@ -42,8 +42,6 @@ def _check(param: torch.Tensor, grad: torch.Tensor, epsilon) -> None:
         raise TypeError(f"grad must be a tensor, got {type(grad).__name__}")
     if grad.shape != param.shape:
         raise ValueError(f"grad shape {tuple(grad.shape)} does not match parameter shape {tuple(param.shape)}")
-    if grad.device != param.device:
-        raise ValueError(f"grad is on {grad.device} but the parameter is on {param.device}")
     if not param.is_floating_point():
         raise TypeError(f"FGM perturbs floating-point parameters, got {param.dtype}")
     if not isinstance(epsilon, (int, float)) or isinstance(epsilon, bool):
@@ -51,10 +49,18 @@ def _check(param: torch.Tensor, grad: torch.Tensor, epsilon) -> None:
 
 
 def resolve(w: torch.Tensor, grad: torch.Tensor, backend: str | None) -> str:
-    """The backend that runs FGM / PGD on ``w`` (the registry's rule)."""
-    return _registry.pick(backend, w.device, dtypes=[("parameters", w)],
-                          same_dtype=[("parameter", w), ("gradient", grad)],
-                          contiguous=[("parameter", w)])
+    """The backend that runs FGM / PGD on ``w`` (the registry's rule): the
+    gradient on the parameter's device; the kernels take a contiguous
+    float32 / float16 / bfloat16 parameter and its gradient in its dtype."""
+    return _registry.pick(backend, w.device, same_device=[("the parameter", w), ("grad", grad)],
+                          **kernel_limits(w, grad))
+
+
+def kernel_limits(w: torch.Tensor, grad: torch.Tensor) -> dict:
+    """What FGM's and PGD's kernels need of ``w`` and ``grad`` (``pick`` /
+    ``require`` keyword arguments)."""
+    return dict(dtypes=[("parameters", w)], same_dtype=[("parameter", w), ("gradient", grad)],
+                contiguous=[("parameter", w)])
 
 
 # ---- the registered ops ------------------------------------------------------------------------
@@ -63,7 +69,7 @@ def _by_rows(w: torch.Tensor, row_sparse: bool, backend: str) -> bool:
     return row_sparse and backend != "torch" and w.dim() == 2
 
 
-@_registry.op("fgm_attack_", mutates_args={"w", "backup"})
+@_registry.op("fgm_attack_", mutates_args={"w", "backup"}, triton=True)
 def fgm_attack_op(w: torch.Tensor, g: torch.Tensor, backup: torch.Tensor, epsilon: float,
                   row_sparse: bool, backend: str) -> torch.Tensor:
     """``w += epsilon * g / ||g||`` (skipped on the device for a 0 / NaN norm),
@@ -95,7 +101,7 @@ def _(w, g, backup, epsilon, row_sparse, backend):
     return w.new_empty(w.shape[0] if _by_rows(w, row_sparse, backend) else 0, dtype=torch.uint8)
 
 
-@_registry.op("fgm_restore_", mutates_args={"w"})
+@_registry.op("fgm_restore_", mutates_args={"w"}, triton=True)
 def fgm_restore_op(w: torch.Tensor, backup: torch.Tensor, rows: torch.Tensor, backend: str) -> None:
     """Put ``backup`` back into ``w``, bit-exact: the flagged rows (row mode) or all."""
     if rows.numel() == 0:

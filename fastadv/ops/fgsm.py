@@ -9,7 +9,7 @@ from ..kernels import count_launch, device_guard
 from . import _registry
 
 
-@_registry.op("fgsm_perturb")
+@_registry.op("fgsm_perturb", triton=True)
 def fgsm_perturb_op(embeds: torch.Tensor, grad: torch.Tensor, epsilon: float, backend: str) -> torch.Tensor:
     """``embeds + epsilon * sign(grad)``: one pass, fp32 math (the input's
     precision for fp64 on the torch backend), rounded once."""
@@ -44,5 +44,6 @@ def fgsm_perturb(embeds: torch.Tensor, grad: torch.Tensor, epsilon: float, *,
         raise ValueError(f"grad shape {tuple(grad.shape)} does not match embeds {tuple(embeds.shape)}")
     if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)):
         raise TypeError(f"epsilon must be a number, got {type(epsilon).__name__}")
-    name = _registry.pick(backend, embeds.device, dtypes=[("embeddings", embeds)])
+    name = _registry.pick(backend, embeds.device, dtypes=[("embeddings", embeds)],
+                          same_device=[("embeds", embeds), ("grad", grad)])
     return fgsm_perturb_op(embeds, grad.detach(), float(epsilon), name)

@@ -20,7 +20,7 @@ import torch
 
 from ..kernels import count_launch, device_guard
 from . import _registry
-from .noise import check_float, draw, noisy, number, opmath, pick
+from .noise import check_float, draw, noisy, number, opmath
 
 
 def _torch_scale(x: torch.Tensor, mask: Optional[torch.Tensor], alpha: float):
@@ -100,10 +100,9 @@ def neftune(embeds: torch.Tensor, alpha: float, attention_mask: torch.Tensor | N
         if attention_mask.shape != embeds.shape[:-1]:
             raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} does not match "
                              f"embeds {tuple(embeds.shape)} (expected {tuple(embeds.shape[:-1])})")
-        if attention_mask.device != embeds.device:
-            raise ValueError(f"attention_mask is on {attention_mask.device}, embeds on {embeds.device}")
         mask = attention_mask.reshape(batch, seq_len)
-    name = pick(backend, embeds)
+    name = _registry.pick(backend, embeds.device, dtypes=[("embeddings", embeds)],
+                          same_device=[("embeds", embeds), ("attention_mask", attention_mask)])
     rand = draw(name, embeds.shape, opmath(embeds.dtype), embeds.device, generator, "uniform")
     return neftune_op(embeds, rand, mask, alpha, name)
 

@@ -16,7 +16,7 @@ import torch
 from ..kernels import count_launch, device_guard
 from . import _dist, _registry
 from ._live import follow, retarget
-from .fgm import _check, resolve
+from .fgm import _check, kernel_limits, resolve
 
 
 @dataclasses.dataclass
@@ -43,7 +43,7 @@ def _torch_step(w, w0, g, alpha: float, eps: float) -> None:
 
 # ---- the registered ops ------------------------------------------------------------------------
 
-@_registry.op("pgd_step_", mutates_args={"w", "backup", "saved", "mask"})
+@_registry.op("pgd_step_", mutates_args={"w", "backup", "saved", "mask"}, triton=True)
 def pgd_step_op(w: torch.Tensor, g: torch.Tensor, backup: torch.Tensor, saved: torch.Tensor,
                 mask: torch.Tensor, alpha: float, epsilon: float, first: bool, backend: str) -> None:
     """One PGD step in place.  ``first`` writes ``backup`` (dense) / backs rows up
@@ -70,7 +70,7 @@ def _(w, g, backup, saved, mask, alpha, epsilon, first, backend):
     return None
 
 
-@_registry.op("pgd_restore_", mutates_args={"w", "saved"})
+@_registry.op("pgd_restore_", mutates_args={"w", "saved"}, triton=True)
 def pgd_restore_op(w: torch.Tensor, backup: torch.Tensor, saved: torch.Tensor, backend: str) -> None:
     """Put ``w0`` back, bit-exact: the saved rows (row mode, then cleared) or all."""
     if saved.numel() == 0:
@@ -115,9 +115,8 @@ def pgd_attack_(param: torch.Tensor, grad: torch.Tensor, alpha: float, epsilon: 
             state.mask = torch.empty(rows, dtype=torch.uint8, device=param.device)
     else:
         _follow(state, param, name, "two PGD attack() steps")
-        if state.backend != "torch" and grad.dtype != param.dtype:
-            raise TypeError(f"the {state.backend} backend needs the gradient in the parameter's dtype "
-                            f"({param.dtype}), got {grad.dtype}")
+        _registry.check_devices(param.device, [("the parameter", param), ("grad", grad)])
+        _registry.require(state.backend, **kernel_limits(param, grad))  # the backend of the first step
     none = torch.empty(0, dtype=torch.uint8, device=param.device)
     with torch.no_grad():
         pgd_step_op(param, grad.detach(), state.backup,
@@ -135,9 +134,11 @@ def _sharded_step(param, grad, alpha: float, eps: float, state, name: str, backe
     w, g = _dist.local(param), _dist.local(grad).detach()
     first = state is None
     if first:
-        _registry.pick(backend, w.device)  # a forced backend that cannot run here still raises
+        # a forced backend that cannot run here still raises
+        _registry.pick(backend, w.device, same_device=[("the parameter", w), ("grad", g)])
         state = PGDState(param, torch.empty_like(w), None, "torch")
     else:
+        _registry.check_devices(w.device, [("the parameter", w), ("grad", g)])
         retarget(name, state.backup, w, "two PGD attack() steps")
         state.backup, state.param = follow(state.backup, w), param
     count_launch("torch.pgd")

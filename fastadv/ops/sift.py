@@ -21,7 +21,7 @@ import torch
 
 from ..kernels import count_launch, device_guard
 from . import _registry
-from .noise import check_float, draw, number, pick
+from .noise import check_float, draw, number
 
 
 @_registry.op("sift_init_", mutates_args={"delta"})
@@ -90,7 +90,7 @@ def sift_init(x: torch.Tensor, init_perturbation: float, *, out: torch.Tensor | 
     ip = number(init_perturbation, "init_perturbation")
     if out is not None and (out.shape != x.shape or out.dtype != torch.float32 or not out.is_contiguous()):
         raise ValueError("out must be a contiguous float32 tensor of x's shape")
-    name = pick(backend, x)
+    name = _registry.pick(backend, x.device, dtypes=[("tensors", x)], same_device=[("x", x), ("out", out)])
     with torch.no_grad():
         delta = torch.empty(x.shape, dtype=torch.float32, device=x.device) if out is None else out
         rand = draw(name, x.shape, torch.float32, x.device, generator)
@@ -112,7 +112,8 @@ def sift_update_(x: torch.Tensor, delta: torch.Tensor, grad: torch.Tensor, learn
                          f"{tuple(x.shape)}")
     if delta.dtype != torch.float32 or not delta.is_contiguous():
         raise ValueError("delta must be a contiguous float32 tensor")
-    name = pick(backend, x)
+    name = _registry.pick(backend, x.device, dtypes=[("tensors", x)],
+                          same_device=[("x", x), ("delta", delta), ("grad", grad)])
     with torch.no_grad():
         return sift_update_op(x, delta, grad, lr, name)
 

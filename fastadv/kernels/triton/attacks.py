@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from .. import count_launch
+from ._trace import wrap_triton
 
 BLOCK = 4096           # elements per program (elementwise and per-sample chunks)
 NUM_WARPS = 8
@@ -169,7 +170,7 @@ def linf_step(adv: torch.Tensor, x: torch.Tensor | None, g: torch.Tensor, out: t
     numel = adv.numel()
     if numel == 0:
         return
-    _linf_step_kernel[(triton.cdiv(numel, BLOCK),)](
+    wrap_triton(_linf_step_kernel)[(triton.cdiv(numel, BLOCK),)](
         adv, adv if x is None else x, g, out, numel, float(alpha), float(eps),
         PROJECT=x is not None, BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False)
     count_launch("triton.attack_linf_step")

@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from .. import count_launch
+from ._trace import wrap_triton
 
 DENSE_BLOCK = 4096      # elements per program, dense passes
 FINALIZE_BLOCK = 1024   # partials summed per iteration by the finalize program
@@ -119,15 +120,15 @@ def fgm_norm(g2d: torch.Tensor, rows_out, norm_out: torch.Tensor) -> None:
         n = triton.cdiv(numel, DENSE_BLOCK)
         part = torch.empty(max(n, 1), dtype=torch.float32, device=g2d.device)
         if n:
-            _partial_dense[(n,)](g2d, part, numel, BLOCK=DENSE_BLOCK)
+            wrap_triton(_partial_dense)[(n,)](g2d, part, numel, BLOCK=DENSE_BLOCK)
             count_launch("triton.fgm_partial")
     else:
         n, cols = g2d.shape
         part = torch.empty(max(n, 1), dtype=torch.float32, device=g2d.device)
         if n:
-            _partial_rows[(n,)](g2d, rows_out, part, cols, BLOCK_C=_row_block(cols))
+            wrap_triton(_partial_rows)[(n,)](g2d, rows_out, part, cols, BLOCK_C=_row_block(cols))
             count_launch("triton.fgm_partial")
-    _finalize[(1,)](part, n, norm_out, BLOCK=FINALIZE_BLOCK)
+    wrap_triton(_finalize)[(1,)](part, n, norm_out, BLOCK=FINALIZE_BLOCK)
     count_launch("triton.fgm_finalize")
 
 
@@ -138,13 +139,13 @@ def fgm_update(w2d, g2d, backup, rows, norm, eps: float) -> None:
     if rows is None:
         numel = w2d.numel()
         if numel:
-            _update_dense[(triton.cdiv(numel, DENSE_BLOCK),)](
+            wrap_triton(_update_dense)[(triton.cdiv(numel, DENSE_BLOCK),)](
                 w2d, g2d, backup, norm, float(eps), numel, BLOCK=DENSE_BLOCK)
             count_launch("triton.fgm_update")
         return
     n, cols = w2d.shape
     if n:
-        _update_rows[(n,)](w2d, g2d, backup, rows, norm, float(eps), cols, BLOCK_C=_row_block(cols))
+        wrap_triton(_update_rows)[(n,)](w2d, g2d, backup, rows, norm, float(eps), cols, BLOCK_C=_row_block(cols))
         count_launch("triton.fgm_update")
 
 
@@ -152,5 +153,5 @@ def fgm_restore_rows(w2d, backup, rows) -> None:
     """Copy the rows marked in ``rows`` back from the full-size backup, bit for bit."""
     n, cols = w2d.shape
     if n:
-        _restore_rows[(n,)](w2d, backup, rows, cols, BLOCK_C=_row_block(cols))
+        wrap_triton(_restore_rows)[(n,)](w2d, backup, rows, cols, BLOCK_C=_row_block(cols))
         count_launch("triton.fgm_restore")

@@ -5,6 +5,7 @@ import triton
 import triton.language as tl
 
 from .. import count_launch
+from ._trace import wrap_triton
 
 BLOCK = 4096
 
@@ -23,5 +24,5 @@ def _fgsm(e_ptr, g_ptr, out_ptr, eps, numel, BLOCK: tl.constexpr):
 def fgsm_perturb(e: torch.Tensor, g: torch.Tensor, out: torch.Tensor, eps: float) -> None:
     numel = e.numel()
     if numel:
-        _fgsm[(triton.cdiv(numel, BLOCK),)](e, g, out, float(eps), numel, BLOCK=BLOCK)
+        wrap_triton(_fgsm)[(triton.cdiv(numel, BLOCK),)](e, g, out, float(eps), numel, BLOCK=BLOCK)
         count_launch("triton.fgsm")

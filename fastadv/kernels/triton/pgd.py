@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from .. import count_launch
+from ._trace import wrap_triton
 from .fgm import DENSE_BLOCK, FINALIZE_BLOCK, _row_block
 
 
@@ -186,20 +187,20 @@ def pgd_step(w, g, backup, coef, alpha: float, eps: float, first: bool,
         n = triton.cdiv(numel, DENSE_BLOCK)
         part = torch.empty(3 * max(n, 1), dtype=torch.float32, device=w.device)
         if n:
-            _partial_dense[(n,)](w, backup, g, part, numel, n, FIRST=first, BLOCK=DENSE_BLOCK)
-        _finalize[(1,)](part, n, coef, alpha, eps, BLOCK=FINALIZE_BLOCK)
+            wrap_triton(_partial_dense)[(n,)](w, backup, g, part, numel, n, FIRST=first, BLOCK=DENSE_BLOCK)
+        wrap_triton(_finalize)[(1,)](part, n, coef, alpha, eps, BLOCK=FINALIZE_BLOCK)
         if n:
-            _update_dense[(n,)](w, backup, g, coef, alpha, eps, numel, FIRST=first, BLOCK=DENSE_BLOCK)
+            wrap_triton(_update_dense)[(n,)](w, backup, g, coef, alpha, eps, numel, FIRST=first, BLOCK=DENSE_BLOCK)
         count_launch("triton.pgd", 3 if n else 1)
         return
     rows, cols = w.shape
     part = torch.empty(3 * max(rows, 1), dtype=torch.float32, device=w.device)
     block = _row_block(cols)
     if rows:
-        _partial_rows[(rows,)](w, backup, g, mask, saved, part, rows, cols, BLOCK_C=block)
-    _finalize[(1,)](part, rows, coef, alpha, eps, BLOCK=FINALIZE_BLOCK)
+        wrap_triton(_partial_rows)[(rows,)](w, backup, g, mask, saved, part, rows, cols, BLOCK_C=block)
+    wrap_triton(_finalize)[(1,)](part, rows, coef, alpha, eps, BLOCK=FINALIZE_BLOCK)
     if rows:
-        _update_rows[(rows,)](w, backup, g, mask, saved, coef, alpha, eps, cols, BLOCK_C=block)
+        wrap_triton(_update_rows)[(rows,)](w, backup, g, mask, saved, coef, alpha, eps, cols, BLOCK_C=block)
     count_launch("triton.pgd", 3 if rows else 1)
 
 
@@ -207,5 +208,5 @@ def pgd_restore_rows(w, backup, saved) -> None:
     """Copy every saved row back, bit for bit, and clear ``saved``."""
     rows, cols = w.shape
     if rows:
-        _restore_rows[(rows,)](w, backup, saved, cols, BLOCK_C=_row_block(cols))
+        wrap_triton(_restore_rows)[(rows,)](w, backup, saved, cols, BLOCK_C=_row_block(cols))
         count_launch("triton.pgd_restore")
