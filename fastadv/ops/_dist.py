@@ -73,3 +73,23 @@ def localize(lists, names):
 def local_lists(lists):
     """The local shards of every tensor (ops without a collective: EMA, copies)."""
     return [[local(t) for t in lst] for lst in lists]
+
+
+def shard_of(full: torch.Tensor, t) -> torch.Tensor:
+    """The part of ``full`` (a tensor of ``t``'s global shape) that ``t``'s
+    local shard holds: ``torch.chunk`` along each sharded dim at this rank's
+    mesh coordinate, which is how ``Shard`` placements (and FSDP2) split a
+    tensor, uneven last shards and empty shards included.  Checked against
+    the local shape: any other layout raises instead of returning wrong rows."""
+    coords = t.device_mesh.get_coordinate()
+    part = full
+    for mesh_dim, p in enumerate(t.placements):
+        if p.is_shard():
+            pieces = torch.chunk(part, t.device_mesh.size(mesh_dim), dim=p.dim)
+            c = coords[mesh_dim]
+            part = pieces[c] if c < len(pieces) else part.narrow(p.dim, 0, 0)
+    if part.shape != local(t).shape:
+        raise NotImplementedError(f"a shard of shape {tuple(local(t).shape)} is not the torch.chunk "
+                                  f"part {tuple(part.shape)} of its global shape {tuple(full.shape)} "
+                                  f"(placements {t.placements})")
+    return part

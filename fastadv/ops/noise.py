@@ -32,7 +32,7 @@ import math
 import torch
 
 from ..kernels import count_launch, device_guard, host
-from . import _registry
+from . import _dist, _registry
 from ._live import StorageMoved
 from .multi_tensor import group, split, tables, take
 
@@ -314,6 +314,8 @@ def weight_noise_(tensors: list[torch.Tensor], std: float, *, generator: torch.G
     names = [f"tensor {i}" for i in range(len(tensors))] if names is None else list(names)
     if len(names) != len(tensors):
         raise ValueError(f"names has {len(names)} entries for {len(tensors)} tensors")
+    if any(_dist.is_sharded(t) for t in tensors):
+        return _sharded_weight_noise(tensors, std, generator, backend, names)
     state = WeightNoiseBackup([], [], [], backend)
     try:
         with torch.no_grad():
@@ -335,6 +337,35 @@ def weight_noise_(tensors: list[torch.Tensor], std: float, *, generator: torch.G
         weight_noise_restore_(state)  # the groups already perturbed go back before the error leaves
         raise
     return state
+
+
+def _sharded_weight_noise(tensors, std, generator, backend, names) -> WeightNoiseBackup:
+    """FSDP2 (DTensor shards): each tensor's standard normal draw is the one
+    the torch backend makes for the whole tensor on one process (``randn`` of
+    its global shape from ``generator``, tensor after tensor), and each shard
+    adds its own part of it (:func:`fastadv.ops._dist.shard_of`).  With the
+    same generator state on every rank (``torch.manual_seed``), the gathered
+    weights equal the single-process torch-backend run, and no two shards
+    share a number.  Cost: one full-size draw per tensor on every rank, one
+    tensor at a time.  The kernel backends number their Philox counters by the
+    chunk layout of one launch, which a shard does not see: ``backend='triton'``
+    / ``'cuda'`` raise here, ``auto`` takes this torch path."""
+    if not all(_dist.is_sharded(t) for t in tensors):
+        raise ValueError("weight noise on a mix of sharded (FSDP2) and unsharded tensors: call it once "
+                         "for each kind")
+    name = _registry.pick(backend, _dist.local(tensors[0]).device)
+    if name != "torch" and _registry.forced(backend):
+        raise ValueError(f"weight noise on FSDP2 shards runs on the torch backend only (the {name} kernels "
+                         f"draw by launch-local counters that a shard cannot reproduce); use "
+                         f"backend='torch' or 'auto'")
+    local = [_dist.local(t) for t in tensors]
+    backups = [torch.empty_like(t) for t in local]
+    with torch.no_grad():
+        # the shard's part copied out, so that only one full-size draw is alive at a time
+        rand = [_dist.shard_of(draw("torch", t.shape, opmath(t.dtype), lt.device, generator), t).clone()
+                for t, lt in zip(tensors, local)]
+        weight_noise_op(local, backups, rand, std, "torch")
+    return WeightNoiseBackup(list(tensors), list(names), backups, backend)
 
 
 def weight_noise_restore_(state: WeightNoiseBackup, live: list | None = None) -> None:
