@@ -239,7 +239,7 @@ def _param_uses(root, params: dict[int, str]) -> collections.Counter:
 
 # ---------------------------------------------------------------- the module wrapper
 
-@dataclass
+@dataclass(eq=False)  # compared by identity
 class _Record:
     """One layer call: its input (detached, with its version to detect a later
     in-place change) and the autograd edge of its output.  The output tensor
@@ -256,17 +256,31 @@ class _Record:
 
 
 class _Pass:
-    """One DP backward's per-sample norms, layer by layer as the output
-    gradients arrive.  Uses of a parameter used once are reduced to their
-    ``[B]`` squared norms at once (ghost mode then drops ``g``); uses of a tied
-    parameter are kept until all have arrived (their cross terms need them);
-    book-keeping keeps every use for the clipped gradient."""
+    """One DP backward's per-sample squared norms, layer by layer as the output
+    gradients arrive.
 
-    def __init__(self, owner, batch, acc, device, shared, keep):
-        self.owner, self.batch, self.shared, self.keep = owner, batch, shared, keep
+    * book-keeping (``keep``): every use is kept for the clipped gradient and
+      the norms are computed at the end;
+    * ghost, a parameter used once: reduced to its ``[B]`` squared norm at
+      once, ``g`` dropped;
+    * ghost, a tied parameter: each use adds its own Gram term and its cross
+      terms with the uses that came before; what later uses need is kept --
+      ``Q`` always, ``P`` only if a later use is not an embedding lookup (for a
+      pending lookup ``P^u P^v^T`` is a gather of ``P^u`` at its ids, known from
+      the forward: a tied LM head keeps ``[B, T, T]``, not its ``[B, T, V]``
+      output gradient)."""
+
+    def __init__(self, owner, records, batch, acc, device, keep):
+        self.owner, self.batch, self.keep = owner, batch, keep
         self.sq = torch.zeros(batch, dtype=acc, device=device)
         self.mats, self.vecs = collections.defaultdict(list), collections.defaultdict(list)
         self.hooked = collections.Counter()
+        self.pending = collections.defaultdict(list)  # param id -> records not yet arrived
+        for r in records:
+            for p in r.module.parameters(recurse=False):
+                if p.requires_grad:
+                    self.pending[id(p)].append(r)
+        self.arrived = collections.defaultdict(list)  # param id -> [(MatUse, {id(record): PP})]
 
     def add(self, r: _Record, g) -> None:
         if g is None:
@@ -278,17 +292,42 @@ class _Pass:
                              f"pass position_ids of shape [batch, length])")
         uses = _RULES[type(r.module)][0](r.module, r.a, g.detach())
         for p, u in uses.mats:
-            self.hooked[id(p)] += 1
-            if self.keep or id(p) in self.shared:
+            self._arrive(p, r)
+            if self.keep:
                 self.mats[p].append(u)
-            else:
+            elif not self.pending[id(p)] and not self.arrived[id(p)]:
                 self.sq += ref.matrix_sq_norms([u], _rows(p, u), self.owner.strategy).to(self.sq.device)
+            else:
+                self._tied(p, r, u)
         for p, v in uses.vecs:
-            self.hooked[id(p)] += 1
-            if self.keep or id(p) in self.shared:
-                self.vecs[p].append(v)
+            self._arrive(p, r)
+            if self.keep or self.pending[id(p)] or p in self.vecs:
+                self.vecs[p].append(v)  # small: summed over the uses at the end
             else:
                 self.sq += ref.vector_sq_norms([v]).to(self.sq.device)
+
+    def _arrive(self, p, r) -> None:
+        self.hooked[id(p)] += 1
+        if r in self.pending[id(p)]:
+            self.pending[id(p)].remove(r)
+
+    def _tied(self, p, r, u: ref.MatUse) -> None:
+        """Ghost mode, a use of a parameter with other uses: Gram terms now."""
+        arrived = self.arrived[id(p)]
+        term = ref.gram_sq_norms([u])
+        for prev, gathered in arrived:
+            pp = gathered.get(id(r))
+            term = term + 2 * ref.cross_gram(prev, u, pp)
+        self.sq += term.to(self.sq.device)
+        pending = self.pending[id(p)]
+        if pending:  # keep what the later uses need
+            lookups = [q for q in pending if type(q.module) is nn.Embedding]
+            if u.p is not None and len(lookups) == len(pending):
+                gathered = {id(q): ref.gather_pp(u, _embedding_ids(q)) for q in lookups}
+                u = ref.MatUse(q=u.q, p=None, ids=None) if u.ids is None else u
+                arrived.append((u, gathered))
+            else:
+                arrived.append((u, {}))
 
     def finish(self) -> torch.Tensor:
         """The squared norms of the whole gradient, ``[B]``."""
@@ -298,6 +337,10 @@ class _Pass:
         for p, vs in self.vecs.items():
             sq = sq + ref.vector_sq_norms(vs).to(sq.device)
         return sq
+
+
+def _embedding_ids(r: _Record) -> torch.Tensor:
+    return r.a.reshape(r.a.shape[0], math.prod(r.a.shape[1:]))
 
 
 class GhostClippingModule(nn.Module):
@@ -410,15 +453,6 @@ class GhostClippingModule(nn.Module):
                     f"written as h @ W.t()); per-sample norms would be wrong. Use the layer module "
                     f"(nn.Linear, nn.Embedding, ...) for every use")
 
-    def _shared(self, records) -> set:
-        """Parameters used by more than one recorded call (tied weights, reused layers)."""
-        calls = collections.Counter()
-        for r in records:
-            for p in r.module.parameters(recurse=False):
-                if p.requires_grad:
-                    calls[id(p)] += 1
-        return {pid for pid, n in calls.items() if n > 1}
-
     def dp_backward(self, loss_per_sample: torch.Tensor, max_grad_norm):
         """One backward of ``sum_b loss_b`` that computes the per-sample gradient
         norms.  ``"bk"``: the output gradients only (``torch.autograd.grad`` on
@@ -436,7 +470,7 @@ class GhostClippingModule(nn.Module):
         params = {id(p): p for p in self._module.parameters() if p.requires_grad}
         counts = _param_uses(total.grad_fn, params) if total.grad_fn is not None else collections.Counter()
         acc = ref.acc_dtype(*[r.a for r in records])
-        state = _Pass(self, batch, acc, loss_per_sample.device, self._shared(records), keep=self.mode == "bk")
+        state = _Pass(self, records, batch, acc, loss_per_sample.device, keep=self.mode == "bk")
         if self.mode == "bk":
             grads = list(torch.autograd.grad(total, [r.edge for r in records], allow_unused=True)) if records else []
             for i, r in enumerate(records):

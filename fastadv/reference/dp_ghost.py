@@ -60,6 +60,20 @@ def _qq(u: MatUse, v: MatUse, acc) -> torch.Tensor:
     return torch.bmm(u.q.to(acc), v.q.to(acc).transpose(1, 2))
 
 
+def gather_pp(u: MatUse, ids: torch.Tensor) -> torch.Tensor:
+    """``P^u P^v^T`` for a later embedding lookup ``v`` with ``ids`` ``[B, T_v]``:
+    ``P^u`` gathered at the ids, ``[B, T_u, T_v]`` (so ``P^u`` can be dropped)."""
+    return _pp(u, MatUse(q=u.q[:, :0], ids=ids), acc_dtype(u.q))
+
+
+def cross_gram(u: MatUse, v: MatUse, pp: torch.Tensor | None = None) -> torch.Tensor:
+    """``<G^u_b, G^v_b>`` for every sample, ``[B]`` (``pp``: a precomputed
+    ``P^u P^v^T``, see :func:`gather_pp`)."""
+    acc = acc_dtype(u.q, v.q)
+    pp = _pp(u, v, acc) if pp is None else pp.to(acc)
+    return (pp * _qq(u, v, acc)).sum((1, 2))
+
+
 def gram_sq_norms(uses: list[MatUse]) -> torch.Tensor:
     """``||sum_u G_b^u||^2`` for every sample ``b`` from the Gram form, ``[B]``."""
     acc = acc_dtype(*[u.q for u in uses])
