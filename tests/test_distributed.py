@@ -40,7 +40,7 @@ from fastadv.reference import SAM as RefSAM
 from conftest import DEVICE, SYNCING_OPS
 from test_fgm import FP32, TinyLM
 
-WORLD, STEPS, K = 2, 3, 3
+WORLD, STEPS, K = 2, 2, 3
 VOCAB = 17  # rows of the tied table: the row-mode kernels' grids, kept small for the interpreter
 BACKENDS = ["torch", "triton"]
 OPS = ["fgm", "pgd", "awp", "sam", "ema"]
@@ -70,19 +70,23 @@ class _SyncWatch(torch.utils._python_dispatch.TorchDispatchMode):
 
 
 class Probe:
-    """Around each op call: the all_reduce calls it made and its host syncs."""
+    """Around each op call: the all_reduce calls and kernel launches it made,
+    and its host syncs."""
 
     def __init__(self):
         self.calls: list[int] = []
+        self.launches: list[int] = []
         self.syncs: list[str] = []
 
     @contextlib.contextmanager
     def op(self):
-        before = _ALL_REDUCES[0]
+        import fastadv.kernels as kernels
+        before, launched = _ALL_REDUCES[0], sum(kernels.LAUNCHES.values())
         watch = _SyncWatch()
         with watch:
             yield
         self.calls.append(_ALL_REDUCES[0] - before)
+        self.launches.append(sum(kernels.LAUNCHES.values()) - launched)
         self.syncs += watch.syncs
 
 
@@ -220,7 +224,7 @@ def _scenario(op, model, batches_of, scale, backend, ref, probe):
     extra = RUNS[op](model, batches_of, scale, backend, ref, probe) or {}
     ran = sorted({n.split(".")[0] for n, c in kernels.LAUNCHES.items() if c > launches[n]})
     return dict(weights=_weights(model), grads=_grads(model), calls=probe.calls, syncs=probe.syncs,
-                ran=ran, **extra)
+                launches=probe.launches, ran=ran, **extra)
 
 
 def _ran(fn):
@@ -416,16 +420,24 @@ def test_two_processes_equal_one(runs, mode, op, backend):
             assert torch.equal(ranks[1][op, backend][key][name], t), (mode, op, backend, key, name)
 
 
-# all_reduce calls per op call (the model has 3 "weight" tensors for AWP, 6 with a gradient for SAM)
+# Per op call under FSDP2: all_reduce calls (FGM / PGD attack one table; the model has 3 "weight"
+# tensors for AWP, 6 with a gradient for SAM and EMA), and Triton launches (one dtype group:
+# AWP partials + per-tensor finalize + update, SAM partials + global finalize + update, EMA one lerp).
 _EXPECTED_CALLS = {"fgm": 1, "pgd": 1, "awp": 1, "sam": 1, "ema": 0}
+_EXPECTED_LAUNCHES = {"awp": 3, "sam": 3, "ema": 1}
 
 
 @pytest.mark.parametrize("mode,op,backend", CASES)
-def test_collectives_and_host_syncs(runs, mode, op, backend):
+def test_collectives_launches_and_host_syncs(runs, mode, op, backend):
+    """Collectives and launches per call do not depend on the number of
+    tensors (DDP: no collective at all, gradients are already reduced); no
+    host sync inside the op."""
     for rank, res in enumerate(runs(mode)):
         r = res[op, backend]
         per_call = _EXPECTED_CALLS[op] if mode == "fsdp" else 0
         assert r["calls"] and set(r["calls"]) == {per_call}, (rank, r["calls"])
+        if backend == "triton" and op in _EXPECTED_LAUNCHES:
+            assert set(r["launches"]) == {_EXPECTED_LAUNCHES[op]}, (rank, r["launches"])
         assert not r["syncs"], (rank, r["syncs"])
 
 
