@@ -556,3 +556,48 @@ def test_peak_memory_close_to_non_private(mode):
     assert dp <= 1.2 * plain, f"{mode}: {dp} bytes against {plain} non-private ({dp / plain:.2f}x)"
     growth_plain, growth_dp = peaks[64][0] - peaks[16][0], peaks[64][1] - peaks[16][1]
     assert growth_dp <= 1.2 * growth_plain, f"{mode}: +{growth_dp} bytes from batch 16 to 64, non-private +{growth_plain}"
+
+
+# ---------------------------------------------------------------- the fused norm kernel
+
+@pytest.mark.parametrize("shape", [(3, 1, 5, 7), (2, 20, 33, 17)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_linear_sq_norms_op(backend, shape, dtype):
+    """``||g_b^T a_b||^2`` of every backend against the per-sample gradients
+    materialised in fp64 from the same (rounded) inputs."""
+    from fastadv.ops.dp_ghost import linear_sq_norms
+    b, t, i, o = shape
+    a, g = torch.randn(b, t, i).to(dtype), torch.randn(b, t, o).to(dtype)
+    got = linear_sq_norms(a, g, backend=backend)
+    want = torch.bmm(g.double().transpose(1, 2), a.double()).flatten(1).square().sum(1)
+    assert got.dtype == torch.float32 and got.shape == (b,)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.launch_free
+def test_linear_sq_norms_empty_batch(backend):
+    from fastadv.ops.dp_ghost import linear_sq_norms
+    assert linear_sq_norms(torch.randn(0, 4, 3), torch.randn(0, 4, 2), backend=backend).shape == (0,)
+
+
+def test_ghost_module_on_each_backend(backend):
+    """The module's Gram norms through the op on each backend equal the
+    reference's materialised per-sample gradients (strategy "per_sample")."""
+    torch.manual_seed(17)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    x = torch.randn(4, 5, 6)
+    norms = {}
+    for strategy, be in (("per_sample", None), ("gram", backend)):
+        m = ghost.GhostClippingModule(copy.deepcopy(model), mode="ghost", strategy=strategy, backend=be)
+        m.dp_backward(m(x).square().sum((1, 2)), 1.0)
+        norms[strategy] = m.per_sample_gradient_norms
+    torch.testing.assert_close(norms["gram"], norms["per_sample"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.launch_free
+def test_linear_sq_norms_refusals():
+    from fastadv.ops.dp_ghost import linear_sq_norms
+    with pytest.raises(ValueError, match="same B and T"):
+        linear_sq_norms(torch.randn(2, 3, 4), torch.randn(2, 4, 4))
+    with pytest.raises(TypeError, match="floating point"):
+        linear_sq_norms(torch.ones(2, 3, 4, dtype=torch.int64), torch.randn(2, 3, 4))

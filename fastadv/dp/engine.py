@@ -110,7 +110,7 @@ class PrivacyEngine(opacus.PrivacyEngine):
         self.validate(module=module, optimizer=None, data_loader=None)
         module = _ghost.GhostClippingModule(module, mode=mode, batch_first=batch_first,
                                             loss_reduction=loss_reduction, max_grad_norm=max_grad_norm,
-                                            strategy=strategy)
+                                            strategy=strategy, backend=self.backend)
         if poisson_sampling:
             module.forbid_grad_accumulation()
         data_loader = self._prepare_data_loader(data_loader, distributed=False, poisson_sampling=poisson_sampling,

@@ -40,6 +40,7 @@ from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 from torch import nn
 
 from ..ops import dp as _ops
+from ..ops import dp_ghost as _ghost_ops
 from ..reference import dp_ghost as ref
 from .optimizer import DPOptimizer
 
@@ -296,7 +297,7 @@ class _Pass:
             if self.keep:
                 self.mats[p].append(u)
             elif not self.pending[id(p)] and not self.arrived[id(p)]:
-                self.sq += ref.matrix_sq_norms([u], _rows(p, u), self.owner.strategy).to(self.sq.device)
+                self.sq += self.owner._sq_norms([u], _rows(p, u)).to(self.sq.device)
             else:
                 self._tied(p, r, u)
         for p, v in uses.vecs:
@@ -333,7 +334,7 @@ class _Pass:
         """The squared norms of the whole gradient, ``[B]``."""
         sq = self.sq
         for p, uses in self.mats.items():
-            sq = sq + ref.matrix_sq_norms(uses, _rows(p, uses[0]), self.owner.strategy).to(sq.device)
+            sq = sq + self.owner._sq_norms(uses, _rows(p, uses[0])).to(sq.device)
         for p, vs in self.vecs.items():
             sq = sq + ref.vector_sq_norms(vs).to(sq.device)
         return sq
@@ -351,12 +352,14 @@ class GhostClippingModule(nn.Module):
     ``mode``: ``"ghost"`` (second backward) or ``"bk"`` (book-keeping, one
     backward).  ``strategy``: ``"auto"`` (per layer, the Gram form or the
     per-sample gradient, whichever costs fewer operations), ``"gram"`` or
-    ``"per_sample"``.  Raises :class:`UnsupportedLayerError` naming the first
-    layer with trainable parameters that no rule covers (freeze it, or replace
-    it)."""
+    ``"per_sample"``.  ``backend``: the norm kernels' (the Gram norm of a
+    layer's single use runs :func:`fastadv.ops.dp_ghost.linear_sq_norms`).
+    Raises :class:`UnsupportedLayerError` naming the first layer with
+    trainable parameters that no rule covers (freeze it, or replace it)."""
 
     def __init__(self, m: nn.Module, *, mode: str = "bk", batch_first: bool = True,
-                 loss_reduction: str = "mean", max_grad_norm: float = 1.0, strategy: str = "auto"):
+                 loss_reduction: str = "mean", max_grad_norm: float = 1.0, strategy: str = "auto",
+                 backend: str | None = None):
         super().__init__()
         if mode not in GHOST_MODES:
             raise ValueError(f"mode must be one of {GHOST_MODES}, got {mode!r}")
@@ -368,7 +371,7 @@ class GhostClippingModule(nn.Module):
             raise ValueError(f"strategy must be 'auto', 'gram' or 'per_sample', got {strategy!r}")
         self._module = m
         self.mode, self.batch_first, self.loss_reduction = mode, batch_first, loss_reduction
-        self.max_grad_norm, self.strategy = max_grad_norm, strategy
+        self.max_grad_norm, self.strategy, self.backend = max_grad_norm, strategy, backend
         self.hooks_enabled = True
         self._records: list[_Record] = []
         self._forbid_accumulation = False
@@ -443,6 +446,18 @@ class GhostClippingModule(nn.Module):
                                    f"in place after the layer ran; its per-sample gradient cannot be "
                                    f"computed from it: make that operation out of place")
         return records
+
+    def _sq_norms(self, uses, rows) -> torch.Tensor:
+        """``[B]`` squared norms of one weight matrix over its uses: the Gram form
+        or the per-sample gradient, whichever costs fewer operations (or as
+        ``strategy`` says); a single non-embedding use in Gram form runs the
+        registered op (a kernel on the triton backend)."""
+        how = self.strategy
+        if how == "auto":
+            how = "gram" if ref.gram_cost(uses, rows) <= ref.per_sample_cost(uses, rows) else "per_sample"
+        if how == "gram" and len(uses) == 1 and uses[0].p is not None:
+            return _ghost_ops.linear_sq_norms(uses[0].q, uses[0].p, backend=self.backend)
+        return ref.matrix_sq_norms(uses, rows, how)
 
     def _check_uses(self, graph_counts, hooked) -> None:
         for pid, n in graph_counts.items():
