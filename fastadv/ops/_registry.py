@@ -38,9 +38,7 @@ def forced(backend: str | None) -> bool:
 Pairs = Iterable[tuple]  # (what, tensor) pairs; a None tensor is skipped
 
 
-def pick(backend: str | None, device, *, dtypes: Pairs = (), allowed=KERNEL_DTYPES,
-         contiguous: Pairs = (), same_dtype: Pairs = (), same_device: Pairs = (),
-         batch_major: Pairs = (), same_layout: Pairs = ()) -> str:
+def pick(backend: str | None, device, *, same_device: Pairs = (), **limits) -> str:
     """The backend that runs an op on ``device``: the one backend rule.
 
     Misuse, refused on every backend (``ValueError``): ``same_device``, pairs
@@ -51,12 +49,14 @@ def pick(backend: str | None, device, *, dtypes: Pairs = (), allowed=KERNEL_DTYP
     first pair's dtype; ``contiguous``; ``batch_major``, pairs whose samples
     are each one dense block, batch outermost (contiguous, channels_last, ...:
     the kernels walk them as raw ``[batch, per_sample]`` memory);
-    ``same_layout``, pairs with the first pair's strides."""
+    ``same_layout``, pairs with the first pair's strides; ``strided``, pairs
+    that must not be sparse; ``one_device``, pairs that a kernel launch needs
+    on one device (the torch backend takes them spread over several)."""
     check_devices(device, same_device)
     name = _backend.resolve(backend, device)
     if name == "torch":
         return name
-    reason = _kernel_limit(name, dtypes, allowed, contiguous, same_dtype, batch_major, same_layout)
+    reason = _kernel_limit(name, **limits)
     if reason is None:
         return name
     if forced(backend):
@@ -64,12 +64,11 @@ def pick(backend: str | None, device, *, dtypes: Pairs = (), allowed=KERNEL_DTYP
     return "torch"
 
 
-def require(name: str, *, dtypes: Pairs = (), allowed=KERNEL_DTYPES, contiguous: Pairs = (),
-            same_dtype: Pairs = (), batch_major: Pairs = (), same_layout: Pairs = ()) -> None:
+def require(name: str, **limits) -> None:
     """The kernel limits of :func:`pick` for a backend chosen earlier (a PGD
     step after the first): the backend cannot change now, so a limit raises."""
     if name != "torch":
-        reason = _kernel_limit(name, dtypes, allowed, contiguous, same_dtype, batch_major, same_layout)
+        reason = _kernel_limit(name, **limits)
         if reason is not None:
             raise reason
 
@@ -78,7 +77,7 @@ def check_devices(device, pairs: Pairs) -> None:
     """``ValueError`` naming the first tensor of ``pairs`` that is not on ``device``."""
     device = torch.device(device)
     for what, t in pairs:
-        if t is not None and not _same_device(t.device, device):
+        if t is not None and t.device != device and not _same_device(t.device, device):
             others = ", ".join(f"{w} on {u.device}" for w, u in pairs if u is not None)
             raise ValueError(f"{what} is on {t.device}, expected {device} ({others}); "
                              f"move them to one device")
@@ -99,7 +98,19 @@ def _dtype_names(allowed) -> str:
     return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
 
 
-def _kernel_limit(name, dtypes, allowed, contiguous, same_dtype, batch_major, same_layout) -> Exception | None:
+def _kernel_limit(name, *, dtypes: Pairs = (), allowed=KERNEL_DTYPES, contiguous: Pairs = (),
+                  same_dtype: Pairs = (), batch_major: Pairs = (), same_layout: Pairs = (),
+                  strided: Pairs = (), one_device: Pairs = ()) -> Exception | None:
+    """The first kernel limit of :func:`pick` that the tensors break, as the
+    exception a forced backend raises; None when the kernels take them."""
+    for what, t in strided:
+        if t is not None and t.layout != torch.strided:
+            return ValueError(f"the {name} backend needs dense {what}, got a {t.layout} tensor; "
+                              f"use backend='torch'")
+    devices = {t.device for _, t in one_device if t is not None}
+    if len(devices) > 1:
+        return ValueError(f"the {name} backend needs every tensor on one device, got "
+                          f"{sorted(str(d) for d in devices)}; use backend='torch'")
     for what, t, *own in dtypes:
         ok = own[0] if own else allowed
         if t is not None and t.dtype not in ok:

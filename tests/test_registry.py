@@ -1,0 +1,104 @@
+"""The one backend rule (fastadv/ops/_registry.py ``pick`` / ``require``):
+device misuse is refused on every backend with the tensors and devices named;
+a kernel limit makes ``auto`` take torch and a forced kernel backend raise."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastadv
+from fastadv.ops import _registry
+from fastadv.ops import attacks as A
+from fastadv.ops import fgm as F
+from fastadv.ops import neftune as N
+from fastadv.ops import pgd as P
+from fastadv.ops import sift as S
+
+from conftest import DEVICE, usable_backends
+
+KERNELS = [b for b in usable_backends() if b != "torch"]
+ALL = ["auto", *usable_backends()]
+OTHER = torch.device("meta")  # another device, on any machine
+
+
+def _t(*shape, device=DEVICE, **kw):
+    return torch.rand(*shape, device=device, **kw)
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_a_tensor_on_another_device_is_refused_naming_it(backend):
+    x, other = _t(2, 6), _t(2, 6, device=OTHER)
+    calls = {
+        "grad": lambda: fastadv.fgsm_perturb(x, other, 0.1, backend=backend),
+        "images": lambda: A.pgd_step_(x.clone(), other, x, 0.1, 0.1, backend=backend),
+        "momentum": lambda: A.mifgsm_step_(x.clone(), x, x, other, 0.1, 0.1, backend=backend),
+        "out": lambda: A.fgsm_step_(x.clone(), x, 0.1, out=other, backend=backend),
+        "attention_mask": lambda: N.neftune(_t(2, 3, 4), 5.0, torch.ones(2, 3, device=OTHER), backend=backend),
+        "delta": lambda: S.sift_update_(x, other.float(), x.float(), 0.1, backend=backend),
+    }
+    for what, call in calls.items():
+        with pytest.raises(ValueError, match=rf"{what} is on meta, expected {DEVICE.type}.*one device"):
+            call()
+    w = _t(4, 3)
+    with pytest.raises(ValueError, match=r"grad is on meta.*the parameter on"):
+        F.fgm_attack_(w, _t(4, 3, device=OTHER), 0.1, backend=backend)
+    with pytest.raises(ValueError, match=r"grad is on meta"):
+        P.pgd_attack_(w, _t(4, 3, device=OTHER), 0.1, 0.2, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_pgd_later_step_refuses_a_gradient_on_another_device(backend):
+    w = _t(4, 3)
+    state = P.pgd_attack_(w, _t(4, 3), 0.1, 0.2, backend=backend)
+    with pytest.raises(ValueError, match=r"grad is on meta"):
+        P.pgd_attack_(w, _t(4, 3, device=OTHER), 0.1, 0.2, state, backend=backend)
+    P.pgd_restore_(state)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_kernel_limits_auto_takes_torch_forced_raises(kernel):
+    x = _t(2, 6)
+    dense = dict(batch_major=[("adv", x[:, ::2])])
+    layout = dict(same_layout=[("adv", _t(2, 3, 4, 4)), ("out", _t(2, 3, 4, 4).contiguous(
+        memory_format=torch.channels_last))])
+    sparse = dict(strided=[("gradients", x.to_sparse())])
+    mom = dict(dtypes=[("momentum buffers", x.half(), (torch.float32,))])
+    cases = [(dense, ValueError, "dense with the batch dimension outermost"),
+             (layout, ValueError, "out in the adv's memory layout"),
+             (sparse, ValueError, "needs dense gradients"),
+             (mom, TypeError, "supports float32 momentum buffers, got torch.float16")]
+    for limits, exc, message in cases:
+        if DEVICE.type == "cuda":  # auto picks a kernel backend only on CUDA tensors
+            assert _registry.pick("auto", DEVICE, **limits) == "torch"
+        with pytest.raises(exc, match=message):
+            _registry.pick(kernel, DEVICE, **limits)
+
+
+def test_one_device_is_a_kernel_limit():
+    pairs = [("tensors", _t(2)), ("tensors", _t(2, device=OTHER))]
+    assert _registry.pick("torch", DEVICE, one_device=pairs) == "torch"
+    for kernel in KERNELS:
+        with pytest.raises(ValueError, match=r"needs every tensor on one device, got \['cpu', 'meta'\]|"
+                                             r"needs every tensor on one device"):
+            _registry.pick(kernel, DEVICE, one_device=pairs)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_require_keeps_the_first_steps_backend(kernel):
+    """PGD's steps after the first keep the first step's backend: a gradient
+    the kernels cannot take then raises (no switch to torch mid-attack)."""
+    w = _t(4, 3)
+    state = P.pgd_attack_(w, _t(4, 3), 0.1, 0.2, backend=kernel)
+    with pytest.raises(TypeError, match=r"needs the gradient in the parameter's dtype \(torch.float32\)"):
+        P.pgd_attack_(w, _t(4, 3).double(), 0.1, 0.2, state, backend=kernel)
+    P.pgd_restore_(state)
+    _registry.require("torch", contiguous=[("parameter", w.t())])  # the torch backend takes anything
+
+
+def test_dense_batch_major():
+    x = torch.rand(2, 3, 4, 5)
+    assert _registry.dense_batch_major(x)
+    assert _registry.dense_batch_major(x.contiguous(memory_format=torch.channels_last))
+    assert not _registry.dense_batch_major(x[:, :, :, ::2])
+    assert not _registry.dense_batch_major(x.transpose(0, 1))
+    assert _registry.dense_batch_major(x[:1].transpose(0, 1)[:, :1])
