@@ -259,6 +259,11 @@ def _randomness(model_of, mode):
             out["forced_kernel_error"] = str(exc)
         out["forced_kernel_untouched"] = all(torch.equal(a, b) for a, b in
                                              zip(_weights(model).values(), before.values()))
+        try:  # DP clip + noise on shards: refused (docs/distributed.md, "DP-SGD")
+            fastadv.dp.DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=1.0,
+                                   max_grad_norm=1.0, expected_batch_size=2)
+        except NotImplementedError as exc:
+            out["dp_error"] = str(exc)
     else:
         for backend in BACKENDS:
             torch.manual_seed(8)
@@ -539,3 +544,8 @@ def test_dp_ddp_noise_added_once(runs, backend):
     residual = (noisy[0] - clean) * DP_BATCH * WORLD
     std = residual.std().item()
     assert abs(std / (DP_SIGMA * DP_CLIP) - 1) < 0.15, std  # 1056 numbers: ~3 % standard error
+
+
+def test_dp_fsdp_refused(runs):
+    for r in runs("fsdp"):
+        assert "FSDP2 (fully_shard) parameters is not supported" in r["random"].get("dp_error", "")

@@ -38,7 +38,17 @@ from opacus.optimizers import DistributedDPOptimizer as _OpacusDistributedDPOpti
 from opacus.optimizers import DPOptimizer as _OpacusDPOptimizer
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
+from ..ops import _dist
 from ..ops import dp as _ops
+
+
+def _refuse_shards(params) -> None:
+    """FSDP2 shards: the per-sample norms would be norms of the shard only
+    (docs/distributed.md, "DP-SGD"), so refuse instead of clipping wrongly."""
+    if any(_dist.is_sharded(p) for p in params):
+        raise NotImplementedError("DP clip + noise on FSDP2 (fully_shard) parameters is not supported: "
+                                  "per-sample norms would cover the local shard only; use DDP with "
+                                  "DistributedDPOptimizer (docs/distributed.md)")
 
 
 class DPOptimizer(_OpacusDPOptimizer):
@@ -67,6 +77,7 @@ class DPOptimizer(_OpacusDPOptimizer):
         self.backend = backend
         self.on_nonfinite = on_nonfinite
         self.nonfinite_samples: torch.Tensor | None = None  # int64 device counter, made on first use
+        _refuse_shards(self.params)
 
     # ---- helpers
 
