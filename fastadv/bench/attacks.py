@@ -36,12 +36,12 @@ from dataclasses import dataclass
 import torch
 
 from .case import CaseCache, Impl, Prepared, Skip, real_sizes
+from .check import SHORT, interpreted, skip_unsupported, usable_backends
 
 KINDS = ("pgd", "pgdl2", "mifgsm")
 SHAPE_FULL = (256, 3, 224, 224)
 SHAPE_SMALL = (8, 3, 32, 32)
 DTYPES = (torch.float32, torch.bfloat16)
-_SHORT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 EPS = {"pgd": 8 / 255, "pgdl2": 1.0, "mifgsm": 8 / 255}
 ALPHA = {"pgd": 2 / 255, "pgdl2": 0.2, "mifgsm": 2 / 255}
 DECAY = 1.0
@@ -61,7 +61,7 @@ class Case:
 
     @property
     def name(self) -> str:
-        return f"{self.kind} step {'x'.join(map(str, self.shape))} {_SHORT[self.dtype]}"
+        return f"{self.kind} step {'x'.join(map(str, self.shape))} {SHORT[self.dtype]}"
 
     @property
     def size(self) -> tuple:
@@ -162,7 +162,7 @@ def _reference_like(case: Case, device, name: str, compile_it: bool) -> Impl:
                 fn(data.adv0, data.x, data.g, data.mom0)  # compile now: a failure is a skip
             except Exception as exc:
                 raise Skip(f"torch.compile failed here: {type(exc).__name__}: "
-                                f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+                           f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
 
         def step():
             return fn(data.adv0, data.x, data.g, data.mom0)
@@ -176,20 +176,17 @@ def _reference_like(case: Case, device, name: str, compile_it: bool) -> Impl:
                 torch._dynamo.reset()
 
         return Prepared(step=step, check=check, counting="compiled" if compile_it else "dispatch",
-                             extra=extra, teardown=teardown)
+                        extra=extra, teardown=teardown)
 
     return Impl(name, setup)
 
 
 def _fastadv_impl(case: Case, device, backend: str) -> Impl:
     def setup() -> Prepared:
-        from fastadv import _backend
         from fastadv.ops import attacks as ops
 
-        interpreted = (backend == "triton" and _backend.triton_interpreter()
-                       and torch.device(device).type == "cpu")
-        if interpreted and case.dtype in (torch.bfloat16, torch.float16):
-            raise Skip("the Triton interpreter has no bf16/fp16 arithmetic (GPU only)")
+        skip_unsupported(backend, device, case.dtype)
+        slow = interpreted(backend, device)
         data = _data(case, device)
         adv = data.adv0.clone()
         mom = None if data.mom0 is None else data.mom0.clone()
@@ -214,21 +211,16 @@ def _fastadv_impl(case: Case, device, backend: str) -> Impl:
             return data.compare(adv)
 
         nbytes = ops.design_bytes(kind, case.numel, data.x.element_size())
-        extra = {"interpreted": True} if interpreted else {}
-        return Prepared(step=step, check=check, design_bytes=nbytes, extra=extra, timed=not interpreted)
+        extra = {"interpreted": True} if slow else {}
+        return Prepared(step=step, check=check, design_bytes=nbytes, extra=extra, timed=not slow)
 
     return Impl(backend, setup)
 
 
 def impls(case: Case, device) -> list[Impl]:
     """reference, compiled, then every fastadv backend usable on ``device``."""
-    from fastadv import _env
-
     out = [_reference_like(case, device, "reference", False), _reference_like(case, device, "compiled", True)]
-    for backend, why in _env.backends(device).items():
-        if why is None:
-            out.append(_fastadv_impl(case, device, backend))
-    return out
+    return out + [_fastadv_impl(case, device, b) for b in usable_backends(device)]
 
 
 def release() -> None:

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from .case import CaseCache, Impl, Prepared, Skip, real_sizes
-from .fgm import _SHORT
+from .check import SHORT, interpreted, skip_unsupported, usable_backends
 
 ADV_LR, ADV_EPS, EMA_DECAY = 1.0, 0.2, 0.999
 
@@ -79,7 +79,7 @@ class Case:
     @property
     def name(self) -> str:
         what = "save+step+restore" if self.kind == "awp" else "ema update"
-        return f"{what} {self.model[0]} {_SHORT[self.dtype]}"
+        return f"{what} {self.model[0]} {SHORT[self.dtype]}"
 
     @property
     def size(self):
@@ -184,19 +184,13 @@ def _peak_extra_mb(step, device) -> float | None:
     return round((torch.cuda.max_memory_allocated(device) - base) / 1e6, 1)
 
 
-def _interpreted(backend: str, device) -> bool:
-    from fastadv import _backend
-    return backend == "triton" and _backend.triton_interpreter() and torch.device(device).type == "cpu"
-
-
 def _awp_impl(case: Case, device, name: str) -> Impl:
     def setup() -> Prepared:
         from fastadv.adversarial.awp import AWP
         from fastadv.ops.awp import design_bytes
         from fastadv.reference import AWP as RefAWP
 
-        if _interpreted(name, device) and case.dtype != torch.float32:
-            raise Skip("the Triton interpreter has no bf16/fp16 arithmetic (GPU only)")
+        skip_unsupported(name, device, case.dtype)
         data = _data(case, device)
         model = data.model()
         fused = name not in ("reference", "compiled")
@@ -216,12 +210,12 @@ def _awp_impl(case: Case, device, name: str) -> Impl:
         design = None
         if name in ("triton", "cuda"):
             design = design_bytes({data.w0[data.perturbed[0]].element_size(): data.elements})
-        interpreted = _interpreted(name, device)
-        if interpreted:
+        slow = interpreted(name, device)
+        if slow:
             extra["interpreted"] = True
         return Prepared(step=step, check=lambda: data.check_awp(awp, model, inplace=fused),
-                             design_bytes=design, counting="compiled" if name == "compiled" else "dispatch",
-                             extra=extra, teardown=teardown, timed=not interpreted)
+                        design_bytes=design, counting="compiled" if name == "compiled" else "dispatch",
+                        extra=extra, teardown=teardown, timed=not slow)
 
     return Impl(name, setup)
 
@@ -240,7 +234,7 @@ def _compiled(ref):
         return Compiled
     except Exception as exc:
         raise Skip(f"torch.compile failed here: {type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+                   f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
 
 
 def _ema_impl(case: Case, device, name: str) -> Impl:
@@ -248,14 +242,13 @@ def _ema_impl(case: Case, device, name: str) -> Impl:
         from fastadv.averaging import ModelEMA
         from fastadv.reference.ema import EMA as RefEMA
 
-        if _interpreted(name, device) and case.dtype != torch.float32:
-            raise Skip("the Triton interpreter has no bf16/fp16 arithmetic (GPU only)")
+        skip_unsupported(name, device, case.dtype)
         data = _data(case, device)
         model = data.model()
         if name == "reference":
             if case.dtype != torch.float32:
                 raise Skip("the Kaggle EMA computes in the model's dtype: in bf16 it rounds "
-                                f"decay={EMA_DECAY} to 1.0 and its average never moves")
+                           f"decay={EMA_DECAY} to 1.0 and its average never moves")
             ema = RefEMA(model, EMA_DECAY)
             ema.register()
             shadow = ema.shadow
@@ -278,30 +271,22 @@ def _ema_impl(case: Case, device, name: str) -> Impl:
                     return f"EMA of {n} differs from the formula"
             return None
 
-        interpreted = _interpreted(name, device)
+        slow = interpreted(name, device)
         extra = {"tensors": len(shadow), "elements": numel}
-        if interpreted:
+        if slow:
             extra["interpreted"] = True
         return Prepared(step=ema.update, check=check,
-                             design_bytes=3 * numel * es if name in ("triton", "cuda") else None,
-                             extra=extra, timed=not interpreted)
+                        design_bytes=3 * numel * es if name in ("triton", "cuda") else None,
+                        extra=extra, timed=not slow)
 
     return Impl(name, setup)
 
 
 def impls(case: Case, device) -> list[Impl]:
     """reference, compiled (AWP), then every fastadv backend usable on ``device``."""
-    from fastadv import _env
-
     make = _awp_impl if case.kind == "awp" else _ema_impl
-    names = ["reference"] + (["compiled"] if case.kind == "awp" else [])
-    names += [b for b, why in _env.backends(device).items() if why is None]
+    names = ["reference"] + (["compiled"] if case.kind == "awp" else []) + usable_backends(device)
     return [make(case, device, n) for n in names]
-
-
-def unusable(device) -> dict[str, str]:
-    from fastadv import _env
-    return {b: why for b, why in _env.backends(device).items() if why is not None}
 
 
 def release() -> None:

@@ -35,6 +35,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .case import CaseCache, Impl, Prepared, Skip, real_sizes, require
+from .check import usable_backends
 
 # Opacus's notes on every engine and hook: true, and not the bench's business
 warnings.filterwarnings("ignore", message="Secure RNG turned off")
@@ -237,9 +238,9 @@ def _clip_impl(case: Case, device, name: str) -> Impl:
                 p.summed_grad = None
 
         return Prepared(step=step, check=lambda: data.check(check_opt),
-                             design_bytes=None if name == "reference" else data.design_bytes(),
-                             timed=not interpreted, teardown=teardown,
-                             extra={"interpreted": True} if interpreted else {})
+                        design_bytes=None if name == "reference" else data.design_bytes(),
+                        timed=not interpreted, teardown=teardown,
+                        extra={"interpreted": True} if interpreted else {})
 
     return Impl(name, setup)
 
@@ -257,7 +258,7 @@ def _compiled_clip_impl(case: Case, device) -> Impl:
             fn(data.grad_samples, C, 0.0, expected_batch_size=case.batch)
         except Exception as exc:
             raise Skip(f"torch.compile failed here: {type(exc).__name__}: "
-                            f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+                       f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
 
         def check():
             got = fn(data.grad_samples, C, 0.0, expected_batch_size=case.batch)
@@ -265,7 +266,7 @@ def _compiled_clip_impl(case: Case, device) -> Impl:
             return None if not bad else f"differs from Opacus's p.grad at tensors {bad[:5]}"
 
         return Prepared(step=lambda: fn(data.grad_samples, C, SIGMA, expected_batch_size=case.batch),
-                             check=check, counting="compiled", teardown=torch._dynamo.reset)
+                        check=check, counting="compiled", teardown=torch._dynamo.reset)
 
     return Impl("compiled", setup)
 
@@ -350,7 +351,7 @@ def _step_impl(case: Case, device, name: str) -> Impl:
             check = lambda: data.check(PrivacyEngine, backend=name)  # noqa: E731
         # the step runs the model and Opacus's grad-sample hooks: syncs there are not fastadv's
         return Prepared(step=lambda: train_step(model, opt, x, y), check=check, timed=not interpreted,
-                             extra={"interpreted": True} if interpreted else {}, sync_free=False)
+                        extra={"interpreted": True} if interpreted else {}, sync_free=False)
 
     return Impl(name, setup)
 
@@ -363,18 +364,11 @@ _data = CaseCache(lambda case, device: (ClipData if case.kind == "clip" else Ste
 def impls(case: Case, device) -> list[Impl]:
     """clip: reference (Opacus), compiled, fastadv backends; step: nonprivate,
     reference (Opacus), fastadv backends."""
-    from fastadv import _env
-
-    backends = [b for b, why in _env.backends(device).items() if why is None]
+    backends = usable_backends(device)
     if case.kind == "clip":
         return ([_clip_impl(case, device, "reference"), _compiled_clip_impl(case, device)]
                 + [_clip_impl(case, device, b) for b in backends])
     return [_step_impl(case, device, n) for n in ("nonprivate", "reference", *backends)]
-
-
-def unusable(device) -> dict[str, str]:
-    from fastadv import _env
-    return {b: why for b, why in _env.backends(device).items() if why is not None}
 
 
 def release() -> None:

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from .case import CaseCache, Impl, Prepared, Skip, real_sizes
+from .check import SHORT, TOLERANCES, interpreted, skip_unsupported, usable_backends  # TOLERANCES: after attack
 
 EPSILON = 1.0
 EMB_NAME = "word_embeddings."
@@ -43,12 +44,6 @@ SIZES_SMALL = ((128, 64), (4000, 128))  # the Triton interpreter runs one progra
 IDS_FULL = (16, 512)
 IDS_SMALL = (1, 32)
 DTYPES = (torch.float32, torch.bfloat16)
-_SHORT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-TOLERANCES = {  # (rtol, atol) after attack; restore is compared bitwise
-    torch.float32: (1e-5, 1e-6),
-    torch.bfloat16: (2 * 2**-7, 1e-5),  # two ulps of bf16 (at the bottom of a binade)
-    torch.float16: (2 * 2**-10, 1e-5),  # two ulps of fp16
-}
 
 
 @dataclass(frozen=True)
@@ -61,7 +56,7 @@ class Case:
     @property
     def name(self) -> str:
         kind = f"rows={self.ids[0]}x{self.ids[1]}" if self.ids else "dense"
-        return f"{self.rows}x{self.cols} {_SHORT[self.dtype]} {kind}"
+        return f"{self.rows}x{self.cols} {SHORT[self.dtype]} {kind}"
 
     @property
     def size(self) -> tuple[int, int]:
@@ -236,7 +231,7 @@ def _compiled_impl(case: Case, device) -> Impl:
             captured = int(counters["stats"].get("calls_captured", 0))
         except Exception as exc:
             raise Skip(f"torch.compile failed here: {type(exc).__name__}: "
-                            f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+                       f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
 
         class Compiled:
             attack = staticmethod(c_attack)
@@ -254,9 +249,9 @@ def _compiled_impl(case: Case, device) -> Impl:
         # attack runs eagerly and only restore's `param.data = backup` is
         # captured); captured_ops says how many calls went into graphs.
         return Prepared(step=step, check=lambda: data.check(Compiled, model),
-                             counting="compiled",
-                             extra={**data.row_extra(), "captured_ops": captured},
-                             teardown=teardown)
+                        counting="compiled",
+                        extra={**data.row_extra(), "captured_ops": captured},
+                        teardown=teardown)
 
     return Impl("compiled", setup)
 
@@ -267,11 +262,7 @@ def _fastadv_impl(case: Case, device, backend: str) -> Impl:
             from fastadv import FGM
         except ImportError as exc:
             raise Skip(f"fastadv.FGM is not available ({exc})") from exc
-        from fastadv import _backend
-
-        if (backend == "triton" and _backend.triton_interpreter() and torch.device(device).type == "cpu"
-                and case.dtype in (torch.bfloat16, torch.float16)):
-            raise Skip("the Triton interpreter has no bf16/fp16 arithmetic (GPU only)")
+        skip_unsupported(backend, device, case.dtype)
         data = _data(case, device)
         model = data.model()
         fgm = FGM(model, EMB_NAME, EPSILON, backend=backend,
@@ -290,9 +281,8 @@ def _fastadv_impl(case: Case, device, backend: str) -> Impl:
                     break
 
         extra = data.row_extra()
-        interpreted = (backend == "triton" and _backend.triton_interpreter()
-                       and torch.device(device).type == "cpu")
-        if interpreted:
+        slow = interpreted(backend, device)
+        if slow:
             extra["interpreted"] = True  # checked and counted, not timed
 
         def check():
@@ -302,8 +292,8 @@ def _fastadv_impl(case: Case, device, backend: str) -> Impl:
             return failure
 
         return Prepared(step=step, check=check,
-                             design_bytes=data.design_bytes(), extra=extra, teardown=teardown,
-                             timed=not interpreted)
+                        design_bytes=data.design_bytes(), extra=extra, teardown=teardown,
+                        timed=not slow)
 
     return Impl(backend, setup)
 
@@ -330,20 +320,8 @@ def _host_sync_on_cuda(fgm) -> str | None:
 
 def impls(case: Case, device) -> list[Impl]:
     """reference, compiled, then every fastadv backend usable on ``device``."""
-    from fastadv import _env
-
     out = [_reference_impl(case, device), _compiled_impl(case, device)]
-    for backend, why in _env.backends(device).items():
-        if why is None:
-            out.append(_fastadv_impl(case, device, backend))
-    return out
-
-
-def unusable(device) -> dict[str, str]:
-    """Backends that get no row on ``device``, with the reason."""
-    from fastadv import _env
-
-    return {b: why for b, why in _env.backends(device).items() if why is not None}
+    return out + [_fastadv_impl(case, device, b) for b in usable_backends(device)]
 
 
 def release() -> None:

@@ -39,13 +39,13 @@ import torch
 from torch import nn
 
 from .case import CaseCache, Impl, Prepared, Skip, real_sizes
+from .check import SHORT, interpreted, skip_unsupported, usable_backends
 
 STD = 0.1
 ALPHA = 5.0
 TOKEN_FACTOR = 3.0
 VOCAB = 30522
 DTYPES = (torch.float32, torch.bfloat16)
-_SHORT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 # (op, tier) -> shape; the full sizes (CUDA or --full) and the CPU stand-ins
 SHAPES_FULL = {
@@ -77,7 +77,7 @@ class Case:
     @property
     def name(self) -> str:
         dims = self.shape[0] if isinstance(self.shape[0], str) else "x".join(map(str, self.shape))
-        return f"{self.op} {dims} {_SHORT[self.dtype]}"
+        return f"{self.op} {dims} {SHORT[self.dtype]}"
 
     @property
     def size(self) -> int:
@@ -292,36 +292,27 @@ def _compiled_impl(case: Case, device) -> Impl:
             compiled()
         except Exception as exc:
             raise Skip(f"torch.compile failed here: {type(exc).__name__}: "
-                            f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+                       f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
         return Prepared(step=compiled, check=lambda: check(compiled), counting="compiled",
-                             teardown=torch._dynamo.reset)
+                        teardown=torch._dynamo.reset)
 
     return Impl("compiled", setup)
 
 
 def _fastadv_impl(case: Case, device, backend: str) -> Impl:
     def setup() -> Prepared:
-        from fastadv import _backend
-
-        interpreted = (backend == "triton" and _backend.triton_interpreter()
-                       and torch.device(device).type == "cpu")
-        if interpreted and case.dtype in (torch.bfloat16, torch.float16):
-            raise Skip("the Triton interpreter has no bf16/fp16 arithmetic (GPU only)")
+        skip_unsupported(backend, device, case.dtype)
+        slow = interpreted(backend, device)
         d = _data(case, device)
         fn, check = _functions(case, d, backend)
-        extra = {"interpreted": True} if interpreted else {}
+        extra = {"interpreted": True} if slow else {}
         return Prepared(step=fn, check=lambda: check(fn), design_bytes=d.design_bytes(), extra=extra,
-                             timed=not interpreted)
+                        timed=not slow)
 
     return Impl(backend, setup)
 
 
 def impls(case: Case, device) -> list[Impl]:
     """reference, compiled, then every fastadv backend usable on ``device``."""
-    from fastadv import _env
-
     out = [_reference_impl(case, device), _compiled_impl(case, device)]
-    for backend, why in _env.backends(device).items():
-        if why is None:
-            out.append(_fastadv_impl(case, device, backend))
-    return out
+    return out + [_fastadv_impl(case, device, b) for b in usable_backends(device)]

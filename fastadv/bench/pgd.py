@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .case import CaseCache, Impl, Prepared, Skip, real_sizes
-from .fgm import _SHORT, TOLERANCES
+from .check import SHORT, TOLERANCES, usable_backends
 
 K = 3
 EPSILON, ALPHA = 1.0, 0.3
@@ -38,7 +38,7 @@ class Case:
     @property
     def name(self) -> str:
         kind = f"rows={self.ids[0]}x{self.ids[1]}" if self.ids else "dense"
-        return f"{self.rows}x{self.cols} +{self.layers}L {_SHORT[self.dtype]} {kind} K={K}"
+        return f"{self.rows}x{self.cols} +{self.layers}L {SHORT[self.dtype]} {kind} K={K}"
 
     @property
     def size(self):
@@ -156,7 +156,7 @@ def _impl(name, case, device, make):
             design = (design_bytes(numel, es, K, data.touched, case.cols) if case.ids
                       else design_bytes(numel, es, K))
         return Prepared(step=lambda: run_k_steps(model, pgd, data), check=check,
-                             design_bytes=design, extra=extra, timed=not interpreted)
+                        design_bytes=design, extra=extra, timed=not interpreted)
     return Impl(name, setup)
 
 
@@ -164,21 +164,15 @@ _data = CaseCache(Data)
 
 
 def impls(case: Case, device) -> list[Impl]:
-    from fastadv import PGD, _env
+    from fastadv import PGD
     from fastadv.reference import PGD as RefPGD
     out = [_impl("reference", case, device,
                  lambda d: (lambda m: (m, RefPGD(m, "word_embeddings.", EPSILON, ALPHA)))(d.model()))]
-    for backend, why in _env.backends(device).items():
-        if why is None:
-            out.append(_impl(backend, case, device, lambda d, b=backend: (lambda m: (
-                m, PGD(m, "word_embeddings.", EPSILON, ALPHA, backend=b,
-                       row_sparse="auto" if case.ids else False)))(d.model())))
+    for backend in usable_backends(device):
+        out.append(_impl(backend, case, device, lambda d, b=backend: (lambda m: (
+            m, PGD(m, "word_embeddings.", EPSILON, ALPHA, backend=b,
+                   row_sparse="auto" if case.ids else False)))(d.model())))
     return out
-
-
-def unusable(device) -> dict[str, str]:
-    from fastadv import _env
-    return {b: why for b, why in _env.backends(device).items() if why is not None}
 
 
 def release() -> None:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .case import Impl, Prepared, real_sizes
+from .check import usable_backends
 
 K = 3
 
@@ -96,24 +97,16 @@ def _impl(name, case, device, make_pgd):
         opt = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: every timed step is the same step
         # the step runs the model's forward and backward: syncs there are not fastadv's
         return Prepared(step=lambda: train_step(model, pgd, opt, ids, labels), check=check,
-                             timed=not interpreted, extra={"interpreted": True} if interpreted else {},
-                             sync_free=False)
+                        timed=not interpreted, extra={"interpreted": True} if interpreted else {},
+                        sync_free=False)
     return Impl(name, setup)
 
 
 def impls(case: Case, device) -> list[Impl]:
-    from fastadv import PGD, _env
+    from fastadv import PGD
     from fastadv.reference import PGD as RefPGD
     out = [_impl("reference", case, device, lambda m: RefPGD(m))]
-    for backend, why in _env.backends(device).items():
-        if why is None:
-            out.append(_impl(backend, case, device, lambda m, b=backend: PGD(m, backend=b)))
-    return out
-
-
-def unusable(device) -> dict[str, str]:
-    from fastadv import _env
-    return {b: why for b, why in _env.backends(device).items() if why is not None}
+    return out + [_impl(b, case, device, lambda m, b=b: PGD(m, backend=b)) for b in usable_backends(device)]
 
 
 def release() -> None:
