@@ -59,11 +59,38 @@ def _no_cuda_driver() -> bool:
 
 # ---- (a) build and load, no GPU needed ------------------------------------------------------
 
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").lower() == "true"
+
+
+def _installed_library_is_stale():
+    """Why the installed library cannot stand for csrc/ (None when it can): it is
+    missing, or a file it is built from (csrc/*, setup.py's build rules) changed
+    after it was linked.  An edit, a checkout or a pull of a source sets that
+    file's mtime to now, so it reads as newer than the library."""
+    lib = Path(fcuda.DEFAULT_PATH)
+    if not lib.exists():
+        return f"{lib} is not built"
+    built = lib.stat().st_mtime
+    newer = sorted(p.name for p in [*(ROOT / "csrc").iterdir(), ROOT / "setup.py"] if p.stat().st_mtime >= built)
+    return f"{lib} is older than {newer}" if newer else None
+
+
 @pytest.fixture(scope="module")
 def fresh_lib(tmp_path_factory):
-    """csrc/ compiled by setup.py's own ninja build, for one architecture (fast)."""
+    """The library the ABI tests load, built from the csrc/ checked out here.
+
+    The one the install built (the README's `pip install -e .` compiles it just
+    before pytest) when it is newer than all of its sources: compiling csrc/ a
+    second time takes minutes on 2 cores and tests the same code.  csrc/
+    compiled here by setup.py's own ninja build, for one architecture, in CI
+    (CI=true: the build itself is tested there) and when the installed one is
+    missing or older than a source."""
+    stale = _installed_library_is_stale()
+    if stale is None and not _in_ci():
+        return Path(fcuda.DEFAULT_PATH)
     if NVCC is None:
-        pytest.skip("nvcc not found: cannot compile csrc/")
+        pytest.skip(f"nvcc not found: cannot compile csrc/ ({stale or 'CI=true builds it fresh'})")
     tmp = tmp_path_factory.mktemp("csrc")
     out = tmp / "libfastadv_cuda.so"
     SETUP.compile_cuda(str(out), str(tmp / "build"), NVCC, archs="80")
@@ -127,6 +154,21 @@ def test_installed_library_is_built():
     assert fcuda.load_error() is None
     lib = fcuda.lib()
     assert all(hasattr(lib, name) for name in fcuda.EXPORTS)
+
+
+def test_installed_library_staleness(monkeypatch, tmp_path):
+    """The rule by which fresh_lib reuses the installed library: present and
+    newer than every source, else rebuilt."""
+    lib = tmp_path / "libfastadv_cuda.so"
+    monkeypatch.setattr(fcuda, "DEFAULT_PATH", str(lib))
+    assert "is not built" in _installed_library_is_stale()
+    lib.write_bytes(b"")
+    newest = max([*(ROOT / "csrc").iterdir(), ROOT / "setup.py"], key=lambda p: p.stat().st_mtime)
+    t = newest.stat().st_mtime
+    os.utime(lib, (t - 60, t - 60))
+    assert newest.name in _installed_library_is_stale()
+    os.utime(lib, (t + 60, t + 60))
+    assert _installed_library_is_stale() is None
 
 
 def test_gencode_flags():
