@@ -400,14 +400,13 @@ def weight_noise_restore_(state: WeightNoiseBackup, live: list | None = None) ->
     state.tensors, state.names, state.backups = [], [], []
 
 
-def design_bytes(op: str, numel: int, element_size: int, *, rows: int = 0) -> int:
+def design_bytes(op: str, numel: int, element_size: int) -> int:
     """Bytes the fused design moves per call (what the benchmark reports).
 
     ``noise`` / ``noise_``: read x, write out (2 passes); ``weight_noise``:
     enter reads w, writes w and backup (3), exit reads the backup and writes w
-    (2); ``token_ids``: 16 bytes per id.  ``neftune``, ``sift_init`` and
-    ``sift_update`` are answered by :func:`fastadv.ops.neftune.design_bytes`
-    and :func:`fastadv.ops.sift.design_bytes` (still accepted here)."""
+    (2); ``token_ids``: 16 bytes per id.  NEFTune and SiFT have their own
+    (:func:`fastadv.ops.neftune.design_bytes`, :func:`fastadv.ops.sift.design_bytes`)."""
     s = element_size
     if op in ("noise", "noise_"):
         return 2 * numel * s
@@ -415,18 +414,4 @@ def design_bytes(op: str, numel: int, element_size: int, *, rows: int = 0) -> in
         return 5 * numel * s
     if op == "token_ids":
         return 16 * numel
-    if op == "neftune":
-        from .neftune import design_bytes as neftune_bytes
-        return neftune_bytes(numel, s, rows=rows)
-    if op in ("sift_init", "sift_update"):
-        from .sift import design_bytes as sift_bytes
-        return sift_bytes(op, numel, s, rows=rows)
     raise ValueError(f"unknown op {op!r}")
-
-
-def __getattr__(name):
-    # SiFT's functional API lived here; fastadv.bench.noise still imports it from this module.
-    if name in ("sift_init", "sift_update_"):
-        from . import sift
-        return getattr(sift, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
