@@ -392,3 +392,24 @@ def test_inductor_compiles_the_traced_kernels():
     torch.testing.assert_close(got, expected, **FP32)
     F.fgm_restore_(state)
     assert torch.equal(wt, eager_model.word_embeddings.weight)
+
+
+def test_import_fastadv_loads_neither_dynamo_nor_triton():
+    """The twins are registered lazily: importing fastadv stays light."""
+    import subprocess
+    import sys
+    code = ("import sys, fastadv; "
+            "print(sorted(m for m in ('triton', 'torch._dynamo', 'torch._inductor') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_constant_result_mark_is_torchs():
+    """_registry marks _traced_name as torch.compiler.assume_constant_result
+    does, without importing Dynamo; this fails if torch changes the mark."""
+    def f():
+        return 1
+    torch.compiler.assume_constant_result(f)
+    marks = [k for k in vars(f) if k.startswith("_dynamo")]
+    assert marks == ["_dynamo_marked_constant"]
+    assert getattr(_registry._traced_name, marks[0]) is True

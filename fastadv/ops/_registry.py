@@ -19,6 +19,7 @@ implementation directly, which skips the dispatcher's per-call cost.
 from __future__ import annotations
 
 import importlib
+import os
 import inspect
 from typing import Callable, Iterable
 
@@ -171,7 +172,9 @@ def kernels(op_name: str, backend: str):
 # fuse around them.  Off under the Triton interpreter: Inductor cannot compile
 # a user Triton kernel for a CPU tensor (the tests switch it on with
 # ``backend="aot_eager"``, which runs the traced graph as it is).
-TRACE_TRITON = not _backend.triton_interpreter()
+# ``FASTADV_TRACE_TRITON=0`` / ``=1`` overrides the default.
+TRACE_TRITON = os.environ.get("FASTADV_TRACE_TRITON", "").strip() == "1" or (
+    os.environ.get("FASTADV_TRACE_TRITON", "").strip() != "0" and not _backend.triton_interpreter())
 
 _OPS: dict[str, "Op"] = {}
 
@@ -256,12 +259,17 @@ def _register_traced(op: Op):
     return traced
 
 
-@torch.compiler.assume_constant_result
 def _traced_name(name: str) -> str:
     """The triton_op twin's name; Dynamo runs this once while tracing (so the
     twin is registered outside the traced code) and keeps the result."""
     _OPS[name].traced()
     return name + "_triton"
+
+
+# torch.compiler.assume_constant_result(_traced_name) sets exactly this mark,
+# but calling it imports torch._dynamo (and Triton) at `import fastadv`;
+# tests/test_triton_op.py checks that the mark is still torch's.
+_traced_name._dynamo_marked_constant = True
 
 
 def _needs_grad(args, kwargs) -> bool:
