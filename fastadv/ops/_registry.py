@@ -1,26 +1,31 @@
 """The one op registry: every fastadv op is a ``torch.library`` op in the
 ``fastadv`` namespace, and one rule picks the backend that runs it.
 
-Backend rule (:func:`pick`): ``auto`` takes the fastest usable backend for the
-tensors (triton, then cuda, on CUDA tensors; torch elsewhere, and torch when a
-kernel backend cannot take these tensors: a dtype it lacks, a non-contiguous
-layout); a forced backend (``backend=`` or ``FASTADV_BACKEND``) runs its
-kernels or raises -- :class:`~fastadv.BackendUnavailable` when it cannot run
-on the device, ``TypeError`` / ``ValueError`` naming the tensor it cannot
-take.  Never a silent fallback.
+Backend rule (:func:`pick`): tensors on another device than the op's are
+refused on every backend (``ValueError`` naming them and their devices);
+``auto`` takes the fastest usable backend for the tensors (triton, then cuda,
+on CUDA tensors; torch elsewhere, and torch when a kernel backend cannot take
+these tensors: a dtype it lacks, a layout it cannot walk); a forced backend
+(``backend=`` or ``FASTADV_BACKEND``) runs its kernels or raises --
+:class:`~fastadv.BackendUnavailable` when it cannot run on the device,
+``TypeError`` / ``ValueError`` naming the tensor it cannot take.  Never a
+silent fallback.
 
 Registration (:func:`op`): the function given is the op's implementation for
 every device (it dispatches on its ``backend`` argument to the torch code or
 the kernel launchers).  Under ``torch.compile`` the wrapper code calls
 ``torch.ops.fastadv.<name>`` (an opaque node: no graph break, ``mutates_args``
-declared, a fake implementation for shapes); in eager mode it calls the
-implementation directly, which skips the dispatcher's per-call cost.
+declared, a fake implementation for shapes), or, for an op registered with
+``triton=True`` on the triton backend, its ``torch.library.triton_op`` twin
+``<name>_triton``, which the compiler traces into down to the Triton kernels;
+in eager mode it calls the implementation directly, which skips the
+dispatcher's per-call cost.
 """
 from __future__ import annotations
 
 import importlib
-import os
 import inspect
+import os
 from typing import Callable, Iterable
 
 import torch
