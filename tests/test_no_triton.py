@@ -16,6 +16,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 BLOCK_TRITON = textwrap.dedent('''
@@ -341,18 +343,89 @@ def _run(code: str, *args: str, timeout: int = 300) -> subprocess.CompletedProce
                           text=True, timeout=timeout)
 
 
-def _ok(res: subprocess.CompletedProcess) -> str:
-    assert res.returncode == 0, f"exit {res.returncode}\nstdout:\n{res.stdout[-4000:]}\nstderr:\n{res.stderr[-8000:]}"
-    return res.stdout
-
-
 def test_the_blocker_blocks():
     res = _run(BLOCK_TRITON + "\nimport triton\n")
     assert res.returncode != 0 and "triton is blocked in this test" in res.stderr
 
 
-def test_every_op_runs_on_the_torch_backend_without_triton():
-    out = _ok(_run(BLOCK_TRITON + "\nimport sys\n" + OPS))
+CUDA_BINDING = textwrap.dedent('''
+    import fastadv.kernels.cuda as fcuda
+    import fastadv.kernels.cuda.awp, fastadv.kernels.cuda.noise, fastadv.kernels.cuda.dp  # noqa: F401
+    import fastadv.kernels.cuda.multi_tensor, fastadv.kernels.cuda.sam, fastadv.kernels.cuda.ema  # noqa: F401
+    import fastadv.kernels.cuda.neftune, fastadv.kernels.cuda.sift  # noqa: F401
+    print("LOAD_ERROR", fcuda.load_error())
+    assert "triton" not in sys.modules
+    import runpy
+    sys.argv = ["fastadv", "env"]
+    runpy.run_module("fastadv", run_name="__main__", alter_sys=True)
+''')
+
+FORCED_CUDA = textwrap.dedent('''
+    import torch
+    import fastadv
+    from fastadv.ops.awp import awp_step_
+    w = [torch.randn(4)]
+    try:
+        awp_step_(w, [torch.randn(4)], [torch.empty(4)], adv_lr=1, adv_eps=0.1, write_backup=True,
+                  backend="cuda")
+    except fastadv.BackendUnavailable as exc:
+        print("REFUSED", exc)
+    assert "triton" not in sys.modules
+''')
+
+# The three checks share one interpreter with Triton blocked (one torch import
+# instead of three, ~10 s each on 2 cores); each part runs in its own namespace
+# and reports on its own, so a failure is the failing part's test only.  The
+# light parts run first, on a freshly started interpreter; the blocker makes any
+# import of triton fail whatever ran before.
+PARTS = {"cuda_binding": CUDA_BINDING, "forced_cuda": FORCED_CUDA, "ops": OPS}
+
+RUN_PARTS = textwrap.dedent('''
+    import sys
+    import traceback
+
+    for name, code in PARTS.items():
+        print(f"=== {name}", flush=True)
+        try:
+            exec(compile(code, f"<{name}>", "exec"), {"__name__": "__main__", "sys": sys})
+        except SystemExit as exc:  # `python -m fastadv env` ends with sys.exit(main())
+            ok = exc.code in (0, None)
+        except BaseException:
+            traceback.print_exc(file=sys.stdout)
+            ok = False
+        else:
+            ok = True
+        print(f"=== {name} {'ok' if ok else 'FAILED'}", flush=True)
+''')
+
+
+@pytest.fixture(scope="module")
+def parts():
+    """Each part's stdout, from one run of all three with Triton blocked."""
+    res = _run(BLOCK_TRITON + f"\nPARTS = {PARTS!r}\n" + RUN_PARTS)
+    out, name, found = {}, None, []
+    for line in res.stdout.splitlines():
+        if line.startswith("=== "):
+            name, _, status = line[4:].partition(" ")
+            if status:
+                found.append((name, status))
+            else:
+                out[name] = []
+        elif name is not None:
+            out[name].append(line)
+    return {"res": res, "out": {k: "\n".join(v) for k, v in out.items()}, "status": dict(found)}
+
+
+def _part(parts, name) -> str:
+    res, out = parts["res"], parts["out"].get(name, "")
+    assert parts["status"].get(name) == "ok", (
+        f"part {name}: {parts['status'].get(name, 'did not finish')} (exit {res.returncode})\n"
+        f"stdout:\n{out[-4000:]}\nstderr:\n{res.stderr[-8000:]}")
+    return out
+
+
+def test_every_op_runs_on_the_torch_backend_without_triton(parts):
+    out = _part(parts, "ops")
     line = next(ln for ln in out.splitlines() if ln.startswith("RAN "))
     ran = line.split(" ", 2)[2].split("|")
     for op in ("FGM", "PGD", "fgsm_perturb", "attacks.FGSM", "attacks.PGD", "attacks.PGDL2",
@@ -361,37 +434,14 @@ def test_every_op_runs_on_the_torch_backend_without_triton():
         assert op in ran, (op, ran)
 
 
-def test_the_cuda_binding_and_env_report_without_triton():
-    code = BLOCK_TRITON + textwrap.dedent('''
-        import fastadv.kernels.cuda as fcuda
-        import fastadv.kernels.cuda.awp, fastadv.kernels.cuda.noise, fastadv.kernels.cuda.dp  # noqa: F401
-        import fastadv.kernels.cuda.multi_tensor, fastadv.kernels.cuda.sam, fastadv.kernels.cuda.ema  # noqa: F401
-        import fastadv.kernels.cuda.neftune, fastadv.kernels.cuda.sift  # noqa: F401
-        print("LOAD_ERROR", fcuda.load_error())
-        assert "triton" not in sys.modules
-        import runpy
-        sys.argv = ["fastadv", "env"]
-        runpy.run_module("fastadv", run_name="__main__", alter_sys=True)
-    ''')
-    out = _ok(_run(code))
+def test_the_cuda_binding_and_env_report_without_triton(parts):
+    out = _part(parts, "cuda_binding")
     reason = next(ln for ln in out.splitlines() if ln.startswith("LOAD_ERROR"))
     assert reason != "LOAD_ERROR None" or "cuda lib" in out  # a reason where no library is built
     assert "triton" in out and "torch" in out
     assert "cannot be imported" in out  # env says why the triton backend is not usable
 
 
-def test_a_forced_cuda_backend_without_triton_says_why():
-    code = BLOCK_TRITON + textwrap.dedent('''
-        import torch
-        import fastadv
-        from fastadv.ops.awp import awp_step_
-        w = [torch.randn(4)]
-        try:
-            awp_step_(w, [torch.randn(4)], [torch.empty(4)], adv_lr=1, adv_eps=0.1, write_backup=True,
-                      backend=sys.argv[1])
-        except fastadv.BackendUnavailable as exc:
-            print("REFUSED", exc)
-        assert "triton" not in sys.modules
-    ''')
-    out = _ok(_run(code, "cuda"))
+def test_a_forced_cuda_backend_without_triton_says_why(parts):
+    out = _part(parts, "forced_cuda")
     assert "REFUSED" in out and "CUDA tensors" in out
