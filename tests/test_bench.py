@@ -452,6 +452,21 @@ def test_shadow_warning(tmp_path):
     assert _env.shadow_warning(tree / "fastadv", [{"package": tree / "fastadv", "editable": True}]) is None
 
 
+def test_sift_bench_cases_check_and_count():
+    """The SiFT cases (moved out of the noise ones): every row checks, the
+    fastadv rows make no host sync, DeBERTa's update reads the norm on the host."""
+    from fastadv.bench import sift
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    rows = run.run_op("sift", sift, dev, quick=True, impls=["reference", "torch"], warmup=0, iters=1,
+                      log=lambda s: None)
+    sift.release()
+    assert {r["case"].split()[0] for r in rows} == {"init", "update"}
+    for r in rows:
+        assert r.get("check") == "ok", r
+        assert r["syncs"] == (2 if r["impl"] == "reference" and r["case"].startswith("update") else 0), r
+
+
 def test_smoke_units_cover_every_dtype():
     from fastadv.bench import gpucheck
 

@@ -612,7 +612,7 @@ def test_benchmark_cases_check_and_count():
     rows = core.run_op("noise", bench, DEVICE, quick=True, impls=impls, warmup=0, iters=1, log=lambda s: None)
     bench.release()
     assert {r["case"].split()[0] for r in rows} == {"gaussian", "gaussian_", "neftune", "token_ids",
-                                                    "weight_noise", "sift"}
+                                                    "weight_noise"}  # SiFT: fastadv.bench.sift
     for r in rows:
         assert r.get("check") == "ok" or r.get("skipped"), r
         if r.get("check") == "ok" and r["impl"] != "reference":
@@ -625,8 +625,6 @@ def test_benchmark_cases_check_and_count():
         # the allocator hands back the same addresses (PyTorch's caching allocator on CUDA);
         # CPU malloc may not, and then a table is built again (one cat + one copy: 2 launches).
         assert wn["triton"]["launches"] == 3 if DEVICE.type == "cuda" else wn["triton"]["launches"] in (3, 5, 7)
-    sift_ref = next(r for r in rows if r["case"].startswith("sift") and r["impl"] == "reference")
-    assert sift_ref["syncs"] > 0  # DeBERTa reads the norm on the host
 
 
 # ---- GPU: low precision and the CUDA backend against Triton -------------------------------------------
