@@ -348,14 +348,17 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _spawn(mode, out):
-    """Both ranks of ``mode``, bounded in time; the results of each rank.  A
-    rank that fails, or a run past SPAWN_TIMEOUT (killed), fails with the
-    workers' tracebacks."""
+def _start(mode, out):
     ctx = mp.start_processes(_worker, args=(_free_port(), mode, str(out)), nprocs=WORLD, join=False,
                              start_method="spawn")
+    return ctx, out
+
+
+def _collect(mode, ctx, out, deadline):
+    """Both ranks' results, or the reason they are missing: a rank that failed
+    (its traceback), or a run still going at ``deadline`` (killed)."""
     for p in ctx.processes:
-        p.join(timeout=SPAWN_TIMEOUT)
+        p.join(timeout=max(deadline - time.monotonic(), 0.1))
     late = [p for p in ctx.processes if p.is_alive()]
     for p in late:
         p.kill()
@@ -363,10 +366,10 @@ def _spawn(mode, out):
     errors = "\n".join(f"rank {r}:\n{(out / f'{mode}{r}.err').read_text()}" for r in range(WORLD)
                        if (out / f"{mode}{r}.err").exists())
     if late:
-        pytest.fail(f"{mode}: the 2-process run took more than {SPAWN_TIMEOUT} s and was killed\n{errors}")
+        return f"{mode}: the 2-process run took more than {SPAWN_TIMEOUT} s and was killed\n{errors}"
     codes = [p.exitcode for p in ctx.processes]
     if any(codes):
-        pytest.fail(f"{mode}: worker exit codes {codes}\n{errors}")
+        return f"{mode}: worker exit codes {codes}\n{errors}"
     return [torch.load(out / f"{mode}{r}.pt") for r in range(WORLD)]
 
 
@@ -375,10 +378,18 @@ _RUNS: dict = {}
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """``runs(mode)``: the results of both ranks of that configuration (spawned once)."""
+    """``runs(mode)``: the results of both ranks of that configuration.  The
+    first call starts the DDP and the FSDP2 runs together (four processes:
+    one run's ranks fill the other's waits at its collectives), bounded by
+    SPAWN_TIMEOUT; a failed run fails every test that reads it, once spawned."""
     def get(mode):
         if mode not in _RUNS:
-            _RUNS[mode] = _spawn(mode, tmp_path_factory.mktemp(mode))
+            started = {m: _start(m, tmp_path_factory.mktemp(m)) for m in MODES if m not in _RUNS}
+            deadline = time.monotonic() + SPAWN_TIMEOUT
+            for m, (ctx, out) in started.items():
+                _RUNS[m] = _collect(m, ctx, out, deadline)
+        if isinstance(_RUNS[mode], str):
+            pytest.fail(_RUNS[mode])
         return _RUNS[mode]
     return get
 
