@@ -304,7 +304,8 @@ def _wrap(mode, mesh):
     torch.manual_seed(0)
     net = TinyLM(vocab=VOCAB, tied=True)
     if mode == "ddp":
-        return torch.nn.parallel.DistributedDataParallel(net)
+        # bucket views: the gradients are views into DDP's buckets (PGD's backup must not alias them)
+        return torch.nn.parallel.DistributedDataParallel(net, gradient_as_bucket_view=True)
     from torch.distributed.fsdp import fully_shard
     fully_shard(net, mesh=mesh)
     return net
