@@ -60,5 +60,5 @@ def linear_sq_norms(a: torch.Tensor, g: torch.Tensor, out: torch.Tensor) -> None
     if batch == 0:
         return
     _linear_sq_norms[(batch,)](a, g, out, steps, cols, g.shape[2], BLOCK_T=BLOCK_T, BLOCK_K=BLOCK_K,
-                               IEEE=a.dtype == torch.float32)
+                               IEEE=a.dtype == torch.float32, enable_fp_fusion=False)
     count_launch("triton.dp_ghost_linear_sq_norms")
