@@ -49,6 +49,20 @@ pytestmark = pytest.mark.skipif(DEVICE.type != "cpu" or not dist.is_available(),
                                 reason="the gloo tests run on CPU")
 
 
+class ShardLM(TinyLM):
+    """TinyLM (tied table) plus a 1-row weight: under FSDP2 on 2 ranks its
+    shard on rank 1 is empty (0 rows), the tied table's shards are uneven
+    (9 and 8 rows) -- the layouts a shard-aware op must get right."""
+
+    def __init__(self):
+        super().__init__(vocab=VOCAB, tied=True)
+        self.gate = torch.nn.Linear(12, 1, bias=False)
+
+    def forward(self, ids, labels):
+        h = torch.tanh(self.proj(self.word_embeddings(ids)))
+        return super().forward(ids, labels) + self.gate(h).square().mean()
+
+
 def _batch(rank, step):
     gen = torch.Generator().manual_seed(1000 * step + rank)
     return torch.randint(0, VOCAB, (2, 7), generator=gen), torch.randint(0, 5, (2,), generator=gen)
@@ -302,7 +316,7 @@ def _dp(rank):
 
 def _wrap(mode, mesh):
     torch.manual_seed(0)
-    net = TinyLM(vocab=VOCAB, tied=True)
+    net = ShardLM()
     if mode == "ddp":
         # bucket views: the gradients are views into DDP's buckets (PGD's backup must not alias them)
         return torch.nn.parallel.DistributedDataParallel(net, gradient_as_bucket_view=True)
@@ -403,7 +417,7 @@ def _single_process(op):
     loss averaged over the ranks' batches gives DDP's / FSDP2's averaged gradient."""
     if op not in _SINGLE:
         torch.manual_seed(0)
-        model = TinyLM(vocab=VOCAB, tied=True)
+        model = ShardLM()
         _SINGLE[op] = _scenario(op, model, lambda step: [_batch(r, step) for r in range(WORLD)],
                                 1.0 / WORLD, None, True, _NoProbe())
     return _SINGLE[op]
@@ -437,8 +451,8 @@ def test_two_processes_equal_one(runs, mode, op, backend):
             assert torch.equal(ranks[1][op, backend][key][name], t), (mode, op, backend, key, name)
 
 
-# Per op call under FSDP2: all_reduce calls (FGM / PGD attack one table; the model has 3 "weight"
-# tensors for AWP, 6 with a gradient for SAM and EMA), and Triton launches (one dtype group:
+# Per op call under FSDP2: all_reduce calls (FGM / PGD attack one table; the model has 4 "weight"
+# tensors for AWP, 7 with a gradient for SAM and EMA), and Triton launches (one dtype group:
 # AWP partials + per-tensor finalize + update, SAM partials + global finalize + update, EMA one lerp).
 _EXPECTED_CALLS = {"fgm": 1, "pgd": 1, "awp": 1, "sam": 1, "ema": 0}
 _EXPECTED_LAUNCHES = {"awp": 3, "sam": 3, "ema": 1}
@@ -501,7 +515,7 @@ def test_neftune_ddp_same_on_every_rank(runs, backend):
 
 def _single_weight_noise():
     torch.manual_seed(0)
-    model = TinyLM(vocab=VOCAB, tied=True)
+    model = ShardLM()
     torch.manual_seed(7)
     with fastadv.noise.weight_noise(model, 0.01, backend="torch"):
         return _weights(model)
