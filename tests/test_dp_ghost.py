@@ -218,6 +218,25 @@ def test_accumulation_equals_one_batch(mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
+def test_zero_grad_discards_a_backward(mode):
+    """A backward cleared by zero_grad is not counted in the mean's divisor."""
+    torch.manual_seed(18)
+    model = MLP()
+    x, y = _data("mlp", 6)
+    want, _ = fast_grads(copy.deepcopy(model), [(x, y)], C=0.3, mode=mode)
+    m0 = copy.deepcopy(model)
+    m, opt, crit, _ = PrivacyEngine().make_private(
+        module=m0, optimizer=torch.optim.SGD(m0.parameters(), lr=0.0), criterion=nn.CrossEntropyLoss(),
+        data_loader=_loader(x, y, 6), noise_multiplier=0.0, max_grad_norm=0.3, poisson_sampling=False,
+        grad_sample_mode=mode)
+    crit(m(x[:3]), y[:3]).backward()
+    opt.zero_grad()
+    crit(m(x), y).backward()
+    opt.step()
+    _assert_same({n: p.grad for n, p in m0.named_parameters()}, want)
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_virtual_batches_equal_opacus(mode):
     """BatchMemoryManager-style skipped steps: signal_skip_step, then step."""
     torch.manual_seed(5)
@@ -381,20 +400,15 @@ def test_inplace_on_layer_output_is_exact(mode):
 
 
 def test_inplace_on_layer_input_raises():
-    class M(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc1, self.fc2 = nn.Linear(4, 4), nn.Linear(4, 2)
-
-        def forward(self, x):
-            h = torch.tanh(self.fc1(x))
-            out = self.fc2(h)
-            h.mul_(2)   # fc2's input changes after fc2 ran
-            return out
-
-    m = ghost.GhostClippingModule(M())
-    loss = m(torch.randn(3, 4)).sum(1)
-    with pytest.raises(RuntimeError, match="input of layer 'fc2'.*modified in place"):
+    """The data a layer saw changed after it ran: refused (bk reads it after
+    the backward; autograd's own check does not see it when no parameter
+    gradient is computed)."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
+    m = ghost.GhostClippingModule(model, mode="bk")
+    x = torch.randn(3, 4)
+    loss = m(x).sum(1)
+    x.mul_(2)
+    with pytest.raises(RuntimeError, match=r"input of layer '0'.*modified in place"):
         m.dp_backward(loss, 1.0)
 
 
@@ -555,7 +569,8 @@ def test_peak_memory_close_to_non_private(mode):
     plain, dp = peaks[64]
     assert dp <= 1.2 * plain, f"{mode}: {dp} bytes against {plain} non-private ({dp / plain:.2f}x)"
     growth_plain, growth_dp = peaks[64][0] - peaks[16][0], peaks[64][1] - peaks[16][1]
-    assert growth_dp <= 1.2 * growth_plain, f"{mode}: +{growth_dp} bytes from batch 16 to 64, non-private +{growth_plain}"
+    assert growth_dp <= 1.2 * growth_plain, (f"{mode}: +{growth_dp} bytes from batch 16 to 64, "
+                                             f"non-private +{growth_plain}")
 
 
 # ---------------------------------------------------------------- the fused norm kernel

@@ -286,6 +286,10 @@ class _Pass:
     def add(self, r: _Record, g) -> None:
         if g is None:
             return  # this call does not reach the loss
+        if r.a._version != r.version:
+            raise RuntimeError(f"the input of layer {r.name!r} ({_type_name(r.module)}) was modified "
+                               f"in place after the layer ran; its per-sample gradient cannot be "
+                               f"computed from it: make that operation out of place")
         if r.a.shape[0] != self.batch or g.shape[0] != self.batch:
             raise ValueError(f"layer {r.name!r} ({_type_name(r.module)}) saw a batch of "
                              f"{r.a.shape[0]} (output gradient {g.shape[0]}), the loss has {self.batch} "
@@ -440,11 +444,6 @@ class GhostClippingModule(nn.Module):
 
     def _take_records(self) -> list[_Record]:
         records, self._records = self._records, []
-        for r in records:
-            if r.a._version != r.version:
-                raise RuntimeError(f"the input of layer {r.name!r} ({_type_name(r.module)}) was modified "
-                                   f"in place after the layer ran; its per-sample gradient cannot be "
-                                   f"computed from it: make that operation out of place")
         return records
 
     def _sq_norms(self, uses, rows) -> torch.Tensor:
@@ -615,6 +614,7 @@ class GhostDPOptimizer(DPOptimizer):
             raise FloatingPointError(f"{int((~finite).sum())} sample(s) have a non-finite gradient norm")
 
     def zero_grad(self, set_to_none: bool = False):
+        self._pending_backwards = 0  # the cleared gradients' backwards no longer count
         for p in self.params:
             if not self._is_last_step_skipped:
                 p.summed_grad = None
