@@ -82,11 +82,11 @@ class Prepared:
     ``step`` is the timed call (e.g. FGM attack + restore).  ``check`` returns
     None when the implementation matches the reference, else what differs; it
     runs before timing.  ``design_bytes`` is what the op moves per ``step`` by
-    design when fastadv kernels run (see :func:`count`).  ``counting`` is
-    ``"dispatch"`` (exact, :func:`count`) or ``"compiled"`` (for
+    design when fastadv kernels run (see :func:`fastadv.bench.count.count`).  ``counting`` is
+    ``"dispatch"`` (exact, the dispatch mode) or ``"compiled"`` (for
     ``torch.compile`` output, which the dispatch mode sees only as the eager
     ops it replaces: on CUDA launches and syncs come from the profiler
-    (:func:`count_profiled`), bytes stay the eager-equivalent count, an upper
+    (:func:`fastadv.bench.count.count_profiled`), bytes stay the eager-equivalent count, an upper
     bound).  ``timed=False`` leaves ``ms``
     empty (the Triton interpreter: its times mean nothing).  ``extra`` keys go
     into the result row.  ``sync_free``: whether ``step`` must issue no host
