@@ -616,3 +616,43 @@ def test_linear_sq_norms_refusals():
         linear_sq_norms(torch.randn(2, 3, 4), torch.randn(2, 4, 4))
     with pytest.raises(TypeError, match="floating point"):
         linear_sq_norms(torch.ones(2, 3, 4, dtype=torch.int64), torch.randn(2, 3, 4))
+
+
+# ---------------------------------------------------------------- Opacus's ghost API
+
+def test_same_api_and_update_as_opacus_ghost():
+    """Opacus's own grad_sample_mode="ghost" and fastadv's return the same kinds
+    of objects and the same private gradient (MLP, no tied weights: Opacus's
+    ghost mode refuses tied parameters)."""
+    from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+    torch.manual_seed(19)
+    model = MLP()
+    x, y = _data("mlp", 6)
+    out = {}
+    for name, engine in (("opacus", opacus.PrivacyEngine()), ("fastadv", PrivacyEngine())):
+        m0 = copy.deepcopy(model)
+        res = engine.make_private(module=m0, optimizer=torch.optim.SGD(m0.parameters(), lr=0.0),
+                                  criterion=nn.CrossEntropyLoss(), data_loader=_loader(x, y, 6),
+                                  noise_multiplier=0.0, max_grad_norm=0.3, poisson_sampling=False,
+                                  grad_sample_mode="ghost")
+        assert len(res) == 4 and isinstance(res[2], DPLossFastGradientClipping)
+        m, opt, crit, _ = res
+        opt.zero_grad()
+        logits = m(x)
+        loss = crit(logits, y)
+        assert abs(loss.item() - F.cross_entropy(logits.detach(), y).item()) < 1e-6
+        loss.backward()
+        opt.step()
+        out[name] = {n: p.grad.clone() for n, p in m0.named_parameters()}
+    _assert_same(out["fastadv"], out["opacus"])
+
+
+def test_make_private_with_epsilon_ghost():
+    x, y = _data("mlp", 32)
+    model = MLP()
+    engine = PrivacyEngine()
+    m, opt, crit, loader = engine.make_private_with_epsilon(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), criterion=nn.CrossEntropyLoss(),
+        data_loader=_loader(x, y, 8), target_epsilon=2.0, target_delta=1e-5, epochs=2, max_grad_norm=1.0,
+        grad_sample_mode="bk")
+    assert isinstance(opt, ghost.GhostDPOptimizer) and opt.noise_multiplier > 0
