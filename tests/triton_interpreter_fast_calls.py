@@ -5,9 +5,12 @@ Under ``TRITON_INTERPRET=1`` a kernel launch patches ``triton.language`` once
 But each call of a jit *helper* from inside a program (``_stepped(...)`` in the
 PGD update, the Philox helpers, ...) calls ``_patch_lang`` again, which walks
 every member of ``tl``, ``tl.core``, ``tl.math`` and ``tl.tensor`` with
-``inspect.getmembers`` (~10 ms) to re-install the very same patches: with one
-program per row that is thousands of walks per test, most of the interpreter
-time of the row-mode tests.
+``inspect.getmembers`` (~10 ms on 2 cores) to re-install the very same
+patches.  ``tl.sum``, ``tl.zeros``, ``tl.max`` are such helpers too, so with one
+program per row or per block it is thousands of walks per test.  Measured (CPU
+seconds, 2-core machine, Triton 3.9): two seed-loop steps of row-mode PGD 13.3
+-> 7.2; ``test_dp.py::test_noise_statistics_kernel[triton]`` 19.2 -> 8.8;
+``test_make_private_training_matches_opacus[triton-5]`` 19.7 -> 10.4.
 
 This skips that second walk when, and only when, the launch that is running
 already patched every ``triton.language`` module the helper can see (the same
@@ -17,7 +20,8 @@ look like this one) goes through the interpreter's own code unchanged.  A
 wrong skip could not pass silently: an unpatched Triton builtin raises when
 called outside a compiled kernel.
 
-``install()`` is called by tests/conftest.py when the interpreter is on.
+``install()`` is meant to be called once by tests/conftest.py when the
+interpreter is on (before any kernel runs).
 """
 from __future__ import annotations
 
