@@ -183,6 +183,30 @@ def test_update_equals_opacus_vanilla(kind, mode):
     _assert_same(got, want)
 
 
+class Fanout(nn.Module):
+    """Layer outputs used twice (an embedding feeding a residual, a first
+    Linear without bias): still one use of each weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.fc, self.mix = nn.Embedding(9, 4), nn.Linear(4, 4, bias=False), nn.Linear(4, 3)
+
+    def forward(self, ids):
+        e = self.emb(ids)
+        h = e + torch.tanh(self.fc(e))
+        return self.mix(h * h.sum(-1, keepdim=True)).mean(1)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_fanout_of_layer_outputs(mode):
+    torch.manual_seed(20)
+    model = Fanout()
+    batch = (torch.randint(0, 9, (5, 6)), torch.randint(0, 3, (5,)))
+    want = opacus_grads(copy.deepcopy(model), [batch], C=0.3)
+    got, _ = fast_grads(model, [batch], C=0.3, mode=mode)
+    _assert_same(got, want)
+
+
 @pytest.mark.parametrize("strategy", ["gram", "per_sample"])
 def test_both_norm_strategies_equal_opacus(strategy):
     torch.manual_seed(2)

@@ -199,22 +199,33 @@ def _type_name(m) -> str:
 
 # ---------------------------------------------------------------- autograd graph walk
 
+# Nodes that only re-view or cast their one input: a parameter seen through them
+# is still the parameter (each op consuming the view is one use).  A compute
+# node with one input (EmbeddingBackward, MmBackward of a first layer) is not:
+# its output may feed many ops and is still one use.
+_PASS_THROUGH = frozenset({"TBackward0", "ToCopyBackward0", "ViewBackward0", "UnsafeViewBackward0",
+                           "ReshapeAliasBackward0", "PermuteBackward0", "TransposeBackward0",
+                           "ExpandBackward0", "AliasBackward0", "CloneBackward0", "SliceBackward0",
+                           "SelectBackward0", "SqueezeBackward0", "SqueezeBackward1", "UnsqueezeBackward0"})
+
+
 def _param_uses(root, params: dict[int, str]) -> collections.Counter:
     """How many times each parameter enters the graph below ``root``.
 
     A use is an edge from an op into the parameter's leaf, or into a chain of
-    one-input nodes ending at it (a transpose, an autocast copy: autocast
+    pass-through nodes ending at it (a transpose, an autocast copy: autocast
     caches one cast per weight, so two uses share the copy node and are two
     edges into it)."""
     chain: dict = {}
 
-    def leaf_of(fn):  # id of the parameter a node is a one-input chain to, or None
+    def leaf_of(fn):  # id of the parameter a node is a pass-through chain to, or None
         if fn in chain:
             return chain[fn]
         var = getattr(fn, "variable", None)
+        res = None
         if var is not None:
             res = id(var) if id(var) in params else None
-        else:
+        elif type(fn).__name__ in _PASS_THROUGH:
             nxt = [n for n, _ in fn.next_functions if n is not None]
             res = leaf_of(nxt[0]) if len(nxt) == 1 else None
         chain[fn] = res
