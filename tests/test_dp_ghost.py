@@ -209,8 +209,9 @@ def test_fanout_of_layer_outputs(mode):
 
 @pytest.mark.parametrize("strategy", ["gram", "per_sample"])
 def test_both_norm_strategies_equal_opacus(strategy):
+    """Also RMSNorm (the model's first norm layer)."""
     torch.manual_seed(2)
-    model = TinyLM()
+    model = TinyLM(rms=True)
     batch = _data("lm", 5)
     want = opacus_grads(copy.deepcopy(model), [batch], C=0.5)
     got, _ = fast_grads(model, [batch], C=0.5, mode="bk", strategy=strategy)
