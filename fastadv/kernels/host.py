@@ -105,6 +105,38 @@ def new_key(device, generator: torch.Generator | None = None, secure: bool = Fal
     return torch.randint(0, KEY_HIGH, (2,), dtype=torch.int64, device=device, generator=generator)
 
 
+def shard_counters(global_numels, offsets, local_numels) -> tuple[list[int], list[int]]:
+    """Where the shards of a multi-tensor noise launch sit in the Philox stream.
+
+    A launch on whole tensors numbers its chunks of :data:`RNG_CHUNK` elements
+    across its tensors (tensor ``t`` starts at chunk ``first[t]``, the prefix
+    sum of the chunk counts of the tensors before it), so element ``e`` of
+    tensor ``t`` takes counter ``first[t] * RNG_QUARTER + (e // RNG_CHUNK) *
+    RNG_QUARTER + e % RNG_QUARTER`` (past the key's base), word
+    ``(e // RNG_QUARTER) % 4``.  A shard holding the global elements
+    ``[offset, offset + n)`` of tensor ``t`` reproduces that by running the
+    chunks of that grid which it overlaps: its work list cuts a *span* of
+    ``lead + n`` elements (``lead = offset % RNG_CHUNK``: the span starts on
+    the global chunk boundary before the shard) and its chunk ``c`` draws the
+    counters of global chunk ``first[t] + offset // RNG_CHUNK + c``; elements
+    of the span before ``lead`` are not the shard's and are masked off.  So an
+    element's noise depends on (key, tensor's place in the group, global index)
+    only, never on how the tensor is split.
+
+    Returns ``(spans, place)``: the span of each shard (0 for an empty shard)
+    and, per tensor, ``[first global chunk of its span, lead]`` flattened (the
+    kernels' ``place`` array)."""
+    spans, place, first = [], [], 0
+    for n_global, offset, n in zip(global_numels, offsets, local_numels):
+        if offset < 0 or offset + n > n_global:
+            raise ValueError(f"a shard [{offset}, {offset + n}) outside its tensor of {n_global} elements")
+        lead = offset % RNG_CHUNK
+        spans.append(lead + n if n else 0)
+        place += [first + offset // RNG_CHUNK, lead]
+        first += -(-n_global // RNG_CHUNK)
+    return spans, place
+
+
 # ---------------------------------------------------------------- work tables
 
 @functools.lru_cache(maxsize=128)

@@ -93,3 +93,16 @@ def shard_of(full: torch.Tensor, t) -> torch.Tensor:
                                   f"part {tuple(part.shape)} of its global shape {tuple(full.shape)} "
                                   f"(placements {t.placements})")
     return part
+
+
+def shard_offset(t) -> int:
+    """The flat index, in ``t``'s global tensor, of its local shard's first
+    element: where the shard sits in the unsharded element order (the noise
+    kernels number their random counters by it).  Raises unless the shard is
+    one contiguous range of the global tensor (FSDP2's ``Shard(0)`` is; a
+    shard along another dim is not)."""
+    part = shard_of(torch.empty(t.shape, dtype=t.dtype, device="meta"), t)
+    if part.numel() and not part.is_contiguous():
+        raise NotImplementedError(f"a shard along a dim other than the first (placements {t.placements}) "
+                                  f"is not one range of the global tensor's elements")
+    return part.storage_offset()

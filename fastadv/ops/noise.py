@@ -340,32 +340,73 @@ def weight_noise_(tensors: list[torch.Tensor], std: float, *, generator: torch.G
 
 
 def _sharded_weight_noise(tensors, std, generator, backend, names) -> WeightNoiseBackup:
-    """FSDP2 (DTensor shards): each tensor's standard normal draw is the one
-    the torch backend makes for the whole tensor on one process (``randn`` of
-    its global shape from ``generator``, tensor after tensor), and each shard
-    adds its own part of it (:func:`fastadv.ops._dist.shard_of`).  With the
-    same generator state on every rank (``torch.manual_seed``), the gathered
-    weights equal the single-process torch-backend run, and no two shards
-    share a number.  Cost: one full-size draw per tensor on every rank, one
-    tensor at a time.  The kernel backends number their Philox counters by the
-    chunk layout of one launch, which a shard does not see: ``backend='triton'``
-    / ``'cuda'`` raise here, ``auto`` takes this torch path."""
+    """FSDP2 (DTensor shards): each shard draws its own part of the noise the
+    single-process call gives the whole tensor, so the gathered weights equal
+    the single-process run with the same generator state (``torch.manual_seed``
+    on every rank) bitwise, and no two shards share a number.  The groups are
+    those of the single-process call (:func:`_groups` on the local shards,
+    which have the full tensors' dtypes and layout), drawn in the same order:
+
+    * kernel groups: one key per group, and one launch in which every shard
+      draws the Philox counters its elements have in the unsharded launch
+      (:func:`fastadv.kernels.host.shard_counters`); each rank draws only
+      its own elements;
+    * the torch group: the torch backend's ``randn`` of each tensor's global
+      shape, tensor after tensor, of which each shard adds its part (one
+      full-size draw per tensor on every rank: the torch generator cannot
+      skip ahead)."""
     if not all(_dist.is_sharded(t) for t in tensors):
         raise ValueError("weight noise on a mix of sharded (FSDP2) and unsharded tensors: call it once "
                          "for each kind")
-    name = _registry.pick(backend, _dist.local(tensors[0]).device)
-    if name != "torch" and _registry.forced(backend):
-        raise ValueError(f"weight noise on FSDP2 shards runs on the torch backend only (the {name} kernels "
-                         f"draw by launch-local counters that a shard cannot reproduce); use "
-                         f"backend='torch' or 'auto'")
     local = [_dist.local(t) for t in tensors]
-    backups = [torch.empty_like(t) for t in local]
+    backups = [None] * len(tensors)
     with torch.no_grad():
-        # the shard's part copied out, so that only one full-size draw is alive at a time
-        rand = [_dist.shard_of(draw("torch", t.shape, opmath(t.dtype), lt.device, generator), t).clone()
-                for t, lt in zip(tensors, local)]
-        weight_noise_op(local, backups, rand, std, "torch")
+        for (name, device, dtype), idx in _groups(local, backend).items():
+            glob, shards = take(tensors, idx), take(local, idx)
+            if name == "torch":
+                group_backups = [torch.empty_like(t) for t in shards]
+                # the shard's part copied out, so that only one full-size draw is alive at a time
+                rand = [_dist.shard_of(draw("torch", t.shape, opmath(t.dtype), device, generator), t).clone()
+                        for t in glob]
+                weight_noise_op(shards, group_backups, rand, std, "torch")
+            else:
+                group_backups = _flat_backups(shards)
+                _, place = host.shard_counters([t.numel() for t in glob], [_dist.shard_offset(t) for t in glob],
+                                               [t.numel() for t in shards])
+                shard_weight_noise_op(shards, group_backups, [draw(name, (), dtype, device, generator)], place,
+                                      std, name)
+                _bump_versions(shards)
+            for i, b in zip(idx, group_backups):
+                backups[i] = b
     return WeightNoiseBackup(list(tensors), list(names), backups, backend)
+
+
+@_registry.op("shard_weight_noise_", mutates_args={"weights", "backups"})
+def shard_weight_noise_op(weights: list[torch.Tensor], backups: list[torch.Tensor], rand: list[torch.Tensor],
+                          place: list[int], std: float, backend: str) -> None:
+    """:func:`weight_noise_op` on shards, kernel backends only: ``weights`` are
+    local shards (one dtype, one device), ``rand = [key]``, ``place`` their
+    place in the unsharded launch (:func:`fastadv.kernels.host.shard_counters`).
+    One launch; each element gets the number the unsharded launch gives it."""
+    if backend not in ("triton", "cuda"):
+        raise ValueError(f"shard weight noise runs on the kernel backends, got {backend!r}")
+    if len(place) != 2 * len(weights):
+        raise ValueError(f"place has {len(place)} entries for {len(weights)} tensors (2 each)")
+    if not weights:
+        return
+    spans = [lead + w.numel() if w.numel() else 0 for w, lead in zip(weights, place[1::2])]
+    with device_guard(weights[0]):
+        # built for this call from the live tensors (the spans are not the tensors' sizes, so the
+        # shared cache keyed by sizes does not hold them): two small copies, no host sync
+        table = host.TensorTable(spans, 2, weights[0].device, CHUNK,
+                                 ptrs=[t.data_ptr() for lst in (weights, backups) for t in lst])
+        place_ = host.host_to(torch.tensor(place, dtype=torch.int64), weights[0].device)
+        _registry.kernels("noise", backend).shard_weight_noise(table, place_, weights[0].dtype, rand[0], std)
+
+
+@shard_weight_noise_op.register_fake
+def _(weights, backups, rand, place, std, backend):
+    return None
 
 
 def weight_noise_restore_(state: WeightNoiseBackup, live: list | None = None) -> None:

@@ -184,3 +184,55 @@ def weight_noise(table: mt.TensorTable, dtype: torch.dtype, key: torch.Tensor, s
                                             float(std), QUARTER_=QUARTER, ALIGNED=bool(table.aligned),
                                             num_warps=NUM_WARPS, enable_fp_fusion=False)
     count_launch("triton.weight_noise")
+
+
+# ---- weight noise on shards (FSDP2) ----------------------------------------------------------------
+# Each shard draws the counters its elements get in the unsharded launch (host.shard_counters):
+# the two-list table lists the shards with their *spans* (the shard widened at the front to the
+# global chunk boundary, lead elements), ``place[2t], place[2t+1]`` = (global chunk of the span's
+# first chunk, lead).  Span positions below lead belong to the previous shard: masked off.
+
+@triton.jit
+def _shard_quarter(w_p, b_p, s, lead, end, z, std):
+    m = (s >= lead) & (s < end)
+    offs = s - lead                       # the shard's own element index (negative ones are masked)
+    w = tl.load(w_p + offs, mask=m, other=0.0)
+    tl.store(b_p + offs, w, mask=m)
+    tl.store(w_p + offs, (w.to(tl.float32) + z * std).to(w.dtype), mask=m)
+
+
+@triton.jit
+def _shard_weight_noise_kernel(table, T, like, place, key_ptr, std, QUARTER_: tl.constexpr):
+    pid = tl.program_id(0)
+    t, start, end = mt.work_item(table, pid, T, 2, 4 * QUARTER_)   # span coordinates
+    w_p = mt.tensor_ptr(table, 0, t, T, like, False)
+    b_p = mt.tensor_ptr(table, 1, t, T, like, False)
+    chunk = tl.load(place + 2 * t) + start // (4 * QUARTER_)         # the unsharded launch's chunk
+    lead = tl.load(place + 2 * t + 1)
+    seed, base = rng.load_key(key_ptr)
+    z0, z1, z2, z3 = rng.normal4x(seed, rng.chunk_counters(base, chunk, QUARTER_))
+    s = start + tl.arange(0, QUARTER_)
+    _shard_quarter(w_p, b_p, s, lead, end, z0, std)
+    _shard_quarter(w_p, b_p, s + QUARTER_, lead, end, z1, std)
+    _shard_quarter(w_p, b_p, s + 2 * QUARTER_, lead, end, z2, std)
+    _shard_quarter(w_p, b_p, s + 3 * QUARTER_, lead, end, z3, std)
+
+
+def shard_weight_noise(table: mt.TensorTable, place: torch.Tensor, dtype: torch.dtype, key: torch.Tensor,
+                       std: float) -> None:
+    """:func:`weight_noise` on shards: ``table`` lists the shards (list 0) and
+    their backups (list 1) with the spans of :func:`fastadv.kernels.host.shard_counters`
+    as sizes, ``place`` (int64, device) its ``place``.  Every element gets the
+    number the unsharded launch with the same key gives it.  One launch."""
+    _check_key(key)
+    if table.n_lists != 2 or table.chunk != CHUNK:
+        raise ValueError(f"weight noise needs a table of 2 lists in {CHUNK}-element chunks, got "
+                         f"{table.n_lists} lists of {table.chunk}")
+    if place.dtype != torch.int64 or place.numel() != 2 * table.n_tensors:
+        raise ValueError(f"place must be int64 with 2 entries per tensor ({2 * table.n_tensors})")
+    if table.n_chunks == 0:
+        return
+    _shard_weight_noise_kernel[(table.n_chunks,)](table.data, table.n_tensors, mt.witness(dtype, table.device),
+                                                  place, key, float(std), QUARTER_=QUARTER,
+                                                  num_warps=NUM_WARPS, enable_fp_fusion=False)
+    count_launch("triton.shard_weight_noise")
