@@ -251,28 +251,30 @@ def _ran(fn):
 
 def _randomness(model_of, mode):
     """weight_noise (both modes) and NEFTune (DDP): the noise each rank draws
-    from the same generator state (``torch.manual_seed(7)`` on every rank)."""
+    from the same generator state (``torch.manual_seed(7)`` on every rank);
+    the perturbation's host syncs and launches counted."""
+    import fastadv.kernels as kernels
     out = {}
-    for backend in (BACKENDS if mode == "ddp" else ["torch", "auto"]):
+    for backend in (BACKENDS if mode == "ddp" else ["torch", "auto", "triton"]):
         model = model_of()
         before = _weights(model)
         torch.manual_seed(7)
+        watch, launched = _SyncWatch(), collections.Counter(kernels.LAUNCHES)
 
         def noisy():
-            with fastadv.noise.weight_noise(model, 0.01, backend=backend):
-                return _weights(model)
-        out["noisy", backend], ran = _ran(noisy)
-        out["weight_noise_ran", backend] = ran
+            ctx = fastadv.noise.weight_noise(model, 0.01, backend=backend)
+            with watch:
+                ctx.__enter__()
+            launches = collections.Counter(kernels.LAUNCHES) - launched
+            try:
+                return _weights(model), launches
+            finally:
+                ctx.__exit__(None, None, None)
+        (out["noisy", backend], out["weight_noise_launches", backend]), ran = _ran(noisy)
+        out["weight_noise_ran", backend], out["weight_noise_syncs", backend] = ran, watch.syncs
         out["before", backend], out["restored", backend] = before, _weights(model)
     if mode == "fsdp":
         model = model_of()
-        try:
-            with fastadv.noise.weight_noise(model, 0.01, backend="triton"):
-                pass
-        except ValueError as exc:
-            out["forced_kernel_error"] = str(exc)
-        out["forced_kernel_untouched"] = all(torch.equal(a, b) for a, b in
-                                             zip(_weights(model).values(), before.values()))
         try:  # DP clip + noise on shards: refused (docs/distributed.md, "DP-SGD")
             fastadv.dp.DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=1.0,
                                    max_grad_norm=1.0, expected_batch_size=2)
@@ -513,33 +515,35 @@ def test_neftune_ddp_same_on_every_rank(runs, backend):
     assert r0["neftune_ran", backend] == r1["neftune_ran", backend] == [backend]
 
 
-def _single_weight_noise():
+def _single_weight_noise(backend):
     torch.manual_seed(0)
     model = ShardLM()
     torch.manual_seed(7)
-    with fastadv.noise.weight_noise(model, 0.01, backend="torch"):
+    with fastadv.noise.weight_noise(model, 0.01, backend=backend):
         return _weights(model)
 
 
-@pytest.mark.parametrize("backend", ["torch", "auto"])
+@pytest.mark.parametrize("backend", ["torch", "auto", "triton"])
 def test_weight_noise_fsdp_shards_draw_their_part(runs, backend):
-    """Each shard adds its part of the whole tensor's draw: the gathered
-    weights equal the single-process torch-backend run bitwise (so no two
-    shards share a number); ``auto`` takes the same torch path on shards."""
-    expected = _single_weight_noise()
+    """Each shard adds its part of the single-process draw of the same backend:
+    the gathered weights equal the single-process run bitwise (so no two shards
+    share a number), restored bit-exact, no host sync.  torch: each rank draws
+    the whole tensor and keeps its part; triton: each shard draws only its own
+    elements, at the Philox counters of their global indices, in one launch
+    per dtype group (the shards here are uneven and one is empty)."""
+    expected = _single_weight_noise(backend)
     for r in runs("fsdp"):
         rnd = r["random"]
         assert rnd["noisy", backend].keys() == expected.keys()
         for name, w in expected.items():
             assert torch.equal(rnd["noisy", backend][name], w), name
             assert torch.equal(rnd["restored", backend][name], rnd["before", backend][name]), name
-        assert rnd["weight_noise_ran", backend] == ["torch"]
-
-
-def test_weight_noise_fsdp_forced_kernel_refused(runs):
-    for r in runs("fsdp"):
-        assert "FSDP2 shards runs on the torch backend only" in r["random"]["forced_kernel_error"]
-        assert r["random"]["forced_kernel_untouched"]
+        assert rnd["weight_noise_syncs", backend] == []
+        if backend == "triton":
+            assert rnd["weight_noise_ran", backend] == ["triton"]
+            assert rnd["weight_noise_launches", backend]["triton.shard_weight_noise"] == 1
+        else:
+            assert rnd["weight_noise_ran", backend] == ["torch"]
 
 
 # ---------------------------------------------------------------- DP-SGD under DDP
