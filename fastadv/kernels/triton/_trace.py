@@ -29,20 +29,22 @@ import threading
 
 import torch
 
-_STATE = threading.local()
+class _State(threading.local):
+    tracing = False  # a class default: the eager check is one attribute read
+
+
+_STATE = _State()
 _SHIMS: dict = {}  # InterpretedFunction -> its traceable JITFunction (one per kernel)
 
 
 def wrap_triton(kernel):
     """``kernel`` in eager mode; a traceable launch while a triton_op twin is traced."""
-    if not getattr(_STATE, "tracing", False):
-        return kernel
-    return _traceable(kernel)
+    return _traceable(kernel) if _STATE.tracing else kernel
 
 
 @contextlib.contextmanager
 def _tracing():
-    before = getattr(_STATE, "tracing", False)
+    before = _STATE.tracing
     _STATE.tracing = True
     try:
         yield
