@@ -176,6 +176,13 @@ FASTADV_API int fastadv_noise_token_ids(const int64_t* ids, int64_t* out, int64_
                                         float factor, int64_t vocab_size, void* stream);
 FASTADV_API int fastadv_mt_weight_noise(const int64_t* table, int64_t n_tensors, int64_t n_chunks, int dtype,
                                         const int64_t* key, float std_, void* stream);
+/* fastadv_mt_shard_weight_noise: fastadv_mt_weight_noise on shards (FSDP2): the table lists the
+ * shards with the spans of fastadv/kernels/host.py shard_counters as sizes, place (device int64,
+ * 2 per tensor: first unsharded chunk of the span, lead) their place in the unsharded launch, so
+ * every element draws the number the unsharded launch gives it. */
+FASTADV_API int fastadv_mt_shard_weight_noise(const int64_t* table, int64_t n_tensors, int64_t n_chunks,
+                                              const int64_t* place, int dtype, const int64_t* key, float std_,
+                                              void* stream);
 
 /* ---- NEFTune (csrc/neftune.cu): scale[b, t] = mask[b, t] * alpha_over_sqrt_d /
  * sqrt(sum_t mask[b, t]) (0 for an empty sequence); mask, scale: float32 [batch, seq_len]. */

@@ -107,6 +107,39 @@ weight_noise_kernel(mt::Table tb, const int64_t* __restrict__ key, float std_) {
   }
 }
 
+// Weight noise on shards (FSDP2), the twin of triton/noise.py's _shard_weight_noise_kernel: the
+// table lists the shards with their spans (fastadv/kernels/host.py shard_counters: each shard
+// widened at the front to the global chunk boundary by `lead` elements) and
+// place[2t], place[2t + 1] = (the unsharded launch's chunk of tensor t's first span chunk, lead).
+// Each element draws the counter the unsharded launch gives it; span positions below lead
+// belong to the previous shard and are skipped.
+template <typename Tr>
+__global__ void __launch_bounds__(kThreads)
+shard_weight_noise_kernel(mt::Table tb, const int64_t* __restrict__ place, const int64_t* __restrict__ key,
+                          float std_) {
+  using B = typename Tr::bits;
+  const mt::Chunk c = mt::chunk_of(tb, blockIdx.x);  // span coordinates
+  B* w = tb.ptr<B>(0, c.tensor);
+  B* backup = tb.ptr<B>(1, c.tensor);
+  const int64_t chunk = place[2 * c.tensor] + c.start / kChunk;
+  const int64_t lead = place[2 * c.tensor + 1];
+  const rng::Key k = rng::load_key(key);
+  for (int64_t j = threadIdx.x; j < kQuarter; j += kThreads) {
+    float z[4];
+    rng::normal4(rng::philox4x32_10(uint64_t(k.base + chunk * kQuarter + j), k.seed), z);
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const int64_t s = c.start + q * kQuarter + j;
+      if (s >= lead && s < c.end) {
+        const int64_t e = s - lead;  // the shard's own element
+        const B v = w[e];
+        backup[e] = v;
+        w[e] = Tr::from_float(__fadd_rn(Tr::to_float(v), __fmul_rn(z[q], std_)));
+      }
+    }
+  }
+}
+
 }  // namespace
 }  // namespace fastadv
 
@@ -199,6 +232,27 @@ extern "C" FASTADV_API int fastadv_mt_weight_noise(const int64_t* table, int64_t
   return dispatch_dtype(fn, dtype, [&](auto tr) {
     using Tr = decltype(tr);
     weight_noise_kernel<Tr><<<unsigned(n_chunks), kThreads, 0, s>>>(tb, key, std_);
+    return check_launch(fn);
+  });
+}
+
+// fastadv_mt_weight_noise on shards: `table` lists the shards and their backups with the spans
+// of host.shard_counters as sizes, `place` (device int64, 2 * n_tensors) their place in the
+// unsharded launch; every element gets the number the unsharded launch with `key` gives it.
+extern "C" FASTADV_API int fastadv_mt_shard_weight_noise(const int64_t* table, int64_t n_tensors,
+                                                         int64_t n_chunks, const int64_t* place, int dtype,
+                                                         const int64_t* key, float std_, void* stream) {
+  static const char* fn = "fastadv_mt_shard_weight_noise";
+  if (int e = mt::check_table(fn, table, 2, n_tensors, n_chunks, kChunk)) return e;
+  if (n_chunks == 0) return 0;
+  if (key == nullptr) return null_arg(fn, "key");
+  if (place == nullptr) return null_arg(fn, "place");
+  if (n_chunks > kMaxChunks) return too_big(fn, n_chunks * kChunk);
+  const mt::Table tb{table, n_tensors, 2, kChunk};
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  return dispatch_dtype(fn, dtype, [&](auto tr) {
+    using Tr = decltype(tr);
+    shard_weight_noise_kernel<Tr><<<unsigned(n_chunks), kThreads, 0, s>>>(tb, place, key, std_);
     return check_launch(fn);
   });
 }

@@ -20,6 +20,8 @@ declare({
     "fastadv_noise_token_ids": (_c_int, [_c_void_p, _c_void_p, _c_int64, _c_void_p, _c_float, _c_int64,
                                          _c_void_p]),
     "fastadv_mt_weight_noise": (_c_int, [_c_void_p, _c_int64, _c_int64, _c_int, _c_void_p, _c_float, _c_void_p]),
+    "fastadv_mt_shard_weight_noise": (_c_int, [_c_void_p, _c_int64, _c_int64, _c_void_p, _c_int, _c_void_p,
+                                               _c_float, _c_void_p]),
 })
 
 CHUNK = host.RNG_CHUNK  # elements per chunk (one block): rng.cuh kChunk
@@ -99,3 +101,23 @@ def weight_noise(table, dtype: torch.dtype, key: torch.Tensor, std: float) -> No
         _call("fastadv_mt_weight_noise", table.data.data_ptr(), table.n_tensors, table.n_chunks,
               dtype_code(dtype), _ptr(key), float(std), _stream(table.data))
     count_launch("cuda.weight_noise", 1 if table.n_chunks else 0)
+
+
+def shard_weight_noise(table, place: torch.Tensor, dtype: torch.dtype, key: torch.Tensor, std: float) -> None:
+    """:func:`weight_noise` on shards (FSDP2): ``table`` lists the shards and
+    their backups with the spans of :func:`fastadv.kernels.host.shard_counters`
+    as sizes, ``place`` (int64, on the device) its ``place``; every element gets
+    the number the unsharded launch with ``key`` gives it.  One launch."""
+    if table.device.type != "cuda":
+        raise ValueError(f"the cuda backend needs CUDA tensors; got tensors on {table.device}")
+    if table.n_lists != 2 or table.chunk != CHUNK:
+        raise ValueError(f"weight noise needs a table of 2 lists in {CHUNK}-element chunks, got "
+                         f"{table.n_lists} lists of {table.chunk}")
+    _check(place, "place")
+    if place.dtype != torch.int64 or place.numel() != 2 * table.n_tensors:
+        raise ValueError(f"place must be int64 with 2 entries per tensor ({2 * table.n_tensors})")
+    _key(key)
+    with torch.cuda.device(table.device):
+        _call("fastadv_mt_shard_weight_noise", table.data.data_ptr(), table.n_tensors, table.n_chunks,
+              _ptr(place), dtype_code(dtype), _ptr(key), float(std), _stream(table.data))
+    count_launch("cuda.shard_weight_noise", 1 if table.n_chunks else 0)
