@@ -108,7 +108,27 @@ def _kernel_limit(name, *, dtypes: Pairs = (), allowed=KERNEL_DTYPES, contiguous
                   same_dtype: Pairs = (), batch_major: Pairs = (), same_layout: Pairs = (),
                   strided: Pairs = (), one_device: Pairs = ()) -> Exception | None:
     """The first kernel limit of :func:`pick` that the tensors break, as the
-    exception a forced backend raises; None when the kernels take them."""
+    exception a forced backend raises; None when the kernels take them.
+    (Each rule is skipped when not asked for: this runs on every call.)"""
+    for pair in dtypes:
+        t, ok = pair[1], (pair[2] if len(pair) > 2 else allowed)
+        if t is not None and t.dtype not in ok:
+            return TypeError(f"the {name} backend supports {_dtype_names(ok)} {pair[0]}, got {t.dtype}; "
+                             f"use backend='torch'")
+    if same_dtype:
+        (first_what, first), *rest = [(w, t) for w, t in same_dtype if t is not None]
+        for what, t in rest:
+            if t.dtype != first.dtype:
+                return TypeError(f"the {name} backend needs the {what} in the {first_what}'s dtype "
+                                 f"({first.dtype}), got {t.dtype}; use backend='torch'")
+    for what, t in contiguous:
+        if t is not None and not t.is_contiguous():
+            return ValueError(f"the {name} backend needs a contiguous {what}; use backend='torch'")
+    return _layout_limit(name, batch_major, same_layout, strided, one_device) \
+        if (batch_major or same_layout or strided or one_device) else None
+
+
+def _layout_limit(name, batch_major, same_layout, strided, one_device) -> Exception | None:
     for what, t in strided:
         if t is not None and t.layout != torch.strided:
             return ValueError(f"the {name} backend needs dense {what}, got a {t.layout} tensor; "
@@ -117,20 +137,6 @@ def _kernel_limit(name, *, dtypes: Pairs = (), allowed=KERNEL_DTYPES, contiguous
     if len(devices) > 1:
         return ValueError(f"the {name} backend needs every tensor on one device, got "
                           f"{sorted(str(d) for d in devices)}; use backend='torch'")
-    for what, t, *own in dtypes:
-        ok = own[0] if own else allowed
-        if t is not None and t.dtype not in ok:
-            return TypeError(f"the {name} backend supports {_dtype_names(ok)} {what}, got {t.dtype}; "
-                             f"use backend='torch'")
-    same_dtype = [(w, t) for w, t in same_dtype if t is not None]
-    for what, t in same_dtype[1:]:
-        first_what, first = same_dtype[0]
-        if t.dtype != first.dtype:
-            return TypeError(f"the {name} backend needs the {what} in the {first_what}'s dtype "
-                             f"({first.dtype}), got {t.dtype}; use backend='torch'")
-    for what, t in contiguous:
-        if t is not None and not t.is_contiguous():
-            return ValueError(f"the {name} backend needs a contiguous {what}; use backend='torch'")
     for what, t in batch_major:
         if t is not None and not dense_batch_major(t):
             return ValueError(f"the {name} backend needs {what} dense with the batch dimension outermost "
