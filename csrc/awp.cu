@@ -46,7 +46,7 @@ awp_update_kernel(Table tb, const float* __restrict__ norms, float lr, float eps
   B* w = tb.ptr<B>(0, k.tensor);
   const B* g = tb.ptr<const B>(1, k.tensor);
   B* b = tb.ptr<B>(2, k.tensor);
-  const bool vec = mt::aligned(w + k.start, 16) && mt::aligned(g + k.start, 16) && mt::aligned(b + k.start, 16);
+  const bool vec = mt::chunk_aligned16(k, w, g, b);
   mt::chunk_loop<kVec<B>>(k, vec, [&](auto width, int64_t i) {
     constexpr int N = decltype(width)::value;
     auto pw = mt::load<B, N>(w, i);
@@ -77,8 +77,7 @@ extern "C" FASTADV_API int fastadv_awp_update(const int64_t* table, int64_t tens
                                               int64_t chunk, int dtype, const float* norms, float lr,
                                               float eps, int write_backup, void* stream) {
   static const char* fn = "fastadv_awp_update";
-  if (int e = mt::check_table(fn, table, 3, tensors, chunks, chunk)) return e;
-  if (norms == nullptr) return fail(int(cudaErrorInvalidValue), "%s: norms is NULL", fn);
+  if (int e = mt::check_update(fn, table, 3, tensors, chunks, chunk, norms, "norms")) return e;
   if (chunks == 0) return 0;
   const Table tb = make_table(table, 3, tensors, chunk);
   cudaStream_t s = static_cast<cudaStream_t>(stream);

@@ -64,6 +64,13 @@ __device__ __forceinline__ bool aligned(const void* p, int bytes) {
   return reinterpret_cast<uintptr_t>(p) % bytes == 0;
 }
 
+// Every pointer, offset to the chunk's first element, is a multiple of 16 bytes (the vector
+// access of chunk_loop with kVec<B> elements): the test of the element-wise update kernels.
+template <typename... P>
+__device__ __forceinline__ bool chunk_aligned16(const Chunk& k, const P*... p) {
+  return (aligned(p + k.start, 16) && ...);
+}
+
 template <int N>
 using Width = std::integral_constant<int, N>;
 
@@ -113,13 +120,19 @@ per_tensor_norms_kernel(Table tb, const float* __restrict__ partials, int64_t n_
 
 constexpr int kGlobalThreads = 1024;
 
-// One block: *out = sqrt(sum of partials[0, n)), in a fixed order.
+// One block: *out = sqrt(sum of partials[0, n)), in a fixed order; *ok (when not NULL) = the
+// norm is finite (SiFT's skip test, made on the device).
 static __global__ void __launch_bounds__(kGlobalThreads)
-global_norm_kernel(const float* __restrict__ partials, int64_t n, float* __restrict__ out) {
+global_norm_kernel(const float* __restrict__ partials, int64_t n, float* __restrict__ out,
+                   uint8_t* __restrict__ ok = nullptr) {
   float acc = 0.f;
   for (int64_t i = threadIdx.x; i < n; i += kGlobalThreads) acc += partials[i];
   const float s = block_sum<kGlobalThreads>(acc);
-  if (threadIdx.x == 0) *out = sqrtf(s);
+  if (threadIdx.x == 0) {
+    const float norm = sqrtf(s);
+    *out = norm;
+    if (ok != nullptr) *ok = uint8_t(!isnan(norm) && !isinf(norm));
+  }
 }
 
 // ---- argument checks shared by the C entry points ------------------------------
@@ -133,6 +146,15 @@ inline int check_table(const char* fn, const int64_t* table, int lists, int64_t 
     return fail(int(cudaErrorInvalidValue), "%s: chunk must be a positive multiple of 16, got %lld", fn,
                 (long long)chunk);
   if (table == nullptr && tensors > 0) return fail(int(cudaErrorInvalidValue), "%s: table is NULL", fn);
+  return 0;
+}
+
+// check_table plus the device scalar(s) an update kernel reads (`what`, not NULL): the
+// prologue of the element-wise update entry points (AWP's norms, SAM's norm).
+inline int check_update(const char* fn, const int64_t* table, int lists, int64_t tensors, int64_t chunks,
+                        int64_t chunk, const void* scalars, const char* what) {
+  if (int e = check_table(fn, table, lists, tensors, chunks, chunk)) return e;
+  if (scalars == nullptr) return fail(int(cudaErrorInvalidValue), "%s: %s is NULL", fn, what);
   return 0;
 }
 

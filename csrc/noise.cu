@@ -31,50 +31,31 @@ __global__ void __launch_bounds__(kThreads)
 add_noise_kernel(const typename Tr::bits* x, typename Tr::bits* out, int64_t numel,
                  const int64_t* __restrict__ key, float scale, const float* __restrict__ row_scale,
                  int64_t row_len) {
-  const rng::Key k = rng::load_key(key);
-  const int64_t chunk = blockIdx.x;
-  const int64_t start = chunk * kChunk;
-  for (int64_t j = threadIdx.x; j < kQuarter; j += kThreads) {
-    const rng::Words w = rng::philox4x32_10(uint64_t(k.base + chunk * kQuarter + j), k.seed);
-    float r[4];
-    if (UNIFORM) {
-      rng::uniform4(w, r);
-#pragma unroll
-      for (int q = 0; q < 4; ++q) r[q] = 2.0f * r[q] - 1.0f;
-    } else {
-      rng::normal4(w, r);
+  const int64_t start = int64_t(blockIdx.x) * kChunk;
+  rng::chunk_draws<UNIFORM>(rng::load_key(key), blockIdx.x, [&](int64_t off, float r) {
+    const int64_t e = start + off;
+    if (UNIFORM) r = 2.0f * r - 1.0f;
+    if (e < numel) {
+      const float s = ROW_SCALE ? row_scale[div_index(e, row_len)] : scale;
+      out[e] = Tr::from_float(__fadd_rn(Tr::to_float(x[e]), __fmul_rn(r, s)));
     }
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      const int64_t e = start + q * kQuarter + j;
-      if (e < numel) {
-        const float s = ROW_SCALE ? row_scale[div_index(e, row_len)] : scale;
-        out[e] = Tr::from_float(__fadd_rn(Tr::to_float(x[e]), __fmul_rn(r[q], s)));
-      }
-    }
-  }
+  });
 }
 
 // The seed's token-id noise: clamp(long(float(id) + f * z), 0, vmax).
 __global__ void __launch_bounds__(kThreads)
 token_ids_kernel(const int64_t* __restrict__ ids, int64_t* __restrict__ out, int64_t numel,
                  const int64_t* __restrict__ key, float factor, int64_t vmax) {
-  const rng::Key k = rng::load_key(key);
-  const int64_t chunk = blockIdx.x;
-  for (int64_t j = threadIdx.x; j < kQuarter; j += kThreads) {
-    float z[4];
-    rng::normal4(rng::philox4x32_10(uint64_t(k.base + chunk * kQuarter + j), k.seed), z);
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      const int64_t e = chunk * kChunk + q * kQuarter + j;
-      if (e < numel) {
-        // float(id) + f * z in fp32, then truncation toward zero (C's cast, like .long())
-        int64_t v = static_cast<int64_t>(__fadd_rn(static_cast<float>(ids[e]), __fmul_rn(z[q], factor)));
-        v = v < 0 ? 0 : (v > vmax ? vmax : v);
-        out[e] = v;
-      }
+  const int64_t start = int64_t(blockIdx.x) * kChunk;
+  rng::chunk_draws(rng::load_key(key), blockIdx.x, [&](int64_t off, float z) {
+    const int64_t e = start + off;
+    if (e < numel) {
+      // float(id) + f * z in fp32, then truncation toward zero (C's cast, like .long())
+      int64_t v = static_cast<int64_t>(__fadd_rn(static_cast<float>(ids[e]), __fmul_rn(z, factor)));
+      v = v < 0 ? 0 : (v > vmax ? vmax : v);
+      out[e] = v;
     }
-  }
+  });
 }
 
 // ---- multi-tensor weight noise ----------------------------------------------------------
@@ -91,20 +72,14 @@ weight_noise_kernel(mt::Table tb, const int64_t* __restrict__ key, float std_) {
   const mt::Chunk c = mt::chunk_of(tb, chunk);
   B* w = tb.ptr<B>(0, c.tensor);
   B* backup = tb.ptr<B>(1, c.tensor);
-  const rng::Key k = rng::load_key(key);
-  for (int64_t j = threadIdx.x; j < kQuarter; j += kThreads) {
-    float z[4];
-    rng::normal4(rng::philox4x32_10(uint64_t(k.base + chunk * kQuarter + j), k.seed), z);
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      const int64_t e = c.start + q * kQuarter + j;
-      if (e < c.end) {
-        const B v = w[e];
-        backup[e] = v;
-        w[e] = Tr::from_float(__fadd_rn(Tr::to_float(v), __fmul_rn(z[q], std_)));
-      }
+  rng::chunk_draws(rng::load_key(key), chunk, [&](int64_t off, float z) {
+    const int64_t e = c.start + off;
+    if (e < c.end) {
+      const B v = w[e];
+      backup[e] = v;
+      w[e] = Tr::from_float(__fadd_rn(Tr::to_float(v), __fmul_rn(z, std_)));
     }
-  }
+  });
 }
 
 // Weight noise on shards (FSDP2), the twin of triton/noise.py's _shard_weight_noise_kernel: the
@@ -123,21 +98,15 @@ shard_weight_noise_kernel(mt::Table tb, const int64_t* __restrict__ place, const
   B* backup = tb.ptr<B>(1, c.tensor);
   const int64_t chunk = place[2 * c.tensor] + c.start / kChunk;
   const int64_t lead = place[2 * c.tensor + 1];
-  const rng::Key k = rng::load_key(key);
-  for (int64_t j = threadIdx.x; j < kQuarter; j += kThreads) {
-    float z[4];
-    rng::normal4(rng::philox4x32_10(uint64_t(k.base + chunk * kQuarter + j), k.seed), z);
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      const int64_t s = c.start + q * kQuarter + j;
-      if (s >= lead && s < c.end) {
-        const int64_t e = s - lead;  // the shard's own element
-        const B v = w[e];
-        backup[e] = v;
-        w[e] = Tr::from_float(__fadd_rn(Tr::to_float(v), __fmul_rn(z[q], std_)));
-      }
+  rng::chunk_draws(rng::load_key(key), chunk, [&](int64_t off, float z) {
+    const int64_t s = c.start + off;
+    if (s >= lead && s < c.end) {
+      const int64_t e = s - lead;  // the shard's own element
+      const B v = w[e];
+      backup[e] = v;
+      w[e] = Tr::from_float(__fadd_rn(Tr::to_float(v), __fmul_rn(z, std_)));
     }
-  }
+  });
 }
 
 }  // namespace

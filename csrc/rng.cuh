@@ -94,6 +94,24 @@ __host__ __device__ inline void uniform4(const Words& w, float u[4]) {
 }
 
 
+// ---- the per-chunk loop of the random kernels (noise, SiFT) ------------------------------
+
+// The draws of chunk `chunk` (a global chunk index: the counters base + chunk * kQuarter + j),
+// in the layout above: thread j takes counters j, j + kThreads, ... and, for each, calls
+// f(q * kQuarter + j, r[q]) for q = 0..3 -- the element's offset inside the chunk and its
+// N(0, 1) (UNIFORM: U[0, 1)) number.  Coalesced: consecutive threads, consecutive elements.
+template <bool UNIFORM = false, typename F>
+__device__ __forceinline__ void chunk_draws(const Key& k, int64_t chunk, F&& f) {
+  for (int64_t j = threadIdx.x; j < kQuarter; j += kThreads) {
+    const Words w = philox4x32_10(uint64_t(k.base + chunk * kQuarter + j), k.seed);
+    float r[4];
+    if (UNIFORM) uniform4(w, r);
+    else normal4(w, r);
+#pragma unroll
+    for (int q = 0; q < 4; ++q) f(q * kQuarter + j, r[q]);
+  }
+}
+
 // ---- launch helpers of the kernels on this chunk layout (noise, NEFTune, SiFT) ----------
 
 constexpr int64_t kMaxChunks = (int64_t(1) << 31) - 1;  // grid.x limit

@@ -4,6 +4,7 @@
 // test made on the device.  The Triton twins are in fastadv/kernels/triton/sift.py,
 // the ctypes launchers in fastadv/kernels/cuda/sift.py.
 #include "common.cuh"
+#include "multi_tensor.cuh"
 #include "rng.cuh"
 
 namespace fastadv {
@@ -17,28 +18,20 @@ using rng::kMaxChunks;
 using rng::null_arg;
 using rng::too_big;
 
-constexpr int kFinalize = 1024;
-
 // delta = clamp(ip * z, -2 ip, 2 ip) (fp32), pert = x + delta rounded once.
 template <typename Tr>
 __global__ void __launch_bounds__(kThreads)
 sift_init_kernel(const typename Tr::bits* __restrict__ x, float* __restrict__ delta,
                  typename Tr::bits* __restrict__ pert, int64_t numel, const int64_t* __restrict__ key, float ip) {
-  const rng::Key k = rng::load_key(key);
-  const int64_t chunk = blockIdx.x;
-  for (int64_t j = threadIdx.x; j < kQuarter; j += kThreads) {
-    float z[4];
-    rng::normal4(rng::philox4x32_10(uint64_t(k.base + chunk * kQuarter + j), k.seed), z);
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      const int64_t e = chunk * kChunk + q * kQuarter + j;
-      if (e < numel) {
-        const float d = fminf(fmaxf(z[q] * ip, -2.f * ip), 2.f * ip);
-        delta[e] = d;
-        pert[e] = Tr::from_float(Tr::to_float(x[e]) + d);
-      }
+  const int64_t start = int64_t(blockIdx.x) * kChunk;
+  rng::chunk_draws(rng::load_key(key), blockIdx.x, [&](int64_t off, float z) {
+    const int64_t e = start + off;
+    if (e < numel) {
+      const float d = fminf(fmaxf(z * ip, -2.f * ip), 2.f * ip);
+      delta[e] = d;
+      pert[e] = Tr::from_float(Tr::to_float(x[e]) + d);
     }
-  }
+  });
 }
 
 // One warp per row: sumsq[r] = sum g^2, rowmax[r] = max |g| (fp32 gradient of delta).
@@ -62,20 +55,6 @@ sift_row_stats_kernel(const float* __restrict__ g, int64_t rows, int64_t cols, f
       sumsq[r] = acc;
       rowmax[r] = mx;
     }
-  }
-}
-
-// One block: *out = sqrt(sum of partials) in a fixed order; *ok = (it is finite).
-__global__ void __launch_bounds__(kFinalize)
-finalize_norm_kernel(const float* __restrict__ partials, int64_t n, float* __restrict__ out,
-                     uint8_t* __restrict__ ok) {
-  float acc = 0.f;
-  for (int64_t i = threadIdx.x; i < n; i += kFinalize) acc += partials[i];
-  const float s = block_sum<kFinalize>(acc);
-  if (threadIdx.x == 0) {
-    const float norm = sqrtf(s);
-    *out = norm;
-    if (ok != nullptr) *ok = uint8_t(!isnan(norm) && !isinf(norm));
   }
 }
 
@@ -149,7 +128,7 @@ extern "C" FASTADV_API int fastadv_sift_update(const void* x, float* delta, cons
     sift_row_stats_kernel<<<grid_for_rows(rows), kThreads, 0, s>>>(grad, rows, cols, sumsq, rowmax);
     if (int e = check_launch("fastadv_sift_update (row stats)")) return e;
   }
-  finalize_norm_kernel<<<1, kFinalize, 0, s>>>(sumsq, n > 0 ? rows : 0, norm, ok);
+  mt::global_norm_kernel<<<1, mt::kGlobalThreads, 0, s>>>(sumsq, n > 0 ? rows : 0, norm, ok);
   if (int e = check_launch("fastadv_sift_update (norm)")) return e;
   if (n == 0) return 0;
   return dispatch_dtype(fn, dtype, [&](auto tr) {
