@@ -66,3 +66,12 @@ def test_shard_op_refuses_the_torch_backend_and_a_bad_place():
         ops.shard_weight_noise_op(w, [torch.empty_like(w[0])], [key], [0, 0], 0.1, "torch")
     with pytest.raises(ValueError, match="2 each"):
         ops.shard_weight_noise_op(w, [torch.empty_like(w[0])], [key], [0], 0.1, "triton")
+
+
+def test_opcheck(backend):
+    if backend == "torch":
+        pytest.skip("the shard launch is a kernel-backend op")
+    ws = [torch.randn(5, device=DEVICE), torch.randn(3, 3, device=DEVICE)]
+    _, place = host.shard_counters([10, 18], [5, 9], [5, 9])
+    torch.library.opcheck(ops.shard_weight_noise_op.overload,
+                          (ws, [torch.empty_like(w) for w in ws], [host.new_key(DEVICE)], place, 0.1, backend))

@@ -359,26 +359,32 @@ def _sharded_weight_noise(tensors, std, generator, backend, names) -> WeightNois
         raise ValueError("weight noise on a mix of sharded (FSDP2) and unsharded tensors: call it once "
                          "for each kind")
     local = [_dist.local(t) for t in tensors]
-    backups = [None] * len(tensors)
-    with torch.no_grad():
-        for (name, device, dtype), idx in _groups(local, backend).items():
-            glob, shards = take(tensors, idx), take(local, idx)
-            if name == "torch":
-                group_backups = [torch.empty_like(t) for t in shards]
-                # the shard's part copied out, so that only one full-size draw is alive at a time
-                rand = [_dist.shard_of(draw("torch", t.shape, opmath(t.dtype), device, generator), t).clone()
-                        for t in glob]
-                weight_noise_op(shards, group_backups, rand, std, "torch")
-            else:
-                group_backups = _flat_backups(shards)
-                _, place = host.shard_counters([t.numel() for t in glob], [_dist.shard_offset(t) for t in glob],
-                                               [t.numel() for t in shards])
-                shard_weight_noise_op(shards, group_backups, [draw(name, (), dtype, device, generator)], place,
-                                      std, name)
-                _bump_versions(shards)
-            for i, b in zip(idx, group_backups):
-                backups[i] = b
-    return WeightNoiseBackup(list(tensors), list(names), backups, backend)
+    state = WeightNoiseBackup([], [], [], backend)
+    try:
+        with torch.no_grad():
+            for (name, device, dtype), idx in _groups(local, backend).items():
+                glob, shards = take(tensors, idx), take(local, idx)
+                if name == "torch":
+                    backups = [torch.empty_like(t) for t in shards]
+                    # the shard's part copied out, so that only one full-size draw is alive at a time
+                    rand = [_dist.shard_of(draw("torch", t.shape, opmath(t.dtype), device, generator), t).clone()
+                            for t in glob]
+                    weight_noise_op(shards, backups, rand, std, "torch")
+                else:
+                    backups = _flat_backups(shards)
+                    _, place = host.shard_counters([t.numel() for t in glob],
+                                                   [_dist.shard_offset(t) for t in glob],
+                                                   [t.numel() for t in shards])
+                    key = draw(name, (), dtype, device, generator)
+                    shard_weight_noise_op(shards, backups, [key], place, std, name)
+                    _bump_versions(shards)
+                state.tensors += glob
+                state.names += take(names, idx)
+                state.backups += backups
+    except BaseException:
+        weight_noise_restore_(state)  # the groups already perturbed go back before the error leaves
+        raise
+    return state
 
 
 @_registry.op("shard_weight_noise_", mutates_args={"weights", "backups"})
