@@ -19,6 +19,7 @@ OPS: dict[str, str] = {
     "awp": "fastadv.bench.awp",
     "noise": "fastadv.bench.noise",
     "dp": "fastadv.bench.dp",
+    "dp_step": "fastadv.bench.dp_ghost",
     "fgsm": "fastadv.bench.fgsm",
     "sam": "fastadv.bench.sam",
     "sift": "fastadv.bench.sift",
