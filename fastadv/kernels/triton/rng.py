@@ -21,7 +21,9 @@ into chunks of ``4 * QUARTER`` elements; chunk ``c`` uses counters
 multi-tensor launch numbers its chunks across all its tensors, so different
 tensors get disjoint counter ranges.  ``QUARTER`` is fixed (:data:`QUARTER`):
 the noise an element gets depends on the key and its position only, not on
-the GPU.  csrc/rng.cuh implements the same counters and conversions, so the
+the GPU.  A launch over FSDP2 shards draws, for each element, the counter of
+its global index in the unsharded launch (:func:`fastadv.kernels.host.shard_counters`,
+``noise.shard_weight_noise``), so the split does not change the numbers.  csrc/rng.cuh implements the same counters and conversions, so the
 CUDA backend draws the same 32-bit words for the same key (its normals agree
 up to the last bits of ``log``/``sin``/``cos``).
 
