@@ -27,14 +27,18 @@ def sig(x: float | None, digits: int = 6):
 
 def add_derived(rows: list[dict], copy_gbps: float | None, *, speedups: bool = True) -> list[dict]:
     """Fill ``speedup`` (reference ms / ms, same op and case), ``gbps`` (bytes
-    / time) and ``pct_copy_bw`` (gbps / copy_gbps * 100) where defined.
-    ``speedups=False`` (a CPU run: its times say nothing about GPU speed)
-    leaves all three empty."""
+    / time), ``pct_copy_bw`` (gbps / copy_gbps * 100) and, for ops with a
+    ``nonprivate`` row, ``vs_nonprivate`` (its ms / ms: throughput as a fraction
+    of the non-private step) where defined.  ``speedups=False`` (a CPU run:
+    its times say nothing about GPU speed) leaves them all empty."""
     ref = {(r["op"], r["case"]): r["ms"] for r in rows if r.get("impl") == "reference" and r.get("ms")}
+    plain = {(r["op"], r["case"]): r["ms"] for r in rows if r.get("impl") == "nonprivate" and r.get("ms")}
     for r in rows:
         ms = r.get("ms") if speedups else None
         base = ref.get((r["op"], r["case"]))
         r["speedup"] = sig(base / ms, 4) if ms and base else None
+        if (r["op"], r["case"]) in plain:
+            r["vs_nonprivate"] = sig(plain[(r["op"], r["case"])] / ms, 4) if ms else None
         nbytes = r.get("bytes")
         r["gbps"] = sig(nbytes / (ms * 1e-3) / 1e9, 5) if ms and nbytes else None
         r["pct_copy_bw"] = sig(100 * r["gbps"] / copy_gbps, 4) if r["gbps"] and copy_gbps else None
