@@ -20,9 +20,11 @@ Implementations (``impl``):
   on the default backend (``auto``: the row's ``backend`` says which ran).
 
 Columns besides the bench's own (``ms`` GPU only, launches, syncs, bytes):
-``peak_mb`` -- the peak memory of one step above what was live before it, in
-1e6 bytes (CUDA: ``torch.cuda.max_memory_allocated``; CPU: the profiler's
-memory events, as tests/test_dp_ghost.py measures it) and ``peak_vs_nonprivate``;
+``peak_mb`` -- the peak memory of one step (the first after ``make_private``)
+above what was live before it, in 1e6 bytes (CUDA: ``torch.cuda.max_memory_allocated``;
+CPU: the profiler's memory events, as tests/test_dp_ghost.py measures it),
+``peak_vs_nonprivate`` its ratio to the nonprivate row's, and on CUDA
+``peak_total_mb``, the whole peak (parameters, inputs and state included);
 ``vs_nonprivate`` -- throughput as a fraction of the non-private step
 (nonprivate ms / ms; :func:`fastadv.bench.report.add_derived` fills it on timed
 GPU rows, like ``speedup``, which is against Opacus vanilla here).
@@ -263,14 +265,16 @@ def check(data: StepData, impl: str) -> str | None:
 
 # ---------------------------------------------------------------- peak memory
 
-def peak_bytes(fn, device) -> int:
-    """Peak bytes allocated while ``fn()`` runs, above what was live before.
+def peak_bytes(fn, device) -> tuple[int, int | None]:
+    """(peak bytes allocated while ``fn()`` runs above what was live before it,
+    the total peak or None).
 
-    CUDA: ``torch.cuda.max_memory_allocated`` after resetting the peak.  CPU:
-    the profiler's memory events (``profile_memory=True``: +bytes per
-    allocation, -bytes per free), summed in time order -- the method of
-    tests/test_dp_ghost.py.  (A shared helper would live in
-    ``fastadv/bench/count.py``.)"""
+    CUDA: ``torch.cuda.max_memory_allocated`` after resetting the peak; the
+    total counts everything live (parameters, inputs, optimizer and hook
+    state).  CPU: the profiler's memory events (``profile_memory=True``:
+    +bytes per allocation, -bytes per free), summed in time order -- the
+    method of tests/test_dp_ghost.py; no total there.  (A shared helper would
+    live in ``fastadv/bench/count.py``.)"""
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -278,7 +282,8 @@ def peak_bytes(fn, device) -> int:
         torch.cuda.reset_peak_memory_stats(device)
         fn()
         torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - before
+        total = torch.cuda.max_memory_allocated(device)
+        return total - before, total
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
@@ -287,7 +292,7 @@ def peak_bytes(fn, device) -> int:
     for e in events:
         live += e.nbytes()
         peak = max(peak, live)
-    return peak
+    return peak, None
 
 
 def _oom_types() -> tuple:
@@ -307,10 +312,12 @@ def _impl(case: Case, device, name: str) -> Impl:
             _, step = make_step(data, name, SIGMA, case.batch)
             # no warm-up: plain SGD keeps no state and zero_grad(set_to_none=True)
             # frees the gradients, so the first step's peak is every step's
-            peak = peak_bytes(step, device)
+            peak, total = peak_bytes(step, device)
         except _oom_types() as exc:
             raise Skip(f"out of GPU memory at B={case.batch}") from exc
         extra = {"peak_mb": round(peak / 1e6, 3)}
+        if total is not None:
+            extra["peak_total_mb"] = round(total / 1e6, 3)
         if name == "nonprivate":
             _nonprivate_peak[case] = peak
         elif _nonprivate_peak.get(case):
