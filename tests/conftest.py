@@ -10,6 +10,12 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    # The interpreter re-patches triton.language on every jit-helper call (~10 ms
+    # each); skip the repeats that would change nothing (see the module's docstring).
+    import triton_interpreter_fast_calls  # noqa: E402  (tests/ is on sys.path)
+    triton_interpreter_fast_calls.install()  # False (nothing changed) on another Triton
+
 from fastadv import _backend  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
