@@ -20,8 +20,8 @@ Implementations (``impl``):
   on the default backend (``auto``: the row's ``backend`` says which ran).
 
 Columns besides the bench's own (``ms`` GPU only, launches, syncs, bytes):
-``peak_mb`` -- the peak memory of one step (the first after ``make_private``)
-above what was live before it, in 1e6 bytes (CUDA: ``torch.cuda.max_memory_allocated``;
+``peak_mb`` -- the peak memory of one step (on CPU the first after
+``make_private``, on CUDA the second) above what was live before it, in 1e6 bytes (CUDA: ``torch.cuda.max_memory_allocated``;
 CPU: the profiler's memory events, as tests/test_dp_ghost.py measures it),
 ``peak_vs_nonprivate`` its ratio to the nonprivate row's, and on CUDA
 ``peak_total_mb``, the whole peak (parameters, inputs and state included);
@@ -310,8 +310,11 @@ def _impl(case: Case, device, name: str) -> Impl:
         data = _data(case, device)
         try:
             _, step = make_step(data, name, SIGMA, case.batch)
-            # no warm-up: plain SGD keeps no state and zero_grad(set_to_none=True)
-            # frees the gradients, so the first step's peak is every step's
+            # on CPU no warm-up (plain SGD keeps no state, zero_grad(set_to_none=True)
+            # frees the gradients); on CUDA one, so that one-time allocations
+            # (cuBLAS workspaces, Triton autotuning) are no part of the peak
+            if torch.device(device).type == "cuda":
+                step()
             peak, total = peak_bytes(step, device)
         except _oom_types() as exc:
             raise Skip(f"out of GPU memory at B={case.batch}") from exc
