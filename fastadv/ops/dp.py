@@ -158,49 +158,37 @@ def _check_batch(gs: list) -> int:
     return sizes[0] if sizes else 0
 
 
-def _check_targets(ts, shapes, device, what: str) -> None:
+def _check_targets(ts, shapes, anchor, what: str) -> None:
+    """``ts`` has one tensor of each shape, all on the device of ``anchor``
+    (``(what, tensor)``: the first per-sample gradient, or the first of ``ts``
+    when there are none); the device rule and message are the registry's."""
     if len(ts) != len(shapes):
         raise ValueError(f"{what} has {len(ts)} tensors, expected {len(shapes)} (one per parameter)")
     for i, (t, shape) in enumerate(zip(ts, shapes)):
         if t.numel() != math.prod(shape):
             raise ValueError(f"{what}[{i}] has shape {tuple(t.shape)}, expected {tuple(shape)}")
-        if t.device != device:
-            raise ValueError(f"{what}[{i}] is on {t.device}, the per-sample gradients on {device}")
+    # only the first stray tensor goes into the message (next to the anchor):
+    # a model's hundreds of parameters would bury it
+    stray = [(f"{what}[{i}]", t) for i, t in enumerate(ts) if t.device != anchor[1].device][:1]
+    _registry.check_devices(anchor[1].device, [anchor, *stray])
 
 
-def _refuse(name: str, backend: str | None, why: str | None) -> str:
-    """``name``, or -- when the kernels of ``name`` cannot take the tensors for
-    a reason :func:`~fastadv.ops._registry.pick` does not check (``why``) --
-    the registry's rule: a forced backend raises ``ValueError``, ``auto`` takes
-    torch."""
-    if name == "torch" or why is None:
-        return name
-    if _registry.forced(backend):
-        raise ValueError(f"the {name} backend {why}; use backend='torch'")
-    return "torch"
-
-
-def _one_device(name: str, backend: str | None, devices) -> str:
-    """Tensors on several devices: one kernel launch runs on one device, the
-    torch backend takes them."""
-    why = None if len(devices) <= 1 else \
-        f"needs every tensor on one device, got {sorted(str(d) for d in devices)}"
-    return _refuse(name, backend, why)
-
-
-def _choose(backend: str | None, device, gs, outs, summed, devices) -> str:
+def _choose(backend: str | None, device, gs, outs, summed) -> str:
     """The backend of one DP call (:func:`fastadv.ops._registry.pick`): the
     kernels take float32 / float16 / bfloat16 tensors, write contiguous ones,
-    and need ``out[i]`` and ``summed[i]`` in one dtype."""
-    dtypes = ([("per-sample gradients", g) for g in gs] + [("outputs", o) for o in outs or ()]
-              + [("summed tensors", s) for s in summed or ()])
-    contiguous = [("output", o) for o in outs or ()] + [("summed tensor", s) for s in summed or ()]
+    need ``out[i]`` and ``summed[i]`` in one dtype, and every tensor on one
+    device (the torch backend takes per-sample gradients spread over several)."""
+    outs, summed = list(outs or ()), list(summed or ())
+    dtypes = ([("per-sample gradients", g) for g in gs] + [("outputs", o) for o in outs]
+              + [("summed tensors", s) for s in summed])
+    contiguous = [("output", o) for o in outs] + [("summed tensor", s) for s in summed]
     name = _registry.pick(backend, device, dtypes=dtypes, contiguous=contiguous)
-    mixed = [(o, s) for o, s in zip(outs or (), summed or ()) if o.dtype != s.dtype]
-    if name != "torch" and mixed:  # the registry's rule and message for the first pair that differs
-        o, s = mixed[0]
-        name = _registry.pick(backend, device, same_dtype=[("summed tensor", s), ("output", o)])
-    return _one_device(name, backend, devices)
+    if name == "torch":
+        return name
+    # same_dtype takes one group: the registry's rule and message for the first pair that differs
+    mixed = [[("summed tensor", s), ("output", o)] for o, s in zip(outs, summed) if o.dtype != s.dtype]
+    return _registry.pick(backend, device, same_dtype=mixed[0] if mixed else (),
+                          one_device=[("tensors", t) for t in gs + outs + summed])
 
 
 # ---------------------------------------------------------------- randomness, as tensors
@@ -389,18 +377,16 @@ def fused_clip_noise(grad_samples, *, max_grad_norm: float, std: float, summed=N
         return ([] if write_out else None), ([] if write_summed else None)
     ref = gs[0] if gs else (summed[0] if summed is not None else out[0])
     device = ref.device
-    devices = {t.device for t in gs}
     dtypes = [out_dtype or (gs[i].dtype if gs else ref.dtype) for i in range(len(shapes))]
     if summed is not None:
         summed = _tensor_list(summed, "summed")
-        _check_targets(summed, shapes, summed[0].device if not gs else device, "summed")
-        devices |= {t.device for t in summed}
+        _check_targets(summed, shapes, ("grad_samples[0]", gs[0]) if gs else ("summed[0]", summed[0]),
+                       "summed")
     elif read_summed:
         raise ValueError("read_summed needs summed tensors")
     if out is not None:
         out = _tensor_list(out, "out")
-        _check_targets(out, shapes, out[0].device if not gs else device, "out")
-        devices |= {t.device for t in out}
+        _check_targets(out, shapes, ("grad_samples[0]", gs[0]) if gs else ("out[0]", out[0]), "out")
     if not gs and not (read_summed and write_out and not write_summed):
         raise ValueError("without per-sample gradients the op reads summed and writes out "
                          "(read_summed=True, write_out=True, write_summed=False)")
@@ -416,7 +402,7 @@ def fused_clip_noise(grad_samples, *, max_grad_norm: float, std: float, summed=N
     max_grad_norm = _number(max_grad_norm, "max_grad_norm")
     std = _number(std, "std")
 
-    name = _choose(backend, device, gs, out if write_out else None, summed, devices)
+    name = _choose(backend, device, gs, out if write_out else None, summed)
     count = nonfinite_count
     if on_nonfinite == "raise" and batch:
         count = torch.zeros(1, dtype=torch.int64, device=device)
@@ -712,12 +698,10 @@ def clip_grad_norm_and_noise_(grads: Sequence[torch.Tensor], max_norm: float, no
     max_norm = _number(max_norm, "max_grad_norm")
     sigma = _number(noise_multiplier, "noise_multiplier")
     device = gs[0].device
-    if any(g.is_sparse for g in gs):
-        name = _refuse(_registry.pick(backend, device), backend, "needs dense gradients")
-    else:
-        name = _registry.pick(backend, device, dtypes=[("gradients", g) for g in gs],
-                              contiguous=[("gradient", g) for g in gs])
-    name = _one_device(name, backend, {g.device for g in gs})
+    name = _registry.pick(backend, device, dtypes=[("gradients", g) for g in gs],
+                          # a sparse CSR tensor has no is_contiguous: strided= refuses it
+                          contiguous=[("gradient", g) for g in gs if g.layout == torch.strided],
+                          strided=[("gradients", g) for g in gs], one_device=[("gradients", g) for g in gs])
     key, noise = None, []
     if sigma != 0:
         if name == "torch":
