@@ -20,8 +20,8 @@ Implementations (``impl``):
   on the default backend (``auto``: the row's ``backend`` says which ran).
 
 Columns besides the bench's own (``ms`` GPU only, launches, syncs, bytes):
-``peak_mb`` -- the peak memory of one step (on CPU the first after
-``make_private``, on CUDA the second) above what was live before it, in 1e6 bytes (CUDA: ``torch.cuda.max_memory_allocated``;
+``peak_mb`` -- the peak memory of one step (after one warm-up step) above
+what was live before it, in 1e6 bytes (CUDA: ``torch.cuda.max_memory_allocated``;
 CPU: the profiler's memory events, as tests/test_dp_ghost.py measures it),
 ``peak_vs_nonprivate`` its ratio to the nonprivate row's, and on CUDA
 ``peak_total_mb``, the whole peak (parameters, inputs and state included);
@@ -37,6 +37,7 @@ vanilla's per-sample gradients of BERT-base at B = 1024 do not fit a GPU).
 """
 from __future__ import annotations
 
+import gc
 import warnings
 from dataclasses import dataclass
 
@@ -276,6 +277,7 @@ def peak_bytes(fn, device) -> tuple[int, int | None]:
     method of tests/test_dp_ghost.py; no total there.  (A shared helper would
     live in ``fastadv/bench/count.py``.)"""
     device = torch.device(device)
+    gc.collect()  # garbage of earlier rows is not freed inside the measured step
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         before = torch.cuda.memory_allocated(device)
@@ -310,11 +312,10 @@ def _impl(case: Case, device, name: str) -> Impl:
         data = _data(case, device)
         try:
             _, step = make_step(data, name, SIGMA, case.batch)
-            # on CPU no warm-up (plain SGD keeps no state, zero_grad(set_to_none=True)
-            # frees the gradients); on CUDA one, so that one-time allocations
-            # (cuBLAS workspaces, Triton autotuning) are no part of the peak
-            if torch.device(device).type == "cuda":
-                step()
+            # warm-up: one-time allocations (lazily built state and caches, cuBLAS
+            # workspaces, Triton autotuning) are no part of a step's peak; without
+            # it the CPU peak depended on which rows ran before
+            step()
             peak, total = peak_bytes(step, device)
         except _oom_types() as exc:
             raise Skip(f"out of GPU memory at B={case.batch}") from exc
