@@ -20,6 +20,7 @@ them (module-scoped fixture), so the file costs two spawns.  For each op:
 """
 import collections
 import contextlib
+import functools
 import os
 import socket
 import time
@@ -43,7 +44,9 @@ from test_fgm import FP32, TinyLM
 WORLD, STEPS, K = 2, 2, 3
 VOCAB = 17  # rows of the tied table: the row-mode kernels' grids, kept small for the interpreter
 BACKENDS = ["torch", "triton"]
-OPS = ["fgm", "pgd", "awp", "sam", "ema"]
+# fgm_weights / pgd_weights: emb_name="weight", 4 attacked tensors (the tied table, proj, head and the
+# 1-row gate, whose shard on rank 1 is empty): still one all_reduce per call
+OPS = ["fgm", "pgd", "awp", "sam", "ema", "fgm_weights", "pgd_weights"]
 MIXED_OPS = ["fgm", "awp", "sam", "ema"]  # also run under FSDP2 with MixedPrecisionPolicy(param_dtype=bf16)
 SPAWN_TIMEOUT = 300  # seconds for one 2-process run (they take ~30-60 s on 2 shared cores)
 pytestmark = pytest.mark.skipif(DEVICE.type != "cpu" or not dist.is_available(),
@@ -132,8 +135,9 @@ def _backward(model, batches, scale):
         (model(ids, labels) * scale).backward()
 
 
-def _run_fgm(model, batches_of, scale, backend, ref, probe):
-    fgm = RefFGM(model, epsilon=0.7) if ref else fastadv.FGM(model, epsilon=0.7, backend=backend)
+def _run_fgm(model, batches_of, scale, backend, ref, probe, emb_name="word_embeddings."):
+    kw = dict(emb_name=emb_name, epsilon=0.7)
+    fgm = RefFGM(model, **kw) if ref else fastadv.FGM(model, backend=backend, **kw)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for step in range(STEPS):
         model.zero_grad()
@@ -145,8 +149,9 @@ def _run_fgm(model, batches_of, scale, backend, ref, probe):
         opt.step()
 
 
-def _run_pgd(model, batches_of, scale, backend, ref, probe):
-    pgd = RefPGD(model, epsilon=0.05) if ref else fastadv.PGD(model, epsilon=0.05, backend=backend)
+def _run_pgd(model, batches_of, scale, backend, ref, probe, emb_name="word_embeddings."):
+    kw = dict(emb_name=emb_name, epsilon=0.05)
+    pgd = RefPGD(model, **kw) if ref else fastadv.PGD(model, backend=backend, **kw)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for step in range(STEPS):
         model.zero_grad()
@@ -216,7 +221,9 @@ def _run_ema(model, batches_of, scale, backend, ref, probe):
     return extra
 
 
-RUNS = {"fgm": _run_fgm, "pgd": _run_pgd, "awp": _run_awp, "sam": _run_sam, "ema": _run_ema}
+RUNS = {"fgm": _run_fgm, "pgd": _run_pgd, "awp": _run_awp, "sam": _run_sam, "ema": _run_ema,
+        "fgm_weights": functools.partial(_run_fgm, emb_name="weight"),
+        "pgd_weights": functools.partial(_run_pgd, emb_name="weight")}
 
 
 def _full(t):
@@ -462,10 +469,11 @@ def test_two_processes_equal_one(runs, mode, op, backend):
             assert torch.equal(ranks[1][op, backend][key][name], t), (mode, op, backend, key, name)
 
 
-# Per op call under FSDP2: all_reduce calls (FGM / PGD attack one table; the model has 4 "weight"
-# tensors for AWP, 7 with a gradient for SAM and EMA), and Triton launches (one dtype group:
-# AWP partials + per-tensor finalize + update, SAM partials + global finalize + update, EMA one lerp).
-_EXPECTED_CALLS = {"fgm": 1, "pgd": 1, "awp": 1, "sam": 1, "ema": 0}
+# Per op call under FSDP2: all_reduce calls (FGM / PGD attack one table, or the 4 "weight" tensors
+# in the *_weights scenarios; the model has 4 "weight" tensors for AWP, 7 with a gradient for SAM
+# and EMA), and Triton launches (one dtype group: AWP partials + per-tensor finalize + update, SAM
+# partials + global finalize + update, EMA one lerp).
+_EXPECTED_CALLS = {"fgm": 1, "pgd": 1, "awp": 1, "sam": 1, "ema": 0, "fgm_weights": 1, "pgd_weights": 1}
 _EXPECTED_LAUNCHES = {"awp": 3, "sam": 3, "ema": 1}
 
 
@@ -483,15 +491,7 @@ def test_collectives_launches_and_host_syncs(runs, mode, op, backend):
         assert not r["syncs"], (rank, r["syncs"])
 
 
-# ops/pgd.py's FSDP2 path computes the step with torch ops on the shard whatever the backend
-# asked for (docs/distributed.md, "Limits"): a silent fallback, kept visible here until it is fixed.
-_PGD_FSDP_TORCH = pytest.mark.xfail(strict=True, reason="PGD under FSDP2 runs torch ops on the shard "
-                                    "for every backend (ops/pgd.py)")
-LAUNCH_CASES = [pytest.param(*c, marks=_PGD_FSDP_TORCH) if c[:2] == ("fsdp", "pgd") and c[2] != "torch"
-                else c for c in CASES]
-
-
-@pytest.mark.parametrize("mode,op,backend", LAUNCH_CASES)
+@pytest.mark.parametrize("mode,op,backend", CASES)
 def test_backend_launched(runs, mode, op, backend):
     """The backend fixture's check, on the launches counted in the workers."""
     for res in runs(mode):

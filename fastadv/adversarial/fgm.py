@@ -24,7 +24,8 @@ import contextlib
 
 from torch import nn
 
-from ..ops.fgm import FGMBackup, fgm_attack_, fgm_restore_
+from ..ops._dist import is_sharded
+from ..ops.fgm import FGMBackup, fgm_attack_, fgm_attack_many_, fgm_restore_
 from ._params import EmbeddingAttack, check_size, live_parameter, live_parameters, matching_parameters
 
 
@@ -66,10 +67,17 @@ class FGM(EmbeddingAttack):
             raise RuntimeError(f"FGM.attack() called again before restore(): {pending} are still "
                                f"attacked; call restore() first (the original weights are kept)")
         self._attacked |= names
+        shards = []
         for name, param in targets:
-            if param.grad is not None:
+            if param.grad is not None and is_sharded(param):
+                shards.append((name, param))
+            elif param.grad is not None:
                 self.backup[name] = fgm_attack_(param, param.grad, epsilon, row_sparse=self.row_sparse,
                                                 backend=self.backend)
+        if shards:  # FSDP2 shards all at once: one all_reduce per call
+            states = fgm_attack_many_([p for _, p in shards], [p.grad for _, p in shards], epsilon,
+                                      row_sparse=self.row_sparse, backend=self.backend)
+            self.backup.update(zip([n for n, _ in shards], states))
 
     def restore(self, emb_name: str | None = None) -> None:
         """Put back, bit-exactly and in place, what ``attack()`` perturbed."""

@@ -27,7 +27,8 @@ import contextlib
 import torch
 from torch import nn
 
-from ..ops.pgd import PGDState, pgd_attack_, pgd_restore_
+from ..ops._dist import is_sharded
+from ..ops.pgd import PGDState, pgd_attack_, pgd_attack_many_, pgd_restore_
 from ._params import (EmbeddingAttack, check_size, distributed, live_parameter, live_parameters,
                       matching_parameters)
 
@@ -62,6 +63,7 @@ class PGD(EmbeddingAttack):
             raise RuntimeError("PGD.attack(is_first_attack=False) with no attack in progress: the first "
                                "step of each attack passes is_first_attack=True (and restore() ends it)")
         self._attacking = True
+        targets = []
         for name, param in matching_parameters(self.model, self.emb_name):
             grad = param.grad
             if grad is None:
@@ -69,9 +71,17 @@ class PGD(EmbeddingAttack):
             state = self.emb_backup.get(name)
             if state is None and not is_first_attack:
                 continue  # no gradient at the first step: the seed never backed it up
-            self.emb_backup[name] = pgd_attack_(param, grad, self.alpha, self.epsilon, state,
-                                                row_sparse=self.row_sparse, name=name,
-                                                backend=self.backend)
+            if is_sharded(param):
+                targets.append((name, param, grad, state))
+            else:
+                self.emb_backup[name] = pgd_attack_(param, grad, self.alpha, self.epsilon, state,
+                                                    row_sparse=self.row_sparse, name=name,
+                                                    backend=self.backend)
+        if targets:  # FSDP2 shards all at once: one all_reduce per call
+            names, params, grads, states = (list(c) for c in zip(*targets))
+            states = pgd_attack_many_(params, grads, self.alpha, self.epsilon, states,
+                                      row_sparse=self.row_sparse, names=names, backend=self.backend)
+            self.emb_backup.update(zip(names, states))
         if is_first_attack and self.grad_backup and not self._grads_handed_out:
             self._hand_out_fresh_grads()
 

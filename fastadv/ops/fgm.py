@@ -153,33 +153,73 @@ def fgm_attack_(param: torch.Tensor, grad: torch.Tensor, epsilon: float, *,
     return FGMBackup(param, backup, rows if rows.numel() else None, name)
 
 
+def fgm_attack_many_(params, grads, epsilon: float, *, row_sparse: bool = True,
+                     backend: str | None = None) -> list[FGMBackup]:
+    """:func:`fgm_attack_` on FSDP2 shards (DTensors of one shard group), each
+    along its own global ``g / ||g||``: the tensors' partial sums of squares
+    share one buffer and one all_reduce per call, however many there are."""
+    params, grads = list(params), list(grads)
+    if len(params) != len(grads):
+        raise ValueError(f"fgm_attack_many_ needs one grad per parameter, got {len(params)} and {len(grads)}")
+    for p, g in zip(params, grads):
+        _check(p, g, epsilon)
+    if not params:
+        return []
+    grads = [g.to_dense() if g.is_sparse else g for g in grads]
+    (ws, gs), group = _dist.localize([params, grads], ["params", "grads"])
+    if group is None:
+        raise ValueError("fgm_attack_many_ takes FSDP2 shards (DTensors); call fgm_attack_ on other tensors")
+    gs = [g.detach() for g in gs]
+    epsilon = float(epsilon)
+    _registry.check_devices(ws[0].device, [(f"params[{i}]", w) for i, w in enumerate(ws)])
+    with torch.no_grad():
+        names = [resolve(w, g, backend) for w, g in zip(ws, gs)]
+        rows = [torch.empty(w.shape[0], dtype=torch.uint8, device=w.device)
+                if name != "torch" and _by_rows(w, row_sparse, name) else None for w, name in zip(ws, names)]
+        sq = torch.empty(len(ws), dtype=torch.float32, device=ws[0].device)  # the partial ||g||^2
+        for i, (w, g, name) in enumerate(zip(ws, gs, names)):
+            _shard_square_norm(w, g, rows[i], sq[i:i + 1], name)
+        norms = _dist.all_reduce_sum_(sq, group).sqrt_()
+        return [FGMBackup(p, _shard_update(w, g, rows[i], norms[i:i + 1], epsilon, name), rows[i], name)
+                for i, (p, w, g, name) in enumerate(zip(params, ws, gs, names))]
+
+
 def _sharded_attack(param, grad, epsilon: float, row_sparse: bool, backend) -> FGMBackup:
     """FSDP2: the local shard is perturbed along the global ``g / ||g||``; the
     norm's partial sum of squares is combined by one all_reduce (no host sync)."""
-    w, g = _dist.local(param), _dist.local(grad).detach()
-    name = resolve(w, g, backend)
-    group = _dist.shard_group(param)
-    with torch.no_grad():
-        backup = torch.empty_like(w)
-        if name == "torch":
-            count_launch("torch.fgm")
-            g32 = g.to(torch.float32)
-            norm = _dist.all_reduce_sum_((g32 * g32).sum().reshape(1), group).sqrt_()
-            backup.copy_(w)
-            invalid = (norm == 0) | torch.isnan(norm)
-            w.add_((epsilon * g32).div_(norm).masked_fill_(invalid, 0.0))
-            return FGMBackup(param, backup, None, name)
-        k, g = _registry.kernels("fgm", name), g.contiguous()
-        norm = torch.empty(1, dtype=torch.float32, device=w.device)
-        rows = torch.empty(w.shape[0], dtype=torch.uint8, device=w.device) if _by_rows(w, row_sparse, name) else None
-        with device_guard(w):
-            k.fgm_norm(g if rows is not None else g.view(1, -1), rows, norm)
-            norm = _dist.all_reduce_sum_(norm.square_(), group).sqrt_()
-            if rows is None:
-                k.fgm_update(w.view(1, -1), g.view(1, -1), backup, None, norm, epsilon)
-            else:
-                k.fgm_update(w, g, backup, rows, norm, epsilon)
-    return FGMBackup(param, backup, rows, name)
+    return fgm_attack_many_([param], [grad], epsilon, row_sparse=row_sparse, backend=backend)[0]
+
+
+def _shard_square_norm(w, g, rows, out, name: str) -> None:
+    """``out`` (1 fp32) = this shard's ``||g||^2``; row mode also flags ``rows``."""
+    if name == "torch":
+        count_launch("torch.fgm")
+        g32 = g.to(torch.float32)
+        out.copy_((g32 * g32).sum().reshape(1))
+        return
+    g = g.contiguous()
+    with device_guard(w):
+        _registry.kernels("fgm", name).fgm_norm(g if rows is not None else g.view(1, -1), rows, out)
+    out.square_()  # the kernel writes the norm: its square is the partial to sum
+
+
+def _shard_update(w, g, rows, norm, epsilon: float, name: str) -> torch.Tensor:
+    """Back the shard up and add ``epsilon * g / norm`` (skipped for a 0 / NaN
+    global norm, on the device); returns the backup."""
+    backup = torch.empty_like(w)
+    if name == "torch":
+        g32 = g.to(torch.float32)
+        backup.copy_(w)
+        invalid = (norm == 0) | torch.isnan(norm)
+        w.add_((epsilon * g32).div_(norm).masked_fill_(invalid, 0.0))
+        return backup
+    k, g = _registry.kernels("fgm", name), g.contiguous()
+    with device_guard(w):
+        if rows is None:
+            k.fgm_update(w.view(1, -1), g.view(1, -1), backup, None, norm, epsilon)
+        else:
+            k.fgm_update(w, g, backup, rows, norm, epsilon)
+    return backup
 
 
 def fgm_restore_(state: FGMBackup, param: torch.Tensor | None = None, name: str = "the parameter") -> None:

@@ -104,7 +104,8 @@ def pgd_attack_(param: torch.Tensor, grad: torch.Tensor, alpha: float, epsilon: 
     if grad.is_sparse:
         grad = grad.to_dense()
     if _dist.is_sharded(param):
-        return _sharded_step(param, grad, float(alpha), float(epsilon), state, name, backend)
+        return _sharded_steps([param], [grad], float(alpha), float(epsilon), [state], row_sparse, [name],
+                              backend)[0]
     first = state is None
     if first:
         backend_name = resolve(param, grad, backend)
@@ -126,29 +127,112 @@ def pgd_attack_(param: torch.Tensor, grad: torch.Tensor, alpha: float, epsilon: 
     return state
 
 
-def _sharded_step(param, grad, alpha: float, eps: float, state, name: str, backend) -> PGDState:
-    """FSDP2: one step on the local shard.  The three sums the step needs
-    (``||g||^2``, ``||r||^2``, ``<r, g>``) are combined across the shards by one
-    all_reduce, then ``||r + s g||^2`` follows from them as in the kernels'
-    finalize.  Computed with torch ops on the shard (fp32 math)."""
-    w, g = _dist.local(param), _dist.local(grad).detach()
-    first = state is None
-    if first:
-        # a forced backend that cannot run here still raises
-        _registry.pick(backend, w.device, same_device=[("the parameter", w), ("grad", g)])
-        state = PGDState(param, torch.empty_like(w), None, "torch")
-    else:
-        _registry.check_devices(w.device, [("the parameter", w), ("grad", g)])
-        retarget(name, state.backup, w, "two PGD attack() steps")
-        state.backup, state.param = follow(state.backup, w), param
-    count_launch("torch.pgd")
+def pgd_attack_many_(params, grads, alpha: float, epsilon: float, states, *, row_sparse: bool = True,
+                     names=None, backend: str | None = None) -> list[PGDState]:
+    """:func:`pgd_attack_` on each ``params[i]`` with ``states[i]`` (None on
+    the first step); returns the new states.  FSDP2 shards (DTensors) are
+    stepped together: their partial sums share one buffer and one all_reduce
+    per call, however many tensors are attacked (unsharded ones are stepped
+    one by one, as :func:`pgd_attack_` does)."""
+    params, grads, states = list(params), list(grads), list(states)
+    names = list(names) if names is not None else [f"params[{i}]" for i in range(len(params))]
+    if not len(params) == len(grads) == len(states) == len(names):
+        raise ValueError(f"pgd_attack_many_ needs one grad, state and name per parameter, got "
+                         f"{len(params)} params, {len(grads)} grads, {len(states)} states, {len(names)} names")
+    out = list(states)
+    sharded = [i for i, p in enumerate(params) if _dist.is_sharded(p)]
+    for i in range(len(params)):
+        if i not in sharded:
+            out[i] = pgd_attack_(params[i], grads[i], alpha, epsilon, states[i], row_sparse=row_sparse,
+                                 name=names[i], backend=backend)
+    if sharded:
+        got = _sharded_steps([params[i] for i in sharded], [grads[i] for i in sharded], alpha, epsilon,
+                             [states[i] for i in sharded], row_sparse, [names[i] for i in sharded], backend)
+        for i, state in zip(sharded, got):
+            out[i] = state
+    return out
+
+
+def _shard_backend(w, g, backend) -> str:
+    """The backend of a shard's first step.  The CUDA library's step fuses
+    the reduction and the update (no point for an all_reduce in between), so
+    a forced ``cuda`` is refused and ``auto`` takes Triton where it can run,
+    else torch (docs/distributed.md)."""
+    name = resolve(w, g, backend)
+    if name != "cuda":
+        return name
+    if _registry.forced(backend):
+        raise NotImplementedError("PGD on FSDP2 shards has no CUDA-library path (its fused step cannot "
+                                  "take the all_reduce of the norms); use backend='triton' or 'torch'")
+    return "torch" if _registry.unusable("triton", w) else resolve(w, g, "triton")
+
+
+def _sharded_steps(params, grads, alpha: float, eps: float, states, row_sparse: bool, names,
+                   backend) -> list[PGDState]:
+    """FSDP2: one step on each local shard.  The three sums a step needs
+    (``||g||^2``, ``||r||^2``, ``<r, g>``) of every tensor go into one fp32
+    buffer on the device, combined across the shards by one all_reduce (no
+    host sync), from which the finalize decides skip and projection on the
+    device (``||r + s g||^2`` from the three sums) before the update."""
+    for p, g, n in zip(params, grads, names):
+        _check(p, g, alpha)
+        _check(p, g, eps)
+    grads = [g.to_dense() if g.is_sparse else g for g in grads]
+    (ws, gs), group = _dist.localize([params, grads], ["params", "grads"])
+    gs = [g.detach() for g in gs]
+    _registry.check_devices(ws[0].device, [(n, w) for n, w in zip(names, ws)])
+    firsts = [s is None for s in states]
     with torch.no_grad():
+        states = [_shard_state(p, w, g, s, row_sparse, n, backend)
+                  for p, w, g, s, n in zip(params, ws, gs, states, names)]
+        sums = torch.empty(3 * len(ws), dtype=torch.float32, device=ws[0].device)
+        for i, (state, w, g, first) in enumerate(zip(states, ws, gs, firsts)):
+            _shard_sums(state, w, g, sums[3 * i:3 * i + 3], first)
+        _dist.all_reduce_sum_(sums, group)
+        for i, (state, w, g, first) in enumerate(zip(states, ws, gs, firsts)):
+            _shard_apply(state, w, g, sums[3 * i:3 * i + 3], alpha, eps, first)
+    return states
+
+
+def _shard_state(param, w, g, state, row_sparse: bool, name: str, backend) -> PGDState:
+    """The state of a shard's step: new on the first step (row mode as in
+    :func:`pgd_attack_`, over the local rows), else followed to ``w``'s storage."""
+    _registry.check_devices(w.device, [("the parameter", w), ("grad", g)])
+    if state is None:
+        name_ = _shard_backend(w, g, backend)
+        rows = w.shape[0] if row_sparse and name_ != "torch" and w.dim() == 2 else 0
+        state = PGDState(param, torch.empty_like(w, requires_grad=False), None, name_)
+        if rows:
+            state.saved = torch.zeros(rows, dtype=torch.uint8, device=w.device)
+            state.mask = torch.empty(rows, dtype=torch.uint8, device=w.device)
+        return state
+    _follow(state, w, name, "two PGD attack() steps")
+    _registry.require(state.backend, **kernel_limits(w, g))
+    state.param = param  # the DTensor: restore takes its local shard as it is then
+    return state
+
+
+def _shard_sums(state: PGDState, w, g, out, first: bool) -> None:
+    """``out`` (3 fp32) = this shard's ``[||g||^2, ||r||^2, <r, g>]``."""
+    if state.backend == "torch":
+        count_launch("torch.pgd")
         if first:
             state.backup.copy_(w)
+        g32, r = g.to(torch.float32), w.to(torch.float32) - state.backup.to(torch.float32)
+        out.copy_(torch.stack([(g32 * g32).sum(), (r * r).sum(), (r * g32).sum()]))
+        return
+    k, g = _registry.kernels("pgd", state.backend), g.contiguous()
+    with device_guard(w):
+        if state.mask is not None:
+            k.pgd_sums(w, g, state.backup, out, first, state.mask, state.saved)
+        else:
+            k.pgd_sums(w.view(-1), g.view(-1), state.backup.view(-1), out, first)
+
+
+def _shard_apply(state: PGDState, w, g, sums, alpha: float, eps: float, first: bool) -> None:
+    """The step on the shard from the all-reduced ``sums``."""
+    if state.backend == "torch":
         g32, w32, w0 = g.to(torch.float32), w.to(torch.float32), state.backup.to(torch.float32)
-        r = w32 - w0
-        sums = _dist.all_reduce_sum_(torch.stack([(g32 * g32).sum(), (r * r).sum(), (r * g32).sum()]),
-                                     _dist.shard_group(param))
         norm_g = sums[0].sqrt()
         valid = (norm_g != 0) & ~torch.isnan(norm_g)
         s = alpha / norm_g
@@ -156,7 +240,14 @@ def _sharded_step(param, grad, alpha: float, eps: float, state, name: str, backe
         d = (w32 + alpha * g32 / norm_g) - w0
         d = torch.where(valid & (norm_r > eps), eps * d / norm_r, d)
         w.copy_(torch.where(valid, w0 + d, w32))
-    return state
+        return
+    k, g = _registry.kernels("pgd", state.backend), g.contiguous()
+    coef = torch.empty(4, dtype=torch.float32, device=w.device)
+    with device_guard(w):
+        if state.mask is not None:
+            k.pgd_apply(w, g, state.backup, sums, coef, alpha, eps, first, state.mask, state.saved)
+        else:
+            k.pgd_apply(w.view(-1), g.view(-1), state.backup.view(-1), sums, coef, alpha, eps, first)
 
 
 def _follow(state: PGDState, param: torch.Tensor, name: str, between: str) -> None:

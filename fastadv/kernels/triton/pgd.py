@@ -107,6 +107,25 @@ def _finalize(part_ptr, n, coef_ptr, alpha, eps, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _sum_parts(part_ptr, n, out_ptr, BLOCK: tl.constexpr):
+    """out[0:3] = the three sums of ``n`` partials each (the reduction half of
+    ``_finalize``), so that an all_reduce can combine them across shards
+    before ``_finalize`` reads them back as ``n = 1`` partials."""
+    gg = tl.zeros([BLOCK], dtype=tl.float32)
+    rr = tl.zeros([BLOCK], dtype=tl.float32)
+    rg = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, n, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        m = offs < n
+        gg += tl.load(part_ptr + offs, mask=m, other=0.0)
+        rr += tl.load(part_ptr + n + offs, mask=m, other=0.0)
+        rg += tl.load(part_ptr + 2 * n + offs, mask=m, other=0.0)
+    tl.store(out_ptr, tl.sum(gg, axis=0))
+    tl.store(out_ptr + 1, tl.sum(rr, axis=0))
+    tl.store(out_ptr + 2, tl.sum(rg, axis=0))
+
+
+@triton.jit
 def _stepped(w, w0, g, coef_ptr, alpha, eps):
     # The reference's order: d = w + (alpha g)/||g||; r = d - w0; project; w0 + r.
     norm_g = tl.load(coef_ptr)
@@ -202,6 +221,50 @@ def pgd_step(w, g, backup, coef, alpha: float, eps: float, first: bool,
     if rows:
         wrap_triton(_update_rows)[(rows,)](w, backup, g, mask, saved, coef, alpha, eps, cols, BLOCK_C=block)
     count_launch("triton.pgd", 3 if rows else 1)
+
+
+# ---- the step split for shards (FSDP2): sums, all_reduce (by the caller), apply -------------
+
+def pgd_sums(w, g, backup, sums, first: bool, mask=None, saved=None) -> None:
+    """The step's reduction only: ``sums`` (fp32, 3 elements, may be a view
+    into the caller's buffer) receives this tensor's ``[||g||^2, ||r||^2,
+    <r, g>]``; row mode also writes ``mask``.  Two launches (partials, sum)."""
+    if mask is None:
+        numel = w.numel()
+        n = triton.cdiv(numel, DENSE_BLOCK)
+        part = torch.empty(3 * max(n, 1), dtype=torch.float32, device=w.device)
+        if n:
+            wrap_triton(_partial_dense)[(n,)](w, backup, g, part, numel, n, FIRST=first, BLOCK=DENSE_BLOCK)
+    else:
+        rows, cols = w.shape
+        n = rows
+        part = torch.empty(3 * max(rows, 1), dtype=torch.float32, device=w.device)
+        if rows:
+            wrap_triton(_partial_rows)[(rows,)](w, backup, g, mask, saved, part, rows, cols,
+                                                BLOCK_C=_row_block(cols))
+    wrap_triton(_sum_parts)[(1,)](part, n, sums, BLOCK=FINALIZE_BLOCK)
+    count_launch("triton.pgd", 2 if n else 1)
+
+
+def pgd_apply(w, g, backup, sums, coef, alpha: float, eps: float, first: bool,
+              mask=None, saved=None) -> None:
+    """The rest of the step from the (all-reduced) ``sums`` of :func:`pgd_sums`:
+    the finalize (skip and projection decided on the device) and the fused
+    update, as :func:`pgd_step` does them."""
+    alpha, eps = float(alpha), float(eps)
+    wrap_triton(_finalize)[(1,)](sums, 1, coef, alpha, eps, BLOCK=FINALIZE_BLOCK)
+    if mask is None:
+        numel = w.numel()
+        n = triton.cdiv(numel, DENSE_BLOCK)
+        if n:
+            wrap_triton(_update_dense)[(n,)](w, backup, g, coef, alpha, eps, numel, FIRST=first, BLOCK=DENSE_BLOCK)
+    else:
+        rows, cols = w.shape
+        n = rows
+        if rows:
+            wrap_triton(_update_rows)[(rows,)](w, backup, g, mask, saved, coef, alpha, eps, cols,
+                                               BLOCK_C=_row_block(cols))
+    count_launch("triton.pgd", 2 if n else 1)
 
 
 def pgd_restore_rows(w, backup, saved) -> None:
