@@ -1236,3 +1236,40 @@ def test_docs_say_which_dp_optimizer_is_which():
     text = open(os.path.join(os.path.dirname(__file__), "..", "docs", "dp.md")).read()
     head = "\n".join(text.splitlines()[:12])
     assert "fastadv.DPOptimizer" in head and "fastadv.dp.DPOptimizer" in head and "not" in head.lower()
+
+
+# --- the registry's device and layout rules, as ops/dp.py applies them -------
+
+META = torch.device("meta")
+
+
+@pytest.mark.launch_free
+def test_summed_and_out_on_another_device_refused_on_every_backend(backend):
+    gs = [torch.rand(3, 4), torch.rand(3, 2)]
+    with pytest.raises(ValueError, match=r"summed\[1\] is on meta, expected cpu \(grad_samples\[0\] on cpu, "
+                                         r"summed\[1\] on meta\); move them to one device"):
+        dp.clip_and_noise(gs, 1.0, 1.0, summed=[torch.zeros(4), torch.zeros(2, device=META)], backend=backend)
+    with pytest.raises(ValueError, match=r"out\[0\] is on meta, expected cpu"):
+        dp.clip_and_noise(gs, 1.0, 1.0, out=[torch.zeros(4, device=META), torch.zeros(2)], backend=backend)
+    with pytest.raises(ValueError, match=r"out\[1\] is on meta, expected cpu \(out\[0\] on cpu, out\[1\] on meta\)"):
+        dp.add_noise([torch.zeros(4), torch.zeros(2)], 1.0,
+                     out=[torch.zeros(4), torch.zeros(2, device=META)], backend=backend)
+
+
+@pytest.mark.launch_free
+def test_kernel_limits_refused_by_a_forced_kernel_backend(backend):
+    if backend not in KERNEL_BACKENDS:
+        pytest.skip("kernel limits: the torch backend takes these inputs")
+    with pytest.raises(ValueError, match=rf"the {backend} backend needs every tensor on one device, "
+                                         r"got \['cpu', 'meta'\]; use backend='torch'"):
+        dp.clip_and_noise([torch.rand(3, 4), torch.rand(3, 2, device=META)], 1.0, 1.0, backend=backend)
+    with pytest.raises(ValueError, match=rf"the {backend} backend needs every tensor on one device"):
+        ops.clip_grad_norm_and_noise_([torch.rand(4), torch.rand(2, device=META)], 1.0, 1.0, backend=backend)
+    for sparse, layout in [(torch.rand(4, 4).to_sparse(), "sparse_coo"), (torch.rand(4, 4).to_sparse_csr(), "sparse_csr")]:
+        with pytest.raises(ValueError, match=rf"the {backend} backend needs dense gradients, got a "
+                                             rf"torch.{layout} tensor; use backend='torch'"):
+            ops.clip_grad_norm_and_noise_([sparse], 1.0, 0.0, backend=backend)
+    with pytest.raises(TypeError, match=r"summed tensor in the output's dtype|output in the summed tensor's dtype"):
+        dp.clip_and_noise([torch.rand(3, 4), torch.rand(3, 2)], 1.0, 1.0,
+                          summed=[torch.zeros(4), torch.zeros(2)], out=[torch.zeros(4), torch.zeros(2).half()],
+                          backend=backend)
