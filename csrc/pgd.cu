@@ -179,6 +179,25 @@ finalize_kernel(const float* __restrict__ part, int64_t n, float* __restrict__ c
   }
 }
 
+// The reduction half of finalize_kernel, for FSDP2 shards: out[0..2] = the
+// three sums of the n partials (same order), which the caller all_reduces
+// across the shards before finalize_kernel reads them back as n = 1 partials.
+__global__ void __launch_bounds__(kFinalizeThreads)
+sum_parts_kernel(const float* __restrict__ part, int64_t n, float* __restrict__ out) {
+  float gg = 0.f, rr = 0.f, rg = 0.f;
+  for (int64_t i = threadIdx.x; i < n; i += kFinalizeThreads) {
+    gg += part[i];
+    rr += part[n + i];
+    rg += part[2 * n + i];
+  }
+  block_sum3<kFinalizeThreads>(gg, rr, rg);
+  if (threadIdx.x == 0) {
+    out[0] = gg;
+    out[1] = rr;
+    out[2] = rg;
+  }
+}
+
 // ---- update ------------------------------------------------------------------------------
 
 struct Coef {
@@ -288,16 +307,36 @@ update_rows_kernel(typename Tr::bits* w, const typename Tr::bits* __restrict__ g
 
 // ---- passes ------------------------------------------------------------------------------
 
+// Which part of a step one call runs: all of it, or (FSDP2 shards) the
+// reduction into `sums`, then, after the caller's all_reduce of `sums`,
+// finalize + update from them.
+enum Phase { kAll, kSums, kApply };
+
+// Reduction and finalize as the phase asks; returns 0 or an error, and sets
+// *done when nothing is left to launch (kSums).
+inline int reduce_phase(Phase phase, int64_t parts, const float* workspace, float* sums, float* coef,
+                        float alpha, float eps, cudaStream_t stream, bool* done) {
+  *done = phase == kSums;
+  if (phase == kSums) {
+    sum_parts_kernel<<<1, kFinalizeThreads, 0, stream>>>(workspace, parts, sums);
+    return check_launch("fastadv_pgd_sums (sum of the partials)");
+  }
+  finalize_kernel<<<1, kFinalizeThreads, 0, stream>>>(phase == kApply ? sums : workspace,
+                                                        phase == kApply ? 1 : parts, coef, alpha, eps);
+  return check_launch("fastadv_pgd_step (finalize)");
+}
+
 template <typename Tr, int VEC, bool FIRST>
 int dense_step(typename Tr::bits* w, const typename Tr::bits* g, typename Tr::bits* backup, int64_t n,
-               int64_t parts, float* workspace, float* coef, float alpha, float eps, cudaStream_t stream) {
-  if (parts > 0) {
+               int64_t parts, float* workspace, float* sums, float* coef, float alpha, float eps, Phase phase,
+               cudaStream_t stream) {
+  if (parts > 0 && phase != kApply) {
     partial_dense_kernel<Tr, VEC, FIRST><<<unsigned(parts), kThreads, 0, stream>>>(w, backup, g, n, workspace);
     if (int e = check_launch("fastadv_pgd_step (dense partial sums)")) return e;
   }
-  finalize_kernel<<<1, kFinalizeThreads, 0, stream>>>(workspace, parts, coef, alpha, eps);
-  if (int e = check_launch("fastadv_pgd_step (finalize)")) return e;
-  if (parts == 0) return 0;
+  bool done = false;
+  if (int e = reduce_phase(phase, parts, workspace, sums, coef, alpha, eps, stream, &done)) return e;
+  if (done || parts == 0) return 0;
   update_dense_kernel<Tr, VEC, FIRST><<<grid_for(ceil_div(n, VEC)), kThreads, 0, stream>>>(
       w, g, backup, n, coef, alpha, eps);
   return check_launch("fastadv_pgd_step (dense update)");
@@ -305,16 +344,16 @@ int dense_step(typename Tr::bits* w, const typename Tr::bits* g, typename Tr::bi
 
 template <typename Tr, int VEC>
 int rows_step(typename Tr::bits* w, const typename Tr::bits* g, typename Tr::bits* backup, int64_t rows,
-              int64_t cols, uint8_t* mask, uint8_t* saved, float* workspace, float* coef, float alpha,
-              float eps, cudaStream_t stream) {
+              int64_t cols, uint8_t* mask, uint8_t* saved, float* workspace, float* sums, float* coef,
+              float alpha, float eps, Phase phase, cudaStream_t stream) {
   const unsigned grid = rows > 0 ? grid_for_rows(rows) : 0;
-  if (rows > 0) {
+  if (rows > 0 && phase != kApply) {
     partial_rows_kernel<Tr, VEC><<<grid, kThreads, 0, stream>>>(w, backup, g, rows, cols, mask, saved, workspace);
     if (int e = check_launch("fastadv_pgd_step (row partial sums)")) return e;
   }
-  finalize_kernel<<<1, kFinalizeThreads, 0, stream>>>(workspace, rows, coef, alpha, eps);
-  if (int e = check_launch("fastadv_pgd_step (finalize)")) return e;
-  if (rows == 0) return 0;
+  bool done = false;
+  if (int e = reduce_phase(phase, rows, workspace, sums, coef, alpha, eps, stream, &done)) return e;
+  if (done || rows == 0) return 0;
   update_rows_kernel<Tr, VEC><<<grid, kThreads, 0, stream>>>(w, g, backup, rows, cols, mask, saved, coef,
                                                                alpha, eps);
   return check_launch("fastadv_pgd_step (row update)");
@@ -322,8 +361,8 @@ int rows_step(typename Tr::bits* w, const typename Tr::bits* g, typename Tr::bit
 
 template <typename Tr>
 int step_impl(void* w_, const void* g_, void* backup_, int64_t rows, int64_t cols, uint8_t* mask,
-              uint8_t* saved, bool first, float* workspace, float* coef, float alpha, float eps,
-              cudaStream_t stream) {
+              uint8_t* saved, bool first, float* workspace, float* sums, float* coef, float alpha, float eps,
+              Phase phase, cudaStream_t stream) {
   using B = typename Tr::bits;
   constexpr int V = kVec<B>;
   B* w = static_cast<B*>(w_);
@@ -333,19 +372,19 @@ int step_impl(void* w_, const void* g_, void* backup_, int64_t rows, int64_t col
   if (mask == nullptr) {
     const int64_t n = rows * cols;
     const int64_t parts = dense_blocks(n);
-    if (parts > 0 && workspace == nullptr)
+    if (parts > 0 && workspace == nullptr && phase != kApply)
       return fail(int(cudaErrorInvalidValue), "fastadv_pgd_step: workspace is NULL");
     if (vec)
-      return first ? dense_step<Tr, V, true>(w, g, backup, n, parts, workspace, coef, alpha, eps, stream)
-                   : dense_step<Tr, V, false>(w, g, backup, n, parts, workspace, coef, alpha, eps, stream);
-    return first ? dense_step<Tr, 1, true>(w, g, backup, n, parts, workspace, coef, alpha, eps, stream)
-                 : dense_step<Tr, 1, false>(w, g, backup, n, parts, workspace, coef, alpha, eps, stream);
+      return first ? dense_step<Tr, V, true>(w, g, backup, n, parts, workspace, sums, coef, alpha, eps, phase, stream)
+                   : dense_step<Tr, V, false>(w, g, backup, n, parts, workspace, sums, coef, alpha, eps, phase, stream);
+    return first ? dense_step<Tr, 1, true>(w, g, backup, n, parts, workspace, sums, coef, alpha, eps, phase, stream)
+                 : dense_step<Tr, 1, false>(w, g, backup, n, parts, workspace, sums, coef, alpha, eps, phase, stream);
   }
-  if (rows > 0 && workspace == nullptr)
+  if (rows > 0 && workspace == nullptr && phase != kApply)
     return fail(int(cudaErrorInvalidValue), "fastadv_pgd_step: workspace is NULL");
   if (vec && cols % V == 0)
-    return rows_step<Tr, V>(w, g, backup, rows, cols, mask, saved, workspace, coef, alpha, eps, stream);
-  return rows_step<Tr, 1>(w, g, backup, rows, cols, mask, saved, workspace, coef, alpha, eps, stream);
+    return rows_step<Tr, V>(w, g, backup, rows, cols, mask, saved, workspace, sums, coef, alpha, eps, phase, stream);
+  return rows_step<Tr, 1>(w, g, backup, rows, cols, mask, saved, workspace, sums, coef, alpha, eps, phase, stream);
 }
 
 // ---- restore -----------------------------------------------------------------------------
@@ -398,8 +437,42 @@ extern "C" FASTADV_API int fastadv_pgd_step(void* w, const void* g, void* backup
     return fail(int(cudaErrorInvalidValue),
                 "%s: mask and saved must both be given (row-sparse) or both be NULL (dense)", fn);
   return dispatch_dtype(fn, dtype, [&](auto tr) {
-    return step_impl<decltype(tr)>(w, g, backup, rows, cols, mask, saved, first != 0, workspace, coef,
-                                   alpha, eps, static_cast<cudaStream_t>(stream));
+    return step_impl<decltype(tr)>(w, g, backup, rows, cols, mask, saved, first != 0, workspace, nullptr,
+                                   coef, alpha, eps, kAll, static_cast<cudaStream_t>(stream));
+  });
+}
+
+extern "C" FASTADV_API int fastadv_pgd_sums(const void* w, const void* g, const void* backup, int dtype,
+                                            int64_t rows, int64_t cols, uint8_t* mask, const uint8_t* saved,
+                                            int first, float* workspace, float* sums, void* stream) {
+  static const char* fn = "fastadv_pgd_sums";
+  if (rows < 0 || cols < 0) return bad_sizes(fn, rows, cols);
+  if (sums == nullptr) return fail(int(cudaErrorInvalidValue), "%s: sums is NULL", fn);
+  if ((mask == nullptr) != (saved == nullptr))
+    return fail(int(cudaErrorInvalidValue),
+                "%s: mask and saved must both be given (row-sparse) or both be NULL (dense)", fn);
+  // kSums reads w, g, backup and saved and writes only mask, workspace and sums
+  return dispatch_dtype(fn, dtype, [&](auto tr) {
+    return step_impl<decltype(tr)>(const_cast<void*>(w), g, const_cast<void*>(backup), rows, cols, mask,
+                                   const_cast<uint8_t*>(saved), first != 0, workspace, sums, nullptr, 0.f, 0.f,
+                                   kSums, static_cast<cudaStream_t>(stream));
+  });
+}
+
+extern "C" FASTADV_API int fastadv_pgd_apply(void* w, const void* g, void* backup, int dtype,
+                                             int64_t rows, int64_t cols, uint8_t* mask, uint8_t* saved,
+                                             int first, const float* sums, float* coef,
+                                             float alpha, float eps, void* stream) {
+  static const char* fn = "fastadv_pgd_apply";
+  if (rows < 0 || cols < 0) return bad_sizes(fn, rows, cols);
+  if (sums == nullptr || coef == nullptr) return fail(int(cudaErrorInvalidValue), "%s: sums or coef is NULL", fn);
+  if ((mask == nullptr) != (saved == nullptr))
+    return fail(int(cudaErrorInvalidValue),
+                "%s: mask and saved must both be given (row-sparse) or both be NULL (dense)", fn);
+  return dispatch_dtype(fn, dtype, [&](auto tr) {
+    return step_impl<decltype(tr)>(w, g, backup, rows, cols, mask, saved, first != 0, nullptr,
+                                   const_cast<float*>(sums), coef, alpha, eps, kApply,
+                                   static_cast<cudaStream_t>(stream));
   });
 }
 

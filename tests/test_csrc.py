@@ -102,7 +102,7 @@ def test_compiled_library_exports_the_abi(fresh_lib):
     lib = _bind(fresh_lib)  # loads without a GPU or driver: cudart is linked statically
     for name in fcuda.EXPORTS:
         assert hasattr(lib, name), name
-    assert lib.fastadv_abi_version() == fcuda.ABI_VERSION == 2
+    assert lib.fastadv_abi_version() == fcuda.ABI_VERSION == 3
     # cudart's own symbols stay inside (--exclude-libs): no clash with PyTorch's cudart
     for private in ("cudaMalloc", "cudaLaunchKernel", "__cudaRegisterFatBinary"):
         assert not hasattr(lib, private), private

@@ -153,27 +153,14 @@ def pgd_attack_many_(params, grads, alpha: float, epsilon: float, states, *, row
     return out
 
 
-def _shard_backend(w, g, backend) -> str:
-    """The backend of a shard's first step.  The CUDA library's step fuses
-    the reduction and the update (no point for an all_reduce in between), so
-    a forced ``cuda`` is refused and ``auto`` takes Triton where it can run,
-    else torch (docs/distributed.md)."""
-    name = resolve(w, g, backend)
-    if name != "cuda":
-        return name
-    if _registry.forced(backend):
-        raise NotImplementedError("PGD on FSDP2 shards has no CUDA-library path (its fused step cannot "
-                                  "take the all_reduce of the norms); use backend='triton' or 'torch'")
-    return "torch" if _registry.unusable("triton", w) else resolve(w, g, "triton")
-
-
 def _sharded_steps(params, grads, alpha: float, eps: float, states, row_sparse: bool, names,
                    backend) -> list[PGDState]:
     """FSDP2: one step on each local shard.  The three sums a step needs
     (``||g||^2``, ``||r||^2``, ``<r, g>``) of every tensor go into one fp32
     buffer on the device, combined across the shards by one all_reduce (no
     host sync), from which the finalize decides skip and projection on the
-    device (``||r + s g||^2`` from the three sums) before the update."""
+    device (``||r + s g||^2`` from the three sums) before the update.  The
+    kernel backends split their step there (``pgd_sums`` / ``pgd_apply``)."""
     for p, g, n in zip(params, grads, names):
         _check(p, g, alpha)
         _check(p, g, eps)
@@ -199,7 +186,7 @@ def _shard_state(param, w, g, state, row_sparse: bool, name: str, backend) -> PG
     :func:`pgd_attack_`, over the local rows), else followed to ``w``'s storage."""
     _registry.check_devices(w.device, [("the parameter", w), ("grad", g)])
     if state is None:
-        name_ = _shard_backend(w, g, backend)
+        name_ = resolve(w, g, backend)
         rows = w.shape[0] if row_sparse and name_ != "torch" and w.dim() == 2 else 0
         state = PGDState(param, torch.empty_like(w, requires_grad=False), None, name_)
         if rows:

@@ -17,6 +17,11 @@ declare({
     "fastadv_pgd_step": (_c_int, [_c_void_p, _c_void_p, _c_void_p, _c_int, _c_int64, _c_int64,
                                   _c_void_p, _c_void_p, _c_int, _c_void_p, _c_void_p,
                                   _c_float, _c_float, _c_void_p]),
+    "fastadv_pgd_sums": (_c_int, [_c_void_p, _c_void_p, _c_void_p, _c_int, _c_int64, _c_int64,
+                                  _c_void_p, _c_void_p, _c_int, _c_void_p, _c_void_p, _c_void_p]),
+    "fastadv_pgd_apply": (_c_int, [_c_void_p, _c_void_p, _c_void_p, _c_int, _c_int64, _c_int64,
+                                   _c_void_p, _c_void_p, _c_int, _c_void_p, _c_void_p,
+                                   _c_float, _c_float, _c_void_p]),
     "fastadv_pgd_restore_rows": (_c_int, [_c_void_p, _c_void_p, _c_int, _c_int64, _c_int64,
                                           _c_void_p, _c_void_p]),
 })
@@ -31,6 +36,64 @@ def _check_flags(t: torch.Tensor, rows: int, what: str) -> None:
     _check(t, what)
     if t.dtype != torch.uint8 or t.numel() != rows:
         raise ValueError(f"{what} must be a uint8 tensor of {rows} elements")
+
+
+def _sizes(w, g, backup, mask, saved) -> tuple[int, int, int]:
+    """``(rows, cols, work)`` of a step, the arguments checked: dense (flat
+    tensors, ``mask is None``) or row-sparse (``[rows, cols]``, uint8 flags)."""
+    for t, what in ((w, "w"), (g, "g"), (backup, "backup")):
+        _check(t, what)
+    if g.dtype != w.dtype or backup.dtype != w.dtype:
+        raise ValueError("w, g and backup must have one dtype")
+    if mask is None:
+        if saved is not None:
+            raise ValueError("saved is only for the row-sparse step (give mask too)")
+        if g.numel() != w.numel() or backup.numel() != w.numel():
+            raise ValueError("dense pgd_step needs g and backup of w's numel")
+        return 1, w.numel(), w.numel()
+    if saved is None:
+        raise ValueError("the row-sparse pgd_step needs saved with mask")
+    if w.dim() != 2 or g.shape != w.shape or backup.shape != w.shape:
+        raise ValueError(f"row-sparse pgd_step needs 2-D w, g and backup of one shape, got "
+                         f"{tuple(w.shape)}, {tuple(g.shape)}, {tuple(backup.shape)}")
+    rows, cols = w.shape
+    _check_flags(mask, rows, "mask")
+    _check_flags(saved, rows, "saved")
+    return rows, cols, rows
+
+
+def _check_f32(t, n: int, what: str) -> None:
+    _check(t, what)
+    if t.dtype != torch.float32 or t.numel() != n or not t.is_contiguous():
+        raise ValueError(f"{what} must be a contiguous float32 tensor of {n} elements")
+
+
+def pgd_sums(w, g, backup, sums, first: bool, mask=None, saved=None) -> None:
+    """The step's reduction only (FSDP2 shards: the caller all_reduces
+    ``sums`` next): ``sums`` (fp32, 3 elements, may be a view into a larger
+    buffer) <- ``[||g||^2, ||r||^2, <r, g>]``; row mode writes ``mask``."""
+    rows, cols, work = _sizes(w, g, backup, mask, saved)
+    _check_f32(sums, 3, "sums")
+    with torch.cuda.device(w.device):
+        ws = torch.empty(pgd_workspace_floats(rows, cols, mask is not None),
+                         dtype=torch.float32, device=w.device)
+        _call("fastadv_pgd_sums", _ptr(w), _ptr(g), _ptr(backup), dtype_code(w.dtype), rows, cols,
+              _ptr(mask), _ptr(saved), int(bool(first)), _ptr(ws), _ptr(sums), _stream(w))
+    count_launch("cuda.pgd", 2 if work else 1)  # partial sums + their sum, or the sum only
+
+
+def pgd_apply(w, g, backup, sums, coef, alpha: float, eps: float, first: bool,
+              mask=None, saved=None) -> None:
+    """The rest of the step from the (all-reduced) ``sums`` of :func:`pgd_sums`:
+    finalize into ``coef`` and the fused update, as :func:`pgd_step` does them."""
+    rows, cols, work = _sizes(w, g, backup, mask, saved)
+    _check_f32(sums, 3, "sums")
+    _check_f32(coef, 4, "coef")
+    with torch.cuda.device(w.device):
+        _call("fastadv_pgd_apply", _ptr(w), _ptr(g), _ptr(backup), dtype_code(w.dtype), rows, cols,
+              _ptr(mask), _ptr(saved), int(bool(first)), _ptr(sums), _ptr(coef), float(alpha), float(eps),
+              _stream(w))
+    count_launch("cuda.pgd", 2 if work else 1)  # finalize + update, or finalize only
 
 
 def pgd_step(w, g, backup, coef, alpha: float, eps: float, first: bool,
