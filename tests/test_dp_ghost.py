@@ -681,3 +681,151 @@ def test_make_private_with_epsilon_ghost():
         data_loader=_loader(x, y, 8), target_epsilon=2.0, target_delta=1e-5, epochs=2, max_grad_norm=1.0,
         grad_sample_mode="bk")
     assert isinstance(opt, ghost.GhostDPOptimizer) and opt.noise_multiplier > 0
+
+
+# ---------------------------------------------------------------- nn.Embedding(padding_idx=...)
+#
+# A deliberate difference from Opacus 1.6 (docs/dp.md, "Differences from
+# Opacus"): its vanilla per-sample gradient of an embedding is a scatter_add
+# that ignores padding_idx, so the padding row gets a per-sample gradient, is
+# updated, and enters every norm.  fastadv's ghost / bk follow autograd: the
+# per-sample gradient is what autograd gives for that sample alone, so the
+# peer here is torch.func (vmap of grad), clipped with Opacus's formula.
+
+PAD, PAD_VOCAB = 0, 7
+
+
+class PadLM(nn.Module):
+    """A padded token embedding, a sequence Linear (so the Gram kernel runs) and
+    a head over the vocabulary, tied to the embedding or not."""
+
+    def __init__(self, tied=True, d=6):
+        super().__init__()
+        self.emb = nn.Embedding(PAD_VOCAB, d, padding_idx=PAD)
+        self.fc = nn.Linear(d, d)
+        self.head = nn.Linear(d, PAD_VOCAB, bias=False)
+        if tied:
+            self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        return self.head(h + torch.tanh(self.fc(h)))
+
+
+def _padded_batch(b=5, t=6, pads=True):
+    """Token ids with padding at the end of some sequences (or none at all)."""
+    gen = torch.Generator().manual_seed(20)
+    ids = torch.randint(1, PAD_VOCAB, (b, t), generator=gen)
+    if pads:
+        ids[0, 3:] = PAD
+        ids[2, 1:] = PAD
+        ids[3, 5] = PAD
+    return ids, torch.randint(0, PAD_VOCAB, (b, t), generator=gen)
+
+
+def functorch_clipped_grads(model, ids, y, C):
+    """The peer: per-sample gradients by torch.func (autograd for one sample:
+    padding_idx honoured, tied uses summed), Opacus's clip factor
+    ``min(1, C / (||g_b|| + 1e-6))``, summed, divided by the batch size (mean
+    reduction, noise 0).  The per-sample loss is the mean over the sample's
+    tokens (Opacus's unit for a token-level mean loss)."""
+    params = {n: p.detach() for n, p in model.named_parameters()}
+
+    def loss(p, xb, yb):
+        out = torch.func.functional_call(model, p, (xb[None],))
+        return F.cross_entropy(out.reshape(-1, out.shape[-1]), yb)
+
+    gs = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(params, ids, y)
+    norms = torch.stack([g.flatten(1).square().sum(1) for g in gs.values()]).sum(0).sqrt()
+    f = (C / (norms + 1e-6)).clamp(max=1.0)
+    return {n: torch.einsum("b,b...->...", f, g) / len(ids) for n, g in gs.items()}, norms
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("mode", MODES)
+def test_padding_idx_equals_functorch_reference(mode, tied, backend):
+    """With padding tokens in the batch: the private gradient equals the
+    functorch per-sample reference (fp32 tolerance), norms included; the
+    Gram form is forced so the backend's kernel runs on the Linear uses."""
+    torch.manual_seed(21)
+    model = PadLM(tied=tied)
+    ids, y = _padded_batch()
+    want, want_norms = functorch_clipped_grads(model, ids, y, C=0.2)
+    if tied:  # the head's use of the tied weight does reach the padding row (autograd agrees)
+        assert want["emb.weight"][PAD].abs().max() > 0
+    got, m = fast_grads(model, [(ids, y)], C=0.2, mode=mode, backend=backend, strategy="gram")
+    assert (want_norms > 0.2).any(), "the test should clip some samples"
+    torch.testing.assert_close(m.per_sample_gradient_norms, want_norms, **TOL)
+    _assert_same(got, want)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_padding_row_stays_frozen(mode):
+    """Untied: the padding row's private gradient is exactly zero and an SGD
+    step (noise 0) leaves its weights bit for bit unchanged, as autograd does."""
+    torch.manual_seed(22)
+    model = PadLM(tied=False)
+    ids, y = _padded_batch()
+    before = model.emb.weight[PAD].clone()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    m, opt, crit, _ = PrivacyEngine().make_private(
+        module=model, optimizer=opt, criterion=nn.CrossEntropyLoss(), data_loader=_loader(ids, y, len(ids)),
+        noise_multiplier=0.0, max_grad_norm=0.2, poisson_sampling=False, grad_sample_mode=mode)
+    opt.zero_grad()
+    _loss_dp(crit, m(ids), y).backward()
+    opt.step()
+    assert torch.equal(model.emb.weight.grad[PAD], torch.zeros_like(before))
+    assert torch.equal(model.emb.weight[PAD].detach(), before)
+    assert model.emb.weight.grad[1:].abs().max() > 0  # the other rows are trained
+
+
+def test_opacus_vanilla_updates_the_padding_row():
+    """Documents the difference (if Opacus changes, this fails and docs/dp.md
+    must change): Opacus 1.6's vanilla mode gives the padding row a gradient
+    and its norms include that row, so it differs from the functorch
+    reference; fastadv's ghost / bk equal the reference (test above)."""
+    torch.manual_seed(23)
+    model = PadLM(tied=False)
+    ids, y = _padded_batch()
+    want, _ = functorch_clipped_grads(model, ids, y, C=0.2)
+    got = opacus_grads(copy.deepcopy(model), [(ids, y)], C=0.2)
+    assert got["emb.weight"][PAD].abs().max() > 1e-4, "Opacus vanilla no longer updates the padding row"
+    assert not torch.allclose(got["fc.weight"], want["fc.weight"], **TOL), \
+        "Opacus vanilla's clip factors no longer include the padding row"
+
+
+def test_opacus_ghost_norms_include_the_padding_row():
+    """Opacus 1.6's ghost mode: its second backward is autograd's (the padding
+    row gets no gradient) but its embedding norms ignore padding_idx, so its
+    clip factors (and update) differ from the reference. Documents the
+    difference, as above."""
+    torch.manual_seed(24)
+    model = PadLM(tied=False)  # Opacus's ghost mode refuses tied parameters
+    ids, y = _padded_batch()
+    want, _ = functorch_clipped_grads(model, ids, y, C=0.2)
+    m0 = copy.deepcopy(model)
+    m, opt, crit, _ = opacus.PrivacyEngine().make_private(
+        module=m0, optimizer=torch.optim.SGD(m0.parameters(), lr=0.0), criterion=nn.CrossEntropyLoss(),
+        data_loader=_loader(ids, y, len(ids)), noise_multiplier=0.0, max_grad_norm=0.2,
+        poisson_sampling=False, grad_sample_mode="ghost")
+    opt.zero_grad()
+    out = m(ids)
+    crit(out.reshape(-1, PAD_VOCAB), y.reshape(-1), shape=out.shape).backward()
+    opt.step()
+    assert torch.equal(m0.emb.weight.grad[PAD], torch.zeros(m0.emb.weight.shape[1]))
+    assert not torch.allclose(m0.fc.weight.grad, want["fc.weight"], **TOL), \
+        "Opacus ghost's norms no longer include the padding row"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_padded_embedding_without_pads_equals_opacus_vanilla(mode):
+    """A padded embedding (tied head) with no padding id in the batch: no
+    difference, the update equals Opacus vanilla's."""
+    torch.manual_seed(25)
+    model = PadLM(tied=True)
+    ids, y = _padded_batch(pads=False)
+    assert (ids != PAD).all()
+    want = opacus_grads(copy.deepcopy(model), [(ids, y)], C=0.2)
+    got, m = fast_grads(model, [(ids, y)], C=0.2, mode=mode)
+    assert (m.per_sample_gradient_norms > 0.2).any(), "the test should clip some samples"
+    _assert_same(got, want)
