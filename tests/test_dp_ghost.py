@@ -829,3 +829,57 @@ def test_padded_embedding_without_pads_equals_opacus_vanilla(mode):
     got, m = fast_grads(model, [(ids, y)], C=0.2, mode=mode)
     assert (m.per_sample_gradient_norms > 0.2).any(), "the test should clip some samples"
     _assert_same(got, want)
+
+
+def _opacus_ghost_step(model, batches, C):
+    """Opacus 1.6's own ghost mode: ``p.grad`` after one (accumulated) step."""
+    x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    m, opt, crit, _ = opacus.PrivacyEngine().make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0), criterion=nn.CrossEntropyLoss(),
+        data_loader=_loader(x, y, len(batches[0][0])), noise_multiplier=0.0, max_grad_norm=C,
+        poisson_sampling=False, grad_sample_mode="ghost")
+    opt.zero_grad()
+    for xb, yb in batches:
+        crit(m(xb), yb).backward()
+    opt.step()
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_opacus_ghost_accumulation_keeps_the_last_micro_batch():
+    """Documents a difference (docs/dp.md): Opacus 1.6's ghost backward calls
+    ``optimizer.zero_grad()`` between its two backwards, which also clears the
+    earlier micro-batches' gradients, and its optimizer counts
+    ``accumulated_iterations = 1``: two accumulated micro-batches give the
+    last one's private gradient alone. fastadv's ghost / bk sum them, as
+    Opacus vanilla does (test_sum_reduction_and_accumulation_equal_opacus)."""
+    torch.manual_seed(26)
+    model = MLP()
+    batches = [_data("mlp", 4), _data("mlp", 4)]
+    last = opacus_grads(copy.deepcopy(model), batches[1:], C=0.3)
+    got = _opacus_ghost_step(copy.deepcopy(model), batches, C=0.3)
+    _assert_same(got, last)
+
+
+def test_opacus_ghost_nonfinite_sample_poisons_the_update():
+    """Documents a difference: in Opacus's ghost mode one inf sample makes the
+    whole update non-finite; fastadv's bk drops it (test_nonfinite_sample_dropped_in_bk)."""
+    torch.manual_seed(27)
+    x, y = _data("mlp", 4)
+    x[1, 0] = float("inf")
+    got = _opacus_ghost_step(MLP(), [(x, y)], C=0.3)
+    assert not all(torch.isfinite(g).all() for g in got.values())
+
+
+def test_opacus_ghost_refuses_tied_parameters():
+    """Documents a difference: Opacus 1.6's ghost mode refuses a tied head (at
+    the backward); fastadv's ghost / bk sum the uses (test_padding_idx_equals_functorch_reference)."""
+    torch.manual_seed(28)
+    model = PadLM(tied=True)
+    ids, y = _padded_batch(pads=False)
+    m, opt, crit, _ = opacus.PrivacyEngine().make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0), criterion=nn.CrossEntropyLoss(),
+        data_loader=_loader(ids, y, len(ids)), noise_multiplier=0.0, max_grad_norm=0.2,
+        poisson_sampling=False, grad_sample_mode="ghost")
+    out = m(ids)
+    with pytest.raises(NotImplementedError, match="Parameter tying"):
+        crit(out.reshape(-1, PAD_VOCAB), y.reshape(-1), shape=out.shape).backward()

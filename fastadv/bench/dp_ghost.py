@@ -158,7 +158,7 @@ class StepData:
             vocab, t = model.model.config.vocab_size, 64 if case.real else 8
             # BERT's ids avoid its padding_idx (0): Opacus vanilla gives the padding row
             # a per-sample gradient, autograd and fastadv's ghost / bk give it none
-            # (docs/dp.md), so a pad token would fail the check on that row alone
+            # (docs/dp.md), so a pad token changes Opacus's clip factors: every parameter would differ
             low = 1 if case.model == "bert-base" else 0
             x = torch.randint(low, vocab, (b, t), generator=gen)
             y = (torch.randint(0, 2, (b,), generator=gen) if case.model == "bert-base"
