@@ -882,3 +882,21 @@ def test_opacus_ghost_refuses_tied_parameters():
         poisson_sampling=False, grad_sample_mode="ghost")
     with pytest.raises(NotImplementedError, match="Parameter tying"):
         m(ids)  # the forward hook sees the tied weight's second use
+
+
+def test_fastadv_hooks_mode_follows_opacus_on_padding():
+    """fastadv's vanilla mode (Opacus's hooks) keeps Opacus's padding
+    behaviour: the same private gradient, padding row included (docs/dp.md)."""
+    torch.manual_seed(23)
+    model = PadLM(tied=False)
+    ids, y = _padded_batch()
+    want = opacus_grads(copy.deepcopy(model), [(ids, y)], C=0.2)
+    m0 = copy.deepcopy(model)
+    m, opt, _ = PrivacyEngine().make_private(
+        module=m0, optimizer=torch.optim.SGD(m0.parameters(), lr=0.0), data_loader=_loader(ids, y, len(ids)),
+        noise_multiplier=0.0, max_grad_norm=0.2, poisson_sampling=False)
+    opt.zero_grad()
+    _loss_vanilla(m(ids), y).backward()
+    opt.step()
+    assert m0.emb.weight.grad[PAD].abs().max() > 1e-4
+    _assert_same({n: p.grad for n, p in m0.named_parameters()}, want)
