@@ -161,9 +161,10 @@ def _sharded_steps(params, grads, alpha: float, eps: float, states, row_sparse: 
     host sync), from which the finalize decides skip and projection on the
     device (``||r + s g||^2`` from the three sums) before the update.  The
     kernel backends split their step there (``pgd_sums`` / ``pgd_apply``)."""
-    for p, g, n in zip(params, grads, names):
+    for p, g in zip(params, grads):
         _check(p, g, alpha)
         _check(p, g, eps)
+    alpha, eps = float(alpha), float(eps)
     grads = [g.to_dense() if g.is_sparse else g for g in grads]
     (ws, gs), group = _dist.localize([params, grads], ["params", "grads"])
     gs = [g.detach() for g in gs]
