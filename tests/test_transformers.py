@@ -656,7 +656,10 @@ def test_ddp_two_processes_match_reference_and_stay_in_sync(tmp_path):
     ranks hold the same weights (the kept gradients are cloned under DDP)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
            "--ddp-worker", str(tmp_path)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # The workers import the checkout under test, whatever pip installed.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.pathsep.join([root] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     lines = [ln.split() for r in (0, 1) for ln in (tmp_path / f"rank{r}.txt").read_text().splitlines()]
