@@ -17,23 +17,8 @@ from fastadv.ops import noise as ops_noise
 from fastadv.reference.neftune import neftune as ref_neftune
 
 from conftest import DEVICE, launches_total, record_guards
+from test_noise import ks_critical, ks_statistic, uniform_cdf  # one home for the KS helpers
 
-
-def ks_statistic(samples: torch.Tensor, cdf) -> float:
-    """Kolmogorov-Smirnov distance between the samples and ``cdf``."""
-    x, _ = torch.sort(samples.double().flatten().cpu())
-    n = x.numel()
-    f = cdf(x)
-    i = torch.arange(1, n + 1, dtype=torch.float64)
-    return float(torch.maximum(i / n - f, f - (i - 1) / n).max())
-
-
-def ks_critical(n: int) -> float:
-    return 1.95 / math.sqrt(n)  # p = 0.001
-
-
-def uniform_cdf(lo, hi):
-    return lambda x: ((x - lo) / (hi - lo)).clamp(0, 1)
 
 
 def test_neftune_without_mask(backend):
