@@ -31,6 +31,7 @@ raises too (an in-place op on a layer's output is fine).
 from __future__ import annotations
 
 import collections
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -70,20 +71,13 @@ def _flat3(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], math.prod(t.shape[1:-1]), t.shape[-1])  # no -1: the batch may be empty
 
 
-def _linear(m: nn.Linear, a, g) -> _Uses:
+def _linear(m, a, g, *, transposed: bool = False) -> _Uses:
+    """nn.Linear (``W [out, in]``: ``G = g^T a``); ``transposed``: transformers'
+    ``Conv1D`` (GPT-2), ``y = x @ W + b`` with ``W [in, out]`` (``G = a^T g``)."""
     out = _Uses()
     if m.weight.requires_grad:
-        out.mats.append((m.weight, ref.MatUse(p=_flat3(g), q=_flat3(a))))
-    if m.bias is not None and m.bias.requires_grad:
-        out.vecs.append((m.bias, _flat3(g).sum(1)))
-    return out
-
-
-def _hf_conv1d(m, a, g) -> _Uses:
-    """transformers' ``Conv1D`` (GPT-2): ``y = x @ W + b`` with ``W [in, out]``."""
-    out = _Uses()
-    if m.weight.requires_grad:
-        out.mats.append((m.weight, ref.MatUse(p=_flat3(a), q=_flat3(g))))
+        p, q = (_flat3(a), _flat3(g)) if transposed else (_flat3(g), _flat3(a))
+        out.mats.append((m.weight, ref.MatUse(p=p, q=q)))
     if m.bias is not None and m.bias.requires_grad:
         out.vecs.append((m.bias, _flat3(g).sum(1)))
     return out
@@ -183,7 +177,7 @@ if hasattr(nn, "RMSNorm"):
     _RULES[nn.RMSNorm] = (_rms_norm, None)
 try:  # GPT-2's linear layer, when transformers is installed
     from transformers.pytorch_utils import Conv1D as _HFConv1D
-    _RULES[_HFConv1D] = (_hf_conv1d, None)
+    _RULES[_HFConv1D] = (functools.partial(_linear, transposed=True), None)
 except Exception:  # pragma: no cover - transformers is optional
     pass
 
