@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from .case import CaseCache, Impl, Prepared, Skip, real_sizes
-from .check import SHORT, interpreted, skip_unsupported, usable_backends
+from .check import SHORT, close, interpreted, not_restored, skip_unsupported, usable_backends
 
 ADV_LR, ADV_EPS, EMA_DECAY = 1.0, 0.2, 0.999
 
@@ -139,23 +139,14 @@ class Data:
         ptrs = [p.data_ptr() for p in model.parameters()]
         awp._save()
         awp._attack_step()
-        bf16 = self.case.dtype != torch.float32
-        rtol = 2 * 2**-7 if bf16 else 1e-5
         for n in self.perturbed:
-            got, exp = model.get_parameter(n).detach().float(), self.expected[n].float()
-            allowed = exp.abs().mul(rtol).add_(1e-6)
-            if bf16:
-                allowed.add_((exp - self.w0[n].float()).abs(), alpha=rtol)
-            if not bool(((got - exp).abs() <= allowed).all()):
+            ok, err = close(model.get_parameter(n).detach(), self.expected[n],
+                            self.expected[n].float() - self.w0[n].float())
+            if not ok:
                 awp._restore()
-                return f"{n} after the step differs from the reference: max abs {float((got - exp).abs().max()):.3g}"
+                return f"{n} after the step differs from the reference: max abs {err:.3g}"
         awp._restore()
-        for n, p in model.named_parameters():
-            if not torch.equal(p.detach(), self.w0[n]):
-                return f"restore of {n} is not bit-exact"
-        if inplace and [p.data_ptr() for p in model.parameters()] != ptrs:
-            return "a parameter's data_ptr changed"
-        return None
+        return not_restored(model.named_parameters(), self.w0, ptrs if inplace else None)
 
     def extra(self) -> dict:
         return {"tensors": len(self.perturbed), "elements": self.elements}

@@ -33,6 +33,19 @@ def close(got: torch.Tensor, expected: torch.Tensor, step: torch.Tensor | None =
     return bool((err <= allowed).all()), float(err.max()) if err.numel() else 0.0
 
 
+def not_restored(named, originals: dict, ptrs: list[int] | None) -> str | None:
+    """None if every ``(name, tensor)`` of ``named`` equals ``originals[name]``
+    bit for bit and, when ``ptrs`` is given, the tensors still have the
+    ``data_ptr`` values recorded before the perturbation; else what is wrong."""
+    named = list(named)
+    for n, t in named:
+        if not torch.equal(t.detach(), originals[n]):
+            return f"restore of {n} is not bit-exact"
+    if ptrs is not None and [t.data_ptr() for _, t in named] != ptrs:
+        return "a parameter's data_ptr changed"
+    return None
+
+
 def interpreted(backend: str, device) -> bool:
     """Whether ``backend`` runs in the Triton interpreter here (checked and
     counted, never timed: its times are numpy's)."""

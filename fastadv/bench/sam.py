@@ -28,7 +28,7 @@ import torch
 
 from .awp import MODELS_FULL, MODELS_SMALL, ShapeModel, model_shapes
 from .case import CaseCache, Impl, Prepared, real_sizes
-from .check import SHORT, close, interpreted, skip_unsupported, usable_backends
+from .check import SHORT, close, interpreted, not_restored, skip_unsupported, usable_backends
 
 RHO = 0.05
 
@@ -101,12 +101,7 @@ class Data:
                 sam.second_step()
                 return f"{n} after first_step differs from the reference: max abs error {err:.3g}"
         sam.second_step()
-        for n, p in model.named_parameters():
-            if not torch.equal(p.detach(), self.w0[n]):
-                return f"second_step does not restore {n} bit for bit"
-        if inplace and [p.data_ptr() for p in model.parameters()] != ptrs:
-            return "a parameter's data_ptr changed"
-        return None
+        return not_restored(model.named_parameters(), self.w0, ptrs if inplace else None)
 
     def design_bytes(self) -> int:
         return 7 * self.elements * next(iter(self.w0.values())).element_size()
