@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastadv.dp import PrivacyEngine
+from fastadv.bench.dp_ghost import peak_bytes
 from fastadv.dp import ghost
 from fastadv.reference import dp_ghost as ref
 
@@ -544,17 +545,9 @@ def test_reused_layer_norms_equal_functorch(mode):
 
 def _peak_bytes(fn) -> int:
     """Peak of the CPU bytes allocated while ``fn`` runs, above what was live
-    before: the profiler's memory events (``profile_memory=True``; one event per
-    allocation, +bytes, and per free, -bytes), summed in time order."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    live = peak = 0
-    for e in events:
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak
+    before (:func:`fastadv.bench.dp_ghost.peak_bytes`: the profiler's memory
+    events summed in time order)."""
+    return peak_bytes(fn, "cpu")[0]
 
 
 def _lm_step(mode, batch, vocab=1000, length=16):

@@ -273,9 +273,8 @@ def peak_bytes(fn, device) -> tuple[int, int | None]:
     CUDA: ``torch.cuda.max_memory_allocated`` after resetting the peak; the
     total counts everything live (parameters, inputs, optimizer and hook
     state).  CPU: the profiler's memory events (``profile_memory=True``:
-    +bytes per allocation, -bytes per free), summed in time order -- the
-    method of tests/test_dp_ghost.py; no total there.  (A shared helper would
-    live in ``fastadv/bench/count.py``.)"""
+    +bytes per allocation, -bytes per free), summed in time order; no total there.
+    tests/test_dp_ghost.py's memory test measures with this function."""
     device = torch.device(device)
     gc.collect()  # garbage of earlier rows is not freed inside the measured step
     if device.type == "cuda":
