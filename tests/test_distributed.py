@@ -135,10 +135,14 @@ def _backward(model, batches, scale):
         (model(ids, labels) * scale).backward()
 
 
+def _attacker(fast_cls, seed_cls, model, backend, ref, **kw):
+    """The embedding attacker (fastadv's on ``backend``, or the seed's) and the SGD optimizer."""
+    adv = seed_cls(model, **kw) if ref else fast_cls(model, backend=backend, **kw)
+    return adv, torch.optim.SGD(model.parameters(), lr=0.1)
+
+
 def _run_fgm(model, batches_of, scale, backend, ref, probe, emb_name="word_embeddings."):
-    kw = dict(emb_name=emb_name, epsilon=0.7)
-    fgm = RefFGM(model, **kw) if ref else fastadv.FGM(model, backend=backend, **kw)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    fgm, opt = _attacker(fastadv.FGM, RefFGM, model, backend, ref, emb_name=emb_name, epsilon=0.7)
     for step in range(STEPS):
         model.zero_grad()
         _backward(model, batches_of(step), scale)
@@ -150,9 +154,7 @@ def _run_fgm(model, batches_of, scale, backend, ref, probe, emb_name="word_embed
 
 
 def _run_pgd(model, batches_of, scale, backend, ref, probe, emb_name="word_embeddings."):
-    kw = dict(emb_name=emb_name, epsilon=0.05)
-    pgd = RefPGD(model, **kw) if ref else fastadv.PGD(model, backend=backend, **kw)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    pgd, opt = _attacker(fastadv.PGD, RefPGD, model, backend, ref, emb_name=emb_name, epsilon=0.05)
     for step in range(STEPS):
         model.zero_grad()
         _backward(model, batches_of(step), scale)
@@ -241,12 +243,9 @@ def _grads(model):
 
 
 def _scenario(op, model, batches_of, scale, backend, ref, probe):
-    import fastadv.kernels as kernels
-    launches = collections.Counter(kernels.LAUNCHES)
-    extra = RUNS[op](model, batches_of, scale, backend, ref, probe) or {}
-    ran = sorted({n.split(".")[0] for n, c in kernels.LAUNCHES.items() if c > launches[n]})
+    extra, ran = _ran(lambda: RUNS[op](model, batches_of, scale, backend, ref, probe))
     return dict(weights=_weights(model), grads=_grads(model), calls=probe.calls, syncs=probe.syncs,
-                launches=probe.launches, ran=ran, **extra)
+                launches=probe.launches, ran=ran, **(extra or {}))
 
 
 def _ran(fn):
