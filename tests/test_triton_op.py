@@ -184,16 +184,22 @@ def _grads(model, ids):
     model(ids).sum().backward()
 
 
-@pytest.mark.parametrize("row_sparse", [True, False])
-def test_fgm_attack_restore_graph_holds_the_kernels(traced, row_sparse):
-    """FGM attack, a forward on the perturbed table, restore: compiled, the
-    graph launches the norm, update and (row mode) restore kernels; the loss
-    equals eager's and the seed FGM's, the restore is bit-exact."""
+def _model_and_reference():
+    """An Emb, a copy of it for the seed reference and a batch; both hold its gradients."""
     model, ref_model = Emb().to(DEVICE), Emb().to(DEVICE)
     ref_model.load_state_dict(model.state_dict())
     ids = torch.tensor([[1, 2, 2], [5, 1, 0]], device=DEVICE)
     _grads(model, ids)
     _grads(ref_model, ids)
+    return model, ref_model, ids
+
+
+@pytest.mark.parametrize("row_sparse", [True, False])
+def test_fgm_attack_restore_graph_holds_the_kernels(traced, row_sparse):
+    """FGM attack, a forward on the perturbed table, restore: compiled, the
+    graph launches the norm, update and (row mode) restore kernels; the loss
+    equals eager's and the seed FGM's, the restore is bit-exact."""
+    model, ref_model, ids = _model_and_reference()
     w = model.word_embeddings.weight
     before = w.detach().clone()
 
@@ -226,11 +232,7 @@ def test_fgm_attack_restore_graph_holds_the_kernels(traced, row_sparse):
 def test_pgd_steps_graph_holds_the_kernels(traced, row_sparse):
     """Three PGD steps and the restore, compiled: the kernels are in the
     graph; the perturbed table equals eager's and the seed PGD's."""
-    model, ref_model = Emb().to(DEVICE), Emb().to(DEVICE)
-    ref_model.load_state_dict(model.state_dict())
-    ids = torch.tensor([[1, 2, 2], [5, 1, 0]], device=DEVICE)
-    _grads(model, ids)
-    _grads(ref_model, ids)
+    model, ref_model, ids = _model_and_reference()
     w = model.word_embeddings.weight
     w0 = w.detach().clone()
     g = w.grad.detach().clone()
