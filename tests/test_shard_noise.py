@@ -44,8 +44,9 @@ def test_shards_equal_the_unsharded_launch(backend, dtype):
             assert torch.equal(b, orig)  # the bit-exact backup, written in the same pass
         for g, s in zip(_shards(got, rank), shards):
             g.copy_(s)
-    for g, e in zip(got, expected):
+    for g, e, t in zip(got, expected, full):
         assert torch.equal(g, e)
+        assert not torch.equal(e, t)  # the noise was applied (else both sides equal ``full``)
 
 
 def test_shard_counters_layout():
