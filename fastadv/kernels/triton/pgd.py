@@ -201,26 +201,43 @@ def pgd_step(w, g, backup, coef, alpha: float, eps: float, first: bool,
     entry), ``saved`` updated (rows perturbed so far).
     """
     alpha, eps = float(alpha), float(eps)
+    part, n = _partials(w, g, backup, first, mask, saved)
+    wrap_triton(_finalize)[(1,)](part, n, coef, alpha, eps, BLOCK=FINALIZE_BLOCK)
+    _update(w, g, backup, coef, alpha, eps, first, mask, saved)
+    count_launch("triton.pgd", 3 if n else 1)
+
+
+def _partials(w, g, backup, first: bool, mask, saved) -> tuple[torch.Tensor, int]:
+    """The reduction pass of a step: ``(part, n)``, ``part`` holding ``n``
+    partials of each of ``[||g||^2, ||r||^2, <r, g>]`` (no launch when ``n == 0``)."""
     if mask is None:
         numel = w.numel()
         n = triton.cdiv(numel, DENSE_BLOCK)
         part = torch.empty(3 * max(n, 1), dtype=torch.float32, device=w.device)
         if n:
             wrap_triton(_partial_dense)[(n,)](w, backup, g, part, numel, n, FIRST=first, BLOCK=DENSE_BLOCK)
-        wrap_triton(_finalize)[(1,)](part, n, coef, alpha, eps, BLOCK=FINALIZE_BLOCK)
-        if n:
-            wrap_triton(_update_dense)[(n,)](w, backup, g, coef, alpha, eps, numel, FIRST=first, BLOCK=DENSE_BLOCK)
-        count_launch("triton.pgd", 3 if n else 1)
-        return
+        return part, n
     rows, cols = w.shape
     part = torch.empty(3 * max(rows, 1), dtype=torch.float32, device=w.device)
-    block = _row_block(cols)
     if rows:
-        wrap_triton(_partial_rows)[(rows,)](w, backup, g, mask, saved, part, rows, cols, BLOCK_C=block)
-    wrap_triton(_finalize)[(1,)](part, rows, coef, alpha, eps, BLOCK=FINALIZE_BLOCK)
+        wrap_triton(_partial_rows)[(rows,)](w, backup, g, mask, saved, part, rows, cols,
+                                            BLOCK_C=_row_block(cols))
+    return part, rows
+
+
+def _update(w, g, backup, coef, alpha: float, eps: float, first: bool, mask, saved) -> int:
+    """The fused update pass from ``coef``; returns its grid size (0: no launch)."""
+    if mask is None:
+        numel = w.numel()
+        n = triton.cdiv(numel, DENSE_BLOCK)
+        if n:
+            wrap_triton(_update_dense)[(n,)](w, backup, g, coef, alpha, eps, numel, FIRST=first, BLOCK=DENSE_BLOCK)
+        return n
+    rows, cols = w.shape
     if rows:
-        wrap_triton(_update_rows)[(rows,)](w, backup, g, mask, saved, coef, alpha, eps, cols, BLOCK_C=block)
-    count_launch("triton.pgd", 3 if rows else 1)
+        wrap_triton(_update_rows)[(rows,)](w, backup, g, mask, saved, coef, alpha, eps, cols,
+                                           BLOCK_C=_row_block(cols))
+    return rows
 
 
 # ---- the step split for shards (FSDP2): sums, all_reduce (by the caller), apply -------------
@@ -229,19 +246,7 @@ def pgd_sums(w, g, backup, sums, first: bool, mask=None, saved=None) -> None:
     """The step's reduction only: ``sums`` (fp32, 3 elements, may be a view
     into the caller's buffer) receives this tensor's ``[||g||^2, ||r||^2,
     <r, g>]``; row mode also writes ``mask``.  Two launches (partials, sum)."""
-    if mask is None:
-        numel = w.numel()
-        n = triton.cdiv(numel, DENSE_BLOCK)
-        part = torch.empty(3 * max(n, 1), dtype=torch.float32, device=w.device)
-        if n:
-            wrap_triton(_partial_dense)[(n,)](w, backup, g, part, numel, n, FIRST=first, BLOCK=DENSE_BLOCK)
-    else:
-        rows, cols = w.shape
-        n = rows
-        part = torch.empty(3 * max(rows, 1), dtype=torch.float32, device=w.device)
-        if rows:
-            wrap_triton(_partial_rows)[(rows,)](w, backup, g, mask, saved, part, rows, cols,
-                                                BLOCK_C=_row_block(cols))
+    part, n = _partials(w, g, backup, first, mask, saved)
     wrap_triton(_sum_parts)[(1,)](part, n, sums, BLOCK=FINALIZE_BLOCK)
     count_launch("triton.pgd", 2 if n else 1)
 
@@ -253,17 +258,7 @@ def pgd_apply(w, g, backup, sums, coef, alpha: float, eps: float, first: bool,
     update, as :func:`pgd_step` does them."""
     alpha, eps = float(alpha), float(eps)
     wrap_triton(_finalize)[(1,)](sums, 1, coef, alpha, eps, BLOCK=FINALIZE_BLOCK)
-    if mask is None:
-        numel = w.numel()
-        n = triton.cdiv(numel, DENSE_BLOCK)
-        if n:
-            wrap_triton(_update_dense)[(n,)](w, backup, g, coef, alpha, eps, numel, FIRST=first, BLOCK=DENSE_BLOCK)
-    else:
-        rows, cols = w.shape
-        n = rows
-        if rows:
-            wrap_triton(_update_rows)[(rows,)](w, backup, g, mask, saved, coef, alpha, eps, cols,
-                                               BLOCK_C=_row_block(cols))
+    n = _update(w, g, backup, coef, alpha, eps, first, mask, saved)
     count_launch("triton.pgd", 2 if n else 1)
 
 
