@@ -107,30 +107,9 @@ def pgd_step(w, g, backup, coef, alpha: float, eps: float, first: bool,
     elements) receives ``[||g||, ||r'||, step, project]``.
     """
     alpha, eps = float(alpha), float(eps)
-    for t, what in ((w, "w"), (g, "g"), (backup, "backup"), (coef, "coef")):
-        _check(t, what)
-    if g.dtype != w.dtype or backup.dtype != w.dtype:
-        raise ValueError("w, g and backup must have one dtype")
-    if coef.dtype != torch.float32 or coef.numel() != 4:
-        raise ValueError("coef must be a float32 tensor of 4 elements")
+    rows, cols, work = _sizes(w, g, backup, mask, saved)
+    _check_f32(coef, 4, "coef")
     code = dtype_code(w.dtype)
-    if mask is None:
-        if saved is not None:
-            raise ValueError("saved is only for the row-sparse step (give mask too)")
-        if g.numel() != w.numel() or backup.numel() != w.numel():
-            raise ValueError("dense pgd_step needs g and backup of w's numel")
-        rows, cols = 1, w.numel()
-        work = rows * cols
-    else:
-        if saved is None:
-            raise ValueError("the row-sparse pgd_step needs saved with mask")
-        if w.dim() != 2 or g.shape != w.shape or backup.shape != w.shape:
-            raise ValueError(f"row-sparse pgd_step needs 2-D w, g and backup of one shape, got "
-                             f"{tuple(w.shape)}, {tuple(g.shape)}, {tuple(backup.shape)}")
-        rows, cols = w.shape
-        _check_flags(mask, rows, "mask")
-        _check_flags(saved, rows, "saved")
-        work = rows
     with torch.cuda.device(w.device):
         ws = torch.empty(pgd_workspace_floats(rows, cols, mask is not None),
                          dtype=torch.float32, device=w.device)
