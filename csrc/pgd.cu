@@ -154,18 +154,26 @@ partial_rows_kernel(const typename Tr::bits* __restrict__ w, const typename Tr::
 
 // ---- finalize ----------------------------------------------------------------------------
 
-// One block: sums the n partials of each quantity in a fixed order, then
-// coef = [||g||, ||r'||, step, project] with s = alpha / ||g|| and
-// ||r'||^2 = max(||r||^2 + (2 s) <r, g> + (s s) ||g||^2, 0).
-__global__ void __launch_bounds__(kFinalizeThreads)
-finalize_kernel(const float* __restrict__ part, int64_t n, float* __restrict__ coef, float alpha, float eps) {
-  float gg = 0.f, rr = 0.f, rg = 0.f;
+// The three sums of the n partials of each quantity, in a fixed order (one
+// block of kFinalizeThreads; the totals are valid in thread 0).
+__device__ __forceinline__ void sum_partials(const float* __restrict__ part, int64_t n,
+                                             float& gg, float& rr, float& rg) {
+  gg = 0.f, rr = 0.f, rg = 0.f;
   for (int64_t i = threadIdx.x; i < n; i += kFinalizeThreads) {
     gg += part[i];
     rr += part[n + i];
     rg += part[2 * n + i];
   }
   block_sum3<kFinalizeThreads>(gg, rr, rg);
+}
+
+// One block: sums the n partials of each quantity in a fixed order, then
+// coef = [||g||, ||r'||, step, project] with s = alpha / ||g|| and
+// ||r'||^2 = max(||r||^2 + (2 s) <r, g> + (s s) ||g||^2, 0).
+__global__ void __launch_bounds__(kFinalizeThreads)
+finalize_kernel(const float* __restrict__ part, int64_t n, float* __restrict__ coef, float alpha, float eps) {
+  float gg, rr, rg;
+  sum_partials(part, n, gg, rr, rg);
   if (threadIdx.x == 0) {
     const float norm_g = __fsqrt_rn(gg);
     const bool step = norm_g != 0.f && norm_g == norm_g;  // neither 0 nor NaN
@@ -184,13 +192,8 @@ finalize_kernel(const float* __restrict__ part, int64_t n, float* __restrict__ c
 // across the shards before finalize_kernel reads them back as n = 1 partials.
 __global__ void __launch_bounds__(kFinalizeThreads)
 sum_parts_kernel(const float* __restrict__ part, int64_t n, float* __restrict__ out) {
-  float gg = 0.f, rr = 0.f, rg = 0.f;
-  for (int64_t i = threadIdx.x; i < n; i += kFinalizeThreads) {
-    gg += part[i];
-    rr += part[n + i];
-    rg += part[2 * n + i];
-  }
-  block_sum3<kFinalizeThreads>(gg, rr, rg);
+  float gg, rr, rg;
+  sum_partials(part, n, gg, rr, rg);
   if (threadIdx.x == 0) {
     out[0] = gg;
     out[1] = rr;
