@@ -108,12 +108,7 @@ def pgd_attack_(param: torch.Tensor, grad: torch.Tensor, alpha: float, epsilon: 
                               backend)[0]
     first = state is None
     if first:
-        backend_name = resolve(param, grad, backend)
-        rows = param.shape[0] if row_sparse and backend_name != "torch" and param.dim() == 2 else 0
-        state = PGDState(param, torch.empty_like(param, requires_grad=False), None, backend_name)
-        if rows:
-            state.saved = torch.zeros(rows, dtype=torch.uint8, device=param.device)
-            state.mask = torch.empty(rows, dtype=torch.uint8, device=param.device)
+        state = _new_state(param, param, grad, row_sparse, backend)
     else:
         _follow(state, param, name, "two PGD attack() steps")
         _registry.check_devices(param.device, [("the parameter", param), ("grad", grad)])
@@ -182,18 +177,24 @@ def _sharded_steps(params, grads, alpha: float, eps: float, states, row_sparse: 
     return states
 
 
+def _new_state(param, w, g, row_sparse: bool, backend) -> PGDState:
+    """The state of a first step on ``w`` (``param`` itself, or its local
+    shard): a backup of ``w``'s shape and, for a 2-D ``w`` on a kernel
+    backend with ``row_sparse`` and rows, the row flags (``saved`` cleared)."""
+    name = resolve(w, g, backend)
+    state = PGDState(param, torch.empty_like(w, requires_grad=False), None, name)
+    if row_sparse and name != "torch" and w.dim() == 2 and w.shape[0]:
+        state.saved = torch.zeros(w.shape[0], dtype=torch.uint8, device=w.device)
+        state.mask = torch.empty(w.shape[0], dtype=torch.uint8, device=w.device)
+    return state
+
+
 def _shard_state(param, w, g, state, row_sparse: bool, name: str, backend) -> PGDState:
     """The state of a shard's step: new on the first step (row mode as in
     :func:`pgd_attack_`, over the local rows), else followed to ``w``'s storage."""
     _registry.check_devices(w.device, [("the parameter", w), ("grad", g)])
     if state is None:
-        name_ = resolve(w, g, backend)
-        rows = w.shape[0] if row_sparse and name_ != "torch" and w.dim() == 2 else 0
-        state = PGDState(param, torch.empty_like(w, requires_grad=False), None, name_)
-        if rows:
-            state.saved = torch.zeros(rows, dtype=torch.uint8, device=w.device)
-            state.mask = torch.empty(rows, dtype=torch.uint8, device=w.device)
-        return state
+        return _new_state(param, w, g, row_sparse, backend)
     _follow(state, w, name, "two PGD attack() steps")
     _registry.require(state.backend, **kernel_limits(w, g))
     state.param = param  # the DTensor: restore takes its local shard as it is then
