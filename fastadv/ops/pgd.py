@@ -168,6 +168,8 @@ def _sharded_steps(params, grads, alpha: float, eps: float, states, row_sparse: 
     with torch.no_grad():
         states = [_shard_state(p, w, g, s, row_sparse, n, backend)
                   for p, w, g, s, n in zip(params, ws, gs, states, names)]
+        # the kernels read a contiguous gradient: copied once here, not in both passes
+        gs = [g if s.backend == "torch" else g.contiguous() for g, s in zip(gs, states)]
         sums = torch.empty(3 * len(ws), dtype=torch.float32, device=ws[0].device)
         for i, (state, w, g, first) in enumerate(zip(states, ws, gs, firsts)):
             _shard_sums(state, w, g, sums[3 * i:3 * i + 3], first)
