@@ -145,7 +145,9 @@ def fgm_attack_(param: torch.Tensor, grad: torch.Tensor, epsilon: float, *,
     if grad.is_sparse:
         grad = grad.to_dense()
     if _dist.is_sharded(param):
-        return _sharded_attack(param, grad, float(epsilon), bool(row_sparse), backend)
+        # FSDP2: the local shard along the global g / ||g|| (one all_reduce, no host sync)
+        return fgm_attack_many_([param], [grad], float(epsilon), row_sparse=bool(row_sparse),
+                                backend=backend)[0]
     name = resolve(param, grad, backend)
     with torch.no_grad():
         backup = torch.empty_like(param)
@@ -174,20 +176,16 @@ def fgm_attack_many_(params, grads, epsilon: float, *, row_sparse: bool = True,
     _registry.check_devices(ws[0].device, [(f"params[{i}]", w) for i, w in enumerate(ws)])
     with torch.no_grad():
         names = [resolve(w, g, backend) for w, g in zip(ws, gs)]
+        # the kernels read a contiguous gradient: copied once here, not in both passes
+        gs = [g if name == "torch" else g.contiguous() for g, name in zip(gs, names)]
         rows = [torch.empty(w.shape[0], dtype=torch.uint8, device=w.device)
-                if name != "torch" and _by_rows(w, row_sparse, name) else None for w, name in zip(ws, names)]
+                if _by_rows(w, row_sparse, name) else None for w, name in zip(ws, names)]
         sq = torch.empty(len(ws), dtype=torch.float32, device=ws[0].device)  # the partial ||g||^2
         for i, (w, g, name) in enumerate(zip(ws, gs, names)):
             _shard_square_norm(w, g, rows[i], sq[i:i + 1], name)
         norms = _dist.all_reduce_sum_(sq, group).sqrt_()
         return [FGMBackup(p, _shard_update(w, g, rows[i], norms[i:i + 1], epsilon, name), rows[i], name)
                 for i, (p, w, g, name) in enumerate(zip(params, ws, gs, names))]
-
-
-def _sharded_attack(param, grad, epsilon: float, row_sparse: bool, backend) -> FGMBackup:
-    """FSDP2: the local shard is perturbed along the global ``g / ||g||``; the
-    norm's partial sum of squares is combined by one all_reduce (no host sync)."""
-    return fgm_attack_many_([param], [grad], epsilon, row_sparse=row_sparse, backend=backend)[0]
 
 
 def _shard_square_norm(w, g, rows, out, name: str) -> None:
