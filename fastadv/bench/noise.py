@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from .case import CaseCache, Impl, Prepared, Skip, real_sizes
-from .check import SHORT, interpreted, skip_unsupported, usable_backends
+from .check import SHORT, interpreted, not_restored, skip_unsupported, usable_backends
 
 STD = 0.1
 ALPHA = 5.0
@@ -259,12 +259,8 @@ def _functions(case: Case, d: CaseData, impl: str):
             with ctx:
                 p, o = d.params[0], d.original[0]
                 inner["msg"] = d.check_noise(p.detach(), o, STD)
-            for p, o in zip(d.params, d.original):
-                if not torch.equal(p.detach(), o):
-                    return "restore is not bit-exact"
-            if b is not None and ptrs != [p.data_ptr() for p in d.params]:
-                return "data_ptr changed"
-            return inner["msg"]
+            return not_restored(enumerate(d.params), dict(enumerate(d.original)),
+                                ptrs if b is not None else None) or inner["msg"]
         return fn, check
     raise ValueError(op)
 
