@@ -47,7 +47,7 @@ BACKENDS = ["torch", "triton"]
 # fgm_weights / pgd_weights: emb_name="weight", 4 attacked tensors (the tied table, proj, head and the
 # 1-row gate, whose shard on rank 1 is empty): still one all_reduce per call
 OPS = ["fgm", "pgd", "awp", "sam", "ema", "fgm_weights", "pgd_weights"]
-MIXED_OPS = ["fgm", "awp", "sam", "ema"]  # also run under FSDP2 with MixedPrecisionPolicy(param_dtype=bf16)
+MIXED_OPS = ["fgm", "pgd", "awp", "sam", "ema"]  # also run under FSDP2 with MixedPrecisionPolicy(param_dtype=bf16)
 SPAWN_TIMEOUT = 300  # seconds for one 2-process run (they take ~30-60 s on 2 shared cores)
 pytestmark = pytest.mark.skipif(DEVICE.type != "cpu" or not dist.is_available(),
                                 reason="the gloo tests run on CPU")
@@ -504,6 +504,11 @@ def test_backend_launched(runs, mode, op, backend):
 # Measured here (CPU, 2 steps, both backends): largest |difference| 1.2e-3 on the weights,
 # 7.5e-3 on the gradients (1.1 % of the largest gradient), 9e-5 on EMA's averages.
 BF16_RUN = dict(rtol=2e-2, atol=5e-3)
+# PGD runs K + 1 bf16 forward / backward passes per step (the others one or two), and its last
+# backward sees weights the attack moved by rounded gradients: 8.7e-3 on proj.weight's gradient
+# (2 of 144 elements above 5e-3), the same numbers on the torch and the triton backend, so the
+# difference is the bf16 compute, not the op (the fp32 FSDP2 run is checked to 1e-5 above).
+BF16_RUN_OP = {"pgd": dict(rtol=2e-2, atol=1.2e-2)}
 
 
 @pytest.mark.parametrize("op", MIXED_OPS)
@@ -522,7 +527,8 @@ def test_fsdp_mixed_precision(runs, op, backend):
             assert got[key].keys() == expected[key].keys()
             for name, ref in expected[key].items():
                 assert got[key][name].dtype == torch.float32, (key, name)
-                torch.testing.assert_close(got[key][name], ref, **BF16_RUN, msg=f"{op} {backend} {key} {name}")
+                torch.testing.assert_close(got[key][name], ref, **BF16_RUN_OP.get(op, BF16_RUN),
+                                           msg=lambda m: f"{op} {backend} {key} {name}: {m}")
                 assert torch.equal(ranks[1 - rank]["mixed", op, backend][key][name], got[key][name])
         assert not all(torch.equal(got["weights"][n], w) for n, w in expected["weights"].items())
         assert set(got["ran"]) == {backend}, got["ran"]
