@@ -506,8 +506,11 @@ def test_backend_launched(runs, mode, op, backend):
 BF16_RUN = dict(rtol=2e-2, atol=5e-3)
 # PGD runs K + 1 bf16 forward / backward passes per step (the others one or two), and its last
 # backward sees weights the attack moved by rounded gradients: 8.7e-3 on proj.weight's gradient
-# (2 of 144 elements above 5e-3), the same numbers on the torch and the triton backend, so the
-# difference is the bf16 compute, not the op (the fp32 FSDP2 run is checked to 1e-5 above).
+# (2 of 144 elements above 5e-3), the same numbers on the torch and the triton backend, and the fp32
+# FSDP2 run matches to 1e-5 (test_two_processes_equal_one). This tolerance is looser than the
+# others' and the cause is argued, not proven: both backends share the shard-level Python path, so a
+# mistake specific to mixed precision in that path is not excluded by their agreement. Proof would
+# be a single-process reference that runs the same bf16 forward (not built).
 BF16_RUN_OP = {"pgd": dict(rtol=2e-2, atol=1.2e-2)}
 
 
