@@ -24,6 +24,7 @@ from opacus.optimizers import DistributedDPOptimizer as _OpacusDistributed
 from opacus.optimizers import DPOptimizer as _OpacusDP
 
 from . import ghost as _ghost
+from . import ghost_dist as _ghost_dist
 from .optimizer import DistributedDPOptimizer, DPOptimizer
 
 _SWAP = {_OpacusDP: DPOptimizer, _OpacusDistributed: DistributedDPOptimizer}
@@ -93,38 +94,67 @@ class PrivacyEngine(opacus.PrivacyEngine):
         module wrapper, optimizer and criterion."""
         from itertools import chain
 
-        from torch.nn.parallel import DistributedDataParallel
-
         if noise_generator and self.secure_mode:
             raise ValueError("Passing seed is prohibited in secure mode")
         if clipping != "flat":
             raise NotImplementedError(f"grad_sample_mode={mode!r} supports clipping='flat' only, got {clipping!r}")
         if not wrap_model:
             raise NotImplementedError(f"grad_sample_mode={mode!r} needs wrap_model=True")
-        if isinstance(module, DistributedDataParallel) or torch.distributed.is_initialized():
-            raise NotImplementedError(f"grad_sample_mode={mode!r} is single-process for now")
+        distributed = self._ghost_distributed(module, mode)
         model_parameters = set(module.parameters())
         for p in chain.from_iterable(g["params"] for g in optimizer.param_groups):
             if p not in model_parameters:
                 raise ValueError("Module parameters are different than optimizer Parameters")
         self.validate(module=module, optimizer=None, data_loader=None)
-        module = _ghost.GhostClippingModule(module, mode=mode, batch_first=batch_first,
-                                            loss_reduction=loss_reduction, max_grad_norm=max_grad_norm,
-                                            strategy=strategy, backend=self.backend)
+        wrapper = _ghost_dist.DistributedGhostClippingModule if distributed else _ghost.GhostClippingModule
+        module = wrapper(module, mode=mode, batch_first=batch_first, loss_reduction=loss_reduction,
+                         max_grad_norm=max_grad_norm, strategy=strategy, backend=self.backend)
         if poisson_sampling:
             module.forbid_grad_accumulation()
-        data_loader = self._prepare_data_loader(data_loader, distributed=False, poisson_sampling=poisson_sampling,
-                                                batch_first=batch_first, rand_on_empty=rand_on_empty)
+        data_loader = self._prepare_data_loader(data_loader, distributed=distributed,
+                                                poisson_sampling=poisson_sampling, batch_first=batch_first,
+                                                rand_on_empty=rand_on_empty)
         sample_rate = 1 / len(data_loader)
         expected_batch_size = int(len(data_loader.dataset) * sample_rate)
+        if distributed:  # the per-rank batch, as Opacus passes it (a true division, as there)
+            expected_batch_size /= torch.distributed.get_world_size()
         if isinstance(optimizer, _OpacusDP):
             optimizer = optimizer.original_optimizer
         generator = self.secure_rng if self.secure_mode else noise_generator
-        optimizer = _ghost.GhostDPOptimizer(optimizer, noise_multiplier=noise_multiplier,
-                                            max_grad_norm=max_grad_norm, expected_batch_size=expected_batch_size,
-                                            loss_reduction=loss_reduction, generator=generator,
-                                            secure_mode=self.secure_mode, backend=self.backend,
-                                            on_nonfinite=self.on_nonfinite)
+        cls, extra = _ghost.GhostDPOptimizer, {}
+        if distributed:
+            cls, extra = _ghost_dist.DistributedGhostDPOptimizer, {"process_group": module.ddp.process_group}
+        optimizer = cls(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+                        expected_batch_size=expected_batch_size, loss_reduction=loss_reduction,
+                        generator=generator, secure_mode=self.secure_mode, backend=self.backend,
+                        on_nonfinite=self.on_nonfinite, **extra)
         optimizer.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
         criterion = _ghost.DPLossGhost(module, optimizer, criterion, loss_reduction)
         return module, optimizer, criterion, data_loader
+
+    @staticmethod
+    def _ghost_distributed(module, mode) -> bool:
+        """True for a DDP model (fastadv.dp.ghost_dist); raises on what the
+        ghost / bk modes do not support across processes."""
+        from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
+        from torch.nn.parallel import DistributedDataParallel
+
+        from ..ops import _dist
+
+        if any(_dist.is_sharded(p) for p in module.parameters()):
+            raise NotImplementedError(f"grad_sample_mode={mode!r} on FSDP2 (fully_shard) / DTensor-sharded "
+                                      f"parameters is not supported; use DDP (docs/distributed.md)")
+        if isinstance(module, DPDDP):
+            raise NotImplementedError(f"grad_sample_mode={mode!r} takes a torch DistributedDataParallel model, "
+                                      f"not Opacus's DifferentiallyPrivateDistributedDataParallel")
+        if isinstance(module, DistributedDataParallel):
+            if module.static_graph:
+                raise NotImplementedError(f"grad_sample_mode={mode!r} under DDP(static_graph=True) is not "
+                                          f"supported (the forward runs under no_sync; untested there)")
+            return True
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            raise NotImplementedError(f"grad_sample_mode={mode!r} with a process group of "
+                                      f"{torch.distributed.get_world_size()} ranks needs the model wrapped in "
+                                      f"torch.nn.parallel.DistributedDataParallel (no other wrapper is "
+                                      f"supported: the gradients would not be summed over the ranks)")
+        return False

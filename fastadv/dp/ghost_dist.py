@@ -1,0 +1,125 @@
+"""Ghost clipping and book-keeping DP-SGD under DDP (``DistributedDataParallel``).
+
+``PrivacyEngine.make_private(module=ddp_model, ..., grad_sample_mode="ghost" | "bk")``
+gives :class:`DistributedGhostClippingModule` and
+:class:`DistributedGhostDPOptimizer`, with the semantics of Opacus 1.6's
+``DistributedDPOptimizer``: every rank clips its own samples (per-sample norms
+from its local batch), the noise ``N(0, (sigma * C)^2)`` is added once, on
+rank 0, before the clipped sums are summed over the ranks, and for
+``loss_reduction="mean"`` the sum is divided by ``expected_batch_size *
+world_size`` (Opacus: ``/ expected_batch_size`` per rank -- the per-rank
+batch -- then ``all_reduce(SUM) / world_size``).
+
+The design, one for both modes: **DDP never reduces; the optimizer does, once
+per step.**
+
+* The ``"bk"`` mode writes ``p.grad`` itself (no backward reaches the
+  parameters: nothing would reduce it), while ``"ghost"``'s second backward
+  is a plain ``backward()`` that DDP's reducer would *average* over the
+  ranks.  Letting DDP average one mode and reducing the other by hand would
+  give two code paths with different scalings, and DDP's average cannot
+  carry the noise: Opacus adds it on rank 0 *before* the sum.
+* So the forward runs under ``ddp.no_sync()`` (DDP arms its reducer in the
+  forward; under ``no_sync`` it does not, and every later backward only
+  accumulates locally), and :class:`DistributedGhostDPOptimizer` sums the
+  ranks' noised, scaled gradients with **one** ``all_reduce(SUM)`` of one
+  flat buffer per dtype (one in practice), whatever the number of parameters
+  (Opacus: one per parameter).  Divided by ``world_size`` before the sum
+  instead of after: the same number to fp32 rounding.
+* ghost's first (norm) backward is ``torch.autograd.grad`` to the parameters:
+  autograd hands the gradients back at the leaves' edges without running
+  their ``AccumulateGrad`` nodes, so the reducer's hooks would not fire even
+  without ``no_sync``; ``"bk"``'s is to the layer outputs (no parameter is
+  reached at all).
+* Consequence of ``no_sync``: DDP broadcasts module buffers from rank 0 only
+  at the first forward (DP-trainable models have no running statistics:
+  BatchNorm is refused by Opacus's validator; constant buffers such as
+  position ids stay replicated).
+* Calling the DDP module directly (not the wrapper) in training arms the
+  reducer: the layer hooks detect it (``require_backward_grad_sync``) and
+  raise instead of letting DDP average what the optimizer then sums again.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from . import ghost as _ghost
+from ..ops import dp as _ops
+
+__all__ = ["DistributedGhostClippingModule", "DistributedGhostDPOptimizer"]
+
+
+class DistributedGhostClippingModule(_ghost.GhostClippingModule):
+    """:class:`fastadv.dp.GhostClippingModule` around a DDP model: the hooks sit
+    on the layers inside ``ddp.module``; ``forward`` is DDP's forward, under
+    ``ddp.no_sync()`` (see the module docstring: the optimizer reduces)."""
+
+    def __init__(self, ddp: DistributedDataParallel, **kwargs):
+        if not isinstance(ddp, DistributedDataParallel):
+            raise TypeError(f"DistributedGhostClippingModule wraps a DistributedDataParallel model, "
+                            f"got {type(ddp).__name__}")
+        super().__init__(ddp, **kwargs)
+
+    @property
+    def ddp(self) -> DistributedDataParallel:
+        return self._module  # a property: a second attribute would register DDP twice (state_dict)
+
+    def forward(self, *args, **kwargs):
+        with self.ddp.no_sync():
+            return self._module(*args, **kwargs)
+
+    def _capture(self, name):
+        record = super()._capture(name)
+
+        def hook(module, inputs, output):
+            if (self.hooks_enabled and module.training and torch.is_grad_enabled()
+                    and self.ddp.require_backward_grad_sync):
+                raise RuntimeError(
+                    "the DDP model was called directly in training mode: DDP would average the "
+                    "gradients that DistributedGhostDPOptimizer sums over the ranks; call the module "
+                    "returned by make_private (its forward runs DDP's under no_sync)")
+            return record(module, inputs, output)
+        return hook
+
+
+class DistributedGhostDPOptimizer(_ghost.GhostDPOptimizer):
+    """:class:`fastadv.dp.GhostDPOptimizer` across DDP ranks: ``p.grad`` holds
+    this rank's clipped sum (DDP did not reduce it); at a step that is not
+    skipped, rank 0 alone adds the noise, every rank scales by
+    ``expected_batch_size * accumulated_iterations * world_size`` (``"mean"``;
+    ``expected_batch_size`` is the per-rank batch, as Opacus passes it) and one
+    ``all_reduce(SUM)`` of a flat buffer gives every rank the same private
+    gradient, before the step hook (the accountant) and the inner step."""
+
+    def __init__(self, *args, process_group=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.process_group = process_group
+        self.rank = dist.get_rank(process_group)
+        self.world_size = dist.get_world_size(process_group)
+
+    def _noise_std(self) -> float:
+        return super()._noise_std() if self.rank == 0 else 0.0
+
+    def add_noise(self, divisor=None):
+        params = self.params
+        if divisor is not None:
+            divisor = divisor * self.world_size
+        for group in _by_dtype(params):
+            flat = torch.empty(sum(p.numel() for p in group), dtype=group[0].dtype, device=group[0].device)
+            views = [v.view_as(p) for p, v in zip(group, flat.split([p.numel() for p in group]))]
+            _ops.add_noise([p.summed_grad for p in group], self._noise_std(), expected_batch_size=divisor,
+                           out=views, generator=self.generator, secure_mode=self.secure_mode,
+                           backend=self.backend)
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.process_group)
+            for p, v in zip(group, views):
+                p.grad = v
+
+
+def _by_dtype(params) -> list[list[torch.Tensor]]:
+    """The parameters grouped by (dtype, device), in order: one flat buffer each."""
+    groups: dict = {}
+    for p in params:
+        groups.setdefault((p.dtype, p.device), []).append(p)
+    return list(groups.values())

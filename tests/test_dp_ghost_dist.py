@@ -1,0 +1,250 @@
+"""Ghost / book-keeping DP-SGD under DDP (fastadv.dp.ghost_dist), real 2-process
+gloo runs spawned by the test (bounded in time, one spawn for the file).
+
+The model is test_dp_ghost's TinyLM (token and position embeddings, a head
+tied to the token table).  Each rank trains on its own DistributedSampler
+shard for 2 SGD steps; the checks, for both modes and both backends:
+
+* noise-free, the weights equal (a) Opacus 1.6's own DDP run
+  (``grad_sample_mode="hooks"``, ``DistributedDPOptimizer``: the peer) and
+  (b) fastadv's single-process ghost run on the concatenated batches;
+* the ranks hold bitwise-identical weights; before the step each rank's
+  ``p.grad`` is its own clipped sum (DDP did not average it);
+* one ``all_reduce`` per step in all (forward, backwards, step), for the
+  model's 10 trainable tensors (Opacus: one per parameter);
+* with noise, the noise enters once: rank 0's draws, the same as the
+  single-process run's with the same generator (so the residual has std
+  ``sigma * C``, not ``sqrt(2) sigma * C``);
+* calling the DDP model directly (DDP would average) raises.
+"""
+import os
+import time
+import traceback
+
+import opacus
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from fastadv.dp import PrivacyEngine
+
+from conftest import DEVICE
+from test_distributed import _ALL_REDUCES, _count_all_reduce, _free_port, _ran
+from test_dp_ghost import TinyLM, _loss_dp, _loss_vanilla
+
+WORLD, STEPS, BATCH = 2, 2, 3          # BATCH: per rank
+C, SIGMA, LR, SEED = 4.5, 1.0, 0.1, 5   # C: the samples' norms are 3.7 to 8 (some clipped, some not)
+MODES, BACKENDS = ["ghost", "bk"], ["torch", "triton"]
+SPAWN_TIMEOUT = 150
+FP32 = dict(rtol=1e-4, atol=1e-6)
+pytestmark = pytest.mark.skipif(DEVICE.type != "cpu" or not dist.is_available(),
+                                reason="the gloo tests run on CPU")
+
+
+def _dataset():
+    gen = torch.Generator().manual_seed(11)
+    n = WORLD * BATCH * STEPS
+    return torch.utils.data.TensorDataset(torch.randint(0, 11, (n, 5), generator=gen),
+                                          torch.randint(0, 11, (n, 5), generator=gen))
+
+
+def _loader(distributed):
+    data = _dataset()
+    if not distributed:  # one process, the concatenated batches
+        return torch.utils.data.DataLoader(data, batch_size=WORLD * BATCH)
+    sampler = torch.utils.data.DistributedSampler(data, shuffle=False)
+    return torch.utils.data.DataLoader(data, batch_size=BATCH, sampler=sampler)
+
+
+def _model(distributed):
+    torch.manual_seed(0)
+    net = TinyLM()
+    return nn.parallel.DistributedDataParallel(net, gradient_as_bucket_view=True) if distributed else net
+
+
+def _weights(model):
+    return {n.removeprefix("module."): p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _train(distributed, mode, backend, sigma=0.0, steps=STEPS):
+    """fastadv's ghost / bk DP-SGD (SGD, lr LR; lr 0 when noisy: the first step's
+    private gradient is what is compared).  Per step: the local gradient
+    before the step, the private one after it, the all_reduce calls of the
+    whole step and the per-sample norms."""
+    model = _model(distributed)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0 if sigma else LR)
+    m, opt, crit, loader = PrivacyEngine(backend=backend).make_private(
+        module=model, optimizer=opt, criterion=nn.CrossEntropyLoss(), data_loader=_loader(distributed),
+        noise_multiplier=sigma, max_grad_norm=C, poisson_sampling=False, grad_sample_mode=mode,
+        noise_generator=torch.Generator().manual_seed(SEED))
+    out = dict(local=[], grads=[], calls=[], norms=[], cls=type(opt).__name__)
+
+    def run():
+        for step, (x, y) in zip(range(steps), loader):
+            before = _ALL_REDUCES[0]
+            opt.zero_grad()
+            _loss_dp(crit, m(x), y).backward()
+            out["local"].append({n: p.grad.clone() for n, p in model.named_parameters()})
+            out["norms"].append(m.per_sample_gradient_norms.clone())
+            opt.step()
+            out["grads"].append({n.removeprefix("module."): p.grad.clone() for n, p in model.named_parameters()})
+            out["calls"].append(_ALL_REDUCES[0] - before)
+    _, out["ran"] = _ran(run)
+    out["weights"] = _weights(model)
+    return out
+
+
+def _opacus_peer():
+    """Opacus 1.6 under DDP: GradSampleModule hooks, DistributedDPOptimizer."""
+    model = _model(True)
+    m, opt, loader = opacus.PrivacyEngine().make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR), data_loader=_loader(True),
+        noise_multiplier=0.0, max_grad_norm=C, poisson_sampling=False)
+    assert type(opt).__name__ == "DistributedDPOptimizer", type(opt)
+    for _, (x, y) in zip(range(STEPS), loader):
+        opt.zero_grad()
+        _loss_vanilla(m(x), y).backward()
+        opt.step()
+    return _weights(model)
+
+
+def _misuse():
+    """The DDP model called directly: DDP would average the gradients."""
+    model = _model(True)
+    m, _, _, loader = PrivacyEngine().make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR), data_loader=_loader(True),
+        noise_multiplier=0.0, max_grad_norm=C, poisson_sampling=False, grad_sample_mode="bk")
+    try:
+        model(next(iter(loader))[0])
+    except RuntimeError as exc:
+        return str(exc)
+    return None
+
+
+def _worker(rank, port, out):
+    try:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+        _count_all_reduce()
+        start = time.perf_counter()
+        res = {"opacus": _opacus_peer()}
+        for mode in MODES:
+            for backend in BACKENDS:
+                res[mode, backend] = _train(True, mode, backend)
+                res["noisy", mode, backend] = _train(True, mode, backend, sigma=SIGMA, steps=1)
+        res["misuse"] = _misuse()  # last: its DDP forward is cut short by the raise
+        res["seconds"] = time.perf_counter() - start
+        torch.save(res, os.path.join(out, f"rank{rank}.pt"))
+        dist.barrier()
+    except BaseException:
+        with open(os.path.join(out, f"rank{rank}.err"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ghost_ddp")
+    ctx = mp.start_processes(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + SPAWN_TIMEOUT
+    for p in ctx.processes:
+        p.join(timeout=max(deadline - time.monotonic(), 0.1))
+    late = [p for p in ctx.processes if p.is_alive()]
+    for p in late:
+        p.kill()
+        p.join(10)
+    errors = "\n".join(f"rank {r}:\n{(out / f'rank{r}.err').read_text()}" for r in range(WORLD)
+                       if (out / f"rank{r}.err").exists())
+    if late:
+        pytest.fail(f"the 2-process run took more than {SPAWN_TIMEOUT} s and was killed\n{errors}")
+    codes = [p.exitcode for p in ctx.processes]
+    if any(codes):
+        pytest.fail(f"worker exit codes {codes}\n{errors}")
+    return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
+
+
+_SINGLE: dict = {}
+
+
+def _single(mode, backend, sigma=0.0):
+    key = (mode, backend, sigma)
+    if key not in _SINGLE:
+        _SINGLE[key] = _train(False, mode, backend, sigma=sigma, steps=1 if sigma else STEPS)
+    return _SINGLE[key]
+
+
+def _assert_close(got, want, what):
+    assert got.keys() == want.keys(), what
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], **FP32, msg=lambda s: f"{what} {n}: {s}")
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ddp_equals_opacus_and_single_process(ranks, mode, backend):
+    single = _single(mode, backend)
+    for rank, res in enumerate(ranks):
+        got = res[mode, backend]
+        assert got["cls"] == "DistributedGhostDPOptimizer"
+        _assert_close(got["weights"], ranks[0]["opacus"], f"rank {rank} {mode} {backend} vs Opacus DDP")
+        _assert_close(got["weights"], single["weights"], f"rank {rank} {mode} {backend} vs single process")
+        for step in range(STEPS):
+            _assert_close(got["grads"][step], single["grads"][step], f"rank {rank} step {step} private grad")
+        assert set(got["ran"]) == {backend}, got["ran"]
+    for n, w in ranks[0][mode, backend]["weights"].items():
+        assert torch.equal(ranks[1][mode, backend]["weights"][n], w), n
+    # clipping was active (the check would not see a wrong norm otherwise)
+    # each rank's per-sample norms are those of its own samples: rank r, step s, sample i is the
+    # global sample s * WORLD * BATCH + WORLD * i + r (DistributedSampler without shuffling)
+    norms = torch.stack([torch.stack(r[mode, backend]["norms"]) for r in ranks])   # [rank, step, i]
+    want = torch.stack(single["norms"]).reshape(STEPS, BATCH, WORLD).permute(2, 0, 1)
+    torch.testing.assert_close(norms, want, **FP32)
+    assert (norms > C).any() and (norms < C).any(), norms  # clipping active on some samples only
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ddp_does_not_reduce_and_one_all_reduce_per_step(ranks, mode, backend):
+    """Before the step each rank holds its own clipped sum (DDP's reducer did
+    not average it: the ranks differ); the whole step makes one all_reduce,
+    for 10 trainable tensors."""
+    r0, r1 = (r[mode, backend] for r in ranks)
+    for step in range(STEPS):
+        assert any(not torch.equal(r0["local"][step][n], r1["local"][step][n]) for n in r0["local"][step])
+    assert len(r0["weights"]) == 10  # the tied head is the table: counted once
+    for r in (r0, r1):
+        assert r["calls"] == [1] * STEPS, r["calls"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ddp_noise_added_once(ranks, mode, backend):
+    """Rank 0 alone adds the noise: the all-reduced gradient equals the
+    single-process one drawn from the same generator (fp32), both ranks hold
+    it bitwise, and ``(noisy - clean) * global batch`` has std ``sigma * C``
+    (noise on both ranks: ``sqrt(2)`` times that)."""
+    noisy = [r["noisy", mode, backend]["grads"][0] for r in ranks]
+    for n in noisy[0]:
+        assert torch.equal(noisy[0][n], noisy[1][n]), n
+    _assert_close(noisy[0], _single(mode, backend, SIGMA)["grads"][0], f"{mode} {backend} noisy")
+    clean = ranks[0][mode, backend]["grads"][0]
+    residual = torch.cat([(noisy[0][n] - clean[n]).flatten() for n in clean]) * WORLD * BATCH
+    assert residual.numel() > 500
+    std = residual.std().item()
+    assert abs(std / (SIGMA * C) - 1) < 0.15, std
+    assert set(ranks[0]["noisy", mode, backend]["ran"]) == {backend}
+
+
+def test_ddp_called_directly_raises(ranks):
+    for r in ranks:
+        assert r["misuse"] is not None and "called directly" in r["misuse"], r["misuse"]
+
+
+def test_wall_time(ranks):
+    assert max(r["seconds"] for r in ranks) < SPAWN_TIMEOUT
