@@ -15,7 +15,7 @@ shard for 2 SGD steps; the checks, for both modes and both backends:
 * with noise, the noise enters once: rank 0's draws, the same as the
   single-process run's with the same generator (so the residual has std
   ``sigma * C``, not ``sqrt(2) sigma * C``);
-* calling the DDP model directly (DDP would average) raises.
+* calling the DDP model directly (its reducer would add an all-reduce) raises.
 """
 import os
 import time
@@ -111,7 +111,7 @@ def _opacus_peer():
 
 
 def _misuse():
-    """The DDP model called directly: DDP would average the gradients."""
+    """The DDP model called directly: its reducer would all-reduce at the backward."""
     model = _model(True)
     m, _, _, loader = PrivacyEngine().make_private(
         module=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR), data_loader=_loader(True),
@@ -121,6 +121,25 @@ def _misuse():
     except RuntimeError as exc:
         return str(exc)
     return None
+
+
+def _refusals():
+    """make_private's errors for what the distributed path does not support."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    errors = {}
+    torch.manual_seed(0)
+    models = {"plain": TinyLM(),  # a process group of 2 ranks, no DDP: nothing would sum the gradients
+              "fsdp": fully_shard(TinyLM(), mesh=init_device_mesh("cpu", (WORLD,))),
+              "static": nn.parallel.DistributedDataParallel(TinyLM(), static_graph=True)}
+    for kind, model in models.items():
+        try:
+            PrivacyEngine().make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR),
+                                         data_loader=_loader(True), noise_multiplier=0.0, max_grad_norm=C,
+                                         poisson_sampling=False, grad_sample_mode="ghost")
+        except NotImplementedError as exc:
+            errors[kind] = str(exc)
+    return errors
 
 
 def _worker(rank, port, out):
@@ -134,6 +153,7 @@ def _worker(rank, port, out):
             for backend in BACKENDS:
                 res[mode, backend] = _train(True, mode, backend)
                 res["noisy", mode, backend] = _train(True, mode, backend, sigma=SIGMA, steps=1)
+        res["refusals"] = _refusals()
         res["misuse"] = _misuse()  # last: its DDP forward is cut short by the raise
         res["seconds"] = time.perf_counter() - start
         torch.save(res, os.path.join(out, f"rank{rank}.pt"))
@@ -248,3 +268,11 @@ def test_ddp_called_directly_raises(ranks):
 
 def test_wall_time(ranks):
     assert max(r["seconds"] for r in ranks) < SPAWN_TIMEOUT
+
+
+def test_unsupported_refused(ranks):
+    for r in ranks:
+        errors = r["refusals"]
+        assert "needs the model wrapped in torch.nn.parallel.DistributedDataParallel" in errors["plain"], errors
+        assert "FSDP2 (fully_shard)" in errors["fsdp"], errors
+        assert "static_graph=True" in errors["static"], errors

@@ -13,7 +13,10 @@ expected batch size, loss reduction).  Other clipping modes (``per_layer``,
 (:mod:`fastadv.dp.ghost`): per-sample norms without per-sample gradients;
 ``make_private`` then returns ``(module, optimizer, criterion, data_loader)``
 as Opacus's ghost mode does.  Opacus's data loader, validation and
-accountant are used there too.
+accountant are used there too.  A ``DistributedDataParallel`` model gets the
+distributed twins (:mod:`fastadv.dp.ghost_dist`: DDP never reduces, the
+optimizer adds rank 0's noise and sums the ranks with one all_reduce per
+step); FSDP2 shards, Opacus's ``DPDDP`` and a process group without DDP raise.
 """
 from __future__ import annotations
 

@@ -37,7 +37,9 @@ per step.**
   position ids stay replicated).
 * Calling the DDP module directly (not the wrapper) in training arms the
   reducer: the layer hooks detect it (``require_backward_grad_sync``) and
-  raise instead of letting DDP average what the optimizer then sums again.
+  raise.  The update would still be right (the optimizer's sum of DDP's
+  average is the sum: tested by switching ``no_sync`` off), but ghost mode's
+  second backward would all-reduce every gradient once more.
 """
 from __future__ import annotations
 
@@ -77,9 +79,11 @@ class DistributedGhostClippingModule(_ghost.GhostClippingModule):
             if (self.hooks_enabled and module.training and torch.is_grad_enabled()
                     and self.ddp.require_backward_grad_sync):
                 raise RuntimeError(
-                    "the DDP model was called directly in training mode: DDP would average the "
-                    "gradients that DistributedGhostDPOptimizer sums over the ranks; call the module "
-                    "returned by make_private (its forward runs DDP's under no_sync)")
+                    "the DDP model was called directly in training mode: its reducer would all-reduce "
+                    "every gradient at the backward, on top of DistributedGhostDPOptimizer's one "
+                    "all_reduce per step (the sum of DDP's average is still the right sum, at twice "
+                    "the traffic); call the module returned by make_private (its forward runs DDP's "
+                    "under no_sync)")
             return record(module, inputs, output)
         return hook
 
