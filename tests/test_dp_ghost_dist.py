@@ -26,6 +26,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 from torch import nn
 
 from fastadv.dp import PrivacyEngine
@@ -37,6 +38,7 @@ from test_dp_ghost import TinyLM, _loss_dp, _loss_vanilla
 WORLD, STEPS, BATCH = 2, 2, 3          # BATCH: per rank
 C, SIGMA, LR, SEED = 4.5, 1.0, 0.1, 5   # C: the samples' norms are 3.7 to 8 (some clipped, some not)
 MODES, BACKENDS = ["ghost", "bk"], ["torch", "triton"]
+VARIANTS = ["sum", "accum", "uneven"]
 SPAWN_TIMEOUT = 150
 FP32 = dict(rtol=1e-4, atol=1e-6)
 pytestmark = pytest.mark.skipif(DEVICE.type != "cpu" or not dist.is_available(),
@@ -68,26 +70,45 @@ def _weights(model):
     return {n.removeprefix("module."): p.detach().clone() for n, p in model.named_parameters()}
 
 
-def _train(distributed, mode, backend, sigma=0.0, steps=STEPS):
+def _micro_batches(distributed, variant, step, x, y):
+    """A step's micro-batches: ``"accum"`` two backwards per step (split 1 / rest);
+    ``"uneven"``: at step 0 rank 1's batch is empty (the single process then
+    sees rank 0's samples only: global positions ``WORLD * i``)."""
+    if variant == "accum":
+        return [(x[:1], y[:1]), (x[1:], y[1:])]
+    if variant == "uneven" and step == 0:
+        if not distributed:
+            return [(x[0::WORLD], y[0::WORLD])]
+        if dist.get_rank() == 1:
+            return [(x[:0], y[:0])]
+    return [(x, y)]
+
+
+def _train(distributed, mode, backend, sigma=0.0, steps=STEPS, variant=None):
     """fastadv's ghost / bk DP-SGD (SGD, lr LR; lr 0 when noisy: the first step's
     private gradient is what is compared).  Per step: the local gradient
     before the step, the private one after it, the all_reduce calls of the
-    whole step and the per-sample norms."""
+    whole step and the per-sample norms.  ``variant``: ``"sum"``
+    (loss_reduction="sum"), ``"accum"`` / ``"uneven"`` (see _micro_batches)."""
     model = _model(distributed)
     opt = torch.optim.SGD(model.parameters(), lr=0.0 if sigma else LR)
+    reduction = "sum" if variant == "sum" else "mean"
     m, opt, crit, loader = PrivacyEngine(backend=backend).make_private(
-        module=model, optimizer=opt, criterion=nn.CrossEntropyLoss(), data_loader=_loader(distributed),
-        noise_multiplier=sigma, max_grad_norm=C, poisson_sampling=False, grad_sample_mode=mode,
-        noise_generator=torch.Generator().manual_seed(SEED))
+        module=model, optimizer=opt, criterion=nn.CrossEntropyLoss(reduction=reduction),
+        data_loader=_loader(distributed), noise_multiplier=sigma, max_grad_norm=C, poisson_sampling=False,
+        grad_sample_mode=mode, loss_reduction=reduction, noise_generator=torch.Generator().manual_seed(SEED))
     out = dict(local=[], grads=[], calls=[], norms=[], cls=type(opt).__name__)
 
     def run():
         for step, (x, y) in zip(range(steps), loader):
             before = _ALL_REDUCES[0]
             opt.zero_grad()
-            _loss_dp(crit, m(x), y).backward()
+            norms = []
+            for xb, yb in _micro_batches(distributed, variant, step, x, y):
+                _loss_dp(crit, m(xb), yb).backward()
+                norms.append(m.per_sample_gradient_norms.clone())
             out["local"].append({n: p.grad.clone() for n, p in model.named_parameters()})
-            out["norms"].append(m.per_sample_gradient_norms.clone())
+            out["norms"].append(torch.cat(norms))
             opt.step()
             out["grads"].append({n.removeprefix("module."): p.grad.clone() for n, p in model.named_parameters()})
             out["calls"].append(_ALL_REDUCES[0] - before)
@@ -96,18 +117,42 @@ def _train(distributed, mode, backend, sigma=0.0, steps=STEPS):
     return out
 
 
-def _opacus_peer():
+def _opacus_peer(reduction="mean"):
     """Opacus 1.6 under DDP: GradSampleModule hooks, DistributedDPOptimizer."""
     model = _model(True)
     m, opt, loader = opacus.PrivacyEngine().make_private(
         module=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR), data_loader=_loader(True),
-        noise_multiplier=0.0, max_grad_norm=C, poisson_sampling=False)
+        noise_multiplier=0.0, max_grad_norm=C, poisson_sampling=False, loss_reduction=reduction)
     assert type(opt).__name__ == "DistributedDPOptimizer", type(opt)
     for _, (x, y) in zip(range(STEPS), loader):
         opt.zero_grad()
-        _loss_vanilla(m(x), y).backward()
+        out = m(x)
+        if reduction == "sum":  # Opacus's ghost criterion with "sum": the per-sample loss sums its tokens
+            F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1), reduction="sum").backward()
+        else:
+            _loss_vanilla(out, y).backward()
         opt.step()
     return _weights(model)
+
+
+def _poisson():
+    """Poisson sampling under DDP: Opacus's distributed sampler and per-rank
+    expected batch size, next to Opacus's own make_private; one step runs."""
+    out = {}
+    for name, engine, kw in (("opacus", opacus.PrivacyEngine(), {}),
+                             ("fastadv", PrivacyEngine(), {"grad_sample_mode": "bk"})):
+        model = _model(True)
+        res = engine.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR),
+                                  data_loader=_loader(True), noise_multiplier=1.0, max_grad_norm=C, **kw)
+        opt, loader = res[1], res[-1]
+        out[name] = dict(expected=opt.expected_batch_size, sampler=type(loader.batch_sampler).__name__)
+        if name == "fastadv":
+            x, y = next(iter(loader))
+            opt.zero_grad()
+            _loss_dp(res[2], res[0](x), y).backward()
+            opt.step()
+            out[name]["weights"] = _weights(model)
+    return out
 
 
 def _misuse():
@@ -148,11 +193,13 @@ def _worker(rank, port, out):
         dist.init_process_group("gloo", rank=rank, world_size=WORLD)
         _count_all_reduce()
         start = time.perf_counter()
-        res = {"opacus": _opacus_peer()}
+        res = {"opacus": _opacus_peer(), "opacus_sum": _opacus_peer("sum"), "poisson": _poisson()}
         for mode in MODES:
             for backend in BACKENDS:
                 res[mode, backend] = _train(True, mode, backend)
                 res["noisy", mode, backend] = _train(True, mode, backend, sigma=SIGMA, steps=1)
+            for variant in VARIANTS:
+                res[variant, mode] = _train(True, mode, "torch", variant=variant)
         res["refusals"] = _refusals()
         res["misuse"] = _misuse()  # last: its DDP forward is cut short by the raise
         res["seconds"] = time.perf_counter() - start
@@ -192,10 +239,10 @@ def ranks(tmp_path_factory):
 _SINGLE: dict = {}
 
 
-def _single(mode, backend, sigma=0.0):
-    key = (mode, backend, sigma)
+def _single(mode, backend, sigma=0.0, variant=None):
+    key = (mode, backend, sigma, variant)
     if key not in _SINGLE:
-        _SINGLE[key] = _train(False, mode, backend, sigma=sigma, steps=1 if sigma else STEPS)
+        _SINGLE[key] = _train(False, mode, backend, sigma=sigma, steps=1 if sigma else STEPS, variant=variant)
     return _SINGLE[key]
 
 
@@ -259,6 +306,38 @@ def test_ddp_noise_added_once(ranks, mode, backend):
     std = residual.std().item()
     assert abs(std / (SIGMA * C) - 1) < 0.15, std
     assert set(ranks[0]["noisy", mode, backend]["ran"]) == {backend}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_ddp_variants_equal_single_process(ranks, mode, variant):
+    """loss_reduction="sum" (also against Opacus's DDP run), two micro-batches
+    per step (accumulated_iterations 2 on every rank), and a step where rank
+    1's batch is empty (it still joins the step's all_reduce)."""
+    single = _single(mode, "torch", variant=variant)
+    for rank, res in enumerate(ranks):
+        got = res[variant, mode]
+        _assert_close(got["weights"], single["weights"], f"rank {rank} {mode} {variant}")
+        if variant == "sum":
+            _assert_close(got["weights"], res["opacus_sum"], f"rank {rank} {mode} sum vs Opacus DDP")
+        assert got["calls"] == [1] * STEPS, got["calls"]
+        assert (got["norms"][0].numel() == 0) == (variant == "uneven" and rank == 1), got["norms"][0]
+    for n, w in ranks[0][variant, mode]["weights"].items():
+        assert torch.equal(ranks[1][variant, mode]["weights"][n], w), n
+    assert not all(torch.equal(w, ranks[0][mode, "torch"]["weights"][n])
+                   for n, w in ranks[0][variant, mode]["weights"].items())
+
+
+def test_ddp_poisson_sampling_as_opacus(ranks):
+    """Poisson sampling: the same per-rank expected batch size and distributed
+    sampler as Opacus's make_private on the DDP model; a noisy step keeps the
+    replicas identical."""
+    for r in ranks:
+        got, want = r["poisson"]["fastadv"], r["poisson"]["opacus"]
+        assert got["expected"] == want["expected"] == BATCH, (got, want)
+        assert got["sampler"] == want["sampler"] == "DistributedUniformWithReplacementSampler"
+    for n, w in ranks[0]["poisson"]["fastadv"]["weights"].items():
+        assert torch.equal(ranks[1]["poisson"]["fastadv"]["weights"][n], w), n
 
 
 def test_ddp_called_directly_raises(ranks):
