@@ -38,7 +38,7 @@ from test_dp_ghost import TinyLM, _loss_dp, _loss_vanilla
 WORLD, STEPS, BATCH = 2, 2, 3          # BATCH: per rank
 C, SIGMA, LR, SEED = 4.5, 1.0, 0.1, 5   # C: the samples' norms are 3.7 to 8 (some clipped, some not)
 MODES, BACKENDS = ["ghost", "bk"], ["torch", "triton"]
-VARIANTS = ["sum", "accum", "uneven"]
+VARIANTS = ["sum", "accum", "uneven", "virtual"]
 SPAWN_TIMEOUT = 150
 FP32 = dict(rtol=1e-4, atol=1e-6)
 pytestmark = pytest.mark.skipif(DEVICE.type != "cpu" or not dist.is_available(),
@@ -89,7 +89,8 @@ def _train(distributed, mode, backend, sigma=0.0, steps=STEPS, variant=None):
     private gradient is what is compared).  Per step: the local gradient
     before the step, the private one after it, the all_reduce calls of the
     whole step and the per-sample norms.  ``variant``: ``"sum"``
-    (loss_reduction="sum"), ``"accum"`` / ``"uneven"`` (see _micro_batches)."""
+    (loss_reduction="sum"), ``"accum"`` / ``"uneven"`` (see _micro_batches),
+    ``"virtual"`` (the first step skipped, as BatchMemoryManager signals it)."""
     model = _model(distributed)
     opt = torch.optim.SGD(model.parameters(), lr=0.0 if sigma else LR)
     reduction = "sum" if variant == "sum" else "mean"
@@ -109,6 +110,8 @@ def _train(distributed, mode, backend, sigma=0.0, steps=STEPS, variant=None):
                 norms.append(m.per_sample_gradient_norms.clone())
             out["local"].append({n: p.grad.clone() for n, p in model.named_parameters()})
             out["norms"].append(torch.cat(norms))
+            if variant == "virtual" and step == 0:  # a virtual step: accumulated, not reduced nor taken
+                opt.signal_skip_step(do_skip=True)
             opt.step()
             out["grads"].append({n.removeprefix("module."): p.grad.clone() for n, p in model.named_parameters()})
             out["calls"].append(_ALL_REDUCES[0] - before)
@@ -312,15 +315,16 @@ def test_ddp_noise_added_once(ranks, mode, backend):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_ddp_variants_equal_single_process(ranks, mode, variant):
     """loss_reduction="sum" (also against Opacus's DDP run), two micro-batches
-    per step (accumulated_iterations 2 on every rank), and a step where rank
-    1's batch is empty (it still joins the step's all_reduce)."""
+    per step (accumulated_iterations 2 on every rank), a step where rank
+    1's batch is empty (it still joins the step's all_reduce), and a skipped
+    (virtual) first step: no all_reduce there, both batches in the second."""
     single = _single(mode, "torch", variant=variant)
     for rank, res in enumerate(ranks):
         got = res[variant, mode]
         _assert_close(got["weights"], single["weights"], f"rank {rank} {mode} {variant}")
         if variant == "sum":
             _assert_close(got["weights"], res["opacus_sum"], f"rank {rank} {mode} sum vs Opacus DDP")
-        assert got["calls"] == [1] * STEPS, got["calls"]
+        assert got["calls"] == ([0, 1] if variant == "virtual" else [1] * STEPS), got["calls"]
         assert (got["norms"][0].numel() == 0) == (variant == "uneven" and rank == 1), got["norms"][0]
     for n, w in ranks[0][variant, mode]["weights"].items():
         assert torch.equal(ranks[1][variant, mode]["weights"][n], w), n
