@@ -15,7 +15,10 @@ shard for 2 SGD steps; the checks, for both modes and both backends:
 * with noise, the noise enters once: rank 0's draws, the same as the
   single-process run's with the same generator (so the residual has std
   ``sigma * C``, not ``sqrt(2) sigma * C``);
-* calling the DDP model directly (its reducer would add an all-reduce) raises.
+* loss_reduction="sum", two micro-batches per step, an empty batch on one
+  rank, a skipped (virtual) step, Poisson sampling (as Opacus sets it up);
+* calling the DDP model directly (its reducer would add an all-reduce) raises;
+  FSDP2, static_graph and a process group without DDP are refused.
 """
 import os
 import time
@@ -171,6 +174,24 @@ def _misuse():
     return None
 
 
+def _ddp_facts():
+    """What ghost_dist's design comment relies on, without no_sync: a DDP forward
+    followed by ``torch.autograd.grad`` to the parameters (ghost's first
+    backward) fires no reducer hook (no ``p.grad``), and the next forward and
+    a plain backward run (no "Expected to have finished reduction") and are
+    averaged by DDP."""
+    model = _model(True)
+    x, y = next(iter(_loader(True)))
+    for _ in range(2):
+        torch.autograd.grad(_loss_vanilla(model(x), y), list(model.parameters()))
+    untouched = all(p.grad is None for p in model.parameters())
+    _loss_vanilla(model(x), y).backward()
+    grad = model.module.qkv.weight.grad.clone()
+    gathered = [torch.empty_like(grad) for _ in range(WORLD)]
+    dist.all_gather(gathered, grad)
+    return dict(untouched=untouched, averaged_equal=torch.equal(gathered[0], gathered[1]))
+
+
 def _refusals():
     """make_private's errors for what the distributed path does not support."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -203,7 +224,7 @@ def _worker(rank, port, out):
                 res["noisy", mode, backend] = _train(True, mode, backend, sigma=SIGMA, steps=1)
             for variant in VARIANTS:
                 res[variant, mode] = _train(True, mode, "torch", variant=variant)
-        res["refusals"] = _refusals()
+        res["refusals"], res["ddp_facts"] = _refusals(), _ddp_facts()
         res["misuse"] = _misuse()  # last: its DDP forward is cut short by the raise
         res["seconds"] = time.perf_counter() - start
         torch.save(res, os.path.join(out, f"rank{rank}.pt"))
@@ -359,3 +380,8 @@ def test_unsupported_refused(ranks):
         assert "needs the model wrapped in torch.nn.parallel.DistributedDataParallel" in errors["plain"], errors
         assert "FSDP2 (fully_shard)" in errors["fsdp"], errors
         assert "static_graph=True" in errors["static"], errors
+
+
+def test_ddp_reducer_facts(ranks):
+    for r in ranks:
+        assert r["ddp_facts"] == dict(untouched=True, averaged_equal=True), r["ddp_facts"]
