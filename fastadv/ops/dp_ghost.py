@@ -1,12 +1,30 @@
-"""Ghost clipping's per-sample norms as a registered op:
-``torch.ops.fastadv.dp_ghost_linear_sq_norms``.
+"""Ghost clipping / book-keeping's registered ops (``torch.ops.fastadv.*``):
+``dp_ghost_linear_sq_norms``, ``dp_ghost_clip_factors`` and
+``dp_ghost_clipped_linear_grad``.
 
 ``linear_sq_norms(a, g)``: for a Linear layer with inputs ``a [B, T, I]`` and
 output gradients ``g [B, T, O]``, the squared Frobenius norm of every
 sample's weight gradient ``g_b^T a_b`` without forming it, in fp32 (the Gram
 form, :func:`fastadv.reference.dp_ghost.gram_sq_norms`).  Backends: torch (the
 reference math) and triton (one launch, one program per sample,
-deterministic); no CUDA kernel yet, so a forced ``backend="cuda"`` raises.
+deterministic).
+
+``clip_factors(rows, C)``: from the per-parameter squared-norm rows ``[n_rows,
+B]`` (fp32), the per-sample norm ``sqrt(sum of the rows)`` (summed in row
+order: deterministic), Opacus 1.6's clip factor ``(C / (norm + 1e-6)).clamp(
+max=1)``, 0 for a non-finite norm, and the finite flag
+(:func:`fastadv.reference.dp_ghost.clip_factors_from_rows`).  Triton: one
+launch.
+
+``clipped_linear_grad_(out, p, q, factors)``: book-keeping's clipped gradient
+of one Linear use, ``out += sum_b f_b P_b^T Q_b`` (``out``: fp32 ``[O, I]``),
+samples with ``f_b = 0`` masked out of both operands
+(:func:`fastadv.reference.dp_ghost.add_clipped_use`).  Triton: one tiled
+GEMM launch, one program per output tile, fp32 accumulation, no atomics.
+
+None of the three has a CUDA kernel (no CUDA twin yet): a forced
+``backend="cuda"`` raises :class:`~fastadv.BackendUnavailable`; ``auto`` on a
+CUDA tensor runs triton.
 """
 from __future__ import annotations
 
@@ -48,24 +66,129 @@ def _check(a: torch.Tensor, g: torch.Tensor) -> None:
         raise TypeError(f"a and g must be floating point, got {a.dtype} and {g.dtype}")
 
 
-def _backend_for(backend, a, g) -> str:
-    name = _registry.pick(backend, a.device, dtypes=[("activations", a), ("output gradients", g)],
-                          allowed=_DTYPES, same_dtype=[("activations", a), ("output gradients", g)])
-    if name == "cuda":  # no CUDA kernel for this op: forced cuda raises, auto uses triton or torch
+def _no_cuda(op: str, backend, name: str) -> str:
+    if name == "cuda":  # no CUDA kernel for these ops: forced cuda raises, auto uses torch
         if _registry.forced(backend):
-            raise _backend.BackendUnavailable("dp_ghost_linear_sq_norms has no CUDA kernel yet; "
-                                              "use backend='triton' or 'torch'")
+            raise _backend.BackendUnavailable(f"{op} has no CUDA kernel yet; use backend='triton' or 'torch'")
         name = "torch"
     return name
 
 
-def linear_sq_norms(a: torch.Tensor, g: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+def _backend_for(backend, a, g) -> str:
+    name = _registry.pick(backend, a.device, dtypes=[("activations", a), ("output gradients", g)],
+                          allowed=_DTYPES, same_dtype=[("activations", a), ("output gradients", g)])
+    return _no_cuda("dp_ghost_linear_sq_norms", backend, name)
+
+
+def linear_sq_norms(a: torch.Tensor, g: torch.Tensor, *, backend: str | None = None,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
     """Per-sample ``||g_b^T a_b||_F^2``, fp32 ``[B]`` (fp64 for fp64 inputs on
-    the torch backend)."""
+    the torch backend); ``out``: a contiguous ``[B]`` tensor of that dtype to
+    write it into (a row of :func:`clip_factors`'s buffer)."""
     _check(a, g)
     name = _backend_for(backend, a, g)
     if name != "torch":
         a, g = a.contiguous(), g.contiguous()
-    out = torch.empty(a.shape[0], dtype=ref.acc_dtype(a, g), device=a.device)
+    acc = ref.acc_dtype(a, g)
+    if out is None:
+        out = torch.empty(a.shape[0], dtype=acc, device=a.device)
+    elif out.shape != (a.shape[0],) or out.dtype != acc or out.device != a.device or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {acc} [{a.shape[0]}] tensor on {a.device}, got "
+                         f"{out.dtype} {tuple(out.shape)} on {out.device}")
     linear_sq_norms_op(a, g, out, name)
+    return out
+
+
+# ---------------------------------------------------------------- clip factors
+
+@_registry.op("dp_ghost_clip_factors", mutates_args={"factors", "finite", "norms"})
+def clip_factors_op(rows: torch.Tensor, max_grad_norm: float, factors: torch.Tensor, finite: torch.Tensor,
+                    norms: torch.Tensor, backend: str) -> None:
+    """``norms = sqrt(rows.sum(0))``, ``factors`` (Opacus's, 0 if not finite),
+    ``finite`` (bool) from the squared-norm rows ``[n_rows, B]``."""
+    if backend == "torch":
+        count_launch("torch.dp_ghost_clip_factors")
+        sq = rows.sum(0)
+        f, ok = ref.clip_factors(sq, max_grad_norm)
+        factors.copy_(f)
+        finite.copy_(ok)
+        norms.copy_(sq.sqrt())
+        return
+    with device_guard(rows):
+        _registry.kernels("dp_ghost", backend).clip_factors(rows, max_grad_norm, factors, finite, norms)
+
+
+@clip_factors_op.register_fake
+def _(rows, max_grad_norm, factors, finite, norms, backend):
+    return None
+
+
+def clip_factors_backend(backend, device, dtype=torch.float32) -> str:
+    """The backend :func:`clip_factors` runs for rows of ``dtype`` on ``device``
+    (the kernels take fp32 rows only)."""
+    probe = torch.empty(0, dtype=dtype, device=device)
+    name = _registry.pick(backend, device, dtypes=[("squared-norm rows", probe)], allowed=(torch.float32,))
+    return _no_cuda("dp_ghost_clip_factors", backend, name)
+
+
+def clip_factors(rows: torch.Tensor, max_grad_norm: float, *, backend: str | None = None):
+    """``(factors, finite, norms)``, each ``[B]``, from the per-parameter
+    squared-norm rows ``[n_rows, B]`` (fp32; fp64 on the torch backend)."""
+    if not isinstance(rows, torch.Tensor) or rows.dim() != 2 or not rows.is_floating_point():
+        raise ValueError(f"rows must be a floating-point [n_rows, B] tensor, got "
+                         f"{getattr(rows, 'dtype', type(rows))} {tuple(getattr(rows, 'shape', ()))}")
+    name = clip_factors_backend(backend, rows.device, rows.dtype)
+    if name != "torch":
+        rows = rows.contiguous()
+    batch = rows.shape[1]
+    factors = torch.empty(batch, dtype=rows.dtype, device=rows.device)
+    finite = torch.empty(batch, dtype=torch.bool, device=rows.device)
+    norms = torch.empty(batch, dtype=rows.dtype, device=rows.device)
+    clip_factors_op(rows, float(max_grad_norm), factors, finite, norms, name)
+    return factors, finite, norms
+
+
+# ---------------------------------------------------------------- book-keeping's clipped gradient
+
+@_registry.op("dp_ghost_clipped_linear_grad", mutates_args={"out"})
+def clipped_linear_grad_op(p: torch.Tensor, q: torch.Tensor, factors: torch.Tensor, out: torch.Tensor,
+                           backend: str) -> None:
+    """``out += sum_b f_b P_b^T Q_b`` (``f_b = 0``: the sample is not read)."""
+    if backend == "torch":
+        count_launch("torch.dp_ghost_clipped_linear_grad")
+        ref.add_clipped_use(out, ref.MatUse(p=p, q=q), factors)
+        return
+    with device_guard(out):
+        _registry.kernels("dp_ghost", backend).clipped_linear_grad(p, q, factors, out)
+
+
+@clipped_linear_grad_op.register_fake
+def _(p, q, factors, out, backend):
+    return None
+
+
+def clipped_linear_grad_backend(backend, p: torch.Tensor, q: torch.Tensor, factors: torch.Tensor,
+                                out: torch.Tensor) -> str:
+    """The backend :func:`clipped_linear_grad_` runs for these tensors
+    (kernels: fp32 / fp16 / bf16 operands, mixed allowed; fp32 factors and
+    contiguous fp32 ``out``)."""
+    name = _registry.pick(backend, out.device, same_device=[("p", p), ("q", q), ("factors", factors)],
+                          dtypes=[("p", p), ("q", q), ("factors", factors, (torch.float32,)),
+                                  ("out", out, (torch.float32,))],
+                          allowed=_DTYPES, contiguous=[("out", out)], strided=[("p", p), ("q", q)])
+    return _no_cuda("dp_ghost_clipped_linear_grad", backend, name)
+
+
+def clipped_linear_grad_(out: torch.Tensor, p: torch.Tensor, q: torch.Tensor, factors: torch.Tensor, *,
+                         backend: str | None = None) -> torch.Tensor:
+    """Book-keeping's clipped gradient of one Linear use, in place:
+    ``out += sum_b f_b P_b^T Q_b`` for ``p [B, T, O]``, ``q [B, T, I]``,
+    ``factors [B]``, ``out [O, I]`` (fp32 on the kernel backends).  Returns ``out``."""
+    if not all(isinstance(t, torch.Tensor) for t in (out, p, q, factors)):
+        raise TypeError("out, p, q and factors must be tensors")
+    if p.dim() != 3 or q.dim() != 3 or p.shape[:2] != q.shape[:2] or factors.shape != (p.shape[0],) \
+            or out.shape != (p.shape[2], q.shape[2]):
+        raise ValueError(f"need p [B, T, O], q [B, T, I], factors [B], out [O, I]; got p {tuple(p.shape)}, "
+                         f"q {tuple(q.shape)}, factors {tuple(factors.shape)}, out {tuple(out.shape)}")
+    clipped_linear_grad_op(p, q, factors, out, clipped_linear_grad_backend(backend, p, q, factors, out))
     return out

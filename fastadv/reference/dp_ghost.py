@@ -134,17 +134,25 @@ def clipped_matrix_grad(uses: list[MatUse], rows: int, factors: torch.Tensor) ->
     """``sum_b f_b sum_u G_b^u`` (the clipped sum, book-keeping's second half),
     ``[rows, I]`` in the accumulation dtype.  Samples with ``f_b = 0`` are
     masked out of both factors, so a NaN in a dropped sample never enters."""
+    cols = uses[0].q.shape[2]
+    out = torch.zeros(rows, cols, dtype=factors.dtype, device=uses[0].q.device)
+    for u in uses:
+        add_clipped_use(out, u, factors)
+    return out
+
+
+def add_clipped_use(out: torch.Tensor, u: MatUse, factors: torch.Tensor) -> torch.Tensor:
+    """``out += sum_b f_b G_b^u`` for one use (``out``: ``[rows, I]`` in the
+    factors' dtype), dropped samples (``f_b = 0``) masked out of both factors."""
     acc = factors.dtype
     keep = (factors != 0)[:, None, None]
-    cols = uses[0].q.shape[2]
-    out = torch.zeros(rows, cols, dtype=acc, device=uses[0].q.device)
-    for u in uses:
-        q = torch.where(keep, u.q.to(acc), 0.0)
-        if u.p is not None:
-            p = torch.where(keep, u.p.to(acc), 0.0) * factors[:, None, None]
-            out += p.reshape(-1, rows).transpose(0, 1) @ q.reshape(-1, cols)
-        else:
-            out.index_add_(0, u.ids.reshape(-1), (q * factors[:, None, None]).reshape(-1, cols))
+    rows, cols = out.shape
+    q = torch.where(keep, u.q.to(acc), 0.0)
+    if u.p is not None:
+        p = torch.where(keep, u.p.to(acc), 0.0) * factors[:, None, None]
+        out += p.reshape(-1, rows).transpose(0, 1) @ q.reshape(-1, cols)
+    else:
+        out.index_add_(0, u.ids.reshape(-1), (q * factors[:, None, None]).reshape(-1, cols))
     return out
 
 
@@ -170,3 +178,9 @@ def clip_factors(sq_norms: torch.Tensor, max_grad_norm) -> tuple[torch.Tensor, t
     finite = torch.isfinite(norm)
     f = (max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
     return torch.where(finite, f, torch.zeros_like(f)), finite
+
+
+def clip_factors_from_rows(rows: torch.Tensor, max_grad_norm) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`clip_factors` of the per-sample squared norm summed over the
+    per-parameter rows ``[n_rows, B]``."""
+    return clip_factors(rows.sum(0), max_grad_norm)

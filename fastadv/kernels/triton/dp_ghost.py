@@ -62,3 +62,100 @@ def linear_sq_norms(a: torch.Tensor, g: torch.Tensor, out: torch.Tensor) -> None
     _linear_sq_norms[(batch,)](a, g, out, steps, cols, g.shape[2], BLOCK_T=BLOCK_T, BLOCK_K=BLOCK_K,
                                IEEE=a.dtype == torch.float32, enable_fp_fusion=False)
     count_launch("triton.dp_ghost_linear_sq_norms")
+
+
+# ---------------------------------------------------------------- clip factors
+
+BLOCK_B = 128
+
+
+@triton.jit
+def _clip_factors(rows_ptr, factors_ptr, finite_ptr, norms_ptr, n_rows, B, max_grad_norm,
+                  BLOCK_B: tl.constexpr):
+    # one program per BLOCK_B samples: the rows summed in row order (fixed: deterministic)
+    cols = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+    mask = cols < B
+    sq = tl.zeros((BLOCK_B,), dtype=tl.float32)
+    for r in range(0, n_rows):
+        sq += tl.load(rows_ptr + r * B + cols, mask=mask, other=0.0)
+    norm = tl.sqrt_rn(sq)
+    finite = (norm == norm) & (norm != float("inf"))
+    # Opacus 1.6: (C / (norm + 1e-6)).clamp(max=1), correctly rounded as torch's
+    f = tl.minimum(tl.div_rn(max_grad_norm + tl.zeros_like(norm), norm + 1e-6), 1.0)
+    tl.store(factors_ptr + cols, tl.where(finite, f, 0.0), mask=mask)
+    tl.store(finite_ptr + cols, finite.to(tl.int8), mask=mask)
+    tl.store(norms_ptr + cols, norm, mask=mask)
+
+
+def clip_factors(rows: torch.Tensor, max_grad_norm: float, factors: torch.Tensor, finite: torch.Tensor,
+                 norms: torch.Tensor) -> None:
+    """From contiguous fp32 ``rows [n_rows, B]``: ``norms = sqrt(sum of rows)``,
+    Opacus's clip factors and the finite flag (bool, written as bytes)."""
+    n_rows, batch = rows.shape
+    if batch == 0:
+        return
+    _clip_factors[(triton.cdiv(batch, BLOCK_B),)](rows, factors, finite.view(torch.int8), norms, n_rows, batch,
+                                                  float(max_grad_norm), BLOCK_B=BLOCK_B, enable_fp_fusion=False)
+    count_launch("triton.dp_ghost_clip_factors")
+
+
+# ---------------------------------------------------------------- book-keeping's clipped gradient
+
+BLOCK_O = 32
+BLOCK_I = 32
+
+
+@triton.jit
+def _clipped_linear_grad(p_ptr, q_ptr, f_ptr, out_ptr, B, T, O, I,
+                         sp_b, sp_t, sp_o, sq_b, sq_t, sq_i,
+                         BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
+                         IEEE: tl.constexpr, WIDEN: tl.constexpr):
+    # one program per [BLOCK_O, BLOCK_I] tile of out; the (b, t) reduction in a fixed order
+    ro = tl.program_id(0).to(tl.int64) * BLOCK_O + tl.arange(0, BLOCK_O)
+    ri = tl.program_id(1).to(tl.int64) * BLOCK_I + tl.arange(0, BLOCK_I)
+    acc = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
+    p_b, q_b = p_ptr, q_ptr  # sample b's base pointers, walked (pointer arithmetic is 64-bit)
+    for b in range(0, B):
+        f = tl.load(f_ptr + b)
+        t_end = tl.where(f != 0.0, T, 0)  # a dropped sample is never read: a NaN in it cannot enter
+        part = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
+        for t0 in range(0, T, BLOCK_T):
+            rt = t0 + tl.arange(0, BLOCK_T)
+            tmask = rt < t_end
+            p = tl.load(p_b + rt[:, None].to(tl.int64) * sp_t + ro[None, :] * sp_o,
+                        mask=tmask[:, None] & (ro[None, :] < O), other=0.0)
+            q = tl.load(q_b + rt[:, None].to(tl.int64) * sq_t + ri[None, :] * sq_i,
+                        mask=tmask[:, None] & (ri[None, :] < I), other=0.0)
+            if WIDEN:  # mixed dtypes (autocast) or bf16: both exactly widened to fp32
+                p = p.to(tl.float32)
+                q = q.to(tl.float32)
+            if IEEE:  # an fp32 operand: IEEE fp32 products
+                part += tl.dot(tl.trans(p), q, input_precision="ieee")
+            elif WIDEN:  # fp16 / bf16 values fit tf32's 11-bit significand: tf32 products are exact
+                part += tl.dot(tl.trans(p), q, input_precision="tf32")
+            else:  # fp16: exact products, fp32 accumulation
+                part += tl.dot(tl.trans(p), q)
+        p_b += sp_b
+        q_b += sq_b
+        acc += f * part  # f_b (P_b^T Q_b): the scale after the fp32 sum, no rounding of P to its dtype
+    omask = (ro[:, None] < O) & (ri[None, :] < I)
+    ptrs = out_ptr + ro[:, None] * I + ri[None, :]
+    tl.store(ptrs, tl.load(ptrs, mask=omask, other=0.0) + acc, mask=omask)
+
+
+def clipped_linear_grad(p: torch.Tensor, q: torch.Tensor, factors: torch.Tensor, out: torch.Tensor) -> None:
+    """``out += sum_b f_b P_b^T Q_b`` for strided ``p [B, T, O]``, ``q [B, T, I]``,
+    fp32 ``factors [B]`` and a contiguous fp32 ``out [O, I]``."""
+    batch, steps, rows = p.shape
+    cols = q.shape[2]
+    if batch == 0 or steps == 0 or rows == 0 or cols == 0:
+        return
+    ieee = torch.float32 in (p.dtype, q.dtype)
+    # bf16 goes through fp32 + tf32 (exact): one path on the GPU and under the
+    # interpreter, which has no bf16 dot
+    widen = p.dtype != q.dtype or torch.bfloat16 in (p.dtype, q.dtype)
+    grid = (triton.cdiv(rows, BLOCK_O), triton.cdiv(cols, BLOCK_I))
+    _clipped_linear_grad[grid](p, q, factors, out, batch, steps, rows, cols, *p.stride(), *q.stride(),
+                               BLOCK_T=BLOCK_T, BLOCK_O=BLOCK_O, BLOCK_I=BLOCK_I, IEEE=ieee,
+                               WIDEN=widen, enable_fp_fusion=False)
+    count_launch("triton.dp_ghost_clipped_linear_grad")
