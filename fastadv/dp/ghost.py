@@ -274,19 +274,45 @@ class _Pass:
       ``Q`` always, ``P`` only if a later use is not an embedding lookup (for a
       pending lookup ``P^u P^v^T`` is a gather of ``P^u`` at its ids, known from
       the forward: a tied LM head keeps ``[B, T, T]``, not its ``[B, T, V]``
-      output gradient)."""
+      output gradient).
 
-    def __init__(self, owner, records, batch, acc, device, keep):
+    ``fused`` (a kernel backend): each parameter's ``[B]`` term goes into its
+    own row of one preallocated ``[n_params, B]`` buffer (a single Linear
+    use's Gram norm is written there by the norm kernel itself; a tied
+    parameter's terms are added into its row), and one
+    ``dp_ghost_clip_factors`` launch sums the rows.  Otherwise the terms are
+    added into one ``[B]`` sum as they come (the torch path)."""
+
+    def __init__(self, owner, records, batch, acc, device, keep, fused=False):
         self.owner, self.batch, self.keep = owner, batch, keep
-        self.sq = torch.zeros(batch, dtype=acc, device=device)
         self.mats, self.vecs = collections.defaultdict(list), collections.defaultdict(list)
         self.hooked = collections.Counter()
         self.pending = collections.defaultdict(list)  # param id -> records not yet arrived
+        self.arrived = collections.defaultdict(list)  # param id -> [(MatUse, {id(record): PP})]
+        self.row_of = {}  # param id -> its row of the fused buffer
         for r in records:
             for p in r.module.parameters(recurse=False):
                 if p.requires_grad:
                     self.pending[id(p)].append(r)
-        self.arrived = collections.defaultdict(list)  # param id -> [(MatUse, {id(record): PP})]
+                    self.row_of.setdefault(id(p), len(self.row_of))
+        shape = (len(self.row_of), batch) if fused else (batch,)
+        self.rows = torch.zeros(shape, dtype=acc, device=device) if fused else None
+        self.sq = None if fused else torch.zeros(shape, dtype=acc, device=device)
+
+    def _add(self, p, term: torch.Tensor) -> None:
+        """Add one ``[B]`` term of ``p``'s squared norm."""
+        if self.rows is None:
+            self.sq += term.to(self.sq.device)
+        else:
+            self.rows[self.row_of[id(p)]].add_(term.to(self.rows.device))
+
+    def _add_matrix(self, p, uses) -> None:
+        """Add the squared norm of ``p``'s gradient over all its ``uses`` (each
+        parameter once: its row is still zero, so a norm kernel may write it)."""
+        row = self.rows[self.row_of[id(p)]] if self.rows is not None else None
+        term = self.owner._sq_norms(uses, _rows(p, uses[0]), out=row)
+        if term is not row:
+            self._add(p, term)
 
     def add(self, r: _Record, g) -> None:
         if g is None:
@@ -306,7 +332,7 @@ class _Pass:
             if self.keep:
                 self.mats[p].append(u)
             elif not self.pending[id(p)] and not self.arrived[id(p)]:
-                self.sq += self.owner._sq_norms([u], _rows(p, u)).to(self.sq.device)
+                self._add_matrix(p, [u])
             else:
                 self._tied(p, r, u)
         for p, v in uses.vecs:
@@ -314,7 +340,7 @@ class _Pass:
             if self.keep or self.pending[id(p)] or p in self.vecs:
                 self.vecs[p].append(v)  # small: summed over the uses at the end
             else:
-                self.sq += ref.vector_sq_norms([v]).to(self.sq.device)
+                self._add(p, ref.vector_sq_norms([v]))
 
     def _arrive(self, p, r) -> None:
         self.hooked[id(p)] += 1
@@ -328,7 +354,7 @@ class _Pass:
         for prev, gathered in arrived:
             pp = gathered.get(id(r))
             term = term + 2 * ref.cross_gram(prev, u, pp)
-        self.sq += term.to(self.sq.device)
+        self._add(p, term)
         pending = self.pending[id(p)]
         if pending:  # keep what the later uses need
             lookups = [q for q in pending if type(q.module) is nn.Embedding]
@@ -340,13 +366,13 @@ class _Pass:
                 arrived.append((u, {}))
 
     def finish(self) -> torch.Tensor:
-        """The squared norms of the whole gradient, ``[B]``."""
-        sq = self.sq
+        """The squared norms of the whole gradient: ``[B]``, or the fused
+        buffer's ``[n_params, B]`` rows."""
         for p, uses in self.mats.items():
-            sq = sq + self.owner._sq_norms(uses, _rows(p, uses[0])).to(sq.device)
+            self._add_matrix(p, uses)
         for p, vs in self.vecs.items():
-            sq = sq + ref.vector_sq_norms(vs).to(sq.device)
-        return sq
+            self._add(p, ref.vector_sq_norms(vs))
+        return self.sq if self.rows is None else self.rows
 
 
 def _embedding_ids(r: _Record) -> torch.Tensor:
@@ -451,16 +477,19 @@ class GhostClippingModule(nn.Module):
         records, self._records = self._records, []
         return records
 
-    def _sq_norms(self, uses, rows) -> torch.Tensor:
+    def _sq_norms(self, uses, rows, out=None) -> torch.Tensor:
         """``[B]`` squared norms of one weight matrix over its uses: the Gram form
         or the per-sample gradient, whichever costs fewer operations (or as
         ``strategy`` says); a single non-embedding use in Gram form runs the
-        registered op (a kernel on the triton backend)."""
+        registered op (a kernel on the triton backend), written into ``out``
+        when given and on the inputs' device (then ``out`` is returned)."""
         how = self.strategy
         if how == "auto":
             how = "gram" if ref.gram_cost(uses, rows) <= ref.per_sample_cost(uses, rows) else "per_sample"
         if how == "gram" and len(uses) == 1 and uses[0].p is not None:
-            return _ghost_ops.linear_sq_norms(uses[0].q, uses[0].p, backend=self.backend)
+            u = uses[0]
+            ok = out is not None and out.device == u.q.device and out.dtype == ref.acc_dtype(u.q, u.p)
+            return _ghost_ops.linear_sq_norms(u.q, u.p, backend=self.backend, out=out if ok else None)
         return ref.matrix_sq_norms(uses, rows, how)
 
     def _check_uses(self, graph_counts, hooked) -> None:
@@ -489,7 +518,8 @@ class GhostClippingModule(nn.Module):
         params = {id(p): p for p in self._module.parameters() if p.requires_grad}
         counts = _param_uses(total.grad_fn, params) if total.grad_fn is not None else collections.Counter()
         acc = ref.acc_dtype(*[r.a for r in records])
-        state = _Pass(self, records, batch, acc, loss_per_sample.device, keep=self.mode == "bk")
+        fused = _ghost_ops.clip_factors_backend(self.backend, loss_per_sample.device, acc) != "torch"
+        state = _Pass(self, records, batch, acc, loss_per_sample.device, keep=self.mode == "bk", fused=fused)
         if self.mode == "bk":
             grads = list(torch.autograd.grad(total, [r.edge for r in records], allow_unused=True)) if records else []
             for i, r in enumerate(records):
@@ -506,9 +536,28 @@ class GhostClippingModule(nn.Module):
                     h.remove()
         self._check_uses(counts, state.hooked)
         sq = state.finish()
-        factors, finite = ref.clip_factors(sq, max_grad_norm)
-        self._per_sample_gradient_norms = sq.sqrt()
+        if fused:  # one launch: rows summed in a fixed order, sqrt, Opacus's factor, finite flag
+            factors, finite, norms = _ghost_ops.clip_factors(sq, max_grad_norm, backend=self.backend)
+        else:
+            factors, finite = ref.clip_factors(sq, max_grad_norm)
+            norms = sq.sqrt()
+        self._per_sample_gradient_norms = norms
         return factors, finite, state.mats, state.vecs
+
+    def _clipped_matrix_grad(self, uses, rows, factors) -> torch.Tensor:
+        """``sum_b f_b sum_u G_b^u`` into one ``[rows, I]`` buffer in the factors'
+        dtype: a non-embedding use runs ``dp_ghost_clipped_linear_grad`` (one
+        GEMM launch) on a kernel backend; embedding lookups (and the torch
+        backend) the reference's masked matmul / index_add."""
+        out = torch.zeros(rows, uses[0].q.shape[2], dtype=factors.dtype, device=uses[0].q.device)
+        for u in uses:
+            name = "torch" if u.p is None else \
+                _ghost_ops.clipped_linear_grad_backend(self.backend, u.p, u.q, factors, out)
+            if name == "torch":
+                ref.add_clipped_use(out, u, factors)
+            else:
+                _ghost_ops.clipped_linear_grad_(out, u.p, u.q, factors, backend=name)
+        return out
 
     @staticmethod
     def _prehook(r: _Record, state: _Pass):
@@ -521,7 +570,7 @@ class GhostClippingModule(nn.Module):
     def write_clipped(self, factors, mats, vecs) -> None:
         """Book-keeping: ``p.grad += sum_b f_b G_b`` for every used parameter."""
         for p, uses in mats.items():
-            _accumulate(p, ref.clipped_matrix_grad(uses, _rows(p, uses[0]), factors.to(uses[0].q.device)))
+            _accumulate(p, self._clipped_matrix_grad(uses, _rows(p, uses[0]), factors.to(uses[0].q.device)))
         for p, vs in vecs.items():
             _accumulate(p, ref.clipped_vector_grad(vs, factors.to(vs[0].device)))
 
