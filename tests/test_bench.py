@@ -467,6 +467,32 @@ def test_sift_bench_cases_check_and_count():
         assert r["syncs"] == (2 if r["impl"] == "reference" and r["case"].startswith("update") else 0), r
 
 
+def test_ema_and_neftune_bench_cases_check_and_count():
+    """EMA and NEFTune are ops of their own in the bench (moved out of the
+    AWP and noise modules): every row checks, the fastadv rows make no host
+    sync, EMA's torch path is one launch per dtype pair (fp32: one), and the
+    old modules no longer list them."""
+    from fastadv import bench
+    from fastadv.bench import awp, ema, neftune, noise
+
+    assert {"ema", "neftune"} <= set(bench.OPS) and bench.load("ema") is ema
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    for name, module in (("ema", ema), ("neftune", neftune)):
+        rows = run.run_op(name, module, dev, quick=True, impls=["reference", "torch"], warmup=0, iters=1,
+                          log=lambda s: None)
+        module.release()
+        assert {r["case"] for r in rows} == {c.name for c in case.select_cases(module, dev, quick=True)}
+        for r in rows:
+            assert r.get("check") == "ok" or r.get("skipped"), r
+            if r.get("check") == "ok" and r["impl"] != "reference":
+                assert r["syncs"] == 0, r
+        if name == "ema":
+            fp32 = {r["impl"]: r for r in rows if "fp32" in r["case"]}
+            assert fp32["torch"]["launches"] == 1 and fp32["reference"]["launches"] > 100, fp32
+    assert not any("ema" in c.name for c in awp.cases("cpu", False))
+    assert not any(c.op == "neftune" for c in noise.cases("cpu", False))
+
+
 def test_smoke_units_cover_every_dtype():
     from fastadv.bench import gpucheck
 

@@ -1,4 +1,4 @@
-"""AWP attack step and EMA update: cases and implementations for the benchmark.
+"""AWP attack step: cases and implementations for the benchmark.
 
 AWP cases: ``_save()`` + one ``_attack_step()`` + ``_restore()`` (the
 perturbation work of ``attack_backward``, without the model's forward and
@@ -20,12 +20,8 @@ Extra columns: ``tensors`` / ``elements`` perturbed, and on CUDA
 the first save + step + restore (the seed holds the backup and both clamp
 bounds: 3x the perturbed weights; fastadv holds one backup).
 
-EMA cases: one ``update()`` of an EMA of the same models' parameters
-(reference: the Kaggle EMA class, ``fastadv.reference.ema``, fp32 only: in
-bf16 it rounds the decay to 1.0; fastadv.ModelEMA on every backend, the
-average stored in the model's dtype).  GB/s counts the design's 3 passes (read the weights and
-the average, write the average); ``%copy`` compares them with the device's
-copy bandwidth measured in the same run.
+The model shapes are shared with :mod:`fastadv.bench.ema` and
+:mod:`fastadv.bench.sam`.
 """
 from __future__ import annotations
 
@@ -37,7 +33,7 @@ from torch import nn
 from .case import CaseCache, Impl, Prepared, Skip, real_sizes
 from .check import SHORT, close, interpreted, not_restored, skip_unsupported, usable_backends
 
-ADV_LR, ADV_EPS, EMA_DECAY = 1.0, 0.2, 0.999
+ADV_LR, ADV_EPS = 1.0, 0.2
 
 # (name, vocab, dim, layers, intermediate, extra) ; extra: "bert" or "deberta" tables
 MODELS_FULL = (("bert-base", 30522, 768, 12, 3072, "bert"),
@@ -72,14 +68,12 @@ def model_shapes(vocab: int, dim: int, layers: int, inter: int, kind: str) -> di
 
 @dataclass(frozen=True)
 class Case:
-    kind: str           # "awp" or "ema"
     model: tuple        # an entry of MODELS_FULL / MODELS_SMALL
     dtype: torch.dtype
 
     @property
     def name(self) -> str:
-        what = "save+step+restore" if self.kind == "awp" else "ema update"
-        return f"{what} {self.model[0]} {SHORT[self.dtype]}"
+        return f"save+step+restore {self.model[0]} {SHORT[self.dtype]}"
 
     @property
     def size(self):
@@ -90,8 +84,7 @@ def cases(device, full: bool | None = None) -> list[Case]:
     """Real shapes on CUDA or with ``full``; tiny ones on CPU."""
     big = real_sizes(device, full)
     models = MODELS_FULL if big else MODELS_SMALL
-    return [Case(kind, m, dt) for m in models for kind in ("awp", "ema")
-            for dt in (torch.float32, torch.bfloat16)]
+    return [Case(m, dt) for m in models for dt in (torch.float32, torch.bfloat16)]
 
 
 class ShapeModel(nn.Module):
@@ -116,7 +109,7 @@ class Data:
                   for n, s in shapes.items()}
         self.perturbed = [n for n in shapes if "weight" in n]
         self.elements = sum(self.w0[n].numel() for n in self.perturbed)
-        self.expected = self._reference_fp32() if case.kind == "awp" else None
+        self.expected = self._reference_fp32()
 
     def model(self, dtype=None) -> ShapeModel:
         dtype = dtype or self.case.dtype
@@ -228,56 +221,9 @@ def _compiled(ref):
                    f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
 
 
-def _ema_impl(case: Case, device, name: str) -> Impl:
-    def setup() -> Prepared:
-        from fastadv.averaging import ModelEMA
-        from fastadv.reference.ema import EMA as RefEMA
-
-        skip_unsupported(name, device, case.dtype)
-        data = _data(case, device)
-        model = data.model()
-        if name == "reference":
-            if case.dtype != torch.float32:
-                raise Skip("the Kaggle EMA computes in the model's dtype: in bf16 it rounds "
-                           f"decay={EMA_DECAY} to 1.0 and its average never moves")
-            ema = RefEMA(model, EMA_DECAY)
-            ema.register()
-            shadow = ema.shadow
-        else:
-            ema = ModelEMA(model, EMA_DECAY, backend=name)
-            shadow = ema.shadow
-        start = {n: s.clone() for n, s in shadow.items()}
-        numel = sum(p.numel() for p in model.parameters())
-        es = next(model.parameters()).element_size()
-
-        def check():
-            with torch.no_grad():
-                for p in model.parameters():
-                    p.add_(1.0)
-            ema.update()
-            tol = 1e-5 if case.dtype == torch.float32 else 2 * 2**-7
-            for n, p in model.named_parameters():
-                exp = EMA_DECAY * start[n].float() + (1 - EMA_DECAY) * p.detach().float()
-                if not torch.allclose(shadow[n].float(), exp, rtol=tol, atol=1e-6):
-                    return f"EMA of {n} differs from the formula"
-            return None
-
-        slow = interpreted(name, device)
-        extra = {"tensors": len(shadow), "elements": numel}
-        if slow:
-            extra["interpreted"] = True
-        return Prepared(step=ema.update, check=check,
-                        design_bytes=3 * numel * es if name in ("triton", "cuda") else None,
-                        extra=extra, timed=not slow)
-
-    return Impl(name, setup)
-
-
 def impls(case: Case, device) -> list[Impl]:
-    """reference, compiled (AWP), then every fastadv backend usable on ``device``."""
-    make = _awp_impl if case.kind == "awp" else _ema_impl
-    names = ["reference"] + (["compiled"] if case.kind == "awp" else []) + usable_backends(device)
-    return [make(case, device, n) for n in names]
+    """reference, compiled, then every fastadv backend usable on ``device``."""
+    return [_awp_impl(case, device, n) for n in ["reference", "compiled"] + usable_backends(device)]
 
 
 def release() -> None:

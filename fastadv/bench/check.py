@@ -8,6 +8,8 @@ rounded once, within two ulps of the result plus two ulps of the step
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .case import Skip
@@ -67,3 +69,38 @@ def usable_backends(device) -> list[str]:
     from fastadv import _env
 
     return [b for b, why in _env.backends(device).items() if why is None]
+
+
+def noise_spread(out: torch.Tensor, x: torch.Tensor, scale: float, dtype: torch.dtype,
+                 uniform: bool = False) -> str | None:
+    """None if ``(out - x) / scale`` has mean ~0 and the spread of a standard
+    normal (``uniform``: of U(-1, 1), within its bound) within 6 sigma of the
+    sampling error, plus rounding slack for a ``dtype`` below fp32; else what
+    is wrong."""
+    noise = ((out.float() - x.float()) / scale).flatten()
+    if noise.numel() > 1 << 24:
+        noise = noise[: 1 << 24]
+    n = max(noise.numel(), 1)
+    mean, std = float(noise.mean()), float(noise.std())
+    want = 1 / math.sqrt(3) if uniform else 1.0
+    slack = 0.0 if dtype == torch.float32 else 0.05
+    if abs(mean) > 6 * want / math.sqrt(n) + slack or abs(std / want - 1) > 6 * math.sqrt(0.5 / n) + slack:
+        return f"noise mean {mean:.4f}, std {std:.4f} (want 0, {want:.4f}; n = {n})"
+    if uniform and float(noise.abs().max()) > 1 + 1e-3 + 2 * slack:
+        return f"uniform noise beyond its bound: {float(noise.abs().max()):.4f}"
+    return None
+
+
+def compile_or_skip(fn):
+    """``torch.compile(fn)``, compiled now by one call (Dynamo reset first): a
+    failure to compile is a :class:`Skip` of the row, not a crash."""
+    try:
+        import torch._dynamo
+
+        torch._dynamo.reset()
+        compiled = torch.compile(fn)
+        compiled()
+    except Exception as exc:
+        raise Skip(f"torch.compile failed here: {type(exc).__name__}: "
+                   f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+    return compiled

@@ -1,19 +1,19 @@
-"""Noise injection and NEFTune: cases and implementations for the benchmark.
+"""Noise injection: cases and implementations for the benchmark.
 
 Ops (each timed per call):
 
 * ``gaussian``     ``x + N(0, std^2)`` out of place (reference: ``x + torch.randn_like(x) * std``);
 * ``gaussian_``    the same in place (reference: ``x.add_(torch.randn_like(x) * std)``);
-* ``neftune``      NEFTune with an attention mask (reference: NEFTune's training-loop code);
 * ``token_ids``    the seed's token-id noise;
 * ``weight_noise`` ``with weight_noise(model, std): pass``, enter + exit, over the
   parameter shapes of BERT-base (199 tensors, 101 named ``*weight*``) and
   BERT-large.
 
-SiFT's ops have their own cases (:mod:`fastadv.bench.sift`).
+NEFTune and SiFT have their own cases (:mod:`fastadv.bench.neftune`,
+:mod:`fastadv.bench.sift`).
 
 Sizes: on CUDA (or with ``--full``) activations of 16x512x768 and embedding
-tables of 30522x768 and 250002x1024, NEFTune on 8x2048x4096, fp32 and bf16;
+tables of 30522x768 and 250002x1024, fp32 and bf16;
 on CPU small stand-ins, so the run takes seconds.  Cases come in tiers, 0
 small, 1 medium, 2 large (``size`` = tier + 1; ``--quick`` runs tier 0, all ops).
 
@@ -21,28 +21,25 @@ Implementations: ``reference``, ``compiled`` (``torch.compile`` of the
 reference; elementwise ops only: Inductor draws the noise inside its fused
 kernel too, the fair baseline), and each fastadv backend usable here.
 The ``GB/s`` and ``%copy`` columns use the bytes the op must move
-(``fastadv.ops.noise.design_bytes`` / ``fastadv.ops.neftune.design_bytes``:
-read x once, write the output once, ...)
+(``fastadv.ops.noise.design_bytes``: read x once, write the output once, ...)
 for fastadv rows, and the counted aten traffic for the others.
 
-Checks before timing: the noise of the output has mean ~0 and the right
-spread (normal: std within 2 %; uniform: within the bound, std within 2 %),
-token ids stay in the vocabulary, weight_noise restores every weight bit for
+Checks before timing: the noise of the output is N(0, std^2) (mean and std
+within 6 sigma of the sampling error, plus rounding slack in bf16), token
+ids stay in the vocabulary, weight_noise restores every weight bit for
 bit (same ``data_ptr``).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .case import CaseCache, Impl, Prepared, Skip, real_sizes
-from .check import SHORT, interpreted, not_restored, skip_unsupported, usable_backends
+from .check import SHORT, compile_or_skip, interpreted, noise_spread, not_restored, skip_unsupported, usable_backends
 
 STD = 0.1
-ALPHA = 5.0
 TOKEN_FACTOR = 3.0
 VOCAB = 30522
 DTYPES = (torch.float32, torch.bfloat16)
@@ -51,14 +48,12 @@ DTYPES = (torch.float32, torch.bfloat16)
 SHAPES_FULL = {
     ("gaussian", 0): (16, 512, 768), ("gaussian", 1): (30522, 768), ("gaussian", 2): (250002, 1024),
     ("gaussian_", 0): (16, 512, 768), ("gaussian_", 1): (30522, 768), ("gaussian_", 2): (250002, 1024),
-    ("neftune", 0): (16, 512, 768), ("neftune", 1): (8, 2048, 4096),
     ("token_ids", 0): (16, 512), ("token_ids", 1): (256, 2048),
     ("weight_noise", 0): ("bert-base",), ("weight_noise", 1): ("bert-large",),
 }
 SHAPES_SMALL = {
     ("gaussian", 0): (4, 64, 64), ("gaussian", 1): (1000, 256),
     ("gaussian_", 0): (4, 64, 64), ("gaussian_", 1): (1000, 256),
-    ("neftune", 0): (4, 64, 64),
     ("token_ids", 0): (16, 512),
     ("weight_noise", 0): ("bert-mini",),
 }
@@ -145,16 +140,11 @@ class CaseData:
         else:
             self.x = torch.randn(c.shape, device=self.device, generator=gen).to(c.dtype)
             self.numel = self.x.numel()
-            if c.op == "neftune":
-                b, seq = c.shape[0], c.shape[1]
-                lengths = torch.randint(seq // 2, seq + 1, (b,), device=self.device, generator=gen)
-                self.mask = (torch.arange(seq, device=self.device)[None, :] < lengths[:, None]).long()
 
     def element_size(self) -> int:
         return torch.empty((), dtype=self.case.dtype).element_size()
 
     def design_bytes(self) -> int:
-        from fastadv.ops.neftune import design_bytes as neftune_bytes
         from fastadv.ops.noise import design_bytes
 
         c = self.case
@@ -163,28 +153,12 @@ class CaseData:
             return design_bytes("noise", self.numel, s)
         if c.op == "gaussian_":
             return design_bytes("noise_", self.numel, s)
-        if c.op == "neftune":
-            return neftune_bytes(self.numel, s, rows=c.shape[0] * c.shape[1])
         if c.op == "token_ids":
             return design_bytes("token_ids", self.numel, 8)
         return design_bytes("weight_noise", self.numel, s)
 
-    # -- checks: None when fine, else what is wrong -------------------------------------------------
-    def check_noise(self, out: torch.Tensor, x: torch.Tensor, scale: float, uniform: bool = False):
-        """Mean and spread of ``(out - x) / scale`` within 6 sigma of the sampling
-        error (plus rounding slack in bf16 / fp16)."""
-        noise = ((out.float() - x.float()) / scale).flatten()
-        if noise.numel() > 1 << 24:
-            noise = noise[: 1 << 24]
-        n = max(noise.numel(), 1)
-        mean, std = float(noise.mean()), float(noise.std())
-        want = 1 / math.sqrt(3) if uniform else 1.0
-        slack = 0.0 if self.case.dtype == torch.float32 else 0.05
-        if abs(mean) > 6 * want / math.sqrt(n) + slack or abs(std / want - 1) > 6 * math.sqrt(0.5 / n) + slack:
-            return f"noise mean {mean:.4f}, std {std:.4f} (want 0, {want:.4f}; n = {n})"
-        if uniform and float(noise.abs().max()) > 1 + 1e-3 + 2 * slack:
-            return f"uniform noise beyond its bound: {float(noise.abs().max()):.4f}"
-        return None
+    def check_noise(self, out: torch.Tensor, x: torch.Tensor, scale: float) -> str | None:
+        return noise_spread(out, x, scale, self.case.dtype)
 
 
 _data = CaseCache(CaseData)
@@ -200,7 +174,6 @@ def _functions(case: Case, d: CaseData, impl: str):
     """(step, check) of ``impl`` ('reference', 'compiled', or a backend) on the case."""
     from fastadv import noise as fnoise
     from fastadv.reference import noise as ref
-    from fastadv.reference.neftune import neftune as ref_neftune
 
     b = None if impl in ("reference", "compiled") else impl
     op = case.op
@@ -217,19 +190,6 @@ def _functions(case: Case, d: CaseData, impl: str):
             buf.copy_(d.x)
             f()
             return d.check_noise(buf, d.x, STD)
-        return fn, check
-    if op == "neftune":
-        fn = (lambda: ref_neftune(d.x, ALPHA, d.mask)) if b is None else \
-            (lambda: fnoise.neftune(d.x, ALPHA, d.mask, backend=b))
-
-        def check(f):
-            out = f()
-            full = d.mask[:, :, None].bool().expand_as(d.x)
-            if bool((out[~full] != d.x[~full]).any()):
-                return "padding got noise"
-            mag = ALPHA / torch.sqrt(d.mask.sum(1).float() * d.x.shape[-1])
-            scaled = ((out.float() - d.x.float()) / mag[:, None, None])[full]
-            return d.check_noise(scaled, torch.zeros_like(scaled), 1.0, uniform=True)
         return fn, check
     if op == "token_ids":
         fn = (lambda: ref.noisy_token_ids(d.ids, TOKEN_FACTOR, VOCAB)) if b is None else \
@@ -280,15 +240,7 @@ def _compiled_impl(case: Case, device) -> Impl:
             raise Skip("not compiled: a context manager with a host-side restore")
         d = _data(case, device)
         fn, check = _functions(case, d, "compiled")
-        try:
-            import torch._dynamo
-
-            torch._dynamo.reset()
-            compiled = torch.compile(fn)
-            compiled()
-        except Exception as exc:
-            raise Skip(f"torch.compile failed here: {type(exc).__name__}: "
-                       f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+        compiled = compile_or_skip(fn)
         return Prepared(step=compiled, check=lambda: check(compiled), counting="compiled",
                         teardown=torch._dynamo.reset)
 
