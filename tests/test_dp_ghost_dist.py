@@ -63,14 +63,44 @@ def _loader(distributed):
     return torch.utils.data.DataLoader(data, batch_size=BATCH, sampler=sampler)
 
 
+class BlockLM(nn.Module):
+    """TinyLM as one block under a root: under FSDP2 the block is its own
+    fully_shard group (resharded after its forward, the case the
+    norms must survive), the root holds no parameter; its 11-row table is
+    sharded unevenly (6 and 5 rows)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lm = TinyLM()
+
+    def forward(self, ids):
+        return self.lm(ids)
+
+
 def _model(distributed):
     torch.manual_seed(0)
+    if distributed == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+        net = BlockLM()
+        fully_shard(net.lm, mesh=_MESH[0])
+        return fully_shard(net, mesh=_MESH[0])
     net = TinyLM()
     return nn.parallel.DistributedDataParallel(net, gradient_as_bucket_view=True) if distributed else net
 
 
+_MESH = [None]  # the worker's CPU device mesh (FSDP2)
+
+
+def _full(t):
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone()
+
+
+def _name(n):
+    return n.removeprefix("module.").removeprefix("lm.")
+
+
 def _weights(model):
-    return {n.removeprefix("module."): p.detach().clone() for n, p in model.named_parameters()}
+    return {_name(n): _full(p) for n, p in model.named_parameters()}
 
 
 def _micro_batches(distributed, variant, step, x, y):
@@ -111,12 +141,12 @@ def _train(distributed, mode, backend, sigma=0.0, steps=STEPS, variant=None):
             for xb, yb in _micro_batches(distributed, variant, step, x, y):
                 _loss_dp(crit, m(xb), yb).backward()
                 norms.append(m.per_sample_gradient_norms.clone())
-            out["local"].append({n: p.grad.clone() for n, p in model.named_parameters()})
+            out["local"].append({_name(n): _full(p.grad) for n, p in model.named_parameters()})
             out["norms"].append(torch.cat(norms))
             if variant == "virtual" and step == 0:  # a virtual step: accumulated, not reduced nor taken
                 opt.signal_skip_step(do_skip=True)
             opt.step()
-            out["grads"].append({n.removeprefix("module."): p.grad.clone() for n, p in model.named_parameters()})
+            out["grads"].append({_name(n): _full(p.grad) for n, p in model.named_parameters()})
             out["calls"].append(_ALL_REDUCES[0] - before)
     _, out["ran"] = _ran(run)
     out["weights"] = _weights(model)
@@ -194,18 +224,16 @@ def _ddp_facts():
 
 def _refusals():
     """make_private's errors for what the distributed path does not support."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
     errors = {}
     torch.manual_seed(0)
     models = {"plain": TinyLM(),  # a process group of 2 ranks, no DDP: nothing would sum the gradients
-              "fsdp": fully_shard(TinyLM(), mesh=init_device_mesh("cpu", (WORLD,))),
+              "fsdp": _model("fsdp"),  # bk under FSDP2
               "static": nn.parallel.DistributedDataParallel(TinyLM(), static_graph=True)}
     for kind, model in models.items():
         try:
             PrivacyEngine().make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR),
                                          data_loader=_loader(True), noise_multiplier=0.0, max_grad_norm=C,
-                                         poisson_sampling=False, grad_sample_mode="ghost")
+                                         poisson_sampling=False, grad_sample_mode="bk" if kind == "fsdp" else "ghost")
         except NotImplementedError as exc:
             errors[kind] = str(exc)
     return errors
@@ -216,6 +244,8 @@ def _worker(rank, port, out):
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         dist.init_process_group("gloo", rank=rank, world_size=WORLD)
         _count_all_reduce()
+        from torch.distributed.device_mesh import init_device_mesh
+        _MESH[0] = init_device_mesh("cpu", (WORLD,))
         start = time.perf_counter()
         res = {"opacus": _opacus_peer(), "opacus_sum": _opacus_peer("sum"), "poisson": _poisson()}
         for mode in MODES:
@@ -224,6 +254,9 @@ def _worker(rank, port, out):
                 res["noisy", mode, backend] = _train(True, mode, backend, sigma=SIGMA, steps=1)
             for variant in VARIANTS:
                 res[variant, mode] = _train(True, mode, "torch", variant=variant)
+        for backend in BACKENDS:
+            res["fsdp", backend] = _train("fsdp", "ghost", backend)
+            res["fsdp_noisy", backend] = _train("fsdp", "ghost", backend, sigma=SIGMA, steps=1)
         res["refusals"], res["ddp_facts"] = _refusals(), _ddp_facts()
         res["misuse"] = _misuse()  # last: its DDP forward is cut short by the raise
         res["seconds"] = time.perf_counter() - start
@@ -378,10 +411,37 @@ def test_unsupported_refused(ranks):
     for r in ranks:
         errors = r["refusals"]
         assert "needs the model wrapped in torch.nn.parallel.DistributedDataParallel" in errors["plain"], errors
-        assert "FSDP2 (fully_shard)" in errors["fsdp"], errors
+        assert "'bk' on FSDP2 (fully_shard) is not supported" in errors["fsdp"], errors
         assert "static_graph=True" in errors["static"], errors
 
 
 def test_ddp_reducer_facts(ranks):
     for r in ranks:
         assert r["ddp_facts"] == dict(untouched=True, averaged_equal=True), r["ddp_facts"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fsdp_ghost_equals_single_process(ranks, backend):
+    """FSDP2 (the TinyLM block its own fully_shard group, uneven shards),
+    ghost mode: per-sample norms of each rank's own samples, the private
+    gradients and the weights after 2 steps equal the single-process ghost
+    run (fp32); the gathered weights are the same on both ranks; with noise,
+    the single-process draws (each shard keeps its part: added once)."""
+    single = _single("ghost", backend)
+    for rank, res in enumerate(ranks):
+        got = res["fsdp", backend]
+        assert got["cls"] == "FSDPGhostDPOptimizer"
+        _assert_close(got["weights"], single["weights"], f"rank {rank} fsdp {backend}")
+        for step in range(STEPS):
+            _assert_close(got["grads"][step], single["grads"][step], f"rank {rank} fsdp step {step}")
+        assert set(got["ran"]) == {backend}, got["ran"]
+        _assert_close(res["fsdp_noisy", backend]["grads"][0], _single("ghost", backend, SIGMA)["grads"][0],
+                      f"rank {rank} fsdp {backend} noisy")
+    norms = torch.stack([torch.stack(r["fsdp", backend]["norms"]) for r in ranks])
+    want = torch.stack(single["norms"]).reshape(STEPS, BATCH, WORLD).permute(2, 0, 1)
+    torch.testing.assert_close(norms, want, **FP32)
+    for n, w in ranks[0]["fsdp", backend]["weights"].items():
+        assert torch.equal(ranks[1]["fsdp", backend]["weights"][n], w), n
+    noisy, clean = ranks[0]["fsdp_noisy", backend]["grads"][0], ranks[0]["fsdp", backend]["grads"][0]
+    residual = torch.cat([(noisy[n] - clean[n]).flatten() for n in clean]) * WORLD * BATCH
+    assert abs(residual.std().item() / (SIGMA * C) - 1) < 0.15

@@ -103,13 +103,15 @@ class PrivacyEngine(opacus.PrivacyEngine):
             raise NotImplementedError(f"grad_sample_mode={mode!r} supports clipping='flat' only, got {clipping!r}")
         if not wrap_model:
             raise NotImplementedError(f"grad_sample_mode={mode!r} needs wrap_model=True")
-        distributed = self._ghost_distributed(module, mode)
+        kind = self._ghost_distributed(module, mode)  # None, "ddp" or "fsdp"
+        distributed = kind is not None
         model_parameters = set(module.parameters())
         for p in chain.from_iterable(g["params"] for g in optimizer.param_groups):
             if p not in model_parameters:
                 raise ValueError("Module parameters are different than optimizer Parameters")
         self.validate(module=module, optimizer=None, data_loader=None)
-        wrapper = _ghost_dist.DistributedGhostClippingModule if distributed else _ghost.GhostClippingModule
+        wrapper = {None: _ghost.GhostClippingModule, "ddp": _ghost_dist.DistributedGhostClippingModule,
+                   "fsdp": _ghost_dist.FSDPGhostClippingModule}[kind]
         module = wrapper(module, mode=mode, batch_first=batch_first, loss_reduction=loss_reduction,
                          max_grad_norm=max_grad_norm, strategy=strategy, backend=self.backend)
         if poisson_sampling:
@@ -125,8 +127,10 @@ class PrivacyEngine(opacus.PrivacyEngine):
             optimizer = optimizer.original_optimizer
         generator = self.secure_rng if self.secure_mode else noise_generator
         cls, extra = _ghost.GhostDPOptimizer, {}
-        if distributed:
+        if kind == "ddp":
             cls, extra = _ghost_dist.DistributedGhostDPOptimizer, {"process_group": module.ddp.process_group}
+        elif kind == "fsdp":
+            cls = _ghost_dist.FSDPGhostDPOptimizer
         optimizer = cls(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                         expected_batch_size=expected_batch_size, loss_reduction=loss_reduction,
                         generator=generator, secure_mode=self.secure_mode, backend=self.backend,
@@ -136,17 +140,24 @@ class PrivacyEngine(opacus.PrivacyEngine):
         return module, optimizer, criterion, data_loader
 
     @staticmethod
-    def _ghost_distributed(module, mode) -> bool:
-        """True for a DDP model (fastadv.dp.ghost_dist); raises on what the
-        ghost / bk modes do not support across processes."""
+    def _ghost_distributed(module, mode) -> str | None:
+        """``"ddp"`` for a DDP model, ``"fsdp"`` for a ``fully_shard``-ed one
+        (ghost mode only), None for one process (fastadv.dp.ghost_dist);
+        raises on what the ghost / bk modes do not support across processes."""
         from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
+        from torch.distributed.fsdp import FSDPModule
         from torch.nn.parallel import DistributedDataParallel
 
         from ..ops import _dist
 
+        if isinstance(module, FSDPModule):
+            if mode != "ghost":
+                raise NotImplementedError(f"grad_sample_mode={mode!r} on FSDP2 (fully_shard) is not supported: "
+                                          f"use grad_sample_mode='ghost' there (docs/distributed.md)")
+            return "fsdp"
         if any(_dist.is_sharded(p) for p in module.parameters()):
-            raise NotImplementedError(f"grad_sample_mode={mode!r} on FSDP2 (fully_shard) / DTensor-sharded "
-                                      f"parameters is not supported; use DDP (docs/distributed.md)")
+            raise NotImplementedError(f"grad_sample_mode={mode!r} on DTensor-sharded parameters needs the "
+                                      f"root module fully_shard-ed (FSDP2), ghost mode (docs/distributed.md)")
         if isinstance(module, DPDDP):
             raise NotImplementedError(f"grad_sample_mode={mode!r} takes a torch DistributedDataParallel model, "
                                       f"not Opacus's DifferentiallyPrivateDistributedDataParallel")
@@ -154,10 +165,10 @@ class PrivacyEngine(opacus.PrivacyEngine):
             if module.static_graph:
                 raise NotImplementedError(f"grad_sample_mode={mode!r} under DDP(static_graph=True) is not "
                                           f"supported (the forward runs under no_sync; untested there)")
-            return True
+            return "ddp"
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             raise NotImplementedError(f"grad_sample_mode={mode!r} with a process group of "
                                       f"{torch.distributed.get_world_size()} ranks needs the model wrapped in "
                                       f"torch.nn.parallel.DistributedDataParallel (no other wrapper is "
                                       f"supported: the gradients would not be summed over the ranks)")
-        return False
+        return None

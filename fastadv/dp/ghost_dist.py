@@ -45,12 +45,16 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from opacus.optimizers import DPOptimizer as _OpacusDPOptimizer
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from . import ghost as _ghost
+from ..ops import _dist
 from ..ops import dp as _ops
 
-__all__ = ["DistributedGhostClippingModule", "DistributedGhostDPOptimizer"]
+__all__ = ["DistributedGhostClippingModule", "DistributedGhostDPOptimizer", "FSDPGhostClippingModule",
+           "FSDPGhostDPOptimizer"]
 
 
 class DistributedGhostClippingModule(_ghost.GhostClippingModule):
@@ -127,3 +131,91 @@ def _by_dtype(params) -> list[list[torch.Tensor]]:
     for p in params:
         groups.setdefault((p.dtype, p.device), []).append(p)
     return list(groups.values())
+
+
+# ---------------------------------------------------------------- FSDP2 (fully_shard), ghost mode
+
+class FSDPGhostClippingModule(_ghost.GhostClippingModule):
+    """Ghost clipping on a ``fully_shard``-ed model (FSDP2), ``mode="ghost"`` only.
+
+    FSDP2 shards the parameters, not the activations: each layer's input and
+    output gradient are full, so the per-sample norms are exact -- provided the
+    autograd graph's parameters can be named.  Those are the all-gathered
+    (unsharded) parameters the forward used; after a block's forward FSDP2
+    swaps its modules back to the DTensor shards.  :meth:`dp_backward`
+    therefore unshards every FSDP module first (one all-gather each; the
+    parameters stay full until the second backward's post-backward reshards
+    them): the modules hold the graph's leaves again and the parent's graph
+    walk, use check and norms apply unchanged.  The second backward is
+    FSDP2's own: it reduce-scatters the clip-weighted gradient, averaged over
+    the ranks, into the sharded ``p.grad``.
+
+    ``"bk"`` is refused: its clipped gradient is written by hand at full size,
+    which would need a reduce-scatter of its own."""
+
+    def __init__(self, m: nn.Module, *, mode: str = "ghost", **kwargs):
+        if mode != "ghost":
+            raise NotImplementedError(f"grad_sample_mode={mode!r} on FSDP2 (fully_shard) is not supported: "
+                                      f"book-keeping writes the full clipped gradient by hand; use "
+                                      f"grad_sample_mode='ghost' (FSDP2 reduce-scatters its second backward)")
+        super().__init__(m, mode=mode, **kwargs)
+
+    def dp_backward(self, loss_per_sample, max_grad_norm):
+        from torch.distributed.fsdp import FSDPModule
+
+        for sub in self._module.modules():
+            if isinstance(sub, FSDPModule):
+                sub.unshard()
+        for r in self._records:  # a layer still holding a shard would be invisible to the graph walk
+            for name, p in r.module.named_parameters(recurse=False):
+                if _dist.is_sharded(p):
+                    raise NotImplementedError(f"parameter {name!r} of layer {r.name!r} is still sharded after "
+                                              f"unshard(): it is not managed by fully_shard")
+        self._names = {id(p): n for n, p in self._module.named_parameters()}  # the unsharded parameters
+        return super().dp_backward(loss_per_sample, max_grad_norm)
+
+
+class FSDPGhostDPOptimizer(_ghost.GhostDPOptimizer):
+    """The ghost optimizer on FSDP2 shards: ``p.grad`` is this rank's shard of
+    the ranks' *average* clipped sum (FSDP2's reduce-scatter); the step makes
+    it the shard of ``(sum + N(0, (sigma C)^2)) / (expected_batch_size *
+    world_size)`` (``"mean"``; ``expected_batch_size`` per rank, as Opacus).
+    The noise: every rank draws the whole tensors' noise from the generator
+    (the single-process draws, fastadv's noise op on ``backend``) and keeps
+    its shard's part, so each element gets one draw -- the noise is added
+    once, not once per rank.  Costs the full-size noise tensors for the
+    step (the parameters are full then anyway, see FSDPGhostClippingModule);
+    no collective."""
+
+    def __init__(self, optimizer, *, noise_multiplier, max_grad_norm, expected_batch_size,
+                 loss_reduction: str = "mean", generator=None, secure_mode: bool = False,
+                 backend: str | None = None, on_nonfinite: str = "drop", process_group=None):
+        # DPOptimizer.__init__ refuses shards: it clips per-sample gradients, which would be a
+        # shard's.  Nothing is clipped here (the norms were taken in the backward on full
+        # activations), so this is its set-up without that refusal (keep the two in step).
+        _ops.check_hyperparameters(max_grad_norm, noise_multiplier)
+        if on_nonfinite not in _ops.NONFINITE:
+            raise ValueError(f"on_nonfinite must be one of {_ops.NONFINITE}, got {on_nonfinite!r}")
+        _OpacusDPOptimizer.__init__(self, optimizer, noise_multiplier=noise_multiplier,
+                                    max_grad_norm=max_grad_norm, expected_batch_size=expected_batch_size,
+                                    loss_reduction=loss_reduction, generator=generator, secure_mode=secure_mode)
+        self.backend, self.on_nonfinite, self.nonfinite_samples = backend, on_nonfinite, None
+        self._pending_backwards = 0
+        self.world_size = dist.get_world_size(process_group)
+
+    def add_noise(self, divisor=None):
+        params = self.params
+        std = self._noise_std()
+        noise = None
+        if std:
+            full = [torch.zeros(p.shape, dtype=p.dtype, device=_dist.local(p).device) for p in params]
+            noise = _ops.add_noise(full, std, generator=self.generator, secure_mode=self.secure_mode,
+                                   backend=self.backend)
+        for i, p in enumerate(params):
+            g = _dist.local(p.summed_grad) * self.world_size  # FSDP2 averaged the ranks' clipped sums
+            if noise is not None:
+                g += _dist.shard_of(noise[i], p)
+            if divisor is not None:
+                g /= divisor * self.world_size
+            p.grad = p.summed_grad.clone()
+            _dist.local(p.grad).copy_(g)
