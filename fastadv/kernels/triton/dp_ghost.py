@@ -80,8 +80,9 @@ def _clip_factors(rows_ptr, factors_ptr, finite_ptr, norms_ptr, n_rows, B, max_g
         sq += tl.load(rows_ptr + r * B + cols, mask=mask, other=0.0)
     norm = tl.sqrt_rn(sq)
     finite = (norm == norm) & (norm != float("inf"))
-    # Opacus 1.6: (C / (norm + 1e-6)).clamp(max=1), correctly rounded as torch's
-    f = tl.minimum(tl.div_rn(max_grad_norm + tl.zeros_like(norm), norm + 1e-6), 1.0)
+    # Opacus 1.6: (C / (norm + 1e-6)).clamp(max=1); torch evaluates scalar / tensor
+    # as reciprocal(tensor) * scalar, each correctly rounded: the same here, to the bit
+    f = tl.minimum(tl.div_rn(tl.zeros_like(norm) + 1.0, norm + 1e-6) * max_grad_norm, 1.0)
     tl.store(factors_ptr + cols, tl.where(finite, f, 0.0), mask=mask)
     tl.store(finite_ptr + cols, finite.to(tl.int8), mask=mask)
     tl.store(norms_ptr + cols, norm, mask=mask)

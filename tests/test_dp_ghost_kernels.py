@@ -1,0 +1,266 @@
+"""The fused DP-ghost kernels (fastadv.ops.dp_ghost) against the reference math
+(fastadv.reference.dp_ghost), and ghost / book-keeping DP with them against
+Opacus 1.6's vanilla per-sample mode.
+
+* ``dp_ghost_clip_factors``: per-parameter squared-norm rows ``[n_rows, B]`` ->
+  norms, Opacus's clip factors, finite flags;
+* ``dp_ghost_clipped_linear_grad``: ``out += sum_b f_b P_b^T Q_b``, dropped
+  samples (``f_b = 0``) never read;
+* ``dp_ghost_linear_sq_norms`` (the older norm op) is in the opcheck test here.
+
+The triton backend runs under the interpreter on CPU (tests/conftest.py).
+"""
+import collections
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fastadv.kernels as kernels
+from fastadv import _backend
+from fastadv.dp import ghost
+from fastadv.ops import dp_ghost as ops
+from fastadv.reference import dp_ghost as ref
+from test_dp_ghost import MODELS, _assert_same, _data, fast_grads, opacus_grads
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _launched(name: str, before: collections.Counter) -> int:
+    return sum(n - before[k] for k, n in kernels.LAUNCHES.items() if k.split(".", 1)[1] == name)
+
+
+def _rows(n_rows, batch, *, nonfinite=True):
+    rows = torch.rand(n_rows, batch) * 4
+    if nonfinite and n_rows and batch > 2:
+        rows[0, 1] = float("nan")
+        rows[n_rows - 1, 2] = float("inf")
+    if batch:
+        rows[:, 0] = 0.0  # a zero norm: factor 1
+    return rows
+
+
+# ---------------------------------------------------------------- clip factors
+
+@pytest.mark.parametrize("n_rows,batch", [(1, 1), (3, 7), (5, 300), (0, 4)])
+def test_clip_factors_op(backend, n_rows, batch):
+    """Against the reference (fp64 sum of the same rows, tolerance: the kernel
+    sums in row order) and bitwise between two runs; one launch per call."""
+    rows = _rows(n_rows, batch)
+    before = collections.Counter(kernels.LAUNCHES)
+    f, ok, norms = ops.clip_factors(rows, 0.7, backend=backend)
+    assert _launched("dp_ghost_clip_factors", before) == 1
+    wf, wok = ref.clip_factors_from_rows(rows.double(), 0.7)
+    assert f.dtype == norms.dtype == torch.float32 and ok.dtype == torch.bool and f.shape == (batch,)
+    assert torch.equal(ok, wok)
+    torch.testing.assert_close(f.double(), wf, rtol=1e-6, atol=0)
+    torch.testing.assert_close(norms.double(), rows.double().sum(0).sqrt(), rtol=1e-6, atol=0,
+                               equal_nan=True)
+    assert (f[~ok] == 0).all() and (f <= 1).all() and (f[ok] > 0).all()
+    again = ops.clip_factors(rows, 0.7, backend=backend)
+    assert all(torch.equal(x, y) for x, y in zip((f, ok), again[:2]))
+    assert torch.equal(norms.nan_to_num(), again[2].nan_to_num())
+
+
+def test_clip_factors_fp32_equals_opacus_formula(backend):
+    """Factors from one row are Opacus's ``(C / (norm + 1e-6)).clamp(max=1)``
+    of the fp32 norm, to the last bit (sqrt and division correctly rounded)."""
+    rows = _rows(1, 50, nonfinite=False)
+    f, ok, norms = ops.clip_factors(rows, 0.7, backend=backend)
+    norm = rows[0].sqrt()
+    assert torch.equal(norms, norm) and ok.all()
+    assert torch.equal(f, (0.7 / (norm + 1e-6)).clamp(max=1.0))
+
+
+@pytest.mark.launch_free
+def test_clip_factors_empty_batch(backend):
+    f, ok, norms = ops.clip_factors(torch.zeros(3, 0), 1.0, backend=backend)
+    assert f.shape == ok.shape == norms.shape == (0,)
+
+
+# ---------------------------------------------------------------- clipped gradient
+
+SHAPES = [(1, 1, 5, 7), (3, 20, 33, 17), (2, 17, 40, 3), (4, 1, 1, 1)]
+
+
+def _operands(shape, dtype, factors):
+    b, t, o, i = shape
+    p, q = torch.randn(b, t, o).to(dtype), torch.randn(b, t, i).to(dtype)
+    dropped = (factors == 0).nonzero().flatten().tolist()
+    for k, s in enumerate(dropped):  # NaN / inf in a dropped sample's operands: never read
+        (p if k % 2 == 0 else q)[s, 0, 0] = float("nan")
+        q[s, -1, -1] = float("inf")
+    return p, q
+
+
+def _want(out0, p, q, factors):
+    """The reference in fp64 from the same (rounded) operands."""
+    return ref.add_clipped_use(out0.double().clone(), ref.MatUse(p=p, q=q), factors.double())
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_clipped_linear_grad_op(backend, shape, dtype):
+    b, _, o, i = shape
+    factors = torch.rand(b) * 0.9 + 0.05
+    factors[1::2] = 0.0  # every other sample dropped (B=1: none)
+    p, q = _operands(shape, dtype, factors)
+    out0 = torch.randn(o, i)
+    out = out0.clone()
+    before = collections.Counter(kernels.LAUNCHES)
+    assert ops.clipped_linear_grad_(out, p, q, factors, backend=backend) is out
+    assert _launched("dp_ghost_clipped_linear_grad", before) == 1
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), _want(out0, p, q, factors), rtol=1e-5, atol=1e-5)
+    again = out0.clone()
+    ops.clipped_linear_grad_(again, p, q, factors, backend=backend)
+    assert torch.equal(out, again)  # deterministic
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_clipped_linear_grad_all_dropped(backend, dtype):
+    """All factors zero: ``out`` is unchanged to the bit, NaN everywhere in p / q."""
+    p = torch.full((3, 5, 4), float("nan")).to(dtype)
+    q = torch.full((3, 5, 6), float("inf")).to(dtype)
+    out0 = torch.randn(4, 6)
+    out = out0.clone()
+    ops.clipped_linear_grad_(out, p, q, torch.zeros(3), backend=backend)
+    assert torch.equal(out, out0)
+
+
+def test_clipped_linear_grad_strided_and_mixed(backend):
+    """Transposed (strided) operands, as a convolution's unfolded patches are,
+    and mixed dtypes (autocast: bf16 output gradients, fp32 first-layer input)."""
+    factors = torch.tensor([0.3, 0.0, 1.0])
+    p = torch.randn(3, 9, 18).transpose(1, 2)                       # [3, 18, 9] strided
+    q = torch.randn(3, 5, 18).transpose(1, 2)                       # [3, 18, 5]
+    for pp, qq in ((p, q), (p.to(torch.bfloat16), q), (p.to(torch.float16), q.to(torch.bfloat16))):
+        out = torch.zeros(9, 5)
+        ops.clipped_linear_grad_(out, pp, qq, factors, backend=backend)
+        torch.testing.assert_close(out.double(), _want(torch.zeros(9, 5), pp, qq, factors), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.launch_free
+def test_clipped_linear_grad_empty(backend):
+    out = torch.randn(4, 3)
+    for b, t in ((0, 5), (2, 0)):
+        ops.clipped_linear_grad_(out, torch.randn(b, t, 4), torch.randn(b, t, 3), torch.ones(b), backend=backend)
+    assert torch.isfinite(out).all()
+
+
+# ---------------------------------------------------------------- registration and refusals
+
+def test_opcheck(backend):
+    """torch.library.opcheck (schema and declared mutation, fake tensors, autograd
+    registration, AOT dispatch) on the three DP-ghost ops; the triton backend
+    runs its kernels under the interpreter inside the checks."""
+    a, g = torch.randn(3, 5, 7), torch.randn(3, 5, 4)
+    factors = torch.tensor([0.5, 0.0, 1.0])
+    cases = [
+        (ops.linear_sq_norms_op, (a, g, torch.empty(3), backend)),
+        (ops.clip_factors_op, (_rows(2, 5), 0.7, torch.empty(5), torch.empty(5, dtype=torch.bool),
+                               torch.empty(5), backend)),
+        (ops.clipped_linear_grad_op, (g, a, factors, torch.randn(4, 7), backend)),
+    ]
+    for op, args in cases:
+        try:
+            torch.library.opcheck(op.overload, args)
+        except Exception as exc:
+            raise AssertionError(f"opcheck of {op.name} failed") from exc
+
+
+def test_no_cuda_kernel(monkeypatch):
+    """No CUDA twin: where the rule picks cuda, a forced backend="cuda" raises
+    BackendUnavailable and auto runs torch (pick patched: no GPU here)."""
+    monkeypatch.setattr(ops._registry, "pick", lambda *a, **k: "cuda")
+    monkeypatch.delenv("FASTADV_BACKEND", raising=False)
+    rows, p, q, f = torch.rand(2, 3), torch.randn(3, 2, 4), torch.randn(3, 2, 5), torch.ones(3)
+    for call in (lambda be: ops.clip_factors(rows, 1.0, backend=be),
+                 lambda be: ops.clipped_linear_grad_(torch.zeros(4, 5), p, q, f, backend=be),
+                 lambda be: ops.linear_sq_norms(q, p, backend=be)):
+        with pytest.raises(_backend.BackendUnavailable, match="no CUDA kernel"):
+            call("cuda")
+        before = collections.Counter(kernels.LAUNCHES)
+        call(None)
+        assert {k.split(".")[0] for k, n in kernels.LAUNCHES.items() if n > before[k]} == {"torch"}
+
+
+@pytest.mark.launch_free
+def test_refusals():
+    if _backend.why_not("triton", torch.device("cpu")) is None:
+        with pytest.raises(TypeError, match="float32"):
+            ops.clip_factors(torch.rand(2, 3).half(), 1.0, backend="triton")
+        with pytest.raises(TypeError, match="float32"):
+            ops.clipped_linear_grad_(torch.zeros(4, 5, dtype=torch.float64), torch.randn(3, 2, 4),
+                                     torch.randn(3, 2, 5), torch.ones(3), backend="triton")
+    with pytest.raises(ValueError, match="out \\[O, I\\]"):
+        ops.clipped_linear_grad_(torch.zeros(5, 4), torch.randn(3, 2, 4), torch.randn(3, 2, 5), torch.ones(3))
+    with pytest.raises(ValueError, match="n_rows, B"):
+        ops.clip_factors(torch.rand(3), 1.0)
+
+
+# ---------------------------------------------------------------- end to end
+
+# weight uses that are not embedding lookups (one clipped-gradient launch each in bk):
+# mlp fc1, fc2; cnn c1, c2, fc; lm qkv, proj, the tied head; gpt2 (one block) c_attn,
+# attn c_proj, c_fc, mlp c_proj, the tied lm_head
+LINEAR_USES = {"mlp": 2, "cnn": 3, "lm": 3, "gpt2": 5}
+
+
+@pytest.mark.parametrize("kind", list(LINEAR_USES))
+@pytest.mark.parametrize("mode", ["bk", "ghost"])
+def test_make_private_equals_opacus_vanilla(backend, mode, kind):
+    """``make_private(grad_sample_mode=mode)`` on each backend equals Opacus
+    vanilla; on the triton backend one clip-factor launch per backward and (bk)
+    one clipped-gradient launch per Linear / Conv use; the torch backend keeps
+    the plain-PyTorch path (neither op launched)."""
+    torch.manual_seed(1)
+    model = MODELS[kind]()
+    batches = [_data(kind, 4), _data(kind, 4)]  # two micro-batches: two DP backwards
+    want = opacus_grads(copy.deepcopy(model), batches, C=0.3)
+    before = collections.Counter(kernels.LAUNCHES)
+    got, m = fast_grads(model, batches, C=0.3, mode=mode, backend=backend)
+    _assert_same(got, want)
+    kernel = backend != "torch"
+    assert _launched("dp_ghost_clip_factors", before) == (2 if kernel else 0)
+    assert _launched("dp_ghost_clipped_linear_grad", before) == (2 * LINEAR_USES[kind] if kernel and mode == "bk"
+                                                                 else 0)
+
+
+def test_nonfinite_sample_dropped(backend):
+    """bk: a NaN input in one sample gives it factor 0, and its NaN inputs and
+    output gradients never enter the GEMM: the update equals the batch without
+    it.  (Ghost mode's second backward is a plain backward: 0 * NaN poisons it,
+    as in Opacus; tests/test_dp_ghost.py.)"""
+    torch.manual_seed(11)
+    model = MODELS["mlp"]()
+    x, y = _data("mlp", 5)
+    x[2, 0] = float("nan")
+    keep = torch.tensor([0, 1, 3, 4])
+    got, m = fast_grads(copy.deepcopy(model), [(x, y)], C=0.3, mode="bk", reduction="sum", backend=backend)
+    assert not torch.isfinite(m.per_sample_gradient_norms[2])
+    want, _ = fast_grads(copy.deepcopy(model), [(x[keep], y[keep])], C=0.3, mode="bk", reduction="sum",
+                         backend=backend)
+    _assert_same(got, want)
+
+
+def test_fused_norms_equal_torch_path_and_are_deterministic(backend):
+    """The module's norms and factors on a backend equal the plain-PyTorch
+    path's (materialised per-sample gradients, reference clip factors: no op
+    launched; fp32 rounding apart) and are bitwise equal between two runs."""
+    torch.manual_seed(5)
+    model = MODELS["lm"]()
+    ids, _ = _data("lm", 6)
+    res = []
+    for strategy, be in (("per_sample", "torch"), ("auto", backend), ("auto", backend)):
+        m = ghost.GhostClippingModule(copy.deepcopy(model), mode="bk", strategy=strategy, backend=be)
+        f, ok, _, _ = m.dp_backward(m(ids).square().mean((1, 2)), 17.0)  # norms 13..21
+        res.append((f, ok, m.per_sample_gradient_norms))
+    (tf, tok, tn), res = res[0], res[1:]
+    assert (tf < 1).any() and (tf == 1).any(), "some samples clipped, some not"
+    for f, ok, n in res:
+        assert torch.equal(ok, tok) and ok.all()
+        torch.testing.assert_close(n, tn, rtol=1e-5, atol=0)
+        torch.testing.assert_close(f, tf, rtol=1e-5, atol=0)
+    assert all(torch.equal(x, y) for x, y in zip(res[0], res[1]))
