@@ -79,11 +79,12 @@ class BlockLM(nn.Module):
 
 def _model(distributed):
     torch.manual_seed(0)
-    if distributed == "fsdp":
-        from torch.distributed.fsdp import fully_shard
+    if distributed in ("fsdp", "fsdp_bf16"):
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        kw = {"mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16)} if distributed == "fsdp_bf16" else {}
         net = BlockLM()
-        fully_shard(net.lm, mesh=_MESH[0])
-        return fully_shard(net, mesh=_MESH[0])
+        fully_shard(net.lm, mesh=_MESH[0], **kw)
+        return fully_shard(net, mesh=_MESH[0], **kw)
     net = TinyLM()
     return nn.parallel.DistributedDataParallel(net, gradient_as_bucket_view=True) if distributed else net
 
@@ -257,6 +258,12 @@ def _worker(rank, port, out):
         for backend in BACKENDS:
             res["fsdp", backend] = _train("fsdp", "ghost", backend)
             res["fsdp_noisy", backend] = _train("fsdp", "ghost", backend, sigma=SIGMA, steps=1)
+        for variant in VARIANTS:
+            res["fsdp", variant] = _train("fsdp", "ghost", "torch", variant=variant)
+        try:
+            _train("fsdp_bf16", "ghost", "torch", steps=1)
+        except NotImplementedError as exc:
+            res["fsdp_bf16_error"] = str(exc)
         res["refusals"], res["ddp_facts"] = _refusals(), _ddp_facts()
         res["misuse"] = _misuse()  # last: its DDP forward is cut short by the raise
         res["seconds"] = time.perf_counter() - start
@@ -445,3 +452,20 @@ def test_fsdp_ghost_equals_single_process(ranks, backend):
     noisy, clean = ranks[0]["fsdp_noisy", backend]["grads"][0], ranks[0]["fsdp", backend]["grads"][0]
     residual = torch.cat([(noisy[n] - clean[n]).flatten() for n in clean]) * WORLD * BATCH
     assert abs(residual.std().item() / (SIGMA * C) - 1) < 0.15
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_fsdp_ghost_variants_equal_single_process(ranks, variant):
+    """FSDP2, ghost mode: loss_reduction="sum", two micro-batches per step (the
+    reduce-scatters accumulate into the sharded p.grad), an empty batch on one
+    rank, a skipped (virtual) step."""
+    single = _single("ghost", "torch", variant=variant)
+    for rank, res in enumerate(ranks):
+        _assert_close(res["fsdp", variant]["weights"], single["weights"], f"rank {rank} fsdp {variant}")
+    for n, w in ranks[0]["fsdp", variant]["weights"].items():
+        assert torch.equal(ranks[1]["fsdp", variant]["weights"][n], w), n
+
+
+def test_fsdp_mixed_precision_refused(ranks):
+    for r in ranks:
+        assert "MixedPrecisionPolicy" in r.get("fsdp_bf16_error", ""), r.get("fsdp_bf16_error")

@@ -12,6 +12,8 @@
   without per-sample gradients (ghost clipping, book-keeping);
   :class:`DistributedGhostClippingModule`, :class:`DistributedGhostDPOptimizer`
   -- the same under DDP (a DDP model given to ``make_private``);
+  :class:`FSDPGhostClippingModule`, :class:`FSDPGhostDPOptimizer` -- ghost
+  mode under FSDP2 (a ``fully_shard``-ed model);
 * :func:`dp_logits`, :class:`DPLogits`, :func:`gaussian_sigma` -- noise on
   output logits (seed 004);
 * :class:`fastadv.dp.seed.SeedDPOptimizer` -- seed 000's batch-level (NOT
@@ -29,11 +31,13 @@ from .logits import DPLogits, dp_logits, gaussian_sigma  # noqa: F401
 _OPACUS_NAMES = {"DPOptimizer": "optimizer", "DistributedDPOptimizer": "optimizer",
                  "PrivacyEngine": "engine", "GhostClippingModule": "ghost", "GhostDPOptimizer": "ghost",
                  "DPLossGhost": "ghost", "UnsupportedLayerError": "ghost",
-                 "DistributedGhostClippingModule": "ghost_dist", "DistributedGhostDPOptimizer": "ghost_dist"}
+                 "DistributedGhostClippingModule": "ghost_dist", "DistributedGhostDPOptimizer": "ghost_dist",
+                 "FSDPGhostClippingModule": "ghost_dist", "FSDPGhostDPOptimizer": "ghost_dist"}
 
 __all__ = ["clip_and_noise", "clip_and_accumulate", "add_noise", "DPOptimizer", "DistributedDPOptimizer",
            "PrivacyEngine", "GhostClippingModule", "GhostDPOptimizer", "DPLossGhost", "UnsupportedLayerError",
-           "DistributedGhostClippingModule", "DistributedGhostDPOptimizer",
+           "DistributedGhostClippingModule", "DistributedGhostDPOptimizer", "FSDPGhostClippingModule",
+           "FSDPGhostDPOptimizer",
            "dp_logits", "DPLogits", "gaussian_sigma"]
 
 

@@ -16,7 +16,8 @@ as Opacus's ghost mode does.  Opacus's data loader, validation and
 accountant are used there too.  A ``DistributedDataParallel`` model gets the
 distributed twins (:mod:`fastadv.dp.ghost_dist`: DDP never reduces, the
 optimizer adds rank 0's noise and sums the ranks with one all_reduce per
-step); FSDP2 shards, Opacus's ``DPDDP`` and a process group without DDP raise.
+step); a ``fully_shard``-ed model (FSDP2) gets the FSDP twins in ghost mode
+(``"bk"`` there, Opacus's ``DPDDP`` and a process group without DDP raise).
 """
 from __future__ import annotations
 

@@ -159,6 +159,7 @@ class FSDPGhostClippingModule(_ghost.GhostClippingModule):
                                       f"book-keeping writes the full clipped gradient by hand; use "
                                       f"grad_sample_mode='ghost' (FSDP2 reduce-scatters its second backward)")
         super().__init__(m, mode=mode, **kwargs)
+        self._shard_dtypes = {n: p.dtype for n, p in m.named_parameters()}
 
     def dp_backward(self, loss_per_sample, max_grad_norm):
         from torch.distributed.fsdp import FSDPModule
@@ -171,6 +172,11 @@ class FSDPGhostClippingModule(_ghost.GhostClippingModule):
                 if _dist.is_sharded(p):
                     raise NotImplementedError(f"parameter {name!r} of layer {r.name!r} is still sharded after "
                                               f"unshard(): it is not managed by fully_shard")
+        for name, p in self._module.named_parameters():
+            if p.dtype != self._shard_dtypes.get(name, p.dtype):
+                raise NotImplementedError(f"FSDP2 MixedPrecisionPolicy (parameter {name!r}: {p.dtype} compute "
+                                          f"over {self._shard_dtypes[name]} shards) is not supported by ghost "
+                                          f"clipping (untested: the reduce-scatter's dtype enters the sum)")
         self._names = {id(p): n for n, p in self._module.named_parameters()}  # the unsharded parameters
         return super().dp_backward(loss_per_sample, max_grad_norm)
 
