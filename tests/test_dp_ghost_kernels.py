@@ -264,3 +264,22 @@ def test_fused_norms_equal_torch_path_and_are_deterministic(backend):
         torch.testing.assert_close(n, tn, rtol=1e-5, atol=0)
         torch.testing.assert_close(f, tf, rtol=1e-5, atol=0)
     assert all(torch.equal(x, y) for x, y in zip(res[0], res[1]))
+
+
+def test_registered():
+    from fastadv.ops import _registry
+    assert {"dp_ghost_linear_sq_norms", "dp_ghost_clip_factors",
+            "dp_ghost_clipped_linear_grad"} <= set(_registry.registered())
+
+
+def test_bk_backward_makes_no_host_sync(backend, no_host_sync):
+    """The norms, the clip factors and bk's clipped gradient issue no host sync."""
+    torch.manual_seed(3)
+    model = MODELS["lm"]()
+    ids, _ = _data("lm", 4)
+    m = ghost.GhostClippingModule(model, mode="bk", backend=backend)
+    loss = m(ids).square().mean((1, 2))
+    with no_host_sync():
+        factors, _, mats, vecs = m.dp_backward(loss, 1.0)
+        m.write_clipped(factors, mats, vecs)
+    assert all(p.grad is not None for p in model.parameters())
