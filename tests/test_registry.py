@@ -74,6 +74,48 @@ def test_kernel_limits_auto_takes_torch_forced_raises(kernel):
             _registry.pick(kernel, DEVICE, **limits)
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_a_sparse_tensor_is_refused_first_and_where_ends_the_message(kernel):
+    """``strided`` is checked before the other limits (a sparse tensor has no
+    strides: ``contiguous`` alone refuses it the same way instead of failing in
+    ``is_contiguous``), and ``where`` ends a forced backend's message."""
+    sparse = _t(4, 4, dtype=torch.float64).to_sparse()
+    with pytest.raises(ValueError, match=r"needs dense grad, got a torch.sparse_coo tensor; "
+                                         r"use backend='torch' \(index 2\)$"):
+        _registry.pick(kernel, DEVICE, where="index 2", dtypes=[("grad", sparse)], strided=[("grad", sparse)])
+    with pytest.raises(ValueError, match=r"needs dense grad, got a torch.sparse_coo tensor; use backend='torch'$"):
+        _registry.pick(kernel, DEVICE, contiguous=[("grad", _t(4, 4).to_sparse())])
+    with pytest.raises(TypeError, match=r"got torch.float64; use backend='torch' \(index 0\)$"):
+        _registry.pick(kernel, DEVICE, where="index 0", dtypes=[("grad", _t(3, dtype=torch.float64))])
+    if DEVICE.type == "cuda":  # auto picks a kernel backend only on CUDA tensors
+        assert _registry.pick("auto", DEVICE, where="index 2", strided=[("grad", sparse)]) == "torch"
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_multi_tensor_split_uses_the_registry_rule(kernel):
+    """The multi-tensor split has no limit of its own: pick's limits, pick's
+    messages, the index of the first tensor of the group at the end."""
+    from fastadv.ops.multi_tensor import split
+
+    w = [_t(4), _t(4, 4), _t(3, dtype=torch.float64)]
+    g = [_t(4), _t(4, 4).to_sparse(), _t(3, dtype=torch.float64)]
+    names = ("weight", "gradient")
+    with pytest.raises(ValueError, match=r"needs dense gradient, got a torch.sparse_coo tensor; "
+                                         r"use backend='torch' \(index 1\)$"):
+        split(kernel, DEVICE, [w[:2], g[:2]], names)
+    with pytest.raises(TypeError, match=r"supports float32, float16 and bfloat16 tensors, got torch.float64; "
+                                        r"use backend='torch' \(index 1\)$"):
+        split(kernel, DEVICE, [[w[0], w[2]], [g[0], g[2]]], names)
+    with pytest.raises(TypeError, match=r"needs the gradient in the weight's dtype \(torch.float32\), "
+                                        r"got torch.float16; use backend='torch' \(index 0\)$"):
+        split(kernel, DEVICE, [[w[0]], [g[0].half()]], names)
+    assert split(kernel, DEVICE, [[w[0]], [g[0].half()]], names, same_dtype=False) == (kernel, [0], [])
+    assert split("torch", DEVICE, [w, g], names) == ("torch", [], [0, 1, 2])
+    auto = _registry.pick("auto", DEVICE)
+    if auto != "torch":  # CUDA tensors: the kernels take index 0, torch the sparse and the float64 ones
+        assert split("auto", DEVICE, [w, g], names) == (auto, [0], [1, 2])
+
+
 def test_one_device_is_a_kernel_limit():
     pairs = [("tensors", _t(2)), ("tensors", _t(2, device=OTHER))]
     assert _registry.pick("torch", DEVICE, one_device=pairs) == "torch"

@@ -44,7 +44,7 @@ def forced(backend: str | None) -> bool:
 Pairs = Iterable[tuple]  # (what, tensor) pairs; a None tensor is skipped
 
 
-def pick(backend: str | None, device, *, same_device: Pairs = (), **limits) -> str:
+def pick(backend: str | None, device, *, same_device: Pairs = (), where: str | None = None, **limits) -> str:
     """The backend that runs an op on ``device``: the one backend rule.
 
     Misuse, refused on every backend (``ValueError``): ``same_device``, pairs
@@ -56,8 +56,11 @@ def pick(backend: str | None, device, *, same_device: Pairs = (), **limits) -> s
     are each one dense block, batch outermost (contiguous, channels_last, ...:
     the kernels walk them as raw ``[batch, per_sample]`` memory);
     ``same_layout``, pairs with the first pair's strides; ``strided``, pairs
-    that must not be sparse; ``one_device``, pairs that a kernel launch needs
-    on one device (the torch backend takes them spread over several)."""
+    that must not be sparse (checked first: a sparse tensor has no strides;
+    a sparse tensor in ``contiguous`` is refused the same way); ``one_device``,
+    pairs that a kernel launch needs on one device (the torch backend takes
+    them spread over several).  ``where``: said at the end of a kernel limit's
+    message, e.g. ``"index 3"`` for the multi-tensor ops (one call per group)."""
     check_devices(device, same_device)
     name = _backend.resolve(backend, device)
     if name == "torch":
@@ -66,6 +69,8 @@ def pick(backend: str | None, device, *, same_device: Pairs = (), **limits) -> s
     if reason is None:
         return name
     if forced(backend):
+        if where:
+            reason = type(reason)(f"{reason} ({where})")  # TypeError / ValueError, built here
         raise reason
     return "torch"
 
@@ -110,6 +115,9 @@ def _kernel_limit(name, *, dtypes: Pairs = (), allowed=KERNEL_DTYPES, contiguous
     """The first kernel limit of :func:`pick` that the tensors break, as the
     exception a forced backend raises; None when the kernels take them.
     (Each rule is skipped when not asked for: this runs on every call.)"""
+    for what, t in strided:
+        if t is not None and t.layout != torch.strided:
+            return _not_dense(name, what, t)
     for pair in dtypes:
         t, ok = pair[1], (pair[2] if len(pair) > 2 else allowed)
         if t is not None and t.dtype not in ok:
@@ -122,17 +130,19 @@ def _kernel_limit(name, *, dtypes: Pairs = (), allowed=KERNEL_DTYPES, contiguous
                 return TypeError(f"the {name} backend needs the {what} in the {first_what}'s dtype "
                                  f"({first.dtype}), got {t.dtype}; use backend='torch'")
     for what, t in contiguous:
+        if t is not None and t.layout != torch.strided:
+            return _not_dense(name, what, t)  # sparse: no is_contiguous() to ask
         if t is not None and not t.is_contiguous():
             return ValueError(f"the {name} backend needs a contiguous {what}; use backend='torch'")
-    return _layout_limit(name, batch_major, same_layout, strided, one_device) \
-        if (batch_major or same_layout or strided or one_device) else None
+    return _layout_limit(name, batch_major, same_layout, one_device) \
+        if (batch_major or same_layout or one_device) else None
 
 
-def _layout_limit(name, batch_major, same_layout, strided, one_device) -> Exception | None:
-    for what, t in strided:
-        if t is not None and t.layout != torch.strided:
-            return ValueError(f"the {name} backend needs dense {what}, got a {t.layout} tensor; "
-                              f"use backend='torch'")
+def _not_dense(name: str, what: str, t: torch.Tensor) -> ValueError:
+    return ValueError(f"the {name} backend needs dense {what}, got a {t.layout} tensor; use backend='torch'")
+
+
+def _layout_limit(name, batch_major, same_layout, one_device) -> Exception | None:
     devices = {t.device for _, t in one_device if t is not None}
     if len(devices) > 1:
         return ValueError(f"the {name} backend needs every tensor on one device, got "

@@ -7,7 +7,8 @@ Backend split (:func:`split`): the registry's one rule
 per distinct (dtype, contiguity) signature -- a model has a handful of
 signatures for hundreds of tensors.  ``auto``: the indices the kernels cannot
 take (a dtype they lack, a non-contiguous or non-dense tensor) go to the torch
-path; a forced kernel backend raises instead, naming the index.
+path; a forced kernel backend raises instead, naming the index (``pick``'s
+``where``): every limit and its message live in ``_registry``.
 
 Work tables: built inside the registered ops (so under ``torch.compile`` an op
 is one opaque node receiving plain tensor lists) from the live tensors, in the
@@ -65,18 +66,10 @@ def split(backend: str | None, device, lists, names, same_dtype: bool = True):
     for sig, idx in group([_signature([lst[i] for lst in lists]) for i in range(n)]).items():
         i = idx[0]
         tensors = [lst[i] for lst in lists]
-        if any(t.layout != torch.strided for t in tensors):
-            if _registry.forced(backend):
-                raise ValueError(f"the {name} backend needs dense tensors, got "
-                                 f"{[str(t.layout) for t in tensors]}; use backend='torch' (index {i})")
-            slow += idx
-            continue
-        try:
-            got = _registry.pick(backend, device, dtypes=[("tensors", t) for t in tensors],
-                                 contiguous=list(zip(names, tensors)),
-                                 same_dtype=list(zip(names, tensors)) if same_dtype else ())
-        except (TypeError, ValueError) as exc:
-            raise type(exc)(f"{exc} (index {i})") from None
+        pairs = list(zip(names, tensors))
+        got = _registry.pick(backend, device, where=f"index {i}", strided=pairs,
+                             dtypes=[("tensors", t) for t in tensors], contiguous=pairs,
+                             same_dtype=pairs if same_dtype else ())
         (fast if got != "torch" else slow).extend(idx)
     return name, sorted(fast), sorted(slow)
 
