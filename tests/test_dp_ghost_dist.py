@@ -18,8 +18,14 @@ shard for 2 SGD steps; the checks, for both modes and both backends:
 * loss_reduction="sum", two micro-batches per step, an empty batch on one
   rank, a skipped (virtual) step, Poisson sampling (as Opacus sets it up);
 * calling the DDP model directly (its reducer would add an all-reduce) raises;
-  FSDP2, static_graph and a process group without DDP are refused.
+  bk and MixedPrecisionPolicy under FSDP2, static_graph and a process group
+  without DDP are refused;
+* FSDP2 (``fully_shard``, the TinyLM block its own group), ghost mode: norms,
+  private gradients, weights and noise equal the single-process run, the
+  same variants, and the collectives per step (one all-gather more than a
+  plain FSDP2 step, no all_reduce).
 """
+import collections
 import os
 import time
 import traceback
@@ -90,6 +96,18 @@ def _model(distributed):
 
 
 _MESH = [None]  # the worker's CPU device mesh (FSDP2)
+_FSDP_COLLECTIVES = ("all_gather_single", "reduce_scatter_single")  # what torch 2.13's FSDP2 calls
+_COUNTS = collections.Counter()
+
+
+def _count_fsdp_collectives():
+    for name in _FSDP_COLLECTIVES:
+        real = getattr(dist, name)
+
+        def counted(*args, _real=real, _name=name, **kwargs):
+            _COUNTS[_name] += 1
+            return _real(*args, **kwargs)
+        setattr(dist, name, counted)
 
 
 def _full(t):
@@ -132,11 +150,11 @@ def _train(distributed, mode, backend, sigma=0.0, steps=STEPS, variant=None):
         module=model, optimizer=opt, criterion=nn.CrossEntropyLoss(reduction=reduction),
         data_loader=_loader(distributed), noise_multiplier=sigma, max_grad_norm=C, poisson_sampling=False,
         grad_sample_mode=mode, loss_reduction=reduction, noise_generator=torch.Generator().manual_seed(SEED))
-    out = dict(local=[], grads=[], calls=[], norms=[], cls=type(opt).__name__)
+    out = dict(local=[], grads=[], calls=[], fsdp_calls=[], norms=[], cls=type(opt).__name__)
 
     def run():
         for step, (x, y) in zip(range(steps), loader):
-            before = _ALL_REDUCES[0]
+            before, counts = _ALL_REDUCES[0], collections.Counter(_COUNTS)
             opt.zero_grad()
             norms = []
             for xb, yb in _micro_batches(distributed, variant, step, x, y):
@@ -149,6 +167,7 @@ def _train(distributed, mode, backend, sigma=0.0, steps=STEPS, variant=None):
             opt.step()
             out["grads"].append({_name(n): _full(p.grad) for n, p in model.named_parameters()})
             out["calls"].append(_ALL_REDUCES[0] - before)
+            out["fsdp_calls"].append(dict(collections.Counter(_COUNTS) - counts))
     _, out["ran"] = _ran(run)
     out["weights"] = _weights(model)
     return out
@@ -190,6 +209,16 @@ def _poisson():
             opt.step()
             out[name]["weights"] = _weights(model)
     return out
+
+
+def _plain_fsdp_step_collectives():
+    """A non-private FSDP2 step of the same model: the collectives to compare with."""
+    model = _model("fsdp")
+    x, y = next(iter(_loader(True)))
+    counts = collections.Counter(_COUNTS)
+    _loss_vanilla(model(x), y).backward()
+    torch.optim.SGD(model.parameters(), lr=LR).step()
+    return dict(collections.Counter(_COUNTS) - counts)
 
 
 def _misuse():
@@ -245,6 +274,7 @@ def _worker(rank, port, out):
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         dist.init_process_group("gloo", rank=rank, world_size=WORLD)
         _count_all_reduce()
+        _count_fsdp_collectives()
         from torch.distributed.device_mesh import init_device_mesh
         _MESH[0] = init_device_mesh("cpu", (WORLD,))
         start = time.perf_counter()
@@ -258,6 +288,7 @@ def _worker(rank, port, out):
         for backend in BACKENDS:
             res["fsdp", backend] = _train("fsdp", "ghost", backend)
             res["fsdp_noisy", backend] = _train("fsdp", "ghost", backend, sigma=SIGMA, steps=1)
+        res["fsdp_plain_calls"] = _plain_fsdp_step_collectives()
         for variant in VARIANTS:
             res["fsdp", variant] = _train("fsdp", "ghost", "torch", variant=variant)
         try:
@@ -452,6 +483,23 @@ def test_fsdp_ghost_equals_single_process(ranks, backend):
     noisy, clean = ranks[0]["fsdp_noisy", backend]["grads"][0], ranks[0]["fsdp", backend]["grads"][0]
     residual = torch.cat([(noisy[n] - clean[n]).flatten() for n in clean]) * WORLD * BATCH
     assert abs(residual.std().item() / (SIGMA * C) - 1) < 0.15
+
+
+def test_fsdp_ghost_collectives(ranks):
+    """Per step, for the one parameter-holding FSDP group: no all_reduce, one
+    reduce-scatter (the second backward's) and 3 all-gathers -- the forward's,
+    the unshard before the norm backward, the second backward's: one more
+    than a plain FSDP2 step (2) (counted at torch 2.13's
+    dist.all_gather_single / reduce_scatter_single)."""
+    for r in ranks:
+        assert r["fsdp_plain_calls"] == {"all_gather_single": 2, "reduce_scatter_single": 1}, r["fsdp_plain_calls"]
+        for key in (("fsdp", "torch"), ("fsdp", "triton"), ("fsdp", "accum")):
+            got = r[key]
+            per_step = {"all_gather_single": 3, "reduce_scatter_single": 1}
+            if key[1] == "accum":  # two micro-batches: each forward, unshard and second backward
+                per_step = {"all_gather_single": 6, "reduce_scatter_single": 2}
+            assert got["calls"] == [0] * STEPS, (key, got["calls"])
+            assert got["fsdp_calls"] == [per_step] * STEPS, (key, got["fsdp_calls"])
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -1,4 +1,5 @@
-"""Ghost clipping and book-keeping DP-SGD under DDP (``DistributedDataParallel``).
+"""Ghost clipping and book-keeping DP-SGD under DDP (``DistributedDataParallel``),
+and ghost clipping under FSDP2 (``fully_shard``; see :class:`FSDPGhostClippingModule`).
 
 ``PrivacyEngine.make_private(module=ddp_model, ..., grad_sample_mode="ghost" | "bk")``
 gives :class:`DistributedGhostClippingModule` and
