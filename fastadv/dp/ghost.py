@@ -14,9 +14,12 @@ One step:
    output gradients ``g`` of every layer, and no parameter gradient;
 3. per-sample norms from ``(a, g)`` (:mod:`fastadv.reference.dp_ghost`: the
    Gram form or the per-sample gradient, whichever is cheaper per layer; tied
-   parameters summed over their uses exactly), Opacus's clip factor ``f_b``;
+   parameters summed over their uses exactly), Opacus's clip factor ``f_b``
+   (on a kernel backend: one row per parameter of an fp32 ``[n_params, B]``
+   buffer, reduced by one ``dp_ghost_clip_factors`` launch);
 4. ``"bk"`` (book-keeping): ``p.grad += sum_b f_b G_b`` from the kept ``a``
-   and ``g`` (``a^T (f g)`` for a Linear layer), no second backward;
+   and ``g`` (``a^T (f g)`` for a Linear layer; one ``dp_ghost_clipped_linear_grad``
+   GEMM launch per Linear / Conv use on a kernel backend), no second backward;
    ``"ghost"``: a second backward of ``sum_b f_b loss_b`` fills ``p.grad``;
 5. ``optimizer.step()``: noise and scaling with fastadv's noise op (the same
    draws as :class:`fastadv.dp.DPOptimizer`), then the inner optimizer.
@@ -387,8 +390,12 @@ class GhostClippingModule(nn.Module):
     ``mode``: ``"ghost"`` (second backward) or ``"bk"`` (book-keeping, one
     backward).  ``strategy``: ``"auto"`` (per layer, the Gram form or the
     per-sample gradient, whichever costs fewer operations), ``"gram"`` or
-    ``"per_sample"``.  ``backend``: the norm kernels' (the Gram norm of a
-    layer's single use runs :func:`fastadv.ops.dp_ghost.linear_sq_norms`).
+    ``"per_sample"``.  ``backend``: the DP-ghost kernels' (the Gram norm of a
+    layer's single use runs :func:`fastadv.ops.dp_ghost.linear_sq_norms`; on a
+    kernel backend the clip factors are one :func:`fastadv.ops.dp_ghost.clip_factors`
+    launch and bk's clipped gradient one
+    :func:`fastadv.ops.dp_ghost.clipped_linear_grad_` launch per Linear / Conv
+    use; the torch backend is the plain-PyTorch reference path).
     Raises :class:`UnsupportedLayerError` naming the first layer with
     trainable parameters that no rule covers (freeze it, or replace it)."""
 
