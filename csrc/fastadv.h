@@ -1,5 +1,5 @@
 /* fastadv CUDA library: a plain C ABI (no PyTorch headers), loaded from Python
- * with ctypes by fastadv/kernels/cuda.py.
+ * with ctypes by fastadv/kernels/cuda/__init__.py (launchers: fastadv/kernels/cuda/<op>.py).
  *
  * Conventions shared by every function:
  *   - pointers are raw device pointers; tensors are contiguous (row-major);

@@ -102,8 +102,9 @@ def test_data_dependent_shapes_are_syncs(x):
 
 
 def test_reference_fgm_matches_the_design_notes():
-    """DESIGN.md: the seed FGM attack + restore is 7 kernels, 2 host syncs and
-    10 passes over the matrix (938 MB at 30522x768 fp32)."""
+    """benchmarks/README.md ("Counting without a GPU") and docs/ARCHITECTURE.md
+    ("FGM kernels"): the seed FGM attack + restore is 7 kernels, 2 host syncs
+    and 10 passes over the matrix (938 MB at 30522x768 fp32)."""
     from fastadv.reference.fgm import FGM
 
     model = torch.nn.Module()

@@ -136,8 +136,8 @@ def dev():
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
-# Backends against each other: fp32 as DESIGN.md; fp16 / bf16 two ulps (each step
-# rounds once; the norms differ in their last fp32 bits).
+# Backends against each other: fp32 as fastadv/bench/check.py's TOLERANCES; fp16 / bf16
+# two ulps (each step rounds once; the norms differ in their last fp32 bits).
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float16: dict(rtol=2 * 2.0**-10, atol=1e-5),
        torch.bfloat16: dict(rtol=2 * 2.0**-7, atol=1e-5)}
 

@@ -1,10 +1,11 @@
 """Checks against the reference shared by the bench op modules: dtype names,
 tolerances, the Triton interpreter's limits, the backends to list.
 
-Tolerances (``/work/shared/DESIGN.md``): fp32 against the fp32 reference
-``rtol=1e-5, atol=1e-6``; bf16 / fp16 against the reference run in fp32 and
-rounded once, within two ulps of the result plus two ulps of the step
-(low-precision seeds round intermediate values in their own dtype).
+Tolerances (the project's rule, also in ``benchmarks/README.md``, "checks"):
+fp32 against the fp32 reference ``rtol=1e-5, atol=1e-6``; bf16 / fp16
+against the reference run in fp32 and rounded once, within two ulps of the
+result plus two ulps of the step (low-precision seeds round intermediate
+values in their own dtype).
 """
 from __future__ import annotations
 
