@@ -149,6 +149,50 @@ def test_clipped_linear_grad_empty(backend):
     assert torch.isfinite(out).all()
 
 
+# ---------------------------------------------------------------- the norm op in low precision
+
+@pytest.mark.parametrize("dtypes", [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16),
+                                    (torch.float16, torch.bfloat16), (torch.float32, torch.float16)])
+@pytest.mark.parametrize("shape", [(3, 1, 5, 7), (2, 20, 33, 17)])
+def test_linear_sq_norms_low_and_mixed_precision(backend, dtypes, shape):
+    """bf16 and mixed dtypes (autocast: fp32 first-layer input, bf16 output
+    gradients) against fp64 per-sample gradients of the same rounded inputs
+    (tests/test_dp_ghost.py covers fp32 / fp16); one launch per call."""
+    b, t, i, o = shape
+    a, g = torch.randn(b, t, i).to(dtypes[0]), torch.randn(b, t, o).to(dtypes[1])
+    before = collections.Counter(kernels.LAUNCHES)
+    got = ops.linear_sq_norms(a, g, backend=backend)
+    assert _launched("dp_ghost_linear_sq_norms", before) == 1
+    want = torch.bmm(g.double().transpose(1, 2), a.double()).flatten(1).square().sum(1)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_bk_under_bf16_autocast(backend):
+    """bk under CPU bf16 autocast (bf16 output gradients, an fp32 then bf16
+    layer input): norms and the clipped gradient against fp64 from the same
+    bf16 ``a`` and ``g``."""
+    torch.manual_seed(12)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    x, _ = _data("mlp", 6)
+    m = ghost.GhostClippingModule(model, mode="bk", backend=backend)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(x)
+    factors, _, mats, vecs = m.dp_backward(out.float().square().sum(1), 0.3)
+    assert {u.p.dtype for us in mats.values() for u in us} == {torch.bfloat16}
+    sq = torch.zeros(6, dtype=torch.float64)
+    for us in mats.values():
+        sq += torch.bmm(us[0].p.double().transpose(1, 2), us[0].q.double()).flatten(1).square().sum(1)
+    for vs in vecs.values():
+        sq += vs[0].double().square().sum(1)
+    torch.testing.assert_close(m.per_sample_gradient_norms.double(), sq.sqrt(), rtol=1e-5, atol=1e-7)
+    assert (factors < 1).any()
+    want = {p: torch.einsum("b,boi->oi", factors.double(),
+                            torch.bmm(us[0].p.double().transpose(1, 2), us[0].q.double())) for p, us in mats.items()}
+    m.write_clipped(factors, mats, vecs)
+    for p, w in want.items():
+        torch.testing.assert_close(p.grad.double(), w, rtol=1e-5, atol=1e-6)
+
+
 # ---------------------------------------------------------------- registration and refusals
 
 def test_opcheck(backend):

@@ -75,8 +75,9 @@ def _no_cuda(op: str, backend, name: str) -> str:
 
 
 def _backend_for(backend, a, g) -> str:
+    # a and g may differ in dtype (autocast: an fp32 first-layer input, bf16 output gradients)
     name = _registry.pick(backend, a.device, dtypes=[("activations", a), ("output gradients", g)],
-                          allowed=_DTYPES, same_dtype=[("activations", a), ("output gradients", g)])
+                          allowed=_DTYPES)
     return _no_cuda("dp_ghost_linear_sq_norms", backend, name)
 
 

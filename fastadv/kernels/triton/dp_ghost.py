@@ -4,8 +4,9 @@ gradient, from its inputs ``a [B, T, I]`` and output gradients ``g [B, T, O]``
 ``||a_b||^2 ||g_b||^2`` when ``T = 1``).
 
 One program per sample: it walks the ``(t, s)`` tiles of ``BLOCK_T`` steps,
-builds the two Gram tiles with ``tl.dot`` (fp32 accumulation, IEEE fp32
-products for fp32 inputs: no TF32) and sums their product, in a fixed order:
+builds the two Gram tiles with ``tl.dot`` (fp32 accumulation; IEEE fp32
+products for fp32 inputs, no TF32; bf16 through exact TF32, see ``PREC_*``)
+and sums their product, in a fixed order:
 deterministic, no atomics, one fp32 result per sample.  Reads ``a`` and ``g``
 ``T / BLOCK_T`` times each (they are small next to the weight gradient it
 avoids).  No CUDA twin yet.
@@ -20,8 +21,19 @@ BLOCK_T = 16
 BLOCK_K = 32
 
 
+# how a Gram tile multiplies (a constexpr per operand): IEEE fp32 products for
+# fp32; fp16 natively (exact products, fp32 accumulation); bf16 widened to fp32
+# and multiplied in TF32, exact for bf16 values (their 8-bit significand fits
+# TF32's 11 bits; the Triton interpreter, which tests this on CPU, has no bf16 dot)
+PREC_IEEE, PREC_NATIVE, PREC_TF32 = 0, 1, 2
+
+
+def precision(dtype: torch.dtype) -> int:
+    return {torch.float32: PREC_IEEE, torch.float16: PREC_NATIVE}.get(dtype, PREC_TF32)
+
+
 @triton.jit
-def _gram_tile(x_ptr, t0, s0, T, K, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
+def _gram_tile(x_ptr, t0, s0, T, K, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr):
     # (x_t . x_s) for t in [t0, t0 + BLOCK_T), s in [s0, s0 + BLOCK_T), fp32
     rt = t0 + tl.arange(0, BLOCK_T)
     rs = s0 + tl.arange(0, BLOCK_T)
@@ -31,8 +43,10 @@ def _gram_tile(x_ptr, t0, s0, T, K, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr
         kmask = rk[None, :] < K
         xt = tl.load(x_ptr + rt[:, None].to(tl.int64) * K + rk[None, :], mask=(rt[:, None] < T) & kmask, other=0.0)
         xs = tl.load(x_ptr + rs[:, None].to(tl.int64) * K + rk[None, :], mask=(rs[:, None] < T) & kmask, other=0.0)
-        if IEEE:
+        if PREC == 0:
             acc += tl.dot(xt, tl.trans(xs), input_precision="ieee")
+        elif PREC == 2:
+            acc += tl.dot(xt.to(tl.float32), tl.trans(xs.to(tl.float32)), input_precision="tf32")
         else:
             acc += tl.dot(xt, tl.trans(xs))
     return acc
@@ -40,27 +54,27 @@ def _gram_tile(x_ptr, t0, s0, T, K, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr
 
 @triton.jit
 def _linear_sq_norms(a_ptr, g_ptr, out_ptr, T, I, O, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
-                     IEEE: tl.constexpr):
+                     PREC_A: tl.constexpr, PREC_G: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     a_b = a_ptr + b * T * I
     g_b = g_ptr + b * T * O
     total = tl.zeros((BLOCK_T, BLOCK_T), dtype=tl.float32)
     for t0 in range(0, T, BLOCK_T):
         for s0 in range(0, T, BLOCK_T):
-            aa = _gram_tile(a_b, t0, s0, T, I, BLOCK_T, BLOCK_K, IEEE)
-            gg = _gram_tile(g_b, t0, s0, T, O, BLOCK_T, BLOCK_K, IEEE)
+            aa = _gram_tile(a_b, t0, s0, T, I, BLOCK_T, BLOCK_K, PREC_A)
+            gg = _gram_tile(g_b, t0, s0, T, O, BLOCK_T, BLOCK_K, PREC_G)
             total += aa * gg
     tl.store(out_ptr + b, tl.sum(tl.sum(total, axis=1), axis=0))
 
 
 def linear_sq_norms(a: torch.Tensor, g: torch.Tensor, out: torch.Tensor) -> None:
     """``out[b] = ||g_b^T a_b||_F^2`` (fp32) for contiguous ``a [B, T, I]``,
-    ``g [B, T, O]`` of one dtype."""
+    ``g [B, T, O]`` (each fp32, fp16 or bf16: the two Gram forms never mix them)."""
     batch, steps, cols = a.shape
     if batch == 0:
         return
     _linear_sq_norms[(batch,)](a, g, out, steps, cols, g.shape[2], BLOCK_T=BLOCK_T, BLOCK_K=BLOCK_K,
-                               IEEE=a.dtype == torch.float32, enable_fp_fusion=False)
+                               PREC_A=precision(a.dtype), PREC_G=precision(g.dtype), enable_fp_fusion=False)
     count_launch("triton.dp_ghost_linear_sq_norms")
 
 
