@@ -18,12 +18,13 @@ shard for 2 SGD steps; the checks, for both modes and both backends:
 * loss_reduction="sum", two micro-batches per step, an empty batch on one
   rank, a skipped (virtual) step, Poisson sampling (as Opacus sets it up);
 * calling the DDP model directly (its reducer would add an all-reduce) raises;
-  bk and MixedPrecisionPolicy under FSDP2, static_graph and a process group
-  without DDP are refused;
-* FSDP2 (``fully_shard``, the TinyLM block its own group), ghost mode: norms,
+  MixedPrecisionPolicy under FSDP2, static_graph and a process group without
+  DDP are refused;
+* FSDP2 (``fully_shard``, the TinyLM block its own group): ghost mode's norms,
   private gradients, weights and noise equal the single-process run, the
   same variants, and the collectives per step (one all-gather more than a
-  plain FSDP2 step, no all_reduce).
+  plain FSDP2 step, no all_reduce); bk mode's too (one all_reduce per step,
+  no reduce-scatter), with micro-batches and an empty batch on one rank.
 """
 import collections
 import os
@@ -48,6 +49,7 @@ WORLD, STEPS, BATCH = 2, 2, 3          # BATCH: per rank
 C, SIGMA, LR, SEED = 4.5, 1.0, 0.1, 5   # C: the samples' norms are 3.7 to 8 (some clipped, some not)
 MODES, BACKENDS = ["ghost", "bk"], ["torch", "triton"]
 VARIANTS = ["sum", "accum", "uneven", "virtual"]
+FSDP_BK_VARIANTS = ["accum", "uneven"]  # bk's own paths under FSDP2: shard grads accumulated, an empty batch
 SPAWN_TIMEOUT = 150
 FP32 = dict(rtol=1e-4, atol=1e-6)
 pytestmark = pytest.mark.skipif(DEVICE.type != "cpu" or not dist.is_available(),
@@ -257,13 +259,12 @@ def _refusals():
     errors = {}
     torch.manual_seed(0)
     models = {"plain": TinyLM(),  # a process group of 2 ranks, no DDP: nothing would sum the gradients
-              "fsdp": _model("fsdp"),  # bk under FSDP2
               "static": nn.parallel.DistributedDataParallel(TinyLM(), static_graph=True)}
     for kind, model in models.items():
         try:
             PrivacyEngine().make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR),
                                          data_loader=_loader(True), noise_multiplier=0.0, max_grad_norm=C,
-                                         poisson_sampling=False, grad_sample_mode="bk" if kind == "fsdp" else "ghost")
+                                         poisson_sampling=False, grad_sample_mode="ghost")
         except NotImplementedError as exc:
             errors[kind] = str(exc)
     return errors
@@ -288,9 +289,12 @@ def _worker(rank, port, out):
         for backend in BACKENDS:
             res["fsdp", backend] = _train("fsdp", "ghost", backend)
             res["fsdp_noisy", backend] = _train("fsdp", "ghost", backend, sigma=SIGMA, steps=1)
+            res["fsdp_bk", backend] = _train("fsdp", "bk", backend)
         res["fsdp_plain_calls"] = _plain_fsdp_step_collectives()
         for variant in VARIANTS:
             res["fsdp", variant] = _train("fsdp", "ghost", "torch", variant=variant)
+        for variant in FSDP_BK_VARIANTS:
+            res["fsdp_bk", variant] = _train("fsdp", "bk", "torch", variant=variant)
         try:
             _train("fsdp_bf16", "ghost", "torch", steps=1)
         except NotImplementedError as exc:
@@ -449,7 +453,6 @@ def test_unsupported_refused(ranks):
     for r in ranks:
         errors = r["refusals"]
         assert "needs the model wrapped in torch.nn.parallel.DistributedDataParallel" in errors["plain"], errors
-        assert "'bk' on FSDP2 (fully_shard) is not supported" in errors["fsdp"], errors
         assert "static_graph=True" in errors["static"], errors
 
 
@@ -517,3 +520,33 @@ def test_fsdp_ghost_variants_equal_single_process(ranks, variant):
 def test_fsdp_mixed_precision_refused(ranks):
     for r in ranks:
         assert "MixedPrecisionPolicy" in r.get("fsdp_bf16_error", ""), r.get("fsdp_bf16_error")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fsdp_bk_equals_single_process(ranks, backend):
+    """FSDP2, book-keeping: the clipped sums written at full size are summed by
+    one all_reduce per step and each rank keeps its shard; norms, private
+    gradients and weights equal the single-process bk run; per step one
+    all_reduce, the forward's all-gather and the unshard's, no reduce-scatter."""
+    single = _single("bk", backend)
+    for rank, res in enumerate(ranks):
+        got = res["fsdp_bk", backend]
+        assert got["cls"] == "FSDPGhostDPOptimizer"
+        _assert_close(got["weights"], single["weights"], f"rank {rank} fsdp bk {backend}")
+        for step in range(STEPS):
+            _assert_close(got["grads"][step], single["grads"][step], f"rank {rank} fsdp bk step {step}")
+        assert set(got["ran"]) == {backend}, got["ran"]
+        assert got["calls"] == [1] * STEPS, got["calls"]
+        assert got["fsdp_calls"] == [{"all_gather_single": 2}] * STEPS, got["fsdp_calls"]
+    norms = torch.stack([torch.stack(r["fsdp_bk", backend]["norms"]) for r in ranks])
+    want = torch.stack(single["norms"]).reshape(STEPS, BATCH, WORLD).permute(2, 0, 1)
+    torch.testing.assert_close(norms, want, **FP32)
+    for n, w in ranks[0]["fsdp_bk", backend]["weights"].items():
+        assert torch.equal(ranks[1]["fsdp_bk", backend]["weights"][n], w), n
+
+
+@pytest.mark.parametrize("variant", FSDP_BK_VARIANTS)
+def test_fsdp_bk_variants_equal_single_process(ranks, variant):
+    single = _single("bk", "torch", variant=variant)
+    for rank, res in enumerate(ranks):
+        _assert_close(res["fsdp_bk", variant]["weights"], single["weights"], f"rank {rank} fsdp bk {variant}")

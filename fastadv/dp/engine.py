@@ -16,8 +16,8 @@ as Opacus's ghost mode does.  Opacus's data loader, validation and
 accountant are used there too.  A ``DistributedDataParallel`` model gets the
 distributed twins (:mod:`fastadv.dp.ghost_dist`: DDP never reduces, the
 optimizer adds rank 0's noise and sums the ranks with one all_reduce per
-step); a ``fully_shard``-ed model (FSDP2) gets the FSDP twins in ghost mode
-(``"bk"`` there, Opacus's ``DPDDP`` and a process group without DDP raise).
+step); a ``fully_shard``-ed model (FSDP2) gets the FSDP twins (Opacus's
+``DPDDP`` and a process group without DDP raise).
 """
 from __future__ import annotations
 
@@ -142,8 +142,8 @@ class PrivacyEngine(opacus.PrivacyEngine):
 
     @staticmethod
     def _ghost_distributed(module, mode) -> str | None:
-        """``"ddp"`` for a DDP model, ``"fsdp"`` for a ``fully_shard``-ed one
-        (ghost mode only), None for one process (fastadv.dp.ghost_dist);
+        """``"ddp"`` for a DDP model, ``"fsdp"`` for a ``fully_shard``-ed one,
+        None for one process (fastadv.dp.ghost_dist);
         raises on what the ghost / bk modes do not support across processes."""
         from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
         from torch.distributed.fsdp import FSDPModule
@@ -152,13 +152,10 @@ class PrivacyEngine(opacus.PrivacyEngine):
         from ..ops import _dist
 
         if isinstance(module, FSDPModule):
-            if mode != "ghost":
-                raise NotImplementedError(f"grad_sample_mode={mode!r} on FSDP2 (fully_shard) is not supported: "
-                                          f"use grad_sample_mode='ghost' there (docs/distributed.md)")
             return "fsdp"
         if any(_dist.is_sharded(p) for p in module.parameters()):
             raise NotImplementedError(f"grad_sample_mode={mode!r} on DTensor-sharded parameters needs the "
-                                      f"root module fully_shard-ed (FSDP2), ghost mode (docs/distributed.md)")
+                                      f"root module fully_shard-ed (FSDP2; docs/distributed.md)")
         if isinstance(module, DPDDP):
             raise NotImplementedError(f"grad_sample_mode={mode!r} takes a torch DistributedDataParallel model, "
                                       f"not Opacus's DifferentiallyPrivateDistributedDataParallel")

@@ -126,6 +126,14 @@ class DistributedGhostDPOptimizer(_ghost.GhostDPOptimizer):
                 p.grad = v
 
 
+def _by_dtype_index(tensors) -> list[list[int]]:
+    """Indices of ``tensors`` grouped by (dtype, device), in order."""
+    groups: dict = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.dtype, t.device), []).append(i)
+    return list(groups.values())
+
+
 def _by_dtype(params) -> list[list[torch.Tensor]]:
     """The parameters grouped by (dtype, device), in order: one flat buffer each."""
     groups: dict = {}
@@ -137,7 +145,7 @@ def _by_dtype(params) -> list[list[torch.Tensor]]:
 # ---------------------------------------------------------------- FSDP2 (fully_shard), ghost mode
 
 class FSDPGhostClippingModule(_ghost.GhostClippingModule):
-    """Ghost clipping on a ``fully_shard``-ed model (FSDP2), ``mode="ghost"`` only.
+    """Ghost clipping and book-keeping on a ``fully_shard``-ed model (FSDP2).
 
     FSDP2 shards the parameters, not the activations: each layer's input and
     output gradient are full, so the per-sample norms are exact -- provided the
@@ -147,20 +155,19 @@ class FSDPGhostClippingModule(_ghost.GhostClippingModule):
     therefore unshards every FSDP module first (one all-gather each; the
     parameters stay full until the second backward's post-backward reshards
     them): the modules hold the graph's leaves again and the parent's graph
-    walk, use check and norms apply unchanged.  The second backward is
-    FSDP2's own: it reduce-scatters the clip-weighted gradient, averaged over
-    the ranks, into the sharded ``p.grad``.
-
-    ``"bk"`` is refused: its clipped gradient is written by hand at full size,
-    which would need a reduce-scatter of its own."""
+    walk, use check and norms apply unchanged.  ``"ghost"``: the second
+    backward is FSDP2's own: it reduce-scatters the clip-weighted gradient,
+    averaged over the ranks, into the sharded ``p.grad``.  ``"bk"``: the norms
+    are taken after the (output-only) backward, so the modules are kept
+    unsharded through it (``set_reshard_after_backward(False)``, set back to
+    FSDP2's default ``True`` afterwards) and :meth:`write_clipped` sums the
+    full clipped gradients itself."""
 
     def __init__(self, m: nn.Module, *, mode: str = "ghost", **kwargs):
-        if mode != "ghost":
-            raise NotImplementedError(f"grad_sample_mode={mode!r} on FSDP2 (fully_shard) is not supported: "
-                                      f"book-keeping writes the full clipped gradient by hand; use "
-                                      f"grad_sample_mode='ghost' (FSDP2 reduce-scatters its second backward)")
         super().__init__(m, mode=mode, **kwargs)
-        self._shard_dtypes = {n: p.dtype for n, p in m.named_parameters()}
+        self._shards = dict(m.named_parameters())  # FSDP2's sharded parameters (persistent DTensors)
+        self._shard_dtypes = {n: p.dtype for n, p in self._shards.items()}
+        self._unsharded: dict = {}
 
     def dp_backward(self, loss_per_sample, max_grad_norm):
         from torch.distributed.fsdp import FSDPModule
@@ -168,6 +175,8 @@ class FSDPGhostClippingModule(_ghost.GhostClippingModule):
         for sub in self._module.modules():
             if isinstance(sub, FSDPModule):
                 sub.unshard()
+                if self.mode == "bk":  # the norms are taken after the backward: keep the leaves until then
+                    sub.set_reshard_after_backward(False, recurse=False)
         for r in self._records:  # a layer still holding a shard would be invisible to the graph walk
             for name, p in r.module.named_parameters(recurse=False):
                 if _dist.is_sharded(p):
@@ -178,8 +187,42 @@ class FSDPGhostClippingModule(_ghost.GhostClippingModule):
                 raise NotImplementedError(f"FSDP2 MixedPrecisionPolicy (parameter {name!r}: {p.dtype} compute "
                                           f"over {self._shard_dtypes[name]} shards) is not supported by ghost "
                                           f"clipping (untested: the reduce-scatter's dtype enters the sum)")
-        self._names = {id(p): n for n, p in self._module.named_parameters()}  # the unsharded parameters
+        self._unsharded = dict(self._module.named_parameters())
+        self._names = {id(p): n for n, p in self._unsharded.items()}
         return super().dp_backward(loss_per_sample, max_grad_norm)
+
+    def write_clipped(self, factors, mats, vecs) -> None:
+        """Book-keeping: the parent writes this rank's full clipped sums into the
+        unsharded parameters' ``.grad``; no backward reaches FSDP2's
+        reduce-scatter, so they are summed here with one all_reduce per dtype
+        (of the full size: twice a reduce-scatter's traffic), each rank keeps its
+        shard, divided by ``world_size`` (the average FSDP2's reduce-scatter gives
+        in ghost mode, which the optimizer undoes), then the modules reshard."""
+        from torch.distributed.fsdp import FSDPModule
+        from torch.distributed.tensor import DTensor
+
+        super().write_clipped(factors, mats, vecs)
+        names = [n for n, p in self._shards.items() if p.requires_grad]
+        full = [self._unsharded[n].grad for n in names]
+        full = [g if g is not None else torch.zeros_like(self._unsharded[n]) for n, g in zip(names, full)]
+        world = dist.get_world_size()
+        for idx in _by_dtype_index(full):
+            flat = torch.cat([full[i].reshape(-1) for i in idx])
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            for i, part in zip(idx, flat.split([full[i].numel() for i in idx])):
+                shard = self._shards[names[i]]
+                local = _dist.shard_of(part.view(full[i].shape), shard) / world
+                if shard.grad is None:
+                    shard.grad = DTensor.from_local(local.contiguous(), shard.device_mesh, shard.placements,
+                                                    shape=shard.shape, stride=shard.stride())
+                else:
+                    _dist.local(shard.grad).add_(local)
+        for n in names:
+            self._unsharded[n].grad = None
+        for sub in self._module.modules():
+            if isinstance(sub, FSDPModule):
+                sub.set_reshard_after_backward(True, recurse=False)
+                sub.reshard()
 
 
 class FSDPGhostDPOptimizer(_ghost.GhostDPOptimizer):
