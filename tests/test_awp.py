@@ -9,7 +9,7 @@ from torch import nn
 
 import fastadv.kernels as kernels
 from fastadv.adversarial.awp import AWP
-from fastadv.bench.core import count
+from fastadv.bench.count import count
 from fastadv.kernels.host import TableCache, TensorTable
 from fastadv.ops._live import StorageMoved
 from fastadv.ops.awp import awp_step_, design_bytes

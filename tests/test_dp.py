@@ -363,7 +363,7 @@ def test_no_host_sync(backend, device, no_host_sync):
 
 
 def _launches(n_tensors, backend, device):
-    from fastadv.bench.core import count
+    from fastadv.bench.count import count
     shapes = [(7 + i % 5, 3) for i in range(n_tensors)]
     gs = grad_samples(3, shapes=shapes, device=device)
     dp.clip_and_noise(gs, 1.0, 1.0, backend=backend)   # table built
@@ -852,7 +852,7 @@ def test_seed_optimizer_semantics(backend, device):
 def test_seed_optimizer_launches_and_sync(backend, device, no_host_sync):
     if backend not in KERNEL_BACKENDS:
         pytest.skip("kernel backends only")
-    from fastadv.bench.core import count
+    from fastadv.bench.count import count
 
     def launches(n):
         ps = [nn.Parameter(torch.randn(5 + i, device=device)) for i in range(n)]

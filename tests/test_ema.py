@@ -8,7 +8,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from fastadv.averaging import ModelEMA, ema_multi_avg_fn, swa_multi_avg_fn
-from fastadv.bench.core import count
+from fastadv.bench.count import count
 from fastadv.ops._live import StorageMoved
 from fastadv.ops.ema import lerp_
 from fastadv.reference.ema import EMA as RefEMA

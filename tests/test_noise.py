@@ -605,11 +605,11 @@ def test_sync_detector_catches_the_seed(no_host_sync):
 # ---- the benchmark module -------------------------------------------------------------------------
 
 def test_benchmark_cases_check_and_count():
-    from fastadv.bench import core
     from fastadv.bench import noise as bench
+    from fastadv.bench import run
 
     impls = ["reference", "torch"] + (["triton"] if not _backend.why_not("triton", DEVICE) else [])
-    rows = core.run_op("noise", bench, DEVICE, quick=True, impls=impls, warmup=0, iters=1, log=lambda s: None)
+    rows = run.run_op("noise", bench, DEVICE, quick=True, impls=impls, warmup=0, iters=1, log=lambda s: None)
     bench.release()
     # NEFTune and SiFT have their own bench modules (fastadv.bench.neftune / .sift)
     assert {r["case"].split()[0] for r in rows} == {"gaussian", "gaussian_", "token_ids", "weight_noise"}

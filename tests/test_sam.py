@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import fastadv.kernels as kernels
-from fastadv.bench.core import count
+from fastadv.bench.count import count
 from fastadv.ops._live import StorageMoved
 from fastadv.ops.sam import sam_perturb_
 from fastadv.optim.sam import SAM
