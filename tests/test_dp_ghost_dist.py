@@ -267,6 +267,11 @@ def _refusals():
                                          poisson_sampling=False, grad_sample_mode="ghost")
         except NotImplementedError as exc:
             errors[kind] = str(exc)
+    try:  # the plain wrapper on FSDP2 shards: its graph walk could not name the unsharded leaves
+        from fastadv.dp.ghost import GhostClippingModule
+        GhostClippingModule(_model("fsdp"), mode="ghost")
+    except NotImplementedError as exc:
+        errors["plain_on_fsdp"] = str(exc)
     return errors
 
 
@@ -454,6 +459,7 @@ def test_unsupported_refused(ranks):
         errors = r["refusals"]
         assert "needs the model wrapped in torch.nn.parallel.DistributedDataParallel" in errors["plain"], errors
         assert "static_graph=True" in errors["static"], errors
+        assert "FSDPGhostClippingModule" in errors["plain_on_fsdp"], errors
 
 
 def test_ddp_reducer_facts(ranks):

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping, DPTensorFastGradientClipping
 from torch import nn
 
+from ..ops import _dist
 from ..ops import dp as _ops
 from ..ops import dp_ghost as _ghost_ops
 from ..reference import dp_ghost as ref
@@ -399,6 +400,8 @@ class GhostClippingModule(nn.Module):
     Raises :class:`UnsupportedLayerError` naming the first layer with
     trainable parameters that no rule covers (freeze it, or replace it)."""
 
+    _wraps_shards = False  # FSDPGhostClippingModule (fastadv.dp.ghost_dist) unshards first
+
     def __init__(self, m: nn.Module, *, mode: str = "bk", batch_first: bool = True,
                  loss_reduction: str = "mean", max_grad_norm: float = 1.0, strategy: str = "auto",
                  backend: str | None = None):
@@ -411,6 +414,12 @@ class GhostClippingModule(nn.Module):
             raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
         if strategy not in ("auto", "gram", "per_sample"):
             raise ValueError(f"strategy must be 'auto', 'gram' or 'per_sample', got {strategy!r}")
+        if not self._wraps_shards and any(_dist.is_sharded(p) for p in m.parameters()):
+            # the graph's leaves would be FSDP2's unsharded parameters, which no hook can name: ghost
+            # mode would silently see no use and clip nothing
+            raise NotImplementedError(f"{type(self).__name__} does not take FSDP2 (fully_shard) parameters; "
+                                      f"use fastadv.dp.PrivacyEngine.make_private, which wraps an FSDP2 "
+                                      f"model in fastadv.dp.ghost_dist.FSDPGhostClippingModule")
         self._module = m
         self.mode, self.batch_first, self.loss_reduction = mode, batch_first, loss_reduction
         self.max_grad_norm, self.strategy, self.backend = max_grad_norm, strategy, backend

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from opacus.optimizers import DPOptimizer as _OpacusDPOptimizer
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -163,6 +162,8 @@ class FSDPGhostClippingModule(_ghost.GhostClippingModule):
     FSDP2's default ``True`` afterwards) and :meth:`write_clipped` sums the
     full clipped gradients itself."""
 
+    _wraps_shards = True
+
     def __init__(self, m: nn.Module, *, mode: str = "ghost", **kwargs):
         super().__init__(m, mode=mode, **kwargs)
         self._shards = dict(m.named_parameters())  # FSDP2's sharded parameters (persistent DTensors)
@@ -237,20 +238,10 @@ class FSDPGhostDPOptimizer(_ghost.GhostDPOptimizer):
     step (the parameters are full then anyway, see FSDPGhostClippingModule);
     no collective."""
 
-    def __init__(self, optimizer, *, noise_multiplier, max_grad_norm, expected_batch_size,
-                 loss_reduction: str = "mean", generator=None, secure_mode: bool = False,
-                 backend: str | None = None, on_nonfinite: str = "drop", process_group=None):
-        # DPOptimizer.__init__ refuses shards: it clips per-sample gradients, which would be a
-        # shard's.  Nothing is clipped here (the norms were taken in the backward on full
-        # activations), so this is its set-up without that refusal (keep the two in step).
-        _ops.check_hyperparameters(max_grad_norm, noise_multiplier)
-        if on_nonfinite not in _ops.NONFINITE:
-            raise ValueError(f"on_nonfinite must be one of {_ops.NONFINITE}, got {on_nonfinite!r}")
-        _OpacusDPOptimizer.__init__(self, optimizer, noise_multiplier=noise_multiplier,
-                                    max_grad_norm=max_grad_norm, expected_batch_size=expected_batch_size,
-                                    loss_reduction=loss_reduction, generator=generator, secure_mode=secure_mode)
-        self.backend, self.on_nonfinite, self.nonfinite_samples = backend, on_nonfinite, None
-        self._pending_backwards = 0
+    _refuses_shards = False  # nothing is clipped here: the norms came from full activations
+
+    def __init__(self, *args, process_group=None, **kwargs):
+        super().__init__(*args, **kwargs)
         self.world_size = dist.get_world_size(process_group)
 
     def add_noise(self, divisor=None):

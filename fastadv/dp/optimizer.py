@@ -64,6 +64,11 @@ class DPOptimizer(_OpacusDPOptimizer):
                                            expected_batch_size=64)
     """
 
+    # it clips per-sample gradients, which on FSDP2 shards would be a shard's: refused.  A subclass
+    # that clips nothing itself (the ghost optimizer on FSDP2, norms taken on full activations)
+    # turns this off
+    _refuses_shards = True
+
     def __init__(self, optimizer: torch.optim.Optimizer, *, noise_multiplier: float, max_grad_norm: float,
                  expected_batch_size: int | None, loss_reduction: str = "mean", generator=None,
                  secure_mode: bool = False, backend: str | None = None, on_nonfinite: str = "drop",
@@ -77,7 +82,8 @@ class DPOptimizer(_OpacusDPOptimizer):
         self.backend = backend
         self.on_nonfinite = on_nonfinite
         self.nonfinite_samples: torch.Tensor | None = None  # int64 device counter, made on first use
-        _refuse_shards(self.params)
+        if self._refuses_shards:
+            _refuse_shards(self.params)
 
     # ---- helpers
 
