@@ -26,6 +26,7 @@ The model shapes are shared with :mod:`fastadv.bench.ema` and
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -67,17 +68,24 @@ def model_shapes(vocab: int, dim: int, layers: int, inter: int, kind: str) -> di
 
 
 @dataclass(frozen=True)
-class Case:
+class ModelCase:
+    """A case over one model's tensor shapes in one dtype (AWP, SAM, EMA);
+    ``WHAT`` names what the case times."""
     model: tuple        # an entry of MODELS_FULL / MODELS_SMALL
     dtype: torch.dtype
+    WHAT: ClassVar[str] = ""
 
     @property
     def name(self) -> str:
-        return f"save+step+restore {self.model[0]} {SHORT[self.dtype]}"
+        return f"{self.WHAT} {self.model[0]} {SHORT[self.dtype]}"
 
     @property
     def size(self):
         return self.model[0]
+
+
+class Case(ModelCase):
+    WHAT = "save+step+restore"
 
 
 def cases(device, full: bool | None = None) -> list[Case]:

@@ -18,29 +18,18 @@ Check before timing: after the weights move by 1, one update gives
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
 
-from .awp import MODELS_FULL, MODELS_SMALL, ShapeModel, model_shapes
+from .awp import MODELS_FULL, MODELS_SMALL, ModelCase, ShapeModel, model_shapes
 from .case import CaseCache, Impl, Prepared, Skip, real_sizes
 from .check import SHORT, interpreted, skip_unsupported, usable_backends
 
 DECAY = 0.999
 
 
-@dataclass(frozen=True)
-class Case:
-    model: tuple  # an entry of MODELS_FULL / MODELS_SMALL
-    dtype: torch.dtype
-
-    @property
-    def name(self) -> str:
-        return f"update {self.model[0]} {SHORT[self.dtype]}"
-
-    @property
-    def size(self):
-        return self.model[0]
+class Case(ModelCase):
+    WHAT = "update"
 
 
 def cases(device, full: bool | None = None) -> list[Case]:

@@ -22,29 +22,18 @@ backup, the restore reads the backup and writes w: 7 passes.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
 
-from .awp import MODELS_FULL, MODELS_SMALL, ShapeModel, model_shapes
+from .awp import MODELS_FULL, MODELS_SMALL, ModelCase, ShapeModel, model_shapes
 from .case import CaseCache, Impl, Prepared, real_sizes
 from .check import SHORT, close, interpreted, not_restored, skip_unsupported, usable_backends
 
 RHO = 0.05
 
 
-@dataclass(frozen=True)
-class Case:
-    model: tuple  # an entry of MODELS_FULL / MODELS_SMALL
-    dtype: torch.dtype
-
-    @property
-    def name(self) -> str:
-        return f"first+second step {self.model[0]} {SHORT[self.dtype]}"
-
-    @property
-    def size(self):
-        return self.model[0]
+class Case(ModelCase):
+    WHAT = "first+second step"
 
 
 def cases(device, full: bool | None = None) -> list[Case]:
