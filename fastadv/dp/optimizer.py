@@ -46,8 +46,10 @@ def _refuse_shards(params) -> None:
     """FSDP2 shards: the per-sample norms would be norms of the shard only
     (docs/distributed.md, "DP-SGD"), so refuse instead of clipping wrongly."""
     if any(_dist.is_sharded(p) for p in params):
-        raise NotImplementedError("DP clip + noise on FSDP2 (fully_shard) parameters is not supported: "
-                                  "per-sample norms would cover the local shard only; use DDP with "
+        raise NotImplementedError("per-sample-gradient DP clip + noise on FSDP2 (fully_shard) parameters "
+                                  "is not supported: per-sample norms would cover the local shard only; on "
+                                  "FSDP2 use PrivacyEngine.make_private(..., grad_sample_mode=\"ghost\") or "
+                                  "grad_sample_mode=\"bk\" (norms from the full activations), or DDP with "
                                   "DistributedDPOptimizer (docs/distributed.md)")
 
 
