@@ -57,19 +57,18 @@ def test_shards_equal_the_unsharded_reference(backend):
         g_full = _grads(step)
         gs = [[g[c[r]:c[r + 1]].contiguous() for g, (_, _, c) in zip(g_full, TENSORS)] for r in range(3)]
         first = step == 0
-        bufs = []
+        bufs, planned = [], []
         for r in range(3):
             states[r] = [ops._shard_state(w, w, g, s, rs, f"t{i}", backend)
                          for i, (w, g, s, (_, rs, _)) in enumerate(zip(shards[r], gs[r], states[r], TENSORS))]
             buf = torch.empty(3 * len(TENSORS), dtype=torch.float32, device=DEVICE)
-            for i, (state, w, g) in enumerate(zip(states[r], shards[r], gs[r])):
-                ops._shard_sums(state, w, g, buf[3 * i:3 * i + 3], first)
+            planned.append(ops._shard_sums_all(states[r], shards[r], gs[r], [first] * len(TENSORS), buf))
             bufs.append(buf)
         total = sum(bufs)  # the all_reduce
         for r in range(3):
             bufs[r].copy_(total)
-            for i, (state, w, g) in enumerate(zip(states[r], shards[r], gs[r])):
-                ops._shard_apply(state, w, g, bufs[r][3 * i:3 * i + 3], ALPHA, EPS, first)
+            ops._shard_apply_all(planned[r], states[r], shards[r], gs[r], [first] * len(TENSORS), bufs[r],
+                                 ALPHA, EPS)
     for i, (expected, (_, rs, _)) in enumerate(zip(_reference(weights), TENSORS)):
         got = torch.cat([shards[r][i] for r in range(3)])
         torch.testing.assert_close(got, expected, **FP32, msg=f"tensor {i}")

@@ -155,7 +155,10 @@ def _sharded_steps(params, grads, alpha: float, eps: float, states, row_sparse: 
     buffer on the device, combined across the shards by one all_reduce (no
     host sync), from which the finalize decides skip and projection on the
     device (``||r + s g||^2`` from the three sums) before the update.  The
-    kernel backends split their step there (``pgd_sums`` / ``pgd_apply``)."""
+    triton backend steps all its tensors in a constant number of launches
+    (``pgd_sums_many`` / ``pgd_apply_many``: per dtype and mode group one
+    partials and one apply launch, plus one sum launch); the cuda backend
+    splits its per-tensor step there (``pgd_sums`` / ``pgd_apply``)."""
     for p, g in zip(params, grads):
         _check(p, g, alpha)
         _check(p, g, eps)
@@ -171,11 +174,9 @@ def _sharded_steps(params, grads, alpha: float, eps: float, states, row_sparse: 
         # the kernels read a contiguous gradient: copied once here, not in both passes
         gs = [g if s.backend == "torch" else g.contiguous() for g, s in zip(gs, states)]
         sums = torch.empty(3 * len(ws), dtype=torch.float32, device=ws[0].device)
-        for i, (state, w, g, first) in enumerate(zip(states, ws, gs, firsts)):
-            _shard_sums(state, w, g, sums[3 * i:3 * i + 3], first)
+        planned = _shard_sums_all(states, ws, gs, firsts, sums)
         _dist.all_reduce_sum_(sums, group)
-        for i, (state, w, g, first) in enumerate(zip(states, ws, gs, firsts)):
-            _shard_apply(state, w, g, sums[3 * i:3 * i + 3], alpha, eps, first)
+        _shard_apply_all(planned, states, ws, gs, firsts, sums, alpha, eps)
     return states
 
 
@@ -203,8 +204,45 @@ def _shard_state(param, w, g, state, row_sparse: bool, name: str, backend) -> PG
     return state
 
 
+def _shard_sums_all(states, ws, gs, firsts, sums):
+    """``sums[3 i : 3 i + 3]`` = the shard sums of tensor ``i`` for every
+    tensor; returns what :func:`_shard_apply_all` needs.  Tensors on the
+    triton backend go through one multi-tensor plan (launches independent of
+    their number); the others step one by one (torch, cuda)."""
+    if not any(s.backend == "triton" for s in states):
+        planned = None
+    else:
+        k = _registry.kernels("pgd", "triton")
+        multi = [_shard_step(k, i, s, w, g, f) for i, (s, w, g, f) in enumerate(zip(states, ws, gs, firsts))
+                 if s.backend == "triton"]
+        with device_guard(ws[0]):
+            planned = k.pgd_sums_many(multi, sums)
+    for i, (state, w, g, first) in enumerate(zip(states, ws, gs, firsts)):
+        if state.backend != "triton":
+            _shard_sums(state, w, g, sums[3 * i:3 * i + 3], first)
+    return planned
+
+
+def _shard_apply_all(planned, states, ws, gs, firsts, sums, alpha: float, eps: float) -> None:
+    """Every tensor's step from the all-reduced ``sums`` (after :func:`_shard_sums_all`)."""
+    if planned is not None:
+        with device_guard(ws[0]):
+            _registry.kernels("pgd", "triton").pgd_apply_many(planned, sums, alpha, eps)
+    for i, (state, w, g, first) in enumerate(zip(states, ws, gs, firsts)):
+        if state.backend != "triton":
+            _shard_apply(state, w, g, sums[3 * i:3 * i + 3], alpha, eps, first)
+
+
+def _shard_step(k, slot: int, state: PGDState, w, g, first: bool):
+    """The multi-tensor kernels' (``k``) view of one tensor (dense: flat; rows: 2-D plus the flags)."""
+    g = g.contiguous()
+    if state.mask is not None:
+        return k.ShardStep(slot, w, g, state.backup, first, state.mask, state.saved)
+    return k.ShardStep(slot, w.view(-1), g.view(-1), state.backup.view(-1), first)
+
+
 def _shard_sums(state: PGDState, w, g, out, first: bool) -> None:
-    """``out`` (3 fp32) = this shard's ``[||g||^2, ||r||^2, <r, g>]``."""
+    """``out`` (3 fp32) = this shard's ``[||g||^2, ||r||^2, <r, g>]`` (torch, cuda)."""
     if state.backend == "torch":
         count_launch("torch.pgd")
         if first:

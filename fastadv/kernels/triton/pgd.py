@@ -16,13 +16,16 @@ written on the device) every row holding a non-zero entry; the update visits a
 row when it is flagged or was perturbed by an earlier step (``saved``), and
 backs it up the first time it is perturbed.
 """
+import dataclasses
+
 import torch
 import triton
 import triton.language as tl
 
-from .. import count_launch
+from .. import count_launch, host
 from ._trace import wrap_triton
 from .fgm import DENSE_BLOCK, FINALIZE_BLOCK, _row_block
+from .multi_tensor import tensor_ptr, work_item
 
 
 @triton.jit
@@ -84,6 +87,17 @@ def _partial_rows(w_ptr, b_ptr, g_ptr, mask_ptr, saved_ptr, part_ptr, rows, cols
 
 
 @triton.jit
+def _coef(gsum, rr, rg, alpha, eps):
+    """(||g||, ||r'||, step?, project?) from the three sums: the one formula of
+    the finalize, shared by the per-tensor and the multi-tensor kernels."""
+    norm_g = tl.sqrt_rn(gsum)
+    valid = (norm_g != 0) & (norm_g == norm_g)
+    s = alpha / norm_g
+    norm_r = tl.sqrt_rn(tl.maximum(rr + 2.0 * s * rg + s * s * gsum, 0.0))
+    return norm_g, norm_r, valid, valid & (norm_r > eps)
+
+
+@triton.jit
 def _finalize(part_ptr, n, coef_ptr, alpha, eps, BLOCK: tl.constexpr):
     """coef = [||g||, ||r'||, step?, project?] from the three partial sums."""
     gg = tl.zeros([BLOCK], dtype=tl.float32)
@@ -95,45 +109,26 @@ def _finalize(part_ptr, n, coef_ptr, alpha, eps, BLOCK: tl.constexpr):
         gg += tl.load(part_ptr + offs, mask=m, other=0.0)
         rr += tl.load(part_ptr + n + offs, mask=m, other=0.0)
         rg += tl.load(part_ptr + 2 * n + offs, mask=m, other=0.0)
-    gsum = tl.sum(gg, axis=0)
-    norm_g = tl.sqrt_rn(gsum)
-    valid = (norm_g != 0) & (norm_g == norm_g)
-    s = alpha / norm_g
-    norm_r = tl.sqrt_rn(tl.maximum(tl.sum(rr, axis=0) + 2.0 * s * tl.sum(rg, axis=0) + s * s * gsum, 0.0))
+    norm_g, norm_r, valid, project = _coef(tl.sum(gg, axis=0), tl.sum(rr, axis=0), tl.sum(rg, axis=0),
+                                           alpha, eps)
     tl.store(coef_ptr, norm_g)
     tl.store(coef_ptr + 1, norm_r)
     tl.store(coef_ptr + 2, valid.to(tl.float32))
-    tl.store(coef_ptr + 3, (valid & (norm_r > eps)).to(tl.float32))
+    tl.store(coef_ptr + 3, project.to(tl.float32))
 
 
 @triton.jit
-def _sum_parts(part_ptr, n, out_ptr, BLOCK: tl.constexpr):
-    """out[0:3] = the three sums of ``n`` partials each (the reduction half of
-    ``_finalize``), so that an all_reduce can combine them across shards
-    before ``_finalize`` reads them back as ``n = 1`` partials."""
-    gg = tl.zeros([BLOCK], dtype=tl.float32)
-    rr = tl.zeros([BLOCK], dtype=tl.float32)
-    rg = tl.zeros([BLOCK], dtype=tl.float32)
-    for start in range(0, n, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        m = offs < n
-        gg += tl.load(part_ptr + offs, mask=m, other=0.0)
-        rr += tl.load(part_ptr + n + offs, mask=m, other=0.0)
-        rg += tl.load(part_ptr + 2 * n + offs, mask=m, other=0.0)
-    tl.store(out_ptr, tl.sum(gg, axis=0))
-    tl.store(out_ptr + 1, tl.sum(rr, axis=0))
-    tl.store(out_ptr + 2, tl.sum(rg, axis=0))
+def _step_values(w, w0, g, norm_g, norm_r, project, alpha, eps):
+    # The reference's order: d = w + (alpha g)/||g||; r = d - w0; project; w0 + r.
+    r = (w + tl.div_rn(g * alpha, norm_g)) - w0
+    r = tl.where(project, tl.div_rn(r * eps, norm_r), r)
+    return w0 + r
 
 
 @triton.jit
 def _stepped(w, w0, g, coef_ptr, alpha, eps):
-    # The reference's order: d = w + (alpha g)/||g||; r = d - w0; project; w0 + r.
-    norm_g = tl.load(coef_ptr)
-    norm_r = tl.load(coef_ptr + 1)
-    project = tl.load(coef_ptr + 3) != 0
-    r = (w + tl.div_rn(g * alpha, norm_g)) - w0
-    r = tl.where(project, tl.div_rn(r * eps, norm_r), r)
-    return w0 + r
+    return _step_values(w, w0, g, tl.load(coef_ptr), tl.load(coef_ptr + 1), tl.load(coef_ptr + 3) != 0,
+                        alpha, eps)
 
 
 @triton.jit
@@ -240,27 +235,282 @@ def _update(w, g, backup, coef, alpha: float, eps: float, first: bool, mask, sav
     return rows
 
 
-# ---- the step split for shards (FSDP2): sums, all_reduce (by the caller), apply -------------
+# ---- the step on FSDP2 shards, over many tensors: partials, sums, all_reduce (caller), apply ----
+#
+# One call steps every sharded tensor of one PGD attack.  Per (dtype, mode) group of non-empty
+# shards, one partials launch and one apply launch walk a multi-tensor work table (host.py's
+# layout; dense: chunks of DENSE_BLOCK elements, lists w, g, b; rows: chunks of ROW_ITEM rows,
+# lists mask, saved, w, g, b, so list 0's "numel" is the row count); one launch sums every
+# tensor's partials into its 3-float slot of the caller's buffer.  Three launches for a call of
+# one dtype group whatever the number of tensors.  Each work item computes what the per-tensor
+# kernels compute for its block / rows (same blocks, same partials, same summation order), so a
+# tensor's sums are bitwise those of ``pgd_step`` when the row block (``_row_block(cols)``) of
+# its group is its own.  A small int64 *plan* (one host-to-device copy per call) says where
+# each tensor's partials start, which slot of ``sums`` is its, and its row length.
 
-def pgd_sums(w, g, backup, sums, first: bool, mask=None, saved=None) -> None:
-    """The step's reduction only: ``sums`` (fp32, 3 elements, may be a view
-    into the caller's buffer) receives this tensor's ``[||g||^2, ||r||^2,
-    <r, g>]``; row mode also writes ``mask``.  Two launches (partials, sum)."""
-    part, n = _partials(w, g, backup, first, mask, saved)
-    wrap_triton(_sum_parts)[(1,)](part, n, sums, BLOCK=FINALIZE_BLOCK)
-    count_launch("triton.pgd", 2 if n else 1)
+ROW_ITEM = 16   # rows per program of the row-mode multi-tensor kernels (a table chunk: multiple of 16)
 
 
-def pgd_apply(w, g, backup, sums, coef, alpha: float, eps: float, first: bool,
-              mask=None, saved=None) -> None:
-    """The rest of the step from the (all-reduced) ``sums`` of :func:`pgd_sums`:
-    the finalize (skip and projection decided on the device) and the fused
-    update, as :func:`pgd_step` does them."""
+@triton.jit
+def _mt_partial_dense(table, T, like, plan, part_ptr, NP, FIRST: tl.constexpr, BLOCK: tl.constexpr,
+                      ALIGNED: tl.constexpr):
+    # Chunk pid (BLOCK elements of tensor t): the partials _partial_dense writes for that block,
+    # at plan[t] (the tensor's first partial) + its block index.
+    pid = tl.program_id(0)
+    t, start, end = work_item(table, pid, T, 3, BLOCK)
+    idx = tl.load(plan + t) + (pid - tl.load(table + 4 * T + t))
+    offs = start + tl.arange(0, BLOCK)
+    m = offs < end
+    g = tl.load(tensor_ptr(table, 1, t, T, like, ALIGNED) + offs, mask=m, other=0.0).to(tl.float32)
+    if FIRST:
+        w = g
+        w0 = g
+    else:
+        w = tl.load(tensor_ptr(table, 0, t, T, like, ALIGNED) + offs, mask=m, other=0.0).to(tl.float32)
+        w0 = tl.load(tensor_ptr(table, 2, t, T, like, ALIGNED) + offs, mask=m, other=0.0).to(tl.float32)
+    gg, rr, rg = _sums(w, w0, g, FIRST)
+    tl.store(part_ptr + idx, gg)
+    tl.store(part_ptr + NP + idx, rr)
+    tl.store(part_ptr + 2 * NP + idx, rg)
+
+
+@triton.jit
+def _mt_partial_rows(table, T, like, flags, plan, part_ptr, NP, ITEM: tl.constexpr,
+                     BLOCK_C: tl.constexpr, ALIGNED: tl.constexpr):
+    # Rows [start, end) of tensor t, each as _partial_rows does it (mask from the gradient itself).
+    t, start, end = work_item(table, tl.program_id(0), T, 5, ITEM)
+    mask_p = tensor_ptr(table, 0, t, T, flags, ALIGNED)
+    saved_p = tensor_ptr(table, 1, t, T, flags, ALIGNED)
+    w_p = tensor_ptr(table, 2, t, T, like, ALIGNED)
+    g_p = tensor_ptr(table, 3, t, T, like, ALIGNED)
+    b_p = tensor_ptr(table, 4, t, T, like, ALIGNED)
+    first_part = tl.load(plan + t)
+    cols = tl.load(plan + 2 * T + t)
+    for row in range(start, end):
+        saved = tl.load(saved_p + row) != 0
+        gg = tl.zeros([BLOCK_C], dtype=tl.float32)
+        rr = tl.zeros([BLOCK_C], dtype=tl.float32)
+        rg = tl.zeros([BLOCK_C], dtype=tl.float32)
+        nonzero = tl.zeros([BLOCK_C], dtype=tl.int32)
+        base = row * cols
+        for c in range(0, cols, BLOCK_C):
+            offs = c + tl.arange(0, BLOCK_C)
+            m = offs < cols
+            g = tl.load(g_p + base + offs, mask=m, other=0.0).to(tl.float32)
+            gg += g * g
+            nonzero += (g != 0).to(tl.int32)
+            if saved:  # r = w - w0 is zero on rows never perturbed
+                r = (tl.load(w_p + base + offs, mask=m, other=0.0).to(tl.float32)
+                     - tl.load(b_p + base + offs, mask=m, other=0.0).to(tl.float32))
+                rr += r * r
+                rg += r * g
+        tl.store(mask_p + row, (tl.sum(nonzero, axis=0) != 0).to(tl.uint8))
+        tl.store(part_ptr + first_part + row, tl.sum(gg, axis=0))
+        tl.store(part_ptr + NP + first_part + row, tl.sum(rr, axis=0))
+        tl.store(part_ptr + 2 * NP + first_part + row, tl.sum(rg, axis=0))
+
+
+@triton.jit
+def _mt_sum_parts(plan, K, part_ptr, NP, out_ptr, BLOCK: tl.constexpr):
+    # Program i: out[3 slot_i + a] = the partials [P_i, P_{i+1}) of array a summed as _sum_parts
+    # summed a tensor's (lanes counted from P_i); plan = [P (K + 1) | slot (K)].  An empty
+    # tensor (P_i == P_{i+1}) gets zeros.
+    i = tl.program_id(0)
+    lo = tl.load(plan + i)
+    hi = tl.load(plan + i + 1)
+    slot = tl.load(plan + K + 1 + i)
+    gg = tl.zeros([BLOCK], dtype=tl.float32)
+    rr = tl.zeros([BLOCK], dtype=tl.float32)
+    rg = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in range(lo, hi, BLOCK):
+        offs = s + tl.arange(0, BLOCK)
+        m = offs < hi
+        gg += tl.load(part_ptr + offs, mask=m, other=0.0)
+        rr += tl.load(part_ptr + NP + offs, mask=m, other=0.0)
+        rg += tl.load(part_ptr + 2 * NP + offs, mask=m, other=0.0)
+    tl.store(out_ptr + 3 * slot, tl.sum(gg, axis=0))
+    tl.store(out_ptr + 3 * slot + 1, tl.sum(rr, axis=0))
+    tl.store(out_ptr + 3 * slot + 2, tl.sum(rg, axis=0))
+
+
+@triton.jit
+def _slot_coef(plan, T, t, sums_ptr, alpha, eps):
+    # The finalize of tensor t, from its (all-reduced) slot: plan[T + t] is the slot.
+    slot = tl.load(plan + T + t)
+    return _coef(tl.load(sums_ptr + 3 * slot), tl.load(sums_ptr + 3 * slot + 1),
+                 tl.load(sums_ptr + 3 * slot + 2), alpha, eps)
+
+
+@triton.jit
+def _mt_apply_dense(table, T, like, plan, sums_ptr, alpha, eps, FIRST: tl.constexpr,
+                    BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+    # Finalize + _update_dense on one block of tensor t.
+    t, start, end = work_item(table, tl.program_id(0), T, 3, BLOCK)
+    norm_g, norm_r, valid, project = _slot_coef(plan, T, t, sums_ptr, alpha, eps)
+    w_p = tensor_ptr(table, 0, t, T, like, ALIGNED)
+    b_p = tensor_ptr(table, 2, t, T, like, ALIGNED)
+    offs = start + tl.arange(0, BLOCK)
+    m = offs < end
+    w_raw = tl.load(w_p + offs, mask=m)
+    if FIRST:
+        tl.store(b_p + offs, w_raw, mask=m)
+        w0 = w_raw.to(tl.float32)
+    else:
+        w0 = tl.load(b_p + offs, mask=m).to(tl.float32)
+    if valid:
+        g = tl.load(tensor_ptr(table, 1, t, T, like, ALIGNED) + offs, mask=m).to(tl.float32)
+        new = _step_values(w_raw.to(tl.float32), w0, g, norm_g, norm_r, project, alpha, eps)
+        tl.store(w_p + offs, new.to(w_p.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _mt_apply_rows(table, T, like, flags, plan, sums_ptr, alpha, eps, ITEM: tl.constexpr,
+                   BLOCK_C: tl.constexpr, ALIGNED: tl.constexpr):
+    # Finalize + _update_rows on rows [start, end) of tensor t.
+    t, start, end = work_item(table, tl.program_id(0), T, 5, ITEM)
+    norm_g, norm_r, valid, project = _slot_coef(plan, T, t, sums_ptr, alpha, eps)
+    mask_p = tensor_ptr(table, 0, t, T, flags, ALIGNED)
+    saved_p = tensor_ptr(table, 1, t, T, flags, ALIGNED)
+    w_p = tensor_ptr(table, 2, t, T, like, ALIGNED)
+    g_p = tensor_ptr(table, 3, t, T, like, ALIGNED)
+    b_p = tensor_ptr(table, 4, t, T, like, ALIGNED)
+    cols = tl.load(plan + 2 * T + t)
+    for row in range(start, end):
+        marked = tl.load(mask_p + row) != 0
+        saved = tl.load(saved_p + row) != 0
+        if (marked | saved) & valid:
+            base = row * cols
+            for c in range(0, cols, BLOCK_C):
+                offs = c + tl.arange(0, BLOCK_C)
+                m = offs < cols
+                w_raw = tl.load(w_p + base + offs, mask=m)
+                if saved:
+                    w0 = tl.load(b_p + base + offs, mask=m).to(tl.float32)
+                else:  # first perturbation of this row: back it up now
+                    tl.store(b_p + base + offs, w_raw, mask=m)
+                    w0 = w_raw.to(tl.float32)
+                g = tl.zeros([BLOCK_C], dtype=tl.float32)
+                if marked:
+                    g = tl.load(g_p + base + offs, mask=m, other=0.0).to(tl.float32)
+                new = _step_values(w_raw.to(tl.float32), w0, g, norm_g, norm_r, project, alpha, eps)
+                tl.store(w_p + base + offs, new.to(w_p.dtype.element_ty), mask=m)
+            tl.store(saved_p + row, 1)
+
+
+@dataclasses.dataclass
+class ShardStep:
+    """One tensor of a multi-tensor shard step: ``slot`` is its place in the
+    caller's ``sums`` buffer (3 floats at ``3 * slot``); dense: flat ``w, g,
+    backup`` (``first`` writes the backup); rows: ``[rows, cols]`` with uint8
+    ``mask`` / ``saved`` per row."""
+    slot: int
+    w: torch.Tensor
+    g: torch.Tensor
+    backup: torch.Tensor
+    first: bool
+    mask: torch.Tensor | None = None
+    saved: torch.Tensor | None = None
+
+
+@dataclasses.dataclass
+class _Group:
+    rows: bool
+    first: bool
+    dtype: torch.dtype
+    table: host.TensorTable
+    plan: torch.Tensor      # [first partial (T) | slot (T) | cols (T)], a view of the call's plan
+    block_c: int
+
+
+@dataclasses.dataclass
+class ShardSums:
+    """What :func:`pgd_sums_many` planned, for :func:`pgd_apply_many` (the same call's tensors)."""
+    groups: list
+
+
+def _parts(step: ShardStep) -> int:
+    return step.w.shape[0] if step.mask is not None else triton.cdiv(step.w.numel(), DENSE_BLOCK)
+
+
+def _plan(steps):
+    """The host plan: the prefix of partials, the slots, and per group of
+    non-empty tensors (dtype, mode and, dense, first) its indices."""
+    prefix = [0]
+    for s in steps:
+        prefix.append(prefix[-1] + _parts(s))
+    keys = {}
+    for i, s in enumerate(steps):
+        if s.w.numel() or s.mask is not None:  # a row-mode tensor has rows (flags to write)
+            keys.setdefault((s.w.dtype, s.mask is not None, s.first and s.mask is None), []).append(i)
+    host_plan = prefix + [s.slot for s in steps]
+    offsets = []
+    for idx in keys.values():
+        offsets.append(len(host_plan))
+        host_plan += [prefix[i] for i in idx] + [steps[i].slot for i in idx]
+        host_plan += [steps[i].w.shape[1] if steps[i].mask is not None else 0 for i in idx]
+    return prefix, keys, offsets, host_plan
+
+
+def pgd_sums_many(steps, sums: torch.Tensor) -> ShardSums:
+    """``sums[3 s : 3 s + 3] = [||g||^2, ||r||^2, <r, g>]`` of every step's
+    tensor (``s`` its slot); row mode also writes ``mask``.  Launches: one
+    partials launch per (dtype, mode) group of non-empty tensors, one sum."""
+    if not steps:
+        return ShardSums([])
+    device = steps[0].w.device
+    prefix, keys, offsets, host_plan = _plan(steps)
+    plan = host.host_to(torch.tensor(host_plan, dtype=torch.int64), device)
+    NP = prefix[-1]
+    part = torch.empty(3 * max(NP, 1), dtype=torch.float32, device=device)
+    groups, launches = [], 1
+    for ((dtype, rows, first), idx), off in zip(keys.items(), offsets):
+        g = _group([steps[i] for i in idx], dtype, rows, first, plan[off: off + 3 * len(idx)])
+        like = host.witness(dtype, device)
+        if rows:
+            _mt_partial_rows[(g.table.n_chunks,)](g.table.data, g.table.n_tensors, like,
+                                                  host.witness(torch.uint8, device), g.plan, part, NP,
+                                                  ITEM=ROW_ITEM, BLOCK_C=g.block_c, ALIGNED=g.table.aligned)
+        else:
+            _mt_partial_dense[(g.table.n_chunks,)](g.table.data, g.table.n_tensors, like, g.plan, part, NP,
+                                                   FIRST=first, BLOCK=DENSE_BLOCK, ALIGNED=g.table.aligned)
+        groups.append(g)
+        launches += 1
+    _mt_sum_parts[(len(steps),)](plan, len(steps), part, NP, sums, BLOCK=FINALIZE_BLOCK)
+    count_launch("triton.pgd", launches)
+    return ShardSums(groups)
+
+
+def _group(steps, dtype, rows: bool, first: bool, plan) -> _Group:
+    if rows:
+        lists = [[s.mask for s in steps], [s.saved for s in steps], [s.w for s in steps],
+                 [s.g for s in steps], [s.backup for s in steps]]
+        table = host.shared_tables().get("pgd_rows", lists, chunk=ROW_ITEM)
+        # one row block for the group: the widest row's (a group of equal widths keeps pgd_step's)
+        block_c = max(_row_block(s.w.shape[1]) for s in steps)
+    else:
+        lists = [[s.w for s in steps], [s.g for s in steps], [s.backup for s in steps]]
+        table, block_c = host.shared_tables().get("pgd_dense", lists, chunk=DENSE_BLOCK), 0
+    return _Group(rows, first, dtype, table, plan, block_c)
+
+
+def pgd_apply_many(planned: ShardSums, sums: torch.Tensor, alpha: float, eps: float) -> None:
+    """Every tensor's step from its (all-reduced) slot of ``sums``: the
+    finalize (skip and projection decided on the device) fused into the
+    update, one launch per group of :func:`pgd_sums_many`."""
     alpha, eps = float(alpha), float(eps)
-    wrap_triton(_finalize)[(1,)](sums, 1, coef, alpha, eps, BLOCK=FINALIZE_BLOCK)
-    n = _update(w, g, backup, coef, alpha, eps, first, mask, saved)
-    count_launch("triton.pgd", 2 if n else 1)
-
+    for g in planned.groups:
+        device = g.table.device
+        like = host.witness(g.dtype, device)
+        if g.rows:
+            _mt_apply_rows[(g.table.n_chunks,)](g.table.data, g.table.n_tensors, like,
+                                                host.witness(torch.uint8, device), g.plan, sums, alpha, eps,
+                                                ITEM=ROW_ITEM, BLOCK_C=g.block_c, ALIGNED=g.table.aligned)
+        else:
+            _mt_apply_dense[(g.table.n_chunks,)](g.table.data, g.table.n_tensors, like, g.plan, sums,
+                                                 alpha, eps, FIRST=g.first, BLOCK=DENSE_BLOCK,
+                                                 ALIGNED=g.table.aligned)
+    if planned.groups:
+        count_launch("triton.pgd", len(planned.groups))
 
 def pgd_restore_rows(w, backup, saved) -> None:
     """Copy every saved row back, bit for bit, and clear ``saved``."""
