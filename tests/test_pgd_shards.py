@@ -10,6 +10,7 @@ same path on real FSDP2 shards (gloo, 2 processes)."""
 import pytest
 import torch
 
+from fastadv import _backend
 from fastadv.ops import pgd as ops
 from fastadv.reference import PGD as RefPGD
 
@@ -87,3 +88,90 @@ def test_many_refuses_mismatched_lists():
     w = torch.zeros(3, device=DEVICE)
     with pytest.raises(ValueError, match="one grad, state and name per parameter"):
         ops.pgd_attack_many_([w], [], ALPHA, EPS, [None])
+
+
+# ---------------------------------------------------------------- the multi-tensor kernels
+
+# (shape, dtype, row_sparse, gradient kind): every tensor of one call.  Row mode: uneven rows, rows
+# without gradient, a single row; dense: an empty tensor (1-D and 0-row 2-D: the sum launch alone
+# gives their zeros), a single element, two dense blocks (DENSE_BLOCK = 4096), a dense 2-D, fp16
+# (a second dtype group); gradients: zero (step skipped), NaN (skipped), inf (NaN written, as the
+# torch path does).  "equal": every row width in one row block (8), so each tensor's sums and
+# steps are bitwise those of the per-tensor kernels (pgd_step); "mixed" adds a 40-wide row.
+MULTI = [((7, 5), torch.float32, True, "rows"), ((3, 7), torch.float32, True, "rows"),
+         ((1, 6), torch.float32, True, "randn"), ((4, 5), torch.float32, True, "nan"),
+         ((0,), torch.float32, True, "randn"), ((0, 4), torch.float32, True, "randn"),
+         ((1,), torch.float32, True, "randn"), ((5000,), torch.float32, True, "randn"),
+         ((9, 5), torch.float32, False, "zero"), ((6, 3), torch.float32, True, "inf"),
+         ((33,), torch.float16, True, "randn"), ((2, 8), torch.float16, True, "rows")]
+MIXED = MULTI + [((6, 40), torch.float32, True, "rows")]
+_NO_TRITON = _backend.why_not("triton", DEVICE)  # the comparison runs triton against torch and pgd_step
+
+
+def _multi_grads(tensors, step):
+    gen = torch.Generator().manual_seed(100 + step)
+    out = []
+    for shape, dtype, _, kind in tensors:
+        g = torch.randn(shape, generator=gen)
+        if kind == "rows" and g.numel():
+            g[::2] = 0
+        if kind == "zero" and step == 1:
+            g.zero_()
+        if kind == "nan" and step == 1:
+            g[-1, 0] = float("nan")
+        if kind == "inf" and step == 2:
+            g[1, 1] = float("inf")
+        out.append(g.to(dtype).to(DEVICE))
+    return out
+
+
+def _multi_steps(tensors, weights, backend, steps=3):
+    """``steps`` shard steps of all tensors in one call each (one rank: no reduce needed)."""
+    import fastadv.kernels as kernels
+    ws = [w.clone() for w in weights]
+    states, launches = [None] * len(ws), []
+    for step in range(steps):
+        gs = _multi_grads(tensors, step)
+        firsts = [s is None for s in states]
+        states = [ops._shard_state(w, w, g, s, rs, f"t{i}", backend)
+                  for i, (w, g, s, (_, _, rs, _)) in enumerate(zip(ws, gs, states, tensors))]
+        before = kernels.LAUNCHES["triton.pgd"]
+        sums = torch.empty(3 * len(ws), dtype=torch.float32, device=DEVICE)
+        planned = ops._shard_sums_all(states, ws, gs, firsts, sums)
+        ops._shard_apply_all(planned, states, ws, gs, firsts, sums, ALPHA, EPS)
+        launches.append(kernels.LAUNCHES["triton.pgd"] - before)
+    return ws, states, launches
+
+
+def _groups(tensors) -> int:
+    """The (dtype, mode) groups of non-empty tensors: each one partials and one apply launch."""
+    return len({(dt, rs and len(sh) == 2 and sh[0] > 0) for sh, dt, rs, _ in tensors if torch.Size(sh).numel()})
+
+
+@pytest.mark.skipif(_NO_TRITON is not None, reason=f"triton backend unavailable: {_NO_TRITON}")
+@pytest.mark.parametrize("tensors", [MULTI, MIXED], ids=["equal", "mixed"])
+def test_multi_tensor_step_equals_per_tensor_and_torch(tensors):
+    gen = torch.Generator().manual_seed(1)
+    weights = [torch.randn(sh, generator=gen).to(dt).to(DEVICE) for sh, dt, _, _ in tensors]
+    got, states, launches = _multi_steps(tensors, weights, "triton")
+    # the triton multi-tensor path ran, in 2 launches per group + 1, whatever the number of tensors
+    assert launches == [2 * _groups(tensors) + 1] * 3, launches
+    assert any(s.mask is not None for s in states) and any(s.mask is None for s in states)
+    torch_ws, _, _ = _multi_steps(tensors, weights, "torch")
+    for i, ((sh, dt, _, kind), w, ref) in enumerate(zip(tensors, got, torch_ws)):
+        tol = FP32 if dt == torch.float32 else dict(rtol=2e-3, atol=2e-3)
+        torch.testing.assert_close(w, ref, equal_nan=True, **tol, msg=f"tensor {i} {sh} {kind}")
+        # the cases happened: inf wrote NaN, NaN and zero skipped a step, the others moved
+        assert w.isnan().any() == (kind == "inf"), (i, kind)
+        if w.numel() and kind not in ("inf",):
+            assert not torch.equal(w, weights[i]), (i, kind)
+    if tensors is MULTI:  # one row block: bitwise the unsharded per-tensor kernels
+        for i, (w0, w, (sh, _, rs, kind)) in enumerate(zip(weights, got, tensors)):
+            alone, state = w0.clone(), None
+            for step in range(3):
+                state = ops.pgd_attack_(alone, _multi_grads(tensors, step)[i], ALPHA, EPS, state,
+                                        row_sparse=rs, backend="triton")
+            torch.testing.assert_close(w, alone, rtol=0, atol=0, equal_nan=True, msg=f"tensor {i} {sh} {kind}")
+    for i, (state, w, w0) in enumerate(zip(states, got, weights)):  # restore: w0 bit for bit
+        ops.pgd_restore_(state, w)
+        assert torch.equal(w, w0), i
