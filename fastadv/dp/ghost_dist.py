@@ -1,5 +1,6 @@
-"""Ghost clipping and book-keeping DP-SGD under DDP (``DistributedDataParallel``),
-and ghost clipping under FSDP2 (``fully_shard``; see :class:`FSDPGhostClippingModule`).
+"""Ghost clipping and book-keeping DP-SGD under DDP (``DistributedDataParallel``)
+and under FSDP2 (``fully_shard``, with or without a ``MixedPrecisionPolicy``;
+see :class:`FSDPGhostClippingModule`).
 
 ``PrivacyEngine.make_private(module=ddp_model, ..., grad_sample_mode="ghost" | "bk")``
 gives :class:`DistributedGhostClippingModule` and
@@ -52,6 +53,7 @@ from torch.nn.parallel import DistributedDataParallel
 from . import ghost as _ghost
 from ..ops import _dist
 from ..ops import dp as _ops
+from ..reference import dp_ghost as _ref
 
 __all__ = ["DistributedGhostClippingModule", "DistributedGhostDPOptimizer", "FSDPGhostClippingModule",
            "FSDPGhostDPOptimizer"]
@@ -160,14 +162,28 @@ class FSDPGhostClippingModule(_ghost.GhostClippingModule):
     are taken after the (output-only) backward, so the modules are kept
     unsharded through it (``set_reshard_after_backward(False)``, set back to
     FSDP2's default ``True`` afterwards) and :meth:`write_clipped` sums the
-    full clipped gradients itself."""
+    full clipped gradients itself.
+
+    Under a ``MixedPrecisionPolicy(param_dtype=bf16 | fp16)`` the unsharded
+    parameters, activations and output gradients are in ``param_dtype``: the
+    norms accumulate them in fp32 (the norm kernels' bf16 / fp16 inputs), the
+    clip factors are fp32.  ``"ghost"``: the second backward's gradient is in
+    ``param_dtype`` (the factors enter it rounded to the loss's dtype, as any
+    backward of a low-precision graph) and FSDP2 reduce-scatters it in its
+    ``reduce_dtype`` into the fp32 shard gradient.  ``"bk"``: the clipped sums
+    stay fp32 (not rounded to ``param_dtype``), are divided by ``world_size``
+    in fp32 (so an fp16 sum cannot overflow where the average does not) and
+    all-reduced in the dtype FSDP2's reduce-scatter would use (the policy's
+    ``reduce_dtype``, else ``param_dtype``: the traffic the user chose), then
+    written into the fp32 shard gradient.  The noise is the fp32 path's: added
+    to the fp32 shards by :class:`FSDPGhostDPOptimizer`."""
 
     _wraps_shards = True
 
     def __init__(self, m: nn.Module, *, mode: str = "ghost", **kwargs):
         super().__init__(m, mode=mode, **kwargs)
         self._shards = dict(m.named_parameters())  # FSDP2's sharded parameters (persistent DTensors)
-        self._shard_dtypes = {n: p.dtype for n, p in self._shards.items()}
+        self._reduce_dtypes = _fsdp_reduce_dtypes(m)
         self._unsharded: dict = {}
 
     def dp_backward(self, loss_per_sample, max_grad_norm):
@@ -183,47 +199,82 @@ class FSDPGhostClippingModule(_ghost.GhostClippingModule):
                 if _dist.is_sharded(p):
                     raise NotImplementedError(f"parameter {name!r} of layer {r.name!r} is still sharded after "
                                               f"unshard(): it is not managed by fully_shard")
-        for name, p in self._module.named_parameters():
-            if p.dtype != self._shard_dtypes.get(name, p.dtype):
-                raise NotImplementedError(f"FSDP2 MixedPrecisionPolicy (parameter {name!r}: {p.dtype} compute "
-                                          f"over {self._shard_dtypes[name]} shards) is not supported by ghost "
-                                          f"clipping (untested: the reduce-scatter's dtype enters the sum)")
         self._unsharded = dict(self._module.named_parameters())
         self._names = {id(p): n for n, p in self._unsharded.items()}
         return super().dp_backward(loss_per_sample, max_grad_norm)
 
     def write_clipped(self, factors, mats, vecs) -> None:
-        """Book-keeping: the parent writes this rank's full clipped sums into the
-        unsharded parameters' ``.grad``; no backward reaches FSDP2's
-        reduce-scatter, so they are summed here with one all_reduce per dtype
-        (of the full size: twice a reduce-scatter's traffic), each rank keeps its
-        shard, divided by ``world_size`` (the average FSDP2's reduce-scatter gives
-        in ghost mode, which the optimizer undoes), then the modules reshard."""
+        """Book-keeping: this rank's full clipped sums (fp32, see the class
+        docstring), divided by ``world_size`` (the average FSDP2's reduce-scatter
+        gives in ghost mode, which the optimizer undoes), are summed over the
+        ranks with one all_reduce per reduce dtype (of the full size: twice a
+        reduce-scatter's traffic); each rank adds its shard to the sharded
+        ``p.grad``, then the modules reshard."""
         from torch.distributed.fsdp import FSDPModule
         from torch.distributed.tensor import DTensor
 
-        super().write_clipped(factors, mats, vecs)
+        sums = self._clipped_sums(factors, mats, vecs)
         names = [n for n, p in self._shards.items() if p.requires_grad]
-        full = [self._unsharded[n].grad for n in names]
-        full = [g if g is not None else torch.zeros_like(self._unsharded[n]) for n, g in zip(names, full)]
         world = dist.get_world_size()
+        full = []
+        for n in names:
+            u = self._unsharded[n]
+            g = sums.get(id(u))
+            g = torch.zeros(u.shape, dtype=factors.dtype, device=u.device) if g is None else g
+            full.append((g / world).to(self._reduce_dtypes.get(n) or u.dtype))  # FSDP2: reduce_dtype or grad's
         for idx in _by_dtype_index(full):
             flat = torch.cat([full[i].reshape(-1) for i in idx])
             dist.all_reduce(flat, op=dist.ReduceOp.SUM)
             for i, part in zip(idx, flat.split([full[i].numel() for i in idx])):
                 shard = self._shards[names[i]]
-                local = _dist.shard_of(part.view(full[i].shape), shard) / world
+                local = _dist.shard_of(part.view(full[i].shape), shard).to(shard.dtype)
                 if shard.grad is None:
                     shard.grad = DTensor.from_local(local.contiguous(), shard.device_mesh, shard.placements,
                                                     shape=shard.shape, stride=shard.stride())
                 else:
                     _dist.local(shard.grad).add_(local)
-        for n in names:
-            self._unsharded[n].grad = None
         for sub in self._module.modules():
             if isinstance(sub, FSDPModule):
                 sub.set_reshard_after_backward(True, recurse=False)
                 sub.reshard()
+
+    def _clipped_sums(self, factors, mats, vecs) -> dict:
+        """``id(unsharded parameter) -> sum_b f_b G_b`` in the factors' dtype:
+        the parent's write_clipped terms, not rounded to the parameter's dtype
+        (bf16 / fp16 under a MixedPrecisionPolicy) before the sum over the ranks."""
+        sums: dict = {}
+
+        def add(p, g):
+            g = g.reshape(p.shape)
+            sums[id(p)] = g if id(p) not in sums else sums[id(p)] + g
+
+        for p, uses in mats.items():
+            add(p, self._clipped_matrix_grad(uses, _ghost._rows(p, uses[0]), factors.to(uses[0].q.device)))
+        for p, vs in vecs.items():
+            add(p, _ref.clipped_vector_grad(vs, factors.to(vs[0].device)))
+        return sums
+
+
+def _fsdp_reduce_dtypes(m: nn.Module) -> dict:
+    """Parameter name -> the ``MixedPrecisionPolicy.reduce_dtype`` of the
+    innermost ``fully_shard`` group holding it (None: FSDP2 reduces in the
+    gradient's dtype, i.e. ``param_dtype``), which bk's all_reduce uses as
+    FSDP2's reduce-scatter does in ghost mode."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    names = {id(p): n for n, p in m.named_parameters()}
+    out: dict = {}
+    for sub in m.modules():  # pre-order: an inner group's policy overrides its parent's
+        if not isinstance(sub, FSDPModule):
+            continue
+        policy = getattr(fully_shard.state(sub), "_mp_policy", None)
+        if policy is None:  # FSDP2's internals moved: the reduce dtype would be a guess
+            raise NotImplementedError(f"cannot read the MixedPrecisionPolicy of {type(sub).__name__} from "
+                                      f"this torch's FSDP2 state (torch {torch.__version__})")
+        for p in sub.parameters():
+            if id(p) in names:
+                out[names[id(p)]] = policy.reduce_dtype
+    return out
 
 
 class FSDPGhostDPOptimizer(_ghost.GhostDPOptimizer):
