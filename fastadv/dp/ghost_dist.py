@@ -143,7 +143,7 @@ def _by_dtype(params) -> list[list[torch.Tensor]]:
     return list(groups.values())
 
 
-# ---------------------------------------------------------------- FSDP2 (fully_shard), ghost mode
+# ---------------------------------------------------------------- FSDP2 (fully_shard), ghost and bk modes
 
 class FSDPGhostClippingModule(_ghost.GhostClippingModule):
     """Ghost clipping and book-keeping on a ``fully_shard``-ed model (FSDP2).
@@ -172,11 +172,11 @@ class FSDPGhostClippingModule(_ghost.GhostClippingModule):
     backward of a low-precision graph) and FSDP2 reduce-scatters it in its
     ``reduce_dtype`` into the fp32 shard gradient.  ``"bk"``: the clipped sums
     stay fp32 (not rounded to ``param_dtype``), are divided by ``world_size``
-    in fp32 (so an fp16 sum cannot overflow where the average does not) and
-    all-reduced in the dtype FSDP2's reduce-scatter would use (the policy's
-    ``reduce_dtype``, else ``param_dtype``: the traffic the user chose), then
-    written into the fp32 shard gradient.  The noise is the fp32 path's: added
-    to the fp32 shards by :class:`FSDPGhostDPOptimizer`."""
+    in fp32 (so no partial sum of an fp16 all_reduce exceeds the largest
+    rank's own sum) and all-reduced in the dtype FSDP2's reduce-scatter would
+    use (the policy's ``reduce_dtype``, else ``param_dtype``: the traffic the
+    user chose), then written into the fp32 shard gradient.  The noise is the
+    fp32 path's: added to the fp32 shards by :class:`FSDPGhostDPOptimizer`."""
 
     _wraps_shards = True
 
