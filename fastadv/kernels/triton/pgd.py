@@ -15,6 +15,10 @@ backup).  Row mode works on ``[rows, cols]`` with a full-size backup and a
 written on the device) every row holding a non-zero entry; the update visits a
 row when it is flagged or was perturbed by an earlier step (``saved``), and
 backs it up the first time it is perturbed.
+
+FSDP2 shards (the end of this file): the same passes over many tensors of one
+call through multi-tensor work tables, with the all_reduce of the sums
+between the reduction and the (finalize-fused) update.
 """
 import dataclasses
 
