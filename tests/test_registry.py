@@ -3,6 +3,9 @@ device misuse is refused on every backend with the tensors and devices named;
 a kernel limit makes ``auto`` take torch and a forced kernel backend raise."""
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -143,3 +146,28 @@ def test_dense_batch_major():
     assert not _registry.dense_batch_major(x[:, :, :, ::2])
     assert not _registry.dense_batch_major(x.transpose(0, 1))
     assert _registry.dense_batch_major(x[:1].transpose(0, 1)[:, :1])
+
+
+_LIST_OPS = """
+import importlib, pkgutil, sys
+import torch
+from torch._library.custom_ops import OPDEFS
+def listed():
+    return sorted(q for q in OPDEFS if q.startswith("fastadv::"))
+import fastadv
+after_import = listed()
+import fastadv.ops
+for m in pkgutil.iter_modules(fastadv.ops.__path__):
+    importlib.import_module("fastadv.ops." + m.name)
+print(after_import == listed(), len(after_import), sorted(set(listed()) - set(after_import)))
+"""
+
+
+def test_import_fastadv_lists_every_op():
+    """Every op defined in fastadv/ops/ is in torch.ops.fastadv after a plain
+    ``import fastadv`` (fresh interpreter: the tests import more)."""
+    out = subprocess.run([sys.executable, "-c", _LIST_OPS], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    same, n, missing = out.stdout.split(" ", 2)
+    assert same == "True", f"not registered by import fastadv: {missing}"
+    assert int(n) >= 30, out.stdout
