@@ -478,22 +478,24 @@ def test_nonfinite_sample_dropped_in_bk():
 
 # ---------------------------------------------------------------- low precision
 
-def test_bf16_autocast_accumulates_in_fp32():
-    """Under CPU bf16 autocast the layers' inputs and output gradients are bf16;
-    norms and clipped sums are computed in fp32 from them.  Reference: the same
-    bf16 ``a`` and ``g``, per-sample gradients materialised in fp64."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_autocast_accumulates_in_fp32(dtype):
+    """Under CPU bf16 / fp16 autocast the layers' inputs and output gradients
+    are bf16 / fp16; norms and clipped sums are computed in fp32 from them.
+    Reference: the same low-precision ``a`` and ``g``, per-sample gradients
+    materialised in fp64."""
     torch.manual_seed(12)
     model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
     x, y = _data("mlp", 6)
     m = ghost.GhostClippingModule(model, mode="bk")
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=dtype):
         out = m(x)
-    assert out.dtype == torch.bfloat16
+    assert out.dtype == dtype
     loss = F.cross_entropy(out.float(), y, reduction="none")
     records = list(m._records)
     factors, finite, mats, vecs = m.dp_backward(loss, 0.3)
-    assert {u.p.dtype for us in mats.values() for u in us} == {torch.bfloat16}   # output gradients
-    assert {u.q.dtype for us in mats.values() for u in us} == {torch.float32, torch.bfloat16}  # x, then bf16
+    assert {u.p.dtype for us in mats.values() for u in us} == {dtype}   # output gradients
+    assert {u.q.dtype for us in mats.values() for u in us} == {torch.float32, dtype}  # x, then low precision
     want = torch.zeros(6, dtype=torch.float64)
     for us in mats.values():
         for u in us:

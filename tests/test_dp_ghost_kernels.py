@@ -167,18 +167,19 @@ def test_linear_sq_norms_low_and_mixed_precision(backend, dtypes, shape):
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
 
 
-def test_bk_under_bf16_autocast(backend):
-    """bk under CPU bf16 autocast (bf16 output gradients, an fp32 then bf16
-    layer input): norms and the clipped gradient against fp64 from the same
-    bf16 ``a`` and ``g``."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_bk_under_low_precision_autocast(backend, dtype):
+    """bk under CPU bf16 / fp16 autocast (low-precision output gradients, an
+    fp32 then low-precision layer input): norms and the clipped gradient
+    against fp64 from the same ``a`` and ``g``."""
     torch.manual_seed(12)
     model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
     x, _ = _data("mlp", 6)
     m = ghost.GhostClippingModule(model, mode="bk", backend=backend)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=dtype):
         out = m(x)
     factors, _, mats, vecs = m.dp_backward(out.float().square().sum(1), 0.3)
-    assert {u.p.dtype for us in mats.values() for u in us} == {torch.bfloat16}
+    assert {u.p.dtype for us in mats.values() for u in us} == {dtype}
     sq = torch.zeros(6, dtype=torch.float64)
     for us in mats.values():
         sq += torch.bmm(us[0].p.double().transpose(1, 2), us[0].q.double()).flatten(1).square().sum(1)
