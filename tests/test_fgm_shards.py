@@ -1,15 +1,19 @@
 """FGM's shard path without a process group: each "rank" writes its row
 range's ``||g||^2`` of every tensor into its own buffer
-(``_shard_square_norm``), the buffers are added (what the one all_reduce of
+(``_shard_square_norms_all``: one multi-tensor plan on triton, per tensor on
+torch / cuda), the buffers are added (what the one all_reduce of
 ``fgm_attack_many_`` does), and each shard is perturbed along the global
-``g / ||g||`` (``_shard_update``).  The shards put together equal the seed's
+``g / ||g||`` (``_shard_update_all``).  The shards put together equal the seed's
 FGM (fastadv.reference) on the whole tensors, fp32 tolerance; restore is
 bit-exact.  Dense and row mode, uneven and empty shards, rows without
 gradient, a zero gradient (skipped on the device).  tests/test_distributed.py
 runs the same path on real FSDP2 shards (gloo, 2 processes)."""
+import pytest
 import torch
 
+from fastadv import _backend
 from fastadv.ops import fgm as ops
+from fastadv.ops.fgm import fgm_attack_
 from fastadv.reference import FGM as RefFGM
 
 from conftest import DEVICE
@@ -33,17 +37,18 @@ def test_shards_equal_the_unsharded_reference(backend):
     shards = [[w[c[r]:c[r + 1]].clone() for w, (_, _, c, _) in zip(weights, TENSORS)] for r in range(3)]
     gs = [[g[c[r]:c[r + 1]].contiguous() for g, (_, _, c, _) in zip(grads, TENSORS)] for r in range(3)]
     rows = [[torch.empty(w.shape[0], dtype=torch.uint8, device=DEVICE)
-             if backend != "torch" and ops._by_rows(w, rs, backend) else None
+             if ops._by_rows(w, rs, backend) and w.shape[0] else None
              for w, (_, rs, _, _) in zip(shards[r], TENSORS)] for r in range(3)]
-    bufs = []
+    backups = [[torch.empty_like(w) for w in shards[r]] for r in range(3)]
+    names = [backend] * len(TENSORS)
+    bufs, planned = [], []
     for r in range(3):
         buf = torch.empty(len(TENSORS), dtype=torch.float32, device=DEVICE)
-        for i, (w, g) in enumerate(zip(shards[r], gs[r])):
-            ops._shard_square_norm(w, g, rows[r][i], buf[i:i + 1], backend)
+        planned.append(ops._shard_square_norms_all(shards[r], gs[r], rows[r], backups[r], names, buf))
         bufs.append(buf)
     norms = sum(bufs).sqrt_()  # the all_reduce, then the sqrt
-    backups = [[ops._shard_update(w, g, rows[r][i], norms[i:i + 1], EPS, backend)
-                for i, (w, g) in enumerate(zip(shards[r], gs[r]))] for r in range(3)]
+    for r in range(3):
+        ops._shard_update_all(planned[r], shards[r], gs[r], rows[r], backups[r], names, norms, EPS)
 
     model = torch.nn.Module()
     for i, (w, g) in enumerate(zip(weights, grads)):
@@ -60,3 +65,97 @@ def test_shards_equal_the_unsharded_reference(backend):
             ops.fgm_restore_(state, w)
             c = TENSORS[i][2]
             assert torch.equal(w, weights[i][c[r]:c[r + 1]]), (r, i)
+
+
+@pytest.mark.launch_free
+def test_many_refuses_mismatched_lists():
+    w = torch.zeros(3, device=DEVICE)
+    with pytest.raises(ValueError, match="one grad per parameter"):
+        ops.fgm_attack_many_([w], [], EPS)
+
+
+# ---------------------------------------------------------------- the multi-tensor kernels
+
+# (shape, dtype, row_sparse, gradient kind): every tensor of one call.  Row mode: uneven rows, rows
+# without gradient, a single row, 0-wide rows (flags written, nothing moved); dense: empty tensors
+# (1-D and 0-row 2-D: the sum launch alone gives their zeros), a single element, two dense blocks
+# (DENSE_BLOCK = 4096), a dense 2-D, fp16 (a second dtype group); gradients: zero (skipped), NaN
+# (skipped), inf (NaN written, as the torch path does).  "equal": every row width in one row block
+# (8), so each tensor's norm and update are bitwise those of the unsharded fgm_attack_; "mixed"
+# adds a 40-wide row (a wider row block for the whole group: fp32 tolerance).
+MULTI = [((7, 5), torch.float32, True, "rows"), ((3, 7), torch.float32, True, "rows"),
+         ((1, 6), torch.float32, True, "randn"), ((4, 5), torch.float32, True, "nan"),
+         ((0,), torch.float32, True, "randn"), ((0, 4), torch.float32, True, "randn"),
+         ((3, 0), torch.float32, True, "randn"), ((1,), torch.float32, True, "randn"),
+         ((5000,), torch.float32, True, "randn"), ((9, 5), torch.float32, False, "zero"),
+         ((6, 3), torch.float32, True, "inf"), ((33,), torch.float16, True, "randn"),
+         ((2, 8), torch.float16, True, "rows")]
+MIXED = MULTI + [((6, 40), torch.float32, True, "rows")]
+_NO_TRITON = _backend.why_not("triton", DEVICE)  # the comparison runs triton against torch and fgm_attack_
+
+
+def _multi_grads(tensors):
+    gen = torch.Generator().manual_seed(100)
+    out = []
+    for shape, dtype, _, kind in tensors:
+        g = torch.randn(shape, generator=gen)
+        if kind == "rows" and g.numel():
+            g[::2] = 0
+        if kind == "zero":
+            g.zero_()
+        if kind == "nan":
+            g[-1, 0] = float("nan")
+        if kind == "inf":
+            g[1, 1] = float("inf")
+        out.append(g.to(dtype).to(DEVICE))
+    return out
+
+
+def _multi_attack(tensors, weights, backend):
+    """One shard attack of all tensors in one call (one rank: the reduce is the identity)."""
+    import fastadv.kernels as kernels
+    ws, gs = [w.clone() for w in weights], _multi_grads(tensors)
+    names = [backend] * len(ws)
+    rows = [torch.empty(w.shape[0], dtype=torch.uint8, device=DEVICE)
+            if ops._by_rows(w, rs, backend) and w.shape[0] else None for w, (_, _, rs, _) in zip(ws, tensors)]
+    backups = [torch.empty_like(w) for w in ws]
+    before = kernels.LAUNCHES["triton.fgm"]
+    sq = torch.empty(len(ws), dtype=torch.float32, device=DEVICE)
+    planned = ops._shard_square_norms_all(ws, gs, rows, backups, names, sq)
+    ops._shard_update_all(planned, ws, gs, rows, backups, names, sq.sqrt(), EPS)
+    states = [ops.FGMBackup(w, b, r, backend) for w, b, r in zip(ws, backups, rows)]
+    return ws, states, kernels.LAUNCHES["triton.fgm"] - before
+
+
+def _groups(tensors) -> int:
+    """The (dtype, mode) groups of non-empty tensors: each one partials and one update launch."""
+    return len({(dt, rs and len(sh) == 2 and sh[0] > 0) for sh, dt, rs, _ in tensors
+                if torch.Size(sh).numel() or (rs and len(sh) == 2 and sh[0] > 0)})
+
+
+@pytest.mark.skipif(_NO_TRITON is not None, reason=f"triton backend unavailable: {_NO_TRITON}")
+@pytest.mark.parametrize("tensors", [MULTI, MIXED], ids=["equal", "mixed"])
+def test_multi_tensor_attack_equals_per_tensor_and_torch(tensors):
+    gen = torch.Generator().manual_seed(1)
+    weights = [torch.randn(sh, generator=gen).to(dt).to(DEVICE) for sh, dt, _, _ in tensors]
+    got, states, launches = _multi_attack(tensors, weights, "triton")
+    # the triton multi-tensor path ran, in 2 launches per group + 1 whatever the number of tensors
+    # (fp32 rows, fp32 dense, fp16 rows, fp16 dense: 9 for the 13 tensors of MULTI and the 14 of MIXED)
+    assert _groups(tensors) == 4 and launches == 2 * 4 + 1, launches
+    assert any(s.rows is not None for s in states) and any(s.rows is None for s in states)
+    torch_ws, _, _ = _multi_attack(tensors, weights, "torch")
+    for i, ((sh, dt, _, kind), w, ref) in enumerate(zip(tensors, got, torch_ws)):
+        tol = FP32 if dt == torch.float32 else dict(rtol=2e-3, atol=2e-3)
+        torch.testing.assert_close(w, ref, equal_nan=True, **tol, msg=f"tensor {i} {sh} {kind}")
+        # the cases happened: inf wrote NaN, NaN and zero skipped the attack, the others moved
+        assert w.isnan().any() == (kind == "inf"), (i, kind)
+        if w.numel() and kind not in ("inf",):
+            assert torch.equal(w, weights[i]) == (kind in ("nan", "zero")), (i, kind)
+    if tensors is MULTI:  # one row block: bitwise the unsharded per-tensor kernels
+        for i, (w0, w, (sh, _, rs, kind)) in enumerate(zip(weights, got, tensors)):
+            alone = w0.clone()
+            fgm_attack_(alone, _multi_grads(tensors)[i], EPS, row_sparse=rs, backend="triton")
+            torch.testing.assert_close(w, alone, rtol=0, atol=0, equal_nan=True, msg=f"tensor {i} {sh} {kind}")
+    for i, (state, w, w0) in enumerate(zip(states, got, weights)):  # restore: the weights bit for bit
+        ops.fgm_restore_(state, w)
+        assert torch.equal(w, w0), i

@@ -159,7 +159,11 @@ def fgm_attack_many_(params, grads, epsilon: float, *, row_sparse: bool = True,
                      backend: str | None = None) -> list[FGMBackup]:
     """:func:`fgm_attack_` on FSDP2 shards (DTensors of one shard group), each
     along its own global ``g / ||g||``: the tensors' partial sums of squares
-    share one buffer and one all_reduce per call, however many there are."""
+    share one buffer and one all_reduce per call, however many there are.
+    The triton backend attacks all its tensors in a constant number of
+    launches (``fgm_sq_many`` / ``fgm_update_many``: per dtype and mode group
+    one partials and one update launch, plus one sum launch); the cuda
+    backend runs its per-tensor kernels (``fgm_norm`` / ``fgm_update``)."""
     params, grads = list(params), list(grads)
     if len(params) != len(grads):
         raise ValueError(f"fgm_attack_many_ needs one grad per parameter, got {len(params)} and {len(grads)}")
@@ -178,46 +182,80 @@ def fgm_attack_many_(params, grads, epsilon: float, *, row_sparse: bool = True,
         names = [resolve(w, g, backend) for w, g in zip(ws, gs)]
         # the kernels read a contiguous gradient: copied once here, not in both passes
         gs = [g if name == "torch" else g.contiguous() for g, name in zip(gs, names)]
+        # row mode over the local rows (an empty shard has none: dense, nothing to flag)
         rows = [torch.empty(w.shape[0], dtype=torch.uint8, device=w.device)
-                if _by_rows(w, row_sparse, name) else None for w, name in zip(ws, names)]
+                if _by_rows(w, row_sparse, name) and w.shape[0] else None for w, name in zip(ws, names)]
+        backups = [torch.empty_like(w) for w in ws]
         sq = torch.empty(len(ws), dtype=torch.float32, device=ws[0].device)  # the partial ||g||^2
-        for i, (w, g, name) in enumerate(zip(ws, gs, names)):
-            _shard_square_norm(w, g, rows[i], sq[i:i + 1], name)
+        planned = _shard_square_norms_all(ws, gs, rows, backups, names, sq)
         norms = _dist.all_reduce_sum_(sq, group).sqrt_()
-        return [FGMBackup(p, _shard_update(w, g, rows[i], norms[i:i + 1], epsilon, name), rows[i], name)
-                for i, (p, w, g, name) in enumerate(zip(params, ws, gs, names))]
+        _shard_update_all(planned, ws, gs, rows, backups, names, norms, epsilon)
+        return [FGMBackup(p, b, r, name) for p, b, r, name in zip(params, backups, rows, names)]
+
+
+def _shard_square_norms_all(ws, gs, rows, backups, names, sq):
+    """``sq[i]`` = the shard's ``||g||^2`` of tensor ``i`` for every tensor (row
+    mode also flags ``rows[i]``); returns what :func:`_shard_update_all` needs.
+    Tensors on the triton backend go through one multi-tensor plan (launches
+    independent of their number); the others one by one (torch, cuda)."""
+    planned = None
+    if "triton" in names:
+        k = _registry.kernels("fgm", "triton")
+        items = [_shard_item(k, i, w, g, r, b)
+                 for i, (w, g, r, b, name) in enumerate(zip(ws, gs, rows, backups, names)) if name == "triton"]
+        with device_guard(ws[0]):
+            planned = k.fgm_sq_many(items, sq)
+    for i, (w, g, r, name) in enumerate(zip(ws, gs, rows, names)):
+        if name != "triton":
+            _shard_square_norm(w, g, r, sq[i:i + 1], name)
+    return planned
+
+
+def _shard_update_all(planned, ws, gs, rows, backups, names, norms, epsilon: float) -> None:
+    """Every tensor's backup and update from the all-reduced ``norms`` (after
+    :func:`_shard_square_norms_all`)."""
+    if planned is not None:
+        with device_guard(ws[0]):
+            _registry.kernels("fgm", "triton").fgm_update_many(planned, norms, epsilon)
+    for i, (w, g, r, b, name) in enumerate(zip(ws, gs, rows, backups, names)):
+        if name != "triton":
+            _shard_update(w, g, r, b, norms[i:i + 1], epsilon, name)
+
+
+def _shard_item(k, slot: int, w, g, rows, backup):
+    """The multi-tensor kernels' (``k``) view of one tensor (dense: flat; rows: 2-D plus the flags)."""
+    if rows is not None:
+        return k.ShardNorm(slot, w, g, backup, rows)
+    return k.ShardNorm(slot, w.view(-1), g.view(-1), backup.view(-1))
 
 
 def _shard_square_norm(w, g, rows, out, name: str) -> None:
-    """``out`` (1 fp32) = this shard's ``||g||^2``; row mode also flags ``rows``."""
+    """``out`` (1 fp32) = this shard's ``||g||^2``; row mode also flags ``rows`` (torch, cuda)."""
     if name == "torch":
         count_launch("torch.fgm")
         g32 = g.to(torch.float32)
         out.copy_((g32 * g32).sum().reshape(1))
         return
-    g = g.contiguous()
     with device_guard(w):
         _registry.kernels("fgm", name).fgm_norm(g if rows is not None else g.view(1, -1), rows, out)
-    out.square_()  # the kernel writes the norm: its square is the partial to sum
+    out.square_()  # the per-tensor kernel writes the norm: its square is the partial to sum
 
 
-def _shard_update(w, g, rows, norm, epsilon: float, name: str) -> torch.Tensor:
-    """Back the shard up and add ``epsilon * g / norm`` (skipped for a 0 / NaN
-    global norm, on the device); returns the backup."""
-    backup = torch.empty_like(w)
+def _shard_update(w, g, rows, backup, norm, epsilon: float, name: str) -> None:
+    """Back the shard up into ``backup`` and add ``epsilon * g / norm``
+    (skipped for a 0 / NaN global norm, on the device) (torch, cuda)."""
     if name == "torch":
         g32 = g.to(torch.float32)
         backup.copy_(w)
         invalid = (norm == 0) | torch.isnan(norm)
         w.add_((epsilon * g32).div_(norm).masked_fill_(invalid, 0.0))
-        return backup
-    k, g = _registry.kernels("fgm", name), g.contiguous()
+        return
+    k = _registry.kernels("fgm", name)
     with device_guard(w):
         if rows is None:
             k.fgm_update(w.view(1, -1), g.view(1, -1), backup, None, norm, epsilon)
         else:
             k.fgm_update(w, g, backup, rows, norm, epsilon)
-    return backup
 
 
 def fgm_restore_(state: FGMBackup, param: torch.Tensor | None = None, name: str = "the parameter") -> None:

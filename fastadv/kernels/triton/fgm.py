@@ -6,13 +6,20 @@ on the flat tensor; row mode works on ``[rows, cols]``: the norm pass reads all
 of ``g`` and flags, on the device, every row holding a non-zero (or NaN / inf)
 entry; the update and the restore touch only the flagged rows.  No value is
 ever read back to the host.
+
+FSDP2 shards (the end of this file): the same passes over many tensors of one
+call through multi-tensor work tables, with the all_reduce of the squared
+norms between the reduction and the update.
 """
+import dataclasses
+
 import torch
 import triton
 import triton.language as tl
 
-from .. import count_launch
+from .. import count_launch, host
 from ._trace import wrap_triton
+from .multi_tensor import tensor_ptr, work_item
 
 DENSE_BLOCK = 4096      # elements per program, dense passes
 FINALIZE_BLOCK = 1024   # partials summed per iteration by the finalize program
@@ -155,3 +162,218 @@ def fgm_restore_rows(w2d, backup, rows) -> None:
     if n:
         wrap_triton(_restore_rows)[(n,)](w2d, backup, rows, cols, BLOCK_C=_row_block(cols))
         count_launch("triton.fgm_restore")
+
+
+# ---- FSDP2 shards, over many tensors: partials, sums, all_reduce + sqrt (caller), update ----------
+#
+# One call attacks every sharded tensor of one FGM attack.  Per (dtype, mode) group of non-empty
+# shards, one partials launch and one update launch walk one multi-tensor work table (host.py's
+# layout; dense: chunks of DENSE_BLOCK elements, lists w, g, b; rows: chunks of ROW_ITEM rows,
+# lists flags, w, g, b, so list 0's "numel" is the row count); one launch sums every tensor's
+# partials into its slot of the caller's [n] fp32 buffer.  Three launches for a call of one dtype
+# group whatever the number of tensors.  Each work item computes what the per-tensor kernels
+# compute for its block / row (same blocks, same partials, the finalize's summation order), so a
+# tensor's ||g||^2 is bitwise the one fgm_norm takes the sqrt of when its group's row block
+# (``_row_block(cols)``) is its own.  A small int64 *plan* (one host-to-device copy per call)
+# says where each tensor's partials start, which slot is its, and its row length.
+
+ROW_ITEM = 16   # rows per program of the row-mode multi-tensor kernels (a table chunk: multiple of 16)
+
+
+@triton.jit
+def _mt_partial_dense(table, T, like, plan, part_ptr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+    # Chunk pid (BLOCK elements of tensor t): the partial _partial_dense writes for that block, at
+    # plan[t] (the tensor's first partial) + its block index (table[4T + t]: its first chunk).
+    pid = tl.program_id(0)
+    t, start, end = work_item(table, pid, T, 3, BLOCK)
+    offs = start + tl.arange(0, BLOCK)
+    g = tl.load(tensor_ptr(table, 1, t, T, like, ALIGNED) + offs, mask=offs < end, other=0.0).to(tl.float32)
+    tl.store(part_ptr + tl.load(plan + t) + (pid - tl.load(table + 4 * T + t)), tl.sum(g * g, axis=0))
+
+
+@triton.jit
+def _mt_partial_rows(table, T, like, flags, plan, part_ptr, ITEM: tl.constexpr, BLOCK_C: tl.constexpr,
+                     ALIGNED: tl.constexpr):
+    # Rows [start, end) of tensor t, each as _partial_rows does it (the flag from the gradient itself).
+    t, start, end = work_item(table, tl.program_id(0), T, 4, ITEM)
+    rows_p = tensor_ptr(table, 0, t, T, flags, ALIGNED)
+    g_p = tensor_ptr(table, 2, t, T, like, ALIGNED)
+    first_part = tl.load(plan + t)
+    cols = tl.load(plan + 2 * T + t)
+    for row in range(start, end):
+        acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+        nonzero = tl.zeros([BLOCK_C], dtype=tl.int32)
+        base = row * cols
+        for c in range(0, cols, BLOCK_C):
+            offs = c + tl.arange(0, BLOCK_C)
+            g = tl.load(g_p + base + offs, mask=offs < cols, other=0.0).to(tl.float32)
+            acc += g * g
+            nonzero += (g != 0).to(tl.int32)
+        tl.store(part_ptr + first_part + row, tl.sum(acc, axis=0))
+        tl.store(rows_p + row, (tl.sum(nonzero, axis=0) != 0).to(tl.uint8))
+
+
+@triton.jit
+def _mt_sum_parts(plan, K, part_ptr, out_ptr, BLOCK: tl.constexpr):
+    # Program i: out[slot_i] = the partials [P_i, P_{i+1}) summed as _finalize sums a tensor's
+    # (lanes counted from P_i), without the sqrt; plan = [P (K + 1) | slot (K)].  An empty tensor
+    # (P_i == P_{i+1}) gets 0.
+    i = tl.program_id(0)
+    lo = tl.load(plan + i)
+    hi = tl.load(plan + i + 1)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in range(lo, hi, BLOCK):
+        offs = s + tl.arange(0, BLOCK)
+        acc += tl.load(part_ptr + offs, mask=offs < hi, other=0.0)
+    tl.store(out_ptr + tl.load(plan + K + 1 + i), tl.sum(acc, axis=0))
+
+
+@triton.jit
+def _mt_update_dense(table, T, like, plan, norm_ptr, eps, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+    # _update_dense on one block of tensor t, with the (all-reduced) norm of its slot plan[T + t].
+    t, start, end = work_item(table, tl.program_id(0), T, 3, BLOCK)
+    norm = tl.load(norm_ptr + tl.load(plan + T + t))
+    w_p = tensor_ptr(table, 0, t, T, like, ALIGNED)
+    offs = start + tl.arange(0, BLOCK)
+    m = offs < end
+    w = tl.load(w_p + offs, mask=m)
+    tl.store(tensor_ptr(table, 2, t, T, like, ALIGNED) + offs, w, mask=m)
+    if (norm != 0) & (norm == norm):  # the reference's skip of a zero / NaN norm, on the device
+        new = _perturbed(w, tensor_ptr(table, 1, t, T, like, ALIGNED), offs, m, norm, eps)
+        tl.store(w_p + offs, new.to(w_p.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _mt_update_rows(table, T, like, flags, plan, norm_ptr, eps, ITEM: tl.constexpr, BLOCK_C: tl.constexpr,
+                    ALIGNED: tl.constexpr):
+    # _update_rows on rows [start, end) of tensor t: flagged rows backed up and, for a usable norm,
+    # perturbed; the others left alone (their backup rows are never written nor read).
+    t, start, end = work_item(table, tl.program_id(0), T, 4, ITEM)
+    norm = tl.load(norm_ptr + tl.load(plan + T + t))
+    valid = (norm != 0) & (norm == norm)
+    rows_p = tensor_ptr(table, 0, t, T, flags, ALIGNED)
+    w_p = tensor_ptr(table, 1, t, T, like, ALIGNED)
+    g_p = tensor_ptr(table, 2, t, T, like, ALIGNED)
+    b_p = tensor_ptr(table, 3, t, T, like, ALIGNED)
+    cols = tl.load(plan + 2 * T + t)
+    for row in range(start, end):
+        if tl.load(rows_p + row) != 0:
+            base = row * cols
+            for c in range(0, cols, BLOCK_C):
+                offs = c + tl.arange(0, BLOCK_C)
+                m = offs < cols
+                w = tl.load(w_p + base + offs, mask=m)
+                tl.store(b_p + base + offs, w, mask=m)
+                if valid:
+                    new = _perturbed(w, g_p, base + offs, m, norm, eps)
+                    tl.store(w_p + base + offs, new.to(w_p.dtype.element_ty), mask=m)
+
+
+@dataclasses.dataclass
+class ShardNorm:
+    """One tensor of a multi-tensor shard attack: ``slot`` is its place in the
+    caller's [n] fp32 buffers; dense: flat ``w, g, backup``; rows: ``[rows,
+    cols]`` with the uint8 ``rows`` flags (written by :func:`fgm_sq_many`)."""
+    slot: int
+    w: torch.Tensor
+    g: torch.Tensor
+    backup: torch.Tensor
+    rows: torch.Tensor | None = None
+
+
+@dataclasses.dataclass
+class _Group:
+    rows: bool
+    dtype: torch.dtype
+    table: host.TensorTable
+    plan: torch.Tensor      # [first partial (T) | slot (T) | cols (T)], a view of the call's plan
+    block_c: int
+
+
+@dataclasses.dataclass
+class ShardPlan:
+    """What :func:`fgm_sq_many` planned, for :func:`fgm_update_many` (the same call's tensors)."""
+    groups: list
+
+
+def _by_rows(item: ShardNorm) -> bool:
+    return item.rows is not None and item.w.shape[0] > 0
+
+
+def _plan(items):
+    """The host plan: the prefix of partials, the slots, and per (dtype, mode)
+    group of non-empty tensors its indices and its offset in the plan."""
+    prefix = [0]
+    for s in items:
+        prefix.append(prefix[-1] + (s.w.shape[0] if _by_rows(s) else triton.cdiv(s.w.numel(), DENSE_BLOCK)))
+    keys = {}
+    for i, s in enumerate(items):
+        if _by_rows(s) or s.w.numel():  # a row-mode tensor with rows has flags to write (even 0 wide)
+            keys.setdefault((s.w.dtype, _by_rows(s)), []).append(i)
+    host_plan = prefix + [s.slot for s in items]
+    offsets = []
+    for idx in keys.values():
+        offsets.append(len(host_plan))
+        host_plan += [prefix[i] for i in idx] + [items[i].slot for i in idx]
+        host_plan += [items[i].w.shape[1] if _by_rows(items[i]) else 0 for i in idx]
+    return prefix, keys, offsets, host_plan
+
+
+def _group(items, dtype, rows: bool, plan) -> _Group:
+    if rows:
+        lists = [[s.rows for s in items], [s.w for s in items], [s.g for s in items],
+                 [s.backup for s in items]]
+        table = host.shared_tables().get("fgm_rows", lists, chunk=ROW_ITEM)
+        # one row block for the group: the widest row's (a group of equal widths keeps fgm_norm's)
+        block_c = max(_row_block(s.w.shape[1]) for s in items)
+    else:
+        lists = [[s.w.view(-1) for s in items], [s.g.view(-1) for s in items],
+                 [s.backup.view(-1) for s in items]]
+        table, block_c = host.shared_tables().get("fgm_dense", lists, chunk=DENSE_BLOCK), 0
+    return _Group(rows, dtype, table, plan, block_c)
+
+
+def fgm_sq_many(items, sq: torch.Tensor) -> ShardPlan:
+    """``sq[s] = ||g||^2`` (fp32) of every item's tensor (``s`` its slot); row
+    mode also writes the flags.  Launches: one partials launch per (dtype,
+    mode) group of non-empty tensors, one sum launch."""
+    if not items:
+        return ShardPlan([])
+    device = items[0].w.device
+    prefix, keys, offsets, host_plan = _plan(items)
+    plan = host.host_to(torch.tensor(host_plan, dtype=torch.int64), device)
+    part = torch.empty(max(prefix[-1], 1), dtype=torch.float32, device=device)
+    groups = []
+    for ((dtype, rows), idx), off in zip(keys.items(), offsets):
+        g = _group([items[i] for i in idx], dtype, rows, plan[off: off + 3 * len(idx)])
+        like = host.witness(dtype, device)
+        if rows:
+            _mt_partial_rows[(g.table.n_chunks,)](g.table.data, g.table.n_tensors, like,
+                                                  host.witness(torch.uint8, device), g.plan, part,
+                                                  ITEM=ROW_ITEM, BLOCK_C=g.block_c, ALIGNED=g.table.aligned)
+        else:
+            _mt_partial_dense[(g.table.n_chunks,)](g.table.data, g.table.n_tensors, like, g.plan, part,
+                                                   BLOCK=DENSE_BLOCK, ALIGNED=g.table.aligned)
+        groups.append(g)
+    _mt_sum_parts[(len(items),)](plan, len(items), part, sq, BLOCK=FINALIZE_BLOCK)
+    count_launch("triton.fgm", len(groups) + 1)
+    return ShardPlan(groups)
+
+
+def fgm_update_many(planned: ShardPlan, norms: torch.Tensor, eps: float) -> None:
+    """Every item's backup and, where the norm of its slot of ``norms`` is
+    usable (decided on the device), ``w += eps * g / norm``; one launch per
+    group of :func:`fgm_sq_many`."""
+    eps = float(eps)
+    for g in planned.groups:
+        device = g.table.device
+        like = host.witness(g.dtype, device)
+        if g.rows:
+            _mt_update_rows[(g.table.n_chunks,)](g.table.data, g.table.n_tensors, like,
+                                                 host.witness(torch.uint8, device), g.plan, norms, eps,
+                                                 ITEM=ROW_ITEM, BLOCK_C=g.block_c, ALIGNED=g.table.aligned)
+        else:
+            _mt_update_dense[(g.table.n_chunks,)](g.table.data, g.table.n_tensors, like, g.plan, norms, eps,
+                                                  BLOCK=DENSE_BLOCK, ALIGNED=g.table.aligned)
+    if planned.groups:
+        count_launch("triton.fgm", len(planned.groups))
