@@ -473,14 +473,14 @@ def test_two_processes_equal_one(runs, mode, op, backend):
 # Per op call under FSDP2: all_reduce calls (FGM / PGD attack one table, or the 4 "weight" tensors
 # in the *_weights scenarios; the model has 4 "weight" tensors for AWP, 7 with a gradient for SAM
 # and EMA), and Triton launches (one dtype group: AWP partials + per-tensor finalize + update, SAM
-# partials + global finalize + update, EMA one lerp; under FSDP2 PGD's shard step, one table or 4
-# tensors, all row mode: the multi-tensor partials, the sum into the call's buffer, the fused
-# finalize + update -- rank 1's empty gate shard is in the sum launch only). PGD under DDP steps
-# each unsharded tensor on its own (3 launches per tensor) and FGM's shard path launches per
-# tensor, so neither is listed for that mode.
+# partials + global finalize + update, EMA one lerp; under FSDP2 PGD's shard step and FGM's shard
+# attack, one table or 4 tensors, all row mode: the multi-tensor partials, the sum into the call's
+# buffer, the (PGD: finalize-fused) update -- rank 1's empty gate shard is in the sum launch only).
+# Under DDP, PGD steps and FGM attacks each unsharded tensor on its own (launches per tensor), so
+# neither is listed for that mode.
 _EXPECTED_CALLS = {"fgm": 1, "pgd": 1, "awp": 1, "sam": 1, "ema": 0, "fgm_weights": 1, "pgd_weights": 1}
 _EXPECTED_LAUNCHES = {"awp": 3, "sam": 3, "ema": 1}
-_EXPECTED_FSDP_LAUNCHES = {**_EXPECTED_LAUNCHES, "pgd": 3, "pgd_weights": 3}
+_EXPECTED_FSDP_LAUNCHES = {**_EXPECTED_LAUNCHES, "pgd": 3, "pgd_weights": 3, "fgm": 3, "fgm_weights": 3}
 
 
 @pytest.mark.parametrize("mode,op,backend", CASES)
