@@ -507,6 +507,27 @@ def test_low_precision_autocast_accumulates_in_fp32(dtype):
     torch.testing.assert_close(m.per_sample_gradient_norms.double(), want.sqrt(), rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layer", ["linear", "conv"])
+def test_low_precision_bias_sums_in_fp32(dtype, layer):
+    """A bias's per-sample gradient sums the output gradient over the sequence
+    (Linear on ``[B, T, d]``) or the output positions (Conv): in fp32 from the
+    low-precision ``g``, not in ``g``'s dtype (64 terms in bf16 lose ~8 bits)."""
+    torch.manual_seed(21)
+    if layer == "linear":
+        model, x = nn.Sequential(nn.Linear(5, 4)), torch.randn(3, 64, 5)
+    else:
+        model, x = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1)), torch.randn(3, 2, 8, 8)
+    m = ghost.GhostClippingModule(model, mode="bk")
+    with torch.autocast("cpu", dtype=dtype):
+        out = m(x)
+    _, _, mats, vecs = m.dp_backward(out.float().flatten(1).square().sum(1), 1.0)
+    (g,) = [us[0].p for us in mats.values()]          # the output gradient, [B, T or L, out]
+    (bias,) = [vs[0] for vs in vecs.values()]
+    assert g.dtype == dtype and bias.dtype == torch.float32
+    torch.testing.assert_close(bias.double(), g.double().sum(1), rtol=1e-6, atol=1e-6)
+
+
 # ---------------------------------------------------------------- the reference math
 
 def test_reference_gram_equals_materialised():

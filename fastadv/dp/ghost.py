@@ -83,7 +83,7 @@ def _linear(m, a, g, *, transposed: bool = False) -> _Uses:
         p, q = (_flat3(a), _flat3(g)) if transposed else (_flat3(g), _flat3(a))
         out.mats.append((m.weight, ref.MatUse(p=p, q=q)))
     if m.bias is not None and m.bias.requires_grad:
-        out.vecs.append((m.bias, _flat3(g).sum(1)))
+        out.vecs.append((m.bias, _flat3(g).sum(1, dtype=ref.acc_dtype(g))))  # fp16 / bf16: fp32 sum over T
     return out
 
 
@@ -144,7 +144,7 @@ def _conv(m, a, g) -> _Uses:
     if m.weight.requires_grad:
         out.mats.append((m.weight, ref.MatUse(p=gl, q=patches)))
     if m.bias is not None and m.bias.requires_grad:
-        out.vecs.append((m.bias, gl.sum(1)))
+        out.vecs.append((m.bias, gl.sum(1, dtype=ref.acc_dtype(gl))))  # fp16 / bf16: fp32 sum over L
     return out
 
 
