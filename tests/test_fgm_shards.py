@@ -6,8 +6,11 @@ torch / cuda), the buffers are added (what the one all_reduce of
 ``g / ||g||`` (``_shard_update_all``).  The shards put together equal the seed's
 FGM (fastadv.reference) on the whole tensors, fp32 tolerance; restore is
 bit-exact.  Dense and row mode, uneven and empty shards, rows without
-gradient, a zero gradient (skipped on the device).  tests/test_distributed.py
-runs the same path on real FSDP2 shards (gloo, 2 processes)."""
+gradient, a zero gradient (skipped on the device).  The multi-tensor section:
+one call over many odd tensors of two dtypes on triton, in a constant number
+of launches, equals the torch path and, where the row blocks agree, bitwise
+the unsharded ``fgm_attack_``.  tests/test_distributed.py runs the same path
+on real FSDP2 shards (gloo, 2 processes)."""
 import pytest
 import torch
 
@@ -36,9 +39,7 @@ def test_shards_equal_the_unsharded_reference(backend):
         grads.append((g * (not zero)).to(DEVICE))
     shards = [[w[c[r]:c[r + 1]].clone() for w, (_, _, c, _) in zip(weights, TENSORS)] for r in range(3)]
     gs = [[g[c[r]:c[r + 1]].contiguous() for g, (_, _, c, _) in zip(grads, TENSORS)] for r in range(3)]
-    rows = [[torch.empty(w.shape[0], dtype=torch.uint8, device=DEVICE)
-             if ops._by_rows(w, rs, backend) and w.shape[0] else None
-             for w, (_, rs, _, _) in zip(shards[r], TENSORS)] for r in range(3)]
+    rows = [[ops._shard_rows(w, rs, backend) for w, (_, rs, _, _) in zip(shards[r], TENSORS)] for r in range(3)]
     backups = [[torch.empty_like(w) for w in shards[r]] for r in range(3)]
     names = [backend] * len(TENSORS)
     bufs, planned = [], []
@@ -116,8 +117,7 @@ def _multi_attack(tensors, weights, backend):
     import fastadv.kernels as kernels
     ws, gs = [w.clone() for w in weights], _multi_grads(tensors)
     names = [backend] * len(ws)
-    rows = [torch.empty(w.shape[0], dtype=torch.uint8, device=DEVICE)
-            if ops._by_rows(w, rs, backend) and w.shape[0] else None for w, (_, _, rs, _) in zip(ws, tensors)]
+    rows = [ops._shard_rows(w, rs, backend) for w, (_, _, rs, _) in zip(ws, tensors)]
     backups = [torch.empty_like(w) for w in ws]
     before = kernels.LAUNCHES["triton.fgm"]
     sq = torch.empty(len(ws), dtype=torch.float32, device=DEVICE)

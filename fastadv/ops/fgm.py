@@ -182,15 +182,22 @@ def fgm_attack_many_(params, grads, epsilon: float, *, row_sparse: bool = True,
         names = [resolve(w, g, backend) for w, g in zip(ws, gs)]
         # the kernels read a contiguous gradient: copied once here, not in both passes
         gs = [g if name == "torch" else g.contiguous() for g, name in zip(gs, names)]
-        # row mode over the local rows (an empty shard has none: dense, nothing to flag)
-        rows = [torch.empty(w.shape[0], dtype=torch.uint8, device=w.device)
-                if _by_rows(w, row_sparse, name) and w.shape[0] else None for w, name in zip(ws, names)]
+        rows = [_shard_rows(w, row_sparse, name) for w, name in zip(ws, names)]
         backups = [torch.empty_like(w) for w in ws]
         sq = torch.empty(len(ws), dtype=torch.float32, device=ws[0].device)  # the partial ||g||^2
         planned = _shard_square_norms_all(ws, gs, rows, backups, names, sq)
         norms = _dist.all_reduce_sum_(sq, group).sqrt_()
         _shard_update_all(planned, ws, gs, rows, backups, names, norms, epsilon)
         return [FGMBackup(p, b, r, name) for p, b, r, name in zip(params, backups, rows, names)]
+
+
+def _shard_rows(w, row_sparse: bool, name: str) -> torch.Tensor | None:
+    """The uint8 row flags of a shard in row mode (written by the norm pass), else None: row
+    mode over the local rows, as :func:`fgm_attack_` takes it; a shard without rows (an
+    empty one) is dense, with nothing to flag."""
+    if _by_rows(w, row_sparse, name) and w.shape[0]:
+        return torch.empty(w.shape[0], dtype=torch.uint8, device=w.device)
+    return None
 
 
 def _shard_square_norms_all(ws, gs, rows, backups, names, sq):
