@@ -762,14 +762,19 @@ def functorch_clipped_grads(model, ids, y, C):
 def test_padding_idx_equals_functorch_reference(mode, tied, backend):
     """With padding tokens in the batch: the private gradient equals the
     functorch per-sample reference (fp32 tolerance), norms included; the
-    Gram form is forced so the backend's kernel runs on the Linear uses."""
+    Gram form is forced so the backend's kernels run on the Linear uses and
+    (untied) on the embedding, whose padding rows of g are zeroed before."""
+    import fastadv.kernels as kernels
     torch.manual_seed(21)
     model = PadLM(tied=tied)
     ids, y = _padded_batch()
     want, want_norms = functorch_clipped_grads(model, ids, y, C=0.2)
     if tied:  # the head's use of the tied weight does reach the padding row (autograd agrees)
         assert want["emb.weight"][PAD].abs().max() > 0
+    before = kernels.LAUNCHES.get(f"{backend}.dp_ghost_embedding_sq_norms", 0)
     got, m = fast_grads(model, [(ids, y)], C=0.2, mode=mode, backend=backend, strategy="gram")
+    # one DP backward: the untied embedding's norm is one op call, the tied one stays reference math
+    assert kernels.LAUNCHES.get(f"{backend}.dp_ghost_embedding_sq_norms", 0) - before == (0 if tied else 1)
     assert (want_norms > 0.2).any(), "the test should clip some samples"
     torch.testing.assert_close(m.per_sample_gradient_norms, want_norms, **TOL)
     _assert_same(got, want)

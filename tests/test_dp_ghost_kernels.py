@@ -6,6 +6,8 @@ Opacus 1.6's vanilla per-sample mode.
   norms, Opacus's clip factors, finite flags;
 * ``dp_ghost_clipped_linear_grad``: ``out += sum_b f_b P_b^T Q_b``, dropped
   samples (``f_b = 0``) never read;
+* ``dp_ghost_embedding_sq_norms``: an embedding lookup's per-sample squared
+  norm from its ids and output gradients;
 * ``dp_ghost_linear_sq_norms`` (the older norm op) is in the opcheck test here.
 
 The triton backend runs under the interpreter on CPU (tests/conftest.py).
@@ -149,6 +151,91 @@ def test_clipped_linear_grad_empty(backend):
     assert torch.isfinite(out).all()
 
 
+# ---------------------------------------------------------------- embedding norms
+
+EMB_SHAPES = [(1, 1, 5), (3, 20, 33), (2, 17, 3), (4, 1, 1), (2, 40, 9)]
+
+
+def _ids(kind, b, t):
+    if kind == "repeated":  # a small vocabulary: many (t, s) pairs share an id
+        return torch.randint(0, 3, (b, t))
+    if kind == "equal":     # one id everywhere: the norm is ||sum_t g_t||^2
+        return torch.full((b, t), 5)
+    return torch.randperm(b * t).reshape(b, t)  # all distinct: sum_t ||g_t||^2
+
+
+def _emb_want(ids, g):
+    """fp64 norms of the materialised per-sample table gradient (index_add of
+    the same rounded g): another form than the kernel's Gram walk."""
+    rows = int(ids.max()) + 1 if ids.numel() else 1
+    return ref.per_sample_grads([ref.MatUse(ids=ids, q=g.double())], rows).flatten(1).square().sum(1)
+
+
+@pytest.mark.parametrize("kind", ["repeated", "equal", "distinct"])
+@pytest.mark.parametrize("shape", EMB_SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_embedding_sq_norms_op(backend, shape, dtype, kind):
+    """Against fp64 per-sample gradients of the same rounded g, over dtypes,
+    odd shapes, T = 1, repeated / all-equal / distinct ids; one launch per
+    call; bitwise equal between two runs."""
+    b, t, d = shape
+    ids, g = _ids(kind, b, t), torch.randn(b, t, d).to(dtype)
+    before = collections.Counter(kernels.LAUNCHES)
+    got = ops.embedding_sq_norms(ids, g, backend=backend)
+    assert _launched("dp_ghost_embedding_sq_norms", before) == 1
+    assert got.dtype == torch.float32 and got.shape == (b,)
+    torch.testing.assert_close(got.double(), _emb_want(ids, g), rtol=1e-5, atol=1e-6)
+    if kind == "equal":
+        torch.testing.assert_close(got.double(), g.double().sum(1).square().sum(1), rtol=1e-5, atol=1e-6)
+    assert torch.equal(got, ops.embedding_sq_norms(ids, g, backend=backend))
+
+
+def test_embedding_sq_norms_int32_strided_and_out(backend):
+    """int32 ids, a non-contiguous g (the kernels copy it), written into a row
+    of a [n_params, B] buffer (the other rows untouched)."""
+    ids = torch.randint(0, 4, (5, 18), dtype=torch.int32)
+    g = torch.randn(5, 7, 18).transpose(1, 2)  # [5, 18, 7] strided
+    rows = torch.full((3, 5), 7.0)
+    assert ops.embedding_sq_norms(ids, g, backend=backend, out=rows[1]).data_ptr() == rows[1].data_ptr()
+    torch.testing.assert_close(rows[1].double(), _emb_want(ids.long(), g), rtol=1e-5, atol=1e-6)
+    assert (rows[0] == 7).all() and (rows[2] == 7).all()
+
+
+def test_embedding_sq_norms_nonfinite(backend):
+    """A NaN / an inf in one sample's g makes that sample's norm non-finite
+    (as in the reference), the other samples are unaffected."""
+    ids = torch.randint(0, 3, (4, 21))
+    g = torch.randn(4, 21, 6)
+    g[1, 4, 2] = float("nan")
+    g[2, 20, 5] = float("inf")
+    got = ops.embedding_sq_norms(ids, g, backend=backend)
+    want = ref.gram_sq_norms([ref.MatUse(ids=ids, q=g)])
+    assert torch.equal(torch.isfinite(got), torch.tensor([True, False, False, True]))
+    assert torch.equal(torch.isfinite(want), torch.isfinite(got))
+    keep = torch.tensor([0, 3])
+    torch.testing.assert_close(got[keep].double(), _emb_want(ids[keep], g[keep]), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.launch_free
+def test_embedding_sq_norms_empty_batch(backend):
+    out = ops.embedding_sq_norms(torch.zeros(0, 4, dtype=torch.long), torch.randn(0, 4, 3), backend=backend)
+    assert out.shape == (0,) and out.dtype == torch.float32
+
+
+@pytest.mark.launch_free
+def test_embedding_sq_norms_refusals():
+    g = torch.randn(2, 3, 4)
+    with pytest.raises(TypeError, match="int32 or int64"):
+        ops.embedding_sq_norms(torch.zeros(2, 3), g)
+    with pytest.raises(ValueError, match="ids must be \\[B, T\\]"):
+        ops.embedding_sq_norms(torch.zeros(2, 4, dtype=torch.long), g)
+    with pytest.raises(ValueError, match="out must be"):
+        ops.embedding_sq_norms(torch.zeros(2, 3, dtype=torch.long), g, out=torch.empty(3))
+    if _backend.why_not("triton", torch.device("cpu")) is None:
+        with pytest.raises(TypeError, match="float64"):
+            ops.embedding_sq_norms(torch.zeros(2, 3, dtype=torch.long), g.double(), backend="triton")
+
+
 # ---------------------------------------------------------------- the norm op in low precision
 
 @pytest.mark.parametrize("dtypes", [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16),
@@ -198,12 +285,13 @@ def test_bk_under_low_precision_autocast(backend, dtype):
 
 def test_opcheck(backend):
     """torch.library.opcheck (schema and declared mutation, fake tensors, autograd
-    registration, AOT dispatch) on the three DP-ghost ops; the triton backend
+    registration, AOT dispatch) on the four DP-ghost ops; the triton backend
     runs its kernels under the interpreter inside the checks."""
     a, g = torch.randn(3, 5, 7), torch.randn(3, 5, 4)
     factors = torch.tensor([0.5, 0.0, 1.0])
     cases = [
         (ops.linear_sq_norms_op, (a, g, torch.empty(3), backend)),
+        (ops.embedding_sq_norms_op, (torch.tensor([[1, 2, 1, 1, 0]] * 3), a, torch.empty(3), backend)),
         (ops.clip_factors_op, (_rows(2, 5), 0.7, torch.empty(5), torch.empty(5, dtype=torch.bool),
                                torch.empty(5), backend)),
         (ops.clipped_linear_grad_op, (g, a, factors, torch.randn(4, 7), backend)),
@@ -223,7 +311,8 @@ def test_no_cuda_kernel(monkeypatch):
     rows, p, q, f = torch.rand(2, 3), torch.randn(3, 2, 4), torch.randn(3, 2, 5), torch.ones(3)
     for call in (lambda be: ops.clip_factors(rows, 1.0, backend=be),
                  lambda be: ops.clipped_linear_grad_(torch.zeros(4, 5), p, q, f, backend=be),
-                 lambda be: ops.linear_sq_norms(q, p, backend=be)):
+                 lambda be: ops.linear_sq_norms(q, p, backend=be),
+                 lambda be: ops.embedding_sq_norms(torch.zeros(3, 2, dtype=torch.long), q, backend=be)):
         with pytest.raises(_backend.BackendUnavailable, match="no CUDA kernel"):
             call("cuda")
         before = collections.Counter(kernels.LAUNCHES)
@@ -251,15 +340,20 @@ def test_refusals():
 # mlp fc1, fc2; cnn c1, c2, fc; lm qkv, proj, the tied head; gpt2 (one block) c_attn,
 # attn c_proj, c_fc, mlp c_proj, the tied lm_head
 LINEAR_USES = {"mlp": 2, "cnn": 3, "lm": 3, "gpt2": 5}
+# single-use embeddings (one embedding-norm launch each per backward): lm's pos, gpt2's wpe (the
+# token tables are tied to the heads: their norms, with the cross terms, stay reference math)
+EMBEDDING_USES = {"mlp": 0, "cnn": 0, "lm": 1, "gpt2": 1}
 
 
 @pytest.mark.parametrize("kind", list(LINEAR_USES))
 @pytest.mark.parametrize("mode", ["bk", "ghost"])
 def test_make_private_equals_opacus_vanilla(backend, mode, kind):
     """``make_private(grad_sample_mode=mode)`` on each backend equals Opacus
-    vanilla; on the triton backend one clip-factor launch per backward and (bk)
+    vanilla; on the triton backend one clip-factor launch per backward, one
+    embedding-norm launch per single-use embedding and backward, and (bk)
     one clipped-gradient launch per Linear / Conv use; the torch backend keeps
-    the plain-PyTorch path (neither op launched)."""
+    the plain-PyTorch path (the two fused ops not launched; the embedding norm
+    is its registered op's torch math)."""
     torch.manual_seed(1)
     model = MODELS[kind]()
     batches = [_data(kind, 4), _data(kind, 4)]  # two micro-batches: two DP backwards
@@ -271,6 +365,7 @@ def test_make_private_equals_opacus_vanilla(backend, mode, kind):
     assert _launched("dp_ghost_clip_factors", before) == (2 if kernel else 0)
     assert _launched("dp_ghost_clipped_linear_grad", before) == (2 * LINEAR_USES[kind] if kernel and mode == "bk"
                                                                  else 0)
+    assert _launched("dp_ghost_embedding_sq_norms", before) == 2 * EMBEDDING_USES[kind]
 
 
 def test_nonfinite_sample_dropped(backend):
@@ -313,7 +408,7 @@ def test_fused_norms_equal_torch_path_and_are_deterministic(backend):
 
 def test_registered():
     from fastadv.ops import _registry
-    assert {"dp_ghost_linear_sq_norms", "dp_ghost_clip_factors",
+    assert {"dp_ghost_linear_sq_norms", "dp_ghost_embedding_sq_norms", "dp_ghost_clip_factors",
             "dp_ghost_clipped_linear_grad"} <= set(_registry.registered())
 
 

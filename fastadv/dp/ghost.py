@@ -392,7 +392,8 @@ class GhostClippingModule(nn.Module):
     backward).  ``strategy``: ``"auto"`` (per layer, the Gram form or the
     per-sample gradient, whichever costs fewer operations), ``"gram"`` or
     ``"per_sample"``.  ``backend``: the DP-ghost kernels' (the Gram norm of a
-    layer's single use runs :func:`fastadv.ops.dp_ghost.linear_sq_norms`; on a
+    layer's single use runs :func:`fastadv.ops.dp_ghost.linear_sq_norms`, of a
+    single-use embedding :func:`fastadv.ops.dp_ghost.embedding_sq_norms`; on a
     kernel backend the clip factors are one :func:`fastadv.ops.dp_ghost.clip_factors`
     launch and bk's clipped gradient one
     :func:`fastadv.ops.dp_ghost.clipped_linear_grad_` launch per Linear / Conv
@@ -496,15 +497,18 @@ class GhostClippingModule(nn.Module):
     def _sq_norms(self, uses, rows, out=None) -> torch.Tensor:
         """``[B]`` squared norms of one weight matrix over its uses: the Gram form
         or the per-sample gradient, whichever costs fewer operations (or as
-        ``strategy`` says); a single non-embedding use in Gram form runs the
-        registered op (a kernel on the triton backend), written into ``out``
+        ``strategy`` says); a single use in Gram form runs the
+        registered op (``linear_sq_norms``, or ``embedding_sq_norms`` for a
+        lookup: a kernel on the triton backend), written into ``out``
         when given and on the inputs' device (then ``out`` is returned)."""
         how = self.strategy
         if how == "auto":
             how = "gram" if ref.gram_cost(uses, rows) <= ref.per_sample_cost(uses, rows) else "per_sample"
-        if how == "gram" and len(uses) == 1 and uses[0].p is not None:
+        if how == "gram" and len(uses) == 1:  # a tied parameter's cross terms stay reference math
             u = uses[0]
             ok = out is not None and out.device == u.q.device and out.dtype == ref.acc_dtype(u.q, u.p)
+            if u.p is None:  # an embedding lookup (its padding_idx rows of g already zeroed)
+                return _ghost_ops.embedding_sq_norms(u.ids, u.q, backend=self.backend, out=out if ok else None)
             return _ghost_ops.linear_sq_norms(u.q, u.p, backend=self.backend, out=out if ok else None)
         return ref.matrix_sq_norms(uses, rows, how)
 

@@ -1,6 +1,6 @@
 """Ghost clipping / book-keeping's registered ops (``torch.ops.fastadv.*``):
-``dp_ghost_linear_sq_norms``, ``dp_ghost_clip_factors`` and
-``dp_ghost_clipped_linear_grad``.
+``dp_ghost_linear_sq_norms``, ``dp_ghost_embedding_sq_norms``,
+``dp_ghost_clip_factors`` and ``dp_ghost_clipped_linear_grad``.
 
 ``linear_sq_norms(a, g)``: for a Linear layer with inputs ``a [B, T, I]`` and
 output gradients ``g [B, T, O]``, the squared Frobenius norm of every
@@ -8,6 +8,12 @@ sample's weight gradient ``g_b^T a_b`` without forming it, in fp32 (the Gram
 form, :func:`fastadv.reference.dp_ghost.gram_sq_norms`).  Backends: torch (the
 reference math) and triton (one launch, one program per sample,
 deterministic).
+
+``embedding_sq_norms(ids, g)``: the same for one embedding lookup with ids
+``[B, T]`` and output gradients ``g [B, T, D]``, whose ``P`` is the one-hot
+of the ids: ``sum_{t,s: id_t = id_s} g_t . g_s`` in fp32.  Triton: one
+launch, one program per sample walking ``(t, s)`` tiles with the
+id-equality mask, deterministic.
 
 ``clip_factors(rows, C)``: from the per-parameter squared-norm rows ``[n_rows,
 B]`` (fp32), the per-sample norm ``sqrt(sum of the rows)`` (summed in row
@@ -22,7 +28,7 @@ samples with ``f_b = 0`` masked out of both operands
 (:func:`fastadv.reference.dp_ghost.add_clipped_use`).  Triton: one tiled
 GEMM launch, one program per output tile, fp32 accumulation, no atomics.
 
-None of the three has a CUDA kernel (no CUDA twin yet): a forced
+None of the four has a CUDA kernel (no CUDA twin yet): a forced
 ``backend="cuda"`` raises :class:`~fastadv.BackendUnavailable`; ``auto`` on a
 CUDA tensor runs triton.
 """
@@ -90,13 +96,70 @@ def linear_sq_norms(a: torch.Tensor, g: torch.Tensor, *, backend: str | None = N
     name = _backend_for(backend, a, g)
     if name != "torch":
         a, g = a.contiguous(), g.contiguous()
-    acc = ref.acc_dtype(a, g)
-    if out is None:
-        out = torch.empty(a.shape[0], dtype=acc, device=a.device)
-    elif out.shape != (a.shape[0],) or out.dtype != acc or out.device != a.device or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous {acc} [{a.shape[0]}] tensor on {a.device}, got "
-                         f"{out.dtype} {tuple(out.shape)} on {out.device}")
+    out = _out_row(out, a.shape[0], ref.acc_dtype(a, g), a.device)
     linear_sq_norms_op(a, g, out, name)
+    return out
+
+
+def _out_row(out: torch.Tensor | None, batch: int, acc: torch.dtype, device) -> torch.Tensor:
+    """A norm op's ``[B]`` output: a new tensor, or ``out`` checked (a row of
+    :func:`clip_factors`'s buffer)."""
+    if out is None:
+        return torch.empty(batch, dtype=acc, device=device)
+    if out.shape != (batch,) or out.dtype != acc or out.device != device or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {acc} [{batch}] tensor on {device}, got "
+                         f"{out.dtype} {tuple(out.shape)} on {out.device}")
+    return out
+
+
+# ---------------------------------------------------------------- embedding norms
+
+_ID_DTYPES = (torch.int32, torch.int64)  # nn.Embedding's index dtypes
+
+
+@_registry.op("dp_ghost_embedding_sq_norms", mutates_args={"out"})
+def embedding_sq_norms_op(ids: torch.Tensor, g: torch.Tensor, out: torch.Tensor, backend: str) -> None:
+    """``out[b] = sum_{t,s: id_t = id_s} g_t . g_s`` (``out``: fp32 ``[B]``)."""
+    if backend == "torch":
+        count_launch("torch.dp_ghost_embedding_sq_norms")
+        out.copy_(ref.gram_sq_norms([ref.MatUse(ids=ids, q=g)]))
+        return
+    with device_guard(g):
+        _registry.kernels("dp_ghost", backend).embedding_sq_norms(ids, g, out)
+
+
+@embedding_sq_norms_op.register_fake
+def _(ids, g, out, backend):
+    return None
+
+
+def _check_embedding(ids: torch.Tensor, g: torch.Tensor) -> None:
+    if not (isinstance(ids, torch.Tensor) and isinstance(g, torch.Tensor)):
+        raise TypeError("ids and g must be tensors")
+    if ids.dim() != 2 or g.dim() != 3 or ids.shape != g.shape[:2]:
+        raise ValueError(f"ids must be [B, T] and g [B, T, D] with the same B and T, got "
+                         f"{tuple(ids.shape)} and {tuple(g.shape)}")
+    if ids.dtype not in _ID_DTYPES:
+        raise TypeError(f"ids must be int32 or int64 (nn.Embedding's indices), got {ids.dtype}")
+    if not g.is_floating_point():
+        raise TypeError(f"g must be floating point, got {g.dtype}")
+
+
+def embedding_sq_norms(ids: torch.Tensor, g: torch.Tensor, *, backend: str | None = None,
+                       out: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample squared norm of one embedding lookup's weight gradient from
+    its ids ``[B, T]`` and output gradients ``g [B, T, D]`` (rows of a
+    ``padding_idx`` zeroed by the caller), ``sum_{t,s: id_t = id_s} g_t . g_s``:
+    fp32 ``[B]`` (fp64 for fp64 ``g`` on the torch backend); ``out`` as in
+    :func:`linear_sq_norms`."""
+    _check_embedding(ids, g)
+    name = _registry.pick(backend, g.device, same_device=[("ids", ids)], dtypes=[("output gradients", g)],
+                          allowed=_DTYPES)
+    name = _no_cuda("dp_ghost_embedding_sq_norms", backend, name)
+    if name != "torch":
+        ids, g = ids.contiguous(), g.contiguous()
+    out = _out_row(out, g.shape[0], ref.acc_dtype(g), g.device)
+    embedding_sq_norms_op(ids, g, out, name)
     return out
 
 

@@ -9,7 +9,8 @@ products for fp32 inputs, no TF32; bf16 through exact TF32, see ``PREC_*``)
 and sums their product, in a fixed order:
 deterministic, no atomics, one fp32 result per sample.  Reads ``a`` and ``g``
 ``T / BLOCK_T`` times each (they are small next to the weight gradient it
-avoids).  No CUDA twin yet.
+avoids).  The embedding norm (``_embedding_sq_norms``) is the same walk with
+the ``a`` Gram tile replaced by the id-equality mask.  No CUDA twin yet.
 """
 import torch
 import triton
@@ -76,6 +77,41 @@ def linear_sq_norms(a: torch.Tensor, g: torch.Tensor, out: torch.Tensor) -> None
     _linear_sq_norms[(batch,)](a, g, out, steps, cols, g.shape[2], BLOCK_T=BLOCK_T, BLOCK_K=BLOCK_K,
                                PREC_A=precision(a.dtype), PREC_G=precision(g.dtype), enable_fp_fusion=False)
     count_launch("triton.dp_ghost_linear_sq_norms")
+
+
+# ---------------------------------------------------------------- embedding norms
+
+@triton.jit
+def _embedding_sq_norms(ids_ptr, g_ptr, out_ptr, T, D, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+                        PREC: tl.constexpr):
+    # an embedding lookup's P is the one-hot of its ids: P P^T is the id-equality
+    # mask, so ||G_b||^2 = sum_{t,s} [id_t == id_s] (g_t . g_s); the ids are only
+    # compared, never used as addresses (an out-of-range id cannot read out of bounds)
+    b = tl.program_id(0).to(tl.int64)
+    ids_b = ids_ptr + b * T
+    g_b = g_ptr + b * T * D
+    total = tl.zeros((BLOCK_T, BLOCK_T), dtype=tl.float32)
+    for t0 in range(0, T, BLOCK_T):
+        rt = t0 + tl.arange(0, BLOCK_T)
+        it = tl.load(ids_b + rt, mask=rt < T, other=0)
+        for s0 in range(0, T, BLOCK_T):
+            rs = s0 + tl.arange(0, BLOCK_T)
+            js = tl.load(ids_b + rs, mask=rs < T, other=0)
+            gg = _gram_tile(g_b, t0, s0, T, D, BLOCK_T, BLOCK_K, PREC)  # 0 outside [0, T)^2
+            # a 0/1 product, not a select: 0 * inf = NaN as in the reference's mask * Gram
+            total += (it[:, None] == js[None, :]).to(tl.float32) * gg
+    tl.store(out_ptr + b, tl.sum(tl.sum(total, axis=1), axis=0))
+
+
+def embedding_sq_norms(ids: torch.Tensor, g: torch.Tensor, out: torch.Tensor) -> None:
+    """``out[b] = sum_{t,s: ids[b,t] = ids[b,s]} g[b,t] . g[b,s]`` (fp32) for
+    contiguous ``ids [B, T]`` (int32 / int64) and ``g [B, T, D]`` (fp32, fp16 or bf16)."""
+    batch, steps, dim = g.shape
+    if batch == 0:
+        return
+    _embedding_sq_norms[(batch,)](ids, g, out, steps, dim, BLOCK_T=BLOCK_T, BLOCK_K=BLOCK_K,
+                                  PREC=precision(g.dtype), enable_fp_fusion=False)
+    count_launch("triton.dp_ghost_embedding_sq_norms")
 
 
 # ---------------------------------------------------------------- clip factors
