@@ -19,6 +19,7 @@ import triton.language as tl
 
 from .. import count_launch, host
 from ._trace import wrap_triton
+from . import multi_tensor
 from .multi_tensor import tensor_ptr, work_item
 
 DENSE_BLOCK = 4096      # elements per program, dense passes
@@ -281,45 +282,29 @@ class ShardNorm:
     rows: torch.Tensor | None = None
 
 
-@dataclasses.dataclass
-class _Group:
-    rows: bool
-    dtype: torch.dtype
-    table: host.TensorTable
-    plan: torch.Tensor      # [first partial (T) | slot (T) | cols (T)], a view of the call's plan
-    block_c: int
-
-
-@dataclasses.dataclass
-class ShardPlan:
-    """What :func:`fgm_sq_many` planned, for :func:`fgm_update_many` (the same call's tensors)."""
-    groups: list
+ShardPlan = multi_tensor.Planned  # what fgm_sq_many planned, for fgm_update_many (the same call's tensors)
 
 
 def _by_rows(item: ShardNorm) -> bool:
     return item.rows is not None and item.w.shape[0] > 0
 
 
-def _plan(items):
-    """The host plan: the prefix of partials, the slots, and per (dtype, mode)
-    group of non-empty tensors its indices and its offset in the plan."""
-    prefix = [0]
-    for s in items:
-        prefix.append(prefix[-1] + (s.w.shape[0] if _by_rows(s) else triton.cdiv(s.w.numel(), DENSE_BLOCK)))
-    keys = {}
-    for i, s in enumerate(items):
-        if _by_rows(s) or s.w.numel():  # a row-mode tensor with rows has flags to write (even 0 wide)
-            keys.setdefault((s.w.dtype, _by_rows(s)), []).append(i)
-    host_plan = prefix + [s.slot for s in items]
-    offsets = []
-    for idx in keys.values():
-        offsets.append(len(host_plan))
-        host_plan += [prefix[i] for i in idx] + [items[i].slot for i in idx]
-        host_plan += [items[i].w.shape[1] if _by_rows(items[i]) else 0 for i in idx]
-    return prefix, keys, offsets, host_plan
+def _parts(item: ShardNorm) -> int:
+    return item.w.shape[0] if _by_rows(item) else triton.cdiv(item.w.numel(), DENSE_BLOCK)
 
 
-def _group(items, dtype, rows: bool, plan) -> _Group:
+def _key(item: ShardNorm):
+    """The (dtype, mode) group of an item; None for one with nothing to launch (a row-mode tensor
+    with rows has flags to write, even 0 wide)."""
+    return (item.w.dtype, _by_rows(item)) if _by_rows(item) or item.w.numel() else None
+
+
+def _cols(item: ShardNorm) -> int:
+    return item.w.shape[1] if _by_rows(item) else 0
+
+
+def _group(items, key, plan) -> multi_tensor.Group:
+    dtype, rows = key
     if rows:
         lists = [[s.rows for s in items], [s.w for s in items], [s.g for s in items],
                  [s.backup for s in items]]
@@ -330,7 +315,7 @@ def _group(items, dtype, rows: bool, plan) -> _Group:
         lists = [[s.w.view(-1) for s in items], [s.g.view(-1) for s in items],
                  [s.backup.view(-1) for s in items]]
         table, block_c = host.shared_tables().get("fgm_dense", lists, chunk=DENSE_BLOCK), 0
-    return _Group(rows, dtype, table, plan, block_c)
+    return multi_tensor.Group(rows, dtype, table, plan, block_c)
 
 
 def fgm_sq_many(items, sq: torch.Tensor) -> ShardPlan:
@@ -340,14 +325,13 @@ def fgm_sq_many(items, sq: torch.Tensor) -> ShardPlan:
     if not items:
         return ShardPlan([])
     device = items[0].w.device
-    prefix, keys, offsets, host_plan = _plan(items)
-    plan = host.host_to(torch.tensor(host_plan, dtype=torch.int64), device)
-    part = torch.empty(max(prefix[-1], 1), dtype=torch.float32, device=device)
+    call = multi_tensor.plan_call(items, _parts, _key, _cols, device)
+    part = torch.empty(max(call.n_parts, 1), dtype=torch.float32, device=device)
     groups = []
-    for ((dtype, rows), idx), off in zip(keys.items(), offsets):
-        g = _group([items[i] for i in idx], dtype, rows, plan[off: off + 3 * len(idx)])
-        like = host.witness(dtype, device)
-        if rows:
+    for planned in call.groups:
+        g = _group([items[i] for i in planned.idx], planned.key, planned.plan)
+        like = host.witness(g.dtype, device)
+        if g.rows:
             _mt_partial_rows[(g.table.n_chunks,)](g.table.data, g.table.n_tensors, like,
                                                   host.witness(torch.uint8, device), g.plan, part,
                                                   ITEM=ROW_ITEM, BLOCK_C=g.block_c, ALIGNED=g.table.aligned)
@@ -355,7 +339,7 @@ def fgm_sq_many(items, sq: torch.Tensor) -> ShardPlan:
             _mt_partial_dense[(g.table.n_chunks,)](g.table.data, g.table.n_tensors, like, g.plan, part,
                                                    BLOCK=DENSE_BLOCK, ALIGNED=g.table.aligned)
         groups.append(g)
-    _mt_sum_parts[(len(items),)](plan, len(items), part, sq, BLOCK=FINALIZE_BLOCK)
+    _mt_sum_parts[(len(items),)](call.plan, len(items), part, sq, BLOCK=FINALIZE_BLOCK)
     count_launch("triton.fgm", len(groups) + 1)
     return ShardPlan(groups)
 

@@ -40,12 +40,14 @@ scalar).
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import triton
 import triton.language as tl
 
 from .. import count_launch
-from ..host import ALIGN, CHUNK, TableCache, TensorTable, witness  # noqa: F401  (re-exported)
+from ..host import ALIGN, CHUNK, TableCache, TensorTable, host_to, witness  # noqa: F401  (re-exported)
 
 BLOCK = 2048           # elements per loop iteration of a Triton program
 FINALIZE_BLOCK = 1024  # partials summed per iteration by the finalize programs
@@ -177,3 +179,72 @@ def copy(table: TensorTable, dst: int, src: int, dst_dtype: torch.dtype, src_dty
     _copy[(table.n_chunks,)](table.data, table.n_tensors, like_d, like_s, DST=dst, SRC=src,
                              L=table.n_lists, CHUNK=table.chunk, BLOCK=BLOCK, ALIGNED=table.aligned)
     count_launch("triton.mt_copy")
+
+
+# ------------------------------------------------------------- per-tensor reductions of one call
+
+# The shard steps of FGM and PGD (kernels/triton/fgm.py, pgd.py) reduce every tensor of one call
+# into its own slot of the caller's fp32 buffer: per group of tensors one partials launch writes
+# each tensor's partials at its offset of one partials buffer, one launch sums every tensor's
+# partials into its slot, and per group one update launch reads the slots back.  The host side of
+# that is one small int64 *plan*, planned here for both.
+
+@dataclasses.dataclass
+class PlannedGroup:
+    """One group of a call's plan: the indices of its tensors (in the call's order) and, as a
+    view of the call's device plan, ``[first partial (T) | slot (T) | cols (T)]`` of them."""
+    key: tuple
+    idx: list
+    plan: torch.Tensor
+
+
+@dataclasses.dataclass
+class CallPlan:
+    """The device plan of one call: ``[P (K + 1) | slot (K) | groups...]``, ``P`` the prefix of
+    the K tensors' partial counts (``n_parts = P[K]``), then each group's rows."""
+    plan: torch.Tensor
+    n_parts: int
+    groups: list
+
+
+def plan_call(items, parts, key, cols, device) -> CallPlan:
+    """Plan one call over ``items`` (each with a ``slot``): ``parts(item)`` its number of
+    partials, ``key(item)`` its group (None: nothing to launch for it, its partials are empty
+    and the sum launch alone writes its zeros), ``cols(item)`` its row length (0 when dense).
+    Groups keep the order in which their first tensor comes; one host-to-device copy."""
+    prefix = [0]
+    for s in items:
+        prefix.append(prefix[-1] + parts(s))
+    keys: dict = {}
+    for i, s in enumerate(items):
+        k = key(s)
+        if k is not None:
+            keys.setdefault(k, []).append(i)
+    host_plan = prefix + [s.slot for s in items]
+    offsets = []
+    for idx in keys.values():
+        offsets.append(len(host_plan))
+        host_plan += [prefix[i] for i in idx] + [items[i].slot for i in idx] + [cols(items[i]) for i in idx]
+    plan = host_to(torch.tensor(host_plan, dtype=torch.int64), device)
+    groups = [PlannedGroup(k, idx, plan[off: off + 3 * len(idx)]) for (k, idx), off in zip(keys.items(), offsets)]
+    return CallPlan(plan, prefix[-1], groups)
+
+
+@dataclasses.dataclass
+class Group:
+    """A planned group with its work table, ready for its launches: the mode (row mode or
+    dense), the dtype, the plan rows (:class:`PlannedGroup`), the row block (0 when dense) and
+    ``first`` (PGD's dense first step, which writes the backup)."""
+    rows: bool
+    dtype: torch.dtype
+    table: TensorTable
+    plan: torch.Tensor
+    block_c: int
+    first: bool = False
+
+
+@dataclasses.dataclass
+class Planned:
+    """The groups of one call's reduction, for the same call's update (FGM's ``ShardPlan``,
+    PGD's ``ShardSums``)."""
+    groups: list

@@ -29,6 +29,7 @@ import triton.language as tl
 from .. import count_launch, host
 from ._trace import wrap_triton
 from .fgm import DENSE_BLOCK, FINALIZE_BLOCK, _row_block
+from . import multi_tensor
 from .multi_tensor import tensor_ptr, work_item
 
 
@@ -416,43 +417,23 @@ class ShardStep:
     saved: torch.Tensor | None = None
 
 
-@dataclasses.dataclass
-class _Group:
-    rows: bool
-    first: bool
-    dtype: torch.dtype
-    table: host.TensorTable
-    plan: torch.Tensor      # [first partial (T) | slot (T) | cols (T)], a view of the call's plan
-    block_c: int
-
-
-@dataclasses.dataclass
-class ShardSums:
-    """What :func:`pgd_sums_many` planned, for :func:`pgd_apply_many` (the same call's tensors)."""
-    groups: list
+ShardSums = multi_tensor.Planned  # what pgd_sums_many planned, for pgd_apply_many (the same call's tensors)
 
 
 def _parts(step: ShardStep) -> int:
     return step.w.shape[0] if step.mask is not None else triton.cdiv(step.w.numel(), DENSE_BLOCK)
 
 
-def _plan(steps):
-    """The host plan: the prefix of partials, the slots, and per group of
-    non-empty tensors (dtype, mode and, dense, first) its indices."""
-    prefix = [0]
-    for s in steps:
-        prefix.append(prefix[-1] + _parts(s))
-    keys = {}
-    for i, s in enumerate(steps):
-        if s.w.numel() or s.mask is not None:  # a row-mode tensor has rows (flags to write)
-            keys.setdefault((s.w.dtype, s.mask is not None, s.first and s.mask is None), []).append(i)
-    host_plan = prefix + [s.slot for s in steps]
-    offsets = []
-    for idx in keys.values():
-        offsets.append(len(host_plan))
-        host_plan += [prefix[i] for i in idx] + [steps[i].slot for i in idx]
-        host_plan += [steps[i].w.shape[1] if steps[i].mask is not None else 0 for i in idx]
-    return prefix, keys, offsets, host_plan
+def _key(step: ShardStep):
+    """The (dtype, mode, dense first step) group of a step; None for one with nothing to launch
+    (a row-mode tensor has rows: flags to write)."""
+    if not (step.w.numel() or step.mask is not None):
+        return None
+    return step.w.dtype, step.mask is not None, step.first and step.mask is None
+
+
+def _cols(step: ShardStep) -> int:
+    return step.w.shape[1] if step.mask is not None else 0
 
 
 def pgd_sums_many(steps, sums: torch.Tensor) -> ShardSums:
@@ -462,29 +443,29 @@ def pgd_sums_many(steps, sums: torch.Tensor) -> ShardSums:
     if not steps:
         return ShardSums([])
     device = steps[0].w.device
-    prefix, keys, offsets, host_plan = _plan(steps)
-    plan = host.host_to(torch.tensor(host_plan, dtype=torch.int64), device)
-    NP = prefix[-1]
+    call = multi_tensor.plan_call(steps, _parts, _key, _cols, device)
+    NP = call.n_parts
     part = torch.empty(3 * max(NP, 1), dtype=torch.float32, device=device)
     groups, launches = [], 1
-    for ((dtype, rows, first), idx), off in zip(keys.items(), offsets):
-        g = _group([steps[i] for i in idx], dtype, rows, first, plan[off: off + 3 * len(idx)])
-        like = host.witness(dtype, device)
-        if rows:
+    for planned in call.groups:
+        g = _group([steps[i] for i in planned.idx], planned.key, planned.plan)
+        like = host.witness(g.dtype, device)
+        if g.rows:
             _mt_partial_rows[(g.table.n_chunks,)](g.table.data, g.table.n_tensors, like,
                                                   host.witness(torch.uint8, device), g.plan, part, NP,
                                                   ITEM=ROW_ITEM, BLOCK_C=g.block_c, ALIGNED=g.table.aligned)
         else:
             _mt_partial_dense[(g.table.n_chunks,)](g.table.data, g.table.n_tensors, like, g.plan, part, NP,
-                                                   FIRST=first, BLOCK=DENSE_BLOCK, ALIGNED=g.table.aligned)
+                                                   FIRST=g.first, BLOCK=DENSE_BLOCK, ALIGNED=g.table.aligned)
         groups.append(g)
         launches += 1
-    _mt_sum_parts[(len(steps),)](plan, len(steps), part, NP, sums, BLOCK=FINALIZE_BLOCK)
+    _mt_sum_parts[(len(steps),)](call.plan, len(steps), part, NP, sums, BLOCK=FINALIZE_BLOCK)
     count_launch("triton.pgd", launches)
     return ShardSums(groups)
 
 
-def _group(steps, dtype, rows: bool, first: bool, plan) -> _Group:
+def _group(steps, key, plan) -> multi_tensor.Group:
+    dtype, rows, first = key
     if rows:
         lists = [[s.mask for s in steps], [s.saved for s in steps], [s.w for s in steps],
                  [s.g for s in steps], [s.backup for s in steps]]
@@ -494,7 +475,7 @@ def _group(steps, dtype, rows: bool, first: bool, plan) -> _Group:
     else:
         lists = [[s.w for s in steps], [s.g for s in steps], [s.backup for s in steps]]
         table, block_c = host.shared_tables().get("pgd_dense", lists, chunk=DENSE_BLOCK), 0
-    return _Group(rows, first, dtype, table, plan, block_c)
+    return multi_tensor.Group(rows, dtype, table, plan, block_c, first)
 
 
 def pgd_apply_many(planned: ShardSums, sums: torch.Tensor, alpha: float, eps: float) -> None:
