@@ -8,6 +8,8 @@ Opacus 1.6's vanilla per-sample mode.
   samples (``f_b = 0``) never read;
 * ``dp_ghost_embedding_sq_norms``: an embedding lookup's per-sample squared
   norm from its ids and output gradients;
+* ``dp_ghost_vector_sq_norms``: the bias / norm-layer terms of one backward
+  added into their rows of the ``[n_params, B]`` buffer;
 * ``dp_ghost_linear_sq_norms`` (the older norm op) is in the opcheck test here.
 
 The triton backend runs under the interpreter on CPU (tests/conftest.py).
@@ -236,6 +238,90 @@ def test_embedding_sq_norms_refusals():
             ops.embedding_sq_norms(torch.zeros(2, 3, dtype=torch.long), g.double(), backend="triton")
 
 
+# ---------------------------------------------------------------- vector terms
+
+def _vectors(batch, dtype):
+    """Per-sample vectors of odd sizes (a LayerNorm's [B, d], a bias, a
+    GroupNorm over [B, 3, 4]-shaped terms, an empty parameter, one wider than
+    a 128-element step)."""
+    shapes = [(5,), (300,), (3, 4), (0,), (1,), (129,)]
+    return [torch.randn(batch, *s).to(dtype) for s in shapes]
+
+
+def _vec_want(out0, vecs, rows):
+    want = out0.double().clone()
+    for v, r in zip(vecs, rows):
+        want[r] += v.double().flatten(1).square().sum(1)
+    return want
+
+
+VEC_ROWS = [4, 0, 7, 2, 5, 1]  # distinct, unordered; rows 3 and 6 hold other terms
+
+
+@pytest.mark.parametrize("batch", [1, 5, 37])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_vector_sq_norms_op(backend, dtype, batch):
+    """Added into their rows (the other rows untouched, bit for bit) against
+    fp64; one launch for all; bitwise equal between two runs."""
+    vecs = _vectors(batch, dtype)
+    out0 = torch.rand(8, batch)
+    out = out0.clone()
+    before = collections.Counter(kernels.LAUNCHES)
+    assert ops.vector_sq_norms_(out, vecs, VEC_ROWS, backend=backend) is out
+    assert _launched("dp_ghost_vector_sq_norms", before) == 1
+    torch.testing.assert_close(out.double(), _vec_want(out0, vecs, VEC_ROWS), rtol=1e-5, atol=1e-6)
+    assert torch.equal(out[3], out0[3]) and torch.equal(out[6], out0[6])
+    again = out0.clone()
+    ops.vector_sq_norms_(again, vecs, VEC_ROWS, backend=backend)
+    assert torch.equal(out, again)
+
+
+def test_vector_sq_norms_nonfinite_and_strided(backend):
+    """A NaN / an inf in one sample's vector poisons only that sample's cell;
+    a non-contiguous vector (the kernels copy it) is read as its values."""
+    vecs = _vectors(6, torch.float32)
+    vecs[1][2, 17] = float("nan")
+    vecs[2][4, 1, 3] = float("inf")
+    vecs[0] = torch.randn(5, 6).t()  # [6, 5] strided
+    out = torch.zeros(8, 6)
+    ops.vector_sq_norms_(out, vecs, VEC_ROWS, backend=backend)
+    bad = torch.zeros(8, 6, dtype=torch.bool)
+    bad[VEC_ROWS[1], 2] = bad[VEC_ROWS[2], 4] = True
+    assert torch.equal(~torch.isfinite(out), bad)
+    assert torch.isnan(out[VEC_ROWS[1], 2]) and out[VEC_ROWS[2], 4] == float("inf")
+    torch.testing.assert_close(out.double()[~bad], _vec_want(torch.zeros(8, 6), vecs, VEC_ROWS)[~bad],
+                               rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.launch_free
+def test_vector_sq_norms_empty(backend):
+    """No vector, or an empty batch: nothing launched, out unchanged."""
+    out = torch.rand(3, 4)
+    ops.vector_sq_norms_(out.clone(), [], [], backend=backend)
+    before = collections.Counter(kernels.LAUNCHES)
+    empty = torch.zeros(3, 0)
+    ops.vector_sq_norms_(empty, [torch.randn(0, 5)], [1], backend=backend)
+    assert _launched("dp_ghost_vector_sq_norms", before) == (0 if backend != "torch" else 1)
+
+
+@pytest.mark.launch_free
+def test_vector_sq_norms_refusals():
+    out = torch.zeros(3, 4)
+    with pytest.raises(ValueError, match="distinct rows"):
+        ops.vector_sq_norms_(out, [torch.randn(4, 2)] * 2, [1, 1])
+    with pytest.raises(ValueError, match="distinct rows"):
+        ops.vector_sq_norms_(out, [torch.randn(4, 2)], [3])
+    with pytest.raises(ValueError, match="B = 4"):
+        ops.vector_sq_norms_(out, [torch.randn(5, 2)], [0])
+    with pytest.raises(ValueError, match="same length"):
+        ops.vector_sq_norms_(out, [torch.randn(4, 2)], [0, 1])
+    if _backend.why_not("triton", torch.device("cpu")) is None:
+        with pytest.raises(TypeError, match="dtype"):
+            ops.vector_sq_norms_(out, [torch.randn(4, 2), torch.randn(4, 2).half()], [0, 1], backend="triton")
+        with pytest.raises(TypeError, match="float32"):
+            ops.vector_sq_norms_(out.half(), [torch.randn(4, 2)], [0], backend="triton")
+
+
 # ---------------------------------------------------------------- the norm op in low precision
 
 @pytest.mark.parametrize("dtypes", [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16),
@@ -285,13 +371,14 @@ def test_bk_under_low_precision_autocast(backend, dtype):
 
 def test_opcheck(backend):
     """torch.library.opcheck (schema and declared mutation, fake tensors, autograd
-    registration, AOT dispatch) on the four DP-ghost ops; the triton backend
+    registration, AOT dispatch) on the five DP-ghost ops; the triton backend
     runs its kernels under the interpreter inside the checks."""
     a, g = torch.randn(3, 5, 7), torch.randn(3, 5, 4)
     factors = torch.tensor([0.5, 0.0, 1.0])
     cases = [
         (ops.linear_sq_norms_op, (a, g, torch.empty(3), backend)),
         (ops.embedding_sq_norms_op, (torch.tensor([[1, 2, 1, 1, 0]] * 3), a, torch.empty(3), backend)),
+        (ops.vector_sq_norms_op, ([torch.randn(3, 4), torch.randn(3, 2, 2)], [2, 0], torch.rand(3, 3), backend)),
         (ops.clip_factors_op, (_rows(2, 5), 0.7, torch.empty(5), torch.empty(5, dtype=torch.bool),
                                torch.empty(5), backend)),
         (ops.clipped_linear_grad_op, (g, a, factors, torch.randn(4, 7), backend)),
@@ -312,7 +399,8 @@ def test_no_cuda_kernel(monkeypatch):
     for call in (lambda be: ops.clip_factors(rows, 1.0, backend=be),
                  lambda be: ops.clipped_linear_grad_(torch.zeros(4, 5), p, q, f, backend=be),
                  lambda be: ops.linear_sq_norms(q, p, backend=be),
-                 lambda be: ops.embedding_sq_norms(torch.zeros(3, 2, dtype=torch.long), q, backend=be)):
+                 lambda be: ops.embedding_sq_norms(torch.zeros(3, 2, dtype=torch.long), q, backend=be),
+                 lambda be: ops.vector_sq_norms_(torch.zeros(2, 3), [q], [1], backend=be)):
         with pytest.raises(_backend.BackendUnavailable, match="no CUDA kernel"):
             call("cuda")
         before = collections.Counter(kernels.LAUNCHES)
@@ -349,8 +437,9 @@ EMBEDDING_USES = {"mlp": 0, "cnn": 0, "lm": 1, "gpt2": 1}
 @pytest.mark.parametrize("mode", ["bk", "ghost"])
 def test_make_private_equals_opacus_vanilla(backend, mode, kind):
     """``make_private(grad_sample_mode=mode)`` on each backend equals Opacus
-    vanilla; on the triton backend one clip-factor launch per backward, one
-    embedding-norm launch per single-use embedding and backward, and (bk)
+    vanilla; on the triton backend one clip-factor launch and one vector-term
+    launch per backward, one embedding-norm launch per single-use embedding
+    and backward, and (bk)
     one clipped-gradient launch per Linear / Conv use; the torch backend keeps
     the plain-PyTorch path (the two fused ops not launched; the embedding norm
     is its registered op's torch math)."""
@@ -366,6 +455,8 @@ def test_make_private_equals_opacus_vanilla(backend, mode, kind):
     assert _launched("dp_ghost_clipped_linear_grad", before) == (2 * LINEAR_USES[kind] if kernel and mode == "bk"
                                                                  else 0)
     assert _launched("dp_ghost_embedding_sq_norms", before) == 2 * EMBEDDING_USES[kind]
+    # every model has biases / norm layers: their terms are one launch per backward
+    assert _launched("dp_ghost_vector_sq_norms", before) == (2 if kernel else 0)
 
 
 def test_nonfinite_sample_dropped(backend):
@@ -408,7 +499,8 @@ def test_fused_norms_equal_torch_path_and_are_deterministic(backend):
 
 def test_registered():
     from fastadv.ops import _registry
-    assert {"dp_ghost_linear_sq_norms", "dp_ghost_embedding_sq_norms", "dp_ghost_clip_factors",
+    assert {"dp_ghost_linear_sq_norms", "dp_ghost_embedding_sq_norms", "dp_ghost_vector_sq_norms",
+            "dp_ghost_clip_factors",
             "dp_ghost_clipped_linear_grad"} <= set(_registry.registered())
 
 

@@ -281,9 +281,11 @@ class _Pass:
       output gradient).
 
     ``fused`` (a kernel backend): each parameter's ``[B]`` term goes into its
-    own row of one preallocated ``[n_params, B]`` buffer (a single Linear
-    use's Gram norm is written there by the norm kernel itself; a tied
-    parameter's terms are added into its row), and one
+    own row of one preallocated ``[n_params, B]`` buffer (a single Linear or
+    embedding use's Gram norm is written there by its norm kernel; every
+    vector term (biases, norm layers) by one ``dp_ghost_vector_sq_norms``
+    launch at the end, so ghost mode keeps those small ``[B, d]`` terms until
+    then; a tied matrix's terms are added into its row), and one
     ``dp_ghost_clip_factors`` launch sums the rows.  Otherwise the terms are
     added into one ``[B]`` sum as they come (the torch path)."""
 
@@ -341,8 +343,8 @@ class _Pass:
                 self._tied(p, r, u)
         for p, v in uses.vecs:
             self._arrive(p, r)
-            if self.keep or self.pending[id(p)] or p in self.vecs:
-                self.vecs[p].append(v)  # small: summed over the uses at the end
+            if self.keep or self.rows is not None or self.pending[id(p)] or p in self.vecs:
+                self.vecs[p].append(v)  # small: summed over the uses at the end (fused: one launch)
             else:
                 self._add(p, ref.vector_sq_norms([v]))
 
@@ -374,9 +376,23 @@ class _Pass:
         buffer's ``[n_params, B]`` rows."""
         for p, uses in self.mats.items():
             self._add_matrix(p, uses)
-        for p, vs in self.vecs.items():
-            self._add(p, ref.vector_sq_norms(vs))
-        return self.sq if self.rows is None else self.rows
+        if self.rows is None:
+            for p, vs in self.vecs.items():
+                self._add(p, ref.vector_sq_norms(vs))
+            return self.sq
+        self._add_vectors()
+        return self.rows
+
+    def _add_vectors(self) -> None:
+        """Every vector parameter's term into its row in one
+        ``dp_ghost_vector_sq_norms`` call (a parameter used more than once:
+        its uses' per-sample gradients summed first, as the reference does)."""
+        if not self.vecs:
+            return
+        acc, device = self.rows.dtype, self.rows.device
+        vecs = [(vs[0] if len(vs) == 1 else sum(v.to(acc) for v in vs)).to(device) for vs in self.vecs.values()]
+        rows = [self.row_of[id(p)] for p in self.vecs]
+        _ghost_ops.vector_sq_norms_(self.rows, vecs, rows, backend=self.owner.backend)
 
 
 def _embedding_ids(r: _Record) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """Ghost clipping / book-keeping's registered ops (``torch.ops.fastadv.*``):
 ``dp_ghost_linear_sq_norms``, ``dp_ghost_embedding_sq_norms``,
-``dp_ghost_clip_factors`` and ``dp_ghost_clipped_linear_grad``.
+``dp_ghost_vector_sq_norms``, ``dp_ghost_clip_factors`` and
+``dp_ghost_clipped_linear_grad``.
 
 ``linear_sq_norms(a, g)``: for a Linear layer with inputs ``a [B, T, I]`` and
 output gradients ``g [B, T, O]``, the squared Frobenius norm of every
@@ -15,6 +16,12 @@ of the ids: ``sum_{t,s: id_t = id_s} g_t . g_s`` in fp32.  Triton: one
 launch, one program per sample walking ``(t, s)`` tiles with the
 id-equality mask, deterministic.
 
+``vector_sq_norms_(out, vecs, rows)``: the vector terms (bias and norm-layer
+per-sample gradients ``[B, ...]``) added into their distinct rows of the
+``[n_rows, B]`` buffer, ``out[rows[k], b] += ||vecs[k][b]||^2``.  Triton: one
+launch for all of them through a device table of addresses built in the call
+(one program per (vector, 16 samples), fp32, deterministic).
+
 ``clip_factors(rows, C)``: from the per-parameter squared-norm rows ``[n_rows,
 B]`` (fp32), the per-sample norm ``sqrt(sum of the rows)`` (summed in row
 order: deterministic), Opacus 1.6's clip factor ``(C / (norm + 1e-6)).clamp(
@@ -28,7 +35,7 @@ samples with ``f_b = 0`` masked out of both operands
 (:func:`fastadv.reference.dp_ghost.add_clipped_use`).  Triton: one tiled
 GEMM launch, one program per output tile, fp32 accumulation, no atomics.
 
-None of the four has a CUDA kernel (no CUDA twin yet): a forced
+None of the five has a CUDA kernel (no CUDA twin yet): a forced
 ``backend="cuda"`` raises :class:`~fastadv.BackendUnavailable`; ``auto`` on a
 CUDA tensor runs triton.
 """
@@ -160,6 +167,61 @@ def embedding_sq_norms(ids: torch.Tensor, g: torch.Tensor, *, backend: str | Non
         ids, g = ids.contiguous(), g.contiguous()
     out = _out_row(out, g.shape[0], ref.acc_dtype(g), g.device)
     embedding_sq_norms_op(ids, g, out, name)
+    return out
+
+
+# ---------------------------------------------------------------- vector terms
+
+@_registry.op("dp_ghost_vector_sq_norms", mutates_args={"out"})
+def vector_sq_norms_op(vecs: list[torch.Tensor], rows: list[int], out: torch.Tensor, backend: str) -> None:
+    """``out[rows[k]] += ||vecs[k][b]||^2`` per sample ``b`` (distinct rows)."""
+    if backend == "torch":
+        count_launch("torch.dp_ghost_vector_sq_norms")
+        for v, r in zip(vecs, rows):
+            out[r] += ref.vector_sq_norms([v]).to(out.dtype)
+        return
+    with device_guard(out):
+        _registry.kernels("dp_ghost", backend).vector_sq_norms(vecs, rows, out)
+
+
+@vector_sq_norms_op.register_fake
+def _(vecs, rows, out, backend):
+    return None
+
+
+def _check_vectors(out: torch.Tensor, vecs, rows) -> None:
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or not out.is_floating_point():
+        raise ValueError(f"out must be a floating-point [n_rows, B] tensor, got "
+                         f"{getattr(out, 'dtype', type(out))} {tuple(getattr(out, 'shape', ()))}")
+    if len(vecs) != len(rows):
+        raise ValueError(f"vecs and rows must have the same length, got {len(vecs)} and {len(rows)}")
+    if len(set(rows)) != len(rows) or any(not 0 <= r < out.shape[0] for r in rows):
+        raise ValueError(f"rows must be distinct rows of out (0 <= row < {out.shape[0]}), got {list(rows)}")
+    for i, v in enumerate(vecs):
+        if not isinstance(v, torch.Tensor) or not v.is_floating_point() or v.dim() < 1 \
+                or v.shape[0] != out.shape[1]:
+            raise ValueError(f"vecs[{i}] must be a floating-point [B, ...] tensor with B = {out.shape[1]}, got "
+                             f"{getattr(v, 'dtype', type(v))} {tuple(getattr(v, 'shape', ()))}")
+
+
+def vector_sq_norms_(out: torch.Tensor, vecs: list[torch.Tensor], rows: list[int], *,
+                     backend: str | None = None) -> torch.Tensor:
+    """The vector terms of one DP backward (biases, norm layers: materialised
+    per-sample gradients ``[B, ...]``) added into their rows of the
+    per-parameter buffer: ``out[rows[k], b] += ||vecs[k][b]||^2``, rows
+    distinct.  Kernel backends: one launch for all of them (one dtype per
+    call, fp32 / fp16 / bf16; fp32 contiguous ``out``).  Returns ``out``."""
+    vecs, rows = list(vecs), [int(r) for r in rows]
+    _check_vectors(out, vecs, rows)
+    pairs = [("vectors", v) for v in vecs]
+    name = _registry.pick(backend, out.device, same_device=pairs, strided=pairs,
+                          dtypes=[("out", out, (torch.float32,))] + pairs, allowed=_DTYPES,
+                          same_dtype=pairs, contiguous=[("out", out)])
+    name = _no_cuda("dp_ghost_vector_sq_norms", backend, name)
+    if vecs:
+        if name != "torch":
+            vecs = [v.contiguous() for v in vecs]  # the kernel walks each as [B, d] memory
+        vector_sq_norms_op(vecs, rows, out, name)
     return out
 
 

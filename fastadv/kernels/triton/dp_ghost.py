@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import count_launch
+from .. import count_launch, host
 
 BLOCK_T = 16
 BLOCK_K = 32
@@ -112,6 +112,51 @@ def embedding_sq_norms(ids: torch.Tensor, g: torch.Tensor, out: torch.Tensor) ->
     _embedding_sq_norms[(batch,)](ids, g, out, steps, dim, BLOCK_T=BLOCK_T, BLOCK_K=BLOCK_K,
                                   PREC=precision(g.dtype), enable_fp_fusion=False)
     count_launch("triton.dp_ghost_embedding_sq_norms")
+
+
+# ---------------------------------------------------------------- vector terms
+
+VEC_BLOCK_B = 16   # samples per program
+VEC_BLOCK_D = 128  # per-sample elements per loop step
+
+
+@triton.jit
+def _vector_sq_norms(table, n_tensors, B, like, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+    # one program per (tensor, BLOCK_B samples): out_row[b] += ||v[b]||^2, the
+    # sample's elements summed in a fixed order (each output cell has one owner:
+    # deterministic, no atomics).  Table (fastadv.kernels.host.TensorTable, 2
+    # lists): list 0 the [B, d] vectors, list 1 their rows of the fp32 buffer
+    # (each B long), then the vectors' numels (B * d)
+    pid = tl.program_id(0)
+    n_blocks = tl.cdiv(B, BLOCK_B)
+    t = pid // n_blocks
+    rb = (pid % n_blocks).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+    v = tl.load(table + t).to(like.dtype)
+    o = tl.load(table + n_tensors + t).to(tl.pointer_type(tl.float32))
+    d = tl.load(table + 2 * n_tensors + t) // B
+    acc = tl.zeros((BLOCK_B, BLOCK_D), dtype=tl.float32)
+    for k0 in range(0, d, BLOCK_D):
+        rk = k0 + tl.arange(0, BLOCK_D)
+        x = tl.load(v + rb[:, None] * d + rk[None, :], mask=(rb[:, None] < B) & (rk[None, :] < d),
+                    other=0.0).to(tl.float32)
+        acc += x * x
+    bmask = rb < B
+    tl.store(o + rb, tl.load(o + rb, mask=bmask, other=0.0) + tl.sum(acc, axis=1), mask=bmask)
+
+
+def vector_sq_norms(vecs: list[torch.Tensor], rows: list[int], out: torch.Tensor) -> None:
+    """``out[rows[k], b] += ||vecs[k][b]||^2`` for contiguous ``[B, ...]``
+    vectors of one dtype and distinct rows of the contiguous fp32 ``out [n_rows,
+    B]``, in one launch.  The table is built here from the live tensors and used
+    at once (not cached: the buffer is new at every backward)."""
+    batch = out.shape[1]
+    if batch == 0 or not vecs:
+        return
+    table = host.TensorTable.of([vecs, [out[r] for r in rows]])
+    grid = (len(vecs) * triton.cdiv(batch, VEC_BLOCK_B),)
+    _vector_sq_norms[grid](table.data, len(vecs), batch, host.witness(vecs[0].dtype, out.device),
+                           BLOCK_B=VEC_BLOCK_B, BLOCK_D=VEC_BLOCK_D, enable_fp_fusion=False)
+    count_launch("triton.dp_ghost_vector_sq_norms")
 
 
 # ---------------------------------------------------------------- clip factors
