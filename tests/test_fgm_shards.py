@@ -8,8 +8,8 @@ FGM (fastadv.reference) on the whole tensors, fp32 tolerance; restore is
 bit-exact.  Dense and row mode, uneven and empty shards, rows without
 gradient, a zero gradient (skipped on the device).  The multi-tensor section:
 one call over many odd tensors of two dtypes on triton, in a constant number
-of launches, equals the torch path and, where the row blocks agree, bitwise
-the unsharded ``fgm_attack_``.  tests/test_distributed.py runs the same path
+of launches, equals the torch path and, bitwise, the unsharded
+``fgm_attack_`` of every tensor (mixed row widths included).  tests/test_distributed.py runs the same path
 on real FSDP2 shards (gloo, 2 processes)."""
 import pytest
 import torch
@@ -81,9 +81,10 @@ def test_many_refuses_mismatched_lists():
 # without gradient, a single row, 0-wide rows (flags written, nothing moved); dense: empty tensors
 # (1-D and 0-row 2-D: the sum launch alone gives their zeros), a single element, two dense blocks
 # (DENSE_BLOCK = 4096), a dense 2-D, fp16 (a second dtype group); gradients: zero (skipped), NaN
-# (skipped), inf (NaN written, as the torch path does).  "equal": every row width in one row block
-# (8), so each tensor's norm and update are bitwise those of the unsharded fgm_attack_; "mixed"
-# adds a 40-wide row (a wider row block for the whole group: fp32 tolerance).
+# (skipped), inf (NaN written, as the torch path does).  Row widths in three row blocks (8, 4 and,
+# 0 wide, 1); "mixed" adds a 40-wide row (block 64), a 2100-wide one (block 2048: two column
+# iterations) and a 1-wide one (block 1).  Groups are (dtype, mode, row block), so every tensor's
+# norm and update are bitwise those of the unsharded fgm_attack_.
 MULTI = [((7, 5), torch.float32, True, "rows"), ((3, 7), torch.float32, True, "rows"),
          ((1, 6), torch.float32, True, "randn"), ((4, 5), torch.float32, True, "nan"),
          ((0,), torch.float32, True, "randn"), ((0, 4), torch.float32, True, "randn"),
@@ -91,7 +92,8 @@ MULTI = [((7, 5), torch.float32, True, "rows"), ((3, 7), torch.float32, True, "r
          ((5000,), torch.float32, True, "randn"), ((9, 5), torch.float32, False, "zero"),
          ((6, 3), torch.float32, True, "inf"), ((33,), torch.float16, True, "randn"),
          ((2, 8), torch.float16, True, "rows")]
-MIXED = MULTI + [((6, 40), torch.float32, True, "rows")]
+MIXED = MULTI + [((6, 40), torch.float32, True, "rows"), ((2, 2100), torch.float32, True, "randn"),
+                 ((3, 1), torch.float32, True, "randn")]
 _NO_TRITON = _backend.why_not("triton", DEVICE)  # the comparison runs triton against torch and fgm_attack_
 
 
@@ -127,10 +129,20 @@ def _multi_attack(tensors, weights, backend):
     return ws, states, kernels.LAUNCHES["triton.fgm"] - before
 
 
+def _row_block(cols: int) -> int:
+    """The per-tensor row kernels' column block: the power of two >= cols (>= 1), at most 2048."""
+    return min(1 << max(cols - 1, 0).bit_length(), 2048)
+
+
 def _groups(tensors) -> int:
-    """The (dtype, mode) groups of non-empty tensors: each one partials and one update launch."""
-    return len({(dt, rs and len(sh) == 2 and sh[0] > 0) for sh, dt, rs, _ in tensors
-                if torch.Size(sh).numel() or (rs and len(sh) == 2 and sh[0] > 0)})
+    """The (dtype, mode, row block) groups of non-empty tensors: each one partials and one update
+    launch."""
+    keys = set()
+    for sh, dt, rs, _ in tensors:
+        rows = rs and len(sh) == 2 and sh[0] > 0
+        if rows or torch.Size(sh).numel():
+            keys.add((dt, rows, _row_block(sh[1]) if rows else 0))
+    return len(keys)
 
 
 @pytest.mark.skipif(_NO_TRITON is not None, reason=f"triton backend unavailable: {_NO_TRITON}")
@@ -140,8 +152,8 @@ def test_multi_tensor_attack_equals_per_tensor_and_torch(tensors):
     weights = [torch.randn(sh, generator=gen).to(dt).to(DEVICE) for sh, dt, _, _ in tensors]
     got, states, launches = _multi_attack(tensors, weights, "triton")
     # the triton multi-tensor path ran, in 2 launches per group + 1 whatever the number of tensors
-    # (fp32 rows, fp32 dense, fp16 rows, fp16 dense: 9 for the 13 tensors of MULTI and the 14 of MIXED)
-    assert _groups(tensors) == 4 and launches == 2 * 4 + 1, launches
+    # (fp32 rows in blocks 8, 4, 1 (+ 64, 2048 in MIXED), fp32 dense, fp16 rows, fp16 dense)
+    assert _groups(tensors) == (6 if tensors is MULTI else 8) and launches == 2 * _groups(tensors) + 1, launches
     assert any(s.rows is not None for s in states) and any(s.rows is None for s in states)
     torch_ws, _, _ = _multi_attack(tensors, weights, "torch")
     for i, ((sh, dt, _, kind), w, ref) in enumerate(zip(tensors, got, torch_ws)):
@@ -151,11 +163,10 @@ def test_multi_tensor_attack_equals_per_tensor_and_torch(tensors):
         assert w.isnan().any() == (kind == "inf"), (i, kind)
         if w.numel() and kind not in ("inf",):
             assert torch.equal(w, weights[i]) == (kind in ("nan", "zero")), (i, kind)
-    if tensors is MULTI:  # one row block: bitwise the unsharded per-tensor kernels
-        for i, (w0, w, (sh, _, rs, kind)) in enumerate(zip(weights, got, tensors)):
-            alone = w0.clone()
-            fgm_attack_(alone, _multi_grads(tensors)[i], EPS, row_sparse=rs, backend="triton")
-            torch.testing.assert_close(w, alone, rtol=0, atol=0, equal_nan=True, msg=f"tensor {i} {sh} {kind}")
+    for i, (w0, w, (sh, _, rs, kind)) in enumerate(zip(weights, got, tensors)):  # bitwise per tensor
+        alone = w0.clone()
+        fgm_attack_(alone, _multi_grads(tensors)[i], EPS, row_sparse=rs, backend="triton")
+        torch.testing.assert_close(w, alone, rtol=0, atol=0, equal_nan=True, msg=f"tensor {i} {sh} {kind}")
     for i, (state, w, w0) in enumerate(zip(states, got, weights)):  # restore: the weights bit for bit
         ops.fgm_restore_(state, w)
         assert torch.equal(w, w0), i

@@ -16,6 +16,7 @@ from fastadv.reference import PGD as RefPGD
 
 from conftest import DEVICE
 from test_fgm import FP32
+from test_fgm_shards import _row_block
 
 ALPHA, EPS, STEPS = 0.3, 0.5, 4
 # (shape, row_sparse, row cuts into 3 ranks): row mode with an empty shard, dense 1-D, dense 2-D
@@ -96,15 +97,18 @@ def test_many_refuses_mismatched_lists():
 # without gradient, a single row; dense: an empty tensor (1-D and 0-row 2-D: the sum launch alone
 # gives their zeros), a single element, two dense blocks (DENSE_BLOCK = 4096), a dense 2-D, fp16
 # (a second dtype group); gradients: zero (step skipped), NaN (skipped), inf (NaN written, as the
-# torch path does).  "equal": every row width in one row block (8), so each tensor's sums and
-# steps are bitwise those of the per-tensor kernels (pgd_step); "mixed" adds a 40-wide row.
+# torch path does).  Row widths in two row blocks (8, 4); "mixed" adds a 40-wide row (block 64),
+# a 2100-wide one (block 2048: two column iterations) and a 1-wide one (block 1).  Groups are
+# (dtype, mode, dense first step, row block), so every tensor's sums and steps are bitwise those
+# of the per-tensor kernels (pgd_step).
 MULTI = [((7, 5), torch.float32, True, "rows"), ((3, 7), torch.float32, True, "rows"),
          ((1, 6), torch.float32, True, "randn"), ((4, 5), torch.float32, True, "nan"),
          ((0,), torch.float32, True, "randn"), ((0, 4), torch.float32, True, "randn"),
          ((1,), torch.float32, True, "randn"), ((5000,), torch.float32, True, "randn"),
          ((9, 5), torch.float32, False, "zero"), ((6, 3), torch.float32, True, "inf"),
          ((33,), torch.float16, True, "randn"), ((2, 8), torch.float16, True, "rows")]
-MIXED = MULTI + [((6, 40), torch.float32, True, "rows")]
+MIXED = MULTI + [((6, 40), torch.float32, True, "rows"), ((2, 2100), torch.float32, True, "randn"),
+                 ((3, 1), torch.float32, True, "randn")]
 _NO_TRITON = _backend.why_not("triton", DEVICE)  # the comparison runs triton against torch and pgd_step
 
 
@@ -144,8 +148,14 @@ def _multi_steps(tensors, weights, backend, steps=3):
 
 
 def _groups(tensors) -> int:
-    """The (dtype, mode) groups of non-empty tensors: each one partials and one apply launch."""
-    return len({(dt, rs and len(sh) == 2 and sh[0] > 0) for sh, dt, rs, _ in tensors if torch.Size(sh).numel()})
+    """The (dtype, mode, row block) groups of non-empty tensors (a call's steps are all first or
+    all later): each one partials and one apply launch."""
+    keys = set()
+    for sh, dt, rs, _ in tensors:
+        rows = rs and len(sh) == 2 and sh[0] > 0
+        if torch.Size(sh).numel():
+            keys.add((dt, rows, _row_block(sh[1]) if rows else 0))
+    return len(keys)
 
 
 @pytest.mark.skipif(_NO_TRITON is not None, reason=f"triton backend unavailable: {_NO_TRITON}")
@@ -155,6 +165,8 @@ def test_multi_tensor_step_equals_per_tensor_and_torch(tensors):
     weights = [torch.randn(sh, generator=gen).to(dt).to(DEVICE) for sh, dt, _, _ in tensors]
     got, states, launches = _multi_steps(tensors, weights, "triton")
     # the triton multi-tensor path ran, in 2 launches per group + 1, whatever the number of tensors
+    # (fp32 rows in blocks 8, 4 (+ 64, 2048, 1 in MIXED), fp32 dense, fp16 rows, fp16 dense)
+    assert _groups(tensors) == (5 if tensors is MULTI else 8), _groups(tensors)
     assert launches == [2 * _groups(tensors) + 1] * 3, launches
     assert any(s.mask is not None for s in states) and any(s.mask is None for s in states)
     torch_ws, _, _ = _multi_steps(tensors, weights, "torch")
@@ -165,13 +177,12 @@ def test_multi_tensor_step_equals_per_tensor_and_torch(tensors):
         assert w.isnan().any() == (kind == "inf"), (i, kind)
         if w.numel() and kind not in ("inf",):
             assert not torch.equal(w, weights[i]), (i, kind)
-    if tensors is MULTI:  # one row block: bitwise the unsharded per-tensor kernels
-        for i, (w0, w, (sh, _, rs, kind)) in enumerate(zip(weights, got, tensors)):
-            alone, state = w0.clone(), None
-            for step in range(3):
-                state = ops.pgd_attack_(alone, _multi_grads(tensors, step)[i], ALPHA, EPS, state,
-                                        row_sparse=rs, backend="triton")
-            torch.testing.assert_close(w, alone, rtol=0, atol=0, equal_nan=True, msg=f"tensor {i} {sh} {kind}")
+    for i, (w0, w, (sh, _, rs, kind)) in enumerate(zip(weights, got, tensors)):  # bitwise per tensor
+        alone, state = w0.clone(), None
+        for step in range(3):
+            state = ops.pgd_attack_(alone, _multi_grads(tensors, step)[i], ALPHA, EPS, state,
+                                    row_sparse=rs, backend="triton")
+        torch.testing.assert_close(w, alone, rtol=0, atol=0, equal_nan=True, msg=f"tensor {i} {sh} {kind}")
     for i, (state, w, w0) in enumerate(zip(states, got, weights)):  # restore: w0 bit for bit
         ops.pgd_restore_(state, w)
         assert torch.equal(w, w0), i

@@ -167,16 +167,18 @@ def fgm_restore_rows(w2d, backup, rows) -> None:
 
 # ---- FSDP2 shards, over many tensors: partials, sums, all_reduce + sqrt (caller), update ----------
 #
-# One call attacks every sharded tensor of one FGM attack.  Per (dtype, mode) group of non-empty
-# shards, one partials launch and one update launch walk one multi-tensor work table (host.py's
-# layout; dense: chunks of DENSE_BLOCK elements, lists w, g, b; rows: chunks of ROW_ITEM rows,
-# lists flags, w, g, b, so list 0's "numel" is the row count); one launch sums every tensor's
-# partials into its slot of the caller's [n] fp32 buffer.  Three launches for a call of one dtype
-# group whatever the number of tensors.  Each work item computes what the per-tensor kernels
-# compute for its block / row (same blocks, same partials, the finalize's summation order), so a
-# tensor's ||g||^2 is bitwise the one fgm_norm takes the sqrt of when its group's row block
-# (``_row_block(cols)``) is its own.  A small int64 *plan* (one host-to-device copy per call)
-# says where each tensor's partials start, which slot is its, and its row length.
+# One call attacks every tensor of one FGM attack.  Per group of non-empty tensors -- (dtype, mode,
+# row block): the row block is ``_row_block(cols)``, a power of two from 1 to 2048, so a dtype has
+# at most 12 row-mode groups and one dense group however many tensors it holds -- one partials
+# launch and one update launch walk one multi-tensor work table (host.py's layout; dense: chunks
+# of DENSE_BLOCK elements, lists w, g, b; rows: chunks of ROW_ITEM rows, lists flags, w, g, b, so
+# list 0's "numel" is the row count); one launch sums every tensor's partials into its slot of
+# the caller's [n] fp32 buffer: 2 x groups + 1 launches (3 for one group).  Each work item
+# computes what the per-tensor kernels compute for its block / row (same blocks, same row block,
+# same partials, the finalize's summation order), so a tensor's ||g||^2 is bitwise the one
+# fgm_norm takes the sqrt of, and its update bitwise fgm_update's.  A small int64 *plan*
+# (multi_tensor.plan_call, one host-to-device copy per call) says where each tensor's partials
+# start, which slot is its, and its row length.
 
 ROW_ITEM = 16   # rows per program of the row-mode multi-tensor kernels (a table chunk: multiple of 16)
 
@@ -294,9 +296,13 @@ def _parts(item: ShardNorm) -> int:
 
 
 def _key(item: ShardNorm):
-    """The (dtype, mode) group of an item; None for one with nothing to launch (a row-mode tensor
-    with rows has flags to write, even 0 wide)."""
-    return (item.w.dtype, _by_rows(item)) if _by_rows(item) or item.w.numel() else None
+    """The (dtype, mode, row block) group of an item; None for one with nothing to launch (a
+    row-mode tensor with rows has flags to write, even 0 wide).  The row block is the one
+    fgm_norm / fgm_update take for its width (0 when dense), so each item runs exactly the
+    per-tensor kernels' arithmetic: bitwise their result."""
+    if _by_rows(item):
+        return item.w.dtype, True, _row_block(item.w.shape[1])
+    return (item.w.dtype, False, 0) if item.w.numel() else None
 
 
 def _cols(item: ShardNorm) -> int:
@@ -304,24 +310,22 @@ def _cols(item: ShardNorm) -> int:
 
 
 def _group(items, key, plan) -> multi_tensor.Group:
-    dtype, rows = key
+    dtype, rows, block_c = key
     if rows:
         lists = [[s.rows for s in items], [s.w for s in items], [s.g for s in items],
                  [s.backup for s in items]]
         table = host.shared_tables().get("fgm_rows", lists, chunk=ROW_ITEM)
-        # one row block for the group: the widest row's (a group of equal widths keeps fgm_norm's)
-        block_c = max(_row_block(s.w.shape[1]) for s in items)
     else:
         lists = [[s.w.view(-1) for s in items], [s.g.view(-1) for s in items],
                  [s.backup.view(-1) for s in items]]
-        table, block_c = host.shared_tables().get("fgm_dense", lists, chunk=DENSE_BLOCK), 0
+        table = host.shared_tables().get("fgm_dense", lists, chunk=DENSE_BLOCK)
     return multi_tensor.Group(rows, dtype, table, plan, block_c)
 
 
 def fgm_sq_many(items, sq: torch.Tensor) -> ShardPlan:
     """``sq[s] = ||g||^2`` (fp32) of every item's tensor (``s`` its slot); row
-    mode also writes the flags.  Launches: one partials launch per (dtype,
-    mode) group of non-empty tensors, one sum launch."""
+    mode also writes the flags.  Launches: one partials launch per group of
+    non-empty tensors (dtype, mode, row block), one sum launch."""
     if not items:
         return ShardPlan([])
     device = items[0].w.device

@@ -242,16 +242,18 @@ def _update(w, g, backup, coef, alpha: float, eps: float, first: bool, mask, sav
 
 # ---- the step on FSDP2 shards, over many tensors: partials, sums, all_reduce (caller), apply ----
 #
-# One call steps every sharded tensor of one PGD attack.  Per (dtype, mode) group of non-empty
-# shards, one partials launch and one apply launch walk a multi-tensor work table (host.py's
+# One call steps every tensor of one PGD attack.  Per group of non-empty tensors -- (dtype, mode,
+# dense first step, row block): the row block is ``_row_block(cols)``, a power of two from 1 to
+# 2048, so a dtype has at most 12 row-mode groups and two dense ones however many tensors it
+# holds -- one partials launch and one apply launch walk a multi-tensor work table (host.py's
 # layout; dense: chunks of DENSE_BLOCK elements, lists w, g, b; rows: chunks of ROW_ITEM rows,
 # lists mask, saved, w, g, b, so list 0's "numel" is the row count); one launch sums every
-# tensor's partials into its 3-float slot of the caller's buffer.  Three launches for a call of
-# one dtype group whatever the number of tensors.  Each work item computes what the per-tensor
-# kernels compute for its block / rows (same blocks, same partials, same summation order), so a
-# tensor's sums are bitwise those of ``pgd_step`` when the row block (``_row_block(cols)``) of
-# its group is its own.  A small int64 *plan* (one host-to-device copy per call) says where
-# each tensor's partials start, which slot of ``sums`` is its, and its row length.
+# tensor's partials into its 3-float slot of the caller's buffer: 2 x groups + 1 launches (3 for
+# one group).  Each work item computes what the per-tensor kernels compute for its block / rows
+# (same blocks, same row block, same partials, same summation order, the finalize's formula), so
+# a tensor's sums and step are bitwise those of ``pgd_step``.  A small int64 *plan*
+# (multi_tensor.plan_call, one host-to-device copy per call) says where each tensor's partials
+# start, which slot of ``sums`` is its, and its row length.
 
 ROW_ITEM = 16   # rows per program of the row-mode multi-tensor kernels (a table chunk: multiple of 16)
 
@@ -425,11 +427,13 @@ def _parts(step: ShardStep) -> int:
 
 
 def _key(step: ShardStep):
-    """The (dtype, mode, dense first step) group of a step; None for one with nothing to launch
-    (a row-mode tensor has rows: flags to write)."""
-    if not (step.w.numel() or step.mask is not None):
-        return None
-    return step.w.dtype, step.mask is not None, step.first and step.mask is None
+    """The (dtype, mode, dense first step, row block) group of a step; None for one with nothing
+    to launch (a row-mode tensor has rows: flags to write).  The row block is the one pgd_step
+    takes for its width (0 when dense), so each step runs exactly the per-tensor kernels'
+    arithmetic: bitwise their result."""
+    if step.mask is not None:
+        return step.w.dtype, True, False, _row_block(step.w.shape[1])
+    return (step.w.dtype, False, step.first, 0) if step.w.numel() else None
 
 
 def _cols(step: ShardStep) -> int:
@@ -439,7 +443,7 @@ def _cols(step: ShardStep) -> int:
 def pgd_sums_many(steps, sums: torch.Tensor) -> ShardSums:
     """``sums[3 s : 3 s + 3] = [||g||^2, ||r||^2, <r, g>]`` of every step's
     tensor (``s`` its slot); row mode also writes ``mask``.  Launches: one
-    partials launch per (dtype, mode) group of non-empty tensors, one sum."""
+    partials launch per group of non-empty tensors (see above), one sum."""
     if not steps:
         return ShardSums([])
     device = steps[0].w.device
@@ -465,16 +469,14 @@ def pgd_sums_many(steps, sums: torch.Tensor) -> ShardSums:
 
 
 def _group(steps, key, plan) -> multi_tensor.Group:
-    dtype, rows, first = key
+    dtype, rows, first, block_c = key
     if rows:
         lists = [[s.mask for s in steps], [s.saved for s in steps], [s.w for s in steps],
                  [s.g for s in steps], [s.backup for s in steps]]
         table = host.shared_tables().get("pgd_rows", lists, chunk=ROW_ITEM)
-        # one row block for the group: the widest row's (a group of equal widths keeps pgd_step's)
-        block_c = max(_row_block(s.w.shape[1]) for s in steps)
     else:
         lists = [[s.w for s in steps], [s.g for s in steps], [s.backup for s in steps]]
-        table, block_c = host.shared_tables().get("pgd_dense", lists, chunk=DENSE_BLOCK), 0
+        table = host.shared_tables().get("pgd_dense", lists, chunk=DENSE_BLOCK)
     return multi_tensor.Group(rows, dtype, table, plan, block_c, first)
 
 
