@@ -85,7 +85,9 @@ def test_clip_factors_empty_batch(backend):
 
 # ---------------------------------------------------------------- clipped gradient
 
-SHAPES = [(1, 1, 5, 7), (3, 20, 33, 17), (2, 17, 40, 3), (4, 1, 1, 1)]
+# T < 16 with an fp32 operand runs the flattened (b, t) kernel, T >= 16 (or fp16 / bf16 only) the tiled one
+SHAPES = [(1, 1, 5, 7), (3, 20, 33, 17), (2, 17, 40, 3), (4, 1, 1, 1), (17, 7, 40, 3), (3, 15, 9, 37),
+          (2, 16, 5, 5)]
 
 
 def _operands(shape, dtype, factors):
@@ -120,6 +122,45 @@ def test_clipped_linear_grad_op(backend, shape, dtype):
     again = out0.clone()
     ops.clipped_linear_grad_(again, p, q, factors, backend=backend)
     assert torch.equal(out, again)  # deterministic
+
+
+class _Spy:
+    """Counts the launches of one Triton kernel (``kernel[grid](...)``)."""
+
+    def __init__(self, fn):
+        self.fn, self.n = fn, 0
+
+    def __getitem__(self, grid):
+        self.n += 1
+        return self.fn[grid]
+
+
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                    (torch.float16, torch.float16)])
+@pytest.mark.parametrize("steps", [1, 5, 15, 16])
+def test_clipped_linear_grad_paths(backend, monkeypatch, dtypes, steps):
+    """Which triton kernel runs (the flattened (b, t) one for T < 16 with an
+    fp32 operand, else the per-sample tiled one), and both against the
+    reference on the same operands (the tiled one forced for T < 16 too)."""
+    if backend != "triton":
+        pytest.skip("the triton kernels' paths")
+    from fastadv.kernels.triton import dp_ghost as tk
+    factors = torch.tensor([0.5, 0.0, 1.0, 0.25, 0.7])
+    p = torch.randn(5, steps, 21).to(dtypes[0])
+    q = torch.randn(5, steps, 34).to(dtypes[1])
+    p[1, 0, 0] = float("nan")  # dropped: never read
+    want = _want(torch.zeros(21, 34), p, q, factors)
+    flat = torch.float32 in dtypes and steps < 16
+    for force_tiled in ((False, True) if flat else (False,)):
+        spy = _Spy(tk._clipped_linear_grad_flat)
+        monkeypatch.setattr(tk, "_clipped_linear_grad_flat", spy)
+        if force_tiled:
+            monkeypatch.setattr(tk, "flat", lambda *a: False)
+        out = torch.zeros(21, 34)
+        ops.clipped_linear_grad_(out, p, q, factors, backend=backend)
+        assert spy.n == (1 if flat and not force_tiled else 0)
+        torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+        monkeypatch.undo()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -33,7 +33,9 @@ launch.
 of one Linear use, ``out += sum_b f_b P_b^T Q_b`` (``out``: fp32 ``[O, I]``),
 samples with ``f_b = 0`` masked out of both operands
 (:func:`fastadv.reference.dp_ghost.add_clipped_use`).  Triton: one tiled
-GEMM launch, one program per output tile, fp32 accumulation, no atomics.
+GEMM launch, one program per output tile, fp32 accumulation, no atomics
+(with an fp32 operand and ``T < 16``: the ``(b, t)`` rows flattened into one
+reduction, each scaled by its ``f_b`` before an IEEE fp32 dot).
 
 None of the five has a CUDA kernel (no CUDA twin yet): a forced
 ``backend="cuda"`` raises :class:`~fastadv.BackendUnavailable`; ``auto`` on a

@@ -10,7 +10,10 @@ and sums their product, in a fixed order:
 deterministic, no atomics, one fp32 result per sample.  Reads ``a`` and ``g``
 ``T / BLOCK_T`` times each (they are small next to the weight gradient it
 avoids).  The embedding norm (``_embedding_sq_norms``) is the same walk with
-the ``a`` Gram tile replaced by the id-equality mask.  No CUDA twin yet.
+the ``a`` Gram tile replaced by the id-equality mask.  Also here: the vector
+terms of one backward in one launch (``_vector_sq_norms``), the clip factors
+and book-keeping's clipped gradient (tiled per sample, or flattened over
+``(b, t)`` for fp32 operands with ``T < 16``).  No CUDA twin yet.
 """
 import torch
 import triton
@@ -239,6 +242,39 @@ def _clipped_linear_grad(p_ptr, q_ptr, f_ptr, out_ptr, B, T, O, I,
     tl.store(ptrs, tl.load(ptrs, mask=omask, other=0.0) + acc, mask=omask)
 
 
+@triton.jit
+def _clipped_linear_grad_flat(p_ptr, q_ptr, f_ptr, out_ptr, n, T, O, I,
+                              sp_b, sp_t, sp_o, sq_b, sq_t, sq_i,
+                              BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr):
+    # fp32 products, T < BLOCK_R: the (b, t) rows flattened into one reduction
+    # axis, each row of P scaled by its sample's f_b before an IEEE fp32 dot
+    # (the reference's (f P)^T Q, and no tile padded to BLOCK_R per sample);
+    # a dropped sample's rows are never loaded; the order is fixed (n = B * T)
+    ro = tl.program_id(0).to(tl.int64) * BLOCK_O + tl.arange(0, BLOCK_O)
+    ri = tl.program_id(1).to(tl.int64) * BLOCK_I + tl.arange(0, BLOCK_I)
+    acc = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
+    for r0 in range(0, n, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
+        b, t = r // T, r % T
+        f = tl.load(f_ptr + b, mask=r < n, other=0.0)
+        keep = f != 0.0
+        p = tl.load(p_ptr + (b * sp_b + t * sp_t)[:, None] + ro[None, :] * sp_o,
+                    mask=keep[:, None] & (ro[None, :] < O), other=0.0).to(tl.float32)
+        q = tl.load(q_ptr + (b * sq_b + t * sq_t)[:, None] + ri[None, :] * sq_i,
+                    mask=keep[:, None] & (ri[None, :] < I), other=0.0).to(tl.float32)
+        acc += tl.dot(tl.trans(p * f[:, None]), q, input_precision="ieee")
+    omask = (ro[:, None] < O) & (ri[None, :] < I)
+    ptrs = out_ptr + ro[:, None] * I + ri[None, :]
+    tl.store(ptrs, tl.load(ptrs, mask=omask, other=0.0) + acc, mask=omask)
+
+
+def flat(p_dtype: torch.dtype, q_dtype: torch.dtype, steps: int) -> bool:
+    """Whether :func:`clipped_linear_grad` runs the flattened ``(b, t)`` kernel:
+    an fp32 operand (IEEE products: scaling P by ``f_b`` first rounds like the
+    reference) and fewer steps than one tile."""
+    return torch.float32 in (p_dtype, q_dtype) and steps < BLOCK_T
+
+
 def clipped_linear_grad(p: torch.Tensor, q: torch.Tensor, factors: torch.Tensor, out: torch.Tensor) -> None:
     """``out += sum_b f_b P_b^T Q_b`` for strided ``p [B, T, O]``, ``q [B, T, I]``,
     fp32 ``factors [B]`` and a contiguous fp32 ``out [O, I]``."""
@@ -251,6 +287,11 @@ def clipped_linear_grad(p: torch.Tensor, q: torch.Tensor, factors: torch.Tensor,
     # interpreter, which has no bf16 dot
     widen = p.dtype != q.dtype or torch.bfloat16 in (p.dtype, q.dtype)
     grid = (triton.cdiv(rows, BLOCK_O), triton.cdiv(cols, BLOCK_I))
+    if flat(p.dtype, q.dtype, steps):
+        _clipped_linear_grad_flat[grid](p, q, factors, out, batch * steps, steps, rows, cols, *p.stride(), *q.stride(),
+                                        BLOCK_R=BLOCK_T, BLOCK_O=BLOCK_O, BLOCK_I=BLOCK_I, enable_fp_fusion=False)
+        count_launch("triton.dp_ghost_clipped_linear_grad")
+        return
     _clipped_linear_grad[grid](p, q, factors, out, batch, steps, rows, cols, *p.stride(), *q.stride(),
                                BLOCK_T=BLOCK_T, BLOCK_O=BLOCK_O, BLOCK_I=BLOCK_I, IEEE=ieee,
                                WIDEN=widen, enable_fp_fusion=False)
