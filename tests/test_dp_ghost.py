@@ -542,21 +542,32 @@ def test_reference_gram_equals_materialised():
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_reused_layer_norms_equal_functorch(mode):
-    """One Linear called twice (its per-sample gradient is the sum of two uses)."""
+def test_reused_layer_norms_equal_functorch(mode, backend):
+    """One Linear and one LayerNorm called twice (each per-sample gradient is
+    the sum of two uses: the weight's cross terms, the bias / LayerNorm
+    vectors summed before their norm); on a kernel backend every vector term
+    is one dp_ghost_vector_sq_norms launch."""
+    import fastadv.kernels as kernels
+
     class Twice(nn.Module):
         def __init__(self):
             super().__init__()
-            self.fc, self.out = nn.Linear(4, 4), nn.Linear(4, 2)
+            self.fc, self.ln, self.out = nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 2)
 
         def forward(self, x):
-            return self.out(self.fc(torch.tanh(self.fc(x))))
+            return self.out(self.ln(self.fc(torch.tanh(self.fc(self.ln(x))))))
 
     torch.manual_seed(15)
     model = Twice()
+    with torch.no_grad():  # away from LayerNorm's default (1, 0), so its terms matter
+        model.ln.weight.uniform_(0.5, 1.5)
+        model.ln.bias.uniform_(-0.5, 0.5)
     x = torch.randn(5, 3, 4)
-    m = ghost.GhostClippingModule(model, mode=mode)
+    m = ghost.GhostClippingModule(model, mode=mode, backend=backend, strategy="gram")  # out: the Gram op
+    key = f"{backend}.dp_ghost_vector_sq_norms"
+    before = kernels.LAUNCHES.get(key, 0)
     m.dp_backward(m(x).square().sum((1, 2)), 1.0)
+    assert kernels.LAUNCHES.get(key, 0) - before == (0 if backend == "torch" else 1)
     params = {n: p.detach() for n, p in model.named_parameters()}
     one = lambda p, xb: torch.func.functional_call(model, p, (xb[None],)).square().sum()  # noqa: E731
     gs = torch.func.vmap(torch.func.grad(one), in_dims=(None, 0))(params, x)
