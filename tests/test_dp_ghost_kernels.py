@@ -10,6 +10,8 @@ Opacus 1.6's vanilla per-sample mode.
   norm from its ids and output gradients;
 * ``dp_ghost_vector_sq_norms``: the bias / norm-layer terms of one backward
   added into their rows of the ``[n_params, B]`` buffer;
+* ``dp_ghost_clipped_vector_grads``: bk's clipped bias / norm-layer gradients,
+  ``sum_b f_b v[b]`` each, in one launch;
 * ``dp_ghost_linear_sq_norms`` (the older norm op) is in the opcheck test here.
 
 The triton backend runs under the interpreter on CPU (tests/conftest.py).
@@ -363,6 +365,58 @@ def test_vector_sq_norms_refusals():
             ops.vector_sq_norms_(out.half(), [torch.randn(4, 2)], [0], backend="triton")
 
 
+# ---------------------------------------------------------------- bk's clipped vector gradients
+
+@pytest.mark.parametrize("batch", [0, 1, 37])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_clipped_vector_grads_op(backend, dtype, batch):
+    """``sum_b f_b v[b]`` per vector against fp64 (B = 0: zeros), a dropped
+    sample's NaN / inf never read; one launch for all; bitwise equal between
+    two runs."""
+    vecs = _vectors(batch, dtype)
+    factors = torch.rand(batch) * 0.9 + 0.05
+    factors[1::3] = 0.0
+    if batch > 4:
+        vecs[1][1, 7] = float("nan")
+        vecs[2][4, 2, 1] = float("inf")
+    before = collections.Counter(kernels.LAUNCHES)
+    got = ops.clipped_vector_grads(vecs, factors, backend=backend)
+    assert _launched("dp_ghost_clipped_vector_grads", before) == 1
+    for g, v in zip(got, vecs):
+        assert g.dtype == torch.float32 and g.shape == v.shape[1:]
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g.double(), ref.clipped_vector_grad([v.double()], factors.double()),
+                                   rtol=1e-5, atol=1e-6)
+    again = ops.clipped_vector_grads(vecs, factors, backend=backend)
+    assert all(torch.equal(x, y) for x, y in zip(got, again))
+
+
+def test_clipped_vector_grads_all_dropped_and_strided(backend):
+    """All factors zero: exact zeros whatever the vectors hold; a
+    non-contiguous vector is read as its values."""
+    vecs = [torch.full((3, 4), float("nan")), torch.randn(5, 3).t()]
+    got = ops.clipped_vector_grads(vecs, torch.zeros(3), backend=backend)
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in got)
+    f = torch.tensor([0.5, 1.0, 0.2])
+    got = ops.clipped_vector_grads(vecs[1:], f, backend=backend)
+    torch.testing.assert_close(got[0], torch.einsum("b,bd->d", f, vecs[1]), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.launch_free
+def test_clipped_vector_grads_refusals():
+    with pytest.raises(ValueError, match="B = 3"):
+        ops.clipped_vector_grads([torch.randn(4, 2)], torch.ones(3))
+    with pytest.raises(ValueError, match="factors must be"):
+        ops.clipped_vector_grads([torch.randn(3, 2)], torch.ones(3, 1))
+    assert ops.clipped_vector_grads([], torch.ones(3)) == []
+    if _backend.why_not("triton", torch.device("cpu")) is None:
+        with pytest.raises(TypeError, match="float32"):
+            ops.clipped_vector_grads([torch.randn(3, 2)], torch.ones(3, dtype=torch.float64), backend="triton")
+        with pytest.raises(TypeError, match="dtype"):
+            ops.clipped_vector_grads([torch.randn(3, 2), torch.randn(3, 2).half()], torch.ones(3),
+                                     backend="triton")
+
+
 # ---------------------------------------------------------------- the norm op in low precision
 
 @pytest.mark.parametrize("dtypes", [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16),
@@ -412,7 +466,7 @@ def test_bk_under_low_precision_autocast(backend, dtype):
 
 def test_opcheck(backend):
     """torch.library.opcheck (schema and declared mutation, fake tensors, autograd
-    registration, AOT dispatch) on the five DP-ghost ops; the triton backend
+    registration, AOT dispatch) on the six DP-ghost ops; the triton backend
     runs its kernels under the interpreter inside the checks."""
     a, g = torch.randn(3, 5, 7), torch.randn(3, 5, 4)
     factors = torch.tensor([0.5, 0.0, 1.0])
@@ -420,6 +474,8 @@ def test_opcheck(backend):
         (ops.linear_sq_norms_op, (a, g, torch.empty(3), backend)),
         (ops.embedding_sq_norms_op, (torch.tensor([[1, 2, 1, 1, 0]] * 3), a, torch.empty(3), backend)),
         (ops.vector_sq_norms_op, ([torch.randn(3, 4), torch.randn(3, 2, 2)], [2, 0], torch.rand(3, 3), backend)),
+        (ops.clipped_vector_grads_op, ([torch.randn(3, 4), torch.randn(3, 2, 2)], factors,
+                                       [torch.empty(4), torch.empty(2, 2)], backend)),
         (ops.clip_factors_op, (_rows(2, 5), 0.7, torch.empty(5), torch.empty(5, dtype=torch.bool),
                                torch.empty(5), backend)),
         (ops.clipped_linear_grad_op, (g, a, factors, torch.randn(4, 7), backend)),
@@ -441,7 +497,8 @@ def test_no_cuda_kernel(monkeypatch):
                  lambda be: ops.clipped_linear_grad_(torch.zeros(4, 5), p, q, f, backend=be),
                  lambda be: ops.linear_sq_norms(q, p, backend=be),
                  lambda be: ops.embedding_sq_norms(torch.zeros(3, 2, dtype=torch.long), q, backend=be),
-                 lambda be: ops.vector_sq_norms_(torch.zeros(2, 3), [q], [1], backend=be)):
+                 lambda be: ops.vector_sq_norms_(torch.zeros(2, 3), [q], [1], backend=be),
+                 lambda be: ops.clipped_vector_grads([q], f, backend=be)):
         with pytest.raises(_backend.BackendUnavailable, match="no CUDA kernel"):
             call("cuda")
         before = collections.Counter(kernels.LAUNCHES)
@@ -481,7 +538,8 @@ def test_make_private_equals_opacus_vanilla(backend, mode, kind):
     vanilla; on the triton backend one clip-factor launch and one vector-term
     launch per backward, one embedding-norm launch per single-use embedding
     and backward, and (bk)
-    one clipped-gradient launch per Linear / Conv use; the torch backend keeps
+    one clipped-gradient launch per Linear / Conv use and one for all the
+    vector parameters' clipped gradients; the torch backend keeps
     the plain-PyTorch path (the two fused ops not launched; the embedding norm
     is its registered op's torch math)."""
     torch.manual_seed(1)
@@ -498,6 +556,8 @@ def test_make_private_equals_opacus_vanilla(backend, mode, kind):
     assert _launched("dp_ghost_embedding_sq_norms", before) == 2 * EMBEDDING_USES[kind]
     # every model has biases / norm layers: their terms are one launch per backward
     assert _launched("dp_ghost_vector_sq_norms", before) == (2 if kernel else 0)
+    # bk: every bias / norm-layer gradient of a backward in one call (the torch backend: its torch math)
+    assert _launched("dp_ghost_clipped_vector_grads", before) == (2 if mode == "bk" else 0)
 
 
 def test_nonfinite_sample_dropped(backend):
@@ -541,7 +601,7 @@ def test_fused_norms_equal_torch_path_and_are_deterministic(backend):
 def test_registered():
     from fastadv.ops import _registry
     assert {"dp_ghost_linear_sq_norms", "dp_ghost_embedding_sq_norms", "dp_ghost_vector_sq_norms",
-            "dp_ghost_clip_factors",
+            "dp_ghost_clip_factors", "dp_ghost_clipped_vector_grads",
             "dp_ghost_clipped_linear_grad"} <= set(_registry.registered())
 
 

@@ -607,8 +607,20 @@ class GhostClippingModule(nn.Module):
         """Book-keeping: ``p.grad += sum_b f_b G_b`` for every used parameter."""
         for p, uses in mats.items():
             _accumulate(p, self._clipped_matrix_grad(uses, _rows(p, uses[0]), factors.to(uses[0].q.device)))
+        self._write_clipped_vectors(factors, vecs)
+
+    def _write_clipped_vectors(self, factors, vecs) -> None:
+        """Every vector parameter's clipped gradient in one
+        ``dp_ghost_clipped_vector_grads`` call per device (a parameter used
+        more than once: its uses summed first), then added to ``p.grad``."""
+        by_device = collections.defaultdict(list)
         for p, vs in vecs.items():
-            _accumulate(p, ref.clipped_vector_grad(vs, factors.to(vs[0].device)))
+            by_device[vs[0].device].append(p)
+        for device, params in by_device.items():
+            f = factors.to(device)
+            summed = [vecs[p][0] if len(vecs[p]) == 1 else sum(v.to(f.dtype) for v in vecs[p]) for p in params]
+            for p, g in zip(params, _ghost_ops.clipped_vector_grads(summed, f, backend=self.backend)):
+                _accumulate(p, g)
 
 
 def _rows(p: torch.Tensor, use: ref.MatUse) -> int:

@@ -1,7 +1,7 @@
 """Ghost clipping / book-keeping's registered ops (``torch.ops.fastadv.*``):
 ``dp_ghost_linear_sq_norms``, ``dp_ghost_embedding_sq_norms``,
-``dp_ghost_vector_sq_norms``, ``dp_ghost_clip_factors`` and
-``dp_ghost_clipped_linear_grad``.
+``dp_ghost_vector_sq_norms``, ``dp_ghost_clip_factors``,
+``dp_ghost_clipped_linear_grad`` and ``dp_ghost_clipped_vector_grads``.
 
 ``linear_sq_norms(a, g)``: for a Linear layer with inputs ``a [B, T, I]`` and
 output gradients ``g [B, T, O]``, the squared Frobenius norm of every
@@ -37,7 +37,13 @@ GEMM launch, one program per output tile, fp32 accumulation, no atomics
 (with an fp32 operand and ``T < 16``: the ``(b, t)`` rows flattened into one
 reduction, each scaled by its ``f_b`` before an IEEE fp32 dot).
 
-None of the five has a CUDA kernel (no CUDA twin yet): a forced
+``clipped_vector_grads(vecs, f)``: book-keeping's clipped gradients of the
+vector parameters, ``sum_b f_b v_k[b]`` each (dropped samples masked).
+Triton: one launch for all of them (a table of the outputs and vectors built
+in the call, one program per 128 output elements of one vector, the samples
+in a fixed order).
+
+None of the six has a CUDA kernel (no CUDA twin yet): a forced
 ``backend="cuda"`` raises :class:`~fastadv.BackendUnavailable`; ``auto`` on a
 CUDA tensor runs triton.
 """
@@ -225,6 +231,53 @@ def vector_sq_norms_(out: torch.Tensor, vecs: list[torch.Tensor], rows: list[int
             vecs = [v.contiguous() for v in vecs]  # the kernel walks each as [B, d] memory
         vector_sq_norms_op(vecs, rows, out, name)
     return out
+
+
+@_registry.op("dp_ghost_clipped_vector_grads", mutates_args={"outs"})
+def clipped_vector_grads_op(vecs: list[torch.Tensor], factors: torch.Tensor, outs: list[torch.Tensor],
+                            backend: str) -> None:
+    """``outs[k] = sum_b f_b vecs[k][b]`` (``f_b = 0``: the sample is not read)."""
+    if backend == "torch":
+        count_launch("torch.dp_ghost_clipped_vector_grads")
+        for v, o in zip(vecs, outs):
+            o.copy_(ref.clipped_vector_grad([v], factors))
+        return
+    with device_guard(factors):
+        _registry.kernels("dp_ghost", backend).clipped_vector_grads(vecs, factors, outs)
+
+
+@clipped_vector_grads_op.register_fake
+def _(vecs, factors, outs, backend):
+    return None
+
+
+def clipped_vector_grads(vecs: list[torch.Tensor], factors: torch.Tensor, *,
+                         backend: str | None = None) -> list[torch.Tensor]:
+    """Book-keeping's clipped gradients of the vector parameters (biases, norm
+    layers) from their per-sample gradients ``[B, ...]``: ``sum_b f_b
+    vecs[k][b]`` each, samples with ``f_b = 0`` masked out (their NaN cannot
+    enter), in the factors' dtype.  Kernel backends: one launch for all (one
+    dtype of vectors per call, fp32 / fp16 / bf16; fp32 factors)."""
+    vecs = list(vecs)
+    if not isinstance(factors, torch.Tensor) or factors.dim() != 1 or not factors.is_floating_point():
+        raise ValueError(f"factors must be a floating-point [B] tensor, got "
+                         f"{getattr(factors, 'dtype', type(factors))} {tuple(getattr(factors, 'shape', ()))}")
+    for i, v in enumerate(vecs):
+        if not isinstance(v, torch.Tensor) or not v.is_floating_point() or v.dim() < 1 \
+                or v.shape[0] != factors.shape[0]:
+            raise ValueError(f"vecs[{i}] must be a floating-point [B, ...] tensor with B = {factors.shape[0]}, "
+                             f"got {getattr(v, 'dtype', type(v))} {tuple(getattr(v, 'shape', ()))}")
+    pairs = [("vectors", v) for v in vecs]
+    name = _registry.pick(backend, factors.device, same_device=pairs, strided=pairs,
+                          dtypes=[("factors", factors, (torch.float32,))] + pairs, allowed=_DTYPES,
+                          same_dtype=pairs)
+    name = _no_cuda("dp_ghost_clipped_vector_grads", backend, name)
+    outs = [torch.empty(v.shape[1:], dtype=factors.dtype, device=factors.device) for v in vecs]
+    if vecs:
+        if name != "torch":
+            vecs, factors = [v.contiguous() for v in vecs], factors.contiguous()
+        clipped_vector_grads_op(vecs, factors, outs, name)
+    return outs
 
 
 # ---------------------------------------------------------------- clip factors

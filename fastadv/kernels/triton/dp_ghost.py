@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from .. import count_launch, host
+from .multi_tensor import work_item
 
 BLOCK_T = 16
 BLOCK_K = 32
@@ -160,6 +161,45 @@ def vector_sq_norms(vecs: list[torch.Tensor], rows: list[int], out: torch.Tensor
     _vector_sq_norms[grid](table.data, len(vecs), batch, host.witness(vecs[0].dtype, out.device),
                            BLOCK_B=VEC_BLOCK_B, BLOCK_D=VEC_BLOCK_D, enable_fp_fusion=False)
     count_launch("triton.dp_ghost_vector_sq_norms")
+
+
+VEC_CHUNK = 128  # output elements per program of the clipped vector sums
+
+
+@triton.jit
+def _clipped_vector_grads(table, f_ptr, T, B, like, CHUNK: tl.constexpr, BLOCK_B: tl.constexpr):
+    # one program per CHUNK elements of one output: out_k = sum_b f_b v_k[b],
+    # the samples in a fixed order, a dropped sample (f_b = 0) never loaded (its
+    # NaN cannot enter).  Table (2 lists): list 0 the fp32 outputs (d each, the
+    # work list is cut over them), list 1 the [B, d] vectors
+    t, start, end = work_item(table, tl.program_id(0), T, 2, CHUNK)
+    o = tl.load(table + t).to(tl.pointer_type(tl.float32))
+    v = tl.load(table + T + t).to(like.dtype)
+    d = tl.load(table + 2 * T + t)
+    offs = start + tl.arange(0, CHUNK)
+    cmask = offs < end
+    acc = tl.zeros((BLOCK_B, CHUNK), dtype=tl.float32)
+    for b0 in range(0, B, BLOCK_B):
+        rb = b0 + tl.arange(0, BLOCK_B).to(tl.int64)
+        f = tl.load(f_ptr + rb, mask=rb < B, other=0.0)
+        x = tl.load(v + rb[:, None] * d + offs[None, :], mask=(f != 0.0)[:, None] & cmask[None, :],
+                    other=0.0).to(tl.float32)
+        acc += f[:, None] * x
+    tl.store(o + offs, tl.sum(acc, axis=0), mask=cmask)
+
+
+def clipped_vector_grads(vecs: list[torch.Tensor], factors: torch.Tensor, outs: list[torch.Tensor]) -> None:
+    """``outs[k] = sum_b f_b vecs[k][b]`` (dropped samples masked) for
+    contiguous ``[B, ...]`` vectors of one dtype, fp32 ``factors [B]`` and
+    contiguous fp32 ``outs`` (``vecs[k][0]``'s shape), in one launch; the
+    table is built here from the live tensors and used at once."""
+    table = host.TensorTable.of([outs, vecs], chunk=VEC_CHUNK)
+    if table.n_chunks == 0:
+        return
+    _clipped_vector_grads[(table.n_chunks,)](table.data, factors, len(vecs), factors.shape[0],
+                                             host.witness(vecs[0].dtype, factors.device), CHUNK=VEC_CHUNK,
+                                             BLOCK_B=VEC_BLOCK_B, enable_fp_fusion=False)
+    count_launch("triton.dp_ghost_clipped_vector_grads")
 
 
 # ---------------------------------------------------------------- clip factors
