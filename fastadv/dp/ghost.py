@@ -16,10 +16,14 @@ One step:
    Gram form or the per-sample gradient, whichever is cheaper per layer; tied
    parameters summed over their uses exactly), Opacus's clip factor ``f_b``
    (on a kernel backend: one row per parameter of an fp32 ``[n_params, B]``
-   buffer, reduced by one ``dp_ghost_clip_factors`` launch);
+   buffer -- a single-use Linear / embedding's Gram norm written by its norm
+   kernel, all bias / norm-layer terms by one ``dp_ghost_vector_sq_norms``
+   launch -- reduced by one ``dp_ghost_clip_factors`` launch);
 4. ``"bk"`` (book-keeping): ``p.grad += sum_b f_b G_b`` from the kept ``a``
-   and ``g`` (``a^T (f g)`` for a Linear layer; one ``dp_ghost_clipped_linear_grad``
-   GEMM launch per Linear / Conv use on a kernel backend), no second backward;
+   and ``g`` (``a^T (f g)`` for a Linear layer; on a kernel backend one
+   ``dp_ghost_clipped_linear_grad`` GEMM launch per Linear / Conv use and one
+   ``dp_ghost_clipped_vector_grads`` launch for all the bias / norm-layer
+   gradients), no second backward;
    ``"ghost"``: a second backward of ``sum_b f_b loss_b`` fills ``p.grad``;
 5. ``optimizer.step()``: noise and scaling with fastadv's noise op (the same
    draws as :class:`fastadv.dp.DPOptimizer`), then the inner optimizer.
@@ -410,10 +414,12 @@ class GhostClippingModule(nn.Module):
     ``"per_sample"``.  ``backend``: the DP-ghost kernels' (the Gram norm of a
     layer's single use runs :func:`fastadv.ops.dp_ghost.linear_sq_norms`, of a
     single-use embedding :func:`fastadv.ops.dp_ghost.embedding_sq_norms`; on a
-    kernel backend the clip factors are one :func:`fastadv.ops.dp_ghost.clip_factors`
-    launch and bk's clipped gradient one
-    :func:`fastadv.ops.dp_ghost.clipped_linear_grad_` launch per Linear / Conv
-    use; the torch backend is the plain-PyTorch reference path).
+    kernel backend the vector terms are one
+    :func:`fastadv.ops.dp_ghost.vector_sq_norms_` launch, the clip factors one
+    :func:`fastadv.ops.dp_ghost.clip_factors` launch and bk's clipped gradient
+    one :func:`fastadv.ops.dp_ghost.clipped_linear_grad_` launch per Linear /
+    Conv use plus one :func:`fastadv.ops.dp_ghost.clipped_vector_grads` launch;
+    the torch backend is the plain-PyTorch reference path).
     Raises :class:`UnsupportedLayerError` naming the first layer with
     trainable parameters that no rule covers (freeze it, or replace it)."""
 
