@@ -1,4 +1,5 @@
 """fastadv.FGM against the seed reference, on every backend available here."""
+import collections
 import copy
 
 import pytest
@@ -6,7 +7,7 @@ import torch
 from torch import nn
 
 import fastadv
-from fastadv import BackendUnavailable
+from fastadv import BackendUnavailable, _backend
 from fastadv.ops._live import StorageMoved
 from fastadv.ops.fgm import design_bytes, fgm_attack_, fgm_restore_
 from fastadv.reference import FGM as RefFGM
@@ -628,3 +629,159 @@ def test_compiled_training_step_has_no_graph_break(backend):
         assert_params(model, ref_model)
         model.zero_grad()
         ref_model.zero_grad()
+
+
+# -- several tables: one multi-tensor call on triton, bitwise the per-table calls ---------
+class ManyTables(nn.Module):
+    """Embedding tables of odd widths (``widths``; the first is tied to an LM head), plus a
+    frozen table the forward reads and an unused one (its gradient stays None).  Every table's
+    name contains "word_embeddings"."""
+
+    def __init__(self, widths=(12, 5, 40, 3), vocab=23):
+        super().__init__()
+        self.word_embeddings = nn.ModuleList(nn.Embedding(vocab - 2 * i, w) for i, w in enumerate(widths))
+        self.sizes = [vocab - 2 * i for i in range(len(widths))]
+        self.frozen_word_embeddings = nn.Embedding(6, widths[0])
+        self.frozen_word_embeddings.weight.requires_grad_(False)
+        self.unused_word_embeddings = nn.Embedding(4, 7)
+        self.proj = nn.Linear(sum(widths), widths[0])
+        self.head = nn.Linear(widths[0], 5)
+        self.lm_head = nn.Linear(widths[0], vocab, bias=False)
+        self.lm_head.weight = self.word_embeddings[0].weight
+
+    def forward(self, ids, labels):
+        x = torch.cat([t(ids % n) for t, n in zip(self.word_embeddings, self.sizes)], -1)
+        h = torch.tanh(self.proj(x)) + self.frozen_word_embeddings(ids % 6)
+        loss = nn.functional.cross_entropy(self.head(h.mean(1)), labels)
+        return loss + nn.functional.cross_entropy(self.lm_head(h).flatten(0, 1), ids.flatten())
+
+
+def zero_missing_grads(model, emb_name="word_embeddings"):
+    """The seeds read every matching trainable table's gradient: a zero one (norm 0, skipped)
+    stands for the fast classes' None (skipped)."""
+    for name, p in model.named_parameters():
+        if p.requires_grad and emb_name in name and p.grad is None:
+            p.grad = torch.zeros_like(p)
+
+
+def assert_weights(a, b, exact=False):
+    for (na, pa), (nb, pb) in zip(a.named_parameters(), b.named_parameters()):
+        assert na == nb
+        if exact:
+            assert torch.equal(pa, pb), na
+        else:
+            torch.testing.assert_close(pa, pb, **FP32, msg=na)
+
+
+def test_several_tables_against_the_seed(backend):
+    torch.manual_seed(3)
+    model = ManyTables().to(DEVICE)
+    ref_model = copy.deepcopy(model)
+    fgm = fastadv.FGM(model, "word_embeddings", 0.7, backend=backend)
+    ref = RefFGM(ref_model, "word_embeddings", 0.7)
+    for _ in range(2):
+        ids, labels = batch(vocab=23)
+        model(ids, labels).backward()
+        ref_model(ids, labels).backward()
+        zero_missing_grads(ref_model)
+        fgm.attack()
+        ref.attack()
+        # the four tables (the tied one once); the frozen and the unused tables untouched
+        assert sorted(fgm.backup) == [f"word_embeddings.{i}.weight" for i in range(4)]
+        assert_weights(model, ref_model)
+        model(ids, labels).backward()
+        ref_model(ids, labels).backward()
+        fgm.restore()
+        ref.restore()
+        assert_weights(model, ref_model)
+        model.zero_grad()
+        ref_model.zero_grad()
+
+
+_NO_TRITON = _backend.why_not("triton", DEVICE)
+needs_triton = pytest.mark.skipif(_NO_TRITON is not None, reason=f"triton backend unavailable: {_NO_TRITON}")
+
+
+def _launches(fn):
+    import fastadv.kernels as kernels
+    before = collections.Counter(kernels.LAUNCHES)
+    out = fn()
+    return out, collections.Counter(kernels.LAUNCHES) - before
+
+
+@needs_triton
+@pytest.mark.parametrize("row_sparse", ["auto", False])
+def test_several_tables_bitwise_the_per_table_calls(row_sparse):
+    model = ManyTables().to(DEVICE)
+    alone, original = copy.deepcopy(model), copy.deepcopy(model)
+    ids, labels = batch(vocab=23)
+    model(ids, labels).backward()
+    alone(ids, labels).backward()
+    fgm = fastadv.FGM(model, "word_embeddings", 0.7, backend="triton", row_sparse=row_sparse)
+    _, launched = _launches(fgm.attack)
+    with torch.no_grad():
+        _, launched_alone = _launches(lambda: {n: fgm_attack_(p, p.grad, 0.7, row_sparse=row_sparse is not False,
+                                                              backend="triton")
+                                               for n, p in alone.named_parameters()
+                                               if p.requires_grad and "word_embeddings" in n
+                                               and p.grad is not None})
+    assert_weights(model, alone, exact=True)
+    assert not torch.equal(model.word_embeddings[2].weight, original.word_embeddings[2].weight)
+    # the multi-tensor kernels ran (one call), the per-table ones did not; per table they did
+    assert launched["triton.fgm"] > 0 and not launched["triton.fgm_update"], launched
+    assert launched_alone["triton.fgm_update"] == 4 and not launched_alone["triton.fgm"], launched_alone
+    # widths 12, 5, 40, 3: four row blocks (16, 8, 64, 4) in row mode, one dense group otherwise
+    assert sum(launched.values()) == (2 * 4 + 1 if row_sparse else 2 * 1 + 1), launched
+    fgm.restore()
+    assert_weights(model, original, exact=True)
+
+
+@needs_triton
+def test_several_tables_launches_do_not_grow_with_the_tables():
+    """Two and four tables of widths in one row block (9..16: 16): the same 3 launches (per
+    table it was 3 each); the multi-tensor call needs no process group (no collective)."""
+    counts = {}
+    for widths in [(12, 10), (12, 10, 16, 9)]:
+        model = ManyTables(widths).to(DEVICE)
+        ids, labels = batch(vocab=23)
+        model(ids, labels).backward()
+        fgm = fastadv.FGM(model, "word_embeddings", 0.7, backend="triton")
+        _, launched = _launches(fgm.attack)
+        assert set(launched) == {"triton.fgm"}, launched
+        counts[len(widths)] = sum(launched.values())
+        fgm.restore()
+    assert counts == {2: 3, 4: 3}, counts
+
+
+@needs_triton
+def test_fgm_attack_many_on_plain_tensors_equals_fgm_attack_():
+    from fastadv.ops.fgm import fgm_attack_many_
+    gen = torch.Generator().manual_seed(5)
+    shapes = [(7, 5), (3, 40), (5000,), (0, 4), (1,), (4, 2100)]
+    ws = [torch.randn(s, generator=gen).to(DEVICE) for s in shapes]
+    gs = [torch.randn(s, generator=gen).to(DEVICE) for s in shapes]
+    gs[0][::2] = 0  # rows without gradient
+    many = [w.clone() for w in ws]
+    (states, launched) = _launches(lambda: fgm_attack_many_(many, gs, 0.7, backend="triton"))
+    assert set(launched) == {"triton.fgm"}, launched  # one multi-tensor call, not six fgm_attack_
+    for i, (w, g, got) in enumerate(zip(ws, gs, many)):
+        alone = w.clone()
+        fgm_attack_(alone, g, 0.7, backend="triton")
+        assert torch.equal(got, alone), (i, shapes[i])
+    for state, got, w in zip(states, many, ws):
+        fgm_restore_(state, got)
+        assert torch.equal(got, w)
+
+
+@needs_triton
+def test_several_tables_sharing_a_storage_take_the_per_table_calls():
+    """Two parameters viewing one storage: the per-table calls (each sees the other's write), in order."""
+    base = torch.randn(2, 6, 4, device=DEVICE)
+    a, b = nn.Parameter(base[0]), nn.Parameter(base[1])
+    assert a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+    from fastadv.ops.fgm import fgm_attack_many_, multi_tensor_ok
+    assert multi_tensor_ok([a, b], ["triton", "triton"]) == []
+    assert multi_tensor_ok([a, nn.Parameter(base[1].clone())], ["triton", "triton"]) == [0, 1]
+    g = [torch.randn(6, 4, device=DEVICE), torch.randn(6, 4, device=DEVICE)]
+    _, launched = _launches(lambda: fgm_attack_many_([a, b], g, 0.5, backend="triton"))
+    assert launched["triton.fgm_update"] == 2 and not launched["triton.fgm"], launched

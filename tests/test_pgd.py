@@ -7,13 +7,14 @@ from torch import nn
 
 import fastadv
 from fastadv import _backend
-from fastadv.ops.pgd import pgd_attack_, pgd_restore_
+from fastadv.ops.pgd import pgd_attack_, pgd_attack_many_, pgd_restore_
 from fastadv.reference import PGD as RefPGD
 
 import odd_models
 from conftest import DEVICE
 from fastadv.ops._live import StorageMoved
-from test_fgm import FP32, REALLOCS, Table, TinyLM, assert_params, batch
+from test_fgm import (FP32, REALLOCS, ManyTables, Table, TinyLM, assert_params, assert_weights, batch,
+                      needs_triton, zero_missing_grads)
 
 K = 3
 
@@ -432,3 +433,121 @@ def test_compiled_k_step_loop_has_no_graph_break(backend):
     ids, labels = batch()
     torch.testing.assert_close(compiled(ids, labels), ref_step(ids, labels), **FP32)
     assert_params(model, ref_model)
+
+
+# -- several tables: one multi-tensor step per attack on triton, bitwise the per-table steps --------
+def many_tables_loop(model, pgd, ids, labels, ref=False):
+    """The seed's K-step loop on a ManyTables model; returns the tables after every attack.  The
+    seed reads every matching table's gradient: ``ref`` gives its None ones zeros (skipped)."""
+    record = []
+    model(ids, labels).backward()
+    if ref:
+        zero_missing_grads(model)
+    pgd.backup_grad()
+    for t in range(K):
+        pgd.attack(is_first_attack=(t == 0))
+        record.append([p.detach().clone() for p in model.word_embeddings.parameters()])
+        if t != K - 1:
+            model.zero_grad()
+        else:
+            pgd.restore_grad()
+        model(ids, labels).backward()
+        if ref:
+            zero_missing_grads(model)
+    pgd.restore()
+    return record
+
+
+@pytest.mark.parametrize("epsilon", list(BALL), ids=list(BALL.values()))
+def test_several_tables_against_the_seed(backend, epsilon):
+    torch.manual_seed(3)
+    model = ManyTables().to(DEVICE)
+    ref_model = copy.deepcopy(model)
+    pgd = fastadv.PGD(model, "word_embeddings", epsilon, 0.3, backend=backend)
+    ref = RefPGD(ref_model, "word_embeddings", epsilon, 0.3)
+    before = copy.deepcopy(model)
+    for _ in range(2):
+        ids, labels = batch(vocab=23)
+        fast = many_tables_loop(model, pgd, ids, labels)
+        slow = many_tables_loop(ref_model, ref, ids, labels, ref=True)
+        for step, (a, b) in enumerate(zip(fast, slow)):
+            for i, (x, y) in enumerate(zip(a, b)):
+                torch.testing.assert_close(x, y, **FP32, msg=f"step {step} table {i}")
+        assert not torch.equal(fast[-1][2], before.word_embeddings[2].weight)  # it moved
+        assert_weights(model, ref_model)  # restored (the frozen and unused tables never moved)
+        for (n, p), (_, q) in zip(model.named_parameters(), ref_model.named_parameters()):
+            if p.grad is None:  # the frozen table; the unused one: None here, the seed's zeros there
+                assert q.grad is None or not q.grad.any(), n
+            else:  # restore_grad: the first backward's plus the last attack's
+                torch.testing.assert_close(p.grad, q.grad, **FP32, msg=n)
+        model.zero_grad()
+        ref_model.zero_grad()
+
+
+def _pgd_launches(model, ids, labels, **kw):
+    """The K-step loop with fastadv.PGD on triton: the tables after each step, the launches of each attack."""
+    import fastadv.kernels as kernels
+    pgd = fastadv.PGD(model, "word_embeddings", backend="triton", **kw)
+    launches, real_attack = [], pgd.attack
+
+    def counted(**a):
+        before = sum(kernels.LAUNCHES.values())
+        real_attack(**a)
+        launches.append(sum(kernels.LAUNCHES.values()) - before)
+    pgd.attack = counted
+    return many_tables_loop(model, pgd, ids, labels), launches
+
+
+@needs_triton
+@pytest.mark.parametrize("row_sparse", ["auto", False])
+def test_several_tables_bitwise_the_per_table_steps(monkeypatch, row_sparse):
+    """The class with the multi-tensor step against the class with it switched off (every table
+    its own pgd_step, as before): bitwise after every step, the restore bit-exact."""
+    import fastadv.ops.pgd as pgd_ops
+    model = ManyTables().to(DEVICE)
+    alone, original = copy.deepcopy(model), copy.deepcopy(model)
+    ids, labels = batch(vocab=23)
+    together, launched = _pgd_launches(model, ids, labels, epsilon=0.05, row_sparse=row_sparse)
+    with monkeypatch.context() as m:
+        m.setattr(pgd_ops, "multi_tensor_ok", lambda params, names: [])
+        per_table, launched_alone = _pgd_launches(alone, ids, labels, epsilon=0.05, row_sparse=row_sparse)
+    for step, (a, b) in enumerate(zip(together, per_table)):
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert torch.equal(x, y), (step, i)
+    assert not torch.equal(together[-1][1], original.word_embeddings[1].weight)
+    # widths 12, 5, 40, 3: four row blocks in row mode (2 x 4 + 1), one dense group (2 + 1); per table 3 each
+    assert launched == [2 * 4 + 1 if row_sparse else 3] * K, launched
+    assert launched_alone == [3 * 4] * K, launched_alone
+    assert_weights(model, original, exact=True)
+    assert_weights(alone, original, exact=True)
+
+
+@needs_triton
+def test_several_tables_launches_do_not_grow_with_the_tables():
+    """Two and four tables in one row block (widths 9..16): 3 launches per attack for both
+    (per table it was 3 each); no process group needed (no collective)."""
+    counts = {}
+    for widths in [(12, 10), (12, 10, 16, 9)]:
+        model = ManyTables(widths).to(DEVICE)
+        ids, labels = batch(vocab=23)
+        _, counts[len(widths)] = _pgd_launches(model, ids, labels)
+    assert counts == {2: [3] * K, 4: [3] * K}, counts
+
+
+@needs_triton
+def test_pgd_attack_many_on_plain_tensors_equals_pgd_attack_():
+    gen = torch.Generator().manual_seed(5)
+    shapes = [(7, 5), (3, 40), (5000,), (0, 4), (1,), (4, 2100)]
+    ws = [torch.randn(s, generator=gen).to(DEVICE) for s in shapes]
+    many, alone = [w.clone() for w in ws], [w.clone() for w in ws]
+    states, states_alone = [None] * len(ws), [None] * len(ws)
+    for step in range(3):
+        gs = [torch.randn(s, generator=gen).to(DEVICE) for s in shapes]
+        gs[0][::2] = 0  # rows without gradient
+        states = pgd_attack_many_(many, gs, 0.3, 0.5, states, backend="triton")
+        states_alone = [pgd_attack_(w, g, 0.3, 0.5, s, backend="triton") for w, g, s in zip(alone, gs, states_alone)]
+        for i, (a, b) in enumerate(zip(many, alone)):
+            assert torch.equal(a, b), (step, i, shapes[i])
+    for state, w, w0 in zip(states, many, ws):
+        pgd_restore_(state, w)
+        assert torch.equal(w, w0)

@@ -25,7 +25,7 @@ import contextlib
 from torch import nn
 
 from ..ops._dist import is_sharded
-from ..ops.fgm import FGMBackup, fgm_attack_, fgm_attack_many_, fgm_restore_
+from ..ops.fgm import FGMBackup, fgm_attack_many_, fgm_restore_
 from ._params import EmbeddingAttack, check_size, live_parameter, live_parameters, matching_parameters
 
 
@@ -67,17 +67,15 @@ class FGM(EmbeddingAttack):
             raise RuntimeError(f"FGM.attack() called again before restore(): {pending} are still "
                                f"attacked; call restore() first (the original weights are kept)")
         self._attacked |= names
-        shards = []
-        for name, param in targets:
-            if param.grad is not None and is_sharded(param):
-                shards.append((name, param))
-            elif param.grad is not None:
-                self.backup[name] = fgm_attack_(param, param.grad, epsilon, row_sparse=self.row_sparse,
-                                                backend=self.backend)
-        if shards:  # FSDP2 shards all at once: one all_reduce per call
-            states = fgm_attack_many_([p for _, p in shards], [p.grad for _, p in shards], epsilon,
-                                      row_sparse=self.row_sparse, backend=self.backend)
-            self.backup.update(zip([n for n, _ in shards], states))
+        # All at once: plain tables (no collective) in one multi-tensor call on triton when there
+        # are several (bitwise the per-table attacks), then FSDP2 shards with one all_reduce per
+        # call; each kind's backups are kept as soon as it is attacked
+        for sharded in (False, True):
+            group = [(n, p) for n, p in targets if p.grad is not None and is_sharded(p) == sharded]
+            if group:
+                states = fgm_attack_many_([p for _, p in group], [p.grad for _, p in group], epsilon,
+                                          row_sparse=self.row_sparse, backend=self.backend)
+                self.backup.update(zip([n for n, _ in group], states))
 
     def restore(self, emb_name: str | None = None) -> None:
         """Put back, bit-exactly and in place, what ``attack()`` perturbed."""

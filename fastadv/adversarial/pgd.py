@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..ops._dist import is_sharded
-from ..ops.pgd import PGDState, pgd_attack_, pgd_attack_many_, pgd_restore_
+from ..ops.pgd import PGDState, pgd_attack_many_, pgd_restore_
 from ._params import (EmbeddingAttack, check_size, distributed, live_parameter, live_parameters,
                       matching_parameters)
 
@@ -71,17 +71,17 @@ class PGD(EmbeddingAttack):
             state = self.emb_backup.get(name)
             if state is None and not is_first_attack:
                 continue  # no gradient at the first step: the seed never backed it up
-            if is_sharded(param):
-                targets.append((name, param, grad, state))
-            else:
-                self.emb_backup[name] = pgd_attack_(param, grad, self.alpha, self.epsilon, state,
-                                                    row_sparse=self.row_sparse, name=name,
-                                                    backend=self.backend)
-        if targets:  # FSDP2 shards all at once: one all_reduce per call
-            names, params, grads, states = (list(c) for c in zip(*targets))
-            states = pgd_attack_many_(params, grads, self.alpha, self.epsilon, states,
-                                      row_sparse=self.row_sparse, names=names, backend=self.backend)
-            self.emb_backup.update(zip(names, states))
+            targets.append((name, param, grad, state))
+        # All at once: plain tables (no collective) in one multi-tensor call on triton when there
+        # are several (bitwise the per-table steps), then FSDP2 shards with one all_reduce per call;
+        # each kind's states are kept as soon as it is stepped
+        for sharded in (False, True):
+            group = [t for t in targets if is_sharded(t[1]) == sharded]
+            if group:
+                names, params, grads, states = (list(c) for c in zip(*group))
+                states = pgd_attack_many_(params, grads, self.alpha, self.epsilon, states,
+                                          row_sparse=self.row_sparse, names=names, backend=self.backend)
+                self.emb_backup.update(zip(names, states))
         if is_first_attack and self.grad_backup and not self._grads_handed_out:
             self._hand_out_fresh_grads()
 

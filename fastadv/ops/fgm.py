@@ -157,13 +157,18 @@ def fgm_attack_(param: torch.Tensor, grad: torch.Tensor, epsilon: float, *,
 
 def fgm_attack_many_(params, grads, epsilon: float, *, row_sparse: bool = True,
                      backend: str | None = None) -> list[FGMBackup]:
-    """:func:`fgm_attack_` on FSDP2 shards (DTensors of one shard group), each
-    along its own global ``g / ||g||``: the tensors' partial sums of squares
-    share one buffer and one all_reduce per call, however many there are.
-    The triton backend attacks all its tensors in a constant number of
-    launches (``fgm_sq_many`` / ``fgm_update_many``: per dtype and mode group
-    one partials and one update launch, plus one sum launch); the cuda
-    backend runs its per-tensor kernels (``fgm_norm`` / ``fgm_update``)."""
+    """:func:`fgm_attack_` on every ``params[i]`` along its own ``g / ||g||``.
+
+    FSDP2 shards (DTensors of one shard group): the tensors' partial sums of
+    squares share one buffer and one all_reduce per call, however many there
+    are.  Plain tensors: no collective; two or more on the triton backend (on
+    one device, with distinct storages) are attacked in one multi-tensor call,
+    bitwise what :func:`fgm_attack_` gives each; the others (or a single one)
+    one :func:`fgm_attack_` each.  The triton backend's multi-tensor call
+    (``fgm_sq_many`` / ``fgm_update_many``) launches one partials and one
+    update launch per (dtype, mode, row block) group plus one sum launch; the
+    cuda backend runs its per-tensor kernels (``fgm_norm`` / ``fgm_update``).
+    Every tensor's backend is resolved before any is perturbed."""
     params, grads = list(params), list(grads)
     if len(params) != len(grads):
         raise ValueError(f"fgm_attack_many_ needs one grad per parameter, got {len(params)} and {len(grads)}")
@@ -174,21 +179,63 @@ def fgm_attack_many_(params, grads, epsilon: float, *, row_sparse: bool = True,
     grads = [g.to_dense() if g.is_sparse else g for g in grads]
     (ws, gs), group = _dist.localize([params, grads], ["params", "grads"])
     if group is None:
-        raise ValueError("fgm_attack_many_ takes FSDP2 shards (DTensors); call fgm_attack_ on other tensors")
-    gs = [g.detach() for g in gs]
-    epsilon = float(epsilon)
+        return _attack_plain(params, grads, float(epsilon), bool(row_sparse), backend)
     _registry.check_devices(ws[0].device, [(f"params[{i}]", w) for i, w in enumerate(ws)])
     with torch.no_grad():
         names = [resolve(w, g, backend) for w, g in zip(ws, gs)]
-        # the kernels read a contiguous gradient: copied once here, not in both passes
-        gs = [g if name == "torch" else g.contiguous() for g, name in zip(gs, names)]
-        rows = [_shard_rows(w, row_sparse, name) for w, name in zip(ws, names)]
-        backups = [torch.empty_like(w) for w in ws]
-        sq = torch.empty(len(ws), dtype=torch.float32, device=ws[0].device)  # the partial ||g||^2
-        planned = _shard_square_norms_all(ws, gs, rows, backups, names, sq)
-        norms = _dist.all_reduce_sum_(sq, group).sqrt_()
-        _shard_update_all(planned, ws, gs, rows, backups, names, norms, epsilon)
-        return [FGMBackup(p, b, r, name) for p, b, r, name in zip(params, backups, rows, names)]
+        return _attack_together(params, ws, [g.detach() for g in gs], names, float(epsilon), row_sparse,
+                                lambda sq: _dist.all_reduce_sum_(sq, group))
+
+
+def _attack_plain(params, grads, epsilon: float, row_sparse: bool, backend) -> list[FGMBackup]:
+    """Unsharded tensors: the triton ones together when :func:`multi_tensor_ok`, else (and the
+    others) one :func:`fgm_attack_` each, in order."""
+    names = [resolve(p, g, backend) for p, g in zip(params, grads)]  # every refusal before any write
+    together = multi_tensor_ok(params, names)
+    out = [None] * len(params)
+    for i, (p, g) in enumerate(zip(params, grads)):
+        if i not in together:
+            out[i] = fgm_attack_(p, g, epsilon, row_sparse=row_sparse, backend=backend)
+    if together:
+        with torch.no_grad():
+            got = _attack_together([params[i] for i in together], [params[i] for i in together],
+                                   [grads[i].detach() for i in together], ["triton"] * len(together),
+                                   epsilon, row_sparse, lambda sq: sq)
+        for i, state in zip(together, got):
+            out[i] = state
+    return out
+
+
+def multi_tensor_ok(params, names) -> list[int]:
+    """The indices of the unsharded tensors one multi-tensor triton call takes: those on the
+    triton backend, when there are two or more, all on one device, in distinct storages (a
+    shared storage would make the per-tensor calls see each other's writes), and not while
+    torch.compile traces (the multi-tensor kernels are not registered ops; the per-tensor ops
+    are, and give the same bits).  Empty: each tensor takes its per-tensor call."""
+    idx = [i for i, name in enumerate(names) if name == "triton"]
+    if len(idx) < 2 or torch.compiler.is_compiling():
+        return []
+    if len({params[i].device for i in idx}) != 1:
+        return []
+    storages = [p.untyped_storage().data_ptr() for p in params if p.numel()]  # an empty one writes nothing
+    if len(set(storages)) != len(storages):
+        return []
+    return idx
+
+
+def _attack_together(params, ws, gs, names, epsilon: float, row_sparse: bool, reduce) -> list[FGMBackup]:
+    """One call over the local tensors ``ws`` of ``params``: every tensor's ``||g||^2``
+    into one buffer, ``reduce`` (the all_reduce across the shards, or nothing), the
+    sqrt, every update.  Under no_grad."""
+    # the kernels read a contiguous gradient: copied once here, not in both passes
+    gs = [g if name == "torch" else g.contiguous() for g, name in zip(gs, names)]
+    rows = [_shard_rows(w, row_sparse, name) for w, name in zip(ws, names)]
+    backups = [torch.empty_like(w) for w in ws]
+    sq = torch.empty(len(ws), dtype=torch.float32, device=ws[0].device)  # the partial ||g||^2
+    planned = _shard_square_norms_all(ws, gs, rows, backups, names, sq)
+    norms = reduce(sq).sqrt_()
+    _shard_update_all(planned, ws, gs, rows, backups, names, norms, epsilon)
+    return [FGMBackup(p, b, r, name) for p, b, r, name in zip(params, backups, rows, names)]
 
 
 def _shard_rows(w, row_sparse: bool, name: str) -> torch.Tensor | None:

@@ -16,7 +16,7 @@ import torch
 from ..kernels import count_launch, device_guard
 from . import _dist, _registry
 from ._live import follow, retarget
-from .fgm import _check, kernel_limits, resolve
+from .fgm import _check, kernel_limits, multi_tensor_ok, resolve
 
 
 @dataclasses.dataclass
@@ -107,19 +107,31 @@ def pgd_attack_(param: torch.Tensor, grad: torch.Tensor, alpha: float, epsilon: 
         return _sharded_steps([param], [grad], float(alpha), float(epsilon), [state], row_sparse, [name],
                               backend)[0]
     first = state is None
-    if first:
-        state = _new_state(param, param, grad, row_sparse, backend)
-    else:
-        _follow(state, param, name, "two PGD attack() steps")
-        _registry.check_devices(param.device, [("the parameter", param), ("grad", grad)])
-        _registry.require(state.backend, **kernel_limits(param, grad))  # the backend of the first step
+    state = _prepare(param, grad, state, row_sparse, name, backend)
+    _step(param, grad, state, alpha, epsilon, first)
+    return state
+
+
+def _prepare(param, grad, state: PGDState | None, row_sparse: bool, name: str, backend) -> PGDState:
+    """The state a step on the unsharded ``param`` runs with: new on the first step (``state``
+    None), else followed to ``param``'s storage and checked against its backend; raises
+    before anything is written."""
+    if state is None:
+        return _new_state(param, param, grad, row_sparse, backend)
+    _follow(state, param, name, "two PGD attack() steps")
+    _registry.check_devices(param.device, [("the parameter", param), ("grad", grad)])
+    _registry.require(state.backend, **kernel_limits(param, grad))  # the backend of the first step
+    return state
+
+
+def _step(param, grad, state: PGDState, alpha: float, epsilon: float, first: bool) -> None:
+    """One step of the registered op on the unsharded ``param`` with its prepared ``state``."""
     none = torch.empty(0, dtype=torch.uint8, device=param.device)
     with torch.no_grad():
         pgd_step_op(param, grad.detach(), state.backup,
                     none if state.saved is None else state.saved,
                     none if state.mask is None else state.mask,
                     float(alpha), float(epsilon), first, state.backend)
-    return state
 
 
 def pgd_attack_many_(params, grads, alpha: float, epsilon: float, states, *, row_sparse: bool = True,
@@ -127,8 +139,12 @@ def pgd_attack_many_(params, grads, alpha: float, epsilon: float, states, *, row
     """:func:`pgd_attack_` on each ``params[i]`` with ``states[i]`` (None on
     the first step); returns the new states.  FSDP2 shards (DTensors) are
     stepped together: their partial sums share one buffer and one all_reduce
-    per call, however many tensors are attacked (unsharded ones are stepped
-    one by one, as :func:`pgd_attack_` does)."""
+    per call, however many tensors are attacked.  Unsharded tensors: no
+    collective; two or more on the triton backend (one device, distinct
+    storages: ``fastadv.ops.fgm.multi_tensor_ok``) are stepped in one
+    multi-tensor call, bitwise what :func:`pgd_attack_` gives each; the
+    others (or a single one) one :func:`pgd_attack_` step each.  Every
+    unsharded tensor's state is prepared (and refused) before any is written."""
     params, grads, states = list(params), list(grads), list(states)
     names = list(names) if names is not None else [f"params[{i}]" for i in range(len(params))]
     if not len(params) == len(grads) == len(states) == len(names):
@@ -136,16 +152,41 @@ def pgd_attack_many_(params, grads, alpha: float, epsilon: float, states, *, row
                          f"{len(params)} params, {len(grads)} grads, {len(states)} states, {len(names)} names")
     out = list(states)
     sharded = [i for i, p in enumerate(params) if _dist.is_sharded(p)]
-    for i in range(len(params)):
-        if i not in sharded:
-            out[i] = pgd_attack_(params[i], grads[i], alpha, epsilon, states[i], row_sparse=row_sparse,
-                                 name=names[i], backend=backend)
+    plain = [i for i in range(len(params)) if i not in sharded]
+    if plain:
+        got = _plain_steps([params[i] for i in plain], [grads[i] for i in plain], alpha, epsilon,
+                           [states[i] for i in plain], row_sparse, [names[i] for i in plain], backend)
+        for i, state in zip(plain, got):
+            out[i] = state
     if sharded:
         got = _sharded_steps([params[i] for i in sharded], [grads[i] for i in sharded], alpha, epsilon,
                              [states[i] for i in sharded], row_sparse, [names[i] for i in sharded], backend)
         for i, state in zip(sharded, got):
             out[i] = state
     return out
+
+
+def _plain_steps(params, grads, alpha: float, eps: float, states, row_sparse: bool, names,
+                 backend) -> list[PGDState]:
+    """Unsharded tensors: every state prepared first, then the triton ones together when
+    ``multi_tensor_ok`` (no collective), the others one registered-op step each."""
+    for p, g in zip(params, grads):
+        _check(p, g, alpha)
+        _check(p, g, eps)
+    alpha, eps = float(alpha), float(eps)
+    grads = [g.to_dense() if g.is_sparse else g for g in grads]
+    firsts = [s is None for s in states]
+    states = [_prepare(p, g, s, row_sparse, n, backend) for p, g, s, n in zip(params, grads, states, names)]
+    together = multi_tensor_ok(params, [s.backend for s in states])
+    for i, (p, g, s, first) in enumerate(zip(params, grads, states, firsts)):
+        if i not in together:
+            _step(p, g, s, alpha, eps, first)
+    if together:
+        with torch.no_grad():
+            _steps_together([states[i] for i in together], [params[i] for i in together],
+                            [grads[i].detach() for i in together], [firsts[i] for i in together],
+                            alpha, eps, lambda sums: sums)
+    return states
 
 
 def _sharded_steps(params, grads, alpha: float, eps: float, states, row_sparse: bool, names,
@@ -156,8 +197,8 @@ def _sharded_steps(params, grads, alpha: float, eps: float, states, row_sparse: 
     host sync), from which the finalize decides skip and projection on the
     device (``||r + s g||^2`` from the three sums) before the update.  The
     triton backend steps all its tensors in a constant number of launches
-    (``pgd_sums_many`` / ``pgd_apply_many``: per dtype and mode group one
-    partials and one apply launch, plus one sum launch); the cuda backend
+    (``pgd_sums_many`` / ``pgd_apply_many``: per (dtype, mode, row block)
+    group one partials and one apply launch, plus one sum launch); the cuda backend
     splits its per-tensor step there (``pgd_sums`` / ``pgd_apply``)."""
     for p, g in zip(params, grads):
         _check(p, g, alpha)
@@ -171,13 +212,20 @@ def _sharded_steps(params, grads, alpha: float, eps: float, states, row_sparse: 
     with torch.no_grad():
         states = [_shard_state(p, w, g, s, row_sparse, n, backend)
                   for p, w, g, s, n in zip(params, ws, gs, states, names)]
-        # the kernels read a contiguous gradient: copied once here, not in both passes
-        gs = [g if s.backend == "torch" else g.contiguous() for g, s in zip(gs, states)]
-        sums = torch.empty(3 * len(ws), dtype=torch.float32, device=ws[0].device)
-        planned = _shard_sums_all(states, ws, gs, firsts, sums)
-        _dist.all_reduce_sum_(sums, group)
-        _shard_apply_all(planned, states, ws, gs, firsts, sums, alpha, eps)
+        _steps_together(states, ws, gs, firsts, alpha, eps, lambda sums: _dist.all_reduce_sum_(sums, group))
     return states
+
+
+def _steps_together(states, ws, gs, firsts, alpha: float, eps: float, reduce) -> None:
+    """One call over the local tensors ``ws`` with their prepared ``states``: every tensor's
+    three sums into one buffer, ``reduce`` (the all_reduce across the shards, or nothing),
+    every step.  Under no_grad."""
+    # the kernels read a contiguous gradient: copied once here, not in both passes
+    gs = [g if s.backend == "torch" else g.contiguous() for g, s in zip(gs, states)]
+    sums = torch.empty(3 * len(ws), dtype=torch.float32, device=ws[0].device)
+    planned = _shard_sums_all(states, ws, gs, firsts, sums)
+    reduce(sums)
+    _shard_apply_all(planned, states, ws, gs, firsts, sums, alpha, eps)
 
 
 def _new_state(param, w, g, row_sparse: bool, backend) -> PGDState:
