@@ -124,6 +124,10 @@ def test_clipped_linear_grad_op(backend, shape, dtype):
     again = out0.clone()
     ops.clipped_linear_grad_(again, p, q, factors, backend=backend)
     assert torch.equal(out, again)  # deterministic
+    # accumulate=False: written, the old values (NaN here: uninitialised memory) never read
+    fresh = torch.full((o, i), float("nan"))
+    ops.clipped_linear_grad_(fresh, p, q, factors, accumulate=False, backend=backend)
+    torch.testing.assert_close(fresh.double(), _want(torch.zeros(o, i), p, q, factors), rtol=1e-5, atol=1e-5)
 
 
 class _Spy:
@@ -190,10 +194,16 @@ def test_clipped_linear_grad_strided_and_mixed(backend):
 
 @pytest.mark.launch_free
 def test_clipped_linear_grad_empty(backend):
-    out = torch.randn(4, 3)
+    """An empty sum: ``out`` unchanged, or zeros with ``accumulate=False``."""
+    out0 = torch.randn(4, 3)
     for b, t in ((0, 5), (2, 0)):
+        out = out0.clone()
         ops.clipped_linear_grad_(out, torch.randn(b, t, 4), torch.randn(b, t, 3), torch.ones(b), backend=backend)
-    assert torch.isfinite(out).all()
+        assert torch.equal(out, out0)
+        out = torch.full((4, 3), float("nan"))
+        ops.clipped_linear_grad_(out, torch.randn(b, t, 4), torch.randn(b, t, 3), torch.ones(b), accumulate=False,
+                                 backend=backend)
+        assert torch.equal(out, torch.zeros(4, 3))
 
 
 # ---------------------------------------------------------------- embedding norms
@@ -478,7 +488,8 @@ def test_opcheck(backend):
                                        [torch.empty(4), torch.empty(2, 2)], backend)),
         (ops.clip_factors_op, (_rows(2, 5), 0.7, torch.empty(5), torch.empty(5, dtype=torch.bool),
                                torch.empty(5), backend)),
-        (ops.clipped_linear_grad_op, (g, a, factors, torch.randn(4, 7), backend)),
+        (ops.clipped_linear_grad_op, (g, a, factors, torch.randn(4, 7), True, backend)),
+        (ops.clipped_linear_grad_op, (g, a, factors, torch.randn(4, 7), False, backend)),
     ]
     for op, args in cases:
         try:

@@ -591,14 +591,16 @@ class GhostClippingModule(nn.Module):
         dtype: a non-embedding use runs ``dp_ghost_clipped_linear_grad`` (one
         GEMM launch) on a kernel backend; embedding lookups (and the torch
         backend) the reference's masked matmul / index_add."""
-        out = torch.zeros(rows, uses[0].q.shape[2], dtype=factors.dtype, device=uses[0].q.device)
-        for u in uses:
+        out = torch.empty(rows, uses[0].q.shape[2], dtype=factors.dtype, device=uses[0].q.device)
+        for i, u in enumerate(uses):  # the first use writes the buffer (no zero fill), later ones add
             name = "torch" if u.p is None else \
                 _ghost_ops.clipped_linear_grad_backend(self.backend, u.p, u.q, factors, out)
             if name == "torch":
+                if i == 0:
+                    out.zero_()
                 ref.add_clipped_use(out, u, factors)
             else:
-                _ghost_ops.clipped_linear_grad_(out, u.p, u.q, factors, backend=name)
+                _ghost_ops.clipped_linear_grad_(out, u.p, u.q, factors, accumulate=i > 0, backend=name)
         return out
 
     @staticmethod

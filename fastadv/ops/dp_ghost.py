@@ -333,18 +333,21 @@ def clip_factors(rows: torch.Tensor, max_grad_norm: float, *, backend: str | Non
 
 @_registry.op("dp_ghost_clipped_linear_grad", mutates_args={"out"})
 def clipped_linear_grad_op(p: torch.Tensor, q: torch.Tensor, factors: torch.Tensor, out: torch.Tensor,
-                           backend: str) -> None:
-    """``out += sum_b f_b P_b^T Q_b`` (``f_b = 0``: the sample is not read)."""
+                           accumulate: bool, backend: str) -> None:
+    """``out += sum_b f_b P_b^T Q_b`` (``f_b = 0``: the sample is not read);
+    ``accumulate=False``: ``out = ...`` (its old values never read)."""
     if backend == "torch":
         count_launch("torch.dp_ghost_clipped_linear_grad")
+        if not accumulate:
+            out.zero_()
         ref.add_clipped_use(out, ref.MatUse(p=p, q=q), factors)
         return
     with device_guard(out):
-        _registry.kernels("dp_ghost", backend).clipped_linear_grad(p, q, factors, out)
+        _registry.kernels("dp_ghost", backend).clipped_linear_grad(p, q, factors, out, accumulate)
 
 
 @clipped_linear_grad_op.register_fake
-def _(p, q, factors, out, backend):
+def _(p, q, factors, out, accumulate, backend):
     return None
 
 
@@ -361,15 +364,18 @@ def clipped_linear_grad_backend(backend, p: torch.Tensor, q: torch.Tensor, facto
 
 
 def clipped_linear_grad_(out: torch.Tensor, p: torch.Tensor, q: torch.Tensor, factors: torch.Tensor, *,
-                         backend: str | None = None) -> torch.Tensor:
+                         accumulate: bool = True, backend: str | None = None) -> torch.Tensor:
     """Book-keeping's clipped gradient of one Linear use, in place:
     ``out += sum_b f_b P_b^T Q_b`` for ``p [B, T, O]``, ``q [B, T, I]``,
-    ``factors [B]``, ``out [O, I]`` (fp32 on the kernel backends).  Returns ``out``."""
+    ``factors [B]``, ``out [O, I]`` (fp32 on the kernel backends);
+    ``accumulate=False``: ``out = ...`` (a parameter's first use: ``out`` may
+    be uninitialised, it is not read).  Returns ``out``."""
     if not all(isinstance(t, torch.Tensor) for t in (out, p, q, factors)):
         raise TypeError("out, p, q and factors must be tensors")
     if p.dim() != 3 or q.dim() != 3 or p.shape[:2] != q.shape[:2] or factors.shape != (p.shape[0],) \
             or out.shape != (p.shape[2], q.shape[2]):
         raise ValueError(f"need p [B, T, O], q [B, T, I], factors [B], out [O, I]; got p {tuple(p.shape)}, "
                          f"q {tuple(q.shape)}, factors {tuple(factors.shape)}, out {tuple(out.shape)}")
-    clipped_linear_grad_op(p, q, factors, out, clipped_linear_grad_backend(backend, p, q, factors, out))
+    clipped_linear_grad_op(p, q, factors, out, bool(accumulate),
+                           clipped_linear_grad_backend(backend, p, q, factors, out))
     return out

@@ -245,10 +245,21 @@ BLOCK_I = 32
 
 
 @triton.jit
+def _store_tile(out_ptr, ro, ri, O, I, acc, ADD: tl.constexpr):
+    # out tile += acc (ADD), or = acc: the first use of a parameter writes its
+    # buffer, which then needs no zero fill and is not read
+    omask = (ro[:, None] < O) & (ri[None, :] < I)
+    ptrs = out_ptr + ro[:, None] * I + ri[None, :]
+    if ADD:
+        acc += tl.load(ptrs, mask=omask, other=0.0)
+    tl.store(ptrs, acc, mask=omask)
+
+
+@triton.jit
 def _clipped_linear_grad(p_ptr, q_ptr, f_ptr, out_ptr, B, T, O, I,
                          sp_b, sp_t, sp_o, sq_b, sq_t, sq_i,
                          BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
-                         IEEE: tl.constexpr, WIDEN: tl.constexpr):
+                         IEEE: tl.constexpr, WIDEN: tl.constexpr, ADD: tl.constexpr):
     # one program per [BLOCK_O, BLOCK_I] tile of out; the (b, t) reduction in a fixed order
     ro = tl.program_id(0).to(tl.int64) * BLOCK_O + tl.arange(0, BLOCK_O)
     ri = tl.program_id(1).to(tl.int64) * BLOCK_I + tl.arange(0, BLOCK_I)
@@ -277,15 +288,14 @@ def _clipped_linear_grad(p_ptr, q_ptr, f_ptr, out_ptr, B, T, O, I,
         p_b += sp_b
         q_b += sq_b
         acc += f * part  # f_b (P_b^T Q_b): the scale after the fp32 sum, no rounding of P to its dtype
-    omask = (ro[:, None] < O) & (ri[None, :] < I)
-    ptrs = out_ptr + ro[:, None] * I + ri[None, :]
-    tl.store(ptrs, tl.load(ptrs, mask=omask, other=0.0) + acc, mask=omask)
+    _store_tile(out_ptr, ro, ri, O, I, acc, ADD)
 
 
 @triton.jit
 def _clipped_linear_grad_flat(p_ptr, q_ptr, f_ptr, out_ptr, n, T, O, I,
                               sp_b, sp_t, sp_o, sq_b, sq_t, sq_i,
-                              BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr):
+                              BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
+                              ADD: tl.constexpr):
     # fp32 products, T < BLOCK_R: the (b, t) rows flattened into one reduction
     # axis, each row of P scaled by its sample's f_b before an IEEE fp32 dot
     # (the reference's (f P)^T Q, and no tile padded to BLOCK_R per sample);
@@ -303,9 +313,7 @@ def _clipped_linear_grad_flat(p_ptr, q_ptr, f_ptr, out_ptr, n, T, O, I,
         q = tl.load(q_ptr + (b * sq_b + t * sq_t)[:, None] + ri[None, :] * sq_i,
                     mask=keep[:, None] & (ri[None, :] < I), other=0.0).to(tl.float32)
         acc += tl.dot(tl.trans(p * f[:, None]), q, input_precision="ieee")
-    omask = (ro[:, None] < O) & (ri[None, :] < I)
-    ptrs = out_ptr + ro[:, None] * I + ri[None, :]
-    tl.store(ptrs, tl.load(ptrs, mask=omask, other=0.0) + acc, mask=omask)
+    _store_tile(out_ptr, ro, ri, O, I, acc, ADD)
 
 
 def flat(p_dtype: torch.dtype, q_dtype: torch.dtype, steps: int) -> bool:
@@ -315,12 +323,18 @@ def flat(p_dtype: torch.dtype, q_dtype: torch.dtype, steps: int) -> bool:
     return torch.float32 in (p_dtype, q_dtype) and steps < BLOCK_T
 
 
-def clipped_linear_grad(p: torch.Tensor, q: torch.Tensor, factors: torch.Tensor, out: torch.Tensor) -> None:
-    """``out += sum_b f_b P_b^T Q_b`` for strided ``p [B, T, O]``, ``q [B, T, I]``,
-    fp32 ``factors [B]`` and a contiguous fp32 ``out [O, I]``."""
+def clipped_linear_grad(p: torch.Tensor, q: torch.Tensor, factors: torch.Tensor, out: torch.Tensor,
+                        accumulate: bool = True) -> None:
+    """``out += sum_b f_b P_b^T Q_b`` (``accumulate``; else ``out = ...``, its
+    old values never read) for strided ``p [B, T, O]``, ``q [B, T, I]``, fp32
+    ``factors [B]`` and a contiguous fp32 ``out [O, I]``."""
     batch, steps, rows = p.shape
     cols = q.shape[2]
-    if batch == 0 or steps == 0 or rows == 0 or cols == 0:
+    if rows == 0 or cols == 0:
+        return
+    if batch == 0 or steps == 0:
+        if not accumulate:
+            out.zero_()  # an empty sum
         return
     ieee = torch.float32 in (p.dtype, q.dtype)
     # bf16 goes through fp32 + tf32 (exact): one path on the GPU and under the
@@ -329,10 +343,11 @@ def clipped_linear_grad(p: torch.Tensor, q: torch.Tensor, factors: torch.Tensor,
     grid = (triton.cdiv(rows, BLOCK_O), triton.cdiv(cols, BLOCK_I))
     if flat(p.dtype, q.dtype, steps):
         _clipped_linear_grad_flat[grid](p, q, factors, out, batch * steps, steps, rows, cols, *p.stride(), *q.stride(),
-                                        BLOCK_R=BLOCK_T, BLOCK_O=BLOCK_O, BLOCK_I=BLOCK_I, enable_fp_fusion=False)
+                                        BLOCK_R=BLOCK_T, BLOCK_O=BLOCK_O, BLOCK_I=BLOCK_I, ADD=bool(accumulate),
+                                        enable_fp_fusion=False)
         count_launch("triton.dp_ghost_clipped_linear_grad")
         return
     _clipped_linear_grad[grid](p, q, factors, out, batch, steps, rows, cols, *p.stride(), *q.stride(),
                                BLOCK_T=BLOCK_T, BLOCK_O=BLOCK_O, BLOCK_I=BLOCK_I, IEEE=ieee,
-                               WIDEN=widen, enable_fp_fusion=False)
+                               WIDEN=widen, ADD=bool(accumulate), enable_fp_fusion=False)
     count_launch("triton.dp_ghost_clipped_linear_grad")
