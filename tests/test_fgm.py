@@ -51,13 +51,19 @@ def batch(vocab=97, b=3, t=7):
             torch.randint(0, 5, (b,), device=DEVICE))
 
 
-def assert_params(a, b, exact=False):
+def assert_weights(a, b, exact=False):
     for (na, pa), (nb, pb) in zip(a.named_parameters(), b.named_parameters()):
         assert na == nb
         if exact:
             assert torch.equal(pa, pb), na
         else:
             torch.testing.assert_close(pa, pb, **FP32, msg=na)
+
+
+def assert_params(a, b, exact=False):
+    """The weights and the gradients of ``a`` and ``b``."""
+    assert_weights(a, b, exact)
+    for (na, pa), (nb, pb) in zip(a.named_parameters(), b.named_parameters()):
         if pa.grad is not None or pb.grad is not None:
             torch.testing.assert_close(pa.grad, pb.grad, **FP32, msg=f"grad {na}")
 
@@ -662,15 +668,6 @@ def zero_missing_grads(model, emb_name="word_embeddings"):
     for name, p in model.named_parameters():
         if p.requires_grad and emb_name in name and p.grad is None:
             p.grad = torch.zeros_like(p)
-
-
-def assert_weights(a, b, exact=False):
-    for (na, pa), (nb, pb) in zip(a.named_parameters(), b.named_parameters()):
-        assert na == nb
-        if exact:
-            assert torch.equal(pa, pb), na
-        else:
-            torch.testing.assert_close(pa, pb, **FP32, msg=na)
 
 
 def test_several_tables_against_the_seed(backend):

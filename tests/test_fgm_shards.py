@@ -136,7 +136,7 @@ def _row_block(cols: int) -> int:
 
 def _groups(tensors) -> int:
     """The (dtype, mode, row block) groups of non-empty tensors: each one partials and one update
-    launch."""
+    (PGD: apply) launch."""
     keys = set()
     for sh, dt, rs, _ in tensors:
         rows = rs and len(sh) == 2 and sh[0] > 0

@@ -545,7 +545,8 @@ def test_pgd_attack_many_on_plain_tensors_equals_pgd_attack_():
         gs = [torch.randn(s, generator=gen).to(DEVICE) for s in shapes]
         gs[0][::2] = 0  # rows without gradient
         states = pgd_attack_many_(many, gs, 0.3, 0.5, states, backend="triton")
-        states_alone = [pgd_attack_(w, g, 0.3, 0.5, s, backend="triton") for w, g, s in zip(alone, gs, states_alone)]
+        states_alone = [pgd_attack_(w, g, 0.3, 0.5, s, backend="triton")
+                        for w, g, s in zip(alone, gs, states_alone)]
         for i, (a, b) in enumerate(zip(many, alone)):
             assert torch.equal(a, b), (step, i, shapes[i])
     for state, w, w0 in zip(states, many, ws):

@@ -16,7 +16,7 @@ from fastadv.reference import PGD as RefPGD
 
 from conftest import DEVICE
 from test_fgm import FP32
-from test_fgm_shards import _row_block
+from test_fgm_shards import _groups  # FGM's groups, plus (the same for every tensor of a call) first
 
 ALPHA, EPS, STEPS = 0.3, 0.5, 4
 # (shape, row_sparse, row cuts into 3 ranks): row mode with an empty shard, dense 1-D, dense 2-D
@@ -145,17 +145,6 @@ def _multi_steps(tensors, weights, backend, steps=3):
         ops._shard_apply_all(planned, states, ws, gs, firsts, sums, ALPHA, EPS)
         launches.append(kernels.LAUNCHES["triton.pgd"] - before)
     return ws, states, launches
-
-
-def _groups(tensors) -> int:
-    """The (dtype, mode, row block) groups of non-empty tensors (a call's steps are all first or
-    all later): each one partials and one apply launch."""
-    keys = set()
-    for sh, dt, rs, _ in tensors:
-        rows = rs and len(sh) == 2 and sh[0] > 0
-        if torch.Size(sh).numel():
-            keys.add((dt, rows, _row_block(sh[1]) if rows else 0))
-    return len(keys)
 
 
 @pytest.mark.skipif(_NO_TRITON is not None, reason=f"triton backend unavailable: {_NO_TRITON}")

@@ -248,10 +248,11 @@ def _shard_rows(w, row_sparse: bool, name: str) -> torch.Tensor | None:
 
 
 def _shard_square_norms_all(ws, gs, rows, backups, names, sq):
-    """``sq[i]`` = the shard's ``||g||^2`` of tensor ``i`` for every tensor (row
-    mode also flags ``rows[i]``); returns what :func:`_shard_update_all` needs.
-    Tensors on the triton backend go through one multi-tensor plan (launches
-    independent of their number); the others one by one (torch, cuda)."""
+    """``sq[i]`` = the local ``||g||^2`` of tensor ``i`` (an FSDP2 shard, or a
+    whole unsharded table) for every tensor (row mode also flags ``rows[i]``);
+    returns what :func:`_shard_update_all` needs.  Tensors on the triton
+    backend go through one multi-tensor plan (launches independent of their
+    number); the others one by one (torch, cuda)."""
     planned = None
     if "triton" in names:
         k = _registry.kernels("fgm", "triton")

@@ -253,10 +253,11 @@ def _shard_state(param, w, g, state, row_sparse: bool, name: str, backend) -> PG
 
 
 def _shard_sums_all(states, ws, gs, firsts, sums):
-    """``sums[3 i : 3 i + 3]`` = the shard sums of tensor ``i`` for every
-    tensor; returns what :func:`_shard_apply_all` needs.  Tensors on the
-    triton backend go through one multi-tensor plan (launches independent of
-    their number); the others step one by one (torch, cuda)."""
+    """``sums[3 i : 3 i + 3]`` = the local sums of tensor ``i`` (an FSDP2
+    shard, or a whole unsharded table) for every tensor; returns what
+    :func:`_shard_apply_all` needs.  Tensors on the triton backend go through
+    one multi-tensor plan (launches independent of their number); the others
+    step one by one (torch, cuda)."""
     if not any(s.backend == "triton" for s in states):
         planned = None
     else:

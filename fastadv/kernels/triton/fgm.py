@@ -7,9 +7,10 @@ of ``g`` and flags, on the device, every row holding a non-zero (or NaN / inf)
 entry; the update and the restore touch only the flagged rows.  No value is
 ever read back to the host.
 
-FSDP2 shards (the end of this file): the same passes over many tensors of one
-call through multi-tensor work tables, with the all_reduce of the squared
-norms between the reduction and the update.
+Many tensors (the end of this file): the same passes over every tensor of one
+call through multi-tensor work tables -- FSDP2 shards, with the all_reduce of
+the squared norms between the reduction and the update, and unsharded calls
+with several tables, without it.
 """
 import dataclasses
 
@@ -165,7 +166,7 @@ def fgm_restore_rows(w2d, backup, rows) -> None:
         count_launch("triton.fgm_restore")
 
 
-# ---- FSDP2 shards, over many tensors: partials, sums, all_reduce + sqrt (caller), update ----------
+# ---- many tensors (FSDP2 shards, several tables): partials, sums, all_reduce + sqrt (caller), update
 #
 # One call attacks every tensor of one FGM attack.  Per group of non-empty tensors -- (dtype, mode,
 # row block): the row block is ``_row_block(cols)``, a power of two from 1 to 2048, so a dtype has

@@ -226,7 +226,8 @@ def plan_call(items, parts, key, cols, device) -> CallPlan:
         offsets.append(len(host_plan))
         host_plan += [prefix[i] for i in idx] + [items[i].slot for i in idx] + [cols(items[i]) for i in idx]
     plan = host_to(torch.tensor(host_plan, dtype=torch.int64), device)
-    groups = [PlannedGroup(k, idx, plan[off: off + 3 * len(idx)]) for (k, idx), off in zip(keys.items(), offsets)]
+    groups = [PlannedGroup(k, idx, plan[off: off + 3 * len(idx)])
+              for (k, idx), off in zip(keys.items(), offsets)]
     return CallPlan(plan, prefix[-1], groups)
 
 

@@ -16,9 +16,10 @@ written on the device) every row holding a non-zero entry; the update visits a
 row when it is flagged or was perturbed by an earlier step (``saved``), and
 backs it up the first time it is perturbed.
 
-FSDP2 shards (the end of this file): the same passes over many tensors of one
-call through multi-tensor work tables, with the all_reduce of the sums
-between the reduction and the (finalize-fused) update.
+Many tensors (the end of this file): the same passes over every tensor of one
+call through multi-tensor work tables -- FSDP2 shards, with the all_reduce of
+the sums between the reduction and the (finalize-fused) update, and unsharded
+calls with several tables, without it.
 """
 import dataclasses
 
@@ -240,7 +241,7 @@ def _update(w, g, backup, coef, alpha: float, eps: float, first: bool, mask, sav
     return rows
 
 
-# ---- the step on FSDP2 shards, over many tensors: partials, sums, all_reduce (caller), apply ----
+# ---- the step over many tensors (FSDP2 shards, several tables): partials, sums, all_reduce (caller), apply
 #
 # One call steps every tensor of one PGD attack.  Per group of non-empty tensors -- (dtype, mode,
 # dense first step, row block): the row block is ``_row_block(cols)``, a power of two from 1 to
