@@ -12,6 +12,8 @@ Opacus 1.6's vanilla per-sample mode.
   added into their rows of the ``[n_params, B]`` buffer;
 * ``dp_ghost_clipped_vector_grads``: bk's clipped bias / norm-layer gradients,
   ``sum_b f_b v[b]`` each, in one launch;
+* ``dp_ghost_clipped_embedding_grad``: bk's clipped gradient of one embedding
+  lookup, deterministic (sorted ids, one owner per table row);
 * ``dp_ghost_linear_sq_norms`` (the older norm op) is in the opcheck test here.
 
 The triton backend runs under the interpreter on CPU (tests/conftest.py).
@@ -427,6 +429,61 @@ def test_clipped_vector_grads_refusals():
                                      backend="triton")
 
 
+# ---------------------------------------------------------------- bk's clipped embedding gradient
+
+def _emb_grad_want(out0, ids, g, factors):
+    return ref.add_clipped_use(out0.double().clone(), ref.MatUse(ids=ids, q=g.double()), factors.double())
+
+
+@pytest.mark.parametrize("kind", ["repeated", "equal", "distinct"])
+@pytest.mark.parametrize("shape", [(1, 1, 1), (3, 20, 33), (2, 17, 130), (4, 1, 5)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_clipped_embedding_grad_op(backend, shape, dtype, kind):
+    """``out[v] += sum f_b g[b, t]`` over the positions holding id v against
+    fp64, dropped samples' NaN / inf never read; one launch; bitwise equal
+    between two runs (the rows are summed in a fixed order, no atomics)."""
+    b, t, d = shape
+    ids, g = _ids(kind, b, t), torch.randn(b, t, d).to(dtype)
+    factors = torch.rand(b) * 0.9 + 0.05
+    factors[1::2] = 0.0
+    if b > 1:
+        g[1, 0, 0] = float("nan")
+        g[1, -1, -1] = float("inf")
+    out0 = torch.randn(int(ids.max()) + 3, d)  # rows no id hits: unchanged
+    out = out0.clone()
+    before = collections.Counter(kernels.LAUNCHES)
+    assert ops.clipped_embedding_grad_(out, ids, g, factors, backend=backend) is out
+    assert _launched("dp_ghost_clipped_embedding_grad", before) == 1
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), _emb_grad_want(out0, ids, g, factors), rtol=1e-5, atol=1e-5)
+    assert torch.equal(out[-2:], out0[-2:])
+    again = out0.clone()
+    ops.clipped_embedding_grad_(again, ids, g, factors, backend=backend)
+    assert torch.equal(out, again)
+
+
+def test_clipped_embedding_grad_int32_and_strided(backend):
+    ids = torch.randint(0, 4, (3, 18), dtype=torch.int32)
+    g = torch.randn(3, 7, 18).transpose(1, 2)  # [3, 18, 7] strided
+    factors = torch.tensor([0.3, 0.0, 1.0])
+    out = torch.zeros(4, 7)
+    ops.clipped_embedding_grad_(out, ids, g, factors, backend=backend)
+    torch.testing.assert_close(out.double(), _emb_grad_want(torch.zeros(4, 7), ids.long(), g, factors),
+                               rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.launch_free
+def test_clipped_embedding_grad_empty_and_refusals(backend):
+    out = torch.randn(4, 3)
+    for b, t in ((0, 5), (2, 0)):
+        ops.clipped_embedding_grad_(out, torch.zeros(b, t, dtype=torch.long), torch.randn(b, t, 3), torch.ones(b),
+                                    backend=backend)
+    assert torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="out \\[V, D\\]"):
+        ops.clipped_embedding_grad_(torch.zeros(4, 2), torch.zeros(2, 3, dtype=torch.long), torch.randn(2, 3, 3),
+                                    torch.ones(2), backend=backend)
+
+
 # ---------------------------------------------------------------- the norm op in low precision
 
 @pytest.mark.parametrize("dtypes", [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16),
@@ -476,7 +533,7 @@ def test_bk_under_low_precision_autocast(backend, dtype):
 
 def test_opcheck(backend):
     """torch.library.opcheck (schema and declared mutation, fake tensors, autograd
-    registration, AOT dispatch) on the six DP-ghost ops; the triton backend
+    registration, AOT dispatch) on the seven DP-ghost ops; the triton backend
     runs its kernels under the interpreter inside the checks."""
     a, g = torch.randn(3, 5, 7), torch.randn(3, 5, 4)
     factors = torch.tensor([0.5, 0.0, 1.0])
@@ -484,6 +541,8 @@ def test_opcheck(backend):
         (ops.linear_sq_norms_op, (a, g, torch.empty(3), backend)),
         (ops.embedding_sq_norms_op, (torch.tensor([[1, 2, 1, 1, 0]] * 3), a, torch.empty(3), backend)),
         (ops.vector_sq_norms_op, ([torch.randn(3, 4), torch.randn(3, 2, 2)], [2, 0], torch.rand(3, 3), backend)),
+        (ops.clipped_embedding_grad_op, (torch.tensor([[1, 2, 1, 1, 0]] * 3), a, factors, torch.randn(3, 7),
+                                         backend)),
         (ops.clipped_vector_grads_op, ([torch.randn(3, 4), torch.randn(3, 2, 2)], factors,
                                        [torch.empty(4), torch.empty(2, 2)], backend)),
         (ops.clip_factors_op, (_rows(2, 5), 0.7, torch.empty(5), torch.empty(5, dtype=torch.bool),
@@ -509,7 +568,9 @@ def test_no_cuda_kernel(monkeypatch):
                  lambda be: ops.linear_sq_norms(q, p, backend=be),
                  lambda be: ops.embedding_sq_norms(torch.zeros(3, 2, dtype=torch.long), q, backend=be),
                  lambda be: ops.vector_sq_norms_(torch.zeros(2, 3), [q], [1], backend=be),
-                 lambda be: ops.clipped_vector_grads([q], f, backend=be)):
+                 lambda be: ops.clipped_vector_grads([q], f, backend=be),
+                 lambda be: ops.clipped_embedding_grad_(torch.zeros(4, 5), torch.zeros(3, 2, dtype=torch.long), q, f,
+                                                        backend=be)):
         with pytest.raises(_backend.BackendUnavailable, match="no CUDA kernel"):
             call("cuda")
         before = collections.Counter(kernels.LAUNCHES)
@@ -540,6 +601,8 @@ LINEAR_USES = {"mlp": 2, "cnn": 3, "lm": 3, "gpt2": 5}
 # single-use embeddings (one embedding-norm launch each per backward): lm's pos, gpt2's wpe (the
 # token tables are tied to the heads: their norms, with the cross terms, stay reference math)
 EMBEDDING_USES = {"mlp": 0, "cnn": 0, "lm": 1, "gpt2": 1}
+# embedding lookups (bk: one clipped-gradient launch each): lm's emb and pos, gpt2's wte and wpe
+LOOKUPS = {"mlp": 0, "cnn": 0, "lm": 2, "gpt2": 2}
 
 
 @pytest.mark.parametrize("kind", list(LINEAR_USES))
@@ -550,7 +613,7 @@ def test_make_private_equals_opacus_vanilla(backend, mode, kind):
     launch per backward, one embedding-norm launch per single-use embedding
     and backward, and (bk)
     one clipped-gradient launch per Linear / Conv use and one for all the
-    vector parameters' clipped gradients; the torch backend keeps
+    vector parameters' clipped gradients and one per embedding lookup; the torch backend keeps
     the plain-PyTorch path (the two fused ops not launched; the embedding norm
     is its registered op's torch math)."""
     torch.manual_seed(1)
@@ -569,6 +632,8 @@ def test_make_private_equals_opacus_vanilla(backend, mode, kind):
     assert _launched("dp_ghost_vector_sq_norms", before) == (2 if kernel else 0)
     # bk: every bias / norm-layer gradient of a backward in one call (the torch backend: its torch math)
     assert _launched("dp_ghost_clipped_vector_grads", before) == (2 if mode == "bk" else 0)
+    assert _launched("dp_ghost_clipped_embedding_grad", before) == (2 * LOOKUPS[kind] if kernel and mode == "bk"
+                                                                    else 0)
 
 
 def test_nonfinite_sample_dropped(backend):
@@ -612,7 +677,7 @@ def test_fused_norms_equal_torch_path_and_are_deterministic(backend):
 def test_registered():
     from fastadv.ops import _registry
     assert {"dp_ghost_linear_sq_norms", "dp_ghost_embedding_sq_norms", "dp_ghost_vector_sq_norms",
-            "dp_ghost_clip_factors", "dp_ghost_clipped_vector_grads",
+            "dp_ghost_clip_factors", "dp_ghost_clipped_vector_grads", "dp_ghost_clipped_embedding_grad",
             "dp_ghost_clipped_linear_grad"} <= set(_registry.registered())
 
 

@@ -588,17 +588,22 @@ class GhostClippingModule(nn.Module):
 
     def _clipped_matrix_grad(self, uses, rows, factors) -> torch.Tensor:
         """``sum_b f_b sum_u G_b^u`` into one ``[rows, I]`` buffer in the factors'
-        dtype: a non-embedding use runs ``dp_ghost_clipped_linear_grad`` (one
-        GEMM launch) on a kernel backend; embedding lookups (and the torch
-        backend) the reference's masked matmul / index_add."""
+        dtype: on a kernel backend a Linear / Conv use runs
+        ``dp_ghost_clipped_linear_grad`` (one GEMM launch), an embedding lookup
+        ``dp_ghost_clipped_embedding_grad`` (a sort, then one deterministic
+        launch); the torch backend the reference's masked matmul / index_add."""
         out = torch.empty(rows, uses[0].q.shape[2], dtype=factors.dtype, device=uses[0].q.device)
-        for i, u in enumerate(uses):  # the first use writes the buffer (no zero fill), later ones add
-            name = "torch" if u.p is None else \
-                _ghost_ops.clipped_linear_grad_backend(self.backend, u.p, u.q, factors, out)
+        for i, u in enumerate(uses):  # a first Linear use writes the buffer (no zero fill), later ones add
+            if u.p is None:
+                name = _ghost_ops.clipped_embedding_grad_backend(self.backend, u.ids, u.q, factors, out)
+            else:
+                name = _ghost_ops.clipped_linear_grad_backend(self.backend, u.p, u.q, factors, out)
+            if i == 0 and (name == "torch" or u.p is None):
+                out.zero_()  # a lookup adds into the rows it hits: the others must be zero
             if name == "torch":
-                if i == 0:
-                    out.zero_()
                 ref.add_clipped_use(out, u, factors)
+            elif u.p is None:
+                _ghost_ops.clipped_embedding_grad_(out, u.ids, u.q, factors, backend=name)
             else:
                 _ghost_ops.clipped_linear_grad_(out, u.p, u.q, factors, accumulate=i > 0, backend=name)
         return out

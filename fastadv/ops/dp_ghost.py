@@ -280,6 +280,55 @@ def clipped_vector_grads(vecs: list[torch.Tensor], factors: torch.Tensor, *,
     return outs
 
 
+@_registry.op("dp_ghost_clipped_embedding_grad", mutates_args={"out"})
+def clipped_embedding_grad_op(ids: torch.Tensor, g: torch.Tensor, factors: torch.Tensor, out: torch.Tensor,
+                              backend: str) -> None:
+    """``out[v] += sum_{(b, t): id = v} f_b g[b, t]`` (``f_b = 0``: not read)."""
+    if backend == "torch":
+        count_launch("torch.dp_ghost_clipped_embedding_grad")
+        ref.add_clipped_use(out, ref.MatUse(ids=ids, q=g), factors)
+        return
+    with device_guard(out):
+        _registry.kernels("dp_ghost", backend).clipped_embedding_grad(ids, g, factors, out)
+
+
+@clipped_embedding_grad_op.register_fake
+def _(ids, g, factors, out, backend):
+    return None
+
+
+def clipped_embedding_grad_backend(backend, ids, g, factors, out) -> str:
+    """The backend :func:`clipped_embedding_grad_` runs for these tensors
+    (kernels: fp32 / fp16 / bf16 ``g``, fp32 factors, contiguous fp32 ``out``)."""
+    name = _registry.pick(backend, out.device, same_device=[("ids", ids), ("g", g), ("factors", factors)],
+                          dtypes=[("output gradients", g), ("factors", factors, (torch.float32,)),
+                                  ("out", out, (torch.float32,))],
+                          allowed=_DTYPES, contiguous=[("out", out)], strided=[("g", g)])
+    return _no_cuda("dp_ghost_clipped_embedding_grad", backend, name)
+
+
+def clipped_embedding_grad_(out: torch.Tensor, ids: torch.Tensor, g: torch.Tensor, factors: torch.Tensor, *,
+                            backend: str | None = None) -> torch.Tensor:
+    """Book-keeping's clipped gradient of one embedding lookup, in place:
+    ``out[v] += sum_{(b, t): ids[b, t] = v} f_b g[b, t]`` for ``ids [B, T]``
+    (valid rows of ``out``), ``g [B, T, D]``, ``factors [B]``, ``out [V, D]``;
+    samples with ``f_b = 0`` never read.  Triton: deterministic (a stable sort
+    of the ids, then one launch in which each row has one owner, summing in
+    ``(b, t)`` order), where ``index_add_`` on CUDA adds with atomics.
+    Returns ``out``."""
+    _check_embedding(ids, g)
+    if not (isinstance(factors, torch.Tensor) and isinstance(out, torch.Tensor)) \
+            or factors.shape != (g.shape[0],) or out.dim() != 2 or out.shape[1] != g.shape[2]:
+        raise ValueError(f"need ids [B, T], g [B, T, D], factors [B], out [V, D]; got ids {tuple(ids.shape)}, "
+                         f"g {tuple(g.shape)}, factors {tuple(getattr(factors, 'shape', ()))}, "
+                         f"out {tuple(getattr(out, 'shape', ()))}")
+    name = clipped_embedding_grad_backend(backend, ids, g, factors, out)
+    if name != "torch":
+        ids, g, factors = ids.contiguous(), g.contiguous(), factors.contiguous()
+    clipped_embedding_grad_op(ids, g, factors, out, name)
+    return out
+
+
 # ---------------------------------------------------------------- clip factors
 
 @_registry.op("dp_ghost_clip_factors", mutates_args={"factors", "finite", "norms"})

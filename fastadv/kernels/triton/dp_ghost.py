@@ -202,6 +202,55 @@ def clipped_vector_grads(vecs: list[torch.Tensor], factors: torch.Tensor, outs: 
     count_launch("triton.dp_ghost_clipped_vector_grads")
 
 
+# ---------------------------------------------------------------- bk's clipped embedding gradient
+
+EMB_BLOCK_D = 128
+
+
+@triton.jit
+def _clipped_embedding_grad(sorted_ptr, ends_ptr, perm_ptr, g_ptr, f_ptr, out_ptr, T, D, V,
+                            BLOCK_D: tl.constexpr):
+    # one program per (position of the stably sorted ids, BLOCK_D columns): the
+    # first position of each run of equal ids sums the run's f_b g[b, t] in
+    # (b, t) order into its table row (one owner per row: deterministic, no
+    # atomics); the other positions do nothing.  A dropped sample (f_b = 0) is
+    # never loaded.  The ids are the embedding's own (ghost.py checks they were
+    # not modified since the forward); an id outside [0, V) is not written
+    i = tl.program_id(0).to(tl.int64)
+    rd = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+    dmask = rd < D
+    row = tl.load(sorted_ptr + i).to(tl.int64)
+    prev = tl.load(sorted_ptr + i - 1, mask=i > 0, other=-1).to(tl.int64)
+    if row != prev:  # the run's first position (ids are >= 0 in range, the sentinel is -1)
+        acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        for j in range(i, tl.load(ends_ptr + i)):
+            k = tl.load(perm_ptr + j)
+            f = tl.zeros((BLOCK_D,), dtype=tl.float32) + tl.load(f_ptr + k // T)  # per lane: a vector mask
+            x = tl.load(g_ptr + k * D + rd, mask=dmask & (f != 0.0), other=0.0).to(tl.float32)
+            acc += f * x
+        rows = tl.zeros((BLOCK_D,), dtype=tl.int64) + row  # per lane: a vector mask
+        ok = dmask & (rows >= 0) & (rows < V)
+        ptrs = out_ptr + row * D + rd
+        tl.store(ptrs, tl.load(ptrs, mask=ok, other=0.0) + acc, mask=ok)
+
+
+def clipped_embedding_grad(ids: torch.Tensor, g: torch.Tensor, factors: torch.Tensor, out: torch.Tensor) -> None:
+    """``out[v] += sum_{(b, t): ids[b, t] = v} f_b g[b, t]`` for contiguous
+    ``ids [B, T]``, ``g [B, T, D]``, fp32 ``factors [B]`` and a contiguous fp32
+    ``out [V, D]``: a stable sort of the ids and the end of each run of equal
+    ids (two torch ops, no host sync), then one launch."""
+    batch, steps, dim = g.shape
+    n = batch * steps
+    if n == 0 or dim == 0:
+        return
+    sorted_ids, perm = torch.sort(ids.reshape(n), stable=True)  # deterministic: (b, t) order within a row
+    ends = torch.searchsorted(sorted_ids, sorted_ids, right=True)  # where each position's run ends
+    grid = (n, triton.cdiv(dim, EMB_BLOCK_D))
+    _clipped_embedding_grad[grid](sorted_ids, ends, perm, g, factors, out, steps, dim, out.shape[0],
+                                  BLOCK_D=EMB_BLOCK_D, enable_fp_fusion=False)
+    count_launch("triton.dp_ghost_clipped_embedding_grad")
+
+
 # ---------------------------------------------------------------- clip factors
 
 BLOCK_B = 128
