@@ -21,9 +21,10 @@ One step:
    launch -- reduced by one ``dp_ghost_clip_factors`` launch);
 4. ``"bk"`` (book-keeping): ``p.grad += sum_b f_b G_b`` from the kept ``a``
    and ``g`` (``a^T (f g)`` for a Linear layer; on a kernel backend one
-   ``dp_ghost_clipped_linear_grad`` GEMM launch per Linear / Conv use and one
-   ``dp_ghost_clipped_vector_grads`` launch for all the bias / norm-layer
-   gradients), no second backward;
+   ``dp_ghost_clipped_linear_grad`` GEMM launch per Linear / Conv use, one
+   deterministic ``dp_ghost_clipped_embedding_grad`` launch per embedding
+   lookup and one ``dp_ghost_clipped_vector_grads`` launch for all the bias /
+   norm-layer gradients), no second backward;
    ``"ghost"``: a second backward of ``sum_b f_b loss_b`` fills ``p.grad``;
 5. ``optimizer.step()``: noise and scaling with fastadv's noise op (the same
    draws as :class:`fastadv.dp.DPOptimizer`), then the inner optimizer.

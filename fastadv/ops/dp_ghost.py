@@ -1,7 +1,8 @@
 """Ghost clipping / book-keeping's registered ops (``torch.ops.fastadv.*``):
 ``dp_ghost_linear_sq_norms``, ``dp_ghost_embedding_sq_norms``,
 ``dp_ghost_vector_sq_norms``, ``dp_ghost_clip_factors``,
-``dp_ghost_clipped_linear_grad`` and ``dp_ghost_clipped_vector_grads``.
+``dp_ghost_clipped_linear_grad``, ``dp_ghost_clipped_vector_grads`` and
+``dp_ghost_clipped_embedding_grad``.
 
 ``linear_sq_norms(a, g)``: for a Linear layer with inputs ``a [B, T, I]`` and
 output gradients ``g [B, T, O]``, the squared Frobenius norm of every
@@ -43,7 +44,13 @@ Triton: one launch for all of them (a table of the outputs and vectors built
 in the call, one program per 128 output elements of one vector, the samples
 in a fixed order).
 
-None of the six has a CUDA kernel (no CUDA twin yet): a forced
+``clipped_embedding_grad_(out, ids, g, f)``: book-keeping's clipped gradient
+of one embedding lookup, ``out[v] += sum_{(b, t): id = v} f_b g[b, t]``.
+Triton: a stable sort of the ids, then one launch in which each run of equal
+ids has one owner summing it in ``(b, t)`` order: deterministic, where
+``index_add_`` on CUDA is not.
+
+None of the seven has a CUDA kernel (no CUDA twin yet): a forced
 ``backend="cuda"`` raises :class:`~fastadv.BackendUnavailable`; ``auto`` on a
 CUDA tensor runs triton.
 """
