@@ -619,14 +619,17 @@ class GhostClippingModule(nn.Module):
 
     def write_clipped(self, factors, mats, vecs) -> None:
         """Book-keeping: ``p.grad += sum_b f_b G_b`` for every used parameter."""
-        for p, uses in mats.items():
-            _accumulate(p, self._clipped_matrix_grad(uses, _rows(p, uses[0]), factors.to(uses[0].q.device)))
-        self._write_clipped_vectors(factors, vecs)
+        for p, g in self._clipped_sums(factors, mats, vecs).items():
+            _accumulate(p, g)
 
-    def _write_clipped_vectors(self, factors, vecs) -> None:
-        """Every vector parameter's clipped gradient in one
-        ``dp_ghost_clipped_vector_grads`` call per device (a parameter used
-        more than once: its uses summed first), then added to ``p.grad``."""
+    def _clipped_sums(self, factors, mats, vecs) -> dict:
+        """``parameter -> sum_b f_b G_b`` in the accumulation dtype (fp32 for
+        fp16 / bf16), not yet rounded to the parameter's dtype: matrices one
+        by one, every vector parameter in one ``dp_ghost_clipped_vector_grads``
+        call per device (a parameter used more than once: its uses summed
+        first).  FSDP2's book-keeping sums these over the ranks first."""
+        sums = {p: self._clipped_matrix_grad(uses, _rows(p, uses[0]), factors.to(uses[0].q.device)).reshape(p.shape)
+                for p, uses in mats.items()}
         by_device = collections.defaultdict(list)
         for p, vs in vecs.items():
             by_device[vs[0].device].append(p)
@@ -634,7 +637,9 @@ class GhostClippingModule(nn.Module):
             f = factors.to(device)
             summed = [vecs[p][0] if len(vecs[p]) == 1 else sum(v.to(f.dtype) for v in vecs[p]) for p in params]
             for p, g in zip(params, _ghost_ops.clipped_vector_grads(summed, f, backend=self.backend)):
-                _accumulate(p, g)
+                g = g.reshape(p.shape)
+                sums[p] = g if p not in sums else sums[p] + g.to(sums[p].dtype)
+        return sums
 
 
 def _rows(p: torch.Tensor, use: ref.MatUse) -> int:

@@ -53,7 +53,6 @@ from torch.nn.parallel import DistributedDataParallel
 from . import ghost as _ghost
 from ..ops import _dist
 from ..ops import dp as _ops
-from ..reference import dp_ghost as _ref
 
 __all__ = ["DistributedGhostClippingModule", "DistributedGhostDPOptimizer", "FSDPGhostClippingModule",
            "FSDPGhostDPOptimizer"]
@@ -219,7 +218,7 @@ class FSDPGhostClippingModule(_ghost.GhostClippingModule):
         full = []
         for n in names:
             u = self._unsharded[n]
-            g = sums.get(id(u))
+            g = sums.get(u)
             g = torch.zeros(u.shape, dtype=factors.dtype, device=u.device) if g is None else g
             full.append((g / world).to(self._reduce_dtypes.get(n) or u.dtype))  # FSDP2: reduce_dtype or grad's
         for idx in _by_dtype_index(full):
@@ -237,22 +236,6 @@ class FSDPGhostClippingModule(_ghost.GhostClippingModule):
             if isinstance(sub, FSDPModule):
                 sub.set_reshard_after_backward(True, recurse=False)
                 sub.reshard()
-
-    def _clipped_sums(self, factors, mats, vecs) -> dict:
-        """``id(unsharded parameter) -> sum_b f_b G_b`` in the factors' dtype:
-        the parent's write_clipped terms, not rounded to the parameter's dtype
-        (bf16 / fp16 under a MixedPrecisionPolicy) before the sum over the ranks."""
-        sums: dict = {}
-
-        def add(p, g):
-            g = g.reshape(p.shape)
-            sums[id(p)] = g if id(p) not in sums else sums[id(p)] + g
-
-        for p, uses in mats.items():
-            add(p, self._clipped_matrix_grad(uses, _ghost._rows(p, uses[0]), factors.to(uses[0].q.device)))
-        for p, vs in vecs.items():
-            add(p, _ref.clipped_vector_grad(vs, factors.to(vs[0].device)))
-        return sums
 
 
 def _fsdp_reduce_dtypes(m: nn.Module) -> dict:
