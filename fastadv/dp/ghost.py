@@ -522,7 +522,9 @@ class GhostClippingModule(nn.Module):
         or the per-sample gradient, whichever costs fewer operations (or as
         ``strategy`` says); a single use in Gram form runs the
         registered op (``linear_sq_norms``, or ``embedding_sq_norms`` for a
-        lookup: a kernel on the triton backend), written into ``out``
+        lookup: a kernel on the triton backend), a single Linear / Conv use
+        the per-sample way on a kernel backend ``linear_sq_norms_ps`` (no
+        ``[B, O, I]`` buffer), written into ``out``
         when given and on the inputs' device (then ``out`` is returned)."""
         how = self.strategy
         if how == "auto":
@@ -533,6 +535,12 @@ class GhostClippingModule(nn.Module):
             if u.p is None:  # an embedding lookup (its padding_idx rows of g already zeroed)
                 return _ghost_ops.embedding_sq_norms(u.ids, u.q, backend=self.backend, out=out if ok else None)
             return _ghost_ops.linear_sq_norms(u.q, u.p, backend=self.backend, out=out if ok else None)
+        if how == "per_sample" and len(uses) == 1 and uses[0].p is not None:
+            u = uses[0]
+            # a kernel backend builds G_b tile by tile, never [B, O, I] (issue 13); torch: the reference below
+            if _ghost_ops.linear_sq_norms_ps_backend(self.backend, u.q, u.p) != "torch":
+                ok = out is not None and out.device == u.q.device and out.dtype == ref.acc_dtype(u.q, u.p)
+                return _ghost_ops.linear_sq_norms_ps(u.q, u.p, backend=self.backend, out=out if ok else None)
         return ref.matrix_sq_norms(uses, rows, how)
 
     def _check_uses(self, graph_counts, hooked) -> None:

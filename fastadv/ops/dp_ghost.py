@@ -1,5 +1,5 @@
 """Ghost clipping / book-keeping's registered ops (``torch.ops.fastadv.*``):
-``dp_ghost_linear_sq_norms``, ``dp_ghost_embedding_sq_norms``,
+``dp_ghost_linear_sq_norms``, ``dp_ghost_linear_sq_norms_ps``, ``dp_ghost_embedding_sq_norms``,
 ``dp_ghost_vector_sq_norms``, ``dp_ghost_clip_factors``,
 ``dp_ghost_clipped_linear_grad``, ``dp_ghost_clipped_vector_grads`` and
 ``dp_ghost_clipped_embedding_grad``.
@@ -10,6 +10,12 @@ sample's weight gradient ``g_b^T a_b`` without forming it, in fp32 (the Gram
 form, :func:`fastadv.reference.dp_ghost.gram_sq_norms`).  Backends: torch (the
 reference math) and triton (one launch, one program per sample,
 deterministic).
+
+``linear_sq_norms_ps(a, g)``: the same norms the per-sample way (for
+``T^2 > O * I``), each sample's gradient built tile by tile with ``tl.dot``
+and squared in registers, never stored (memory: one fp32 partial per
+(sample, tile)).  Triton: two launches (the partials, then their sum in
+tile order), deterministic.
 
 ``embedding_sq_norms(ids, g)``: the same for one embedding lookup with ids
 ``[B, T]`` and output gradients ``g [B, T, D]``, whose ``P`` is the one-hot
@@ -50,7 +56,7 @@ Triton: a stable sort of the ids, then one launch in which each run of equal
 ids has one owner summing it in ``(b, t)`` order: deterministic, where
 ``index_add_`` on CUDA is not.
 
-None of the seven has a CUDA kernel (no CUDA twin yet): a forced
+None of the eight has a CUDA kernel (no CUDA twin yet): a forced
 ``backend="cuda"`` raises :class:`~fastadv.BackendUnavailable`; ``auto`` on a
 CUDA tensor runs triton.
 """
@@ -131,6 +137,45 @@ def _out_row(out: torch.Tensor | None, batch: int, acc: torch.dtype, device) -> 
     if out.shape != (batch,) or out.dtype != acc or out.device != device or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous {acc} [{batch}] tensor on {device}, got "
                          f"{out.dtype} {tuple(out.shape)} on {out.device}")
+    return out
+
+
+# ---------------------------------------------------------------- per-sample-strategy norm
+
+@_registry.op("dp_ghost_linear_sq_norms_ps", mutates_args={"out"})
+def linear_sq_norms_ps_op(a: torch.Tensor, g: torch.Tensor, out: torch.Tensor, backend: str) -> None:
+    """``out[b] = ||g_b^T a_b||^2`` from each sample's gradient (``out``: fp32 ``[B]``)."""
+    if backend == "torch":
+        count_launch("torch.dp_ghost_linear_sq_norms_ps")
+        out.copy_(ref.matrix_sq_norms([ref.MatUse(p=g, q=a)], g.shape[2], "per_sample"))
+        return
+    with device_guard(a):
+        _registry.kernels("dp_ghost", backend).linear_sq_norms_ps(a, g, out)
+
+
+@linear_sq_norms_ps_op.register_fake
+def _(a, g, out, backend):
+    return None
+
+
+def linear_sq_norms_ps_backend(backend, a: torch.Tensor, g: torch.Tensor) -> str:
+    """The backend :func:`linear_sq_norms_ps` runs for these operands."""
+    name = _registry.pick(backend, a.device, dtypes=[("activations", a), ("output gradients", g)],
+                          allowed=_DTYPES, strided=[("activations", a), ("output gradients", g)])
+    return _no_cuda("dp_ghost_linear_sq_norms_ps", backend, name)
+
+
+def linear_sq_norms_ps(a: torch.Tensor, g: torch.Tensor, *, backend: str | None = None,
+                       out: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`linear_sq_norms` the per-sample way (``T^2 > O * I``: the Gram
+    form costs more): each sample's ``g_b^T a_b`` built tile by tile and
+    squared without being stored (the reference materialises ``[B, O, I]``).
+    Strided ``a``, ``g`` (a conv's unfolded patches); ``out`` as in
+    :func:`linear_sq_norms`."""
+    _check(a, g)
+    name = linear_sq_norms_ps_backend(backend, a, g)
+    out = _out_row(out, a.shape[0], ref.acc_dtype(a, g), a.device)
+    linear_sq_norms_ps_op(a, g, out, name)
     return out
 
 

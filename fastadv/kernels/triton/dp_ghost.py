@@ -400,3 +400,83 @@ def clipped_linear_grad(p: torch.Tensor, q: torch.Tensor, factors: torch.Tensor,
                                BLOCK_T=BLOCK_T, BLOCK_O=BLOCK_O, BLOCK_I=BLOCK_I, IEEE=ieee,
                                WIDEN=widen, ADD=bool(accumulate), enable_fp_fusion=False)
     count_launch("triton.dp_ghost_clipped_linear_grad")
+
+
+# ---------------------------------------------------------------- per-sample-strategy norm
+
+PS_BLOCK_B = 128  # samples per program of the partials' sum
+
+
+@triton.jit
+def _linear_sq_norms_ps(p_ptr, q_ptr, part_ptr, T, O, I, n_ti, n_tiles,
+                        sp_b, sp_t, sp_o, sq_b, sq_t, sq_i,
+                        BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
+                        IEEE: tl.constexpr, WIDEN: tl.constexpr):
+    # one program per (sample b, [BLOCK_O, BLOCK_I] tile of G_b = P_b^T Q_b): the
+    # tile built over T with tl.dot (the products of _clipped_linear_grad), then
+    # ||tile||^2 into part[b, tile].  G_b is never written: memory B * n_tiles
+    tile = tl.program_id(0)  # axis 0: the tiles may outnumber axis 1's limit (65535)
+    b = tl.program_id(1).to(tl.int64)
+    ro = (tile // n_ti).to(tl.int64) * BLOCK_O + tl.arange(0, BLOCK_O)
+    ri = (tile % n_ti).to(tl.int64) * BLOCK_I + tl.arange(0, BLOCK_I)
+    p_b = p_ptr + b * sp_b
+    q_b = q_ptr + b * sq_b
+    acc = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
+    for t0 in range(0, T, BLOCK_T):
+        rt = t0 + tl.arange(0, BLOCK_T)
+        tmask = rt < T
+        p = tl.load(p_b + rt[:, None].to(tl.int64) * sp_t + ro[None, :] * sp_o,
+                    mask=tmask[:, None] & (ro[None, :] < O), other=0.0)
+        q = tl.load(q_b + rt[:, None].to(tl.int64) * sq_t + ri[None, :] * sq_i,
+                    mask=tmask[:, None] & (ri[None, :] < I), other=0.0)
+        if WIDEN:  # mixed dtypes (autocast) or bf16: both exactly widened to fp32
+            p = p.to(tl.float32)
+            q = q.to(tl.float32)
+        if IEEE:
+            acc += tl.dot(tl.trans(p), q, input_precision="ieee")
+        elif WIDEN:  # fp16 / bf16 values are exact in tf32
+            acc += tl.dot(tl.trans(p), q, input_precision="tf32")
+        else:  # fp16: exact products, fp32 accumulation
+            acc += tl.dot(tl.trans(p), q)
+    # the padding is zeroed before squaring: a real inf in Q times a padded 0 of
+    # P is NaN there, and must not enter (the reference's G_b has no padding)
+    inside = (ro[:, None] < O) & (ri[None, :] < I)
+    acc = tl.where(inside, acc, 0.0)
+    tl.store(part_ptr + b * n_tiles + tile, tl.sum(tl.sum(acc * acc, axis=1), axis=0))
+
+
+@triton.jit
+def _sum_partials(part_ptr, out_ptr, B, n_tiles, BLOCK_B: tl.constexpr):
+    # out[b] = sum of part[b, :] in tile order (fixed: deterministic)
+    rb = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+    bmask = rb < B
+    s = tl.zeros((BLOCK_B,), dtype=tl.float32)
+    for k in range(0, n_tiles):
+        s += tl.load(part_ptr + rb * n_tiles + k, mask=bmask, other=0.0)
+    tl.store(out_ptr + rb, s, mask=bmask)
+
+
+def linear_sq_norms_ps(a: torch.Tensor, g: torch.Tensor, out: torch.Tensor) -> None:
+    """``out[b] = ||g_b^T a_b||_F^2`` (fp32) for strided ``a [B, T, I]``,
+    ``g [B, T, O]`` (fp32 / fp16 / bf16, mixed allowed), each sample's gradient
+    built tile by tile and never stored: two launches (the per-(sample, tile)
+    partials, then their sum in tile order)."""
+    batch, steps, cols = a.shape
+    rows = g.shape[2]
+    if batch == 0:
+        return
+    if rows == 0 or cols == 0 or steps == 0:
+        out.zero_()  # an empty gradient
+        return
+    n_ti = triton.cdiv(cols, BLOCK_I)
+    n_tiles = triton.cdiv(rows, BLOCK_O) * n_ti
+    part = torch.empty(batch, n_tiles, dtype=torch.float32, device=a.device)
+    ieee = torch.float32 in (a.dtype, g.dtype)
+    widen = a.dtype != g.dtype or torch.bfloat16 in (a.dtype, g.dtype)
+    _linear_sq_norms_ps[(n_tiles, batch)](g, a, part, steps, rows, cols, n_ti, n_tiles, *g.stride(), *a.stride(),
+                                          BLOCK_T=BLOCK_T, BLOCK_O=BLOCK_O, BLOCK_I=BLOCK_I, IEEE=ieee,
+                                          WIDEN=widen, enable_fp_fusion=False)
+    count_launch("triton.dp_ghost_linear_sq_norms_ps")
+    _sum_partials[(triton.cdiv(batch, PS_BLOCK_B),)](part, out, batch, n_tiles, BLOCK_B=PS_BLOCK_B,
+                                                     enable_fp_fusion=False)
+    count_launch("triton.dp_ghost_linear_sq_norms_ps")
