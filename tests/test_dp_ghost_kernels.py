@@ -14,6 +14,8 @@ Opacus 1.6's vanilla per-sample mode.
   ``sum_b f_b v[b]`` each, in one launch;
 * ``dp_ghost_clipped_embedding_grad``: bk's clipped gradient of one embedding
   lookup, deterministic (sorted ids, one owner per table row);
+* ``dp_ghost_linear_sq_norms_ps``: the same norm the per-sample way, each
+  sample's gradient built tile by tile and never stored;
 * ``dp_ghost_linear_sq_norms`` (the older norm op) is in the opcheck test here.
 
 The triton backend runs under the interpreter on CPU (tests/conftest.py).
@@ -529,6 +531,91 @@ def test_bk_under_low_precision_autocast(backend, dtype):
         torch.testing.assert_close(p.grad.double(), w, rtol=1e-5, atol=1e-6)
 
 
+# ---------------------------------------------------------------- the per-sample-strategy norm
+
+def _ps_want(a, g):
+    """fp64 norms of the materialised per-sample gradients (the reference's way)."""
+    return ref.per_sample_grads([ref.MatUse(p=g.double(), q=a.double())], g.shape[2]).flatten(1).square().sum(1)
+
+
+# (B, T, I, O): O, I not multiples of the 32 x 32 tile, T = 1, T over several 16-step tiles
+PS_SHAPES = [(3, 5, 37, 45), (2, 1, 1, 1), (4, 1, 33, 70), (2, 50, 33, 31), (1, 17, 64, 32)]
+
+
+@pytest.mark.parametrize("dtypes", [(d, d) for d in DTYPES] + [(torch.float32, torch.bfloat16),
+                                                                 (torch.float16, torch.float32)])
+@pytest.mark.parametrize("shape", PS_SHAPES)
+def test_linear_sq_norms_ps_op(backend, shape, dtypes):
+    """Against fp64 per-sample gradients of the same rounded inputs (fp32
+    accumulation: fp32 tolerance), two launches per call on a kernel backend,
+    bitwise equal between two runs, written into ``out``."""
+    b, t, i, o = shape
+    a, g = torch.randn(b, t, i).to(dtypes[0]), torch.randn(b, t, o).to(dtypes[1])
+    before = collections.Counter(kernels.LAUNCHES)
+    got = ops.linear_sq_norms_ps(a, g, backend=backend)
+    assert _launched("dp_ghost_linear_sq_norms_ps", before) == (1 if backend == "torch" else 2)
+    torch.testing.assert_close(got.double(), _ps_want(a, g), rtol=1e-5, atol=1e-6)
+    row = torch.full((2, b), 7.0)
+    assert ops.linear_sq_norms_ps(a, g, backend=backend, out=row[1]) is not None
+    assert torch.equal(row[1], got) and (row[0] == 7.0).all()
+
+
+def test_linear_sq_norms_ps_strided_conv_patches(backend):
+    """A conv's unfolded patches (a transposed view, not contiguous) and a
+    transposed output gradient are read through their strides: no copy made
+    by the op, same norms as the contiguous inputs."""
+    x = torch.randn(3, 2, 7, 7)
+    patches = torch.nn.functional.unfold(x, 3, padding=1).transpose(1, 2)  # [B, 49, 18], strided
+    g = torch.randn(3, 5, 49).transpose(1, 2)  # [B, 49, 5], strided
+    assert not patches.is_contiguous() and not g.is_contiguous()
+    got = ops.linear_sq_norms_ps(patches, g, backend=backend)
+    torch.testing.assert_close(got.double(), _ps_want(patches, g), rtol=1e-5, atol=1e-6)
+    assert torch.equal(got, ops.linear_sq_norms_ps(patches.contiguous(), g.contiguous(), backend=backend))
+
+
+def test_linear_sq_norms_ps_nonfinite(backend):
+    """A NaN / inf sample gets the reference's non-finite norm and does not leak
+    into the others (an inf row times a tile's zero padding would be NaN)."""
+    a, g = torch.randn(4, 3, 37), torch.randn(4, 3, 45)
+    a[1, 2, 5] = float("nan")
+    a[2, 0, 36] = float("inf")  # the last column: its tile is padded
+    g[3, 1, 44] = float("-inf")
+    got = ops.linear_sq_norms_ps(a, g, backend=backend)
+    want = _ps_want(a, g)
+    assert torch.isfinite(got[0]) and not torch.isfinite(got[1:]).any()
+    assert torch.equal(torch.isnan(got), torch.isnan(want)) and torch.equal(torch.isinf(got), torch.isinf(want))
+    torch.testing.assert_close(got[0].double(), want[0], rtol=1e-5, atol=1e-6)
+
+
+def test_linear_sq_norms_ps_empty(backend):
+    """B = 0 launches nothing; an empty gradient (O = 0, or T = 0) has norm 0."""
+    assert ops.linear_sq_norms_ps(torch.randn(0, 3, 4), torch.randn(0, 3, 5), backend=backend).shape == (0,)
+    assert torch.equal(ops.linear_sq_norms_ps(torch.randn(2, 3, 4), torch.randn(2, 3, 0), backend=backend),
+                       torch.zeros(2))
+    assert torch.equal(ops.linear_sq_norms_ps(torch.randn(2, 0, 4), torch.randn(2, 0, 5), backend=backend),
+                       torch.zeros(2))
+    ops.linear_sq_norms_ps(torch.randn(1, 2, 3), torch.randn(1, 2, 3), backend=backend)  # launches something
+
+
+@pytest.mark.parametrize("mode", ["bk", "ghost"])
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_make_private_per_sample_strategy_equals_opacus_vanilla(backend, mode, kind):
+    """``strategy="per_sample"``: every single-use Linear / Conv norm runs
+    ``dp_ghost_linear_sq_norms_ps`` on a kernel backend (two launches each per
+    backward), the torch backend keeps the reference's materialised gradients
+    (the op not launched); both equal Opacus vanilla."""
+    torch.manual_seed(1)
+    model = MODELS[kind]()
+    batches = [_data(kind, 4), _data(kind, 4)]
+    want = opacus_grads(copy.deepcopy(model), batches, C=0.3)
+    before = collections.Counter(kernels.LAUNCHES)
+    got, _ = fast_grads(model, batches, C=0.3, mode=mode, backend=backend, strategy="per_sample")
+    _assert_same(got, want)
+    kernel = backend != "torch"
+    assert _launched("dp_ghost_linear_sq_norms_ps", before) == (2 * 2 * LINEAR_USES[kind] if kernel else 0)
+    assert _launched("dp_ghost_linear_sq_norms", before) == 0
+
+
 # ---------------------------------------------------------------- registration and refusals
 
 def test_opcheck(backend):
@@ -539,6 +626,8 @@ def test_opcheck(backend):
     factors = torch.tensor([0.5, 0.0, 1.0])
     cases = [
         (ops.linear_sq_norms_op, (a, g, torch.empty(3), backend)),
+        (ops.linear_sq_norms_ps_op, (a, g, torch.empty(3), backend)),
+        (ops.linear_sq_norms_ps_op, (a.transpose(1, 2).contiguous().transpose(1, 2), g, torch.empty(3), backend)),
         (ops.embedding_sq_norms_op, (torch.tensor([[1, 2, 1, 1, 0]] * 3), a, torch.empty(3), backend)),
         (ops.vector_sq_norms_op, ([torch.randn(3, 4), torch.randn(3, 2, 2)], [2, 0], torch.rand(3, 3), backend)),
         (ops.clipped_embedding_grad_op, (torch.tensor([[1, 2, 1, 1, 0]] * 3), a, factors, torch.randn(3, 7),
@@ -678,7 +767,7 @@ def test_registered():
     from fastadv.ops import _registry
     assert {"dp_ghost_linear_sq_norms", "dp_ghost_embedding_sq_norms", "dp_ghost_vector_sq_norms",
             "dp_ghost_clip_factors", "dp_ghost_clipped_vector_grads", "dp_ghost_clipped_embedding_grad",
-            "dp_ghost_clipped_linear_grad"} <= set(_registry.registered())
+            "dp_ghost_clipped_linear_grad", "dp_ghost_linear_sq_norms_ps"} <= set(_registry.registered())
 
 
 def test_bk_backward_makes_no_host_sync(backend, no_host_sync):
