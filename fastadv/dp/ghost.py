@@ -415,7 +415,9 @@ class GhostClippingModule(nn.Module):
     ``"per_sample"``.  ``backend``: the DP-ghost kernels' (the Gram norm of a
     layer's single use runs :func:`fastadv.ops.dp_ghost.linear_sq_norms`, of a
     single-use embedding :func:`fastadv.ops.dp_ghost.embedding_sq_norms`; on a
-    kernel backend the vector terms are one
+    kernel backend a single Linear / Conv use's per-sample-strategy norm runs
+    :func:`fastadv.ops.dp_ghost.linear_sq_norms_ps` (no ``[B, O, I]``
+    buffer), the vector terms are one
     :func:`fastadv.ops.dp_ghost.vector_sq_norms_` launch, the clip factors one
     :func:`fastadv.ops.dp_ghost.clip_factors` launch and bk's clipped gradient
     one :func:`fastadv.ops.dp_ghost.clipped_linear_grad_` launch per Linear /
