@@ -305,6 +305,32 @@ def _store_tile(out_ptr, ro, ri, O, I, acc, ADD: tl.constexpr):
 
 
 @triton.jit
+def _sample_tile(p_b, q_b, ro, ri, t_end, T, O, I, sp_t, sp_o, sq_t, sq_i,
+                 BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
+                 IEEE: tl.constexpr, WIDEN: tl.constexpr):
+    # one sample's [BLOCK_O, BLOCK_I] tile of P_b^T Q_b over its steps t < t_end,
+    # in fp32 (the clipped GEMM and the per-sample-strategy norm share it)
+    part = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
+    for t0 in range(0, T, BLOCK_T):
+        rt = t0 + tl.arange(0, BLOCK_T)
+        tmask = rt < t_end
+        p = tl.load(p_b + rt[:, None].to(tl.int64) * sp_t + ro[None, :] * sp_o,
+                    mask=tmask[:, None] & (ro[None, :] < O), other=0.0)
+        q = tl.load(q_b + rt[:, None].to(tl.int64) * sq_t + ri[None, :] * sq_i,
+                    mask=tmask[:, None] & (ri[None, :] < I), other=0.0)
+        if WIDEN:  # mixed dtypes (autocast) or bf16: both exactly widened to fp32
+            p = p.to(tl.float32)
+            q = q.to(tl.float32)
+        if IEEE:  # an fp32 operand: IEEE fp32 products
+            part += tl.dot(tl.trans(p), q, input_precision="ieee")
+        elif WIDEN:  # fp16 / bf16 values fit tf32's 11-bit significand: tf32 products are exact
+            part += tl.dot(tl.trans(p), q, input_precision="tf32")
+        else:  # fp16: exact products, fp32 accumulation
+            part += tl.dot(tl.trans(p), q)
+    return part
+
+
+@triton.jit
 def _clipped_linear_grad(p_ptr, q_ptr, f_ptr, out_ptr, B, T, O, I,
                          sp_b, sp_t, sp_o, sq_b, sq_t, sq_i,
                          BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
@@ -317,23 +343,8 @@ def _clipped_linear_grad(p_ptr, q_ptr, f_ptr, out_ptr, B, T, O, I,
     for b in range(0, B):
         f = tl.load(f_ptr + b)
         t_end = tl.where(f != 0.0, T, 0)  # a dropped sample is never read: a NaN in it cannot enter
-        part = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
-        for t0 in range(0, T, BLOCK_T):
-            rt = t0 + tl.arange(0, BLOCK_T)
-            tmask = rt < t_end
-            p = tl.load(p_b + rt[:, None].to(tl.int64) * sp_t + ro[None, :] * sp_o,
-                        mask=tmask[:, None] & (ro[None, :] < O), other=0.0)
-            q = tl.load(q_b + rt[:, None].to(tl.int64) * sq_t + ri[None, :] * sq_i,
-                        mask=tmask[:, None] & (ri[None, :] < I), other=0.0)
-            if WIDEN:  # mixed dtypes (autocast) or bf16: both exactly widened to fp32
-                p = p.to(tl.float32)
-                q = q.to(tl.float32)
-            if IEEE:  # an fp32 operand: IEEE fp32 products
-                part += tl.dot(tl.trans(p), q, input_precision="ieee")
-            elif WIDEN:  # fp16 / bf16 values fit tf32's 11-bit significand: tf32 products are exact
-                part += tl.dot(tl.trans(p), q, input_precision="tf32")
-            else:  # fp16: exact products, fp32 accumulation
-                part += tl.dot(tl.trans(p), q)
+        part = _sample_tile(p_b, q_b, ro, ri, t_end, T, O, I, sp_t, sp_o, sq_t, sq_i,
+                            BLOCK_T, BLOCK_O, BLOCK_I, IEEE, WIDEN)
         p_b += sp_b
         q_b += sq_b
         acc += f * part  # f_b (P_b^T Q_b): the scale after the fp32 sum, no rounding of P to its dtype
@@ -421,23 +432,8 @@ def _linear_sq_norms_ps(p_ptr, q_ptr, part_ptr, T, O, I, n_ti, n_tiles,
     ri = (tile % n_ti).to(tl.int64) * BLOCK_I + tl.arange(0, BLOCK_I)
     p_b = p_ptr + b * sp_b
     q_b = q_ptr + b * sq_b
-    acc = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
-    for t0 in range(0, T, BLOCK_T):
-        rt = t0 + tl.arange(0, BLOCK_T)
-        tmask = rt < T
-        p = tl.load(p_b + rt[:, None].to(tl.int64) * sp_t + ro[None, :] * sp_o,
-                    mask=tmask[:, None] & (ro[None, :] < O), other=0.0)
-        q = tl.load(q_b + rt[:, None].to(tl.int64) * sq_t + ri[None, :] * sq_i,
-                    mask=tmask[:, None] & (ri[None, :] < I), other=0.0)
-        if WIDEN:  # mixed dtypes (autocast) or bf16: both exactly widened to fp32
-            p = p.to(tl.float32)
-            q = q.to(tl.float32)
-        if IEEE:
-            acc += tl.dot(tl.trans(p), q, input_precision="ieee")
-        elif WIDEN:  # fp16 / bf16 values are exact in tf32
-            acc += tl.dot(tl.trans(p), q, input_precision="tf32")
-        else:  # fp16: exact products, fp32 accumulation
-            acc += tl.dot(tl.trans(p), q)
+    acc = _sample_tile(p_b, q_b, ro, ri, T, T, O, I, sp_t, sp_o, sq_t, sq_i,
+                       BLOCK_T, BLOCK_O, BLOCK_I, IEEE, WIDEN)
     # the padding is zeroed before squaring: a real inf in Q times a padded 0 of
     # P is NaN there, and must not enter (the reference's G_b has no padding)
     inside = (ro[:, None] < O) & (ri[None, :] < I)
