@@ -87,6 +87,20 @@ def _update_dense(w_ptr, g_ptr, b_ptr, norm_ptr, eps, numel, BLOCK: tl.constexpr
 
 
 @triton.jit
+def _update_row(w_p, g_p, b_p, base, cols, norm, eps, valid, BLOCK_C: tl.constexpr):
+    # One flagged row: back it up and, for a usable norm, perturb it (shared by
+    # the per-tensor and the multi-tensor row kernels).
+    for start in range(0, cols, BLOCK_C):
+        offs = start + tl.arange(0, BLOCK_C)
+        m = offs < cols
+        w = tl.load(w_p + base + offs, mask=m)
+        tl.store(b_p + base + offs, w, mask=m)
+        if valid:
+            new = _perturbed(w, g_p, base + offs, m, norm, eps)
+            tl.store(w_p + base + offs, new.to(w_p.dtype.element_ty), mask=m)
+
+
+@triton.jit
 def _update_rows(w_ptr, g_ptr, b_ptr, rows_ptr, norm_ptr, eps, cols, BLOCK_C: tl.constexpr):
     # Rows without gradient are left alone: w + eps * 0 / norm == w.  The
     # backup is full-size and written only at the rows that change.
@@ -94,15 +108,7 @@ def _update_rows(w_ptr, g_ptr, b_ptr, rows_ptr, norm_ptr, eps, cols, BLOCK_C: tl
     if tl.load(rows_ptr + row) != 0:
         norm = tl.load(norm_ptr)
         valid = (norm != 0) & (norm == norm)
-        base = row.to(tl.int64) * cols
-        for start in range(0, cols, BLOCK_C):
-            offs = start + tl.arange(0, BLOCK_C)
-            m = offs < cols
-            w = tl.load(w_ptr + base + offs, mask=m)
-            tl.store(b_ptr + base + offs, w, mask=m)
-            if valid:
-                new = _perturbed(w, g_ptr, base + offs, m, norm, eps)
-                tl.store(w_ptr + base + offs, new.to(w_ptr.dtype.element_ty), mask=m)
+        _update_row(w_ptr, g_ptr, b_ptr, row.to(tl.int64) * cols, cols, norm, eps, valid, BLOCK_C)
 
 
 @triton.jit
@@ -262,15 +268,7 @@ def _mt_update_rows(table, T, like, flags, plan, norm_ptr, eps, ITEM: tl.constex
     cols = tl.load(plan + 2 * T + t)
     for row in range(start, end):
         if tl.load(rows_p + row) != 0:
-            base = row * cols
-            for c in range(0, cols, BLOCK_C):
-                offs = c + tl.arange(0, BLOCK_C)
-                m = offs < cols
-                w = tl.load(w_p + base + offs, mask=m)
-                tl.store(b_p + base + offs, w, mask=m)
-                if valid:
-                    new = _perturbed(w, g_p, base + offs, m, norm, eps)
-                    tl.store(w_p + base + offs, new.to(w_p.dtype.element_ty), mask=m)
+            _update_row(w_p, g_p, b_p, row * cols, cols, norm, eps, valid, BLOCK_C)
 
 
 @dataclasses.dataclass

@@ -63,6 +63,30 @@ def _partial_dense(w_ptr, b_ptr, g_ptr, part_ptr, numel, nblocks,
 
 
 @triton.jit
+def _row_sums(w_p, b_p, g_p, base, cols, saved, BLOCK_C: tl.constexpr):
+    # One row's [||g||^2, ||r||^2, <r, g>] and whether it holds a non-zero
+    # entry of g (NaN / inf included); r = w - w0 is read only on a saved row
+    # (zero on rows never perturbed).  Shared by the per-tensor and the
+    # multi-tensor row kernels, so both sum in the same order.
+    gg = tl.zeros([BLOCK_C], dtype=tl.float32)
+    rr = tl.zeros([BLOCK_C], dtype=tl.float32)
+    rg = tl.zeros([BLOCK_C], dtype=tl.float32)
+    nonzero = tl.zeros([BLOCK_C], dtype=tl.int32)
+    for start in range(0, cols, BLOCK_C):
+        offs = start + tl.arange(0, BLOCK_C)
+        m = offs < cols
+        g = tl.load(g_p + base + offs, mask=m, other=0.0).to(tl.float32)
+        gg += g * g
+        nonzero += (g != 0).to(tl.int32)
+        if saved:
+            r = (tl.load(w_p + base + offs, mask=m, other=0.0).to(tl.float32)
+                 - tl.load(b_p + base + offs, mask=m, other=0.0).to(tl.float32))
+            rr += r * r
+            rg += r * g
+    return tl.sum(gg, axis=0), tl.sum(rr, axis=0), tl.sum(rg, axis=0), tl.sum(nonzero, axis=0) != 0
+
+
+@triton.jit
 def _partial_rows(w_ptr, b_ptr, g_ptr, mask_ptr, saved_ptr, part_ptr, rows, cols,
                   BLOCK_C: tl.constexpr):
     # Every row of g is read (the norm is over all of it) and mask[row] set to
@@ -70,26 +94,11 @@ def _partial_rows(w_ptr, b_ptr, g_ptr, mask_ptr, saved_ptr, part_ptr, rows, cols
     # carry gradient is read from the gradient itself.
     row = tl.program_id(0)
     saved = tl.load(saved_ptr + row) != 0
-    gg = tl.zeros([BLOCK_C], dtype=tl.float32)
-    rr = tl.zeros([BLOCK_C], dtype=tl.float32)
-    rg = tl.zeros([BLOCK_C], dtype=tl.float32)
-    nonzero = tl.zeros([BLOCK_C], dtype=tl.int32)
-    base = row.to(tl.int64) * cols
-    for start in range(0, cols, BLOCK_C):
-        offs = start + tl.arange(0, BLOCK_C)
-        m = offs < cols
-        g = tl.load(g_ptr + base + offs, mask=m, other=0.0).to(tl.float32)
-        gg += g * g
-        nonzero += (g != 0).to(tl.int32)
-        if saved:  # r = w - w0 is zero on rows never perturbed
-            r = (tl.load(w_ptr + base + offs, mask=m, other=0.0).to(tl.float32)
-                 - tl.load(b_ptr + base + offs, mask=m, other=0.0).to(tl.float32))
-            rr += r * r
-            rg += r * g
-    tl.store(mask_ptr + row, (tl.sum(nonzero, axis=0) != 0).to(tl.uint8))
-    tl.store(part_ptr + row, tl.sum(gg, axis=0))
-    tl.store(part_ptr + rows + row, tl.sum(rr, axis=0))
-    tl.store(part_ptr + 2 * rows + row, tl.sum(rg, axis=0))
+    gg, rr, rg, any_g = _row_sums(w_ptr, b_ptr, g_ptr, row.to(tl.int64) * cols, cols, saved, BLOCK_C)
+    tl.store(mask_ptr + row, any_g.to(tl.uint8))
+    tl.store(part_ptr + row, gg)
+    tl.store(part_ptr + rows + row, rr)
+    tl.store(part_ptr + 2 * rows + row, rg)
 
 
 @triton.jit
@@ -296,26 +305,11 @@ def _mt_partial_rows(table, T, like, flags, plan, part_ptr, NP, ITEM: tl.constex
     cols = tl.load(plan + 2 * T + t)
     for row in range(start, end):
         saved = tl.load(saved_p + row) != 0
-        gg = tl.zeros([BLOCK_C], dtype=tl.float32)
-        rr = tl.zeros([BLOCK_C], dtype=tl.float32)
-        rg = tl.zeros([BLOCK_C], dtype=tl.float32)
-        nonzero = tl.zeros([BLOCK_C], dtype=tl.int32)
-        base = row * cols
-        for c in range(0, cols, BLOCK_C):
-            offs = c + tl.arange(0, BLOCK_C)
-            m = offs < cols
-            g = tl.load(g_p + base + offs, mask=m, other=0.0).to(tl.float32)
-            gg += g * g
-            nonzero += (g != 0).to(tl.int32)
-            if saved:  # r = w - w0 is zero on rows never perturbed
-                r = (tl.load(w_p + base + offs, mask=m, other=0.0).to(tl.float32)
-                     - tl.load(b_p + base + offs, mask=m, other=0.0).to(tl.float32))
-                rr += r * r
-                rg += r * g
-        tl.store(mask_p + row, (tl.sum(nonzero, axis=0) != 0).to(tl.uint8))
-        tl.store(part_ptr + first_part + row, tl.sum(gg, axis=0))
-        tl.store(part_ptr + NP + first_part + row, tl.sum(rr, axis=0))
-        tl.store(part_ptr + 2 * NP + first_part + row, tl.sum(rg, axis=0))
+        gg, rr, rg, any_g = _row_sums(w_p, b_p, g_p, row * cols, cols, saved, BLOCK_C)
+        tl.store(mask_p + row, any_g.to(tl.uint8))
+        tl.store(part_ptr + first_part + row, gg)
+        tl.store(part_ptr + NP + first_part + row, rr)
+        tl.store(part_ptr + 2 * NP + first_part + row, rg)
 
 
 @triton.jit
