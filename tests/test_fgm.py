@@ -734,6 +734,37 @@ def test_several_tables_bitwise_the_per_table_calls(row_sparse):
 
 
 @needs_triton
+def test_several_tables_storage_moved_between_attack_and_restore():
+    """The multi-tensor attack's backups follow the live parameters: restore after
+    ``model.double().float()`` (new storages) is bit-exact, into the new storages;
+    after ``model.half()`` it raises StorageMoved and keeps the backups."""
+    model = ManyTables().to(DEVICE)
+    original = copy.deepcopy(model)
+    ids, labels = batch(vocab=23)
+    model(ids, labels).backward()
+    fgm = fastadv.FGM(model, "word_embeddings", 0.7, backend="triton")
+    _, launched = _launches(fgm.attack)
+    assert launched["triton.fgm"] > 0 and not launched["triton.fgm_update"], launched  # the multi path ran
+    model.double().float()
+    ptrs = [p.data_ptr() for p in model.parameters()]
+    fgm.restore()
+    assert_weights(model, original, exact=True)
+    assert [p.data_ptr() for p in model.parameters()] == ptrs
+    fgm.attack()
+    model.half()
+    with pytest.raises(StorageMoved):
+        fgm.restore()
+    model.float()
+    fgm.restore()  # the attacked rows from the backups, exactly; the others went through half()
+    restored = 0
+    for t, o in zip(model.word_embeddings, original.word_embeddings):
+        exact, rounded = (t.weight == o.weight).all(1), (t.weight == o.weight.half().float()).all(1)
+        assert (exact | rounded).all()
+        restored += int((exact & ~rounded).sum())
+    assert restored > 0  # rows that half() would have changed came back bit-exact
+
+
+@needs_triton
 def test_several_tables_launches_do_not_grow_with_the_tables():
     """Two and four tables of widths in one row block (9..16: 16): the same 3 launches (per
     table it was 3 each); the multi-tensor call needs no process group (no collective)."""

@@ -523,6 +523,32 @@ def test_several_tables_bitwise_the_per_table_steps(monkeypatch, row_sparse):
 
 
 @needs_triton
+def test_several_tables_storage_moved_between_steps_and_restore():
+    """The multi-tensor step's states follow the live parameters: ``model.double().float()``
+    between two steps and again before restore (new storages each time) still restores
+    bit-exactly; equal to the same loop without the moves."""
+    model = ManyTables().to(DEVICE)
+    still, original = copy.deepcopy(model), copy.deepcopy(model)
+    ids, labels = batch(vocab=23)
+    out = []
+    for m, move in ((model, True), (still, False)):
+        m(ids, labels).backward()
+        pgd = fastadv.PGD(m, "word_embeddings", epsilon=0.05, backend="triton")
+        pgd.attack(is_first_attack=True)
+        if move:
+            m.double().float()
+        pgd.attack()
+        out.append([t.weight.detach().clone() for t in m.word_embeddings])
+        if move:
+            m.double().float()
+        pgd.restore()
+        assert_weights(m, original, exact=True)
+    for a, b in zip(*out):
+        assert torch.equal(a, b)
+    assert not torch.equal(out[0][1], original.word_embeddings[1].weight)
+
+
+@needs_triton
 def test_several_tables_launches_do_not_grow_with_the_tables():
     """Two and four tables in one row block (widths 9..16): 3 launches per attack for both
     (per table it was 3 each); no process group needed (no collective)."""
