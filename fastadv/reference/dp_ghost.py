@@ -130,17 +130,6 @@ def matrix_sq_norms(uses: list[MatUse], rows: int, how: str = "auto") -> torch.T
     raise ValueError(f"how must be 'auto', 'gram' or 'per_sample', got {how!r}")
 
 
-def clipped_matrix_grad(uses: list[MatUse], rows: int, factors: torch.Tensor) -> torch.Tensor:
-    """``sum_b f_b sum_u G_b^u`` (the clipped sum, book-keeping's second half),
-    ``[rows, I]`` in the accumulation dtype.  Samples with ``f_b = 0`` are
-    masked out of both factors, so a NaN in a dropped sample never enters."""
-    cols = uses[0].q.shape[2]
-    out = torch.zeros(rows, cols, dtype=factors.dtype, device=uses[0].q.device)
-    for u in uses:
-        add_clipped_use(out, u, factors)
-    return out
-
-
 def add_clipped_use(out: torch.Tensor, u: MatUse, factors: torch.Tensor) -> torch.Tensor:
     """``out += sum_b f_b G_b^u`` for one use (``out``: ``[rows, I]`` in the
     factors' dtype), dropped samples (``f_b = 0``) masked out of both factors."""
