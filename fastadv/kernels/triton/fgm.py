@@ -37,22 +37,30 @@ def _partial_dense(g_ptr, part_ptr, numel, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _row_sq(g_p, base, cols, BLOCK_C: tl.constexpr):
+    # One row's sum of squares and whether it holds an entry that is not zero
+    # (NaN and inf included); shared by the per-tensor and the multi-tensor
+    # row kernels, so both sum in the same order.
+    acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+    nonzero = tl.zeros([BLOCK_C], dtype=tl.int32)
+    for start in range(0, cols, BLOCK_C):
+        offs = start + tl.arange(0, BLOCK_C)
+        g = tl.load(g_p + base + offs, mask=offs < cols, other=0.0).to(tl.float32)
+        acc += g * g
+        nonzero += (g != 0).to(tl.int32)
+    return tl.sum(acc, axis=0), tl.sum(nonzero, axis=0) != 0
+
+
+@triton.jit
 def _partial_rows(g_ptr, rows_ptr, part_ptr, cols, BLOCK_C: tl.constexpr):
     # Stage 1, by rows: one program per row reads the whole row (the norm is
     # over all of g anyway) and records whether the row holds any entry that
     # is not zero (NaN and inf included).  Which rows carry gradient is read
     # from the gradient itself, never assumed from how the model read the table.
     row = tl.program_id(0)
-    base = row.to(tl.int64) * cols
-    acc = tl.zeros([BLOCK_C], dtype=tl.float32)
-    nonzero = tl.zeros([BLOCK_C], dtype=tl.int32)
-    for start in range(0, cols, BLOCK_C):
-        offs = start + tl.arange(0, BLOCK_C)
-        g = tl.load(g_ptr + base + offs, mask=offs < cols, other=0.0).to(tl.float32)
-        acc += g * g
-        nonzero += (g != 0).to(tl.int32)
-    tl.store(part_ptr + row, tl.sum(acc, axis=0))
-    tl.store(rows_ptr + row, (tl.sum(nonzero, axis=0) != 0).to(tl.uint8))
+    sq, any_g = _row_sq(g_ptr, row.to(tl.int64) * cols, cols, BLOCK_C)
+    tl.store(part_ptr + row, sq)
+    tl.store(rows_ptr + row, any_g.to(tl.uint8))
 
 
 @triton.jit
@@ -211,16 +219,9 @@ def _mt_partial_rows(table, T, like, flags, plan, part_ptr, ITEM: tl.constexpr, 
     first_part = tl.load(plan + t)
     cols = tl.load(plan + 2 * T + t)
     for row in range(start, end):
-        acc = tl.zeros([BLOCK_C], dtype=tl.float32)
-        nonzero = tl.zeros([BLOCK_C], dtype=tl.int32)
-        base = row * cols
-        for c in range(0, cols, BLOCK_C):
-            offs = c + tl.arange(0, BLOCK_C)
-            g = tl.load(g_p + base + offs, mask=offs < cols, other=0.0).to(tl.float32)
-            acc += g * g
-            nonzero += (g != 0).to(tl.int32)
-        tl.store(part_ptr + first_part + row, tl.sum(acc, axis=0))
-        tl.store(rows_p + row, (tl.sum(nonzero, axis=0) != 0).to(tl.uint8))
+        sq, any_g = _row_sq(g_p, row * cols, cols, BLOCK_C)
+        tl.store(part_ptr + first_part + row, sq)
+        tl.store(rows_p + row, any_g.to(tl.uint8))
 
 
 @triton.jit
