@@ -147,6 +147,28 @@ def _stepped(w, w0, g, coef_ptr, alpha, eps):
 
 
 @triton.jit
+def _update_row(w_p, b_p, g_p, base, cols, marked, saved, norm_g, norm_r, project, alpha, eps,
+                BLOCK_C: tl.constexpr):
+    # One visited row (flagged or perturbed before): backed up the first time it
+    # is perturbed, then stepped; shared by the per-tensor and the multi-tensor
+    # row kernels (same loads, same arithmetic).
+    for start in range(0, cols, BLOCK_C):
+        offs = start + tl.arange(0, BLOCK_C)
+        m = offs < cols
+        w_raw = tl.load(w_p + base + offs, mask=m)
+        if saved:
+            w0 = tl.load(b_p + base + offs, mask=m).to(tl.float32)
+        else:  # first perturbation of this row: back it up now
+            tl.store(b_p + base + offs, w_raw, mask=m)
+            w0 = w_raw.to(tl.float32)
+        g = tl.zeros([BLOCK_C], dtype=tl.float32)
+        if marked:
+            g = tl.load(g_p + base + offs, mask=m, other=0.0).to(tl.float32)
+        new = _step_values(w_raw.to(tl.float32), w0, g, norm_g, norm_r, project, alpha, eps)
+        tl.store(w_p + base + offs, new.to(w_p.dtype.element_ty), mask=m)
+
+
+@triton.jit
 def _update_dense(w_ptr, b_ptr, g_ptr, coef_ptr, alpha, eps, numel,
                   FIRST: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
@@ -171,21 +193,8 @@ def _update_rows(w_ptr, b_ptr, g_ptr, mask_ptr, saved_ptr, coef_ptr, alpha, eps,
     marked = tl.load(mask_ptr + row) != 0
     saved = tl.load(saved_ptr + row) != 0
     if (marked | saved) & (tl.load(coef_ptr + 2) != 0):
-        base = row.to(tl.int64) * cols
-        for start in range(0, cols, BLOCK_C):
-            offs = start + tl.arange(0, BLOCK_C)
-            m = offs < cols
-            w_raw = tl.load(w_ptr + base + offs, mask=m)
-            if saved:
-                w0 = tl.load(b_ptr + base + offs, mask=m).to(tl.float32)
-            else:  # first perturbation of this row: back it up now
-                tl.store(b_ptr + base + offs, w_raw, mask=m)
-                w0 = w_raw.to(tl.float32)
-            g = tl.zeros([BLOCK_C], dtype=tl.float32)
-            if marked:
-                g = tl.load(g_ptr + base + offs, mask=m, other=0.0).to(tl.float32)
-            new = _stepped(w_raw.to(tl.float32), w0, g, coef_ptr, alpha, eps)
-            tl.store(w_ptr + base + offs, new.to(w_ptr.dtype.element_ty), mask=m)
+        _update_row(w_ptr, b_ptr, g_ptr, row.to(tl.int64) * cols, cols, marked, saved,
+                    tl.load(coef_ptr), tl.load(coef_ptr + 1), tl.load(coef_ptr + 3) != 0, alpha, eps, BLOCK_C)
         tl.store(saved_ptr + row, 1)
 
 
@@ -381,21 +390,7 @@ def _mt_apply_rows(table, T, like, flags, plan, sums_ptr, alpha, eps, ITEM: tl.c
         marked = tl.load(mask_p + row) != 0
         saved = tl.load(saved_p + row) != 0
         if (marked | saved) & valid:
-            base = row * cols
-            for c in range(0, cols, BLOCK_C):
-                offs = c + tl.arange(0, BLOCK_C)
-                m = offs < cols
-                w_raw = tl.load(w_p + base + offs, mask=m)
-                if saved:
-                    w0 = tl.load(b_p + base + offs, mask=m).to(tl.float32)
-                else:  # first perturbation of this row: back it up now
-                    tl.store(b_p + base + offs, w_raw, mask=m)
-                    w0 = w_raw.to(tl.float32)
-                g = tl.zeros([BLOCK_C], dtype=tl.float32)
-                if marked:
-                    g = tl.load(g_p + base + offs, mask=m, other=0.0).to(tl.float32)
-                new = _step_values(w_raw.to(tl.float32), w0, g, norm_g, norm_r, project, alpha, eps)
-                tl.store(w_p + base + offs, new.to(w_p.dtype.element_ty), mask=m)
+            _update_row(w_p, b_p, g_p, row * cols, cols, marked, saved, norm_g, norm_r, project, alpha, eps, BLOCK_C)
             tl.store(saved_p + row, 1)
 
 
