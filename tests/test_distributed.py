@@ -214,7 +214,7 @@ def _run_ema(model, batches_of, scale, backend, ref, probe):
         opt.step()
         with probe.op():
             ema.update()
-    extra = {"shadow": {n.removeprefix("module."): _full(s) for n, s in ema.shadow.items()}}
+    extra = {"shadow": {_name(n): _full(s) for n, s in ema.shadow.items()}}
     if not ref:  # applied: the model holds the averages; restored: its own weights, bit-exact
         before = _weights(model)
         with ema.applied():
@@ -229,17 +229,22 @@ RUNS = {"fgm": _run_fgm, "pgd": _run_pgd, "awp": _run_awp, "sam": _run_sam, "ema
         "pgd_weights": functools.partial(_run_pgd, emb_name="weight")}
 
 
+def _name(n):
+    """A parameter's name in the unwrapped model (DDP: ``module.``, torch.compile: ``_orig_mod.``)."""
+    return n.removeprefix("module.").removeprefix("_orig_mod.")
+
+
 def _full(t):
     """The whole tensor (FSDP2: gathered from the shards), detached."""
     return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone()
 
 
 def _weights(model):
-    return {n.removeprefix("module."): _full(p) for n, p in model.named_parameters()}
+    return {_name(n): _full(p) for n, p in model.named_parameters()}
 
 
 def _grads(model):
-    return {n.removeprefix("module."): _full(p.grad) for n, p in model.named_parameters()
+    return {_name(n): _full(p.grad) for n, p in model.named_parameters()
             if p.grad is not None}
 
 

@@ -19,7 +19,9 @@ SAM, EMA, the *_weights scenarios with 4 attacked tensors):
 * weight_noise: the gathered weights equal the single-process draw bitwise
   (replicas draw the same numbers, shards their own part);
 * ghost / bk DP-SGD: weights and private gradients equal the single-process
-  run, with noise the single-process draw (added once, not once per replica).
+  run, with noise the single-process draw (added once, not once per replica);
+* ``torch.compile(model)`` on HSDP (inductor once, aot_eager otherwise) with
+  FGM, PGD, AWP, SAM, EMA between its compiled passes: the same results.
 """
 import collections
 import contextlib
@@ -86,6 +88,28 @@ def _hsdp(net, mesh):
     from torch.distributed.fsdp import fully_shard
     fully_shard(net, mesh=mesh)
     return net
+
+
+# ---------------------------------------------------------------- a compiled model under HSDP
+
+# (op, backend): inductor compiles one (slow on CPU), aot_eager the rest (the same graph capture and
+# autograd; no C++ build)
+COMPILED = [(op, backend) for op in ("fgm", "pgd", "awp", "sam", "ema") for backend in BACKENDS]
+INDUCTOR = ("fgm", "torch")
+
+
+def _compiled_scenario(rank, mesh, op, backend):
+    """``torch.compile(model)`` (forward and backward compiled, the fastadv op
+    eager between them, as users write it) on the HSDP model; the number of
+    graphs dynamo compiled, so the test knows it did not run eagerly."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()  # a fresh cache per model: no recompile limit reached, silently eager
+    counters.clear()
+    torch.manual_seed(0)
+    model = torch.compile(_hsdp(ShardLM(), mesh), backend="inductor" if (op, backend) == INDUCTOR else "aot_eager")
+    out = _scenario(op, model, lambda step: [_batch(rank, step)], 1.0, backend, False, GroupProbe())
+    out["graphs"] = counters["stats"]["unique_graphs"]
+    return out
 
 
 # ---------------------------------------------------------------- DP-SGD under HSDP
@@ -163,6 +187,8 @@ def _worker(rank, port, out):
                 res["placements"] = [str(p) for p in model.gate.weight.placements]  # str(Replicate()) is "R"
                 res[op, backend] = _scenario(op, model, lambda step: [_batch(rank, step)], 1.0, backend, False,
                                              GroupProbe())
+        for op, backend in COMPILED:
+            res["compiled", op, backend] = _compiled_scenario(rank, mesh, op, backend)
         for backend in ["torch", "triton"]:
             torch.manual_seed(0)
             model = _hsdp(ShardLM(), mesh)
@@ -274,6 +300,24 @@ def test_hsdp_norms_reduce_over_the_shard_group(ranks, op, backend):
         assert got["syncs"] == [], got["syncs"]
         if backend == "triton":
             assert set(got["launches"]) == {_EXPECTED_FSDP_LAUNCHES[op]}, got["launches"]
+
+
+@pytest.mark.parametrize("op,backend", COMPILED)
+def test_hsdp_compiled_model_equals_one_process(ranks, op, backend):
+    """``torch.compile(model)`` on HSDP (inductor for one case, aot_eager for
+    the others): the ops act on the compiled model's parameters between its
+    compiled forward / backward passes; the result is the single-process
+    reference's, every rank gathers the same, the norms' all_reduces are the
+    shard group's."""
+    expected = _single_process(op)
+    for rank, r in enumerate(ranks):
+        got = r["compiled", op, backend]
+        assert got["graphs"] >= 1, "dynamo compiled nothing: the model ran eagerly"
+        _assert_close(got["weights"], expected["weights"], f"rank {rank} compiled {op} {backend} weights")
+        _assert_close(got["grads"], expected["grads"], f"rank {rank} compiled {op} {backend} grads")
+        assert got["ran"] == [backend], got["ran"]
+        assert all(c == [SHARD] * _EXPECTED_CALLS[op] for c in got["calls"]), got["calls"]
+    _assert_ranks_equal([r["compiled", op, backend] for r in ranks], "weights", (op, backend))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
