@@ -301,6 +301,36 @@ def _randomness(model_of, mode):
     return out
 
 
+def _unsynced(model_of, rank):
+    """FSDP2 gradient accumulation without communication
+    (``set_requires_gradient_sync(False)``): the shards' ``.grad`` is not the
+    backward's gradient, so FGM / PGD / AWP must refuse to attack (the message
+    of each); after a synced backward they attack (the table changes)."""
+    out = {}
+    model = model_of()
+    ids, labels = _batch(rank, 0)
+    model.set_requires_gradient_sync(False)
+    model(ids, labels).backward()
+    attacks = {"fgm": lambda: fastadv.FGM(model, epsilon=0.7).attack(),
+               "pgd": lambda: fastadv.PGD(model, epsilon=0.05).attack(is_first_attack=True),
+               "awp": lambda: fastadv.AWP(model, torch.optim.SGD(model.parameters(), lr=0.1)).perturb()}
+    for name, attack in attacks.items():
+        try:
+            attack()
+            out[name] = "no error"
+        except RuntimeError as exc:
+            out[name] = str(exc)
+    model.set_requires_gradient_sync(True)
+    model(ids, labels).backward()
+    table = model.word_embeddings.weight
+    before = _full(table)
+    fgm = fastadv.FGM(model, epsilon=0.7)
+    fgm.attack()
+    out["synced_attack_changes"] = not torch.equal(_full(table), before)
+    fgm.restore()
+    return out
+
+
 DP_SIGMA, DP_CLIP, DP_BATCH = 1.0, 0.5, 8
 
 
@@ -368,6 +398,8 @@ def _worker(rank, port, mode, out):
                                                               backend, False, Probe())
         start = time.perf_counter()
         results["random"] = _randomness(lambda: _wrap(mode, mesh), mode)
+        if mode == "fsdp":
+            results["unsynced"] = _unsynced(lambda: _wrap(mode, mesh), rank)
         if mode == "ddp":
             results["dp"] = _dp(rank)
         results["random"]["seconds"] = time.perf_counter() - start
@@ -676,3 +708,15 @@ def test_dp_ddp_noise_added_once(runs, backend):
 def test_dp_fsdp_refused(runs):
     for r in runs("fsdp"):
         assert "FSDP2 (fully_shard) parameters is not supported" in r["random"].get("dp_error", "")
+
+
+def test_fsdp_unsynced_gradients_refused(runs):
+    """Under ``set_requires_gradient_sync(False)`` FGM, PGD and AWP refuse
+    (they would perturb by no or a stale gradient, silently), naming the
+    parameter and the fix; after a synced backward they attack."""
+    for r in runs("fsdp"):
+        got = r["unsynced"]
+        for name in ("fgm", "pgd", "awp"):
+            assert "is not synced" in got[name] and "set_requires_gradient_sync(True)" in got[name], (name, got[name])
+            assert "word_embeddings.weight" in got[name], got[name]
+        assert got["synced_attack_changes"]

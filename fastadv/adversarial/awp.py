@@ -140,9 +140,9 @@ class AWP:
             return out[0].mean()
 
     def _targets(self):
-        for name, param in self.model.named_parameters():
-            if param.requires_grad and param.grad is not None and self.adv_param in name:
-                yield name, param
+        candidates = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad and self.adv_param in n]
+        _dist.check_gradients_synced(self.model, candidates, "AWP")
+        return [(n, p) for n, p in candidates if p.grad is not None]
 
     def _save(self) -> None:
         """Record the parameters to perturb (those with a gradient now); the

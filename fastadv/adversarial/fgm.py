@@ -24,7 +24,7 @@ import contextlib
 
 from torch import nn
 
-from ..ops._dist import is_sharded
+from ..ops._dist import check_gradients_synced, is_sharded
 from ..ops.fgm import FGMBackup, fgm_attack_many_, fgm_restore_
 from ._params import EmbeddingAttack, check_size, live_parameter, live_parameters, matching_parameters
 
@@ -66,6 +66,7 @@ class FGM(EmbeddingAttack):
         if pending:
             raise RuntimeError(f"FGM.attack() called again before restore(): {pending} are still "
                                f"attacked; call restore() first (the original weights are kept)")
+        check_gradients_synced(self.model, targets, "FGM.attack()")
         self._attacked |= names
         # All at once: plain tables (no collective) in one multi-tensor call on triton when there
         # are several (bitwise the per-table attacks), then FSDP2 shards with one all_reduce per

@@ -27,7 +27,7 @@ import contextlib
 import torch
 from torch import nn
 
-from ..ops._dist import is_sharded
+from ..ops._dist import check_gradients_synced, is_sharded
 from ..ops.pgd import PGDState, pgd_attack_many_, pgd_restore_
 from ._params import (EmbeddingAttack, check_size, distributed, live_parameter, live_parameters,
                       matching_parameters)
@@ -62,9 +62,11 @@ class PGD(EmbeddingAttack):
         if not is_first_attack and not self._attacking:
             raise RuntimeError("PGD.attack(is_first_attack=False) with no attack in progress: the first "
                                "step of each attack passes is_first_attack=True (and restore() ends it)")
+        candidates = matching_parameters(self.model, self.emb_name)
+        check_gradients_synced(self.model, candidates, "PGD.attack()")
         self._attacking = True
         targets = []
-        for name, param in matching_parameters(self.model, self.emb_name):
+        for name, param in candidates:
             grad = param.grad
             if grad is None:
                 continue  # the seed crashes here; nothing to step along

@@ -106,3 +106,37 @@ def shard_offset(t) -> int:
         raise NotImplementedError(f"a shard along a dim other than the first (placements {t.placements}) "
                                   f"is not one range of the global tensor's elements")
     return part.storage_offset()
+
+
+def check_gradients_synced(model, params, what: str) -> None:
+    """Refuse to read the gradients of FSDP2 shards whose gradient sync is off.
+
+    Under ``set_requires_gradient_sync(False)`` (gradient accumulation without
+    communication) FSDP2 keeps each backward's gradient unsharded and
+    unreduced; the shard's ``.grad`` is ``None`` or the last synced step's.
+    An op reading it would perturb nothing, or by a stale gradient, and say
+    nothing: refused, naming the parameter.  ``params``: ``(name, parameter)``
+    pairs the op is about to read.  Reads FSDP2's per-module state (private:
+    a torch whose FSDP2 moved it raises rather than guesses)."""
+    sharded = {id(p): n for n, p in params if is_sharded(p)}
+    if not sharded:
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if not isinstance(module, FSDPModule):
+            continue
+        try:
+            groups = module._get_fsdp_state()._fsdp_param_groups
+            unsynced = [fp.sharded_param for g in groups if not g.reduce_grads for fp in g.fsdp_params]
+        except AttributeError as exc:
+            raise NotImplementedError(f"cannot read whether FSDP2 syncs the gradients of "
+                                      f"{type(module).__name__} in this torch ({torch.__version__}): {exc}") from exc
+        for p in unsynced:
+            if id(p) in sharded:
+                raise RuntimeError(
+                    f"{what}: the gradient of {sharded[id(p)]!r} is not synced: its FSDP2 module has "
+                    f"set_requires_gradient_sync(False), so the shard's .grad is not this backward's "
+                    f"gradient (it stays unsharded and unreduced until a synced backward); call "
+                    f"set_requires_gradient_sync(True) before the backward the attack follows (under "
+                    f"gradient accumulation: attack after the last micro-batch's synced backward)")
