@@ -75,10 +75,14 @@ def test_clip_factors_op(backend, n_rows, batch):
 
 def test_clip_factors_fp32_equals_opacus_formula(backend):
     """Factors from one row are Opacus's ``(C / (norm + 1e-6)).clamp(max=1)``
-    of the fp32 norm, to the last bit (sqrt and division correctly rounded)."""
+    of the fp32 norm, to the last bit (sqrt and division correctly rounded).
+    The kernels' sqrt is IEEE (as CUDA's torch.sqrt); torch 2.13's CPU fp32
+    sqrt can be 1 ulp off it (seen on this build), so the kernel is compared
+    with the fp64 sqrt rounded once to fp32 (exact: 53 >= 2 * 24 + 2 bits),
+    the torch backend with torch's own sqrt."""
     rows = _rows(1, 50, nonfinite=False)
     f, ok, norms = ops.clip_factors(rows, 0.7, backend=backend)
-    norm = rows[0].sqrt()
+    norm = rows[0].sqrt() if backend == "torch" else rows[0].double().sqrt().float()
     assert torch.equal(norms, norm) and ok.all()
     assert torch.equal(f, (0.7 / (norm + 1e-6)).clamp(max=1.0))
 
@@ -616,11 +620,179 @@ def test_make_private_per_sample_strategy_equals_opacus_vanilla(backend, mode, k
     assert _launched("dp_ghost_linear_sq_norms", before) == 0
 
 
+# ---------------------------------------------------------------- cross terms of a tied parameter
+
+PAD = 0  # a padding id: the lookup's rows of q at it are zeroed (as ghost.py's _embedding does)
+# (B, T_u, T_v, I, O): T_u != T_v (either way), I and O not powers of two, T over several 16-step tiles
+CROSS_SHAPES = [(1, 1, 1, 1, 1), (3, 20, 17, 9, 13), (2, 5, 33, 37, 6), (1, 40, 3, 5, 70)]
+CROSS_DTYPES = [(torch.float32, torch.float32), (torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16),
+                (torch.float32, torch.bfloat16)]
+CROSS_KINDS = ["dense", "gather", "swapped", "ids", "pp"]
+
+
+def _lookup(b, t, i, vocab, dtype):
+    """A lookup with repeated ids (a vocabulary smaller than T) and padding ids, its pad rows of q zeroed."""
+    ids = torch.randint(0, max(1, min(vocab, 4)), (b, t))
+    ids[:, ::3] = torch.randint(0, vocab, (b, len(range(0, t, 3))))
+    q = torch.randn(b, t, i) * (ids != PAD)[:, :, None]
+    return ref.MatUse(ids=ids, q=q.to(dtype))
+
+
+def _cross_case(kind, shape, dtypes):
+    """``(u, v, pp, rows, full)``: the two uses of one ``[rows, I]`` matrix the op
+    gets, and the same two uses with all their operands (for the fp64 want)."""
+    b, t_u, t_v, i, o = shape
+    du, dv = dtypes
+    u = ref.MatUse(p=torch.randn(b, t_u, o).to(du), q=torch.randn(b, t_u, i).to(du))
+    if kind == "dense":
+        v = ref.MatUse(p=torch.randn(b, t_v, o).to(dv), q=torch.randn(b, t_v, i).to(dv))
+        return u, v, None, o, (u, v)
+    v = _lookup(b, t_v, i, o, dv)
+    if kind == "ids":
+        u = _lookup(b, t_u, i, o, du)
+    if kind == "swapped":  # a lookup first, a Linear second: the op swaps them
+        u, v = v, u
+    if kind == "pp":  # ghost mode's tied head: P^u gathered at the ids, P^u and the ids not passed
+        return ref.MatUse(q=u.q), ref.MatUse(q=v.q), ref.gather_pp(u, v.ids), o, (u, v)
+    return u, v, None, o, (u, v)
+
+
+def _grad64(w: ref.MatUse, rows: int) -> torch.Tensor:
+    p = w.p.double() if w.p is not None else None
+    return ref.per_sample_grads([ref.MatUse(q=w.q.double(), p=p, ids=w.ids)], rows)
+
+
+def _cross_want(u, v, rows):
+    """fp64 ``<G^u_b, G^v_b>`` of the materialised per-sample gradients of the
+    same rounded operands, and ``||G^u_b|| ||G^v_b||`` (the scale of the
+    rounding error: a cross term may cancel to about 0)."""
+    gu, gv = _grad64(u, rows), _grad64(v, rows)
+    return (gu * gv).sum((1, 2)), gu.flatten(1).norm(dim=1) * gv.flatten(1).norm(dim=1)
+
+
+def _assert_cross(got, want, bound):
+    err = (got.double() - want).abs()
+    assert (err <= 1e-5 * (want.abs() + bound) + 1e-6).all(), f"{got} vs {want} (bound {bound})"
+
+
+@pytest.mark.parametrize("kind", CROSS_KINDS)
+@pytest.mark.parametrize("shape", CROSS_SHAPES)
+@pytest.mark.parametrize("dtypes", CROSS_DTYPES)
+def test_cross_gram_op(backend, kind, shape, dtypes):
+    """``<G^u_b, G^v_b>`` of two uses of one matrix (Linear x Linear, Linear x
+    lookup either way, lookup x lookup, a precomputed ``P^u P^v^T``) against
+    fp64 per-sample gradients of the same rounded operands, over dtypes (mixed
+    included), T_u != T_v, B = 1, repeated and padding ids; two launches per
+    call on a kernel backend; bitwise equal between two runs."""
+    u, v, pp, rows, full = _cross_case(kind, shape, dtypes)
+    before = collections.Counter(kernels.LAUNCHES)
+    got = ops.cross_gram(u, v, pp, backend=backend)
+    assert _launched("dp_ghost_cross_gram", before) == (1 if backend == "torch" else 2)
+    assert got.dtype == torch.float32 and got.shape == (shape[0],)
+    want, bound = _cross_want(*full, rows)
+    _assert_cross(got, want, bound)
+    assert torch.equal(got, ops.cross_gram(u, v, pp, backend=backend))
+
+
+def test_cross_gram_self_term_is_the_norm(backend):
+    """``u is v``: the use's own squared norm, as the single-use norm ops
+    (another kernel: fp32 rounding apart)."""
+    u, v, _, _, _ = _cross_case("gather", (3, 20, 17, 9, 13), (torch.float32, torch.float32))
+    for w, norm in ((u, lambda w: ops.linear_sq_norms(w.q, w.p, backend=backend)),
+                    (v, lambda w: ops.embedding_sq_norms(w.ids, w.q, backend=backend))):
+        torch.testing.assert_close(ops.cross_gram(w, w, backend=backend), norm(w), rtol=1e-5, atol=1e-6)
+
+
+def test_cross_gram_out_row_scale_and_accumulate(backend):
+    """Written (``accumulate=False``) or added (``accumulate=True``) into a row of
+    a ``[n_params, B]`` buffer, scaled; the other rows untouched."""
+    u, v, _, _, _ = _cross_case("dense", (4, 5, 7, 6, 3), (torch.float32, torch.float32))
+    c = ops.cross_gram(u, v, backend=backend)
+    rows = torch.full((3, 4), 7.0)
+    assert ops.cross_gram(u, v, scale=2.0, out=rows[1], backend=backend).data_ptr() == rows[1].data_ptr()
+    assert torch.equal(rows[1], 2 * c)
+    ops.cross_gram(u, v, scale=2.0, out=rows[1], accumulate=True, backend=backend)
+    assert torch.equal(rows[1], 2 * c + 2 * c)
+    ops.cross_gram(u, v, out=rows[2], accumulate=True, backend=backend)
+    assert torch.equal(rows[2], 7.0 + c) and (rows[0] == 7.0).all()
+
+
+def test_cross_gram_strided_and_int32(backend):
+    """Transposed (non-contiguous) operands and int32 ids are read through their
+    strides, no copy: on a kernel backend bitwise the contiguous operands' result
+    (torch's bmm may order a strided product differently)."""
+    b, t_u, t_v, i, o = 2, 18, 5, 7, 11
+    pu, qu = torch.randn(b, o, t_u).transpose(1, 2), torch.randn(b, i, t_u).transpose(1, 2)
+    pv, qv = torch.randn(b, t_v, 2 * o)[:, :, ::2], torch.randn(b, t_v, 3 * i)[:, :, 1::3]  # other strides than u's
+    ids = torch.randint(0, o, (b, 2 * t_v), dtype=torch.int32)[:, ::2]
+    assert not any(t.is_contiguous() for t in (pu, qu, pv, qv, ids))
+    pairs = [(ref.MatUse(p=pu, q=qu), ref.MatUse(p=pv, q=qv)), (ref.MatUse(p=pu, q=qu), ref.MatUse(ids=ids, q=qv)),
+             (ref.MatUse(ids=ids, q=qv), ref.MatUse(ids=ids.flip(1), q=qv))]
+    dense = lambda w: ref.MatUse(q=w.q.contiguous(), p=None if w.p is None else w.p.contiguous(),  # noqa: E731
+                                 ids=None if w.ids is None else w.ids.long().contiguous())
+    for u, v in pairs:
+        got = ops.cross_gram(u, v, backend=backend)
+        if backend != "torch":
+            assert torch.equal(got, ops.cross_gram(dense(u), dense(v), backend=backend))
+        want, bound = _cross_want(dense(u), dense(v), o)
+        _assert_cross(got, want, bound)
+
+
+def test_cross_gram_nonfinite(backend):
+    """A NaN in one sample's q, an inf in another's (gathered) P: those samples
+    get the reference's NaN / inf, the others are unaffected."""
+    u, v, _, rows, _ = _cross_case("gather", (4, 20, 17, 9, 13), (torch.float32, torch.float32))
+    u.q[1, 2, 3] = float("nan")
+    u.p[2, 19, v.ids[2, 16]] = float("inf")
+    v.q[2, 16] = 1.0  # the inf meets a non-zero Q Gram entry
+    got = ops.cross_gram(u, v, backend=backend)
+    want = ref.cross_gram(u, v)
+    assert torch.equal(torch.isnan(got), torch.isnan(want)) and torch.equal(torch.isinf(got), torch.isinf(want))
+    assert torch.equal(torch.isfinite(got), torch.tensor([True, False, False, True]))
+    keep = torch.tensor([0, 3])
+    sub = lambda w: ref.MatUse(q=w.q[keep], p=None if w.p is None else w.p[keep],  # noqa: E731
+                               ids=None if w.ids is None else w.ids[keep])
+    _assert_cross(got[keep], *_cross_want(sub(u), sub(v), rows))
+
+
+def test_cross_gram_empty(backend):
+    """B = 0: nothing; T_u = 0 or T_v = 0: an empty sum, 0 written (accumulate: left)."""
+    assert ops.cross_gram(ref.MatUse(p=torch.randn(0, 3, 4), q=torch.randn(0, 3, 5)),
+                          ref.MatUse(p=torch.randn(0, 2, 4), q=torch.randn(0, 2, 5)), backend=backend).shape == (0,)
+    u, v = ref.MatUse(p=torch.randn(2, 0, 4), q=torch.randn(2, 0, 5)), ref.MatUse(ids=torch.zeros(2, 3).long(),
+                                                                                   q=torch.randn(2, 3, 5))
+    row = torch.full((2,), 7.0)
+    assert torch.equal(ops.cross_gram(u, v, out=row, accumulate=True, backend=backend), torch.full((2,), 7.0))
+    assert torch.equal(ops.cross_gram(v, u, backend=backend), torch.zeros(2))
+    ops.cross_gram(v, v, backend=backend)  # launches something
+
+
+@pytest.mark.launch_free
+def test_cross_gram_refusals():
+    q = torch.randn(2, 3, 4)
+    lin, emb = ref.MatUse(p=torch.randn(2, 3, 5), q=q), ref.MatUse(ids=torch.zeros(2, 3).long(), q=q)
+    with pytest.raises(ValueError, match="same B and I"):
+        ops.cross_gram(lin, ref.MatUse(p=torch.randn(2, 3, 5), q=torch.randn(2, 3, 6)))
+    with pytest.raises(ValueError, match="same O"):
+        ops.cross_gram(lin, ref.MatUse(p=torch.randn(2, 3, 6), q=q))
+    with pytest.raises(ValueError, match="exactly one of p"):
+        ops.cross_gram(lin, ref.MatUse(q=q))
+    with pytest.raises(TypeError, match="int32 or int64"):
+        ops.cross_gram(lin, ref.MatUse(ids=torch.zeros(2, 3), q=q))
+    with pytest.raises(ValueError, match="pp must be"):
+        ops.cross_gram(lin, emb, torch.randn(2, 3, 4))
+    with pytest.raises(ValueError, match="out must be"):
+        ops.cross_gram(lin, emb, out=torch.empty(3))
+    if _backend.why_not("triton", torch.device("cpu")) is None:
+        with pytest.raises(TypeError, match="float64"):
+            ops.cross_gram(lin, ref.MatUse(ids=emb.ids, q=q.double()), backend="triton")
+
+
 # ---------------------------------------------------------------- registration and refusals
 
 def test_opcheck(backend):
     """torch.library.opcheck (schema and declared mutation, fake tensors, autograd
-    registration, AOT dispatch) on the seven DP-ghost ops; the triton backend
+    registration, AOT dispatch) on the DP-ghost ops; the triton backend
     runs its kernels under the interpreter inside the checks."""
     a, g = torch.randn(3, 5, 7), torch.randn(3, 5, 4)
     factors = torch.tensor([0.5, 0.0, 1.0])
@@ -639,6 +811,12 @@ def test_opcheck(backend):
         (ops.clipped_linear_grad_op, (g, a, factors, torch.randn(4, 7), True, backend)),
         (ops.clipped_linear_grad_op, (g, a, factors, torch.randn(4, 7), False, backend)),
     ]
+    ids, ids2 = torch.tensor([[1, 2, 1, 1, 0]] * 3), torch.tensor([[3, 1, 1]] * 3)
+    a2, g2 = torch.randn(3, 3, 7), torch.randn(3, 3, 4)
+    for pu, pv, iu, iv, pp in ((g, g2, None, None, None), (g, None, None, ids2, None),
+                               (None, None, ids, ids2, None), (None, None, None, None, torch.randn(3, 5, 3))):
+        cases += [(ops.cross_gram_op, (a, a2, pu, pv, iu, iv, pp, 2.0, torch.randn(3), acc, backend))
+                  for acc in (False, True)]
     for op, args in cases:
         try:
             torch.library.opcheck(op.overload, args)
@@ -659,7 +837,9 @@ def test_no_cuda_kernel(monkeypatch):
                  lambda be: ops.vector_sq_norms_(torch.zeros(2, 3), [q], [1], backend=be),
                  lambda be: ops.clipped_vector_grads([q], f, backend=be),
                  lambda be: ops.clipped_embedding_grad_(torch.zeros(4, 5), torch.zeros(3, 2, dtype=torch.long), q, f,
-                                                        backend=be)):
+                                                        backend=be),
+                 lambda be: ops.cross_gram(ref.MatUse(p=p, q=q), ref.MatUse(ids=torch.zeros(3, 2).long(), q=q),
+                                           backend=be)):
         with pytest.raises(_backend.BackendUnavailable, match="no CUDA kernel"):
             call("cuda")
         before = collections.Counter(kernels.LAUNCHES)
@@ -767,7 +947,8 @@ def test_registered():
     from fastadv.ops import _registry
     assert {"dp_ghost_linear_sq_norms", "dp_ghost_embedding_sq_norms", "dp_ghost_vector_sq_norms",
             "dp_ghost_clip_factors", "dp_ghost_clipped_vector_grads", "dp_ghost_clipped_embedding_grad",
-            "dp_ghost_clipped_linear_grad", "dp_ghost_linear_sq_norms_ps"} <= set(_registry.registered())
+            "dp_ghost_clipped_linear_grad", "dp_ghost_linear_sq_norms_ps", "dp_ghost_cross_gram"} \
+        <= set(_registry.registered())
 
 
 def test_bk_backward_makes_no_host_sync(backend, no_host_sync):

@@ -1,8 +1,8 @@
 """Ghost clipping / book-keeping's registered ops (``torch.ops.fastadv.*``):
 ``dp_ghost_linear_sq_norms``, ``dp_ghost_linear_sq_norms_ps``, ``dp_ghost_embedding_sq_norms``,
 ``dp_ghost_vector_sq_norms``, ``dp_ghost_clip_factors``,
-``dp_ghost_clipped_linear_grad``, ``dp_ghost_clipped_vector_grads`` and
-``dp_ghost_clipped_embedding_grad``.
+``dp_ghost_clipped_linear_grad``, ``dp_ghost_clipped_vector_grads``,
+``dp_ghost_clipped_embedding_grad`` and ``dp_ghost_cross_gram``.
 
 ``linear_sq_norms(a, g)``: for a Linear layer with inputs ``a [B, T, I]`` and
 output gradients ``g [B, T, O]``, the squared Frobenius norm of every
@@ -56,11 +56,22 @@ Triton: a stable sort of the ids, then one launch in which each run of equal
 ids has one owner summing it in ``(b, t)`` order: deterministic, where
 ``index_add_`` on CUDA is not.
 
-None of the eight has a CUDA kernel (no CUDA twin yet): a forced
+``cross_gram(u, v, pp)``: a tied parameter's cross term between two of its
+uses, ``<G^u_b, G^v_b> = sum_{t,s} (P^u P^v^T)_{ts} (Q^u Q^v^T)_{ts}`` per
+sample (:func:`fastadv.reference.dp_ghost.cross_gram`), scaled and written
+or added into a ``[B]`` row: Linear x Linear (``T_u != T_v`` allowed),
+Linear x lookup (``P^u`` read at the lookup's ids, or a precomputed ``P^u
+P^v^T``: a tied head's ``[B, T, V]`` output gradient need not be kept),
+lookup x lookup (id equality).  Triton: two launches (per-(sample, 16 steps
+of ``u``) partials, then their sum in order), deterministic.
+
+None of the nine has a CUDA kernel (no CUDA twin yet): a forced
 ``backend="cuda"`` raises :class:`~fastadv.BackendUnavailable`; ``auto`` on a
 CUDA tensor runs triton.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
@@ -212,6 +223,13 @@ def _check_embedding(ids: torch.Tensor, g: torch.Tensor) -> None:
         raise TypeError(f"g must be floating point, got {g.dtype}")
 
 
+def embedding_sq_norms_backend(backend, ids: torch.Tensor, g: torch.Tensor) -> str:
+    """The backend :func:`embedding_sq_norms` runs for these operands."""
+    name = _registry.pick(backend, g.device, same_device=[("ids", ids)], dtypes=[("output gradients", g)],
+                          allowed=_DTYPES)
+    return _no_cuda("dp_ghost_embedding_sq_norms", backend, name)
+
+
 def embedding_sq_norms(ids: torch.Tensor, g: torch.Tensor, *, backend: str | None = None,
                        out: torch.Tensor | None = None) -> torch.Tensor:
     """Per-sample squared norm of one embedding lookup's weight gradient from
@@ -220,9 +238,7 @@ def embedding_sq_norms(ids: torch.Tensor, g: torch.Tensor, *, backend: str | Non
     fp32 ``[B]`` (fp64 for fp64 ``g`` on the torch backend); ``out`` as in
     :func:`linear_sq_norms`."""
     _check_embedding(ids, g)
-    name = _registry.pick(backend, g.device, same_device=[("ids", ids)], dtypes=[("output gradients", g)],
-                          allowed=_DTYPES)
-    name = _no_cuda("dp_ghost_embedding_sq_norms", backend, name)
+    name = embedding_sq_norms_backend(backend, ids, g)
     if name != "torch":
         ids, g = ids.contiguous(), g.contiguous()
     out = _out_row(out, g.shape[0], ref.acc_dtype(g), g.device)
@@ -479,4 +495,94 @@ def clipped_linear_grad_(out: torch.Tensor, p: torch.Tensor, q: torch.Tensor, fa
                          f"q {tuple(q.shape)}, factors {tuple(factors.shape)}, out {tuple(out.shape)}")
     clipped_linear_grad_op(p, q, factors, out, bool(accumulate),
                            clipped_linear_grad_backend(backend, p, q, factors, out))
+    return out
+
+
+# ---------------------------------------------------------------- cross terms of a tied parameter
+
+@_registry.op("dp_ghost_cross_gram", mutates_args={"out"})
+def cross_gram_op(qu: torch.Tensor, qv: torch.Tensor, pu: Optional[torch.Tensor], pv: Optional[torch.Tensor],
+                  ids_u: Optional[torch.Tensor], ids_v: Optional[torch.Tensor], pp: Optional[torch.Tensor],
+                  scale: float, out: torch.Tensor, accumulate: bool, backend: str) -> None:
+    """``out (+)= scale * <G^u_b, G^v_b>`` (``accumulate``: added; ``out``: fp32 ``[B]``)."""
+    if backend == "torch":
+        count_launch("torch.dp_ghost_cross_gram")
+        term = ref.cross_gram(ref.MatUse(q=qu, p=pu, ids=ids_u), ref.MatUse(q=qv, p=pv, ids=ids_v), pp)
+        term = term if scale == 1.0 else scale * term
+        out.add_(term) if accumulate else out.copy_(term)
+        return
+    with device_guard(out):
+        _registry.kernels("dp_ghost", backend).cross_gram(qu, qv, pu, pv, ids_u, ids_v, pp, scale, out, accumulate)
+
+
+@cross_gram_op.register_fake
+def _(qu, qv, pu, pv, ids_u, ids_v, pp, scale, out, accumulate, backend):
+    return None
+
+
+def _cross_operands(u: ref.MatUse, v: ref.MatUse, pp) -> tuple:
+    """``(u, v)`` checked, a lookup ``u`` paired with a Linear ``v`` swapped (the
+    cross term is symmetric: the kernel reads the Linear's ``P`` at the ids)."""
+    for name, w in (("u", u), ("v", v)):
+        if not isinstance(w, ref.MatUse) or not isinstance(w.q, torch.Tensor) or w.q.dim() != 3 \
+                or not w.q.is_floating_point():
+            raise ValueError(f"{name} must be a MatUse with a floating-point q [B, T, I]")
+        if pp is None and (w.p is None) == (w.ids is None):
+            raise ValueError(f"{name} needs exactly one of p [B, T, O] and ids [B, T] (or give pp)")
+        if pp is None and w.p is not None and (w.p.dim() != 3 or w.p.shape[:2] != w.q.shape[:2]
+                                               or not w.p.is_floating_point()):
+            raise ValueError(f"{name}.p must be a floating-point [B, T, O] with q's B and T, got "
+                             f"{tuple(w.p.shape)} for q {tuple(w.q.shape)}")
+        if pp is None and w.ids is not None:
+            if w.ids.dim() != 2 or w.ids.shape != w.q.shape[:2]:
+                raise ValueError(f"{name}.ids must be [B, T] with q's B and T, got {tuple(w.ids.shape)}")
+            if w.ids.dtype not in _ID_DTYPES:
+                raise TypeError(f"{name}.ids must be int32 or int64 (nn.Embedding's indices), got {w.ids.dtype}")
+    (b, t_u, i), (b_v, t_v, i_v) = u.q.shape, v.q.shape
+    if (b, i) != (b_v, i_v):
+        raise ValueError(f"u.q [B, T_u, I] and v.q [B, T_v, I] need the same B and I, got {tuple(u.q.shape)} "
+                         f"and {tuple(v.q.shape)}")
+    if pp is not None:
+        if not isinstance(pp, torch.Tensor) or pp.shape != (b, t_u, t_v) or not pp.is_floating_point():
+            raise ValueError(f"pp must be a floating-point [B, T_u, T_v] = {(b, t_u, t_v)} tensor, got "
+                             f"{getattr(pp, 'dtype', type(pp))} {tuple(getattr(pp, 'shape', ()))}")
+        return ref.MatUse(q=u.q), ref.MatUse(q=v.q)
+    if u.p is None and v.p is not None:
+        u, v = v, u
+    if u.p is not None and v.p is not None and u.p.shape[2] != v.p.shape[2]:
+        raise ValueError(f"u.p and v.p need the same O, got {tuple(u.p.shape)} and {tuple(v.p.shape)}")
+    return u, v
+
+
+def cross_gram_backend(backend, u: ref.MatUse, v: ref.MatUse, pp: torch.Tensor | None = None) -> str:
+    """The backend :func:`cross_gram` runs for these uses (kernels: fp32 / fp16
+    / bf16 operands, mixed allowed, strided; fp32 ``out``)."""
+    floats = [(n, t) for n, t in (("u.q", u.q), ("v.q", v.q), ("pp", pp)) if t is not None]
+    if pp is None:
+        floats += [(n, t) for n, t in (("u.p", u.p), ("v.p", v.p)) if t is not None]
+    ids = [(n, t) for n, t in (("u.ids", u.ids), ("v.ids", v.ids)) if t is not None and pp is None]
+    name = _registry.pick(backend, u.q.device, same_device=floats[1:] + ids, dtypes=floats, allowed=_DTYPES,
+                          strided=floats)
+    return _no_cuda("dp_ghost_cross_gram", backend, name)
+
+
+def cross_gram(u: ref.MatUse, v: ref.MatUse, pp: torch.Tensor | None = None, *, scale: float = 1.0,
+               out: torch.Tensor | None = None, accumulate: bool = False,
+               backend: str | None = None) -> torch.Tensor:
+    """The cross term of two uses ``u``, ``v`` of one weight matrix,
+    ``scale * <G^u_b, G^v_b>`` for every sample (``G_b = P_b^T Q_b``; a use is
+    a :class:`~fastadv.reference.dp_ghost.MatUse`: ``q [B, T, I]`` with ``p [B,
+    T, O]`` (Linear) or ``ids [B, T]`` (embedding lookup, its ``padding_idx``
+    rows of ``q`` zeroed by the caller)); ``pp``: a precomputed ``P^u P^v^T
+    [B, T_u, T_v]`` (:func:`fastadv.reference.dp_ghost.gather_pp`), then the
+    uses' ``p`` / ``ids`` are not read.  fp32 ``[B]`` (fp64 for fp64 inputs on
+    the torch backend); ``out``: a contiguous ``[B]`` row to write it into, or
+    (``accumulate``) add it to.  ``u is v`` gives the use's own Gram norm."""
+    u, v = _cross_operands(u, v, pp)
+    name = cross_gram_backend(backend, u, v, pp)
+    acc = ref.acc_dtype(u.q, v.q, u.p, v.p, pp)
+    if out is None:
+        out, accumulate = torch.empty(u.q.shape[0], dtype=acc, device=u.q.device), False
+    out = _out_row(out, u.q.shape[0], acc, u.q.device)
+    cross_gram_op(u.q, v.q, u.p, v.p, u.ids, v.ids, pp, float(scale), out, bool(accumulate), name)
     return out

@@ -53,7 +53,8 @@ def _pp(u: MatUse, v: MatUse, acc) -> torch.Tensor:
     if u.p is None:  # one-hot rows of u pick columns of P^v
         return _pp(v, u, acc).transpose(1, 2)
     b, t_v = v.ids.shape
-    return u.p.to(acc).gather(2, v.ids[:, None, :].expand(b, u.steps, t_v))
+    # gathered, then cast (the same values): no fp32 copy of a low-precision [B, T, V] head gradient
+    return u.p.gather(2, v.ids[:, None, :].expand(b, u.steps, t_v)).to(acc)
 
 
 def _qq(u: MatUse, v: MatUse, acc) -> torch.Tensor:

@@ -37,24 +37,43 @@ def precision(dtype: torch.dtype) -> int:
     return {torch.float32: PREC_IEEE, torch.float16: PREC_NATIVE}.get(dtype, PREC_TF32)
 
 
+def pair_precision(x: torch.dtype, y: torch.dtype) -> int:
+    """How a cross Gram tile ``X Y^T`` of two operands multiplies: one dtype as
+    :func:`precision`; mixed (autocast), both widened to fp32: IEEE when one is
+    fp32, else TF32 (fp16 and bf16 values are exact in TF32)."""
+    if x == y:
+        return precision(x)
+    return PREC_IEEE if torch.float32 in (x, y) else PREC_TF32
+
+
 @triton.jit
-def _gram_tile(x_ptr, t0, s0, T, K, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr):
-    # (x_t . x_s) for t in [t0, t0 + BLOCK_T), s in [s0, s0 + BLOCK_T), fp32
+def _cross_tile(x_b, y_b, t0, s0, Tx, Ty, K, sx_t, sx_k, sy_t, sy_k,
+                BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr):
+    # (x_t . y_s) for t in [t0, t0 + BLOCK_T), s in [s0, s0 + BLOCK_T), fp32, 0
+    # outside [0, Tx) x [0, Ty); x, y: one sample's [T, K] rows through their strides
     rt = t0 + tl.arange(0, BLOCK_T)
     rs = s0 + tl.arange(0, BLOCK_T)
     acc = tl.zeros((BLOCK_T, BLOCK_T), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        rk = k0 + tl.arange(0, BLOCK_K)
+        rk = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
         kmask = rk[None, :] < K
-        xt = tl.load(x_ptr + rt[:, None].to(tl.int64) * K + rk[None, :], mask=(rt[:, None] < T) & kmask, other=0.0)
-        xs = tl.load(x_ptr + rs[:, None].to(tl.int64) * K + rk[None, :], mask=(rs[:, None] < T) & kmask, other=0.0)
-        if PREC == 0:
-            acc += tl.dot(xt, tl.trans(xs), input_precision="ieee")
+        xt = tl.load(x_b + rt[:, None].to(tl.int64) * sx_t + rk[None, :] * sx_k, mask=(rt[:, None] < Tx) & kmask,
+                     other=0.0)
+        ys = tl.load(y_b + rs[:, None].to(tl.int64) * sy_t + rk[None, :] * sy_k, mask=(rs[:, None] < Ty) & kmask,
+                     other=0.0)
+        if PREC == 0:  # widening an fp32 operand is a no-op; a mixed pair is exactly widened
+            acc += tl.dot(xt.to(tl.float32), tl.trans(ys.to(tl.float32)), input_precision="ieee")
         elif PREC == 2:
-            acc += tl.dot(xt.to(tl.float32), tl.trans(xs.to(tl.float32)), input_precision="tf32")
+            acc += tl.dot(xt.to(tl.float32), tl.trans(ys.to(tl.float32)), input_precision="tf32")
         else:
-            acc += tl.dot(xt, tl.trans(xs))
+            acc += tl.dot(xt, tl.trans(ys))
     return acc
+
+
+@triton.jit
+def _gram_tile(x_ptr, t0, s0, T, K, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr):
+    # (x_t . x_s) of one contiguous [T, K] sample
+    return _cross_tile(x_ptr, x_ptr, t0, s0, T, T, K, K, 1, K, 1, BLOCK_T, BLOCK_K, PREC)
 
 
 @triton.jit
@@ -442,14 +461,26 @@ def _linear_sq_norms_ps(p_ptr, q_ptr, part_ptr, T, O, I, n_ti, n_tiles,
 
 
 @triton.jit
-def _sum_partials(part_ptr, out_ptr, B, n_tiles, BLOCK_B: tl.constexpr):
-    # out[b] = sum of part[b, :] in tile order (fixed: deterministic)
+def _sum_partials(part_ptr, out_ptr, B, n_tiles, scale, BLOCK_B: tl.constexpr, ADD: tl.constexpr):
+    # out[b] = scale * (sum of part[b, :] in tile order: fixed, deterministic),
+    # or out[b] += that (ADD: a tied parameter's terms into its row)
     rb = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
     bmask = rb < B
     s = tl.zeros((BLOCK_B,), dtype=tl.float32)
     for k in range(0, n_tiles):
         s += tl.load(part_ptr + rb * n_tiles + k, mask=bmask, other=0.0)
+    s = s * scale
+    if ADD:
+        s = tl.load(out_ptr + rb, mask=bmask, other=0.0) + s
     tl.store(out_ptr + rb, s, mask=bmask)
+
+
+def sum_partials(part: torch.Tensor, out: torch.Tensor, scale: float = 1.0, accumulate: bool = False) -> None:
+    """``out = scale * part.sum(1)`` (``accumulate``: ``out += ...``), the
+    partials ``[B, n]`` summed in order; one launch (not counted here)."""
+    batch, n = part.shape
+    _sum_partials[(triton.cdiv(batch, PS_BLOCK_B),)](part, out, batch, n, float(scale), BLOCK_B=PS_BLOCK_B,
+                                                     ADD=bool(accumulate), enable_fp_fusion=False)
 
 
 def linear_sq_norms_ps(a: torch.Tensor, g: torch.Tensor, out: torch.Tensor) -> None:
@@ -473,6 +504,101 @@ def linear_sq_norms_ps(a: torch.Tensor, g: torch.Tensor, out: torch.Tensor) -> N
                                           BLOCK_T=BLOCK_T, BLOCK_O=BLOCK_O, BLOCK_I=BLOCK_I, IEEE=ieee,
                                           WIDEN=widen, enable_fp_fusion=False)
     count_launch("triton.dp_ghost_linear_sq_norms_ps")
-    _sum_partials[(triton.cdiv(batch, PS_BLOCK_B),)](part, out, batch, n_tiles, BLOCK_B=PS_BLOCK_B,
-                                                     enable_fp_fusion=False)
+    sum_partials(part, out)
     count_launch("triton.dp_ghost_linear_sq_norms_ps")
+
+
+# ---------------------------------------------------------------- cross terms of a tied parameter
+
+# where a cross term's P^u P^v^T tile comes from (a constexpr): two dense P (Linear x Linear), P^u
+# gathered at v's ids (Linear x lookup: p_u[t, id_s], no [T_u, T_v] buffer), the id-equality mask
+# (lookup x lookup), or a precomputed P^u P^v^T (ghost mode's tied head: ref.gather_pp, kept in place of P^u)
+CROSS_DENSE, CROSS_GATHER, CROSS_IDS, CROSS_PP = 0, 1, 2, 3
+
+
+@triton.jit
+def _pp_tile(pu_b, pv_b, idu_b, idv_b, t0, s0, Tu, Tv, O, spu_t, spu_k, spv_t, spv_k, sid_u, sid_v,
+             BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, MODE: tl.constexpr, PREC: tl.constexpr):
+    # (P^u P^v^T)_{ts} for one [BLOCK_T, BLOCK_T] tile, fp32, 0 outside [0, Tu) x [0, Tv)
+    rt = t0 + tl.arange(0, BLOCK_T)
+    rs = s0 + tl.arange(0, BLOCK_T)
+    inside = (rt[:, None] < Tu) & (rs[None, :] < Tv)
+    if MODE == 0:
+        pp = _cross_tile(pu_b, pv_b, t0, s0, Tu, Tv, O, spu_t, spu_k, spv_t, spv_k, BLOCK_T, BLOCK_K, PREC)
+    elif MODE == 1:
+        # the lookup's one-hot row s picks column id_s of P^u; an id outside [0, O) (the
+        # forward's embedding would have raised) reads nothing
+        js = tl.load(idv_b + rs.to(tl.int64) * sid_v, mask=rs < Tv, other=0).to(tl.int64)
+        ok = inside & ((js >= 0) & (js < O))[None, :]
+        pp = tl.load(pu_b + rt[:, None].to(tl.int64) * spu_t + js[None, :] * spu_k, mask=ok,
+                     other=0.0).to(tl.float32)
+    elif MODE == 2:
+        it = tl.load(idu_b + rt.to(tl.int64) * sid_u, mask=rt < Tu, other=0)
+        js = tl.load(idv_b + rs.to(tl.int64) * sid_v, mask=rs < Tv, other=0)
+        pp = ((it[:, None] == js[None, :]) & inside).to(tl.float32)
+    else:  # pu_b: the precomputed [Tu, Tv] P^u P^v^T, strides (spu_t, spu_k)
+        pp = tl.load(pu_b + rt[:, None].to(tl.int64) * spu_t + rs[None, :].to(tl.int64) * spu_k, mask=inside,
+                     other=0.0).to(tl.float32)
+    return pp
+
+
+@triton.jit
+def _cross_gram(qu_ptr, qv_ptr, pu_ptr, pv_ptr, idu_ptr, idv_ptr, part_ptr, Tu, Tv, I, O, n_tu,
+                squ_b, squ_t, squ_k, sqv_b, sqv_t, sqv_k, spu_b, spu_t, spu_k, spv_b, spv_t, spv_k,
+                sidu_b, sidu_t, sidv_b, sidv_t,
+                BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, MODE: tl.constexpr,
+                PREC_Q: tl.constexpr, PREC_P: tl.constexpr):
+    # one program per (BLOCK_T steps t of use u, sample b): sum over the s tiles of
+    # (P^u P^v^T) * (Q^u Q^v^T), in a fixed order, into part[b, t-tile]
+    i = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    t0 = i * BLOCK_T
+    qu_b, qv_b = qu_ptr + b * squ_b, qv_ptr + b * sqv_b
+    pu_b, pv_b = pu_ptr + b * spu_b, pv_ptr + b * spv_b
+    idu_b, idv_b = idu_ptr + b * sidu_b, idv_ptr + b * sidv_b
+    total = tl.zeros((BLOCK_T, BLOCK_T), dtype=tl.float32)
+    for s0 in range(0, Tv, BLOCK_T):
+        qq = _cross_tile(qu_b, qv_b, t0, s0, Tu, Tv, I, squ_t, squ_k, sqv_t, sqv_k, BLOCK_T, BLOCK_K, PREC_Q)
+        pp = _pp_tile(pu_b, pv_b, idu_b, idv_b, t0, s0, Tu, Tv, O, spu_t, spu_k, spv_t, spv_k, sidu_t, sidv_t,
+                      BLOCK_T, BLOCK_K, MODE, PREC_P)
+        total += pp * qq  # both 0 outside [0, Tu) x [0, Tv): no padded inf * 0
+    tl.store(part_ptr + b * n_tu + i, tl.sum(tl.sum(total, axis=1), axis=0))
+
+
+def cross_gram(qu: torch.Tensor, qv: torch.Tensor, pu: torch.Tensor | None, pv: torch.Tensor | None,
+               ids_u: torch.Tensor | None, ids_v: torch.Tensor | None, pp: torch.Tensor | None,
+               scale: float, out: torch.Tensor, accumulate: bool) -> None:
+    """``out[b] (+)= scale * sum_{t,s} (P^u P^v^T)_{ts} (Q^u Q^v^T)_{ts}`` for
+    strided ``qu [B, Tu, I]``, ``qv [B, Tv, I]`` and one of: ``pp [B, Tu, Tv]``;
+    ``pu [B, Tu, O]`` with ``pv [B, Tv, O]`` or with ``ids_v [B, Tv]``;
+    ``ids_u`` with ``ids_v`` (fp32 / fp16 / bf16, mixed allowed; a contiguous
+    fp32 ``out [B]``).  Two launches: the per-(sample, ``BLOCK_T`` steps of u)
+    partials, then their sum in order, scaled (and added)."""
+    batch, t_u, cols = qu.shape
+    t_v = qv.shape[1]
+    if batch == 0:
+        return
+    if t_u == 0 or t_v == 0:  # an empty sum
+        if not accumulate:
+            out.zero_()
+        return
+    if pp is not None:
+        mode, p1, p2, rows = CROSS_PP, pp, pp, 0
+    elif pv is not None:
+        mode, p1, p2, rows = CROSS_DENSE, pu, pv, pu.shape[2]
+    elif pu is not None:
+        mode, p1, p2, rows = CROSS_GATHER, pu, pu, pu.shape[2]
+    else:
+        mode, p1, p2, rows = CROSS_IDS, qu, qu, 0
+    id1 = ids_u if ids_u is not None else (ids_v if ids_v is not None else out.new_zeros(1, 1, dtype=torch.int32))
+    id2 = ids_v if ids_v is not None else id1
+    prec_p = pair_precision(p1.dtype, p2.dtype) if mode == CROSS_DENSE else PREC_IEEE
+    n_tu = triton.cdiv(t_u, BLOCK_T)
+    part = torch.empty(batch, n_tu, dtype=torch.float32, device=qu.device)
+    _cross_gram[(n_tu, batch)](qu, qv, p1, p2, id1, id2, part, t_u, t_v, cols, rows, n_tu,
+                               *qu.stride(), *qv.stride(), *p1.stride(), *p2.stride(), *id1.stride(), *id2.stride(),
+                               BLOCK_T=BLOCK_T, BLOCK_K=BLOCK_K, MODE=mode,
+                               PREC_Q=pair_precision(qu.dtype, qv.dtype), PREC_P=prec_p, enable_fp_fusion=False)
+    count_launch("triton.dp_ghost_cross_gram")
+    sum_partials(part, out, scale, accumulate)
+    count_launch("triton.dp_ghost_cross_gram")
