@@ -21,7 +21,7 @@ extern "C" {
 
 #define FASTADV_API __attribute__((visibility("default")))
 
-#define FASTADV_ABI_VERSION 3
+#define FASTADV_ABI_VERSION 4
 
 enum fastadv_dtype {
   FASTADV_FLOAT32 = 0,
@@ -132,6 +132,43 @@ FASTADV_API int fastadv_pgd_apply(void* w, const void* g, void* backup, int dtyp
 FASTADV_API int fastadv_pgd_restore_rows(void* w, const void* backup, int dtype,
                                          int64_t rows, int64_t cols, uint8_t* saved,
                                          void* stream);
+
+/* ---- FGM and PGD over many tensors in one call (csrc/fgm.cu, csrc/pgd.cu) ----------------
+ * FSDP2 shards (the caller all_reduces the sums between the two halves) and several unsharded
+ * tables: 2 x groups + 1 launches, whatever the number of tensors.  `table` is a work table of
+ * one group (csrc/multi_tensor.cuh: `lists` lists of `tensors` tensors, `chunks` chunks of
+ * `chunk` elements), `plan` the call's int64 device plan and `group_plan` the group's rows in
+ * it (layout in csrc/multi_tensor.cuh, "per-tensor reductions of one call"), `blocks` the
+ * group's dense stage-1 blocks (its owner entries).  Dense groups (by_rows == 0): lists
+ * 0 = w, 1 = g, 2 = backup, flat.  Row groups: FGM lists 0 = flags, 1 = w, 2 = g, 3 = backup;
+ * PGD lists 0 = mask, 1 = saved, 2 = w, 3 = g, 4 = backup; list 0's numel is the row count,
+ * chunks of rows.  Every tensor's partials, sums and update are bitwise those of the
+ * per-tensor functions above on it (same blocks, same vector width, same summation order).
+ *
+ * fastadv_fgm_mt_partials: each tensor's fastadv_fgm_norm stage-1 partials at its first
+ * partial (row mode writes the flags).  fastadv_fgm_mt_sum: out[slot_i] = sum of tensor i's
+ * partials (i < tensors, the call's), the finalize's order, no sqrt.  fastadv_fgm_mt_update:
+ * fastadv_fgm_update on every tensor with norm = norms[slot].
+ * fastadv_pgd_mt_partials: fastadv_pgd_sums's partials, [3][n_parts] (row mode writes mask;
+ * `first`: dense r = 0).  fastadv_pgd_mt_sum: sums[3 slot_i + k] = [||g||^2, ||r||^2, <r, g>].
+ * fastadv_pgd_mt_apply: fastadv_pgd_apply on every tensor from sums[3 slot ...]. */
+FASTADV_API int fastadv_fgm_mt_partials(const int64_t* table, int lists, int64_t tensors, int64_t chunks,
+                                        int64_t chunk, int dtype, int by_rows, const int64_t* group_plan,
+                                        int64_t blocks, float* partials, void* stream);
+FASTADV_API int fastadv_fgm_mt_sum(const int64_t* plan, int64_t tensors, const float* partials, float* out,
+                                   void* stream);
+FASTADV_API int fastadv_fgm_mt_update(const int64_t* table, int lists, int64_t tensors, int64_t chunks,
+                                      int64_t chunk, int dtype, int by_rows, const int64_t* group_plan,
+                                      const float* norms, float eps, void* stream);
+FASTADV_API int fastadv_pgd_mt_partials(const int64_t* table, int lists, int64_t tensors, int64_t chunks,
+                                        int64_t chunk, int dtype, int by_rows, int first,
+                                        const int64_t* group_plan, int64_t blocks, int64_t n_parts,
+                                        float* partials, void* stream);
+FASTADV_API int fastadv_pgd_mt_sum(const int64_t* plan, int64_t tensors, const float* partials, int64_t n_parts,
+                                   float* sums, void* stream);
+FASTADV_API int fastadv_pgd_mt_apply(const int64_t* table, int lists, int64_t tensors, int64_t chunks,
+                                     int64_t chunk, int dtype, int by_rows, int first, const int64_t* group_plan,
+                                     const float* sums, float alpha, float eps, void* stream);
 
 /* ---- embedding FGSM (csrc/fgsm.cu) -----------------------------------------
  * out <- e + eps * sign(g) (sign(0) = sign(NaN) = 0), fp32 math rounded once;

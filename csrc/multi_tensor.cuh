@@ -135,6 +135,48 @@ global_norm_kernel(const float* __restrict__ partials, int64_t n, float* __restr
   }
 }
 
+// ---- per-tensor reductions of one call (FGM's and PGD's multi-tensor steps) ----------
+//
+// One call reduces every tensor of an FGM attack / a PGD step into its own slot of the
+// caller's fp32 buffer.  Its int64 *plan* (fastadv/kernels/cuda/multi_tensor.py plan_call,
+// one host-to-device copy per call) is
+//
+//   [P (K+1) | slot (K) | group rows ...]
+//
+// P the prefix of the K tensors' partial counts, slot their places in the caller's buffer;
+// the sum launch (one block per tensor) reads these.  A group (one work table of T tensors,
+// in the table's order) has the rows
+//
+//   [first partial (T) | slot (T) | cols (T) | first block (T+1) | owner (B)]
+//
+// the last two for a dense group only: its B stage-1 blocks, each tensor taking as many as
+// its per-tensor launch has, so a block computes exactly the partial that launch's block
+// of the same index computes (same grid-stride order, same block sum).
+struct GroupPlan {
+  const int64_t* p;
+  int64_t tensors;  // T
+
+  __device__ __forceinline__ int64_t first_part(int64_t t) const { return p[t]; }
+  __device__ __forceinline__ int64_t slot(int64_t t) const { return p[tensors + t]; }
+  __device__ __forceinline__ int64_t cols(int64_t t) const { return p[2 * tensors + t]; }
+  __device__ __forceinline__ int64_t first_block(int64_t t) const { return p[3 * tensors + t]; }
+  __device__ __forceinline__ int64_t owner(int64_t j) const { return p[4 * tensors + 1 + j]; }
+};
+
+// The tensor of dense stage-1 block j, its index among that tensor's blocks and their number.
+struct DenseBlock {
+  int64_t tensor, index, blocks;
+};
+
+__device__ __forceinline__ DenseBlock dense_block_of(const GroupPlan& gp, int64_t j) {
+  DenseBlock d;
+  d.tensor = gp.owner(j);
+  const int64_t first = gp.first_block(d.tensor);
+  d.index = j - first;
+  d.blocks = gp.first_block(d.tensor + 1) - first;
+  return d;
+}
+
 // ---- argument checks shared by the C entry points ------------------------------
 
 inline int check_table(const char* fn, const int64_t* table, int lists, int64_t tensors, int64_t chunks,
@@ -155,6 +197,29 @@ inline int check_update(const char* fn, const int64_t* table, int lists, int64_t
                         int64_t chunk, const void* scalars, const char* what) {
   if (int e = check_table(fn, table, lists, tensors, chunks, chunk)) return e;
   if (scalars == nullptr) return fail(int(cudaErrorInvalidValue), "%s: %s is NULL", fn, what);
+  return 0;
+}
+
+// The prologue of the multi-tensor FGM / PGD entry points: the table (`lists` lists, the
+// mode's), the group's plan rows and the fp32 buffer the launch writes or reads.
+inline int check_group(const char* fn, const int64_t* table, int lists, int want_lists, int64_t tensors,
+                       int64_t chunks, int64_t chunk, const int64_t* group_plan, const void* buffer,
+                       const char* what) {
+  if (int e = check_table(fn, table, lists, tensors, chunks, chunk)) return e;
+  if (lists != want_lists)
+    return fail(int(cudaErrorInvalidValue), "%s: this mode takes %d lists, got %d", fn, want_lists, lists);
+  if (tensors > 0 && group_plan == nullptr) return fail(int(cudaErrorInvalidValue), "%s: plan is NULL", fn);
+  if (tensors > 0 && buffer == nullptr) return fail(int(cudaErrorInvalidValue), "%s: %s is NULL", fn, what);
+  return 0;
+}
+
+// The prologue of the multi-tensor sum entry points (one block per tensor of the call).
+inline int check_sum(const char* fn, const int64_t* plan, int64_t tensors, const float* partials,
+                     const float* out) {
+  if (tensors < 0) return fail(int(cudaErrorInvalidValue), "%s: negative tensor count %lld", fn, (long long)tensors);
+  if (tensors > 0 && (plan == nullptr || out == nullptr))
+    return fail(int(cudaErrorInvalidValue), "%s: plan or out is NULL", fn);
+  (void)partials;  // NULL is fine when every tensor is empty (no partial is read)
   return 0;
 }
 

@@ -102,7 +102,7 @@ def test_compiled_library_exports_the_abi(fresh_lib):
     lib = _bind(fresh_lib)  # loads without a GPU or driver: cudart is linked statically
     for name in fcuda.EXPORTS:
         assert hasattr(lib, name), name
-    assert lib.fastadv_abi_version() == fcuda.ABI_VERSION == 3
+    assert lib.fastadv_abi_version() == fcuda.ABI_VERSION == 4
     # cudart's own symbols stay inside (--exclude-libs): no clash with PyTorch's cudart
     for private in ("cudaMalloc", "cudaLaunchKernel", "__cudaRegisterFatBinary"):
         assert not hasattr(lib, private), private
@@ -136,6 +136,59 @@ def test_argument_errors_need_no_gpu(fresh_lib):
     assert lib.fastadv_fgm_restore_rows(None, None, 1, 4, 0, ctypes.addressof(out), None) == 0
 
 
+MT_FUNCTIONS = ("fastadv_fgm_mt_partials", "fastadv_fgm_mt_sum", "fastadv_fgm_mt_update",
+                "fastadv_pgd_mt_partials", "fastadv_pgd_mt_sum", "fastadv_pgd_mt_apply")
+
+
+def test_multi_tensor_fgm_pgd_are_exported(fresh_lib):
+    lib = _bind(fresh_lib)
+    for name in MT_FUNCTIONS:
+        assert name in fcuda.EXPORTS and hasattr(lib, name), name
+
+
+def test_multi_tensor_argument_errors_need_no_gpu(fresh_lib):
+    """The multi-tensor FGM / PGD entry points check their arguments before any launch (the
+    addresses below are never dereferenced: every call fails or has nothing to launch)."""
+    lib = _bind(fresh_lib)
+    fake = ctypes.c_int64()
+    tb = pl = buf = ctypes.addressof(fake)
+
+    def err(rc, text):
+        assert rc == 1, rc  # cudaErrorInvalidValue
+        assert text in lib.fastadv_last_error(), lib.fastadv_last_error()
+
+    # table, lists of the mode, chunk, plan, buffer, dtype, sizes
+    err(lib.fastadv_fgm_mt_partials(tb, 4, 1, 1, 16, 0, 0, pl, 1, buf, None), b"this mode takes 3 lists, got 4")
+    err(lib.fastadv_fgm_mt_partials(tb, 3, 1, 1, 16, 0, 1, pl, 1, buf, None), b"this mode takes 4 lists, got 3")
+    err(lib.fastadv_fgm_mt_partials(tb, 3, 1, 1, 24, 0, 0, pl, 1, buf, None), b"positive multiple of 16")
+    err(lib.fastadv_fgm_mt_partials(None, 3, 1, 1, 16, 0, 0, pl, 1, buf, None), b"table is NULL")
+    err(lib.fastadv_fgm_mt_partials(tb, 3, 1, 1, 16, 0, 0, None, 1, buf, None), b"plan is NULL")
+    err(lib.fastadv_fgm_mt_partials(tb, 3, 1, 1, 16, 0, 0, pl, 1, None, None), b"partials is NULL")
+    err(lib.fastadv_fgm_mt_partials(tb, 3, 1, 1, 16, 0, 0, pl, -1, buf, None), b"negative block count")
+    err(lib.fastadv_fgm_mt_partials(tb, 3, 1, 1, 16, 7, 0, pl, 1, buf, None), b"unsupported dtype code 7")
+    err(lib.fastadv_fgm_mt_partials(tb, 3, -1, 1, 16, 0, 0, pl, 1, buf, None), b"bad sizes")
+    err(lib.fastadv_fgm_mt_update(tb, 4, 1, 1, 16, 0, 1, pl, None, 1.0, None), b"norms is NULL")
+    err(lib.fastadv_fgm_mt_update(tb, 4, 1, 1, 16, 5, 1, pl, buf, 1.0, None), b"unsupported dtype code 5")
+    err(lib.fastadv_fgm_mt_sum(pl, -1, buf, buf, None), b"negative tensor count")
+    err(lib.fastadv_fgm_mt_sum(None, 2, buf, buf, None), b"plan or out is NULL")
+    err(lib.fastadv_pgd_mt_partials(tb, 4, 1, 1, 16, 0, 1, 0, pl, 0, 1, buf, None), b"this mode takes 5 lists, got 4")
+    err(lib.fastadv_pgd_mt_partials(tb, 3, 1, 1, 16, 0, 0, 1, pl, 1, -1, buf, None), b"negative size")
+    err(lib.fastadv_pgd_mt_partials(tb, 3, 1, 1, 16, 9, 0, 1, pl, 1, 1, buf, None), b"unsupported dtype code 9")
+    err(lib.fastadv_pgd_mt_apply(tb, 5, 1, 1, 16, 0, 1, 0, pl, None, 0.3, 0.5, None), b"sums is NULL")
+    err(lib.fastadv_pgd_mt_apply(tb, 5, 1, 1, 16, 0, 1, 0, None, buf, 0.3, 0.5, None), b"plan is NULL")
+    err(lib.fastadv_pgd_mt_sum(pl, 1, buf, -3, buf, None), b"negative n_parts")
+    err(lib.fastadv_pgd_mt_sum(pl, 1, buf, 3, None, None), b"plan or out is NULL")
+    # nothing to do: success without any launch (no driver needed)
+    assert lib.fastadv_fgm_mt_partials(None, 3, 0, 0, 16, 0, 0, None, 0, None, None) == 0
+    assert lib.fastadv_fgm_mt_partials(tb, 3, 2, 4, 16, 0, 0, pl, 0, buf, None) == 0  # dense: no block
+    assert lib.fastadv_fgm_mt_partials(tb, 4, 2, 0, 16, 0, 1, pl, 5, buf, None) == 0  # rows: no chunk
+    assert lib.fastadv_fgm_mt_update(tb, 3, 2, 0, 16, 0, 0, pl, buf, 1.0, None) == 0
+    assert lib.fastadv_fgm_mt_sum(None, 0, None, None, None) == 0
+    assert lib.fastadv_pgd_mt_partials(tb, 5, 1, 0, 16, 2, 1, 0, pl, 0, 0, buf, None) == 0
+    assert lib.fastadv_pgd_mt_apply(tb, 3, 1, 0, 16, 1, 0, 1, pl, buf, 0.3, 0.5, None) == 0
+    assert lib.fastadv_pgd_mt_sum(None, 0, None, 0, None, None) == 0
+
+
 @pytest.mark.skipif(not _no_cuda_driver(), reason="a CUDA driver is present: this checks the driverless failure")
 def test_launch_without_driver_fails_cleanly(fresh_lib):
     lib = _bind(fresh_lib)
@@ -143,6 +196,9 @@ def test_launch_without_driver_fails_cleanly(fresh_lib):
     rc = lib.fastadv_fgm_norm(None, 0, 0, 0, None, None, ctypes.addressof(out), None)  # finalize only
     assert rc in (35, 100)  # cudaErrorInsufficientDriver, cudaErrorNoDevice
     assert b"fastadv_fgm_norm" in lib.fastadv_last_error()
+    fake = ctypes.addressof(ctypes.c_int64())
+    assert lib.fastadv_pgd_mt_sum(fake, 1, fake, 1, fake, None) in (35, 100)  # valid arguments: the launch fails
+    assert b"fastadv_pgd_mt_sum" in lib.fastadv_last_error()
 
 
 @needs_nvcc
@@ -235,6 +291,52 @@ def test_launchers_reject_cpu_tensors():
         fcuda.fgm_update(w, w.clone(), w.clone(), None, torch.ones(1), 1.0)
     with pytest.raises(ValueError, match="CUDA tensors"):
         fcuda.fgm_norm(w, None, torch.zeros(1))
+
+
+def test_multi_tensor_launchers_reject_cpu_tensors():
+    from fastadv.kernels.cuda import fgm as cfgm, pgd as cpgd
+    w = torch.zeros(4, 3)
+    with pytest.raises(ValueError, match="CUDA tensors"):
+        cfgm.fgm_sq_many([cfgm.ShardNorm(0, w, w.clone(), w.clone())], torch.zeros(1))
+    with pytest.raises(ValueError, match="CUDA tensors"):
+        cpgd.pgd_sums_many([cpgd.ShardStep(0, w, w.clone(), w.clone(), True)], torch.zeros(3))
+    assert cfgm.fgm_sq_many([], torch.zeros(1)).groups == []  # nothing to do, nothing checked
+
+
+def test_multi_tensor_plan_layout():
+    """The device plan of one multi-tensor call (csrc/multi_tensor.cuh's layout), built on the host:
+    the sum launch's [P | slot], a row group's [first partial | slot | cols] and a dense group's
+    rows plus [first block | owner]: each dense tensor takes the stage-1 blocks of its per-tensor
+    launch (fgm_workspace_floats: 8192 elements a block, at most 1024), empty tensors none."""
+    from fastadv.kernels.cuda import fgm as cfgm, multi_tensor as cmt, pgd as cpgd
+
+    def item(slot, shape, rows=False, dtype=torch.float32):
+        w = torch.zeros(shape, dtype=dtype)
+        return cfgm.ShardNorm(slot, w, w, w, torch.zeros(shape[0], dtype=torch.uint8) if rows else None)
+
+    items = [item(2, (3, 5), rows=True), item(0, (9000,)), item(1, (0,)), item(4, (5,)),
+             item(3, (8192 * 1024 + 1,)), item(5, (7,), dtype=torch.float16), item(6, (2, 4), rows=True)]
+    call = cmt.plan_call(items, cfgm._parts, cfgm._key, cfgm._cols, "cpu")
+    counts = [3, 2, 0, 1, 1024, 1, 2]
+    prefix = [sum(counts[:i]) for i in range(len(counts) + 1)]
+    slots = [2, 0, 1, 4, 3, 5, 6]
+    assert call.n_parts == prefix[-1]
+    assert call.plan[:2 * len(items) + 1].tolist() == prefix + slots
+    groups = {key: (idx, plan.tolist(), blocks) for key, idx, plan, blocks in call.groups}
+    assert list(groups) == [(torch.float32, True), (torch.float32, False), (torch.float16, False)]
+    assert groups[(torch.float32, True)] == ([0, 6], [0, 1031, 2, 6, 5, 4], 0)
+    owners = [0, 0, 1] + [2] * 1024
+    assert groups[(torch.float32, False)] == (
+        [1, 3, 4], [3, 5, 6, 0, 4, 3, 0, 0, 0, 0, 2, 3, 1027] + owners, 1027)
+    assert groups[(torch.float16, False)] == ([5], [1030, 5, 0, 0, 1, 0], 1)
+    # PGD: the same partial counts (3 floats each), dense first steps in their own groups
+    steps = [cpgd.ShardStep(i, s.w.view(-1), s.g.view(-1), s.backup.view(-1), first=i % 2 == 0)
+             for i, s in enumerate(items) if s.rows is None]
+    call = cmt.plan_call(steps, cpgd._parts, cpgd._key, cpgd._cols, "cpu")
+    assert call.n_parts == 2 + 0 + 1 + 1024 + 1
+    assert [(key, idx) for key, idx, _, _ in call.groups] == [
+        ((torch.float32, False, False), [0, 2]), ((torch.float32, False, True), [3]),
+        ((torch.float16, False, False), [4])]
 
 
 # ---- (c) GPU: the launchers against PyTorch --------------------------------------------------

@@ -19,7 +19,7 @@ import torch
 
 from .. import count_launch  # noqa: F401  (op modules use it)
 
-ABI_VERSION = 3
+ABI_VERSION = 4
 DEFAULT_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                             "_lib", "libfastadv_cuda.so")
 BUILD_HINT = ("build it with `FASTADV_BUILD_CUDA=1 pip install --no-build-isolation -e .` "

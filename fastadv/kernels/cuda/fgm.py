@@ -1,10 +1,17 @@
-"""ctypes launchers of the FGM kernels in ``csrc/fgm.cu`` (see ``csrc/fastadv.h``)."""
+"""ctypes launchers of the FGM kernels in ``csrc/fgm.cu`` (see ``csrc/fastadv.h``).
+
+The end of the file: the same passes over many tensors in one call
+(``fgm_sq_many`` / ``fgm_update_many``, the interface of
+:mod:`fastadv.kernels.triton.fgm`'s), bitwise the per-tensor ones."""
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
 from .. import count_launch
 from . import _c_float, _c_int, _c_int64, _c_void_p, _call, _check, _ptr, _stream, declare, dtype_code, lib
+from . import multi_tensor
 
 declare({
     "fastadv_fgm_workspace_floats": (_c_int64, [_c_int64, _c_int64, _c_int]),
@@ -14,6 +21,11 @@ declare({
                                     _c_void_p, _c_void_p, _c_float, _c_void_p]),
     "fastadv_fgm_restore_rows": (_c_int, [_c_void_p, _c_void_p, _c_int, _c_int64, _c_int64,
                                           _c_void_p, _c_void_p]),
+    "fastadv_fgm_mt_partials": (_c_int, [_c_void_p, _c_int, _c_int64, _c_int64, _c_int64, _c_int, _c_int,
+                                         _c_void_p, _c_int64, _c_void_p, _c_void_p]),
+    "fastadv_fgm_mt_sum": (_c_int, [_c_void_p, _c_int64, _c_void_p, _c_void_p, _c_void_p]),
+    "fastadv_fgm_mt_update": (_c_int, [_c_void_p, _c_int, _c_int64, _c_int64, _c_int64, _c_int, _c_int,
+                                       _c_void_p, _c_void_p, _c_float, _c_void_p]),
 })
 
 
@@ -100,3 +112,97 @@ def fgm_restore_rows(w2d: torch.Tensor, backup: torch.Tensor, rows_in: torch.Ten
         _call("fastadv_fgm_restore_rows", _ptr(w2d), _ptr(backup), code, rows, cols,
               _ptr(rows_in), _stream(w2d))
     count_launch("cuda.fgm_restore_rows", 1 if rows * cols > 0 else 0)
+
+
+# ---- many tensors (FSDP2 shards, several tables): partials, sum, all_reduce + sqrt (caller), update
+#
+# Per group of non-empty tensors -- (dtype, mode): the CUDA row kernels take any row width, so a
+# call has at most 6 groups -- one partials launch and one update launch over a work table, one
+# sum launch for the call: 2 x groups + 1 launches.  Each tensor's partials are those of
+# fgm_norm (its stage-1 blocks and row partials, the same helpers, the same vector width) and
+# the sum is the finalize's, without the sqrt: ||g||^2 is bitwise the square fgm_norm takes the
+# sqrt of, and the update bitwise fgm_update's (see csrc/fgm.cu).
+
+ROW_ITEM = 16  # rows per block of the row-mode kernels (a table chunk: multiple of 16)
+
+
+@dataclasses.dataclass
+class ShardNorm:
+    """One tensor of a multi-tensor FGM call: ``slot`` is its place in the caller's [n] fp32
+    buffers; dense: flat ``w, g, backup``; rows: ``[rows, cols]`` with the uint8 ``rows``
+    flags (written by :func:`fgm_sq_many`)."""
+    slot: int
+    w: torch.Tensor
+    g: torch.Tensor
+    backup: torch.Tensor
+    rows: torch.Tensor | None = None
+
+
+ShardPlan = multi_tensor.Planned  # what fgm_sq_many planned, for fgm_update_many (the same call's tensors)
+
+
+def _by_rows(item: ShardNorm) -> bool:
+    return item.rows is not None and item.w.shape[0] > 0
+
+
+def _parts(item: ShardNorm) -> int:
+    return item.w.shape[0] if _by_rows(item) else fgm_workspace_floats(1, item.w.numel(), False)
+
+
+def _key(item: ShardNorm):
+    """The (dtype, mode) group of an item; None for one with nothing to launch (a row-mode
+    tensor with rows has flags to write, even 0 wide)."""
+    if _by_rows(item):
+        return item.w.dtype, True
+    return (item.w.dtype, False) if item.w.numel() else None
+
+
+def _cols(item: ShardNorm) -> int:
+    return item.w.shape[1] if _by_rows(item) else 0
+
+
+def _group(items, key, plan, blocks) -> multi_tensor.Group:
+    dtype, rows = key
+    if rows:
+        lists = [[s.rows for s in items], [s.w for s in items], [s.g for s in items], [s.backup for s in items]]
+        table = multi_tensor.group_table("cuda_fgm_rows", lists, ROW_ITEM)
+    else:
+        lists = [[s.w.view(-1) for s in items], [s.g.view(-1) for s in items], [s.backup.view(-1) for s in items]]
+        table = multi_tensor.group_table("cuda_fgm_dense", lists, multi_tensor.CHUNK)
+    return multi_tensor.Group(rows, dtype, False, table, plan, blocks)
+
+
+def fgm_sq_many(items, sq: torch.Tensor) -> ShardPlan:
+    """``sq[s] = ||g||^2`` (fp32) of every item's tensor (``s`` its slot); row mode also
+    writes the flags.  Launches: one partials launch per group of non-empty tensors (dtype,
+    mode), one sum launch."""
+    if not items:
+        return ShardPlan([])
+    multi_tensor.check_items("fgm_sq_many", items, ["rows"])
+    multi_tensor.check_slots(items, sq, 1, "sq")
+    device = items[0].w.device
+    call = multi_tensor.plan_call(items, _parts, _key, _cols, device)
+    part = torch.empty(max(call.n_parts, 1), dtype=torch.float32, device=device)
+    groups = [_group([items[i] for i in idx], key, plan, blocks) for key, idx, plan, blocks in call.groups]
+    with multi_tensor.where(call.plan):
+        stream = _stream(call.plan)
+        for g in groups:
+            _call("fastadv_fgm_mt_partials", *multi_tensor.group_args(g), g.plan.data_ptr(), g.blocks,
+                  part.data_ptr(), stream)
+        _call("fastadv_fgm_mt_sum", call.plan.data_ptr(), len(items), part.data_ptr(), sq.data_ptr(), stream)
+    count_launch("cuda.fgm", len(groups) + 1)
+    return ShardPlan(groups, call.plan, max(s.slot for s in items) + 1)
+
+
+def fgm_update_many(planned: ShardPlan, norms: torch.Tensor, eps: float) -> None:
+    """Every item's backup and, where the norm of its slot of ``norms`` is usable (decided
+    on the device), ``w += eps * g / norm``; one launch per group of :func:`fgm_sq_many`."""
+    if not planned.groups:
+        return
+    planned.check(norms, 1, "norms")
+    with multi_tensor.where(planned.plan):
+        stream = _stream(planned.plan)
+        for g in planned.groups:
+            _call("fastadv_fgm_mt_update", *multi_tensor.group_args(g), g.plan.data_ptr(), norms.data_ptr(),
+                  float(eps), stream)
+    count_launch("cuda.fgm", len(planned.groups))

@@ -3,14 +3,20 @@
 Same signatures and semantics as :mod:`fastadv.kernels.triton.pgd`: one step is
 a reduction (``||g||^2``, ``||r||^2``, ``<r, g>``), a finalize writing
 ``coef = [||g||, ||r'||, step, project]`` on the device, and one fused step +
-projection; the restore copies the saved rows back bit for bit.
+projection; the restore copies the saved rows back bit for bit.  The end of
+the file: the step over many tensors in one call (``pgd_sums_many`` /
+``pgd_apply_many``), bitwise the per-tensor one.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
 from .. import count_launch
 from . import _c_float, _c_int, _c_int64, _c_void_p, _call, _check, _ptr, _stream, declare, dtype_code, lib
+from . import multi_tensor
+from .fgm import ROW_ITEM
 
 declare({
     "fastadv_pgd_workspace_floats": (_c_int64, [_c_int64, _c_int64, _c_int]),
@@ -24,6 +30,11 @@ declare({
                                    _c_float, _c_float, _c_void_p]),
     "fastadv_pgd_restore_rows": (_c_int, [_c_void_p, _c_void_p, _c_int, _c_int64, _c_int64,
                                           _c_void_p, _c_void_p]),
+    "fastadv_pgd_mt_partials": (_c_int, [_c_void_p, _c_int, _c_int64, _c_int64, _c_int64, _c_int, _c_int, _c_int,
+                                         _c_void_p, _c_int64, _c_int64, _c_void_p, _c_void_p]),
+    "fastadv_pgd_mt_sum": (_c_int, [_c_void_p, _c_int64, _c_void_p, _c_int64, _c_void_p, _c_void_p]),
+    "fastadv_pgd_mt_apply": (_c_int, [_c_void_p, _c_int, _c_int64, _c_int64, _c_int64, _c_int, _c_int, _c_int,
+                                      _c_void_p, _c_void_p, _c_float, _c_float, _c_void_p]),
 })
 
 
@@ -132,3 +143,98 @@ def pgd_restore_rows(w, backup, saved) -> None:
               _stream(w))
     if rows:
         count_launch("cuda.pgd_restore")
+
+
+# ---- the step over many tensors (FSDP2 shards, several tables): partials, sum, all_reduce (caller), apply
+#
+# Per group of non-empty tensors -- (dtype, mode, dense first step): at most 9 -- one partials
+# launch and one apply launch over a work table, one sum launch for the call: 2 x groups + 1
+# launches.  Each tensor's partials are those of pgd_sums (its stage-1 blocks and row partials,
+# the same helpers, the same vector width), its three sums the finalize's, and its step the
+# finalize's formula fused into the update: bitwise pgd_step's (see csrc/pgd.cu).
+
+
+@dataclasses.dataclass
+class ShardStep:
+    """One tensor of a multi-tensor PGD step: ``slot`` is its place in the caller's ``sums``
+    buffer (3 floats at ``3 * slot``); dense: flat ``w, g, backup`` (``first`` writes the
+    backup); rows: ``[rows, cols]`` with uint8 ``mask`` / ``saved`` per row."""
+    slot: int
+    w: torch.Tensor
+    g: torch.Tensor
+    backup: torch.Tensor
+    first: bool
+    mask: torch.Tensor | None = None
+    saved: torch.Tensor | None = None
+
+
+ShardSums = multi_tensor.Planned  # what pgd_sums_many planned, for pgd_apply_many (the same call's tensors)
+
+
+def _parts(step: ShardStep) -> int:
+    if step.mask is not None:
+        return step.w.shape[0]
+    return pgd_workspace_floats(1, step.w.numel(), False) // 3
+
+
+def _key(step: ShardStep):
+    """The (dtype, mode, dense first step) group of a step; None for one with nothing to
+    launch (a row-mode tensor has rows: flags to write)."""
+    if step.mask is not None:
+        return step.w.dtype, True, False
+    return (step.w.dtype, False, bool(step.first)) if step.w.numel() else None
+
+
+def _cols(step: ShardStep) -> int:
+    return step.w.shape[1] if step.mask is not None else 0
+
+
+def _group(steps, key, plan, blocks) -> multi_tensor.Group:
+    dtype, rows, first = key
+    if rows:
+        lists = [[s.mask for s in steps], [s.saved for s in steps], [s.w for s in steps], [s.g for s in steps],
+                 [s.backup for s in steps]]
+        table = multi_tensor.group_table("cuda_pgd_rows", lists, ROW_ITEM)
+    else:
+        lists = [[s.w.view(-1) for s in steps], [s.g.view(-1) for s in steps], [s.backup.view(-1) for s in steps]]
+        table = multi_tensor.group_table("cuda_pgd_dense", lists, multi_tensor.CHUNK)
+    return multi_tensor.Group(rows, dtype, first, table, plan, blocks)
+
+
+def pgd_sums_many(steps, sums: torch.Tensor) -> ShardSums:
+    """``sums[3 s : 3 s + 3] = [||g||^2, ||r||^2, <r, g>]`` of every step's tensor (``s``
+    its slot); row mode also writes ``mask``.  Launches: one partials launch per group of
+    non-empty tensors, one sum launch."""
+    if not steps:
+        return ShardSums([])
+    multi_tensor.check_items("pgd_sums_many", steps, ["mask", "saved"])
+    multi_tensor.check_slots(steps, sums, 3, "sums")
+    device = steps[0].w.device
+    call = multi_tensor.plan_call(steps, _parts, _key, _cols, device)
+    n_parts = call.n_parts
+    part = torch.empty(3 * max(n_parts, 1), dtype=torch.float32, device=device)
+    groups = [_group([steps[i] for i in idx], key, plan, blocks) for key, idx, plan, blocks in call.groups]
+    with multi_tensor.where(call.plan):
+        stream = _stream(call.plan)
+        for g in groups:
+            _call("fastadv_pgd_mt_partials", *multi_tensor.group_args(g), int(g.first), g.plan.data_ptr(), g.blocks,
+                  n_parts, part.data_ptr(), stream)
+        _call("fastadv_pgd_mt_sum", call.plan.data_ptr(), len(steps), part.data_ptr(), n_parts, sums.data_ptr(),
+              stream)
+    count_launch("cuda.pgd", len(groups) + 1)
+    return ShardSums(groups, call.plan, max(s.slot for s in steps) + 1)
+
+
+def pgd_apply_many(planned: ShardSums, sums: torch.Tensor, alpha: float, eps: float) -> None:
+    """Every tensor's step from its (all-reduced) slot of ``sums``: the finalize (skip and
+    projection decided on the device) fused into the update, one launch per group of
+    :func:`pgd_sums_many`."""
+    if not planned.groups:
+        return
+    planned.check(sums, 3, "sums")
+    with multi_tensor.where(planned.plan):
+        stream = _stream(planned.plan)
+        for g in planned.groups:
+            _call("fastadv_pgd_mt_apply", *multi_tensor.group_args(g), int(g.first), g.plan.data_ptr(), sums.data_ptr(),
+                  float(alpha), float(eps), stream)
+    count_launch("cuda.pgd", len(planned.groups))
