@@ -1,16 +1,18 @@
 """FGM's shard path without a process group: each "rank" writes its row
 range's ``||g||^2`` of every tensor into its own buffer
-(``_shard_square_norms_all``: one multi-tensor plan on triton, per tensor on
-torch / cuda), the buffers are added (what the one all_reduce of
+(``_shard_square_norms_all``: one multi-tensor plan per kernel backend, per
+tensor on torch), the buffers are added (what the one all_reduce of
 ``fgm_attack_many_`` does), and each shard is perturbed along the global
 ``g / ||g||`` (``_shard_update_all``).  The shards put together equal the seed's
 FGM (fastadv.reference) on the whole tensors, fp32 tolerance; restore is
 bit-exact.  Dense and row mode, uneven and empty shards, rows without
 gradient, a zero gradient (skipped on the device).  The multi-tensor section:
-one call over many odd tensors of two dtypes on triton, in a constant number
-of launches, equals the torch path and, bitwise, the unsharded
-``fgm_attack_`` of every tensor (mixed row widths included).  tests/test_distributed.py runs the same path
-on real FSDP2 shards (gloo, 2 processes)."""
+one call over many odd tensors of two dtypes on each kernel backend (triton;
+cuda with ``-m gpu``), in a constant number of launches, equals the torch path
+and, bitwise, the unsharded ``fgm_attack_`` of every tensor on that backend
+(mixed row widths included); tests/test_cuda_multi_tensor.py adds the CUDA
+cases (alignments, large tensors, many tensors).  tests/test_distributed.py
+runs the same path on real FSDP2 shards (gloo, 2 processes)."""
 import pytest
 import torch
 
@@ -49,7 +51,7 @@ def test_shards_equal_the_unsharded_reference(backend):
         bufs.append(buf)
     norms = sum(bufs).sqrt_()  # the all_reduce, then the sqrt
     for r in range(3):
-        ops._shard_update_all(planned[r], shards[r], gs[r], rows[r], backups[r], names, norms, EPS)
+        ops._shard_update_all(planned[r], shards[r], gs[r], backups[r], names, norms, EPS)
 
     model = torch.nn.Module()
     for i, (w, g) in enumerate(zip(weights, grads)):
@@ -94,7 +96,16 @@ MULTI = [((7, 5), torch.float32, True, "rows"), ((3, 7), torch.float32, True, "r
          ((2, 8), torch.float16, True, "rows")]
 MIXED = MULTI + [((6, 40), torch.float32, True, "rows"), ((2, 2100), torch.float32, True, "randn"),
                  ((3, 1), torch.float32, True, "randn")]
-_NO_TRITON = _backend.why_not("triton", DEVICE)  # the comparison runs triton against torch and fgm_attack_
+
+
+def _kernel_backend(name):
+    """A kernel backend as a test parameter: skipped where it cannot run (cuda: marked gpu)."""
+    why = _backend.why_not(name, DEVICE)
+    marks = [pytest.mark.skipif(why is not None, reason=f"{name} backend unavailable: {why}")]
+    return pytest.param(name, marks=marks + ([pytest.mark.gpu] if name == "cuda" else []))
+
+
+KERNEL_BACKENDS = [_kernel_backend("triton"), _kernel_backend("cuda")]  # each against torch and itself per tensor
 
 
 def _multi_grads(tensors):
@@ -121,12 +132,21 @@ def _multi_attack(tensors, weights, backend):
     names = [backend] * len(ws)
     rows = [ops._shard_rows(w, rs, backend) for w, (_, _, rs, _) in zip(ws, tensors)]
     backups = [torch.empty_like(w) for w in ws]
-    before = kernels.LAUNCHES["triton.fgm"]
+    before = dict(kernels.LAUNCHES)
     sq = torch.empty(len(ws), dtype=torch.float32, device=DEVICE)
     planned = ops._shard_square_norms_all(ws, gs, rows, backups, names, sq)
-    ops._shard_update_all(planned, ws, gs, rows, backups, names, sq.sqrt(), EPS)
+    ops._shard_update_all(planned, ws, gs, backups, names, sq.sqrt(), EPS)
     states = [ops.FGMBackup(w, b, r, backend) for w, b, r in zip(ws, backups, rows)]
-    return ws, states, kernels.LAUNCHES["triton.fgm"] - before
+    return ws, states, _launched(before, backend)
+
+
+def _launched(before: dict, backend: str) -> int:
+    """The launches since ``before`` of the backend's multi-tensor kernels (``<backend>.fgm`` /
+    ``.pgd``), asserting that no other kernel launched (no per-tensor fallback)."""
+    import fastadv.kernels as kernels
+    delta = {k: n - before.get(k, 0) for k, n in kernels.LAUNCHES.items() if n != before.get(k, 0)}
+    assert all(k in (f"{backend}.fgm", f"{backend}.pgd") for k in delta), delta
+    return sum(delta.values())
 
 
 def _row_block(cols: int) -> int:
@@ -134,26 +154,31 @@ def _row_block(cols: int) -> int:
     return min(1 << max(cols - 1, 0).bit_length(), 2048)
 
 
-def _groups(tensors) -> int:
-    """The (dtype, mode, row block) groups of non-empty tensors: each one partials and one update
-    (PGD: apply) launch."""
+def _groups(tensors, backend: str = "triton") -> int:
+    """The groups of non-empty tensors, each one partials and one update (PGD: apply) launch:
+    (dtype, mode, row block) on triton, (dtype, mode) on cuda (its row kernels take any width)."""
     keys = set()
     for sh, dt, rs, _ in tensors:
         rows = rs and len(sh) == 2 and sh[0] > 0
         if rows or torch.Size(sh).numel():
-            keys.add((dt, rows, _row_block(sh[1]) if rows else 0))
+            keys.add((dt, rows, _row_block(sh[1]) if rows and backend == "triton" else 0))
     return len(keys)
 
 
-@pytest.mark.skipif(_NO_TRITON is not None, reason=f"triton backend unavailable: {_NO_TRITON}")
+# groups of MULTI and MIXED: triton: fp32 rows in blocks 8, 4, 1 (+ 64, 2048 in MIXED), fp32
+# dense, fp16 rows, fp16 dense; cuda: fp32 rows, fp32 dense, fp16 rows, fp16 dense
+GROUPS = {"triton": (6, 8), "cuda": (4, 4)}
+
+
+@pytest.mark.parametrize("name", KERNEL_BACKENDS)
 @pytest.mark.parametrize("tensors", [MULTI, MIXED], ids=["equal", "mixed"])
-def test_multi_tensor_attack_equals_per_tensor_and_torch(tensors):
+def test_multi_tensor_attack_equals_per_tensor_and_torch(tensors, name):
     gen = torch.Generator().manual_seed(1)
     weights = [torch.randn(sh, generator=gen).to(dt).to(DEVICE) for sh, dt, _, _ in tensors]
-    got, states, launches = _multi_attack(tensors, weights, "triton")
-    # the triton multi-tensor path ran, in 2 launches per group + 1 whatever the number of tensors
-    # (fp32 rows in blocks 8, 4, 1 (+ 64, 2048 in MIXED), fp32 dense, fp16 rows, fp16 dense)
-    assert _groups(tensors) == (6 if tensors is MULTI else 8) and launches == 2 * _groups(tensors) + 1, launches
+    got, states, launches = _multi_attack(tensors, weights, name)
+    # the multi-tensor path ran, in 2 launches per group + 1 whatever the number of tensors
+    assert _groups(tensors, name) == GROUPS[name][tensors is MIXED], _groups(tensors, name)
+    assert launches == 2 * _groups(tensors, name) + 1, launches
     assert any(s.rows is not None for s in states) and any(s.rows is None for s in states)
     torch_ws, _, _ = _multi_attack(tensors, weights, "torch")
     for i, ((sh, dt, _, kind), w, ref) in enumerate(zip(tensors, got, torch_ws)):
@@ -165,7 +190,7 @@ def test_multi_tensor_attack_equals_per_tensor_and_torch(tensors):
             assert torch.equal(w, weights[i]) == (kind in ("nan", "zero")), (i, kind)
     for i, (w0, w, (sh, _, rs, kind)) in enumerate(zip(weights, got, tensors)):  # bitwise per tensor
         alone = w0.clone()
-        fgm_attack_(alone, _multi_grads(tensors)[i], EPS, row_sparse=rs, backend="triton")
+        fgm_attack_(alone, _multi_grads(tensors)[i], EPS, row_sparse=rs, backend=name)
         torch.testing.assert_close(w, alone, rtol=0, atol=0, equal_nan=True, msg=f"tensor {i} {sh} {kind}")
     for i, (state, w, w0) in enumerate(zip(states, got, weights)):  # restore: the weights bit for bit
         ops.fgm_restore_(state, w)

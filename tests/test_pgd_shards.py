@@ -6,17 +6,20 @@ The shards put together equal the seed's PGD (fastadv.reference) on the
 whole tensors, fp32 tolerance, and restore gives ``w0`` back bitwise.  Dense
 and row mode, uneven and empty shards, rows without gradient, a step with a
 zero gradient (skipped on the device).  tests/test_distributed.py runs the
-same path on real FSDP2 shards (gloo, 2 processes)."""
+same path on real FSDP2 shards (gloo, 2 processes).  The multi-tensor
+section: one call per step over many odd tensors on each kernel backend
+(triton; cuda with ``-m gpu``), in a constant number of launches, equals the
+torch path and, bitwise, ``pgd_attack_`` of every tensor on that backend."""
 import pytest
 import torch
 
-from fastadv import _backend
 from fastadv.ops import pgd as ops
 from fastadv.reference import PGD as RefPGD
 
 from conftest import DEVICE
 from test_fgm import FP32
-from test_fgm_shards import _groups  # FGM's groups, plus (the same for every tensor of a call) first
+# FGM's groups, plus (the same for every tensor of a call) first; the kernel backends as parameters
+from test_fgm_shards import GROUPS, KERNEL_BACKENDS, _groups, _launched
 
 ALPHA, EPS, STEPS = 0.3, 0.5, 4
 # (shape, row_sparse, row cuts into 3 ranks): row mode with an empty shard, dense 1-D, dense 2-D
@@ -69,8 +72,7 @@ def test_shards_equal_the_unsharded_reference(backend):
         total = sum(bufs)  # the all_reduce
         for r in range(3):
             bufs[r].copy_(total)
-            ops._shard_apply_all(planned[r], states[r], shards[r], gs[r], [first] * len(TENSORS), bufs[r],
-                                 ALPHA, EPS)
+            ops._shard_apply_all(planned[r], states[r], shards[r], gs[r], bufs[r], ALPHA, EPS)
     for i, (expected, (_, rs, _)) in enumerate(zip(_reference(weights), TENSORS)):
         got = torch.cat([shards[r][i] for r in range(3)])
         torch.testing.assert_close(got, expected, **FP32, msg=f"tensor {i}")
@@ -109,7 +111,6 @@ MULTI = [((7, 5), torch.float32, True, "rows"), ((3, 7), torch.float32, True, "r
          ((33,), torch.float16, True, "randn"), ((2, 8), torch.float16, True, "rows")]
 MIXED = MULTI + [((6, 40), torch.float32, True, "rows"), ((2, 2100), torch.float32, True, "randn"),
                  ((3, 1), torch.float32, True, "randn")]
-_NO_TRITON = _backend.why_not("triton", DEVICE)  # the comparison runs triton against torch and pgd_step
 
 
 def _multi_grads(tensors, step):
@@ -139,24 +140,25 @@ def _multi_steps(tensors, weights, backend, steps=3):
         firsts = [s is None for s in states]
         states = [ops._shard_state(w, w, g, s, rs, f"t{i}", backend)
                   for i, (w, g, s, (_, _, rs, _)) in enumerate(zip(ws, gs, states, tensors))]
-        before = kernels.LAUNCHES["triton.pgd"]
+        before = dict(kernels.LAUNCHES)
         sums = torch.empty(3 * len(ws), dtype=torch.float32, device=DEVICE)
         planned = ops._shard_sums_all(states, ws, gs, firsts, sums)
-        ops._shard_apply_all(planned, states, ws, gs, firsts, sums, ALPHA, EPS)
-        launches.append(kernels.LAUNCHES["triton.pgd"] - before)
+        ops._shard_apply_all(planned, states, ws, gs, sums, ALPHA, EPS)
+        launches.append(_launched(before, backend))
     return ws, states, launches
 
 
-@pytest.mark.skipif(_NO_TRITON is not None, reason=f"triton backend unavailable: {_NO_TRITON}")
+@pytest.mark.parametrize("name", KERNEL_BACKENDS)
 @pytest.mark.parametrize("tensors", [MULTI, MIXED], ids=["equal", "mixed"])
-def test_multi_tensor_step_equals_per_tensor_and_torch(tensors):
+def test_multi_tensor_step_equals_per_tensor_and_torch(tensors, name):
     gen = torch.Generator().manual_seed(1)
     weights = [torch.randn(sh, generator=gen).to(dt).to(DEVICE) for sh, dt, _, _ in tensors]
-    got, states, launches = _multi_steps(tensors, weights, "triton")
-    # the triton multi-tensor path ran, in 2 launches per group + 1, whatever the number of tensors
-    # (fp32 rows in blocks 8, 4 (+ 64, 2048, 1 in MIXED), fp32 dense, fp16 rows, fp16 dense)
-    assert _groups(tensors) == (5 if tensors is MULTI else 8), _groups(tensors)
-    assert launches == [2 * _groups(tensors) + 1] * 3, launches
+    got, states, launches = _multi_steps(tensors, weights, name)
+    # the multi-tensor path ran, in 2 launches per group + 1, whatever the number of tensors
+    # (triton: fp32 rows in blocks 8, 4 (+ 64, 2048, 1 in MIXED), fp32 dense, fp16 rows, fp16
+    # dense; cuda: fp32 rows, fp32 dense, fp16 rows, fp16 dense)
+    assert _groups(tensors, name) == {"triton": (5, 8), "cuda": GROUPS["cuda"]}[name][tensors is MIXED]
+    assert launches == [2 * _groups(tensors, name) + 1] * 3, launches
     assert any(s.mask is not None for s in states) and any(s.mask is None for s in states)
     torch_ws, _, _ = _multi_steps(tensors, weights, "torch")
     for i, ((sh, dt, _, kind), w, ref) in enumerate(zip(tensors, got, torch_ws)):
@@ -170,7 +172,7 @@ def test_multi_tensor_step_equals_per_tensor_and_torch(tensors):
         alone, state = w0.clone(), None
         for step in range(3):
             state = ops.pgd_attack_(alone, _multi_grads(tensors, step)[i], ALPHA, EPS, state,
-                                    row_sparse=rs, backend="triton")
+                                    row_sparse=rs, backend=name)
         torch.testing.assert_close(w, alone, rtol=0, atol=0, equal_nan=True, msg=f"tensor {i} {sh} {kind}")
     for i, (state, w, w0) in enumerate(zip(states, got, weights)):  # restore: w0 bit for bit
         ops.pgd_restore_(state, w)

@@ -161,14 +161,15 @@ def fgm_attack_many_(params, grads, epsilon: float, *, row_sparse: bool = True,
 
     FSDP2 shards (DTensors of one shard group): the tensors' partial sums of
     squares share one buffer and one all_reduce per call, however many there
-    are.  Plain tensors: no collective; two or more on the triton backend (on
+    are.  Plain tensors: no collective; two or more on a kernel backend (on
     one device, with distinct storages) are attacked in one multi-tensor call,
     bitwise what :func:`fgm_attack_` gives each; the others (or a single one)
-    one :func:`fgm_attack_` each.  The triton backend's multi-tensor call
-    (``fgm_sq_many`` / ``fgm_update_many``) launches one partials and one
-    update launch per (dtype, mode, row block) group plus one sum launch; the
-    cuda backend runs its per-tensor kernels (``fgm_norm`` / ``fgm_update``).
-    Every tensor's backend is resolved before any is perturbed."""
+    one :func:`fgm_attack_` each.  A kernel backend's multi-tensor call
+    (``fgm_sq_many`` / ``fgm_update_many`` of ``kernels/triton/fgm.py`` and
+    ``kernels/cuda/fgm.py``) launches one partials and one update launch per
+    group of tensors (triton: dtype, mode, row block; cuda: dtype, mode) plus
+    one sum launch.  Every tensor's backend is resolved before any is
+    perturbed."""
     params, grads = list(params), list(grads)
     if len(params) != len(grads):
         raise ValueError(f"fgm_attack_many_ needs one grad per parameter, got {len(params)} and {len(grads)}")
@@ -188,8 +189,8 @@ def fgm_attack_many_(params, grads, epsilon: float, *, row_sparse: bool = True,
 
 
 def _attack_plain(params, grads, epsilon: float, row_sparse: bool, backend) -> list[FGMBackup]:
-    """Unsharded tensors: the triton ones together when :func:`multi_tensor_ok`, else (and the
-    others) one :func:`fgm_attack_` each, in order."""
+    """Unsharded tensors: the kernel-backend ones together when :func:`multi_tensor_ok`, else
+    (and the others) one :func:`fgm_attack_` each, in order."""
     names = [resolve(p, g, backend) for p, g in zip(params, grads)]  # every refusal before any write
     together = multi_tensor_ok(params, names)
     out = [None] * len(params)
@@ -199,20 +200,27 @@ def _attack_plain(params, grads, epsilon: float, row_sparse: bool, backend) -> l
     if together:
         with torch.no_grad():
             got = _attack_together([params[i] for i in together], [params[i] for i in together],
-                                   [grads[i].detach() for i in together], ["triton"] * len(together),
+                                   [grads[i].detach() for i in together], [names[i] for i in together],
                                    epsilon, row_sparse, lambda sq: sq)
         for i, state in zip(together, got):
             out[i] = state
     return out
 
 
+def kernel_backends(names) -> list[str]:
+    """The kernel backends among ``names``, each once, in order.  Every kernel backend (triton,
+    cuda) steps FGM's and PGD's tensors in one multi-tensor call (``fgm_sq_many`` /
+    ``fgm_update_many``, ``pgd_sums_many`` / ``pgd_apply_many``); torch steps them one by one."""
+    return [name for name in dict.fromkeys(names) if name != "torch"]
+
+
 def multi_tensor_ok(params, names) -> list[int]:
-    """The indices of the unsharded tensors one multi-tensor triton call takes: those on the
-    triton backend, when there are two or more, all on one device, in distinct storages (a
-    shared storage would make the per-tensor calls see each other's writes), and not while
-    torch.compile traces (the multi-tensor kernels are not registered ops; the per-tensor ops
-    are, and give the same bits).  Empty: each tensor takes its per-tensor call."""
-    idx = [i for i, name in enumerate(names) if name == "triton"]
+    """The indices of the unsharded tensors one multi-tensor call per kernel backend takes:
+    those on a kernel backend, when there are two or more, all on one device, in distinct
+    storages (a shared storage would make the per-tensor calls see each other's writes), and
+    not while torch.compile traces (the multi-tensor kernels are not registered ops; the
+    per-tensor ops are, and give the same bits).  Empty: each tensor takes its per-tensor call."""
+    idx = [i for i, name in enumerate(names) if name in kernel_backends(names)]
     if len(idx) < 2 or torch.compiler.is_compiling():
         return []
     if len({params[i].device for i in idx}) != 1:
@@ -234,7 +242,7 @@ def _attack_together(params, ws, gs, names, epsilon: float, row_sparse: bool, re
     sq = torch.empty(len(ws), dtype=torch.float32, device=ws[0].device)  # the partial ||g||^2
     planned = _shard_square_norms_all(ws, gs, rows, backups, names, sq)
     norms = reduce(sq).sqrt_()
-    _shard_update_all(planned, ws, gs, rows, backups, names, norms, epsilon)
+    _shard_update_all(planned, ws, gs, backups, names, norms, epsilon)
     return [FGMBackup(p, b, r, name) for p, b, r, name in zip(params, backups, rows, names)]
 
 
@@ -247,34 +255,36 @@ def _shard_rows(w, row_sparse: bool, name: str) -> torch.Tensor | None:
     return None
 
 
-def _shard_square_norms_all(ws, gs, rows, backups, names, sq):
+def _shard_square_norms_all(ws, gs, rows, backups, names, sq) -> dict:
     """``sq[i]`` = the local ``||g||^2`` of tensor ``i`` (an FSDP2 shard, or a
     whole unsharded table) for every tensor (row mode also flags ``rows[i]``);
-    returns what :func:`_shard_update_all` needs.  Tensors on the triton
+    returns what :func:`_shard_update_all` needs.  The tensors of each kernel
     backend go through one multi-tensor plan (launches independent of their
-    number); the others one by one (torch, cuda)."""
-    planned = None
-    if "triton" in names:
-        k = _registry.kernels("fgm", "triton")
+    number); the torch ones one by one."""
+    planned = {}
+    for name in kernel_backends(names):
+        k = _registry.kernels("fgm", name)
         items = [_shard_item(k, i, w, g, r, b)
-                 for i, (w, g, r, b, name) in enumerate(zip(ws, gs, rows, backups, names)) if name == "triton"]
+                 for i, (w, g, r, b, n) in enumerate(zip(ws, gs, rows, backups, names)) if n == name]
         with device_guard(ws[0]):
-            planned = k.fgm_sq_many(items, sq)
-    for i, (w, g, r, name) in enumerate(zip(ws, gs, rows, names)):
-        if name != "triton":
-            _shard_square_norm(w, g, r, sq[i:i + 1], name)
+            planned[name] = k.fgm_sq_many(items, sq)
+    for i, (g, name) in enumerate(zip(gs, names)):
+        if name == "torch":
+            count_launch("torch.fgm")
+            g32 = g.to(torch.float32)
+            sq[i:i + 1].copy_((g32 * g32).sum().reshape(1))
     return planned
 
 
-def _shard_update_all(planned, ws, gs, rows, backups, names, norms, epsilon: float) -> None:
+def _shard_update_all(planned: dict, ws, gs, backups, names, norms, epsilon: float) -> None:
     """Every tensor's backup and update from the all-reduced ``norms`` (after
     :func:`_shard_square_norms_all`)."""
-    if planned is not None:
+    for name, plan in planned.items():
         with device_guard(ws[0]):
-            _registry.kernels("fgm", "triton").fgm_update_many(planned, norms, epsilon)
-    for i, (w, g, r, b, name) in enumerate(zip(ws, gs, rows, backups, names)):
-        if name != "triton":
-            _shard_update(w, g, r, b, norms[i:i + 1], epsilon, name)
+            _registry.kernels("fgm", name).fgm_update_many(plan, norms, epsilon)
+    for i, (w, g, b, name) in enumerate(zip(ws, gs, backups, names)):
+        if name == "torch":
+            _torch_shard_update(w, g, b, norms[i:i + 1], epsilon)
 
 
 def _shard_item(k, slot: int, w, g, rows, backup):
@@ -284,33 +294,13 @@ def _shard_item(k, slot: int, w, g, rows, backup):
     return k.ShardNorm(slot, w.view(-1), g.view(-1), backup.view(-1))
 
 
-def _shard_square_norm(w, g, rows, out, name: str) -> None:
-    """``out`` (1 fp32) = this shard's ``||g||^2``; row mode also flags ``rows`` (torch, cuda)."""
-    if name == "torch":
-        count_launch("torch.fgm")
-        g32 = g.to(torch.float32)
-        out.copy_((g32 * g32).sum().reshape(1))
-        return
-    with device_guard(w):
-        _registry.kernels("fgm", name).fgm_norm(g if rows is not None else g.view(1, -1), rows, out)
-    out.square_()  # the per-tensor kernel writes the norm: its square is the partial to sum
-
-
-def _shard_update(w, g, rows, backup, norm, epsilon: float, name: str) -> None:
+def _torch_shard_update(w, g, backup, norm, epsilon: float) -> None:
     """Back the shard up into ``backup`` and add ``epsilon * g / norm``
-    (skipped for a 0 / NaN global norm, on the device) (torch, cuda)."""
-    if name == "torch":
-        g32 = g.to(torch.float32)
-        backup.copy_(w)
-        invalid = (norm == 0) | torch.isnan(norm)
-        w.add_((epsilon * g32).div_(norm).masked_fill_(invalid, 0.0))
-        return
-    k = _registry.kernels("fgm", name)
-    with device_guard(w):
-        if rows is None:
-            k.fgm_update(w.view(1, -1), g.view(1, -1), backup, None, norm, epsilon)
-        else:
-            k.fgm_update(w, g, backup, rows, norm, epsilon)
+    (skipped for a 0 / NaN global norm, on the device), in PyTorch."""
+    g32 = g.to(torch.float32)
+    backup.copy_(w)
+    invalid = (norm == 0) | torch.isnan(norm)
+    w.add_((epsilon * g32).div_(norm).masked_fill_(invalid, 0.0))
 
 
 def fgm_restore_(state: FGMBackup, param: torch.Tensor | None = None, name: str = "the parameter") -> None:

@@ -4,7 +4,7 @@ radius ``epsilon`` around the weights ``w0`` of the first step.
 
 ``pgd_attack_`` returns (or updates) a :class:`PGDState`; ``pgd_restore_``
 puts ``w0`` back bit for bit.  Kernels: one reduction and one fused step +
-projection per step (``fastadv/kernels/triton/pgd.py``); the torch fallback
+projection per step (``fastadv/kernels/triton/pgd.py``, ``kernels/cuda/pgd.py``); the torch fallback
 computes the same function with plain ops.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 from ..kernels import count_launch, device_guard
 from . import _dist, _registry
 from ._live import follow, retarget
-from .fgm import _check, kernel_limits, multi_tensor_ok, resolve
+from .fgm import _check, kernel_backends, kernel_limits, multi_tensor_ok, resolve
 
 
 @dataclasses.dataclass
@@ -140,7 +140,7 @@ def pgd_attack_many_(params, grads, alpha: float, epsilon: float, states, *, row
     the first step); returns the new states.  FSDP2 shards (DTensors) are
     stepped together: their partial sums share one buffer and one all_reduce
     per call, however many tensors are attacked.  Unsharded tensors: no
-    collective; two or more on the triton backend (one device, distinct
+    collective; two or more on a kernel backend (one device, distinct
     storages: ``fastadv.ops.fgm.multi_tensor_ok``) are stepped in one
     multi-tensor call, bitwise what :func:`pgd_attack_` gives each; the
     others (or a single one) one :func:`pgd_attack_` step each.  Every
@@ -168,8 +168,8 @@ def pgd_attack_many_(params, grads, alpha: float, epsilon: float, states, *, row
 
 def _plain_steps(params, grads, alpha: float, eps: float, states, row_sparse: bool, names,
                  backend) -> list[PGDState]:
-    """Unsharded tensors: every state prepared first, then the triton ones together when
-    ``multi_tensor_ok`` (no collective), the others one registered-op step each."""
+    """Unsharded tensors: every state prepared first, then the kernel-backend ones together
+    when ``multi_tensor_ok`` (no collective), the others one registered-op step each."""
     for p, g in zip(params, grads):
         _check(p, g, alpha)
         _check(p, g, eps)
@@ -195,11 +195,11 @@ def _sharded_steps(params, grads, alpha: float, eps: float, states, row_sparse: 
     (``||g||^2``, ``||r||^2``, ``<r, g>``) of every tensor go into one fp32
     buffer on the device, combined across the shards by one all_reduce (no
     host sync), from which the finalize decides skip and projection on the
-    device (``||r + s g||^2`` from the three sums) before the update.  The
-    triton backend steps all its tensors in a constant number of launches
-    (``pgd_sums_many`` / ``pgd_apply_many``: per (dtype, mode, row block)
-    group one partials and one apply launch, plus one sum launch); the cuda backend
-    splits its per-tensor step there (``pgd_sums`` / ``pgd_apply``)."""
+    device (``||r + s g||^2`` from the three sums) before the update.  A
+    kernel backend steps all its tensors in a constant number of launches
+    (``pgd_sums_many`` / ``pgd_apply_many``: per group -- triton: dtype, mode,
+    dense first step, row block; cuda: the same without the row block -- one
+    partials and one apply launch, plus one sum launch)."""
     for p, g in zip(params, grads):
         _check(p, g, alpha)
         _check(p, g, eps)
@@ -225,7 +225,7 @@ def _steps_together(states, ws, gs, firsts, alpha: float, eps: float, reduce) ->
     sums = torch.empty(3 * len(ws), dtype=torch.float32, device=ws[0].device)
     planned = _shard_sums_all(states, ws, gs, firsts, sums)
     reduce(sums)
-    _shard_apply_all(planned, states, ws, gs, firsts, sums, alpha, eps)
+    _shard_apply_all(planned, states, ws, gs, sums, alpha, eps)
 
 
 def _new_state(param, w, g, row_sparse: bool, backend) -> PGDState:
@@ -252,34 +252,33 @@ def _shard_state(param, w, g, state, row_sparse: bool, name: str, backend) -> PG
     return state
 
 
-def _shard_sums_all(states, ws, gs, firsts, sums):
+def _shard_sums_all(states, ws, gs, firsts, sums) -> dict:
     """``sums[3 i : 3 i + 3]`` = the local sums of tensor ``i`` (an FSDP2
     shard, or a whole unsharded table) for every tensor; returns what
-    :func:`_shard_apply_all` needs.  Tensors on the triton backend go through
-    one multi-tensor plan (launches independent of their number); the others
-    step one by one (torch, cuda)."""
-    if not any(s.backend == "triton" for s in states):
-        planned = None
-    else:
-        k = _registry.kernels("pgd", "triton")
+    :func:`_shard_apply_all` needs.  The tensors of each kernel backend go
+    through one multi-tensor plan (launches independent of their number); the
+    torch ones step one by one."""
+    planned = {}
+    for name in kernel_backends([s.backend for s in states]):
+        k = _registry.kernels("pgd", name)
         multi = [_shard_step(k, i, s, w, g, f) for i, (s, w, g, f) in enumerate(zip(states, ws, gs, firsts))
-                 if s.backend == "triton"]
+                 if s.backend == name]
         with device_guard(ws[0]):
-            planned = k.pgd_sums_many(multi, sums)
+            planned[name] = k.pgd_sums_many(multi, sums)
     for i, (state, w, g, first) in enumerate(zip(states, ws, gs, firsts)):
-        if state.backend != "triton":
-            _shard_sums(state, w, g, sums[3 * i:3 * i + 3], first)
+        if state.backend == "torch":
+            _torch_shard_sums(state, w, g, sums[3 * i:3 * i + 3], first)
     return planned
 
 
-def _shard_apply_all(planned, states, ws, gs, firsts, sums, alpha: float, eps: float) -> None:
+def _shard_apply_all(planned: dict, states, ws, gs, sums, alpha: float, eps: float) -> None:
     """Every tensor's step from the all-reduced ``sums`` (after :func:`_shard_sums_all`)."""
-    if planned is not None:
+    for name, plan in planned.items():
         with device_guard(ws[0]):
-            _registry.kernels("pgd", "triton").pgd_apply_many(planned, sums, alpha, eps)
-    for i, (state, w, g, first) in enumerate(zip(states, ws, gs, firsts)):
-        if state.backend != "triton":
-            _shard_apply(state, w, g, sums[3 * i:3 * i + 3], alpha, eps, first)
+            _registry.kernels("pgd", name).pgd_apply_many(plan, sums, alpha, eps)
+    for i, (state, w, g) in enumerate(zip(states, ws, gs)):
+        if state.backend == "torch":
+            _torch_shard_apply(state, w, g, sums[3 * i:3 * i + 3], alpha, eps)
 
 
 def _shard_step(k, slot: int, state: PGDState, w, g, first: bool):
@@ -290,42 +289,25 @@ def _shard_step(k, slot: int, state: PGDState, w, g, first: bool):
     return k.ShardStep(slot, w.view(-1), g.view(-1), state.backup.view(-1), first)
 
 
-def _shard_sums(state: PGDState, w, g, out, first: bool) -> None:
-    """``out`` (3 fp32) = this shard's ``[||g||^2, ||r||^2, <r, g>]`` (torch, cuda)."""
-    if state.backend == "torch":
-        count_launch("torch.pgd")
-        if first:
-            state.backup.copy_(w)
-        g32, r = g.to(torch.float32), w.to(torch.float32) - state.backup.to(torch.float32)
-        out.copy_(torch.stack([(g32 * g32).sum(), (r * r).sum(), (r * g32).sum()]))
-        return
-    k, g = _registry.kernels("pgd", state.backend), g.contiguous()
-    with device_guard(w):
-        if state.mask is not None:
-            k.pgd_sums(w, g, state.backup, out, first, state.mask, state.saved)
-        else:
-            k.pgd_sums(w.view(-1), g.view(-1), state.backup.view(-1), out, first)
+def _torch_shard_sums(state: PGDState, w, g, out, first: bool) -> None:
+    """``out`` (3 fp32) = this shard's ``[||g||^2, ||r||^2, <r, g>]``, in PyTorch."""
+    count_launch("torch.pgd")
+    if first:
+        state.backup.copy_(w)
+    g32, r = g.to(torch.float32), w.to(torch.float32) - state.backup.to(torch.float32)
+    out.copy_(torch.stack([(g32 * g32).sum(), (r * r).sum(), (r * g32).sum()]))
 
 
-def _shard_apply(state: PGDState, w, g, sums, alpha: float, eps: float, first: bool) -> None:
-    """The step on the shard from the all-reduced ``sums``."""
-    if state.backend == "torch":
-        g32, w32, w0 = g.to(torch.float32), w.to(torch.float32), state.backup.to(torch.float32)
-        norm_g = sums[0].sqrt()
-        valid = (norm_g != 0) & ~torch.isnan(norm_g)
-        s = alpha / norm_g
-        norm_r = (sums[1] + 2 * s * sums[2] + s * s * sums[0]).clamp_min(0).sqrt()
-        d = (w32 + alpha * g32 / norm_g) - w0
-        d = torch.where(valid & (norm_r > eps), eps * d / norm_r, d)
-        w.copy_(torch.where(valid, w0 + d, w32))
-        return
-    k, g = _registry.kernels("pgd", state.backend), g.contiguous()
-    coef = torch.empty(4, dtype=torch.float32, device=w.device)
-    with device_guard(w):
-        if state.mask is not None:
-            k.pgd_apply(w, g, state.backup, sums, coef, alpha, eps, first, state.mask, state.saved)
-        else:
-            k.pgd_apply(w.view(-1), g.view(-1), state.backup.view(-1), sums, coef, alpha, eps, first)
+def _torch_shard_apply(state: PGDState, w, g, sums, alpha: float, eps: float) -> None:
+    """The step on the shard from the all-reduced ``sums``, in PyTorch."""
+    g32, w32, w0 = g.to(torch.float32), w.to(torch.float32), state.backup.to(torch.float32)
+    norm_g = sums[0].sqrt()
+    valid = (norm_g != 0) & ~torch.isnan(norm_g)
+    s = alpha / norm_g
+    norm_r = (sums[1] + 2 * s * sums[2] + s * s * sums[0]).clamp_min(0).sqrt()
+    d = (w32 + alpha * g32 / norm_g) - w0
+    d = torch.where(valid & (norm_r > eps), eps * d / norm_r, d)
+    w.copy_(torch.where(valid, w0 + d, w32))
 
 
 def _follow(state: PGDState, param: torch.Tensor, name: str, between: str) -> None:
