@@ -546,7 +546,8 @@ def test_reused_layer_norms_equal_functorch(mode, backend):
     """One Linear and one LayerNorm called twice (each per-sample gradient is
     the sum of two uses: the weight's cross terms, the bias / LayerNorm
     vectors summed before their norm); on a kernel backend every vector term
-    is one dp_ghost_vector_sq_norms launch."""
+    is one dp_ghost_vector_sq_norms launch and the weight's terms run
+    dp_ghost_cross_gram."""
     import fastadv.kernels as kernels
 
     class Twice(nn.Module):
@@ -564,10 +565,12 @@ def test_reused_layer_norms_equal_functorch(mode, backend):
         model.ln.bias.uniform_(-0.5, 0.5)
     x = torch.randn(5, 3, 4)
     m = ghost.GhostClippingModule(model, mode=mode, backend=backend, strategy="gram")  # out: the Gram op
-    key = f"{backend}.dp_ghost_vector_sq_norms"
-    before = kernels.LAUNCHES.get(key, 0)
+    key, cross = f"{backend}.dp_ghost_vector_sq_norms", f"{backend}.dp_ghost_cross_gram"
+    before, before_cross = kernels.LAUNCHES.get(key, 0), kernels.LAUNCHES.get(cross, 0)
     m.dp_backward(m(x).square().sum((1, 2)), 1.0)
     assert kernels.LAUNCHES.get(key, 0) - before == (0 if backend == "torch" else 1)
+    # fc's two uses: its terms (u, u), (u, v), (v, v) are three cross-Gram calls (two launches each)
+    assert kernels.LAUNCHES.get(cross, 0) - before_cross == (0 if backend == "torch" else 6)
     params = {n: p.detach() for n, p in model.named_parameters()}
     one = lambda p, xb: torch.func.functional_call(model, p, (xb[None],)).square().sum()  # noqa: E731
     gs = torch.func.vmap(torch.func.grad(one), in_dims=(None, 0))(params, x)
@@ -783,9 +786,14 @@ def test_padding_idx_equals_functorch_reference(mode, tied, backend):
     if tied:  # the head's use of the tied weight does reach the padding row (autograd agrees)
         assert want["emb.weight"][PAD].abs().max() > 0
     before = kernels.LAUNCHES.get(f"{backend}.dp_ghost_embedding_sq_norms", 0)
+    before_cross = kernels.LAUNCHES.get(f"{backend}.dp_ghost_cross_gram", 0)
     got, m = fast_grads(model, [(ids, y)], C=0.2, mode=mode, backend=backend, strategy="gram")
-    # one DP backward: the untied embedding's norm is one op call, the tied one stays reference math
+    # one DP backward: the untied embedding's norm is one op call; the tied one's three terms (the
+    # table's, the head's, their cross term) are cross-Gram calls on a kernel backend (two launches
+    # each), the reference's math on the torch backend
     assert kernels.LAUNCHES.get(f"{backend}.dp_ghost_embedding_sq_norms", 0) - before == (0 if tied else 1)
+    assert kernels.LAUNCHES.get(f"{backend}.dp_ghost_cross_gram", 0) - before_cross == \
+        (6 if tied and backend != "torch" else 0)
     assert (want_norms > 0.2).any(), "the test should clip some samples"
     torch.testing.assert_close(m.per_sample_gradient_norms, want_norms, **TOL)
     _assert_same(got, want)

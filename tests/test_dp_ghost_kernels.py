@@ -788,6 +788,49 @@ def test_cross_gram_refusals():
             ops.cross_gram(lin, ref.MatUse(ids=emb.ids, q=q.double()), backend="triton")
 
 
+@pytest.mark.parametrize("mode", ["bk", "ghost"])
+def test_per_sample_strategy_embedding_runs_the_gram_kernel(backend, mode):
+    """``strategy="per_sample"`` on the tied-head LM: on a kernel backend the
+    single-use position embedding's norm is ``dp_ghost_embedding_sq_norms``
+    (the per-sample table gradient's norm equals the Gram form's: no ``[B, V,
+    d]``); the tied table stays the reference's per-sample way in bk, while
+    ghost mode's tied terms are Gram terms whatever the strategy (cross-Gram
+    calls); the torch backend launches neither; all equal Opacus vanilla."""
+    torch.manual_seed(1)
+    model = MODELS["lm"]()
+    batches = [_data("lm", 4), _data("lm", 4)]
+    want = opacus_grads(copy.deepcopy(model), batches, C=0.3)
+    before = collections.Counter(kernels.LAUNCHES)
+    got, _ = fast_grads(model, batches, C=0.3, mode=mode, backend=backend, strategy="per_sample")
+    _assert_same(got, want)
+    kernel = backend != "torch"
+    assert _launched("dp_ghost_embedding_sq_norms", before) == (2 * EMBEDDING_USES["lm"] if kernel else 0)
+    assert _launched("dp_ghost_cross_gram", before) == (2 * 2 * TIED_TERMS["lm"] if kernel and mode == "ghost"
+                                                        else 0)
+    assert _launched("dp_ghost_linear_sq_norms_ps", before) == (2 * 2 * 2 if kernel else 0)  # qkv, proj
+
+
+def test_per_sample_embedding_norm_equals_materialised():
+    """On the triton backend the module's per-sample-strategy norm of a single
+    embedding (repeated and padding ids) is one Gram-kernel launch and equals
+    the torch backend's materialised table gradient (the reference's
+    per-sample way, nothing launched: so no backend fixture here)."""
+    if _backend.why_not("triton", torch.device("cpu")) is not None:
+        pytest.skip("triton backend unavailable")
+    torch.manual_seed(6)
+    emb = nn.Embedding(7, 5, padding_idx=0)
+    ids = torch.randint(0, 3, (4, 9))
+    norms = {}
+    for be in ("torch", "triton"):
+        m = ghost.GhostClippingModule(copy.deepcopy(emb), mode="bk", strategy="per_sample", backend=be)
+        before = collections.Counter(kernels.LAUNCHES)
+        m.dp_backward(m(ids).sin().sum((1, 2)), 1.0)
+        assert _launched("dp_ghost_embedding_sq_norms", before) == (be == "triton")
+        norms[be] = m.per_sample_gradient_norms
+    assert (ids == 0).any() and norms["torch"].min() > 0
+    torch.testing.assert_close(norms["triton"], norms["torch"], rtol=1e-5, atol=1e-6)
+
+
 # ---------------------------------------------------------------- registration and refusals
 
 def test_opcheck(backend):
@@ -868,8 +911,15 @@ def test_refusals():
 # attn c_proj, c_fc, mlp c_proj, the tied lm_head
 LINEAR_USES = {"mlp": 2, "cnn": 3, "lm": 3, "gpt2": 5}
 # single-use embeddings (one embedding-norm launch each per backward): lm's pos, gpt2's wpe (the
-# token tables are tied to the heads: their norms, with the cross terms, stay reference math)
+# token tables are tied to the heads: see TIED_TERMS)
 EMBEDDING_USES = {"mlp": 0, "cnn": 0, "lm": 1, "gpt2": 1}
+# dp_ghost_cross_gram calls per backward (two launches each on a kernel backend): the token table
+# tied to the head, (emb, emb), (emb, head), (head, head) (ghost: the head's own term as it
+# arrives, then the lookup's own and its cross term with the head's P gathered at the ids)
+TIED_TERMS = {"mlp": 0, "cnn": 0, "lm": 3, "gpt2": 3}
+# bk: the tied table's norm in Gram form only where "auto" picks it: lm's goes the per-sample way
+# (T^2 (V + d) > V d (1 + 2T) at V = 11, d = 8, T = 5: the reference's materialised gradient)
+TIED_TERMS_BK = dict(TIED_TERMS, lm=0)
 # embedding lookups (bk: one clipped-gradient launch each): lm's emb and pos, gpt2's wte and wpe
 LOOKUPS = {"mlp": 0, "cnn": 0, "lm": 2, "gpt2": 2}
 
@@ -882,9 +932,11 @@ def test_make_private_equals_opacus_vanilla(backend, mode, kind):
     launch per backward, one embedding-norm launch per single-use embedding
     and backward, and (bk)
     one clipped-gradient launch per Linear / Conv use and one for all the
-    vector parameters' clipped gradients and one per embedding lookup; the torch backend keeps
-    the plain-PyTorch path (the two fused ops not launched; the embedding norm
-    is its registered op's torch math)."""
+    vector parameters' clipped gradients and one per embedding lookup; a tied
+    head's terms (its own, the table's, their cross term) three cross-Gram
+    calls per backward; the torch backend keeps
+    the plain-PyTorch path (the fused ops not launched, the tied terms the
+    reference's math; the embedding norm is its registered op's torch math)."""
     torch.manual_seed(1)
     model = MODELS[kind]()
     batches = [_data(kind, 4), _data(kind, 4)]  # two micro-batches: two DP backwards
@@ -897,6 +949,8 @@ def test_make_private_equals_opacus_vanilla(backend, mode, kind):
     assert _launched("dp_ghost_clipped_linear_grad", before) == (2 * LINEAR_USES[kind] if kernel and mode == "bk"
                                                                  else 0)
     assert _launched("dp_ghost_embedding_sq_norms", before) == 2 * EMBEDDING_USES[kind]
+    tied = (TIED_TERMS_BK if mode == "bk" else TIED_TERMS)[kind]
+    assert _launched("dp_ghost_cross_gram", before) == (2 * 2 * tied if kernel else 0)
     # every model has biases / norm layers: their terms are one launch per backward
     assert _launched("dp_ghost_vector_sq_norms", before) == (2 if kernel else 0)
     # bk: every bias / norm-layer gradient of a backward in one call (the torch backend: its torch math)

@@ -17,8 +17,10 @@ One step:
    parameters summed over their uses exactly), Opacus's clip factor ``f_b``
    (on a kernel backend: one row per parameter of an fp32 ``[n_params, B]``
    buffer -- a single-use Linear / embedding's Gram norm written by its norm
-   kernel, all bias / norm-layer terms by one ``dp_ghost_vector_sq_norms``
-   launch -- reduced by one ``dp_ghost_clip_factors`` launch);
+   kernel, a tied parameter's Gram and cross terms added by
+   ``dp_ghost_cross_gram``, all bias / norm-layer terms by one
+   ``dp_ghost_vector_sq_norms`` launch -- reduced by one
+   ``dp_ghost_clip_factors`` launch);
 4. ``"bk"`` (book-keeping): ``p.grad += sum_b f_b G_b`` from the kept ``a``
    and ``g`` (``a^T (f g)`` for a Linear layer; on a kernel backend one
    ``dp_ghost_clipped_linear_grad`` GEMM launch per Linear / Conv use, one
@@ -290,7 +292,8 @@ class _Pass:
     embedding use's Gram norm is written there by its norm kernel; every
     vector term (biases, norm layers) by one ``dp_ghost_vector_sq_norms``
     launch at the end, so ghost mode keeps those small ``[B, d]`` terms until
-    then; a tied matrix's terms are added into its row), and one
+    then; a tied matrix's Gram and cross terms are added into its row by
+    ``dp_ghost_cross_gram``), and one
     ``dp_ghost_clip_factors`` launch sums the rows.  Otherwise the terms are
     added into one ``[B]`` sum as they come (the torch path)."""
 
@@ -359,13 +362,12 @@ class _Pass:
             self.pending[id(p)].remove(r)
 
     def _tied(self, p, r, u: ref.MatUse) -> None:
-        """Ghost mode, a use of a parameter with other uses: Gram terms now."""
+        """Ghost mode, a use of a parameter with other uses: its Gram term and its
+        cross terms with the uses before it, now."""
         arrived = self.arrived[id(p)]
-        term = ref.gram_sq_norms([u])
+        self._add_cross(p, u, u)
         for prev, gathered in arrived:
-            pp = gathered.get(id(r))
-            term = term + 2 * ref.cross_gram(prev, u, pp)
-        self._add(p, term)
+            self._add_cross(p, prev, u, gathered.get(id(r)), scale=2.0)  # (prev, u) and (u, prev)
         pending = self.pending[id(p)]
         if pending:  # keep what the later uses need
             lookups = [q for q in pending if type(q.module) is nn.Embedding]
@@ -375,6 +377,22 @@ class _Pass:
                 arrived.append((u, gathered))
             else:
                 arrived.append((u, {}))
+
+    def _add_cross(self, p, u: ref.MatUse, v: ref.MatUse, pp=None, scale: float = 1.0) -> None:
+        """Add ``scale * <G^u_b, G^v_b>`` (``u is v``: the use's own squared norm)
+        to ``p``'s squared norm: on a kernel backend ``dp_ghost_cross_gram``,
+        added in place into ``p``'s row of the fused buffer; the torch backend
+        the reference's math."""
+        backend = self.owner.backend
+        if _ghost_ops.cross_gram_backend(backend, u, v, pp) == "torch":
+            term = ref.gram_sq_norms([u]) if u is v else ref.cross_gram(u, v, pp)
+            self._add(p, term if scale == 1.0 else scale * term)
+            return
+        row = self.rows[self.row_of[id(p)]] if self.rows is not None else None
+        if row is not None and row.device == u.q.device and row.dtype == torch.float32:
+            _ghost_ops.cross_gram(u, v, pp, scale=scale, out=row, accumulate=True, backend=backend)
+        else:
+            self._add(p, _ghost_ops.cross_gram(u, v, pp, scale=scale, backend=backend))
 
     def finish(self) -> torch.Tensor:
         """The squared norms of the whole gradient: ``[B]``, or the fused
@@ -417,7 +435,9 @@ class GhostClippingModule(nn.Module):
     single-use embedding :func:`fastadv.ops.dp_ghost.embedding_sq_norms`; on a
     kernel backend a single Linear / Conv use's per-sample-strategy norm runs
     :func:`fastadv.ops.dp_ghost.linear_sq_norms_ps` (no ``[B, O, I]``
-    buffer), the vector terms are one
+    buffer) and a single-use embedding's the Gram kernel (the same norm, no
+    ``[B, V, d]``), a tied parameter's terms (Gram form) run
+    :func:`fastadv.ops.dp_ghost.cross_gram` per pair of uses, the vector terms are one
     :func:`fastadv.ops.dp_ghost.vector_sq_norms_` launch, the clip factors one
     :func:`fastadv.ops.dp_ghost.clip_factors` launch and bk's clipped gradient
     one :func:`fastadv.ops.dp_ghost.clipped_linear_grad_` launch per Linear /
@@ -526,12 +546,22 @@ class GhostClippingModule(nn.Module):
         registered op (``linear_sq_norms``, or ``embedding_sq_norms`` for a
         lookup: a kernel on the triton backend), a single Linear / Conv use
         the per-sample way on a kernel backend ``linear_sq_norms_ps`` (no
-        ``[B, O, I]`` buffer), written into ``out``
-        when given and on the inputs' device (then ``out`` is returned)."""
+        ``[B, O, I]`` buffer), a single lookup the per-sample way on a kernel
+        backend ``embedding_sq_norms`` (the same norm), several uses in Gram
+        form on a kernel backend ``cross_gram`` per pair, written into ``out``
+        when given and on the inputs' device (then ``out`` is returned).
+        Several uses the per-sample way stay the reference (``[B, rows, I]``)."""
         how = self.strategy
         if how == "auto":
             how = "gram" if ref.gram_cost(uses, rows) <= ref.per_sample_cost(uses, rows) else "per_sample"
-        if how == "gram" and len(uses) == 1:  # a tied parameter's cross terms stay reference math
+        if how == "gram" and len(uses) > 1 and self._cross_kernels(uses):
+            return self._tied_gram_sq_norms(uses, out)
+        if how == "per_sample" and len(uses) == 1 and uses[0].p is None \
+                and _ghost_ops.embedding_sq_norms_backend(self.backend, uses[0].ids, uses[0].q) != "torch":
+            # an embedding's per-sample table gradient has the Gram form's norm, exactly (sum_v ||sum_{t:
+            # id_t = v} g_t||^2 = sum_{t,s: id_t = id_s} g_t . g_s): the Gram kernel, never [B, V, d]
+            how = "gram"
+        if how == "gram" and len(uses) == 1:
             u = uses[0]
             ok = out is not None and out.device == u.q.device and out.dtype == ref.acc_dtype(u.q, u.p)
             if u.p is None:  # an embedding lookup (its padding_idx rows of g already zeroed)
@@ -544,6 +574,28 @@ class GhostClippingModule(nn.Module):
                 ok = out is not None and out.device == u.q.device and out.dtype == ref.acc_dtype(u.q, u.p)
                 return _ghost_ops.linear_sq_norms_ps(u.q, u.p, backend=self.backend, out=out if ok else None)
         return ref.matrix_sq_norms(uses, rows, how)
+
+    def _cross_kernels(self, uses) -> bool:
+        """Whether every (u, v) term of a tied parameter's Gram form runs a kernel
+        (else all of them stay the reference's math: no mix of the two)."""
+        return all(_ghost_ops.cross_gram_backend(self.backend, u, v) != "torch"
+                   for i, u in enumerate(uses) for v in uses[i:])
+
+    def _tied_gram_sq_norms(self, uses, out=None) -> torch.Tensor:
+        """``||sum_u G_b^u||^2`` of a tied parameter (book-keeping keeps every use)
+        as ``sum_u <G^u, G^u> + 2 sum_{u < v} <G^u, G^v>``: one
+        ``dp_ghost_cross_gram`` call per pair, written then added into ``out``
+        (when it is a usable fp32 row on the uses' device) or a new ``[B]``; a
+        tied head's ``P`` is read at the lookup's ids, never gathered into a
+        ``[B, T, T]`` buffer."""
+        q = uses[0].q
+        if out is None or out.device != q.device or out.dtype != torch.float32:
+            out = torch.empty(q.shape[0], dtype=torch.float32, device=q.device)
+        pairs = [(u, v) for i, u in enumerate(uses) for v in uses[i:]]
+        for k, (u, v) in enumerate(pairs):
+            _ghost_ops.cross_gram(u, v, scale=1.0 if u is v else 2.0, out=out, accumulate=k > 0,
+                                  backend=self.backend)
+        return out
 
     def _check_uses(self, graph_counts, hooked) -> None:
         for pid, n in graph_counts.items():
