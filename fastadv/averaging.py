@@ -76,7 +76,7 @@ class ModelEMA:
 
     @staticmethod
     def _trainable(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
-        return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        return [(n, p) for n, p in _dist.named_parameters(model) if p.requires_grad]
 
     def _params(self, model: nn.Module | None = None) -> list[tuple[str, torch.Tensor]]:
         """The trainable parameters of ``model`` now, each with an average of
@@ -163,7 +163,7 @@ class ModelEMA:
         if self._applied is None:
             raise RuntimeError("ModelEMA.restore() called without a preceding apply_to()")
         applied_model, names, backups = self._applied
-        live = dict((model if model is not None else applied_model).named_parameters())
+        live = dict(_dist.named_parameters(model if model is not None else applied_model))
         restore_live_(names, [live[n].data if n in live else None for n in names], backups,
                       between="apply_to() and restore()", backend=self.backend)
         self._applied = None

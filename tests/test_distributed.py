@@ -48,6 +48,9 @@ BACKENDS = ["torch", "triton"]
 # 1-row gate, whose shard on rank 1 is empty): still one all_reduce per call
 OPS = ["fgm", "pgd", "awp", "sam", "ema", "fgm_weights", "pgd_weights"]
 MIXED_OPS = ["fgm", "pgd", "awp", "sam", "ema"]  # also run under FSDP2 with MixedPrecisionPolicy(param_dtype=...)
+# also run on FSDP2 modules kept unsharded between passes (SAM takes parameters, not the model: it
+# cannot reshard, docs/distributed.md)
+UNSHARDED_OPS = ["fgm", "pgd", "awp", "ema", "fgm_weights"]
 MIXED = {"mixed": torch.bfloat16, "mixed16": torch.float16}  # result key -> the policy's param_dtype
 SPAWN_TIMEOUT = 300  # seconds for one 2-process run (they take ~30-60 s on 2 shared cores)
 pytestmark = pytest.mark.skipif(DEVICE.type != "cpu" or not dist.is_available(),
@@ -359,7 +362,11 @@ def _dp(rank):
 
 # ---------------------------------------------------------------- the 2-process run
 
-def _wrap(mode, mesh, mixed=None):
+def _wrap(mode, mesh, mixed=None, unsharded=False):
+    """ShardLM under DDP or FSDP2; ``unsharded``: FSDP2 keeps the unsharded
+    parameters between passes (``reshard_after_forward=False``,
+    ``set_reshard_after_backward(False)``), so the model registers full
+    unsharded parameters after each backward."""
     torch.manual_seed(0)
     net = ShardLM()
     if mode == "ddp":
@@ -368,7 +375,10 @@ def _wrap(mode, mesh, mixed=None):
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     # mixed (a dtype): bf16 / fp16 compute (the forward's all-gathered parameters and the gradients'
     # reduce-scatter) over fp32 shards, which the optimizer and the fastadv ops act on
-    fully_shard(net, mesh=mesh, **({"mp_policy": MixedPrecisionPolicy(param_dtype=mixed)} if mixed else {}))
+    fully_shard(net, mesh=mesh, reshard_after_forward=not unsharded,
+                **({"mp_policy": MixedPrecisionPolicy(param_dtype=mixed)} if mixed else {}))
+    if unsharded:
+        net.set_reshard_after_backward(False)
     return net
 
 
@@ -400,6 +410,11 @@ def _worker(rank, port, mode, out):
         results["random"] = _randomness(lambda: _wrap(mode, mesh), mode)
         if mode == "fsdp":
             results["unsynced"] = _unsynced(lambda: _wrap(mode, mesh), rank)
+            for op in UNSHARDED_OPS:
+                for backend in BACKENDS:
+                    model = _wrap(mode, mesh, unsharded=True)
+                    results["unsharded", op, backend] = _scenario(op, model, lambda step: [_batch(rank, step)],
+                                                                  1.0, backend, False, Probe())
         if mode == "ddp":
             results["dp"] = _dp(rank)
         results["random"]["seconds"] = time.perf_counter() - start
@@ -720,3 +735,21 @@ def test_fsdp_unsynced_gradients_refused(runs):
             assert "is not synced" in got[name] and "set_requires_gradient_sync(True)" in got[name], (name, got[name])
             assert "word_embeddings.weight" in got[name], got[name]
         assert got["synced_attack_changes"]
+
+
+@pytest.mark.parametrize("op", UNSHARDED_OPS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fsdp_kept_unsharded_equals_one_process(runs, op, backend):
+    """FSDP2 with ``reshard_after_forward=False`` and
+    ``set_reshard_after_backward(False)``: after a backward the model holds
+    full unsharded parameters without gradients, which the next forward
+    reuses; the ops reshard first, so they find the shards and their reduced
+    gradients and the next forward gathers what they wrote: the single-process
+    result (without the reshard the attacks did nothing, silently)."""
+    expected = _single_process(op)
+    for rank, r in enumerate(runs("fsdp")):
+        got = r["unsharded", op, backend]
+        _assert_close(got["weights"], expected["weights"], f"rank {rank} kept unsharded {op} {backend} weights")
+        _assert_close(got["grads"], expected["grads"], f"rank {rank} kept unsharded {op} {backend} grads")
+        assert got["ran"] == [backend], got["ran"]
+        assert got["syncs"] == [], got["syncs"]

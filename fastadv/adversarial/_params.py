@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .. import _backend
+from ..ops import _dist
 
 
 def check_size(value, what: str = "epsilon") -> float:
@@ -31,7 +32,7 @@ def matching_parameters(model: nn.Module, emb_name: str) -> list[tuple[str, nn.P
     no parameter at all, trainable or frozen, matches (a typo)."""
     if not isinstance(emb_name, str) or not emb_name:
         raise TypeError(f"emb_name must be a non-empty string, got {emb_name!r}")
-    named = list(model.named_parameters())
+    named = _dist.named_parameters(model)
     if any(emb_name in n for n, _ in named):
         return [(n, p) for n, p in named if p.requires_grad and emb_name in n]
     names = [n for n, _ in named]
@@ -43,13 +44,13 @@ def matching_parameters(model: nn.Module, emb_name: str) -> list[tuple[str, nn.P
 
 
 def frozen_matches(model: nn.Module, emb_name: str) -> list[str]:
-    return [n for n, p in model.named_parameters() if not p.requires_grad and emb_name in n]
+    return [n for n, p in _dist.named_parameters(model) if not p.requires_grad and emb_name in n]
 
 
 def live_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """The model's parameters by name as they are now (``load_state_dict(assign=True)``
     replaces the objects; a restore writes into the current ones)."""
-    return dict(model.named_parameters())
+    return dict(_dist.named_parameters(model))
 
 
 def live_parameter(params: dict, name: str, cls: str) -> nn.Parameter:

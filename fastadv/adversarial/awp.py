@@ -140,7 +140,7 @@ class AWP:
             return out[0].mean()
 
     def _targets(self):
-        candidates = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad and self.adv_param in n]
+        candidates = [(n, p) for n, p in _dist.named_parameters(self.model) if p.requires_grad and self.adv_param in n]
         _dist.check_gradients_synced(self.model, candidates, "AWP")
         return [(n, p) for n, p in candidates if p.grad is not None]
 
@@ -167,7 +167,7 @@ class AWP:
             # FSDP2: backups of the local shards (the op works on them)
             backups = self._buffers.views([_dist.local(p.data) for _, p in targets])
         else:  # rare: parameters saved later, or saved without a gradient now
-            live = dict(self.model.named_parameters())
+            live = dict(_dist.named_parameters(self.model))
             for n in pending:
                 self.backup[n] = _dist.local((live[n] if n in live else self._saved[n]).data).clone()
             backups = [self.backup[n] for n in names]
@@ -193,7 +193,7 @@ class AWP:
         and ``self.backup`` is kept: convert the model back and call
         ``restore()`` again."""
         names = list(self.backup)
-        live = dict(self.model.named_parameters())
+        live = dict(_dist.named_parameters(self.model))
         restore_live_(names, [live[n].data if n in live else None for n in names],
                       [self.backup[n] for n in names], between="the AWP attack and its restore",
                       backend=self.backend)

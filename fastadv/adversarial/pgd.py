@@ -27,7 +27,7 @@ import contextlib
 import torch
 from torch import nn
 
-from ..ops._dist import check_gradients_synced, is_sharded
+from ..ops._dist import check_gradients_synced, is_sharded, named_parameters
 from ..ops.pgd import PGDState, pgd_attack_many_, pgd_restore_
 from ._params import (EmbeddingAttack, check_size, distributed, live_parameter, live_parameters,
                       matching_parameters)
@@ -118,12 +118,12 @@ class PGD(EmbeddingAttack):
         cannot be asked while tracing; the values are the same)."""
         clone_all = torch.compiler.is_compiling() or distributed()
         self.grad_backup = {n: (p.grad.clone() if clone_all or p.grad._is_view() else p.grad)
-                            for n, p in self.model.named_parameters()
+                            for n, p in named_parameters(self.model)
                             if p.requires_grad and p.grad is not None}
         self._grads_handed_out = False
 
     def _hand_out_fresh_grads(self) -> None:
-        for name, param in self.model.named_parameters():
+        for name, param in named_parameters(self.model):
             if name in self.grad_backup:
                 param.grad = None
         self._grads_handed_out = True
@@ -132,7 +132,7 @@ class PGD(EmbeddingAttack):
         """Put the kept gradients back: the next backward accumulates into them."""
         if not self.grad_backup:
             raise RuntimeError("PGD.restore_grad() called without backup_grad()")
-        for name, param in self.model.named_parameters():
+        for name, param in named_parameters(self.model):
             if name in self.grad_backup:
                 param.grad = self.grad_backup[name]
         self.grad_backup = {}

@@ -28,6 +28,7 @@ from torch import nn
 from .._backend import check_name
 from ..ops import neftune as _neftune
 from ..ops import noise as _ops
+from ..ops import _dist
 from ..ops._live import StorageMoved
 
 __all__ = ["GaussianNoise", "add_gaussian_noise", "add_gaussian_noise_", "weight_noise", "neftune",
@@ -95,17 +96,17 @@ def _selected(model: nn.Module, adv_param: str, param_filter) -> list[tuple[str,
     if param_filter is None:
         if not isinstance(adv_param, str):
             raise TypeError(f"adv_param must be a string, got {type(adv_param).__name__}")
-        return [(n, p) for n, p in model.named_parameters() if adv_param in n]
+        return [(n, p) for n, p in _dist.named_parameters(model) if adv_param in n]
     if not callable(param_filter):
         raise TypeError("param_filter must be a callable (name, param) -> bool")
-    return [(n, p) for n, p in model.named_parameters() if param_filter(n, p)]
+    return [(n, p) for n, p in _dist.named_parameters(model) if param_filter(n, p)]
 
 
 def _restore_by_name(model: nn.Module, state) -> None:
     """Restore into the model's parameters of the perturbed names *now*: user
     code in the block may have replaced them (``load_state_dict(assign=True)``)
     or given them new storage (``model.double().float()``, ``.to()``)."""
-    live = dict(model.named_parameters())
+    live = dict(_dist.named_parameters(model))
     try:
         _ops.weight_noise_restore_(state, [live.get(n) for n in state.names])
     except StorageMoved as exc:

@@ -17,6 +17,14 @@ def _dtensor_cls():
     return DTensor
 
 
+def _fsdp_module_cls():
+    """FSDP2's module class (None: a torch built without torch.distributed)."""
+    if not torch.distributed.is_available():
+        return None
+    from torch.distributed.fsdp import FSDPModule
+    return FSDPModule
+
+
 def is_sharded(t) -> bool:
     cls = _dtensor_cls()
     return cls is not None and isinstance(t, cls) and any(p.is_shard() for p in t.placements)
@@ -121,10 +129,8 @@ def check_gradients_synced(model, params, what: str) -> None:
     sharded = {id(p): n for n, p in params if is_sharded(p)}
     if not sharded:
         return
-    from torch.distributed.fsdp import FSDPModule
-
     for module in model.modules():
-        if not isinstance(module, FSDPModule):
+        if not isinstance(module, _fsdp_module_cls()):
             continue
         try:
             groups = module._get_fsdp_state()._fsdp_param_groups
@@ -140,3 +146,39 @@ def check_gradients_synced(model, params, what: str) -> None:
                     f"gradient (it stays unsharded and unreduced until a synced backward); call "
                     f"set_requires_gradient_sync(True) before the backward the attack follows (under "
                     f"gradient accumulation: attack after the last micro-batch's synced backward)")
+
+
+def named_parameters(model) -> list:
+    """``model.named_parameters()`` with every FSDP2 module's parameters sharded.
+
+    A ``fully_shard`` module left unsharded between passes
+    (``reshard_after_forward=False`` / ``set_reshard_after_backward(False)``,
+    or an explicit ``unshard()``) registers its full unsharded parameters:
+    FSDP2 has moved their gradient to the shards (``.grad`` is None there)
+    and the next forward reuses their values as they are.  An op would read
+    no gradient and a write to the shards would not reach that forward --
+    the attack silently lost.  So each such module is resharded first
+    (``FSDPModule.reshard()``: it frees the unsharded copy; the next forward
+    all-gathers the shards again, one all-gather more than the user's
+    setting).  A module that stays unsharded (between a forward and its
+    backward) is refused: its backward needs the values it ran with."""
+    fsdp = _fsdp_module_cls()
+    for module in model.modules() if fsdp is not None else ():
+        if isinstance(module, fsdp) and not _all_sharded(module):
+            module.reshard()
+            if not _all_sharded(module):
+                raise RuntimeError(
+                    f"the parameters of FSDP2 module {type(module).__name__} are unsharded and cannot be "
+                    f"resharded now (between its forward and its backward?): call the op after the "
+                    f"backward, when FSDP2 holds the shards and their gradients")
+    return list(model.named_parameters())
+
+
+def _all_sharded(module) -> bool:
+    """Whether every parameter group of an FSDP2 module holds its shards
+    (private state: a torch whose FSDP2 moved it raises rather than guesses)."""
+    try:
+        return all(g.is_sharded for g in module._get_fsdp_state()._fsdp_param_groups)
+    except AttributeError as exc:
+        raise NotImplementedError(f"cannot read whether FSDP2 module {type(module).__name__} is sharded in "
+                                  f"this torch ({torch.__version__}): {exc}") from exc
