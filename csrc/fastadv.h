@@ -143,7 +143,9 @@ FASTADV_API int fastadv_pgd_restore_rows(void* w, const void* backup, int dtype,
  * 0 = w, 1 = g, 2 = backup, flat.  Row groups: FGM lists 0 = flags, 1 = w, 2 = g, 3 = backup;
  * PGD lists 0 = mask, 1 = saved, 2 = w, 3 = g, 4 = backup; list 0's numel is the row count,
  * chunks of rows.  Every tensor's partials, sums and update are bitwise those of the
- * per-tensor functions above on it (same blocks, same vector width, same summation order).
+ * per-tensor functions above on it (same blocks, same vector width, same summation order;
+ * that is the CUDA per-tensor order, not the Triton kernels': the two backends agree within
+ * fp32 rounding, not bitwise).
  *
  * fastadv_fgm_mt_partials: each tensor's fastadv_fgm_norm stage-1 partials at its first
  * partial (row mode writes the flags).  fastadv_fgm_mt_sum: out[slot_i] = sum of tensor i's

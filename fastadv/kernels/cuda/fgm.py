@@ -121,7 +121,9 @@ def fgm_restore_rows(w2d: torch.Tensor, backup: torch.Tensor, rows_in: torch.Ten
 # sum launch for the call: 2 x groups + 1 launches.  Each tensor's partials are those of
 # fgm_norm (its stage-1 blocks and row partials, the same helpers, the same vector width) and
 # the sum is the finalize's, without the sqrt: ||g||^2 is bitwise the square fgm_norm takes the
-# sqrt of, and the update bitwise fgm_update's (see csrc/fgm.cu).
+# sqrt of, and the update bitwise fgm_update's (see csrc/fgm.cu).  That is the CUDA per-tensor
+# summation order (stage-1 grids of up to 1024 grid-stride blocks, a warp per row), not the Triton
+# kernels' (blocks of 4096): the backends agree within fp32 rounding, each is bitwise with itself.
 
 ROW_ITEM = 16  # rows per block of the row-mode kernels (a table chunk: multiple of 16)
 
