@@ -10,7 +10,12 @@ and sums their product, in a fixed order:
 deterministic, no atomics, one fp32 result per sample.  Reads ``a`` and ``g``
 ``T / BLOCK_T`` times each (they are small next to the weight gradient it
 avoids).  The embedding norm (``_embedding_sq_norms``) is the same walk with
-the ``a`` Gram tile replaced by the id-equality mask.  Also here: the vector
+the ``a`` Gram tile replaced by the id-equality mask; a tied parameter's
+cross term between two uses (``_cross_gram``) the same walk over ``(t, s)``
+tiles of ``T_u x T_v``, its ``P^u P^v^T`` tile a Gram tile, ``P^u`` read at
+the other use's ids, the id-equality mask or a precomputed tile, split over
+``(16 steps of u, sample)`` programs whose partials one launch sums in
+order.  Also here: the vector
 terms of one backward in one launch (``_vector_sq_norms``), the clip factors
 and book-keeping's clipped gradient (tiled per sample, or flattened over
 ``(b, t)`` for fp32 operands with ``T < 16``).  No CUDA twin yet.
