@@ -793,9 +793,10 @@ def test_per_sample_strategy_embedding_runs_the_gram_kernel(backend, mode):
     """``strategy="per_sample"`` on the tied-head LM: on a kernel backend the
     single-use position embedding's norm is ``dp_ghost_embedding_sq_norms``
     (the per-sample table gradient's norm equals the Gram form's: no ``[B, V,
-    d]``); the tied table stays the reference's per-sample way in bk, while
-    ghost mode's tied terms are Gram terms whatever the strategy (cross-Gram
-    calls); the torch backend launches neither; all equal Opacus vanilla."""
+    d]``); bk's tied table runs ``dp_ghost_pair_sq_norms_ps`` (its two uses
+    tile by tile), while ghost mode's tied terms are Gram terms whatever the
+    strategy (cross-Gram calls); the torch backend launches none of them;
+    all equal Opacus vanilla."""
     torch.manual_seed(1)
     model = MODELS["lm"]()
     batches = [_data("lm", 4), _data("lm", 4)]
@@ -808,6 +809,7 @@ def test_per_sample_strategy_embedding_runs_the_gram_kernel(backend, mode):
     assert _launched("dp_ghost_cross_gram", before) == (2 * 2 * TIED_TERMS["lm"] if kernel and mode == "ghost"
                                                         else 0)
     assert _launched("dp_ghost_linear_sq_norms_ps", before) == (2 * 2 * 2 if kernel else 0)  # qkv, proj
+    assert _launched("dp_ghost_pair_sq_norms_ps", before) == (2 * 2 if kernel and mode == "bk" else 0)
 
 
 def test_per_sample_embedding_norm_equals_materialised():
@@ -829,6 +831,79 @@ def test_per_sample_embedding_norm_equals_materialised():
         norms[be] = m.per_sample_gradient_norms
     assert (ids == 0).any() and norms["torch"].min() > 0
     torch.testing.assert_close(norms["triton"], norms["torch"], rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- two uses, the per-sample way
+
+def _pair_want(u, v, rows):
+    """fp64 ``||G^u_b + G^v_b||^2`` of the materialised per-sample gradients."""
+    return (_grad64(u, rows) + _grad64(v, rows)).flatten(1).square().sum(1)
+
+
+# (B, T_u, T_v, I, O): rows / columns not multiples of the 32 x 32 tile, T over several 16-step chunks
+PAIR_SHAPES = [(1, 1, 1, 1, 1), (3, 20, 17, 9, 45), (2, 5, 33, 37, 6), (1, 3, 40, 33, 70)]
+
+
+@pytest.mark.parametrize("kind", ["dense", "gather", "swapped", "ids"])
+@pytest.mark.parametrize("shape", PAIR_SHAPES)
+@pytest.mark.parametrize("dtypes", CROSS_DTYPES)
+def test_pair_sq_norms_ps_op(backend, kind, shape, dtypes):
+    """Two uses of one matrix (Linear x Linear, Linear x lookup either way,
+    lookup x lookup: repeated and padding ids) the per-sample way against
+    fp64 per-sample gradients of the same rounded operands, over dtypes,
+    T_u != T_v, B = 1; two launches per call on a kernel backend; bitwise
+    equal between two runs; written into ``out``."""
+    u, v, _, rows, _ = _cross_case(kind, shape, dtypes)
+    before = collections.Counter(kernels.LAUNCHES)
+    got = ops.pair_sq_norms_ps(u, v, rows, backend=backend)
+    assert _launched("dp_ghost_pair_sq_norms_ps", before) == (1 if backend == "torch" else 2)
+    assert got.dtype == torch.float32 and got.shape == (shape[0],)
+    torch.testing.assert_close(got.double(), _pair_want(u, v, rows), rtol=1e-5, atol=1e-6)
+    row = torch.full((2, shape[0]), 7.0)
+    ops.pair_sq_norms_ps(u, v, rows, backend=backend, out=row[1])
+    assert torch.equal(row[1], got) and (row[0] == 7.0).all()
+
+
+def test_pair_sq_norms_ps_strided_and_nonfinite(backend):
+    """Strided operands and int32 ids (bitwise the contiguous result on a
+    kernel backend); a NaN in one sample's lookup, an inf in another's: the
+    reference's NaN / inf (the lookup's inf stays in its row: inf, not NaN),
+    the other samples unaffected."""
+    b, t_u, t_v, i, o = 5, 18, 21, 7, 40
+    u = ref.MatUse(p=torch.randn(b, o, t_u).transpose(1, 2), q=torch.randn(b, i, t_u).transpose(1, 2))
+    v = ref.MatUse(ids=torch.randint(0, o, (b, 2 * t_v), dtype=torch.int32)[:, ::2],
+                   q=torch.randn(b, t_v, 3 * i)[:, :, 1::3])
+    dense = lambda w: ref.MatUse(q=w.q.contiguous(), p=None if w.p is None else w.p.contiguous(),  # noqa: E731
+                                 ids=None if w.ids is None else w.ids.long().contiguous())
+    got = ops.pair_sq_norms_ps(u, v, o, backend=backend)
+    if backend != "torch":
+        assert torch.equal(got, ops.pair_sq_norms_ps(dense(u), dense(v), o, backend=backend))
+    torch.testing.assert_close(got.double(), _pair_want(dense(u), dense(v), o), rtol=1e-5, atol=1e-6)
+    u, v = dense(u), dense(v)
+    v.q[1, 3, 2] = float("nan")
+    v.q[2, 20, 6] = float("inf")
+    u.q[4, 5, 6] = float("inf")  # times the zero padding rows of P's last tile (O = 40): must not be NaN
+    got = ops.pair_sq_norms_ps(u, v, o, backend=backend)
+    want = ref.matrix_sq_norms([u, v], o, "per_sample")
+    assert torch.equal(torch.isnan(got), torch.isnan(want)) and torch.equal(torch.isinf(got), torch.isinf(want))
+    assert torch.isnan(got[1]) and torch.isinf(got[[2, 4]]).all() and torch.isfinite(got[[0, 3]]).all()
+    keep = torch.tensor([0, 3])
+    sub = lambda w: ref.MatUse(q=w.q[keep], p=None if w.p is None else w.p[keep],  # noqa: E731
+                               ids=None if w.ids is None else w.ids[keep])
+    torch.testing.assert_close(got[keep].double(), _pair_want(sub(u), sub(v), o), rtol=1e-5, atol=1e-6)
+
+
+def test_pair_sq_norms_ps_empty_and_refusals(backend):
+    """B = 0 launches nothing; T = 0 for both uses, or I = 0: norm 0; a
+    Linear's P must have ``rows`` columns."""
+    lin = lambda b, t, i: ref.MatUse(p=torch.randn(b, t, 5), q=torch.randn(b, t, i))  # noqa: E731
+    emb = lambda b, t, i: ref.MatUse(ids=torch.zeros(b, t).long(), q=torch.randn(b, t, i))  # noqa: E731
+    assert ops.pair_sq_norms_ps(lin(0, 3, 4), emb(0, 2, 4), 5, backend=backend).shape == (0,)
+    assert torch.equal(ops.pair_sq_norms_ps(lin(2, 0, 4), emb(2, 0, 4), 5, backend=backend), torch.zeros(2))
+    assert torch.equal(ops.pair_sq_norms_ps(lin(2, 3, 0), emb(2, 1, 0), 5, backend=backend), torch.zeros(2))
+    with pytest.raises(ValueError, match="rows = 6 columns"):
+        ops.pair_sq_norms_ps(lin(2, 3, 4), emb(2, 1, 4), 6, backend=backend)
+    ops.pair_sq_norms_ps(lin(1, 2, 3), emb(1, 2, 3), 5, backend=backend)  # launches something
 
 
 # ---------------------------------------------------------------- registration and refusals
@@ -860,6 +935,8 @@ def test_opcheck(backend):
                                (None, None, ids, ids2, None), (None, None, None, None, torch.randn(3, 5, 3))):
         cases += [(ops.cross_gram_op, (a, a2, pu, pv, iu, iv, pp, 2.0, torch.randn(3), acc, backend))
                   for acc in (False, True)]
+        if pp is None:
+            cases.append((ops.pair_sq_norms_ps_op, (a, a2, pu, pv, iu, iv, 4, torch.randn(3), backend)))
     for op, args in cases:
         try:
             torch.library.opcheck(op.overload, args)
@@ -882,7 +959,9 @@ def test_no_cuda_kernel(monkeypatch):
                  lambda be: ops.clipped_embedding_grad_(torch.zeros(4, 5), torch.zeros(3, 2, dtype=torch.long), q, f,
                                                         backend=be),
                  lambda be: ops.cross_gram(ref.MatUse(p=p, q=q), ref.MatUse(ids=torch.zeros(3, 2).long(), q=q),
-                                           backend=be)):
+                                           backend=be),
+                 lambda be: ops.pair_sq_norms_ps(ref.MatUse(p=p, q=q), ref.MatUse(ids=torch.zeros(3, 2).long(), q=q),
+                                                 4, backend=be)):
         with pytest.raises(_backend.BackendUnavailable, match="no CUDA kernel"):
             call("cuda")
         before = collections.Counter(kernels.LAUNCHES)
@@ -920,6 +999,8 @@ TIED_TERMS = {"mlp": 0, "cnn": 0, "lm": 3, "gpt2": 3}
 # bk: the tied table's norm in Gram form only where "auto" picks it: lm's goes the per-sample way
 # (T^2 (V + d) > V d (1 + 2T) at V = 11, d = 8, T = 5: the reference's materialised gradient)
 TIED_TERMS_BK = dict(TIED_TERMS, lm=0)
+# bk, per backward: dp_ghost_pair_sq_norms_ps calls (two launches each) for a tied table the per-sample way
+PAIR_PS_BK = {"mlp": 0, "cnn": 0, "lm": 1, "gpt2": 0}
 # embedding lookups (bk: one clipped-gradient launch each): lm's emb and pos, gpt2's wte and wpe
 LOOKUPS = {"mlp": 0, "cnn": 0, "lm": 2, "gpt2": 2}
 
@@ -951,6 +1032,8 @@ def test_make_private_equals_opacus_vanilla(backend, mode, kind):
     assert _launched("dp_ghost_embedding_sq_norms", before) == 2 * EMBEDDING_USES[kind]
     tied = (TIED_TERMS_BK if mode == "bk" else TIED_TERMS)[kind]
     assert _launched("dp_ghost_cross_gram", before) == (2 * 2 * tied if kernel else 0)
+    assert _launched("dp_ghost_pair_sq_norms_ps", before) == (2 * 2 * PAIR_PS_BK[kind] if kernel and mode == "bk"
+                                                              else 0)
     # every model has biases / norm layers: their terms are one launch per backward
     assert _launched("dp_ghost_vector_sq_norms", before) == (2 if kernel else 0)
     # bk: every bias / norm-layer gradient of a backward in one call (the torch backend: its torch math)
@@ -1001,7 +1084,8 @@ def test_registered():
     from fastadv.ops import _registry
     assert {"dp_ghost_linear_sq_norms", "dp_ghost_embedding_sq_norms", "dp_ghost_vector_sq_norms",
             "dp_ghost_clip_factors", "dp_ghost_clipped_vector_grads", "dp_ghost_clipped_embedding_grad",
-            "dp_ghost_clipped_linear_grad", "dp_ghost_linear_sq_norms_ps", "dp_ghost_cross_gram"} \
+            "dp_ghost_clipped_linear_grad", "dp_ghost_linear_sq_norms_ps", "dp_ghost_cross_gram",
+            "dp_ghost_pair_sq_norms_ps"} \
         <= set(_registry.registered())
 
 

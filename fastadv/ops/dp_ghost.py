@@ -65,7 +65,14 @@ P^v^T``: a tied head's ``[B, T, V]`` output gradient need not be kept),
 lookup x lookup (id equality).  Triton: two launches (per-(sample, 16 steps
 of ``u``) partials, then their sum in order), deterministic.
 
-None of the nine has a CUDA kernel (no CUDA twin yet): a forced
+``pair_sq_norms_ps(u, v, rows)``: a parameter with two uses (a tied head and
+its table, a Linear applied twice), ``||G_b^u + G_b^v||^2`` the per-sample
+way (the cheaper way when ``T^2 > rows * I``) without the reference's ``[B,
+rows, I]``: each sample's gradient tile built from both uses in registers (a
+lookup's rows by a select per hit step, chunks without a hit skipped) and
+squared.  Triton: two launches, deterministic.
+
+None of the ten has a CUDA kernel (no CUDA twin yet): a forced
 ``backend="cuda"`` raises :class:`~fastadv.BackendUnavailable`; ``auto`` on a
 CUDA tensor runs triton.
 """
@@ -585,4 +592,55 @@ def cross_gram(u: ref.MatUse, v: ref.MatUse, pp: torch.Tensor | None = None, *, 
         out, accumulate = torch.empty(u.q.shape[0], dtype=acc, device=u.q.device), False
     out = _out_row(out, u.q.shape[0], acc, u.q.device)
     cross_gram_op(u.q, v.q, u.p, v.p, u.ids, v.ids, pp, float(scale), out, bool(accumulate), name)
+    return out
+
+
+# ---------------------------------------------------------------- two uses, the per-sample way
+
+@_registry.op("dp_ghost_pair_sq_norms_ps", mutates_args={"out"})
+def pair_sq_norms_ps_op(qu: torch.Tensor, qv: torch.Tensor, pu: Optional[torch.Tensor], pv: Optional[torch.Tensor],
+                        ids_u: Optional[torch.Tensor], ids_v: Optional[torch.Tensor], rows: int, out: torch.Tensor,
+                        backend: str) -> None:
+    """``out[b] = ||G_b^u + G_b^v||^2`` from each sample's gradient (``out``: fp32 ``[B]``)."""
+    if backend == "torch":
+        count_launch("torch.dp_ghost_pair_sq_norms_ps")
+        uses = [ref.MatUse(q=qu, p=pu, ids=ids_u), ref.MatUse(q=qv, p=pv, ids=ids_v)]
+        out.copy_(ref.matrix_sq_norms(uses, rows, "per_sample"))
+        return
+    with device_guard(out):
+        _registry.kernels("dp_ghost", backend).pair_sq_norms_ps(qu, qv, pu, pv, ids_u, ids_v, rows, out)
+
+
+@pair_sq_norms_ps_op.register_fake
+def _(qu, qv, pu, pv, ids_u, ids_v, rows, out, backend):
+    return None
+
+
+def pair_sq_norms_ps_backend(backend, u: ref.MatUse, v: ref.MatUse) -> str:
+    """The backend :func:`pair_sq_norms_ps` runs for these uses."""
+    floats = [(n, t) for n, t in (("u.q", u.q), ("v.q", v.q), ("u.p", u.p), ("v.p", v.p)) if t is not None]
+    ids = [(n, t) for n, t in (("u.ids", u.ids), ("v.ids", v.ids)) if t is not None]
+    name = _registry.pick(backend, u.q.device, same_device=floats[1:] + ids, dtypes=floats, allowed=_DTYPES,
+                          strided=floats)
+    return _no_cuda("dp_ghost_pair_sq_norms_ps", backend, name)
+
+
+def pair_sq_norms_ps(u: ref.MatUse, v: ref.MatUse, rows: int, *, backend: str | None = None,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+    """``||G_b^u + G_b^v||_F^2`` per sample for two uses of one ``[rows, I]``
+    weight matrix (each a :class:`~fastadv.reference.dp_ghost.MatUse`: a
+    Linear's ``p [B, T, rows]``, or a lookup's ``ids [B, T]`` with valid rows,
+    its ``padding_idx`` rows of ``q`` zeroed), the per-sample way
+    (:func:`fastadv.reference.dp_ghost.matrix_sq_norms` with ``"per_sample"``,
+    which materialises ``[B, rows, I]``; the kernel stores nothing per
+    sample but one fp32 partial per tile).  fp32 ``[B]`` (fp64 for fp64
+    inputs on the torch backend); ``out`` as in :func:`linear_sq_norms`."""
+    u, v = _cross_operands(u, v, None)
+    rows = int(rows)
+    for name, w in (("u", u), ("v", v)):
+        if w.p is not None and w.p.shape[2] != rows:
+            raise ValueError(f"{name}.p must have rows = {rows} columns, got {tuple(w.p.shape)}")
+    name = pair_sq_norms_ps_backend(backend, u, v)
+    out = _out_row(out, u.q.shape[0], ref.acc_dtype(u.q, v.q, u.p, v.p), u.q.device)
+    pair_sq_norms_ps_op(u.q, v.q, u.p, v.p, u.ids, v.ids, rows, out, name)
     return out

@@ -102,7 +102,7 @@ def per_sample_grads(uses: list[MatUse], rows: int) -> torch.Tensor:
             out += torch.bmm(u.p.to(acc).transpose(1, 2), q)
         else:
             flat = (u.ids + rows * torch.arange(b, device=u.ids.device)[:, None]).reshape(-1)
-            out.view(b * rows, cols).index_add_(0, flat, q.reshape(-1, cols))
+            out.view(b * rows, cols).index_add_(0, flat, q.reshape(flat.shape[0], cols))  # cols may be 0
     return out
 
 

@@ -513,6 +513,106 @@ def linear_sq_norms_ps(a: torch.Tensor, g: torch.Tensor, out: torch.Tensor) -> N
     count_launch("triton.dp_ghost_linear_sq_norms_ps")
 
 
+@triton.jit
+def _lookup_tile(ids_b, q_b, ro, ri, T, I, sid_t, sq_t, sq_i,
+                 BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr):
+    # one sample's [BLOCK_O, BLOCK_I] tile of a lookup's table gradient: row o is
+    # sum_{t: id_t = o} q_t, in t order, fp32.  A chunk of BLOCK_T steps with no id
+    # in the tile's rows is skipped after one vector compare; a hit step is a
+    # select into its own row only, so a NaN / inf of q_t stays in row id_t (a
+    # one-hot dot would spread 0 * inf = NaN over the tile)
+    o0 = tl.min(ro, axis=0)
+    part = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
+    for t0 in range(0, T, BLOCK_T):
+        rt = t0 + tl.arange(0, BLOCK_T)
+        ids = tl.load(ids_b + rt.to(tl.int64) * sid_t, mask=rt < T, other=-1).to(tl.int64)
+        hit = (ids >= o0) & (ids < o0 + BLOCK_O)
+        if tl.sum(hit.to(tl.int32), axis=0) > 0:
+            for j in range(0, BLOCK_T):
+                t = t0 + j
+                if t < T:
+                    i_t = tl.load(ids_b + t.to(tl.int64) * sid_t).to(tl.int64)
+                    if (i_t >= o0) & (i_t < o0 + BLOCK_O):
+                        q = tl.load(q_b + t.to(tl.int64) * sq_t + ri * sq_i, mask=ri < I, other=0.0)
+                        part += tl.where(ro[:, None] == i_t, q[None, :].to(tl.float32), 0.0)
+    return part
+
+
+@triton.jit
+def _use_tile(p_b, ids_b, q_b, ro, ri, T, O, I, sp_t, sp_o, sid_t, sq_t, sq_i,
+              BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
+              LOOKUP: tl.constexpr, IEEE: tl.constexpr, WIDEN: tl.constexpr):
+    # one use's tile of G_b: a lookup's rows, or a Linear's P_b^T Q_b
+    if LOOKUP:
+        part = _lookup_tile(ids_b, q_b, ro, ri, T, I, sid_t, sq_t, sq_i, BLOCK_T, BLOCK_O, BLOCK_I)
+    else:
+        part = _sample_tile(p_b, q_b, ro, ri, T, T, O, I, sp_t, sp_o, sq_t, sq_i, BLOCK_T, BLOCK_O, BLOCK_I, IEEE,
+                            WIDEN)
+    return part
+
+
+@triton.jit
+def _pair_sq_norms_ps(pu_ptr, idu_ptr, qu_ptr, pv_ptr, idv_ptr, qv_ptr, part_ptr, Tu, Tv, O, I, n_ti, n_tiles,
+                      spu_b, spu_t, spu_o, sidu_b, sidu_t, squ_b, squ_t, squ_i,
+                      spv_b, spv_t, spv_o, sidv_b, sidv_t, sqv_b, sqv_t, sqv_i,
+                      BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
+                      LOOKUP_U: tl.constexpr, IEEE_U: tl.constexpr, WIDEN_U: tl.constexpr,
+                      LOOKUP_V: tl.constexpr, IEEE_V: tl.constexpr, WIDEN_V: tl.constexpr):
+    # one program per (sample b, [BLOCK_O, BLOCK_I] tile of G_b = G_b^u + G_b^v, two
+    # uses of one matrix): the tile of each use built in registers, summed, then
+    # ||tile||^2 into part[b, tile] (as _linear_sq_norms_ps: G_b is never written)
+    tile = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    ro = (tile // n_ti).to(tl.int64) * BLOCK_O + tl.arange(0, BLOCK_O)
+    ri = (tile % n_ti).to(tl.int64) * BLOCK_I + tl.arange(0, BLOCK_I)
+    acc = _use_tile(pu_ptr + b * spu_b, idu_ptr + b * sidu_b, qu_ptr + b * squ_b, ro, ri, Tu, O, I,
+                    spu_t, spu_o, sidu_t, squ_t, squ_i, BLOCK_T, BLOCK_O, BLOCK_I, LOOKUP_U, IEEE_U, WIDEN_U)
+    acc += _use_tile(pv_ptr + b * spv_b, idv_ptr + b * sidv_b, qv_ptr + b * sqv_b, ro, ri, Tv, O, I,
+                     spv_t, spv_o, sidv_t, sqv_t, sqv_i, BLOCK_T, BLOCK_O, BLOCK_I, LOOKUP_V, IEEE_V, WIDEN_V)
+    inside = (ro[:, None] < O) & (ri[None, :] < I)  # the padding zeroed before squaring (see above)
+    acc = tl.where(inside, acc, 0.0)
+    tl.store(part_ptr + b * n_tiles + tile, tl.sum(tl.sum(acc * acc, axis=1), axis=0))
+
+
+def _use_args(p, ids, q, like_ids):
+    """A use's pointers / strides / constexprs for _pair_sq_norms_ps (the absent
+    operand: a stand-in never read)."""
+    lookup = p is None
+    p = q if lookup else p
+    ids = like_ids if ids is None else ids
+    ieee = torch.float32 in (p.dtype, q.dtype)
+    widen = p.dtype != q.dtype or torch.bfloat16 in (p.dtype, q.dtype)
+    return (p, ids, q), (*p.stride(), *ids.stride(), *q.stride()), (lookup, ieee, widen)
+
+
+def pair_sq_norms_ps(qu: torch.Tensor, qv: torch.Tensor, pu: torch.Tensor | None, pv: torch.Tensor | None,
+                     ids_u: torch.Tensor | None, ids_v: torch.Tensor | None, rows: int, out: torch.Tensor) -> None:
+    """``out[b] = ||G_b^u + G_b^v||_F^2`` (fp32) of two uses of one ``[rows, I]``
+    matrix, each a Linear (``p [B, T, rows]``, ``q [B, T, I]``) or a lookup
+    (``ids [B, T]``, ``q``), strided, fp32 / fp16 / bf16: each sample's
+    gradient built tile by tile and never stored; two launches (the partials,
+    then their sum in tile order)."""
+    batch, t_u, cols = qu.shape
+    if batch == 0:
+        return
+    if rows == 0 or cols == 0:
+        out.zero_()  # an empty gradient
+        return
+    stand_in = out.new_zeros(batch, 1, dtype=torch.int32)
+    ptr_u, str_u, ce_u = _use_args(pu, ids_u, qu, stand_in)
+    ptr_v, str_v, ce_v = _use_args(pv, ids_v, qv, stand_in)
+    n_ti = triton.cdiv(cols, BLOCK_I)
+    n_tiles = triton.cdiv(rows, BLOCK_O) * n_ti
+    part = torch.empty(batch, n_tiles, dtype=torch.float32, device=qu.device)
+    _pair_sq_norms_ps[(n_tiles, batch)](*ptr_u, *ptr_v, part, t_u, qv.shape[1], rows, cols, n_ti, n_tiles,
+                                        *str_u, *str_v, BLOCK_T=BLOCK_T, BLOCK_O=BLOCK_O, BLOCK_I=BLOCK_I,
+                                        LOOKUP_U=ce_u[0], IEEE_U=ce_u[1], WIDEN_U=ce_u[2],
+                                        LOOKUP_V=ce_v[0], IEEE_V=ce_v[1], WIDEN_V=ce_v[2], enable_fp_fusion=False)
+    count_launch("triton.dp_ghost_pair_sq_norms_ps")
+    sum_partials(part, out)
+    count_launch("triton.dp_ghost_pair_sq_norms_ps")
+
+
 # ---------------------------------------------------------------- cross terms of a tied parameter
 
 # where a cross term's P^u P^v^T tile comes from (a constexpr): two dense P (Linear x Linear), P^u
