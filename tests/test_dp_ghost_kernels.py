@@ -16,6 +16,10 @@ Opacus 1.6's vanilla per-sample mode.
   lookup, deterministic (sorted ids, one owner per table row);
 * ``dp_ghost_linear_sq_norms_ps``: the same norm the per-sample way, each
   sample's gradient built tile by tile and never stored;
+* ``dp_ghost_cross_gram``: a tied parameter's cross term ``<G^u_b, G^v_b>``
+  between two uses (Linear / lookup / a precomputed ``P^u P^v^T``);
+* ``dp_ghost_pair_sq_norms_ps``: two uses' ``||G^u_b + G^v_b||^2`` the
+  per-sample way, never stored;
 * ``dp_ghost_linear_sq_norms`` (the older norm op) is in the opcheck test here.
 
 The triton backend runs under the interpreter on CPU (tests/conftest.py).

@@ -18,7 +18,10 @@ the other use's ids, the id-equality mask or a precomputed tile, split over
 order.  Also here: the vector
 terms of one backward in one launch (``_vector_sq_norms``), the clip factors
 and book-keeping's clipped gradient (tiled per sample, or flattened over
-``(b, t)`` for fp32 operands with ``T < 16``).  No CUDA twin yet.
+``(b, t)`` for fp32 operands with ``T < 16``), and the per-sample-strategy
+norms (``_linear_sq_norms_ps``; ``_pair_sq_norms_ps`` for two uses of one
+matrix), each sample's gradient built tile by tile and never stored.  No
+CUDA twin yet.
 """
 import torch
 import triton
