@@ -49,7 +49,7 @@ def test_shards_equal_the_unsharded_reference(backend):
         buf = torch.empty(len(TENSORS), dtype=torch.float32, device=DEVICE)
         planned.append(ops._shard_square_norms_all(shards[r], gs[r], rows[r], backups[r], names, buf))
         bufs.append(buf)
-    norms = sum(bufs).sqrt_()  # the all_reduce, then the sqrt
+    norms = ops._sqrt_rn(sum(bufs))  # the all_reduce, then the sqrt (as fgm_attack_many_ takes it)
     for r in range(3):
         ops._shard_update_all(planned[r], shards[r], gs[r], backups[r], names, norms, EPS)
 
@@ -68,6 +68,16 @@ def test_shards_equal_the_unsharded_reference(backend):
             ops.fgm_restore_(state, w)
             c = TENSORS[i][2]
             assert torch.equal(w, weights[i][c[r]:c[r + 1]]), (r, i)
+
+
+def test_the_norms_sqrt_is_correctly_rounded():
+    """``fgm_attack_many_`` takes the sqrt of the all-reduced squares outside the kernels: it must be
+    the kernels' correctly rounded one (numpy's fp32 sqrt is; torch 2.13's CPU one is not always)."""
+    import numpy as np
+    x = torch.rand(100_000, generator=torch.Generator().manual_seed(2)) * 1e4
+    x[:4] = torch.tensor([0.0, 4947.337890625, float("inf"), float("nan")])
+    want = torch.from_numpy(np.sqrt(x.numpy()))
+    torch.testing.assert_close(ops._sqrt_rn(x.to(DEVICE)).cpu(), want, rtol=0, atol=0, equal_nan=True)
 
 
 @pytest.mark.launch_free
@@ -135,7 +145,7 @@ def _multi_attack(tensors, weights, backend):
     before = dict(kernels.LAUNCHES)
     sq = torch.empty(len(ws), dtype=torch.float32, device=DEVICE)
     planned = ops._shard_square_norms_all(ws, gs, rows, backups, names, sq)
-    ops._shard_update_all(planned, ws, gs, backups, names, sq.sqrt(), EPS)
+    ops._shard_update_all(planned, ws, gs, backups, names, ops._sqrt_rn(sq), EPS)
     states = [ops.FGMBackup(w, b, r, backend) for w, b, r in zip(ws, backups, rows)]
     return ws, states, _launched(before, backend)
 

@@ -241,9 +241,20 @@ def _attack_together(params, ws, gs, names, epsilon: float, row_sparse: bool, re
     backups = [torch.empty_like(w) for w in ws]
     sq = torch.empty(len(ws), dtype=torch.float32, device=ws[0].device)  # the partial ||g||^2
     planned = _shard_square_norms_all(ws, gs, rows, backups, names, sq)
-    norms = reduce(sq).sqrt_()
+    norms = _sqrt_rn(reduce(sq))
     _shard_update_all(planned, ws, gs, backups, names, norms, epsilon)
     return [FGMBackup(p, b, r, name) for p, b, r, name in zip(params, backups, rows, names)]
+
+
+def _sqrt_rn(sq: torch.Tensor) -> torch.Tensor:
+    """The correctly rounded fp32 ``sqrt`` of ``sq``, the one the per-tensor kernels' finalize
+    takes (``tl.sqrt_rn``, ``sqrtf``), so that a multi-tensor call's norms are theirs bitwise.
+    torch's own fp32 ``sqrt`` is not always that (torch 2.13's CPU kernel is 1 ulp off for about
+    15% of inputs); the fp64 sqrt rounded once to fp32 is (53 >= 2 * 24 + 2 bits: the double
+    rounding cannot change it).  No fp64 on MPS, where no kernel backend runs: torch's sqrt."""
+    if sq.device.type == "mps":
+        return sq.sqrt()
+    return sq.double().sqrt_().float()
 
 
 def _shard_rows(w, row_sparse: bool, name: str) -> torch.Tensor | None:
