@@ -68,8 +68,8 @@ class FGM(EmbeddingAttack):
                                f"attacked; call restore() first (the original weights are kept)")
         check_gradients_synced(self.model, targets, "FGM.attack()")
         self._attacked |= names
-        # All at once: plain tables (no collective) in one multi-tensor call on triton when there
-        # are several (bitwise the per-table attacks), then FSDP2 shards with one all_reduce per
+        # All at once: plain tables (no collective) in one multi-tensor call on a kernel backend (triton,
+        # cuda) when there are several (bitwise the per-table attacks), then FSDP2 shards with one all_reduce per
         # call; each kind's backups are kept as soon as it is attacked
         for sharded in (False, True):
             group = [(n, p) for n, p in targets if p.grad is not None and is_sharded(p) == sharded]

@@ -74,8 +74,8 @@ class PGD(EmbeddingAttack):
             if state is None and not is_first_attack:
                 continue  # no gradient at the first step: the seed never backed it up
             targets.append((name, param, grad, state))
-        # All at once: plain tables (no collective) in one multi-tensor call on triton when there
-        # are several (bitwise the per-table steps), then FSDP2 shards with one all_reduce per call;
+        # All at once: plain tables (no collective) in one multi-tensor call on a kernel backend (triton,
+        # cuda) when there are several (bitwise the per-table steps), then FSDP2 shards with one all_reduce per call;
         # each kind's states are kept as soon as it is stepped
         for sharded in (False, True):
             group = [t for t in targets if is_sharded(t[1]) == sharded]
