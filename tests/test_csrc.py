@@ -322,7 +322,7 @@ def test_multi_tensor_plan_layout():
     slots = [2, 0, 1, 4, 3, 5, 6]
     assert call.n_parts == prefix[-1]
     assert call.plan[:2 * len(items) + 1].tolist() == prefix + slots
-    groups = {key: (idx, plan.tolist(), blocks) for key, idx, plan, blocks in call.groups}
+    groups = {p.key: (p.idx, p.plan.tolist(), p.blocks) for p in call.groups}
     assert list(groups) == [(torch.float32, True), (torch.float32, False), (torch.float16, False)]
     assert groups[(torch.float32, True)] == ([0, 6], [0, 1031, 2, 6, 5, 4], 0)
     owners = [0, 0, 1] + [2] * 1024
@@ -334,7 +334,7 @@ def test_multi_tensor_plan_layout():
              for i, s in enumerate(items) if s.rows is None]
     call = cmt.plan_call(steps, cpgd._parts, cpgd._key, cpgd._cols, "cpu")
     assert call.n_parts == 2 + 0 + 1 + 1024 + 1
-    assert [(key, idx) for key, idx, _, _ in call.groups] == [
+    assert [(p.key, p.idx) for p in call.groups] == [
         ((torch.float32, False, False), [0, 2]), ((torch.float32, False, True), [3]),
         ((torch.float16, False, False), [4])]
 

@@ -31,6 +31,7 @@ host.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import os
 
@@ -268,3 +269,90 @@ def witness(dtype: torch.dtype, device) -> torch.Tensor:
     if key not in _witnesses:
         _witnesses[key] = torch.empty(1, dtype=dtype, device=device)
     return _witnesses[key]
+
+
+# ---- one call of FGM's / PGD's multi-tensor steps (both kernel backends) ----------------------
+#
+# The shard steps of FGM and PGD (kernels/{triton,cuda}/{fgm,pgd}.py) reduce every tensor of one
+# call into its own slot of the caller's fp32 buffer: per group of tensors one partials launch
+# writes each tensor's partials at its offset of one partials buffer, one launch sums every
+# tensor's partials into its slot, and per group one update launch reads the slots back.  The
+# host side of that -- the items and one small int64 *plan* -- is the same for both backends.
+
+@dataclasses.dataclass
+class ShardNorm:
+    """One tensor of a multi-tensor FGM call: ``slot`` is its place in the caller's [n] fp32
+    buffers; dense: flat ``w, g, backup``; rows: ``[rows, cols]`` with the uint8 ``rows``
+    flags (written by the backend's ``fgm_sq_many``)."""
+    slot: int
+    w: torch.Tensor
+    g: torch.Tensor
+    backup: torch.Tensor
+    rows: torch.Tensor | None = None
+
+
+@dataclasses.dataclass
+class ShardStep:
+    """One tensor of a multi-tensor PGD step: ``slot`` is its place in the caller's ``sums``
+    buffer (3 floats at ``3 * slot``); dense: flat ``w, g, backup`` (``first`` writes the
+    backup); rows: ``[rows, cols]`` with uint8 ``mask`` / ``saved`` per row."""
+    slot: int
+    w: torch.Tensor
+    g: torch.Tensor
+    backup: torch.Tensor
+    first: bool
+    mask: torch.Tensor | None = None
+    saved: torch.Tensor | None = None
+
+
+@dataclasses.dataclass
+class PlannedGroup:
+    """One group of a call's plan: its key, the indices of its tensors (in the call's order)
+    and, as a view of the call's device plan, ``[first partial (T) | slot (T) | cols (T)]``
+    of them, then (``dense_owners``, a dense group) ``[first block (T + 1) | owner (blocks)]``."""
+    key: tuple
+    idx: list
+    plan: torch.Tensor
+    blocks: int = 0
+
+
+@dataclasses.dataclass
+class CallPlan:
+    """The device plan of one call: ``[P (K + 1) | slot (K) | groups...]``, ``P`` the prefix of
+    the K tensors' partial counts (``n_parts = P[K]``), then each group's rows."""
+    plan: torch.Tensor
+    n_parts: int
+    groups: list
+
+
+def plan_call(items, parts, key, cols, device, dense_owners: bool = False) -> CallPlan:
+    """Plan one call over ``items`` (each with a ``slot``): ``parts(item)`` its number of
+    partials, ``key(item)`` its group ``(dtype, by_rows, ...)`` (None: nothing to launch for it,
+    its partials are empty and the sum launch alone writes its zeros), ``cols(item)`` its row
+    length (0 when dense).  ``dense_owners`` (the CUDA kernels): a dense group also lists the
+    tensor of each of its stage-1 blocks, which run the per-tensor launch's blocks.  Groups
+    keep the order in which their first tensor comes; one host-to-device copy."""
+    counts = [parts(s) for s in items]
+    prefix = [0]
+    for c in counts:
+        prefix.append(prefix[-1] + c)
+    keys: dict = {}
+    for i, s in enumerate(items):
+        k = key(s)
+        if k is not None:
+            keys.setdefault(k, []).append(i)
+    host_plan = prefix + [s.slot for s in items]
+    spans = []
+    for k, idx in keys.items():
+        start = len(host_plan)
+        host_plan += [prefix[i] for i in idx] + [items[i].slot for i in idx] + [cols(items[i]) for i in idx]
+        blocks = 0
+        if dense_owners and not k[1]:
+            first = [0]
+            for i in idx:
+                first.append(first[-1] + counts[i])
+            host_plan += first + [t for t, i in enumerate(idx) for _ in range(counts[i])]
+            blocks = first[-1]
+        spans.append((k, idx, start, len(host_plan), blocks))
+    plan = host_to(torch.tensor(host_plan, dtype=torch.int64), device)
+    return CallPlan(plan, prefix[-1], [PlannedGroup(k, idx, plan[a:b], blocks) for k, idx, a, b, blocks in spans])

@@ -5,11 +5,10 @@ The end of the file: the same passes over many tensors in one call
 :mod:`fastadv.kernels.triton.fgm`'s), bitwise the per-tensor ones."""
 from __future__ import annotations
 
-import dataclasses
 
 import torch
 
-from .. import count_launch
+from .. import count_launch, host
 from . import _c_float, _c_int, _c_int64, _c_void_p, _call, _check, _ptr, _stream, declare, dtype_code, lib
 from . import multi_tensor
 
@@ -128,17 +127,7 @@ def fgm_restore_rows(w2d: torch.Tensor, backup: torch.Tensor, rows_in: torch.Ten
 ROW_ITEM = 16  # rows per block of the row-mode kernels (a table chunk: multiple of 16)
 
 
-@dataclasses.dataclass
-class ShardNorm:
-    """One tensor of a multi-tensor FGM call: ``slot`` is its place in the caller's [n] fp32
-    buffers; dense: flat ``w, g, backup``; rows: ``[rows, cols]`` with the uint8 ``rows``
-    flags (written by :func:`fgm_sq_many`)."""
-    slot: int
-    w: torch.Tensor
-    g: torch.Tensor
-    backup: torch.Tensor
-    rows: torch.Tensor | None = None
-
+ShardNorm = host.ShardNorm  # one tensor of a call (the host layer's, shared by both backends)
 
 ShardPlan = multi_tensor.Planned  # what fgm_sq_many planned, for fgm_update_many (the same call's tensors)
 
@@ -185,7 +174,7 @@ def fgm_sq_many(items, sq: torch.Tensor) -> ShardPlan:
     device = items[0].w.device
     call = multi_tensor.plan_call(items, _parts, _key, _cols, device)
     part = torch.empty(max(call.n_parts, 1), dtype=torch.float32, device=device)
-    groups = [_group([items[i] for i in idx], key, plan, blocks) for key, idx, plan, blocks in call.groups]
+    groups = [_group([items[i] for i in p.idx], p.key, p.plan, p.blocks) for p in call.groups]
     with multi_tensor.where(call.plan):
         stream = _stream(call.plan)
         for g in groups:

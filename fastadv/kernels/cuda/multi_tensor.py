@@ -7,11 +7,12 @@ multi-tensor FGM / PGD steps (``kernels/cuda/fgm.py``, ``pgd.py``)."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 
-from .. import count_launch
-from ..host import CHUNK, host_to, shared_tables  # noqa: F401  (CHUNK: the dense groups' chunk)
+from .. import count_launch, host
+from ..host import CHUNK, shared_tables  # noqa: F401  (CHUNK: the dense groups' chunk)
 from . import _c_int, _c_int64, _c_void_p, _call, _check, _stream, declare, dtype_code
 
 # fastadv_mt_sumsq modes: AWP (sum g^2 and sum w^2), SAM (sum g^2), ASAM (sum (|w| g)^2)
@@ -114,42 +115,9 @@ class Planned:
             raise ValueError(f"{what} holds {buf.numel()} floats; the call's slots need {per_slot * self.slots}")
 
 
-@dataclasses.dataclass
-class CallPlan:
-    plan: torch.Tensor
-    n_parts: int
-    groups: list  # (key, indices of the call's items, plan view, dense blocks)
-
-
-def plan_call(items, parts, key, cols, device) -> CallPlan:
-    """Plan one call over ``items`` (each with a ``slot``): ``parts(item)`` its number of
-    partials, ``key(item)`` its group ``(dtype, by_rows, ...)`` (None: nothing to launch for it,
-    the sum launch alone writes its zeros), ``cols(item)`` its row length (0 when dense).
-    Groups keep the order in which their first tensor comes; one host-to-device copy."""
-    counts = [parts(s) for s in items]
-    prefix = [0]
-    for c in counts:
-        prefix.append(prefix[-1] + c)
-    keys: dict = {}
-    for i, s in enumerate(items):
-        k = key(s)
-        if k is not None:
-            keys.setdefault(k, []).append(i)
-    host_plan = prefix + [s.slot for s in items]
-    spans = []
-    for k, idx in keys.items():
-        start = len(host_plan)
-        host_plan += [prefix[i] for i in idx] + [items[i].slot for i in idx] + [cols(items[i]) for i in idx]
-        blocks = 0
-        if not k[1]:  # dense: the owner of each stage-1 block
-            first = [0]
-            for i in idx:
-                first.append(first[-1] + counts[i])
-            host_plan += first + [t for t, i in enumerate(idx) for _ in range(counts[i])]
-            blocks = first[-1]
-        spans.append((k, idx, start, len(host_plan), blocks))
-    plan = host_to(torch.tensor(host_plan, dtype=torch.int64), device)
-    return CallPlan(plan, prefix[-1], [(k, idx, plan[a:b], blocks) for k, idx, a, b, blocks in spans])
+# the host layer's planner, with each dense group's stage-1 block owners (the CUDA blocks run the
+# per-tensor launch's grid-stride order)
+plan_call = functools.partial(host.plan_call, dense_owners=True)
 
 
 def group_args(g: Group) -> tuple:

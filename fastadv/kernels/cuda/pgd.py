@@ -9,11 +9,10 @@ the file: the step over many tensors in one call (``pgd_sums_many`` /
 """
 from __future__ import annotations
 
-import dataclasses
 
 import torch
 
-from .. import count_launch
+from .. import count_launch, host
 from . import _c_float, _c_int, _c_int64, _c_void_p, _call, _check, _ptr, _stream, declare, dtype_code, lib
 from . import multi_tensor
 from .fgm import ROW_ITEM
@@ -154,19 +153,7 @@ def pgd_restore_rows(w, backup, saved) -> None:
 # finalize's formula fused into the update: bitwise pgd_step's (see csrc/pgd.cu).
 
 
-@dataclasses.dataclass
-class ShardStep:
-    """One tensor of a multi-tensor PGD step: ``slot`` is its place in the caller's ``sums``
-    buffer (3 floats at ``3 * slot``); dense: flat ``w, g, backup`` (``first`` writes the
-    backup); rows: ``[rows, cols]`` with uint8 ``mask`` / ``saved`` per row."""
-    slot: int
-    w: torch.Tensor
-    g: torch.Tensor
-    backup: torch.Tensor
-    first: bool
-    mask: torch.Tensor | None = None
-    saved: torch.Tensor | None = None
-
+ShardStep = host.ShardStep  # one tensor of a call (the host layer's, shared by both backends)
 
 ShardSums = multi_tensor.Planned  # what pgd_sums_many planned, for pgd_apply_many (the same call's tensors)
 
@@ -213,7 +200,7 @@ def pgd_sums_many(steps, sums: torch.Tensor) -> ShardSums:
     call = multi_tensor.plan_call(steps, _parts, _key, _cols, device)
     n_parts = call.n_parts
     part = torch.empty(3 * max(n_parts, 1), dtype=torch.float32, device=device)
-    groups = [_group([steps[i] for i in idx], key, plan, blocks) for key, idx, plan, blocks in call.groups]
+    groups = [_group([steps[i] for i in p.idx], p.key, p.plan, p.blocks) for p in call.groups]
     with multi_tensor.where(call.plan):
         stream = _stream(call.plan)
         for g in groups:

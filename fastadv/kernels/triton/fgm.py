@@ -12,7 +12,6 @@ call through multi-tensor work tables -- FSDP2 shards, with the all_reduce of
 the squared norms between the reduction and the update, and unsharded calls
 with several tables, without it.
 """
-import dataclasses
 
 import torch
 import triton
@@ -272,17 +271,7 @@ def _mt_update_rows(table, T, like, flags, plan, norm_ptr, eps, ITEM: tl.constex
             _update_row(w_p, g_p, b_p, row * cols, cols, norm, eps, valid, BLOCK_C)
 
 
-@dataclasses.dataclass
-class ShardNorm:
-    """One tensor of a multi-tensor shard attack: ``slot`` is its place in the
-    caller's [n] fp32 buffers; dense: flat ``w, g, backup``; rows: ``[rows,
-    cols]`` with the uint8 ``rows`` flags (written by :func:`fgm_sq_many`)."""
-    slot: int
-    w: torch.Tensor
-    g: torch.Tensor
-    backup: torch.Tensor
-    rows: torch.Tensor | None = None
-
+ShardNorm = host.ShardNorm  # one tensor of a call (the host layer's, shared by both backends)
 
 ShardPlan = multi_tensor.Planned  # what fgm_sq_many planned, for fgm_update_many (the same call's tensors)
 

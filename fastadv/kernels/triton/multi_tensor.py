@@ -47,7 +47,8 @@ import triton
 import triton.language as tl
 
 from .. import count_launch
-from ..host import ALIGN, CHUNK, TableCache, TensorTable, host_to, witness  # noqa: F401  (re-exported)
+from ..host import (ALIGN, CHUNK, CallPlan, PlannedGroup, TableCache, TensorTable, host_to,  # noqa: F401
+                    plan_call, witness)  # (re-exported)
 
 BLOCK = 2048           # elements per loop iteration of a Triton program
 FINALIZE_BLOCK = 1024  # partials summed per iteration by the finalize programs
@@ -183,53 +184,9 @@ def copy(table: TensorTable, dst: int, src: int, dst_dtype: torch.dtype, src_dty
 
 # ------------------------------------------------------------- per-tensor reductions of one call
 
-# The shard steps of FGM and PGD (kernels/triton/fgm.py, pgd.py) reduce every tensor of one call
-# into its own slot of the caller's fp32 buffer: per group of tensors one partials launch writes
-# each tensor's partials at its offset of one partials buffer, one launch sums every tensor's
-# partials into its slot, and per group one update launch reads the slots back.  The host side of
-# that is one small int64 *plan*, planned here for both.
-
-@dataclasses.dataclass
-class PlannedGroup:
-    """One group of a call's plan: the indices of its tensors (in the call's order) and, as a
-    view of the call's device plan, ``[first partial (T) | slot (T) | cols (T)]`` of them."""
-    key: tuple
-    idx: list
-    plan: torch.Tensor
-
-
-@dataclasses.dataclass
-class CallPlan:
-    """The device plan of one call: ``[P (K + 1) | slot (K) | groups...]``, ``P`` the prefix of
-    the K tensors' partial counts (``n_parts = P[K]``), then each group's rows."""
-    plan: torch.Tensor
-    n_parts: int
-    groups: list
-
-
-def plan_call(items, parts, key, cols, device) -> CallPlan:
-    """Plan one call over ``items`` (each with a ``slot``): ``parts(item)`` its number of
-    partials, ``key(item)`` its group (None: nothing to launch for it, its partials are empty
-    and the sum launch alone writes its zeros), ``cols(item)`` its row length (0 when dense).
-    Groups keep the order in which their first tensor comes; one host-to-device copy."""
-    prefix = [0]
-    for s in items:
-        prefix.append(prefix[-1] + parts(s))
-    keys: dict = {}
-    for i, s in enumerate(items):
-        k = key(s)
-        if k is not None:
-            keys.setdefault(k, []).append(i)
-    host_plan = prefix + [s.slot for s in items]
-    offsets = []
-    for idx in keys.values():
-        offsets.append(len(host_plan))
-        host_plan += [prefix[i] for i in idx] + [items[i].slot for i in idx] + [cols(items[i]) for i in idx]
-    plan = host_to(torch.tensor(host_plan, dtype=torch.int64), device)
-    groups = [PlannedGroup(k, idx, plan[off: off + 3 * len(idx)])
-              for (k, idx), off in zip(keys.items(), offsets)]
-    return CallPlan(plan, prefix[-1], groups)
-
+# The shard steps of FGM and PGD (kernels/triton/fgm.py, pgd.py): their items and plan_call are
+# the host layer's (kernels/host.py, shared with the CUDA backend); a planned group with its
+# work table is a Group.
 
 @dataclasses.dataclass
 class Group:

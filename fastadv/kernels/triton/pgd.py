@@ -21,7 +21,6 @@ call through multi-tensor work tables -- FSDP2 shards, with the all_reduce of
 the sums between the reduction and the (finalize-fused) update, and unsharded
 calls with several tables, without it.
 """
-import dataclasses
 
 import torch
 import triton
@@ -394,20 +393,7 @@ def _mt_apply_rows(table, T, like, flags, plan, sums_ptr, alpha, eps, ITEM: tl.c
             tl.store(saved_p + row, 1)
 
 
-@dataclasses.dataclass
-class ShardStep:
-    """One tensor of a multi-tensor shard step: ``slot`` is its place in the
-    caller's ``sums`` buffer (3 floats at ``3 * slot``); dense: flat ``w, g,
-    backup`` (``first`` writes the backup); rows: ``[rows, cols]`` with uint8
-    ``mask`` / ``saved`` per row."""
-    slot: int
-    w: torch.Tensor
-    g: torch.Tensor
-    backup: torch.Tensor
-    first: bool
-    mask: torch.Tensor | None = None
-    saved: torch.Tensor | None = None
-
+ShardStep = host.ShardStep  # one tensor of a call (the host layer's, shared by both backends)
 
 ShardSums = multi_tensor.Planned  # what pgd_sums_many planned, for pgd_apply_many (the same call's tensors)
 
