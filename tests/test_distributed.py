@@ -441,22 +441,29 @@ def _start(mode, out):
 
 
 def _collect(mode, ctx, out, deadline):
-    """Both ranks' results, or the reason they are missing: a rank that failed
-    (its traceback), or a run still going at ``deadline`` (killed)."""
+    return collect_ranks(ctx, out, mode, deadline, SPAWN_TIMEOUT)
+
+
+def collect_ranks(ctx, out, prefix, deadline, timeout):
+    """Every rank's results (``out / f"{prefix}{rank}.pt"``, as the workers of
+    the spawning test files save them), or the reason they are missing: a rank
+    that failed (its traceback, ``{prefix}{rank}.err``), or a run still going
+    at ``deadline`` (killed)."""
     for p in ctx.processes:
         p.join(timeout=max(deadline - time.monotonic(), 0.1))
     late = [p for p in ctx.processes if p.is_alive()]
     for p in late:
         p.kill()
         p.join(10)
-    errors = "\n".join(f"rank {r}:\n{(out / f'{mode}{r}.err').read_text()}" for r in range(WORLD)
-                       if (out / f"{mode}{r}.err").exists())
+    ranks = range(len(ctx.processes))
+    errors = "\n".join(f"rank {r}:\n{(out / f'{prefix}{r}.err').read_text()}" for r in ranks
+                       if (out / f"{prefix}{r}.err").exists())
     if late:
-        return f"{mode}: the 2-process run took more than {SPAWN_TIMEOUT} s and was killed\n{errors}"
+        return f"{prefix}: the {len(ranks)}-process run took more than {timeout} s and was killed\n{errors}"
     codes = [p.exitcode for p in ctx.processes]
     if any(codes):
-        return f"{mode}: worker exit codes {codes}\n{errors}"
-    return [torch.load(out / f"{mode}{r}.pt") for r in range(WORLD)]
+        return f"{prefix}: worker exit codes {codes}\n{errors}"
+    return [torch.load(out / f"{prefix}{r}.pt") for r in ranks]
 
 
 _RUNS: dict = {}

@@ -47,7 +47,7 @@ import fastadv.kernels as kernels
 from fastadv.dp import PrivacyEngine
 
 from conftest import DEVICE
-from test_distributed import MIN_GAP_RATIO, _ALL_REDUCES, _count_all_reduce, _free_port, _ran
+from test_distributed import MIN_GAP_RATIO, _ALL_REDUCES, _count_all_reduce, _free_port, _ran, collect_ranks
 from test_dp_ghost import TinyLM, _loss_dp, _loss_vanilla
 
 WORLD, STEPS, BATCH = 2, 2, 3          # BATCH: per rank
@@ -347,21 +347,10 @@ def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("ghost_ddp")
     ctx = mp.start_processes(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=False,
                              start_method="spawn")
-    deadline = time.monotonic() + SPAWN_TIMEOUT
-    for p in ctx.processes:
-        p.join(timeout=max(deadline - time.monotonic(), 0.1))
-    late = [p for p in ctx.processes if p.is_alive()]
-    for p in late:
-        p.kill()
-        p.join(10)
-    errors = "\n".join(f"rank {r}:\n{(out / f'rank{r}.err').read_text()}" for r in range(WORLD)
-                       if (out / f"rank{r}.err").exists())
-    if late:
-        pytest.fail(f"the 2-process run took more than {SPAWN_TIMEOUT} s and was killed\n{errors}")
-    codes = [p.exitcode for p in ctx.processes]
-    if any(codes):
-        pytest.fail(f"worker exit codes {codes}\n{errors}")
-    return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
+    got = collect_ranks(ctx, out, "rank", time.monotonic() + SPAWN_TIMEOUT, SPAWN_TIMEOUT)
+    if isinstance(got, str):
+        pytest.fail(got)
+    return got
 
 
 _SINGLE: dict = {}

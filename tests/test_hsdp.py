@@ -41,7 +41,7 @@ from fastadv.dp import PrivacyEngine
 
 from conftest import DEVICE
 from test_distributed import (_EXPECTED_CALLS, _EXPECTED_FSDP_LAUNCHES, OPS, RUNS, STEPS, ShardLM, _SyncWatch,
-                              _batch, _free_port, _ran, _weights, _scenario, _single_weight_noise)
+                              _batch, _free_port, _ran, _weights, _scenario, _single_weight_noise, collect_ranks)
 from test_dp_ghost import TinyLM, _loss_dp
 from test_fgm import FP32
 
@@ -220,24 +220,12 @@ def _worker(rank, port, out):
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("hsdp")
-    start = time.monotonic()
     ctx = mp.start_processes(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=False,
                              start_method="spawn")
-    deadline = start + SPAWN_TIMEOUT
-    for p in ctx.processes:
-        p.join(timeout=max(deadline - time.monotonic(), 0.1))
-    late = [p for p in ctx.processes if p.is_alive()]
-    for p in late:
-        p.kill()
-        p.join(10)
-    errors = "\n".join(f"rank {r}:\n{(out / f'rank{r}.err').read_text()}" for r in range(WORLD)
-                       if (out / f"rank{r}.err").exists())
-    if late:
-        pytest.fail(f"the {WORLD}-process run took more than {SPAWN_TIMEOUT} s and was killed\n{errors}")
-    codes = [p.exitcode for p in ctx.processes]
-    if any(codes):
-        pytest.fail(f"worker exit codes {codes}\n{errors}")
-    return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
+    got = collect_ranks(ctx, out, "rank", time.monotonic() + SPAWN_TIMEOUT, SPAWN_TIMEOUT)
+    if isinstance(got, str):
+        pytest.fail(got)
+    return got
 
 
 _SINGLE: dict = {}
