@@ -1,0 +1,327 @@
+"""The ops that tests/test_distributed.py does not run under DDP, under DDP
+(gloo, 2 CPU processes, one spawned run for the whole file): the input attacks
+(``fastadv.attacks`` on a DDP-wrapped small CNN: their ``torch.autograd.grad``
+on the images runs through DDP's forward and reducer), SiFT
+(``fastadv.sift``), DP-Logits (``fastadv.dp.DPLogits`` inside DDP), NEFTune
+through the model-level hook (the HF integration's, on the DDP model's
+embedding) and the embedding FGSM step (``fastadv.adversarial.fgsm``).
+
+Each rank runs each op, on the torch and the triton backend, on its own
+batch, then one training step (backward through DDP, SGD).  Checked against
+single-process runs of the same op with the unwrapped model, one per rank's
+batch (same seeds):
+
+* attacks: each rank's adversarial images equal the single-process run's
+  bitwise (and torchattacks 3.5.1's on the unwrapped model, as in
+  tests/test_attacks.py);
+* losses on each rank: the single-process run's on that rank's batch;
+  gradients and weights after the step: the mean over the ranks of the
+  single-process runs (DDP averages the gradients; the mean of the
+  per-batch runs rather than one run on the concatenated batch because the
+  CNN's batch norm normalises each rank's batch by its own statistics, and
+  the noise ops draw per rank from the same generator state);
+* the replicas' weights stay bitwise identical;
+* no host sync inside the op call; the backend under test launched, no other.
+"""
+import os
+import time
+import traceback
+import types
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+from fastadv import attacks, sift
+from fastadv.adversarial.fgsm import adversarial_train_step
+from fastadv.dp import DPLogits
+from fastadv.integrations.transformers import _NEFTuneHook
+
+from conftest import DEVICE
+from test_attacks import KW, NAMES, assert_matches, conv_model, load_torchattacks
+from test_distributed import VOCAB, _batch, _free_port, _ran, _SyncWatch, collect_ranks
+from test_fgm import FP32, TinyLM
+from test_sift import HIDDEN, Tiny, logits_fn
+
+WORLD = 2
+BACKENDS = ["torch", "triton"]
+TRAINING_OPS = ["sift", "dp_logits", "neftune", "embedding_fgsm"]
+LR = 0.1
+SPAWN_TIMEOUT = 180  # seconds for the 2-process run (~25 s on 2 shared cores)
+pytestmark = pytest.mark.skipif(DEVICE.type != "cpu" or not dist.is_available(),
+                                reason="the gloo tests run on CPU")
+
+
+# ---------------------------------------------------------------- the scenarios (one rank's batch)
+
+def _images(rank):
+    gen = torch.Generator().manual_seed(100 + rank)
+    return torch.rand(4, 3, 8, 8, generator=gen), torch.randint(0, 5, (4,), generator=gen)
+
+
+def _tokens(rank):
+    gen = torch.Generator().manual_seed(200 + rank)
+    return {"input_ids": torch.randint(0, 50, (3, 7), generator=gen),
+            "labels": torch.randint(0, 5, (3,), generator=gen)}
+
+
+def _watched(fn, syncs):
+    """``fn()`` with its host syncs appended to ``syncs``."""
+    watch = _SyncWatch()
+    with watch:
+        out = fn()
+    syncs += watch.syncs
+    return out
+
+
+def _step(net, loss):
+    """Backward (through DDP when wrapped) and one SGD step; the gradients and weights after it."""
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in net.named_parameters() if p.grad is not None}
+    torch.optim.SGD(net.parameters(), lr=LR).step()
+    return dict(grads=grads, weights={n: p.detach().clone() for n, p in net.named_parameters()})
+
+
+def _attack(name, backend, rank, wrap):
+    """One attack on the rank's images through ``wrap(model)``, then one
+    training step on the adversarial images (model in training mode: batch
+    norm on the batch's statistics, dropout drawn from a seeded generator)."""
+    torch.manual_seed(0)
+    net = conv_model()
+    model = wrap(net)
+    x, y = _images(rank)
+    atk = getattr(attacks, name)(model, backend=backend, **KW[name])
+    syncs = []
+    torch.manual_seed(7)
+    adv, ran = _ran(lambda: _watched(lambda: atk(x, y), syncs))
+    model.train()
+    torch.manual_seed(9)
+    return dict(adv=adv, ran=ran, syncs=syncs, **_step(net, F.cross_entropy(model(adv), y)))
+
+
+def _sift(backend, rank, wrap):
+    """DeBERTa's protocol: loss + AdversarialLearner.loss, one backward."""
+    torch.manual_seed(0)
+    net = Tiny()
+    model = wrap(net)
+    layers = sift.hook_sift_layer(model, HIDDEN, learning_rate=0.1, init_perturbation=0.02, backend=backend)
+    learner = sift.AdversarialLearner(model, layers)
+    data, syncs = _tokens(rank), []
+    torch.manual_seed(5)
+    logits, loss = model(**data)
+    adv_loss, ran = _ran(lambda: _watched(lambda: learner.loss(logits, logits_fn, **data), syncs))
+    return dict(loss=loss.detach(), adv_loss=adv_loss.detach(), ran=ran, syncs=syncs,
+                **_step(net, loss + adv_loss))
+
+
+class _MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+def _dp_logits(backend, rank, wrap):
+    """Training through DPLogits (clipped rows + noise, identity gradient) inside DDP."""
+    torch.manual_seed(0)
+    net = DPLogits(_MLP(), sigma=0.5, clip_norm=2.0, backend=backend)
+    model = wrap(net)
+    gen = torch.Generator().manual_seed(300 + rank)
+    x, y, syncs = torch.randn(4, 6, generator=gen), torch.randint(0, 5, (4,), generator=gen), []
+    torch.manual_seed(3)
+    logits, ran = _ran(lambda: _watched(lambda: model(x), syncs))
+    loss = F.cross_entropy(logits, y)
+    return dict(loss=loss.detach(), logits=logits.detach(), ran=ran, syncs=syncs, **_step(net, loss))
+
+
+def _neftune(backend, rank, wrap):
+    """NEFTune's model-level hook (the HF integration's) on the embedding of the wrapped model."""
+    torch.manual_seed(0)
+    net = TinyLM(vocab=VOCAB)
+    model = wrap(net)
+    net.word_embeddings.register_forward_hook(_NEFTuneHook(5.0, backend))
+    model.train()
+    (ids, labels), syncs = _batch(rank, 0), []
+    torch.manual_seed(4)
+    loss, ran = _ran(lambda: _watched(lambda: model(ids, labels), syncs))
+    return dict(loss=loss.detach(), ran=ran, syncs=syncs, **_step(net, loss))
+
+
+class _EmbedsLM(nn.Module):
+    """The HF surface adversarial_train_step needs: get_input_embeddings, inputs_embeds, .logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.head = nn.Embedding(VOCAB, 12), nn.Linear(12, 5)
+
+    def get_input_embeddings(self):
+        return self.emb
+
+    def forward(self, input_ids=None, inputs_embeds=None):
+        h = self.emb(input_ids) if inputs_embeds is None else inputs_embeds
+        return types.SimpleNamespace(logits=self.head(torch.tanh(h).mean(1)))
+
+
+def _embedding_fgsm(backend, rank, wrap):
+    """Seed 000's adversarial_train_step (embedding FGSM) called with the wrapped model."""
+    torch.manual_seed(0)
+    net = _EmbedsLM()
+    model = wrap(net)
+    (ids, labels), syncs = _batch(rank, 0), []
+    loss, ran = _ran(lambda: _watched(
+        lambda: adversarial_train_step(model, {"input_ids": ids}, labels, 0.1, backend=backend), syncs))
+    return dict(loss=loss.detach(), ran=ran, syncs=syncs, **_step(net, loss))
+
+
+RUNS = {"sift": _sift, "dp_logits": _dp_logits, "neftune": _neftune, "embedding_fgsm": _embedding_fgsm}
+CASES = [(name, backend) for name in NAMES for backend in BACKENDS] + \
+        [(op, backend) for op in TRAINING_OPS for backend in BACKENDS]
+
+
+def _scenario(op, backend, rank, wrap):
+    fn = RUNS.get(op)
+    return fn(backend, rank, wrap) if fn else _attack(op, backend, rank, wrap)
+
+
+# ---------------------------------------------------------------- the 2-process run
+
+def _ddp(net):
+    return nn.parallel.DistributedDataParallel(net)
+
+
+def _worker(rank, port, out):
+    try:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+        results = {}
+        for op, backend in CASES:
+            try:  # an op that raises is reported by its tests, the others still run
+                results[op, backend] = _scenario(op, backend, rank, _ddp)
+            except Exception:
+                results[op, backend] = {"error": traceback.format_exc()}
+        torch.save(results, os.path.join(out, f"ddp_ops{rank}.pt"))
+    except BaseException:
+        with open(os.path.join(out, f"ddp_ops{rank}.err"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+_RUN: list = []
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    """Both ranks' results of the one spawned run (bounded by SPAWN_TIMEOUT)."""
+    if not _RUN:
+        out = tmp_path_factory.mktemp("ddp_ops")
+        ctx = mp.start_processes(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=False,
+                                 start_method="spawn")
+        _RUN.append(collect_ranks(ctx, out, "ddp_ops", time.monotonic() + SPAWN_TIMEOUT, SPAWN_TIMEOUT))
+    if isinstance(_RUN[0], str):
+        pytest.fail(_RUN[0])
+    return _RUN[0]
+
+
+_SINGLE: dict = {}
+
+
+def _single(op, backend):
+    """The same op with the unwrapped model, once per rank's batch."""
+    if (op, backend) not in _SINGLE:
+        _SINGLE[op, backend] = [_scenario(op, backend, r, lambda net: net) for r in range(WORLD)]
+    return _SINGLE[op, backend]
+
+
+def _mean(runs, key):
+    return {n: sum(r[key][n] for r in runs) / len(runs) for n in runs[0][key]}
+
+
+def _got(ranks, op, backend):
+    got = [r[op, backend] for r in ranks]
+    for rank, g in enumerate(got):
+        assert "error" not in g, f"rank {rank}, {op} on {backend} under DDP raised:\n{g['error']}"
+    return got
+
+
+def _check_step(got, single, what):
+    """Gradients and weights after the step: the mean of the single-process
+    runs; replicas bitwise identical; the backend launched; no host sync."""
+    for key in ("grads", "weights"):
+        expected = _mean(single, key)
+        for rank, g in enumerate(got):
+            assert g[key].keys() == expected.keys(), (what, key)
+            for n, e in expected.items():
+                torch.testing.assert_close(g[key][n], e, **FP32, msg=lambda m: f"{what} rank {rank} {key} {n}: {m}")
+                assert torch.equal(got[1 - rank][key][n], g[key][n]), (what, "replicas differ", key, n)
+
+
+def _check_ran(got, backend):
+    for rank, g in enumerate(got):
+        assert g["ran"] == [backend], (rank, g["ran"])
+        assert g["syncs"] == [], (rank, g["syncs"])
+
+
+# ---------------------------------------------------------------- the checks
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", NAMES)
+def test_attack_under_ddp_equals_one_process(ranks, name, backend):
+    """Each rank's adversarial images are the unwrapped model's on its images,
+    bitwise; the training step after the attack is DDP's averaged step."""
+    got, single = _got(ranks, name, backend), _single(name, backend)
+    for rank in range(WORLD):
+        adv, expected = got[rank]["adv"], single[rank]["adv"]
+        assert torch.equal(adv, expected), (name, backend, rank, (adv - expected).abs().max().item())
+        assert not torch.equal(adv, _images(rank)[0])
+    _check_step(got, single, f"{name} {backend}")
+    _check_ran(got, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", NAMES)
+def test_attack_under_ddp_matches_torchattacks(ranks, name, backend):
+    """torchattacks 3.5.1 on the unwrapped model, same seed, each rank's images
+    (bitwise; PGD-L2 / MI-FGSM's per-sample sums to fp32 rounding on triton)."""
+    classes, why = load_torchattacks()
+    if classes is None:
+        pytest.skip(why)
+    for rank, g in enumerate(_got(ranks, name, backend)):
+        torch.manual_seed(0)
+        net = conv_model()
+        x, y = _images(rank)
+        torch.manual_seed(7)
+        assert_matches(g["adv"], classes[name](net, **KW[name])(x, y), name, backend)
+
+
+# embedding FGSM: adversarial_train_step(model, ...) calls model.get_input_embeddings(), which a
+# DDP wrapper does not forward to its module (AttributeError); passing ddp.module instead runs the
+# forwards outside DDP, so the gradients are not averaged (replicas drift, silently). The fix
+# (look the embeddings up on getattr(model, "module", model), forward through model) is in
+# fastadv/adversarial/fgsm.py, outside this test's files.
+_XFAIL = {"embedding_fgsm": "adversarial_train_step needs model.get_input_embeddings(), which "
+                            "DistributedDataParallel does not forward to its module"}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", [pytest.param(op, marks=pytest.mark.xfail(reason=_XFAIL[op], strict=True))
+                                if op in _XFAIL else op for op in TRAINING_OPS])
+def test_training_op_under_ddp_equals_one_process(ranks, op, backend):
+    """Each rank's losses (and DP-Logits' noisy logits) are the unwrapped
+    model's on its batch; gradients and weights after the step the mean of
+    the single-process runs; replicas identical; backend launched; no sync."""
+    got, single = _got(ranks, op, backend), _single(op, backend)
+    for rank in range(WORLD):
+        for key in ("loss", "adv_loss", "logits"):
+            if key in single[rank]:
+                torch.testing.assert_close(got[rank][key], single[rank][key], **FP32,
+                                           msg=lambda m: f"{op} {backend} rank {rank} {key}: {m}")
+    _check_step(got, single, f"{op} {backend}")
+    _check_ran(got, backend)
