@@ -544,3 +544,77 @@ def test_gpucheck_dry_run_survives_a_crashed_worker(tmp_path):
     assert bench["complete"] and bench["rows"] == 6 and not bench["failed"] and bench["checked_ok"] == 5
     assert summary["seconds"] <= 150 + 30  # the budget holds (plus the files)
     assert "Traceback" not in out.stdout
+
+
+# --------------------------------------------------------------------------
+# dist_step: the distributed path on a 1-rank process group (issue 12)
+
+def test_dist_step_counts_one_all_reduce_per_call(tmp_path):
+    """``python -m fastadv bench --ops dist_step`` on the torch backend, in a
+    fresh process: every row checks against the reference; the plain rows
+    all-reduce nothing, the FSDP2 rows (1-rank gloo group) exactly once per
+    call, what fastadv/ops sends: FGM one fp32 ||g||^2 per table, AWP ||g||
+    and ||w|| per perturbed tensor, SAM one squared norm; the collective is
+    one of the counted launches, neither path syncs the host."""
+    from fastadv import bench
+    from fastadv.bench import awp, dist
+
+    assert bench.load("dist_step") is dist
+    out = _run_cli("bench", "--ops", "dist_step", "--impls", "torch,torch fsdp1", "--out", str(tmp_path),
+                   "--no-plot", timeout=120)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    rows = json.loads(next(tmp_path.glob("*.json")).read_text())["rows"]
+    by = {(r["case"], r["impl"]): r for r in rows}
+    cases = {c.name: c for c in dist.cases("cuda" if torch.cuda.is_available() else "cpu", None)}
+    assert {c for c, _ in by} == set(cases) and len(rows) == 2 * len(cases)
+    for (case_name, impl), r in by.items():
+        assert r["check"] == "ok" and r["syncs"] == 0, r
+        c = cases[case_name]
+        shapes = awp.model_shapes(*dist._model(c.big)[1:])
+        tensors = {"fgm": 1, "awp": sum("weight" in n for n in shapes), "sam": len(shapes)}[c.op]
+        assert r["tensors"] == tensors and r["plain"] == "torch", r
+        if impl == "torch":
+            assert (r["all_reduces"], r["all_reduce_bytes"]) == (0, 0), r
+            continue
+        plain = by[case_name, "torch"]
+        sent = {"fgm": 4 * tensors, "awp": 8 * tensors, "sam": 4}[c.op]
+        assert (r["all_reduces"], r["all_reduce_bytes"]) == (1, sent), r
+        assert r["launches"] >= plain["launches"] + 1, (r, plain)
+    assert "torch fsdp1: 1 all_reduce per call, 4 bytes; +" in out.stdout  # the table's collective lines
+    assert "Traceback" not in out.stdout + out.stderr
+
+
+def test_dist_step_skips_without_a_usable_process_group(monkeypatch):
+    """No torch.distributed, or a process group already there: the FSDP2 row
+    is skipped with the reason, the plain row still runs, and no process
+    group is left behind."""
+    import torch.distributed
+    from fastadv.bench import dist
+
+    c = dist.Case("sam", torch.float32, False)
+    impls = {i.name: i for i in dist.impls(c, "cpu")}
+    for patch, why in ((("is_available", lambda: False), "torch.distributed is not available"),
+                       (("is_initialized", lambda: True), "already initialised")):
+        with monkeypatch.context() as m:
+            m.setattr(torch.distributed, *patch)
+            row = run.run_unit("dist_step", c.name, impls["torch fsdp1"], "cpu", warmup=0, iters=1,
+                               timed=False, log=lambda s: None)
+        assert why in row.get("skipped", ""), row
+    row = run.run_unit("dist_step", c.name, impls["torch"], "cpu", warmup=0, iters=1, timed=False,
+                       log=lambda s: None)
+    dist.release()
+    assert row["check"] == "ok" and row["all_reduces"] == 0
+    assert not torch.distributed.is_initialized()
+
+
+def test_vs_plain_is_the_ratio_to_the_plain_row():
+    rows = [{"op": "dist_step", "case": "c", "impl": "torch", "ms": 2.0, "plain": "torch", "all_reduces": 0,
+             "all_reduce_bytes": 0, "launches": 3},
+            {"op": "dist_step", "case": "c", "impl": "torch fsdp1", "ms": 3.0, "plain": "torch",
+             "all_reduces": 1, "all_reduce_bytes": 4, "launches": 6}]
+    report.add_derived(rows, None)
+    assert rows[0].get("vs_plain") is None and rows[1]["vs_plain"] == 1.5
+    table = report.format_table(rows)
+    assert "c torch fsdp1: 1 all_reduce per call, 4 bytes; +3 launches vs torch, 1.50x its ms" in table
+    report.add_derived(rows, None, speedups=False)
+    assert rows[1]["vs_plain"] is None

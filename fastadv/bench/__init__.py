@@ -22,6 +22,7 @@ OPS: dict[str, str] = {
     "neftune": "fastadv.bench.neftune",
     "dp": "fastadv.bench.dp",
     "dp_step": "fastadv.bench.dp_ghost",
+    "dist_step": "fastadv.bench.dist",
     "fgsm": "fastadv.bench.fgsm",
     "sam": "fastadv.bench.sam",
     "sift": "fastadv.bench.sift",

@@ -29,16 +29,22 @@ def add_derived(rows: list[dict], copy_gbps: float | None, *, speedups: bool = T
     """Fill ``speedup`` (reference ms / ms, same op and case), ``gbps`` (bytes
     / time), ``pct_copy_bw`` (gbps / copy_gbps * 100) and, for ops with a
     ``nonprivate`` row, ``vs_nonprivate`` (its ms / ms: throughput as a fraction
-    of the non-private step) where defined.  ``speedups=False`` (a CPU run:
-    its times say nothing about GPU speed) leaves them all empty."""
+    of the non-private step) and, for a row naming its ``plain`` implementation
+    (``dist_step``'s fsdp rows), ``vs_plain`` (ms / that row's ms: the cost of
+    the distributed path) where defined.  ``speedups=False`` (a CPU run: its
+    times say nothing about GPU speed) leaves them all empty."""
     ref = {(r["op"], r["case"]): r["ms"] for r in rows if r.get("impl") == "reference" and r.get("ms")}
     plain = {(r["op"], r["case"]): r["ms"] for r in rows if r.get("impl") == "nonprivate" and r.get("ms")}
+    by_impl = {(r["op"], r["case"], r.get("impl")): r.get("ms") for r in rows}
     for r in rows:
         ms = r.get("ms") if speedups else None
         base = ref.get((r["op"], r["case"]))
         r["speedup"] = sig(base / ms, 4) if ms and base else None
         if (r["op"], r["case"]) in plain:
             r["vs_nonprivate"] = sig(plain[(r["op"], r["case"])] / ms, 4) if ms else None
+        if r.get("plain") not in (None, r.get("impl")):
+            plain_ms = by_impl.get((r["op"], r["case"], r["plain"]))
+            r["vs_plain"] = sig(ms / plain_ms, 4) if ms and plain_ms else None
         nbytes = r.get("bytes")
         r["gbps"] = sig(nbytes / (ms * 1e-3) / 1e9, 5) if ms and nbytes else None
         r["pct_copy_bw"] = sig(100 * r["gbps"] / copy_gbps, 4) if r["gbps"] and copy_gbps else None
@@ -178,9 +184,32 @@ def format_table(rows: list[dict], *, notes_per_reason: int = 3) -> str:
                          for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
 
     out = [line(COLUMNS), line(["-" * w for w in widths])] + [line(b) for b in body]
+    collectives = _collectives(rows)
+    if collectives:
+        out += [""] + collectives
     if reasons:
         out += [""] + _notes(reasons, notes_per_reason)
     return "\n".join(out)
+
+
+def _collectives(rows: list[dict]) -> list[str]:
+    """One line per row that counted its ``all_reduce`` calls (``dist_step``):
+    calls and bytes per call and, against its ``plain`` row, the launches more
+    and the time ratio (GPU)."""
+    launches = {(r["op"], r["case"], r.get("impl")): r.get("launches") for r in rows}
+    out = []
+    for r in rows:
+        if "all_reduces" not in r or _status(r) is not None:
+            continue
+        line = (f"{r['op']} {r['case']} {r['impl']}: {r['all_reduces']} all_reduce per call, "
+                f"{r['all_reduce_bytes']} bytes")
+        plain = launches.get((r["op"], r["case"], r.get("plain")))
+        if r.get("plain") != r.get("impl") and plain is not None and r.get("launches") is not None:
+            line += f"; {r['launches'] - plain:+d} launches vs {r['plain']}"
+        if r.get("vs_plain"):
+            line += f", {r['vs_plain']:.2f}x its ms"
+        out.append(line)
+    return out
 
 
 class NothingToPlot(Exception):
