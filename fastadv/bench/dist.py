@@ -20,10 +20,13 @@ run (fp32: rtol 1e-5; bf16: two ulps) and restore bit-exactly.
 
 Extra columns: ``all_reduces`` and ``all_reduce_bytes`` (one call of the
 step with ``torch.distributed.all_reduce`` wrapped; fastadv looks it up at
-each call), ``tensors``; launches / syncs / bytes are the usual counted
-columns (on the fsdp rows the collective is one of the launches and its
-operand is in the bytes), ``ms`` GPU only, and ``vs_plain`` (the fsdp row's
-ms over the plain row's, :func:`fastadv.bench.report.add_derived`).  What one
+each call), ``tensors``; launches and syncs are the usual counted columns
+(on the fsdp rows the collective is one of the launches), bytes too on the
+torch backend (the kernel backends' rows leave them empty: the op's own
+bench row has its design bytes), ``ms`` GPU only, and ``vs_plain`` (the fsdp
+row's ms over the plain row's, :func:`fastadv.bench.report.add_derived`).
+Both rows of a fastadv backend must make no host sync (``sync_free``: the
+GPU check runs them under ``torch.cuda.set_sync_debug_mode("error")``).  What one
 call all-reduces (``fastadv/ops``): FGM one fp32 ``||g||^2`` per table (4
 bytes a tensor), AWP ``||g||`` and ``||w||`` per perturbed tensor (8 bytes a
 tensor), SAM the square of its one global norm (4 bytes).
@@ -132,9 +135,11 @@ class OneRank:
         self.fully_shard = fully_shard
         self._dir = tempfile.TemporaryDirectory(prefix="fastadv-dist-")
         store = dist.FileStore(os.path.join(self._dir.name, "store"), 1)
-        kw = {"device_id": device} if device.type == "cuda" else {}
-        if device.type == "cuda":
+        kw = {}
+        if device.type == "cuda":  # nccl binds the group to one device, with its index
+            device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
             torch.cuda.set_device(device)
+            kw["device_id"] = device
         try:
             dist.init_process_group(backend, store=store, rank=0, world_size=1, **kw)
             self.mesh = init_device_mesh(device.type, (1,))
@@ -248,7 +253,7 @@ def _impl(case: Case, device, backend: str, sharded: bool) -> Impl:
         if slow:
             extra["interpreted"] = True
         return Prepared(step=step, check=lambda: _check(data, model, attack, restore), extra=extra,
-                        design_bytes=None, timed=not slow,
+                        design_bytes=None, timed=not slow, sync_free=True,
                         teardown=group.close if group is not None else None)
 
     return Impl(f"{backend} fsdp1" if sharded else backend, setup)
