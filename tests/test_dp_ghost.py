@@ -628,6 +628,57 @@ def test_peak_memory_close_to_non_private(mode):
                                              f"non-private +{growth_plain}")
 
 
+@pytest.mark.parametrize("vocab,bound", [(100, {"bk": 1.2, "ghost": 1.3})])
+@pytest.mark.parametrize("mode", MODES)
+def test_peak_memory_when_activations_dominate(mode, vocab, bound):
+    """The same step with a vocabulary of 100, where the activations (not the
+    logits) dominate the non-private peak.  bk holds each layer's output
+    gradient until the end: within the issue's 1.2x (measured 1.16x).  Ghost
+    keeps the whole graph through its first backward for the second (as
+    Opacus's ghost mode must): measured 1.26x, over the issue's 1.2x, so the
+    bound here is 1.3x (a regression guard, not the goal; docs/dp.md says so)."""
+    plain, dp = _peak_bytes(_lm_step(None, 64, vocab=vocab)), _peak_bytes(_lm_step(mode, 64, vocab=vocab))
+    assert dp <= bound[mode] * plain, f"{mode}: {dp / plain:.3f}x the non-private peak"
+
+
+class _MatmulShapes(torch.utils._python_dispatch.TorchDispatchMode):
+    """The output shapes of every matrix product dispatched."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket.__name__ in ("mm", "addmm", "bmm", "baddbmm"):
+            self.shapes.append(tuple(out.shape))
+        return out
+
+
+def test_ghost_norm_backward_computes_no_parameter_gradient():
+    """Ghost's first backward asks for the deepest layers' output gradients,
+    not the parameters': no weight gradient is computed (and dropped) there,
+    which cost a GEMM per Linear and a weight-sized buffer per parameter."""
+    class Wide(nn.Module):  # weight shapes no activation product shares
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2, self.fc3 = nn.Linear(7, 11), nn.Linear(11, 13), nn.Linear(13, 5)
+
+        def forward(self, x):
+            return self.fc3(torch.tanh(self.fc2(torch.tanh(self.fc1(x)))))
+
+    torch.manual_seed(18)
+    model = Wide()
+    m = ghost.GhostClippingModule(model, mode="ghost", backend="torch")
+    loss = m(torch.randn(4, 7)).square().sum(1)
+    weights = {tuple(p.shape) for p in model.parameters() if p.dim() == 2}
+    weights |= {w[::-1] for w in weights}
+    with _MatmulShapes() as seen:
+        m.dp_backward(loss, 1.0)
+    assert not weights & set(seen.shapes), seen.shapes
+    assert m.per_sample_gradient_norms.shape == (4,)
+
+
 # ---------------------------------------------------------------- the fused norm kernel
 
 @pytest.mark.parametrize("shape", [(3, 1, 5, 7), (2, 20, 33, 17)])

@@ -638,11 +638,19 @@ class GhostClippingModule(nn.Module):
                 state.add(r, grads[i])
                 grads[i] = None
         else:
-            used = [p for pid, p in params.items() if counts[pid]]
             handles = [r.edge.node.register_prehook(self._prehook(r, state)) for r in records]
             try:
-                if used:
-                    torch.autograd.grad(total, used, retain_graph=True, allow_unused=True)
+                # Asked for the output gradients of the deepest layers only: the backward passes
+                # every layer's output edge on its way (the hooks take their norms there) but
+                # computes no parameter gradient, and holds few output gradients at its end.
+                deepest = _deepest(records)
+                if deepest:
+                    grads = torch.autograd.grad(total, [r.edge for r in deepest], retain_graph=True,
+                                                allow_unused=True)
+                    for r, g in zip(deepest, grads):
+                        if not r.seen:  # the engine hands a requested edge's gradient back, unhooked
+                            r.seen = True
+                            state.add(r, g)
             finally:
                 for h in handles:
                     h.remove()
@@ -709,6 +717,30 @@ class GhostClippingModule(nn.Module):
                 g = g.reshape(p.shape)
                 sums[p] = g if p not in sums else sums[p] + g.to(sums[p].dtype)
         return sums
+
+
+def _deepest(records) -> list:
+    """The records from whose output node no other record's node is reachable
+    in the backward graph: every record lies on a path from the loss to one of
+    them, so a backward asked for their edges reaches every record's edge."""
+    targets = {r.edge.node for r in records}
+    reaches: dict = {}  # node -> whether a record's node is reachable below it
+
+    def below(node) -> bool:
+        stack, order = [node], []
+        while stack:  # iterative post-order over next_functions (graphs are deep)
+            n = stack.pop()
+            if n is None or n in reaches:
+                continue
+            kids = [f for f, _ in n.next_functions if f is not None]
+            if all(k in reaches for k in kids):
+                reaches[n] = any(k in targets or reaches[k] for k in kids)
+            else:
+                stack.append(n)
+                stack.extend(k for k in kids if k not in reaches)
+        return reaches[node]
+
+    return [r for r in records if not below(r.edge.node)]
 
 
 def _rows(p: torch.Tensor, use: ref.MatUse) -> int:

@@ -152,16 +152,17 @@ class FSDPGhostClippingModule(_ghost.GhostClippingModule):
     autograd graph's parameters can be named.  Those are the all-gathered
     (unsharded) parameters the forward used; after a block's forward FSDP2
     swaps its modules back to the DTensor shards.  :meth:`dp_backward`
-    therefore unshards every FSDP module first (one all-gather each; the
-    parameters stay full until the second backward's post-backward reshards
-    them): the modules hold the graph's leaves again and the parent's graph
-    walk, use check and norms apply unchanged.  ``"ghost"``: the second
-    backward is FSDP2's own: it reduce-scatters the clip-weighted gradient,
-    averaged over the ranks, into the sharded ``p.grad``.  ``"bk"``: the norms
-    are taken after the (output-only) backward, so the modules are kept
-    unsharded through it (``set_reshard_after_backward(False)``, set back to
-    FSDP2's default ``True`` afterwards) and :meth:`write_clipped` sums the
-    full clipped gradients itself.
+    therefore unshards every FSDP module first (one all-gather each) and
+    keeps them unsharded through the norm backward
+    (``set_reshard_after_backward(False)``, set back to FSDP2's default
+    ``True`` afterwards): the modules hold the graph's leaves again and the
+    parent's graph walk, use check and norms apply unchanged, also for the
+    norms taken after that backward returns (bk's; ghost's deepest layers,
+    whose output gradients the backward hands back).  ``"ghost"``: the
+    modules reshard after the norms; the second backward is FSDP2's own: it
+    reduce-scatters the clip-weighted gradient, averaged over the ranks, into
+    the sharded ``p.grad``.  ``"bk"``: :meth:`write_clipped` sums the full
+    clipped gradients itself, then reshards.
 
     Under a ``MixedPrecisionPolicy(param_dtype=bf16 | fp16)`` the unsharded
     parameters, activations and output gradients are in ``param_dtype``: the
@@ -191,8 +192,9 @@ class FSDPGhostClippingModule(_ghost.GhostClippingModule):
         for sub in self._module.modules():
             if isinstance(sub, FSDPModule):
                 sub.unshard()
-                if self.mode == "bk":  # the norms are taken after the backward: keep the leaves until then
-                    sub.set_reshard_after_backward(False, recurse=False)
+                # the norms (bk: all of them; ghost: the deepest layers', whose output gradients the
+                # backward hands back) are taken after the backward: keep the leaves until then
+                sub.set_reshard_after_backward(False, recurse=False)
         for r in self._records:  # a layer still holding a shard would be invisible to the graph walk
             for name, p in r.module.named_parameters(recurse=False):
                 if _dist.is_sharded(p):
@@ -200,7 +202,20 @@ class FSDPGhostClippingModule(_ghost.GhostClippingModule):
                                               f"unshard(): it is not managed by fully_shard")
         self._unsharded = dict(self._module.named_parameters())
         self._names = {id(p): n for n, p in self._unsharded.items()}
-        return super().dp_backward(loss_per_sample, max_grad_norm)
+        out = super().dp_backward(loss_per_sample, max_grad_norm)
+        if self.mode == "ghost":  # bk reshards in write_clipped, after its sums
+            self._reshard()
+        return out
+
+    def _reshard(self) -> None:
+        """Every fully_shard module back to FSDP2's default (reshard after
+        backward) and resharded now."""
+        from torch.distributed.fsdp import FSDPModule
+
+        for sub in self._module.modules():
+            if isinstance(sub, FSDPModule):
+                sub.set_reshard_after_backward(True, recurse=False)
+                sub.reshard()
 
     def write_clipped(self, factors, mats, vecs) -> None:
         """Book-keeping: this rank's full clipped sums (fp32, see the class
@@ -232,10 +247,7 @@ class FSDPGhostClippingModule(_ghost.GhostClippingModule):
                                                     shape=shard.shape, stride=shard.stride())
                 else:
                     _dist.local(shard.grad).add_(local)
-        for sub in self._module.modules():
-            if isinstance(sub, FSDPModule):
-                sub.set_reshard_after_backward(True, recurse=False)
-                sub.reshard()
+        self._reshard()
 
 
 def _fsdp_reduce_dtypes(m: nn.Module) -> dict:
