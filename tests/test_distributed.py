@@ -355,8 +355,12 @@ def _dp(rank):
         x = torch.randn(DP_BATCH, 32, generator=torch.Generator().manual_seed(100 + rank))
         net(x).square().sum().backward()
         torch.manual_seed(3)
-        _, ran = _ran(opt.step)
-        out[kind, backend] = dict(grads=[p.grad.clone() for p in net.parameters()], ran=ran)
+        before, watch = _ALL_REDUCES[0], _SyncWatch()
+        with watch:
+            _, ran = _ran(opt.step)
+        out[kind, backend] = dict(grads=[p.grad.clone() for p in net.parameters()], ran=ran,
+                                  calls=_ALL_REDUCES[0] - before, syncs=watch.syncs,
+                                  storages=len({p.grad.untyped_storage().data_ptr() for p in net.parameters()}))
     return out
 
 
@@ -710,6 +714,21 @@ def test_dp_ddp_equals_opacus_distributed(runs, backend):
         assert got["ran"] == [backend]
     r0, r1 = (r["dp"]["noise-free", backend]["grads"] for r in runs("ddp"))
     assert all(torch.equal(a, b) for a, b in zip(r0, r1))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dp_ddp_one_all_reduce_no_host_sync(runs, backend):
+    """The step reduces the private gradients (weight and bias, one dtype) with
+    one all_reduce of a flat buffer the fused op wrote them into (Opacus: one
+    per parameter, 2 here; the gradients are views of it, not copies), with or
+    without noise, and reads nothing back to the host."""
+    for r in runs("ddp"):
+        assert r["dp"]["opacus", None]["calls"] == 2
+        for kind in ("noise-free", "noisy"):
+            got = r["dp"][kind, backend]
+            assert got["calls"] == 1, (kind, got["calls"])
+            assert got["syncs"] == [], (kind, got["syncs"])
+            assert got["storages"] == 1, "the gradients are not views of the reduced buffer (copied)"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

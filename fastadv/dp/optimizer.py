@@ -214,7 +214,31 @@ class DPOptimizer(_OpacusDPOptimizer):
 class DistributedDPOptimizer(DPOptimizer, _OpacusDistributedDPOptimizer):
     """``opacus.optimizers.DistributedDPOptimizer`` with the fused op: every rank
     clips its own samples, only rank 0 adds noise; ``step`` then all-reduces
-    ``p.grad`` (Opacus's ``reduce_gradients``)."""
+    ``p.grad`` and, for ``"mean"``, divides by ``world_size`` (Opacus's
+    ``reduce_gradients``) -- with one ``all_reduce`` per (dtype, device) group
+    instead of Opacus's one per parameter: the fused op writes the private
+    gradients into views of one flat buffer per group, which is reduced
+    whole (no copy)."""
+
+    def pre_step(self, closure=None) -> bool:
+        self._flat = []
+        if self.params and not self._check_skip_next_step(pop_next=False):
+            self._flat = _flat_grads(self.params)  # p.grad := views the fused op writes in place
+        return super().pre_step(closure)
+
+    def reduce_gradients(self):
+        flats, self._flat = getattr(self, "_flat", []), []
+        for flat, group in flats or [(None, g) for g in _groups([p for p in self.params if p.requires_grad])]:
+            views = None if flat is None else _views(flat, group)
+            if views is None or any(p.grad is None or p.grad.data_ptr() != v.data_ptr() for p, v in zip(group, views)):
+                flat, views = None, None  # no flat buffer, or p.grad replaced since: reduce a copy
+            buf = torch.cat([p.grad.reshape(-1) for p in group]) if flat is None else flat
+            torch.distributed.all_reduce(buf, op=torch.distributed.ReduceOp.SUM)
+            if self.loss_reduction == "mean":
+                buf /= self.world_size
+            if flat is None:
+                for p, v in zip(group, _views(buf, group)):
+                    p.grad.copy_(v)
 
     def _noise_std(self) -> float:
         return super()._noise_std() if self.rank == 0 else 0.0
@@ -225,3 +249,29 @@ class DistributedDPOptimizer(DPOptimizer, _OpacusDistributedDPOptimizer):
         else:
             for p in self.params:
                 p.grad = p.summed_grad.view_as(p)
+
+
+def _groups(params) -> list[list[torch.Tensor]]:
+    """The parameters grouped by (dtype, device), in order."""
+    groups: dict = {}
+    for p in params:
+        groups.setdefault((p.dtype, p.device), []).append(p)
+    return list(groups.values())
+
+
+def _flat_grads(params) -> list[tuple[torch.Tensor, list[torch.Tensor]]]:
+    """One flat buffer per (dtype, device) group of the trainable ``params``,
+    each ``p.grad`` set to its view (contiguous, the parameter's shape: the
+    fused op overwrites it in place); ``[(flat, group)]``."""
+    out = []
+    for group in _groups([p for p in params if p.requires_grad]):
+        flat = torch.empty(sum(p.numel() for p in group), dtype=group[0].dtype, device=group[0].device)
+        for p, v in zip(group, _views(flat, group)):
+            p.grad = v
+        out.append((flat, group))
+    return out
+
+
+def _views(flat: torch.Tensor, group) -> list[torch.Tensor]:
+    """``flat`` cut into views shaped like the tensors of ``group``."""
+    return [v.view_as(p) for p, v in zip(group, flat.split([p.numel() for p in group]))]
