@@ -47,7 +47,8 @@ import fastadv.kernels as kernels
 from fastadv.dp import PrivacyEngine
 
 from conftest import DEVICE
-from test_distributed import MIN_GAP_RATIO, _ALL_REDUCES, _count_all_reduce, _free_port, _ran, collect_ranks
+from test_distributed import (MIN_GAP_RATIO, _ALL_REDUCES, _SyncWatch, _count_all_reduce, _free_port, _ran,
+                              collect_ranks)
 from test_dp_ghost import TinyLM, _loss_dp, _loss_vanilla
 
 WORLD, STEPS, BATCH = 2, 2, 3          # BATCH: per rank
@@ -172,7 +173,7 @@ def _train(distributed, mode, backend, sigma=0.0, steps=STEPS, variant=None):
         module=model, optimizer=opt, criterion=nn.CrossEntropyLoss(reduction=reduction),
         data_loader=_loader(distributed), noise_multiplier=sigma, max_grad_norm=C, poisson_sampling=False,
         grad_sample_mode=mode, loss_reduction=reduction, noise_generator=torch.Generator().manual_seed(SEED))
-    out = dict(local=[], grads=[], calls=[], fsdp_calls=[], norms=[], cls=type(opt).__name__)
+    out = dict(local=[], grads=[], calls=[], fsdp_calls=[], norms=[], syncs=[], cls=type(opt).__name__)
     dtypes, launches = collections.Counter(_DTYPES), collections.Counter(kernels.LAUNCHES)
 
     def run():
@@ -181,13 +182,17 @@ def _train(distributed, mode, backend, sigma=0.0, steps=STEPS, variant=None):
             opt.zero_grad()
             norms = []
             for xb, yb in _micro_batches(distributed, variant, step, x, y):
-                _loss_dp(crit, m(xb), yb).backward()
+                with _SyncWatch() as watch:  # the DP backward: no host sync
+                    _loss_dp(crit, m(xb), yb).backward()
+                out["syncs"] += watch.syncs
                 norms.append(m.per_sample_gradient_norms.clone())
             out["local"].append({_name(n): _full(p.grad) for n, p in model.named_parameters()})
             out["norms"].append(torch.cat(norms))
             if variant == "virtual" and step == 0:  # a virtual step: accumulated, not reduced nor taken
                 opt.signal_skip_step(do_skip=True)
-            opt.step()
+            with _SyncWatch() as watch:  # the step: noise, the collectives, the inner step
+                opt.step()
+            out["syncs"] += watch.syncs
             out["grads"].append({_name(n): _full(p.grad) for n, p in model.named_parameters()})
             out["calls"].append(_ALL_REDUCES[0] - before)
             out["fsdp_calls"].append(dict(collections.Counter(_COUNTS) - counts))
@@ -683,3 +688,14 @@ def test_fsdp_mixed_noise_is_the_single_process_draw(ranks, mode):
         _assert_close(noise, want, f"rank {rank} {mode} bf16 noise")
     for n, g in ranks[0]["mixed_noisy", mode]["grads"][0].items():
         assert torch.equal(ranks[1]["mixed_noisy", mode]["grads"][0][n], g), n
+
+
+def test_no_host_sync_in_a_distributed_dp_step(ranks):
+    """No DP backward (norms, clip factors, bk's clipped sums) and no step
+    (noise, the all_reduce or FSDP2's collectives, the inner step) reads device
+    data back to the host, in any mode, backend, variant or mesh run here."""
+    for r in ranks:
+        runs = {k: v for k, v in r.items() if isinstance(v, dict) and "syncs" in v}
+        assert len(runs) > 20, sorted(map(str, runs))
+        bad = {k: v["syncs"] for k, v in runs.items() if v["syncs"]}
+        assert not bad, bad
