@@ -49,7 +49,7 @@ from test_sift import HIDDEN, Tiny, logits_fn
 WORLD = 2
 BACKENDS = ["torch", "triton"]
 TRAINING_OPS = ["sift", "dp_logits", "neftune", "embedding_fgsm"]
-LR = 0.1
+LR, STEPS = 0.1, 2  # two steps: the second starts from the first's averaged step
 SPAWN_TIMEOUT = 180  # seconds for the 2-process run (~25 s on 2 shared cores)
 pytestmark = pytest.mark.skipif(DEVICE.type != "cpu" or not dist.is_available(),
                                 reason="the gloo tests run on CPU")
@@ -57,49 +57,72 @@ pytestmark = pytest.mark.skipif(DEVICE.type != "cpu" or not dist.is_available(),
 
 # ---------------------------------------------------------------- the scenarios (one rank's batch)
 
-def _images(rank):
-    gen = torch.Generator().manual_seed(100 + rank)
+def _images(rank, step):
+    gen = torch.Generator().manual_seed(100 + 10 * step + rank)
     return torch.rand(4, 3, 8, 8, generator=gen), torch.randint(0, 5, (4,), generator=gen)
 
 
-def _tokens(rank):
-    gen = torch.Generator().manual_seed(200 + rank)
+def _tokens(rank, step):
+    gen = torch.Generator().manual_seed(200 + 10 * step + rank)
     return {"input_ids": torch.randint(0, 50, (3, 7), generator=gen),
             "labels": torch.randint(0, 5, (3,), generator=gen)}
 
 
-def _watched(fn, syncs):
-    """``fn()`` with its host syncs appended to ``syncs``."""
+def _watched(fn, out):
+    """``fn()`` (an op call), with its host syncs and the backends it launched added to ``out``."""
     watch = _SyncWatch()
-    with watch:
-        out = fn()
-    syncs += watch.syncs
+
+    def call():
+        with watch:
+            return fn()
+    result, ran = _ran(call)
+    out["syncs"] += watch.syncs
+    out["ran"] = sorted(set(out["ran"]) | set(ran))
+    return result
+
+
+def _training(net, model, scenario):
+    """STEPS training steps of ``scenario(step, out, record) -> loss`` (the op inside),
+    each ending in a backward and an SGD step; a generator that yields
+    ``("buffers", net)`` before each step's first forward (where DDP
+    broadcasts rank 0's buffers) and ``("grads", net)`` after the backward
+    (where DDP has averaged the gradients), so that single-process runs of the
+    ranks can be driven in lockstep (:func:`_lockstep`).  Returns the
+    per-step losses, gradients and weights, the backends launched and the
+    host syncs of the op calls."""
+    opt = torch.optim.SGD(net.parameters(), lr=LR)
+    out = dict(ran=[], syncs=[], steps=[])
+    for step in range(STEPS):
+        yield "buffers", net
+        opt.zero_grad()
+        record = {}
+        loss = scenario(step, out, record)
+        loss.backward()
+        yield "grads", net
+        record["grads"] = {n: p.grad.detach().clone() for n, p in net.named_parameters() if p.grad is not None}
+        opt.step()
+        record.update(loss=loss.detach(), weights={n: p.detach().clone() for n, p in net.named_parameters()})
+        out["steps"].append(record)
     return out
 
 
-def _step(net, loss):
-    """Backward (through DDP when wrapped) and one SGD step; the gradients and weights after it."""
-    loss.backward()
-    grads = {n: p.grad.detach().clone() for n, p in net.named_parameters() if p.grad is not None}
-    torch.optim.SGD(net.parameters(), lr=LR).step()
-    return dict(grads=grads, weights={n: p.detach().clone() for n, p in net.named_parameters()})
-
-
 def _attack(name, backend, rank, wrap):
-    """One attack on the rank's images through ``wrap(model)``, then one
-    training step on the adversarial images (model in training mode: batch
+    """Each step: the attack on the rank's images through ``wrap(model)``, then
+    a training step on the adversarial images (model in training mode: batch
     norm on the batch's statistics, dropout drawn from a seeded generator)."""
     torch.manual_seed(0)
     net = conv_model()
     model = wrap(net)
-    x, y = _images(rank)
     atk = getattr(attacks, name)(model, backend=backend, **KW[name])
-    syncs = []
-    torch.manual_seed(7)
-    adv, ran = _ran(lambda: _watched(lambda: atk(x, y), syncs))
-    model.train()
-    torch.manual_seed(9)
-    return dict(adv=adv, ran=ran, syncs=syncs, **_step(net, F.cross_entropy(model(adv), y)))
+
+    def scenario(step, out, record):
+        x, y = _images(rank, step)
+        torch.manual_seed(7 + step)
+        record["adv"] = adv = _watched(lambda: atk(x, y), out)
+        model.train()
+        torch.manual_seed(9 + step)
+        return F.cross_entropy(model(adv), y)
+    return _training(net, model, scenario)
 
 
 def _sift(backend, rank, wrap):
@@ -109,12 +132,15 @@ def _sift(backend, rank, wrap):
     model = wrap(net)
     layers = sift.hook_sift_layer(model, HIDDEN, learning_rate=0.1, init_perturbation=0.02, backend=backend)
     learner = sift.AdversarialLearner(model, layers)
-    data, syncs = _tokens(rank), []
-    torch.manual_seed(5)
-    logits, loss = model(**data)
-    adv_loss, ran = _ran(lambda: _watched(lambda: learner.loss(logits, logits_fn, **data), syncs))
-    return dict(loss=loss.detach(), adv_loss=adv_loss.detach(), ran=ran, syncs=syncs,
-                **_step(net, loss + adv_loss))
+
+    def scenario(step, out, record):
+        data = _tokens(rank, step)
+        torch.manual_seed(5 + step)
+        logits, loss = model(**data)
+        adv_loss = _watched(lambda: learner.loss(logits, logits_fn, **data), out)
+        record["adv_loss"] = adv_loss.detach()
+        return loss + adv_loss
+    return _training(net, model, scenario)
 
 
 class _MLP(nn.Module):
@@ -131,12 +157,15 @@ def _dp_logits(backend, rank, wrap):
     torch.manual_seed(0)
     net = DPLogits(_MLP(), sigma=0.5, clip_norm=2.0, backend=backend)
     model = wrap(net)
-    gen = torch.Generator().manual_seed(300 + rank)
-    x, y, syncs = torch.randn(4, 6, generator=gen), torch.randint(0, 5, (4,), generator=gen), []
-    torch.manual_seed(3)
-    logits, ran = _ran(lambda: _watched(lambda: model(x), syncs))
-    loss = F.cross_entropy(logits, y)
-    return dict(loss=loss.detach(), logits=logits.detach(), ran=ran, syncs=syncs, **_step(net, loss))
+
+    def scenario(step, out, record):
+        gen = torch.Generator().manual_seed(300 + 10 * step + rank)
+        x, y = torch.randn(4, 6, generator=gen), torch.randint(0, 5, (4,), generator=gen)
+        torch.manual_seed(3 + step)
+        logits = _watched(lambda: model(x), out)
+        record["logits"] = logits.detach()
+        return F.cross_entropy(logits, y)
+    return _training(net, model, scenario)
 
 
 def _neftune(backend, rank, wrap):
@@ -146,10 +175,12 @@ def _neftune(backend, rank, wrap):
     model = wrap(net)
     net.word_embeddings.register_forward_hook(_NEFTuneHook(5.0, backend))
     model.train()
-    (ids, labels), syncs = _batch(rank, 0), []
-    torch.manual_seed(4)
-    loss, ran = _ran(lambda: _watched(lambda: model(ids, labels), syncs))
-    return dict(loss=loss.detach(), ran=ran, syncs=syncs, **_step(net, loss))
+
+    def scenario(step, out, record):
+        ids, labels = _batch(rank, step)
+        torch.manual_seed(4 + step)
+        return _watched(lambda: model(ids, labels), out)
+    return _training(net, model, scenario)
 
 
 class _EmbedsLM(nn.Module):
@@ -172,10 +203,12 @@ def _embedding_fgsm(backend, rank, wrap):
     torch.manual_seed(0)
     net = _EmbedsLM()
     model = wrap(net)
-    (ids, labels), syncs = _batch(rank, 0), []
-    loss, ran = _ran(lambda: _watched(
-        lambda: adversarial_train_step(model, {"input_ids": ids}, labels, 0.1, backend=backend), syncs))
-    return dict(loss=loss.detach(), ran=ran, syncs=syncs, **_step(net, loss))
+
+    def scenario(step, out, record):
+        ids, labels = _batch(rank, step)
+        return _watched(lambda: adversarial_train_step(model, {"input_ids": ids}, labels, 0.1,
+                                                       backend=backend), out)
+    return _training(net, model, scenario)
 
 
 RUNS = {"sift": _sift, "dp_logits": _dp_logits, "neftune": _neftune, "embedding_fgsm": _embedding_fgsm}
@@ -186,6 +219,42 @@ CASES = [(name, backend) for name in NAMES for backend in BACKENDS] + \
 def _scenario(op, backend, rank, wrap):
     fn = RUNS.get(op)
     return fn(backend, rank, wrap) if fn else _attack(op, backend, rank, wrap)
+
+
+def _run(gen):
+    """A scenario run to its end (under DDP: the yields need nothing)."""
+    try:
+        while True:
+            next(gen)
+    except StopIteration as stop:
+        return stop.value
+
+
+def _lockstep(gens):
+    """The ranks' single-process runs, one step at a time, with DDP's
+    communication done by hand at the scenario's yields: rank 0's buffers to
+    every rank before a step, the mean of the gradients after the backward."""
+    outs = [None] * len(gens)
+    while True:
+        points = []
+        for i, gen in enumerate(gens):
+            try:
+                points.append(next(gen))
+            except StopIteration as stop:
+                outs[i] = stop.value
+        if not points:
+            return outs
+        kind, nets = points[0][0], [net for _, net in points]
+        if kind == "buffers":
+            for bufs in zip(*(net.buffers() for net in nets)):
+                for b in bufs[1:]:
+                    b.copy_(bufs[0])
+        else:
+            for params in zip(*(net.parameters() for net in nets)):
+                if params[0].grad is not None:
+                    mean = sum(p.grad for p in params) / len(params)
+                    for p in params:
+                        p.grad = mean.clone()
 
 
 # ---------------------------------------------------------------- the 2-process run
@@ -201,7 +270,7 @@ def _worker(rank, port, out):
         results = {}
         for op, backend in CASES:
             try:  # an op that raises is reported by its tests, the others still run
-                results[op, backend] = _scenario(op, backend, rank, _ddp)
+                results[op, backend] = _run(_scenario(op, backend, rank, _ddp))
             except Exception:
                 results[op, backend] = {"error": traceback.format_exc()}
         torch.save(results, os.path.join(out, f"ddp_ops{rank}.pt"))
@@ -234,14 +303,10 @@ _SINGLE: dict = {}
 
 
 def _single(op, backend):
-    """The same op with the unwrapped model, once per rank's batch."""
+    """The same op with the unwrapped model, the ranks' runs in lockstep on this process."""
     if (op, backend) not in _SINGLE:
-        _SINGLE[op, backend] = [_scenario(op, backend, r, lambda net: net) for r in range(WORLD)]
+        _SINGLE[op, backend] = _lockstep([_scenario(op, backend, r, lambda net: net) for r in range(WORLD)])
     return _SINGLE[op, backend]
-
-
-def _mean(runs, key):
-    return {n: sum(r[key][n] for r in runs) / len(runs) for n in runs[0][key]}
 
 
 def _got(ranks, op, backend):
@@ -251,20 +316,24 @@ def _got(ranks, op, backend):
     return got
 
 
-def _check_step(got, single, what):
-    """Gradients and weights after the step: the mean of the single-process
-    runs; replicas bitwise identical; the backend launched; no host sync."""
-    for key in ("grads", "weights"):
-        expected = _mean(single, key)
-        for rank, g in enumerate(got):
-            assert g[key].keys() == expected.keys(), (what, key)
-            for n, e in expected.items():
-                torch.testing.assert_close(g[key][n], e, **FP32, msg=lambda m: f"{what} rank {rank} {key} {n}: {m}")
-                assert torch.equal(got[1 - rank][key][n], g[key][n]), (what, "replicas differ", key, n)
-
-
-def _check_ran(got, backend):
-    for rank, g in enumerate(got):
+def _check(got, single, backend, what):
+    """Per step and rank: the single-process run's losses, outputs, gradients
+    and weights; the replicas bitwise identical; the backend under test
+    launched and no other; no host sync in the op calls."""
+    for rank, (g, e) in enumerate(zip(got, single)):
+        assert len(g["steps"]) == len(e["steps"]) == STEPS
+        for step, (gs, es) in enumerate(zip(g["steps"], e["steps"])):
+            assert gs.keys() == es.keys()
+            for key, expected in es.items():
+                if key == "adv":
+                    continue  # checked bitwise by the attack test
+                tensors = expected.items() if isinstance(expected, dict) else [("", expected)]
+                for n, t in tensors:
+                    actual = gs[key][n] if n else gs[key]
+                    torch.testing.assert_close(actual, t, **FP32,
+                                               msg=lambda m: f"{what} rank {rank} step {step} {key} {n}: {m}")
+            for n, w in gs["weights"].items():
+                assert torch.equal(got[1 - rank]["steps"][step]["weights"][n], w), (what, "replicas differ", step, n)
         assert g["ran"] == [backend], (rank, g["ran"])
         assert g["syncs"] == [], (rank, g["syncs"])
 
@@ -275,30 +344,32 @@ def _check_ran(got, backend):
 @pytest.mark.parametrize("name", NAMES)
 def test_attack_under_ddp_equals_one_process(ranks, name, backend):
     """Each rank's adversarial images are the unwrapped model's on its images,
-    bitwise; the training step after the attack is DDP's averaged step."""
+    bitwise, at each step; the training steps after the attacks are DDP's
+    averaged steps."""
     got, single = _got(ranks, name, backend), _single(name, backend)
     for rank in range(WORLD):
-        adv, expected = got[rank]["adv"], single[rank]["adv"]
-        assert torch.equal(adv, expected), (name, backend, rank, (adv - expected).abs().max().item())
-        assert not torch.equal(adv, _images(rank)[0])
-    _check_step(got, single, f"{name} {backend}")
-    _check_ran(got, backend)
+        for step in range(STEPS):
+            adv, expected = got[rank]["steps"][step]["adv"], single[rank]["steps"][step]["adv"]
+            assert torch.equal(adv, expected), (name, backend, rank, step, (adv - expected).abs().max().item())
+            assert not torch.equal(adv, _images(rank, step)[0])
+    _check(got, single, backend, f"{name} {backend}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", NAMES)
 def test_attack_under_ddp_matches_torchattacks(ranks, name, backend):
-    """torchattacks 3.5.1 on the unwrapped model, same seed, each rank's images
-    (bitwise; PGD-L2 / MI-FGSM's per-sample sums to fp32 rounding on triton)."""
+    """torchattacks 3.5.1 on the unwrapped model at the first step, same seed,
+    each rank's images (bitwise; PGD-L2 / MI-FGSM's per-sample sums to fp32
+    rounding on triton)."""
     classes, why = load_torchattacks()
     if classes is None:
         pytest.skip(why)
     for rank, g in enumerate(_got(ranks, name, backend)):
         torch.manual_seed(0)
         net = conv_model()
-        x, y = _images(rank)
+        x, y = _images(rank, 0)
         torch.manual_seed(7)
-        assert_matches(g["adv"], classes[name](net, **KW[name])(x, y), name, backend)
+        assert_matches(g["steps"][0]["adv"], classes[name](net, **KW[name])(x, y), name, backend)
 
 
 # embedding FGSM: adversarial_train_step(model, ...) calls model.get_input_embeddings(), which a
@@ -315,13 +386,5 @@ _XFAIL = {"embedding_fgsm": "adversarial_train_step needs model.get_input_embedd
                                 if op in _XFAIL else op for op in TRAINING_OPS])
 def test_training_op_under_ddp_equals_one_process(ranks, op, backend):
     """Each rank's losses (and DP-Logits' noisy logits) are the unwrapped
-    model's on its batch; gradients and weights after the step the mean of
-    the single-process runs; replicas identical; backend launched; no sync."""
-    got, single = _got(ranks, op, backend), _single(op, backend)
-    for rank in range(WORLD):
-        for key in ("loss", "adv_loss", "logits"):
-            if key in single[rank]:
-                torch.testing.assert_close(got[rank][key], single[rank][key], **FP32,
-                                           msg=lambda m: f"{op} {backend} rank {rank} {key}: {m}")
-    _check_step(got, single, f"{op} {backend}")
-    _check_ran(got, backend)
+    model's on its batch, the gradients DDP's average, at each step."""
+    _check(_got(ranks, op, backend), _single(op, backend), backend, f"{op} {backend}")
