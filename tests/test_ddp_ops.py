@@ -7,19 +7,20 @@ through the model-level hook (the HF integration's, on the DDP model's
 embedding) and the embedding FGSM step (``fastadv.adversarial.fgsm``).
 
 Each rank runs each op, on the torch and the triton backend, on its own
-batch, then one training step (backward through DDP, SGD).  Checked against
-single-process runs of the same op with the unwrapped model, one per rank's
-batch (same seeds):
+batches for STEPS training steps (the op, a backward through DDP, SGD).
+Checked against single-process runs of the same op with the unwrapped model,
+one per rank's batches, run in lockstep with DDP's communication done by hand
+(rank 0's buffers to every rank before a step, the mean of the ranks'
+gradients after the backward), same seeds:
 
 * attacks: each rank's adversarial images equal the single-process run's
-  bitwise (and torchattacks 3.5.1's on the unwrapped model, as in
-  tests/test_attacks.py);
-* losses on each rank: the single-process run's on that rank's batch;
-  gradients and weights after the step: the mean over the ranks of the
-  single-process runs (DDP averages the gradients; the mean of the
-  per-batch runs rather than one run on the concatenated batch because the
-  CNN's batch norm normalises each rank's batch by its own statistics, and
-  the noise ops draw per rank from the same generator state);
+  bitwise at every step (and torchattacks 3.5.1's on the unwrapped model, as
+  in tests/test_attacks.py);
+* losses (SiFT's adversarial loss, DP-Logits' noisy logits), gradients and
+  weights after each step: the single-process run's, fp32 tolerance (one run
+  per rank rather than one on the concatenated batch: the CNN's batch norm
+  normalises each rank's batch by its own statistics, and the noise ops draw
+  on each rank from the same generator state);
 * the replicas' weights stay bitwise identical;
 * no host sync inside the op call; the backend under test launched, no other.
 
@@ -277,17 +278,14 @@ def _worker(rank, port, out):
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         dist.init_process_group("gloo", rank=rank, world_size=WORLD)
         results = {}
-        for op, backend in CASES:
+        runs = [((op, backend), op, backend, _ddp) for op, backend in CASES] + \
+            [((mode, op), op, "torch", functools.partial(_ddp, **kw)) for mode, kw in MODES.items()
+             for op in MODE_OPS]
+        for key, op, backend, wrap in runs:
             try:  # an op that raises is reported by its tests, the others still run
-                results[op, backend] = _run(_scenario(op, backend, rank, _ddp))
+                results[key] = _run(_scenario(op, backend, rank, wrap))
             except Exception:
-                results[op, backend] = {"error": traceback.format_exc()}
-        for mode, kw in MODES.items():
-            for op in MODE_OPS:
-                try:
-                    results[mode, op] = _run(_scenario(op, "torch", rank, functools.partial(_ddp, **kw)))
-                except Exception:
-                    results[mode, op] = {"error": traceback.format_exc()}
+                results[key] = {"error": traceback.format_exc()}
         torch.save(results, os.path.join(out, f"ddp_ops{rank}.pt"))
     except BaseException:
         with open(os.path.join(out, f"ddp_ops{rank}.err"), "w") as f:
