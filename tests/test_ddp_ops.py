@@ -386,18 +386,11 @@ def test_attack_under_ddp_matches_torchattacks(ranks, name, backend):
         assert_matches(g["steps"][0]["adv"], classes[name](net, **KW[name])(x, y), name, backend)
 
 
-# embedding FGSM: adversarial_train_step(model, ...) calls model.get_input_embeddings(), which a
-# DDP wrapper does not forward to its module (AttributeError); passing ddp.module instead runs the
-# forwards outside DDP, so the gradients are not averaged (replicas drift, silently). The fix
-# (look the embeddings up on getattr(model, "module", model), forward through model) is in
-# fastadv/adversarial/fgsm.py, outside this test's files.
-_XFAIL = {"embedding_fgsm": "adversarial_train_step needs model.get_input_embeddings(), which "
-                            "DistributedDataParallel does not forward to its module"}
-
-
+# embedding FGSM: adversarial_train_step(model, ...) looks the table up on the wrapped module (a DDP
+# wrapper does not forward get_input_embeddings: it raised AttributeError) and runs its forwards
+# through DDP (passing ddp.module instead would skip the gradient averaging, silently).
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("op", [pytest.param(op, marks=pytest.mark.xfail(reason=_XFAIL[op], strict=True))
-                                if op in _XFAIL else op for op in TRAINING_OPS])
+@pytest.mark.parametrize("op", TRAINING_OPS)
 def test_training_op_under_ddp_equals_one_process(ranks, op, backend):
     """Each rank's losses (and DP-Logits' noisy logits) are the unwrapped
     model's on its batch, the gradients DDP's average, at each step."""
@@ -410,15 +403,13 @@ def test_training_op_under_ddp_equals_one_process(ranks, op, backend):
 #   delta only) are the iterations DDP records the static graph from; it records no parameter as
 #   used, and from then on never all-reduces: every rank keeps its own gradient (bitwise the
 #   single-process gradient of its batch; PGD 0.weight 0.49 away from the mean), the replicas drift,
-#   no error. Workaround for the attacks: attack the module (``PGD(ddp.module, ...)``), train through
-#   DDP (its forwards then skip DDP's buffer broadcast: batch-norm running stats are the rank's own).
+#   no error. So fastadv's attacks and SiFT's AdversarialLearner refuse such a model (ValueError,
+#   test_static_graph_refused). Workaround: attack the module (``PGD(ddp.module, ...)``), train
+#   through DDP (its forwards then skip DDP's buffer broadcast: batch-norm stats are the rank's own).
 # * find_unused_parameters=True: SiFT's two forwards before one backward raise
 #   "RuntimeError: Expected to mark a variable ready only once" in the backward.
+_REFUSED = [("static_graph", "PGD"), ("static_graph", "sift")]
 _MODE_XFAIL = {
-    ("static_graph", "PGD"): "DDP(static_graph=True) records the attack's forwards as the static graph "
-                             "(no parameter used): gradients never all-reduced, replicas drift",
-    ("static_graph", "sift"): "DDP(static_graph=True) records SiFT's perturbed forward as the static graph "
-                              "(no parameter used): gradients never all-reduced, replicas drift",
     ("find_unused", "sift"): "DDP(find_unused_parameters=True): SiFT's second forward before the backward "
                              "raises 'Expected to mark a variable ready only once'",
 }
@@ -426,7 +417,7 @@ _MODE_XFAIL = {
 
 @pytest.mark.parametrize("mode,op", [
     pytest.param(mode, op, marks=pytest.mark.xfail(reason=_MODE_XFAIL[mode, op], strict=True))
-    if (mode, op) in _MODE_XFAIL else (mode, op) for mode in MODES for op in MODE_OPS])
+    if (mode, op) in _MODE_XFAIL else (mode, op) for mode in MODES for op in MODE_OPS if (mode, op) not in _REFUSED])
 def test_op_under_ddp_modes(ranks, mode, op):
     """DDP(static_graph=True) and DDP(find_unused_parameters=True), torch
     backend: the same checks as in the default mode."""
@@ -434,3 +425,14 @@ def test_op_under_ddp_modes(ranks, mode, op):
     for rank, g in enumerate(got):
         assert "error" not in g, f"rank {rank}, {op} under DDP {mode} raised:\n{g['error']}"
     _check(got, _single(op, "torch"), "torch", f"{op} {mode}")
+
+
+
+@pytest.mark.parametrize("mode,op", _REFUSED)
+def test_static_graph_refused(ranks, mode, op):
+    """An input attack and SiFT refuse a DDP(static_graph=True) model with an
+    error naming the setting and the workaround, instead of training with
+    gradients that are never all-reduced."""
+    for r in ranks:
+        err = r[mode, op].get("error", "")
+        assert "ValueError" in err and "static_graph=True" in err and "ddp.module" in err, err[-600:]

@@ -10,6 +10,7 @@ and returns an object with ``.logits`` (HF models).
 import torch
 import torch.nn.functional as F
 
+from ..ops._dist import unwrapped
 from ..ops.fgsm import fgsm_perturb
 
 
@@ -17,7 +18,9 @@ def adversarial_train_step(model, inputs, labels, epsilon=0.1, *, backend=None):
     if "input_ids" not in inputs:
         raise ValueError("inputs must hold 'input_ids' (the step looks up the embeddings itself)")
     extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "inputs_embeds")}
-    embeds = model.get_input_embeddings()(inputs["input_ids"])
+    # the table from the wrapped module (DDP / DataParallel do not forward get_input_embeddings),
+    # the forwards through ``model`` (DDP averages the gradients)
+    embeds = unwrapped(model).get_input_embeddings()(inputs["input_ids"])
     if not embeds.requires_grad:  # frozen embedding table
         embeds.requires_grad_()
     loss = F.cross_entropy(model(inputs_embeds=embeds, **extra).logits, labels)

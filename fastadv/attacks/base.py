@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 from .. import _backend
 from ..kernels import host
+from ..ops._dist import check_not_static_graph
 from ..ops.attacks import _dense_batch_major, real_number
 
 
@@ -120,6 +121,7 @@ class Attack:
     def set_model(self, model):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        check_not_static_graph(model, type(self).__name__)
         self.model = model
         self.model_name = model.__class__.__name__
 

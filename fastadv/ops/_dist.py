@@ -182,3 +182,29 @@ def _all_sharded(module) -> bool:
     except AttributeError as exc:
         raise NotImplementedError(f"cannot read whether FSDP2 module {type(module).__name__} is sharded in "
                                   f"this torch ({torch.__version__}): {exc}") from exc
+
+
+def unwrapped(model):
+    """The module a ``DistributedDataParallel`` / ``DataParallel`` wrapper holds
+    (their own forward is what trains; their attributes are the wrapper's)."""
+    from torch import nn
+
+    wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
+    return model.module if isinstance(model, wrappers) else model
+
+
+def check_not_static_graph(model, what: str) -> None:
+    """Refuse a ``DistributedDataParallel(static_graph=True)`` model for an op
+    that runs extra forward passes backpropagated to the inputs only (input
+    attacks, SiFT): DDP records its static graph from such an iteration (no
+    parameter used) and never all-reduces the gradients again -- every rank
+    keeps its own gradient and the replicas drift, silently."""
+    from torch import nn
+
+    if isinstance(model, nn.parallel.DistributedDataParallel) and getattr(model, "static_graph", False):
+        raise ValueError(
+            f"{what}: the model is DistributedDataParallel(static_graph=True); the extra forward passes "
+            f"would make DDP record a static graph that uses no parameter, after which it never "
+            f"all-reduces the gradients (silently, the replicas drift). Run the attack on the wrapped "
+            f"module (ddp.module; batch-norm statistics are then the rank's own) or build DDP without "
+            f"static_graph")

@@ -31,6 +31,7 @@ from torch import nn
 
 from .._backend import check_name
 from ..ops import sift as _ops
+from ..ops._dist import check_not_static_graph
 
 __all__ = ["PerturbationLayer", "AdversarialLearner", "hook_sift_layer", "symmetric_kl", "kl", "mse",
            "perturbation_loss_fns"]
@@ -164,6 +165,7 @@ class AdversarialLearner:
     """DeBERTa's adversarial learner: ``loss = loss + adv.loss(logits, logits_fn, **data)``."""
 
     def __init__(self, model, adv_modules=None):
+        check_not_static_graph(model, "SiFT's AdversarialLearner")
         if adv_modules is None:
             adv_modules = [m for m in model.modules() if isinstance(m, PerturbationLayer)]
         self.adv_modules = adv_modules
