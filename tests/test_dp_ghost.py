@@ -485,6 +485,31 @@ def test_nonfinite_sample_dropped_in_bk():
     _assert_same(got, want)
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_nonfinite_samples_counted_or_raised(mode):
+    """A sample with a NaN input has a non-finite norm: counted in the
+    optimizer's device counter (``nonfinite_samples``, no host sync) with
+    ``on_nonfinite="drop"``; ``on_nonfinite="raise"`` raises in the backward
+    that finds it, naming how many samples."""
+    torch.manual_seed(11)
+    x, y = _data("mlp", 5)
+    x[2, 0] = float("nan")
+    for on_nonfinite in ("drop", "raise"):
+        model = MLP()
+        m, opt, crit, _ = PrivacyEngine(on_nonfinite=on_nonfinite).make_private(
+            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0), criterion=nn.CrossEntropyLoss(),
+            data_loader=_loader(x, y, 5), noise_multiplier=0.0, max_grad_norm=0.3, poisson_sampling=False,
+            grad_sample_mode=mode)
+        opt.zero_grad()
+        if on_nonfinite == "raise":
+            with pytest.raises(FloatingPointError, match="1 sample"):
+                crit(m(x), y).backward()
+        else:
+            crit(m(x), y).backward()
+            assert opt.nonfinite_samples.tolist() == [1]
+            assert m.per_sample_gradient_norms.isnan().tolist() == [False, False, True, False, False]
+
+
 # ---------------------------------------------------------------- low precision
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
