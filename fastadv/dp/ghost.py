@@ -558,10 +558,12 @@ class GhostClippingModule(nn.Module):
             how = "gram" if ref.gram_cost(uses, rows) <= ref.per_sample_cost(uses, rows) else "per_sample"
         if how == "gram" and len(uses) > 1 and self._cross_kernels(uses):
             return self._tied_gram_sq_norms(uses, out)
-        if how == "per_sample" and len(uses) == 1 and uses[0].p is None \
+        if self.strategy == "per_sample" and len(uses) == 1 and uses[0].p is None \
                 and _ghost_ops.embedding_sq_norms_backend(self.backend, uses[0].ids, uses[0].q) != "torch":
             # an embedding's per-sample table gradient has the Gram form's norm, exactly (sum_v ||sum_{t:
-            # id_t = v} g_t||^2 = sum_{t,s: id_t = id_s} g_t . g_s): the Gram kernel, never [B, V, d]
+            # id_t = v} g_t||^2 = sum_{t,s: id_t = id_s} g_t . g_s): the Gram kernel, never [B, V, d].
+            # Only when the strategy is forced: "auto" picks per-sample for a lookup only when V < T (a
+            # token-type table), where [B, V, d] is small and the Gram form's T^2 d would cost more
             how = "gram"
         if how == "gram" and len(uses) == 1:
             u = uses[0]
