@@ -485,6 +485,42 @@ def test_nonfinite_sample_dropped_in_bk():
     _assert_same(got, want)
 
 
+class Checkpointed(nn.Module):
+    def __init__(self, reentrant):
+        super().__init__()
+        self.reentrant = reentrant
+        self.fc1, self.fc2, self.fc3 = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.fc1(x))
+        layer = lambda t: torch.tanh(self.fc2(t))  # noqa: E731
+        h = layer(h) if self.reentrant is None else torch.utils.checkpoint.checkpoint(
+            layer, h, use_reentrant=self.reentrant)
+        return self.fc3(h)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_activation_checkpointing(mode):
+    """Non-reentrant checkpointing: the norms are every layer's (functorch's
+    per-sample gradients).  Reentrant checkpointing runs the layer under
+    no_grad and hides its weight from the graph (its norm would be left out,
+    the clipping bound broken, silently): refused, naming use_reentrant=False."""
+    torch.manual_seed(23)
+    x = torch.randn(4, 6)
+    model = Checkpointed(reentrant=False)
+    m = ghost.GhostClippingModule(model, mode=mode, backend="torch")
+    m.dp_backward(m(x).square().sum(1), 1.0)
+    plain = Checkpointed(reentrant=None)  # the same weights, not checkpointed (functorch cannot run checkpoint)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    one = lambda p, xb: torch.func.functional_call(plain, p, (xb[None],)).square().sum()  # noqa: E731
+    gs = torch.func.vmap(torch.func.grad(one), in_dims=(None, 0))(params, x)
+    want = torch.stack([g.flatten(1).square().sum(1) for g in gs.values()]).sum(0).sqrt()
+    torch.testing.assert_close(m.per_sample_gradient_norms, want, **TOL)
+    m = ghost.GhostClippingModule(Checkpointed(reentrant=True), mode=mode, backend="torch")
+    with pytest.raises(NotImplementedError, match="use_reentrant=False"):
+        m.dp_backward(m(x.requires_grad_()).square().sum(1), 1.0)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_nonfinite_samples_counted_or_raised(mode):
     """A sample with a NaN input has a non-finite norm: counted in the

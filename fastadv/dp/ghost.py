@@ -243,6 +243,13 @@ def _param_uses(root, params: dict[int, str]) -> collections.Counter:
         if fn is None or fn in seen:
             continue
         seen.add(fn)
+        if type(fn).__name__ == "CheckpointFunctionBackward":
+            raise NotImplementedError(
+                "reentrant activation checkpointing (torch.utils.checkpoint(..., use_reentrant=True), or "
+                "gradient_checkpointing_enable() with reentrant checkpoints) runs the checkpointed layers "
+                "under no_grad and hides their parameters from the graph: their per-sample norms would be "
+                "left out silently and the clipping bound broken. Use use_reentrant=False (HF: "
+                "gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False}))")
         for nxt, _ in fn.next_functions:
             if nxt is None:
                 continue

@@ -189,33 +189,37 @@ class FSDPGhostClippingModule(_ghost.GhostClippingModule):
     def dp_backward(self, loss_per_sample, max_grad_norm):
         from torch.distributed.fsdp import FSDPModule
 
+        self._saved_reshard = {}
         for sub in self._module.modules():
             if isinstance(sub, FSDPModule):
+                self._saved_reshard[sub] = _reshard_after_backward(sub)
                 sub.unshard()
                 # the norms (bk: all of them; ghost: the deepest layers', whose output gradients the
                 # backward hands back) are taken after the backward: keep the leaves until then
                 sub.set_reshard_after_backward(False, recurse=False)
-        for r in self._records:  # a layer still holding a shard would be invisible to the graph walk
-            for name, p in r.module.named_parameters(recurse=False):
-                if _dist.is_sharded(p):
-                    raise NotImplementedError(f"parameter {name!r} of layer {r.name!r} is still sharded after "
-                                              f"unshard(): it is not managed by fully_shard")
-        self._unsharded = dict(self._module.named_parameters())
-        self._names = {id(p): n for n, p in self._unsharded.items()}
-        out = super().dp_backward(loss_per_sample, max_grad_norm)
+        try:
+            for r in self._records:  # a layer still holding a shard would be invisible to the graph walk
+                for name, p in r.module.named_parameters(recurse=False):
+                    if _dist.is_sharded(p):
+                        raise NotImplementedError(f"parameter {name!r} of layer {r.name!r} is still sharded "
+                                                  f"after unshard(): it is not managed by fully_shard")
+            self._unsharded = dict(self._module.named_parameters())
+            self._names = {id(p): n for n, p in self._unsharded.items()}
+            out = super().dp_backward(loss_per_sample, max_grad_norm)
+        except BaseException:
+            self._reshard()  # a refusal must not leave full parameters the next forward would reuse
+            raise
         if self.mode == "ghost":  # bk reshards in write_clipped, after its sums
             self._reshard()
         return out
 
     def _reshard(self) -> None:
-        """Every fully_shard module back to FSDP2's default (reshard after
-        backward) and resharded now."""
-        from torch.distributed.fsdp import FSDPModule
-
-        for sub in self._module.modules():
-            if isinstance(sub, FSDPModule):
-                sub.set_reshard_after_backward(True, recurse=False)
-                sub.reshard()
+        """Every fully_shard module back to the reshard-after-backward setting it
+        had before :meth:`dp_backward` (FSDP2's default ``True``) and resharded now."""
+        for sub, flag in getattr(self, "_saved_reshard", {}).items():
+            sub.set_reshard_after_backward(flag, recurse=False)
+            sub.reshard()
+        self._saved_reshard = {}
 
     def write_clipped(self, factors, mats, vecs) -> None:
         """Book-keeping: this rank's full clipped sums (fp32, see the class
@@ -248,6 +252,13 @@ class FSDPGhostClippingModule(_ghost.GhostClippingModule):
                 else:
                     _dist.local(shard.grad).add_(local)
         self._reshard()
+
+
+def _reshard_after_backward(sub) -> bool:
+    """An FSDP2 module's reshard-after-backward setting (private state; FSDP2's
+    default ``True`` where this torch does not expose it)."""
+    groups = getattr(sub._get_fsdp_state(), "_fsdp_param_groups", None) or []
+    return all(getattr(g, "reshard_after_backward", True) for g in groups)
 
 
 def _fsdp_reduce_dtypes(m: nn.Module) -> dict:

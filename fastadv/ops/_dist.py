@@ -160,8 +160,11 @@ def named_parameters(model) -> list:
     the attack silently lost.  So each such module is resharded first
     (``FSDPModule.reshard()``: it frees the unsharded copy; the next forward
     all-gathers the shards again, one all-gather more than the user's
-    setting).  A module that stays unsharded (between a forward and its
-    backward) is refused: its backward needs the values it ran with."""
+    setting).  A module that stays unsharded after ``reshard()`` is refused.
+    Not detected: an op called between a forward and its backward on a
+    module with ``reshard_after_forward=False`` (its backward all-gathers the
+    values the op wrote; a plain model raises autograd's in-place error
+    there) -- call the ops between a backward and the next forward."""
     fsdp = _fsdp_module_cls()
     for module in model.modules() if fsdp is not None else ():
         if isinstance(module, fsdp) and not _all_sharded(module):
@@ -190,7 +193,8 @@ def unwrapped(model):
     from torch import nn
 
     wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
-    return model.module if isinstance(model, wrappers) else model
+    inner = getattr(model, "_orig_mod", model)  # torch.compile(DDP(...)): the DDP inside
+    return inner.module if isinstance(inner, wrappers) else model
 
 
 def check_not_static_graph(model, what: str) -> None:
@@ -201,6 +205,7 @@ def check_not_static_graph(model, what: str) -> None:
     keeps its own gradient and the replicas drift, silently."""
     from torch import nn
 
+    model = getattr(model, "_orig_mod", model)  # torch.compile(DDP(...)): the DDP inside
     if isinstance(model, nn.parallel.DistributedDataParallel) and getattr(model, "static_graph", False):
         raise ValueError(
             f"{what}: the model is DistributedDataParallel(static_graph=True); the extra forward passes "
