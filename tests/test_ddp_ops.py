@@ -29,14 +29,12 @@ Also under ``DDP(static_graph=True)`` and ``DDP(find_unused_parameters=True)``
 """
 import functools
 import os
-import time
 import traceback
 import types
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
@@ -47,7 +45,7 @@ from fastadv.integrations.transformers import _NEFTuneHook
 
 from conftest import DEVICE
 from test_attacks import KW, NAMES, assert_matches, conv_model, load_torchattacks
-from test_distributed import VOCAB, _batch, _free_port, _ran, _SyncWatch, collect_ranks
+from test_distributed import VOCAB, _batch, _ran, _SyncWatch, spawn_ranks
 from test_fgm import FP32, TinyLM
 from test_sift import HIDDEN, Tiny, logits_fn
 
@@ -304,10 +302,7 @@ def ranks(tmp_path_factory):
     """Both ranks' results of the one spawned run (bounded by SPAWN_TIMEOUT; a
     hang in an op is reported as the run killed, with any rank's traceback)."""
     if not _RUN:
-        out = tmp_path_factory.mktemp("ddp_ops")
-        ctx = mp.start_processes(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=False,
-                                 start_method="spawn")
-        _RUN.append(collect_ranks(ctx, out, "ddp_ops", time.monotonic() + SPAWN_TIMEOUT, SPAWN_TIMEOUT))
+        _RUN.append(spawn_ranks(_worker, WORLD, tmp_path_factory.mktemp("ddp_ops"), "ddp_ops", SPAWN_TIMEOUT))
     if isinstance(_RUN[0], str):
         pytest.fail(_RUN[0])
     return _RUN[0]

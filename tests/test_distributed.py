@@ -448,6 +448,14 @@ def _collect(mode, ctx, out, deadline):
     return collect_ranks(ctx, out, mode, deadline, SPAWN_TIMEOUT)
 
 
+def spawn_ranks(worker, nprocs, out, prefix, timeout):
+    """``worker(rank, port, out)`` on ``nprocs`` spawned processes; every rank's
+    results, or (a str) why they are missing (see :func:`collect_ranks`)."""
+    ctx = mp.start_processes(worker, args=(_free_port(), str(out)), nprocs=nprocs, join=False,
+                             start_method="spawn")
+    return collect_ranks(ctx, out, prefix, time.monotonic() + timeout, timeout)
+
+
 def collect_ranks(ctx, out, prefix, deadline, timeout):
     """Every rank's results (``out / f"{prefix}{rank}.pt"``, as the workers of
     the spawning test files save them), or the reason they are missing: a rank

@@ -39,7 +39,6 @@ import opacus
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
@@ -47,8 +46,7 @@ import fastadv.kernels as kernels
 from fastadv.dp import PrivacyEngine
 
 from conftest import DEVICE
-from test_distributed import (MIN_GAP_RATIO, _ALL_REDUCES, _SyncWatch, _count_all_reduce, _free_port, _ran,
-                              collect_ranks)
+from test_distributed import MIN_GAP_RATIO, _ALL_REDUCES, _SyncWatch, _count_all_reduce, _ran, spawn_ranks
 from test_dp_ghost import TinyLM, _loss_dp, _loss_vanilla
 
 WORLD, STEPS, BATCH = 2, 2, 3          # BATCH: per rank
@@ -349,10 +347,7 @@ def _worker(rank, port, out):
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ghost_ddp")
-    ctx = mp.start_processes(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=False,
-                             start_method="spawn")
-    got = collect_ranks(ctx, out, "rank", time.monotonic() + SPAWN_TIMEOUT, SPAWN_TIMEOUT)
+    got = spawn_ranks(_worker, WORLD, tmp_path_factory.mktemp("ghost_ddp"), "rank", SPAWN_TIMEOUT)
     if isinstance(got, str):
         pytest.fail(got)
     return got

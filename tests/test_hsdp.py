@@ -26,13 +26,11 @@ SAM, EMA, the *_weights scenarios with 4 attacked tensors):
 import collections
 import contextlib
 import os
-import time
 import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import fastadv
@@ -41,7 +39,7 @@ from fastadv.dp import PrivacyEngine
 
 from conftest import DEVICE
 from test_distributed import (_EXPECTED_CALLS, _EXPECTED_FSDP_LAUNCHES, OPS, RUNS, STEPS, ShardLM, _SyncWatch,
-                              _batch, _free_port, _ran, _weights, _scenario, _single_weight_noise, collect_ranks)
+                              _batch, _ran, _weights, _scenario, _single_weight_noise, spawn_ranks)
 from test_dp_ghost import TinyLM, _loss_dp
 from test_fgm import FP32
 
@@ -219,10 +217,7 @@ def _worker(rank, port, out):
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("hsdp")
-    ctx = mp.start_processes(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=False,
-                             start_method="spawn")
-    got = collect_ranks(ctx, out, "rank", time.monotonic() + SPAWN_TIMEOUT, SPAWN_TIMEOUT)
+    got = spawn_ranks(_worker, WORLD, tmp_path_factory.mktemp("hsdp"), "rank", SPAWN_TIMEOUT)
     if isinstance(got, str):
         pytest.fail(got)
     return got

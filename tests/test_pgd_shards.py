@@ -1,7 +1,8 @@
 """PGD's step split for FSDP2 shards, without a process group: each "rank"
-reduces its row range of every tensor into its own buffer (``_shard_sums``:
-the kernels' ``pgd_sums``), the buffers are added (what the all_reduce does),
-and each shard is stepped from the sum (``_shard_apply``: ``pgd_apply``).
+reduces its row range of every tensor into its own buffer (``_shard_sums_all``:
+the kernels' ``pgd_sums_many``), the buffers are added (what the all_reduce
+does), and each shard is stepped from the sum (``_shard_apply_all``:
+``pgd_apply_many``).
 The shards put together equal the seed's PGD (fastadv.reference) on the
 whole tensors, fp32 tolerance, and restore gives ``w0`` back bitwise.  Dense
 and row mode, uneven and empty shards, rows without gradient, a step with a

@@ -736,7 +736,7 @@ def _deepest(records) -> list:
     reaches: dict = {}  # node -> whether a record's node is reachable below it
 
     def below(node) -> bool:
-        stack, order = [node], []
+        stack = [node]
         while stack:  # iterative post-order over next_functions (graphs are deep)
             n = stack.pop()
             if n is None or n in reaches:
