@@ -110,22 +110,15 @@ FASTADV_API int fastadv_pgd_step(void* w, const void* g, void* backup, int dtype
                                  int first, float* workspace, float* coef,
                                  float alpha, float eps, void* stream);
 
-/* fastadv_pgd_step split in two for FSDP2 shards, so that the caller can
- * all_reduce the sums across the shards in between (on the stream, no host
- * sync).  fastadv_pgd_sums: the reduction only, sums[0..2] (fp32 on the
- * device) <- [||g||^2, ||r||^2, <r, g>] of this tensor; row mode writes mask;
- * w, backup and saved are only read.  Two launches (partials + their sum), or
- * one when there is nothing to reduce.  fastadv_pgd_apply: finalize from the
- * (reduced) sums, writing coef[0..3], then the fused update, exactly as the
- * second half of fastadv_pgd_step; no workspace.  Two launches, or the
- * finalize only when there is nothing to update. */
+/* The first half of fastadv_pgd_step: the reduction only, sums[0..2] (fp32
+ * on the device) <- [||g||^2, ||r||^2, <r, g>] of this tensor; row mode
+ * writes mask; w, backup and saved are only read.  Two launches (partials +
+ * their sum), or one when there is nothing to reduce.  (FSDP2 shards step
+ * through the multi-tensor calls below, fastadv_pgd_mt_*, which finalize
+ * from such sums after the caller's all_reduce.) */
 FASTADV_API int fastadv_pgd_sums(const void* w, const void* g, const void* backup, int dtype,
                                  int64_t rows, int64_t cols, uint8_t* mask, const uint8_t* saved,
                                  int first, float* workspace, float* sums, void* stream);
-FASTADV_API int fastadv_pgd_apply(void* w, const void* g, void* backup, int dtype,
-                                  int64_t rows, int64_t cols, uint8_t* mask, uint8_t* saved,
-                                  int first, const float* sums, float* coef,
-                                  float alpha, float eps, void* stream);
 
 /* w[r, :] <- backup[r, :] bit for bit and saved[r] <- 0 for every row with
  * saved[r] != 0.  One launch when rows > 0, none otherwise. */

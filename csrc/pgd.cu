@@ -355,10 +355,9 @@ update_rows_kernel(typename Tr::bits* w, const typename Tr::bits* __restrict__ g
 
 // ---- passes ------------------------------------------------------------------------------
 
-// Which part of a step one call runs: all of it, or (FSDP2 shards) the
-// reduction into `sums`, then, after the caller's all_reduce of `sums`,
-// finalize + update from them.
-enum Phase { kAll, kSums, kApply };
+// Which part of a step one call runs: all of it, or the reduction into `sums`
+// only (fastadv_pgd_sums; the multi-tensor apply finalizes from such sums).
+enum Phase { kAll, kSums };
 
 // Reduction and finalize as the phase asks; returns 0 or an error, and sets
 // *done when nothing is left to launch (kSums).
@@ -369,8 +368,7 @@ inline int reduce_phase(Phase phase, int64_t parts, const float* workspace, floa
     sum_parts_kernel<<<1, kFinalizeThreads, 0, stream>>>(workspace, parts, sums);
     return check_launch("fastadv_pgd_sums (sum of the partials)");
   }
-  finalize_kernel<<<1, kFinalizeThreads, 0, stream>>>(phase == kApply ? sums : workspace,
-                                                        phase == kApply ? 1 : parts, coef, alpha, eps);
+  finalize_kernel<<<1, kFinalizeThreads, 0, stream>>>(workspace, parts, coef, alpha, eps);
   return check_launch("fastadv_pgd_step (finalize)");
 }
 
@@ -378,7 +376,7 @@ template <typename Tr, int VEC, bool FIRST>
 int dense_step(typename Tr::bits* w, const typename Tr::bits* g, typename Tr::bits* backup, int64_t n,
                int64_t parts, float* workspace, float* sums, float* coef, float alpha, float eps, Phase phase,
                cudaStream_t stream) {
-  if (parts > 0 && phase != kApply) {
+  if (parts > 0) {
     partial_dense_kernel<Tr, VEC, FIRST><<<unsigned(parts), kThreads, 0, stream>>>(w, backup, g, n, workspace);
     if (int e = check_launch("fastadv_pgd_step (dense partial sums)")) return e;
   }
@@ -395,7 +393,7 @@ int rows_step(typename Tr::bits* w, const typename Tr::bits* g, typename Tr::bit
               int64_t cols, uint8_t* mask, uint8_t* saved, float* workspace, float* sums, float* coef,
               float alpha, float eps, Phase phase, cudaStream_t stream) {
   const unsigned grid = rows > 0 ? grid_for_rows(rows) : 0;
-  if (rows > 0 && phase != kApply) {
+  if (rows > 0) {
     partial_rows_kernel<Tr, VEC><<<grid, kThreads, 0, stream>>>(w, backup, g, rows, cols, mask, saved, workspace);
     if (int e = check_launch("fastadv_pgd_step (row partial sums)")) return e;
   }
@@ -420,7 +418,7 @@ int step_impl(void* w_, const void* g_, void* backup_, int64_t rows, int64_t col
   if (mask == nullptr) {
     const int64_t n = rows * cols;
     const int64_t parts = dense_blocks(n);
-    if (parts > 0 && workspace == nullptr && phase != kApply)
+    if (parts > 0 && workspace == nullptr)
       return fail(int(cudaErrorInvalidValue), "fastadv_pgd_step: workspace is NULL");
     if (vec)
       return first ? dense_step<Tr, V, true>(w, g, backup, n, parts, workspace, sums, coef, alpha, eps, phase, stream)
@@ -428,7 +426,7 @@ int step_impl(void* w_, const void* g_, void* backup_, int64_t rows, int64_t col
     return first ? dense_step<Tr, 1, true>(w, g, backup, n, parts, workspace, sums, coef, alpha, eps, phase, stream)
                  : dense_step<Tr, 1, false>(w, g, backup, n, parts, workspace, sums, coef, alpha, eps, phase, stream);
   }
-  if (rows > 0 && workspace == nullptr && phase != kApply)
+  if (rows > 0 && workspace == nullptr)
     return fail(int(cudaErrorInvalidValue), "fastadv_pgd_step: workspace is NULL");
   if (vec && cols % V == 0)
     return rows_step<Tr, V>(w, g, backup, rows, cols, mask, saved, workspace, sums, coef, alpha, eps, phase, stream);
@@ -470,7 +468,7 @@ int restore_launch(void* w, const void* backup, int64_t rows, int64_t row_bytes,
 // Each block runs the per-tensor kernels' helpers on the same data with the same vector width
 // (the per-tensor launcher's alignment test, per tensor), so a tensor's three sums are bitwise
 // those of fastadv_pgd_sums, and its step (coef_of on them, fused into the update) that of
-// fastadv_pgd_step / fastadv_pgd_apply.  Partials: [3][n_parts].
+// fastadv_pgd_step.  Partials: [3][n_parts].
 
 using mt::Chunk;
 using mt::GroupPlan;
@@ -662,23 +660,6 @@ extern "C" FASTADV_API int fastadv_pgd_sums(const void* w, const void* g, const 
     return step_impl<decltype(tr)>(const_cast<void*>(w), g, const_cast<void*>(backup), rows, cols, mask,
                                    const_cast<uint8_t*>(saved), first != 0, workspace, sums, nullptr, 0.f, 0.f,
                                    kSums, static_cast<cudaStream_t>(stream));
-  });
-}
-
-extern "C" FASTADV_API int fastadv_pgd_apply(void* w, const void* g, void* backup, int dtype,
-                                             int64_t rows, int64_t cols, uint8_t* mask, uint8_t* saved,
-                                             int first, const float* sums, float* coef,
-                                             float alpha, float eps, void* stream) {
-  static const char* fn = "fastadv_pgd_apply";
-  if (rows < 0 || cols < 0) return bad_sizes(fn, rows, cols);
-  if (sums == nullptr || coef == nullptr) return fail(int(cudaErrorInvalidValue), "%s: sums or coef is NULL", fn);
-  if ((mask == nullptr) != (saved == nullptr))
-    return fail(int(cudaErrorInvalidValue),
-                "%s: mask and saved must both be given (row-sparse) or both be NULL (dense)", fn);
-  return dispatch_dtype(fn, dtype, [&](auto tr) {
-    return step_impl<decltype(tr)>(w, g, backup, rows, cols, mask, saved, first != 0, nullptr,
-                                   const_cast<float*>(sums), coef, alpha, eps, kApply,
-                                   static_cast<cudaStream_t>(stream));
   });
 }
 

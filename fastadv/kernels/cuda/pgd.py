@@ -24,9 +24,6 @@ declare({
                                   _c_float, _c_float, _c_void_p]),
     "fastadv_pgd_sums": (_c_int, [_c_void_p, _c_void_p, _c_void_p, _c_int, _c_int64, _c_int64,
                                   _c_void_p, _c_void_p, _c_int, _c_void_p, _c_void_p, _c_void_p]),
-    "fastadv_pgd_apply": (_c_int, [_c_void_p, _c_void_p, _c_void_p, _c_int, _c_int64, _c_int64,
-                                   _c_void_p, _c_void_p, _c_int, _c_void_p, _c_void_p,
-                                   _c_float, _c_float, _c_void_p]),
     "fastadv_pgd_restore_rows": (_c_int, [_c_void_p, _c_void_p, _c_int, _c_int64, _c_int64,
                                           _c_void_p, _c_void_p]),
     "fastadv_pgd_mt_partials": (_c_int, [_c_void_p, _c_int, _c_int64, _c_int64, _c_int64, _c_int, _c_int, _c_int,
@@ -90,20 +87,6 @@ def pgd_sums(w, g, backup, sums, first: bool, mask=None, saved=None) -> None:
         _call("fastadv_pgd_sums", _ptr(w), _ptr(g), _ptr(backup), dtype_code(w.dtype), rows, cols,
               _ptr(mask), _ptr(saved), int(bool(first)), _ptr(ws), _ptr(sums), _stream(w))
     count_launch("cuda.pgd", 2 if work else 1)  # partial sums + their sum, or the sum only
-
-
-def pgd_apply(w, g, backup, sums, coef, alpha: float, eps: float, first: bool,
-              mask=None, saved=None) -> None:
-    """The rest of the step from the (all-reduced) ``sums`` of :func:`pgd_sums`:
-    finalize into ``coef`` and the fused update, as :func:`pgd_step` does them."""
-    rows, cols, work = _sizes(w, g, backup, mask, saved)
-    _check_f32(sums, 3, "sums")
-    _check_f32(coef, 4, "coef")
-    with torch.cuda.device(w.device):
-        _call("fastadv_pgd_apply", _ptr(w), _ptr(g), _ptr(backup), dtype_code(w.dtype), rows, cols,
-              _ptr(mask), _ptr(saved), int(bool(first)), _ptr(sums), _ptr(coef), float(alpha), float(eps),
-              _stream(w))
-    count_launch("cuda.pgd", 2 if work else 1)  # finalize + update, or finalize only
 
 
 def pgd_step(w, g, backup, coef, alpha: float, eps: float, first: bool,
