@@ -735,17 +735,91 @@ def test_peak_memory_close_to_non_private(mode):
                                              f"non-private +{growth_plain}")
 
 
-@pytest.mark.parametrize("vocab,bound", [(100, {"bk": 1.2, "ghost": 1.3})])
+class UntiedLM(TinyLM):
+    """TinyLM with its own head matrix and contiguous position ids: the model
+    Opacus's ghost mode accepts (it refuses tied weights and ``.view``s the
+    ids of every embedding)."""
+
+    def __init__(self, vocab, d):
+        super().__init__(vocab=vocab, d=d)
+        self.head.weight = nn.Parameter(self.emb.weight.detach().clone())
+
+    def forward(self, ids):
+        b, t = ids.shape
+        h = self.emb(ids) + self.pos(torch.arange(t).expand(b, t).contiguous())
+        q, k, v = self.qkv(self.ln1(h)).chunk(3, dim=-1)
+        h = h + self.proj(F.scaled_dot_product_attention(q, k, v, is_causal=True))
+        return self.head(self.ln2(h))
+
+
+def _two_backward_step(batch, vocab, length=16):
+    """The floor of any ghost clipping on TinyLM, in plain PyTorch: the
+    per-sample losses' sum differentiated once with the graph kept
+    (``autograd.grad(..., retain_graph=True)``: what the norms need), then a
+    second backward of a reweighted sum and SGD, no hooks and no norms."""
+    torch.manual_seed(16)
+    model = TinyLM(vocab=vocab, d=64)
+    ids, y = torch.randint(0, vocab, (batch, length)), torch.randint(0, vocab, (batch, length))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        per_sample = F.cross_entropy(model(ids).reshape(-1, vocab), y.reshape(-1), reduction="none")
+        per_sample = per_sample.view(batch, length).mean(1)
+        torch.autograd.grad(per_sample.sum(), list(model.parameters()), retain_graph=True)
+        (0.5 * per_sample).sum().backward()
+        opt.step()
+    step()
+    return step
+
+
 @pytest.mark.parametrize("mode", MODES)
-def test_peak_memory_when_activations_dominate(mode, vocab, bound):
+def test_peak_memory_when_activations_dominate(mode):
     """The same step with a vocabulary of 100, where the activations (not the
-    logits) dominate the non-private peak.  bk holds each layer's output
-    gradient until the end: within the issue's 1.2x (measured 1.16x).  Ghost
-    keeps the whole graph through its first backward for the second (as
-    Opacus's ghost mode must): measured 1.26x, over the issue's 1.2x, so the
-    bound here is 1.3x (a regression guard, not the goal; docs/dp.md says so)."""
-    plain, dp = _peak_bytes(_lm_step(None, 64, vocab=vocab)), _peak_bytes(_lm_step(mode, 64, vocab=vocab))
-    assert dp <= bound[mode] * plain, f"{mode}: {dp / plain:.3f}x the non-private peak"
+    logits) dominate the non-private peak.  bk (one backward; each layer's
+    output gradient held until the norms are known): within the issue's 1.2x
+    (measured 1.16x).  Ghost cannot be: its first backward must keep the whole
+    graph for the second, and that alone, in plain PyTorch with no norms
+    (:func:`_two_backward_step`), peaks at 1.26x the non-private step here.
+    Ghost is held to that floor (within 3%; measured 1.26x): the norms, hooks
+    and clipping add nothing on top (docs/dp.md, "Memory")."""
+    plain, dp = _peak_bytes(_lm_step(None, 64, vocab=100)), _peak_bytes(_lm_step(mode, 64, vocab=100))
+    if mode == "bk":
+        assert dp <= 1.2 * plain, f"bk: {dp / plain:.3f}x the non-private peak"
+    else:
+        floor = _peak_bytes(_two_backward_step(64, vocab=100))
+        assert dp <= 1.03 * floor, (f"ghost: {dp / plain:.3f}x the non-private peak, the two-backward floor "
+                                    f"{floor / plain:.3f}x")
+
+
+def _untied_lm_step(engine, mode, batch=64, vocab=100, length=16):
+    """One DP step of :class:`UntiedLM` made private by ``engine`` (Opacus's or
+    fastadv's PrivacyEngine class) in ``mode``."""
+    torch.manual_seed(16)
+    model = UntiedLM(vocab, 64)
+    ids, y = torch.randint(0, vocab, (batch, length)), torch.randint(0, vocab, (batch, length))
+    m, opt, crit, _ = engine().make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), criterion=nn.CrossEntropyLoss(),
+        data_loader=_loader(ids, y, batch), noise_multiplier=1.0, max_grad_norm=1.0, poisson_sampling=False,
+        grad_sample_mode=mode)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        _loss_dp(crit, m(ids), y).backward()
+        opt.step()
+    step()
+    return step
+
+
+def test_ghost_peak_memory_below_opacus_ghost():
+    """Where activations dominate (vocabulary 100), fastadv's ghost mode peaks
+    below Opacus's own ghost mode on the same untied model (measured: 1.26x
+    and 1.40x the non-private step), and bk below both."""
+    ours = _peak_bytes(_untied_lm_step(PrivacyEngine, "ghost"))
+    theirs = _peak_bytes(_untied_lm_step(opacus.PrivacyEngine, "ghost"))
+    bk = _peak_bytes(_untied_lm_step(PrivacyEngine, "bk"))
+    assert ours < theirs, f"fastadv ghost {ours} bytes, Opacus ghost {theirs}"
+    assert bk < ours, f"fastadv bk {bk} bytes, fastadv ghost {ours}"
 
 
 class _MatmulShapes(torch.utils._python_dispatch.TorchDispatchMode):
