@@ -20,6 +20,8 @@ Opacus 1.6's vanilla per-sample mode.
   between two uses (Linear / lookup / a precomputed ``P^u P^v^T``);
 * ``dp_ghost_pair_sq_norms_ps``: two uses' ``||G^u_b + G^v_b||^2`` the
   per-sample way, never stored;
+* ``dp_ghost_uses_sq_norms_ps``: the same for any number of uses (a layer
+  shared three times), the uses from a device table;
 * ``dp_ghost_linear_sq_norms`` (the older norm op) is in the opcheck test here.
 
 The triton backend runs under the interpreter on CPU (tests/conftest.py).
@@ -910,6 +912,148 @@ def test_pair_sq_norms_ps_empty_and_refusals(backend):
     ops.pair_sq_norms_ps(lin(1, 2, 3), emb(1, 2, 3), 5, backend=backend)  # launches something
 
 
+# ---------------------------------------------------------------- any number of uses, the per-sample way
+
+def _uses_want(uses, rows):
+    """fp64 ``||sum_u G^u_b||^2`` of the materialised per-sample gradients."""
+    return sum(_grad64(w, rows) for w in uses).flatten(1).square().sum(1)
+
+
+def _uses_case(kind, b, i, o, dtypes):
+    """Uses of one ``[o, i]`` matrix: ``"linear"`` three Linear uses (T 20, 3, 17:
+    ALBERT's shared layer), ``"mixed"`` Linear, lookup, Linear, ``"lookups"``
+    a Linear among three lookups (repeated and padding ids), ``"ids"`` three
+    lookups.  ``dtypes``: the Linear uses' (p, q) dtypes and the lookups' q."""
+    dp, dq, dl = dtypes
+    lin = lambda t: ref.MatUse(p=torch.randn(b, t, o).to(dp), q=torch.randn(b, t, i).to(dq))  # noqa: E731
+    look = lambda t: _lookup(b, t, i, o, dl)  # noqa: E731
+    return {"linear": lambda: [lin(20), lin(3), lin(17)], "mixed": lambda: [lin(5), look(18), lin(33)],
+            "lookups": lambda: [look(4), look(33), lin(9), look(1)], "ids": lambda: [look(3), look(17), look(2)]}[kind]()
+
+
+USES_DTYPES = [(torch.float32,) * 3, (torch.float16,) * 3, (torch.bfloat16,) * 3,
+               (torch.bfloat16, torch.float32, torch.float32)]  # autocast: bf16 output gradients, fp32 inputs
+
+
+@pytest.mark.parametrize("kind", ["linear", "mixed", "lookups", "ids"])
+@pytest.mark.parametrize("shape", [(1, 1, 1), (3, 9, 45), (2, 37, 6)])
+@pytest.mark.parametrize("dtypes", USES_DTYPES)
+def test_uses_sq_norms_ps_op(backend, kind, shape, dtypes):
+    """Three or four uses of one matrix the per-sample way against fp64
+    per-sample gradients of the same rounded operands, over dtypes (mixed
+    as autocast makes them), odd shapes, B = 1; two launches per call on a
+    kernel backend (the table copy is not a launch); written into ``out``."""
+    b, i, o = shape
+    uses = _uses_case(kind, b, i, o, dtypes)
+    before = collections.Counter(kernels.LAUNCHES)
+    got = ops.uses_sq_norms_ps(uses, o, backend=backend)
+    assert _launched("dp_ghost_uses_sq_norms_ps", before) == (1 if backend == "torch" else 2)
+    assert got.dtype == torch.float32 and got.shape == (b,)
+    torch.testing.assert_close(got.double(), _uses_want(uses, o), rtol=1e-5, atol=1e-6)
+    row = torch.full((2, b), 7.0)
+    ops.uses_sq_norms_ps(uses, o, backend=backend, out=row[1])
+    assert torch.equal(row[1], got) and (row[0] == 7.0).all()
+
+
+def test_uses_sq_norms_ps_strided_and_nonfinite(backend):
+    """Strided operands and int32 ids (bitwise the contiguous result on a
+    kernel backend); a NaN in one sample's lookup, an inf in another's
+    Linear input: the reference's NaN / inf, the other samples unaffected."""
+    b, i, o = 5, 7, 40
+    lin = ref.MatUse(p=torch.randn(b, o, 18).transpose(1, 2), q=torch.randn(b, i, 18).transpose(1, 2))
+    lin2 = ref.MatUse(p=torch.randn(b, 6, 2 * o)[:, :, ::2], q=torch.randn(b, 6, i))
+    look = ref.MatUse(ids=torch.randint(0, o, (b, 42), dtype=torch.int32)[:, ::2],
+                      q=torch.randn(b, 21, 3 * i)[:, :, 1::3])
+    dense = lambda w: ref.MatUse(q=w.q.contiguous(), p=None if w.p is None else w.p.contiguous(),  # noqa: E731
+                                 ids=None if w.ids is None else w.ids.long().contiguous())
+    uses = [lin, look, lin2]
+    got = ops.uses_sq_norms_ps(uses, o, backend=backend)
+    if backend != "torch":
+        assert torch.equal(got, ops.uses_sq_norms_ps([dense(w) for w in uses], o, backend=backend))
+    torch.testing.assert_close(got.double(), _uses_want([dense(w) for w in uses], o), rtol=1e-5, atol=1e-6)
+    uses = [dense(w) for w in uses]
+    uses[1].q[1, 3, 2] = float("nan")
+    uses[0].q[2, 5, 6] = float("inf")
+    got = ops.uses_sq_norms_ps(uses, o, backend=backend)
+    want = ref.matrix_sq_norms(uses, o, "per_sample")
+    assert torch.equal(torch.isnan(got), torch.isnan(want)) and torch.equal(torch.isinf(got), torch.isinf(want))
+    assert torch.isnan(got[1]) and torch.isfinite(got[[0, 3, 4]]).all()
+    keep = torch.tensor([0, 3, 4])
+    sub = lambda w: ref.MatUse(q=w.q[keep], p=None if w.p is None else w.p[keep],  # noqa: E731
+                               ids=None if w.ids is None else w.ids[keep])
+    torch.testing.assert_close(got[keep].double(), _uses_want([sub(w) for w in uses], o), rtol=1e-5, atol=1e-6)
+
+
+def test_uses_sq_norms_ps_empty_and_refusals(backend):
+    """B = 0 launches nothing; every T = 0, or I = 0: norm 0; a Linear's P
+    must have ``rows`` columns, uses must agree on B and I (the message names
+    the use)."""
+    lin = lambda b, t, i, dt=torch.float32: ref.MatUse(p=torch.randn(b, t, 5, dtype=dt),  # noqa: E731
+                                                      q=torch.randn(b, t, i, dtype=dt))
+    emb = lambda b, t, i: ref.MatUse(ids=torch.zeros(b, t).long(), q=torch.randn(b, t, i))  # noqa: E731
+    assert ops.uses_sq_norms_ps([lin(0, 3, 4), emb(0, 2, 4), lin(0, 1, 4)], 5, backend=backend).shape == (0,)
+    assert torch.equal(ops.uses_sq_norms_ps([lin(2, 0, 4)] * 3, 5, backend=backend), torch.zeros(2))
+    assert torch.equal(ops.uses_sq_norms_ps([lin(2, 3, 0), emb(2, 1, 0), lin(2, 2, 0)], 5, backend=backend),
+                       torch.zeros(2))
+    with pytest.raises(ValueError, match="rows = 6 columns"):
+        ops.uses_sq_norms_ps([lin(2, 3, 4), emb(2, 1, 4), lin(2, 1, 4)], 6, backend=backend)
+    with pytest.raises(ValueError, match=r"uses\[2\].*same B and I"):
+        ops.uses_sq_norms_ps([lin(2, 3, 4), emb(2, 1, 4), lin(2, 1, 3)], 5, backend=backend)
+    with pytest.raises(ValueError, match="non-empty list"):
+        ops.uses_sq_norms_ps([], 5, backend=backend)
+    ops.uses_sq_norms_ps([lin(1, 2, 3), emb(1, 2, 3), lin(1, 1, 3)], 5, backend=backend)  # launches something
+
+
+def test_uses_sq_norms_ps_mixed_dtypes():
+    """Two Linear uses in different dtypes (the kernel's table has one element
+    type per operand kind): forced triton raises naming the use, auto runs
+    the torch backend (and is exact)."""
+    lin = lambda t, dt: ref.MatUse(p=torch.randn(2, t, 5, dtype=dt), q=torch.randn(2, t, 4, dtype=dt))  # noqa: E731
+    mixed = [lin(3, torch.float32), lin(2, torch.float16), lin(1, torch.float32)]
+    if _backend.why_not("triton", torch.device("cpu")) is None:
+        with pytest.raises(TypeError, match=r"uses\[1\]\.p"):
+            ops.uses_sq_norms_ps(mixed, 5, backend="triton")
+    before = collections.Counter(kernels.LAUNCHES)
+    got = ops.uses_sq_norms_ps(mixed, 5)
+    torch.testing.assert_close(got.double(), _uses_want(mixed, 5), rtol=1e-5, atol=1e-6)
+    assert _launched("dp_ghost_uses_sq_norms_ps", before) == 1
+    assert kernels.LAUNCHES["torch.dp_ghost_uses_sq_norms_ps"] == before["torch.dp_ghost_uses_sq_norms_ps"] + 1
+
+
+class SharedLayer(nn.Module):
+    """ALBERT's parameter sharing: one Linear (and one LayerNorm) applied three
+    times, after an embedding."""
+
+    def __init__(self, vocab=11, d=6):
+        super().__init__()
+        self.emb, self.layer, self.ln = nn.Embedding(vocab, d), nn.Linear(d, d), nn.LayerNorm(d)
+        self.out = nn.Linear(d, 3)
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        for _ in range(3):
+            h = h + torch.tanh(self.layer(self.ln(h)))
+        return self.out(h.mean(1))
+
+
+@pytest.mark.parametrize("mode", ["bk", "ghost"])
+def test_shared_layer_per_sample_strategy(backend, mode):
+    """A layer shared three times, ``strategy="per_sample"``, two
+    micro-batches: equal to Opacus vanilla; bk's shared matrix takes
+    ``dp_ghost_uses_sq_norms_ps`` on a kernel backend (two launches per
+    backward), ghost's takes cross-Gram terms whatever the strategy (none of
+    it); the torch backend launches no kernel."""
+    torch.manual_seed(3)
+    model = SharedLayer()
+    batches = [(torch.randint(0, 11, (4, 9)), torch.randint(0, 3, (4,))) for _ in range(2)]
+    want = opacus_grads(copy.deepcopy(model), batches, C=0.2)
+    before = collections.Counter(kernels.LAUNCHES)
+    got, _ = fast_grads(model, batches, C=0.2, mode=mode, backend=backend, strategy="per_sample")
+    _assert_same(got, want)
+    uses = _launched("dp_ghost_uses_sq_norms_ps", before)
+    assert uses == (2 * 2 if backend != "torch" and mode == "bk" else 0)
+
+
 # ---------------------------------------------------------------- registration and refusals
 
 def test_opcheck(backend):
@@ -941,6 +1085,8 @@ def test_opcheck(backend):
                   for acc in (False, True)]
         if pp is None:
             cases.append((ops.pair_sq_norms_ps_op, (a, a2, pu, pv, iu, iv, 4, torch.randn(3), backend)))
+            cases.append((ops.uses_sq_norms_ps_op, ([a, a2, a], [pu, pv, g], [iu, iv, None], 4, torch.randn(3),
+                                                    backend)))
     for op, args in cases:
         try:
             torch.library.opcheck(op.overload, args)
@@ -965,7 +1111,8 @@ def test_no_cuda_kernel(monkeypatch):
                  lambda be: ops.cross_gram(ref.MatUse(p=p, q=q), ref.MatUse(ids=torch.zeros(3, 2).long(), q=q),
                                            backend=be),
                  lambda be: ops.pair_sq_norms_ps(ref.MatUse(p=p, q=q), ref.MatUse(ids=torch.zeros(3, 2).long(), q=q),
-                                                 4, backend=be)):
+                                                 4, backend=be),
+                 lambda be: ops.uses_sq_norms_ps([ref.MatUse(p=p, q=q)] * 3, 4, backend=be)):
         with pytest.raises(_backend.BackendUnavailable, match="no CUDA kernel"):
             call("cuda")
         before = collections.Counter(kernels.LAUNCHES)
@@ -1089,7 +1236,7 @@ def test_registered():
     assert {"dp_ghost_linear_sq_norms", "dp_ghost_embedding_sq_norms", "dp_ghost_vector_sq_norms",
             "dp_ghost_clip_factors", "dp_ghost_clipped_vector_grads", "dp_ghost_clipped_embedding_grad",
             "dp_ghost_clipped_linear_grad", "dp_ghost_linear_sq_norms_ps", "dp_ghost_cross_gram",
-            "dp_ghost_pair_sq_norms_ps"} \
+            "dp_ghost_pair_sq_norms_ps", "dp_ghost_uses_sq_norms_ps"} \
         <= set(_registry.registered())
 
 

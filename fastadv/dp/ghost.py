@@ -445,7 +445,8 @@ class GhostClippingModule(nn.Module):
     buffer) and a single-use embedding's the Gram kernel (the same norm, no
     ``[B, V, d]``), a tied parameter's terms (Gram form) run
     :func:`fastadv.ops.dp_ghost.cross_gram` per pair of uses (the per-sample
-    way, two uses: :func:`fastadv.ops.dp_ghost.pair_sq_norms_ps`), the vector terms are one
+    way, two uses: :func:`fastadv.ops.dp_ghost.pair_sq_norms_ps`, more:
+    :func:`fastadv.ops.dp_ghost.uses_sq_norms_ps`), the vector terms are one
     :func:`fastadv.ops.dp_ghost.vector_sq_norms_` launch, the clip factors one
     :func:`fastadv.ops.dp_ghost.clip_factors` launch and bk's clipped gradient
     one :func:`fastadv.ops.dp_ghost.clipped_linear_grad_` launch per Linear /
@@ -559,7 +560,9 @@ class GhostClippingModule(nn.Module):
         form on a kernel backend ``cross_gram`` per pair, written into ``out``
         when given and on the inputs' device (then ``out`` is returned);
         two uses the per-sample way on a kernel backend ``pair_sq_norms_ps``
-        (no ``[B, rows, I]``); three or more the reference (``[B, rows, I]``)."""
+        (no ``[B, rows, I]``), three or more ``uses_sq_norms_ps`` (the Linear
+        uses in one dtype pair, the lookups in one: else the reference's
+        ``[B, rows, I]``)."""
         how = self.strategy
         if how == "auto":
             how = "gram" if ref.gram_cost(uses, rows) <= ref.per_sample_cost(uses, rows) else "per_sample"
@@ -589,6 +592,11 @@ class GhostClippingModule(nn.Module):
             # a tied head and its table (or a Linear applied twice): G_b built tile by tile, never [B, rows, I]
             ok = out is not None and out.device == uses[0].q.device and out.dtype == torch.float32
             return _ghost_ops.pair_sq_norms_ps(*uses, rows, backend=self.backend, out=out if ok else None)
+        if how == "per_sample" and len(uses) > 2 \
+                and _ghost_ops.uses_sq_norms_ps_backend(self.backend, uses) != "torch":
+            # a Linear applied three times (ALBERT's shared layers): the same, the uses from a device table
+            ok = out is not None and out.device == uses[0].q.device and out.dtype == torch.float32
+            return _ghost_ops.uses_sq_norms_ps(uses, rows, backend=self.backend, out=out if ok else None)
         return ref.matrix_sq_norms(uses, rows, how)
 
     def _cross_kernels(self, uses) -> bool:

@@ -72,7 +72,12 @@ rows, I]``: each sample's gradient tile built from both uses in registers (a
 lookup's rows by a select per hit step, chunks without a hit skipped) and
 squared.  Triton: two launches, deterministic.
 
-None of the ten has a CUDA kernel (no CUDA twin yet): a forced
+``uses_sq_norms_ps(uses, rows)``: the same for any number of uses (a Linear
+applied three times, as ALBERT shares its layers): the uses in a device
+table built in the call, each sample's gradient tile summed over all of
+them in registers.  Triton: two launches, deterministic.
+
+None of the eleven has a CUDA kernel (no CUDA twin yet): a forced
 ``backend="cuda"`` raises :class:`~fastadv.BackendUnavailable`; ``auto`` on a
 CUDA tensor runs triton.
 """
@@ -643,4 +648,69 @@ def pair_sq_norms_ps(u: ref.MatUse, v: ref.MatUse, rows: int, *, backend: str | 
     name = pair_sq_norms_ps_backend(backend, u, v)
     out = _out_row(out, u.q.shape[0], ref.acc_dtype(u.q, v.q, u.p, v.p), u.q.device)
     pair_sq_norms_ps_op(u.q, v.q, u.p, v.p, u.ids, v.ids, rows, out, name)
+    return out
+
+
+# ---------------------------------------------------------------- any number of uses, the per-sample way
+
+@_registry.op("dp_ghost_uses_sq_norms_ps", mutates_args={"out"})
+def uses_sq_norms_ps_op(qs: list[torch.Tensor], ps: list[Optional[torch.Tensor]], ids: list[Optional[torch.Tensor]],
+                        rows: int, out: torch.Tensor, backend: str) -> None:
+    """``out[b] = ||sum_u G_b^u||^2`` from each sample's gradient (``out``: fp32 ``[B]``)."""
+    if backend == "torch":
+        count_launch("torch.dp_ghost_uses_sq_norms_ps")
+        uses = [ref.MatUse(q=q, p=p, ids=i) for q, p, i in zip(qs, ps, ids)]
+        out.copy_(ref.matrix_sq_norms(uses, rows, "per_sample"))
+        return
+    with device_guard(out):
+        _registry.kernels("dp_ghost", backend).uses_sq_norms_ps(list(qs), list(ps), list(ids), rows, out)
+
+
+@uses_sq_norms_ps_op.register_fake
+def _(qs, ps, ids, rows, out, backend):
+    return None
+
+
+def uses_sq_norms_ps_backend(backend, uses: list[ref.MatUse]) -> str:
+    """The backend :func:`uses_sq_norms_ps` runs for these uses (the kernel:
+    fp32 / fp16 / bf16, strided; the Linear uses one ``p`` and one ``q``
+    dtype, the lookups one ``q`` and one ids dtype -- its table holds one
+    element type per operand kind; else ``auto`` takes torch)."""
+    def named(kind, pairs):
+        return [(f"uses[{k}].{kind}", t) for k, t in pairs if t is not None]
+    lin = [(k, u) for k, u in enumerate(uses) if u.p is not None]
+    look = [(k, u) for k, u in enumerate(uses) if u.p is None]
+    groups = [named("p", [(k, u.p) for k, u in lin]), named("q", [(k, u.q) for k, u in lin]),
+              named("q", [(k, u.q) for k, u in look]), named("ids", [(k, u.ids) for k, u in look])]
+    floats = groups[0] + groups[1] + groups[2]
+    device = uses[0].q.device
+    name = _registry.pick(backend, device, same_device=floats[1:] + groups[3], dtypes=floats, allowed=_DTYPES,
+                          strided=floats)
+    for group in groups:
+        if name != "torch" and len(group) > 1:
+            name = _registry.pick(backend, device, same_dtype=group)
+    return _no_cuda("dp_ghost_uses_sq_norms_ps", backend, name)
+
+
+def uses_sq_norms_ps(uses: list[ref.MatUse], rows: int, *, backend: str | None = None,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+    """``||sum_u G_b^u||_F^2`` per sample for any number of uses of one
+    ``[rows, I]`` weight matrix (:func:`pair_sq_norms_ps` for a list: a Linear
+    applied three times, a table tied to a head and read twice), the per-sample
+    way without the reference's ``[B, rows, I]``.  fp32 ``[B]`` (fp64 for
+    fp64 inputs on the torch backend); ``out`` as in :func:`linear_sq_norms`."""
+    if not isinstance(uses, (list, tuple)) or not uses:
+        raise ValueError("uses must be a non-empty list of MatUse")
+    for k, w in enumerate(uses):  # each use against the first: shapes, dtypes, one B and I (and O)
+        try:
+            _cross_operands(w, uses[0], None)
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"uses[{k}] (u) against uses[0] (v): {e}") from None
+    rows = int(rows)
+    for k, w in enumerate(uses):
+        if w.p is not None and w.p.shape[2] != rows:
+            raise ValueError(f"uses[{k}].p must have rows = {rows} columns, got {tuple(w.p.shape)}")
+    name = uses_sq_norms_ps_backend(backend, uses)
+    out = _out_row(out, uses[0].q.shape[0], ref.acc_dtype(*[t for w in uses for t in (w.q, w.p)]), uses[0].q.device)
+    uses_sq_norms_ps_op([w.q for w in uses], [w.p for w in uses], [w.ids for w in uses], rows, out, name)
     return out

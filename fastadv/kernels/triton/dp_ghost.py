@@ -20,7 +20,8 @@ terms of one backward in one launch (``_vector_sq_norms``), the clip factors
 and book-keeping's clipped gradient (tiled per sample, or flattened over
 ``(b, t)`` for fp32 operands with ``T < 16``), and the per-sample-strategy
 norms (``_linear_sq_norms_ps``; ``_pair_sq_norms_ps`` for two uses of one
-matrix), each sample's gradient built tile by tile and never stored.  No
+matrix, ``_uses_sq_norms_ps`` for any number through a table of the uses),
+each sample's gradient built tile by tile and never stored.  No
 CUDA twin yet.
 """
 import torch
@@ -614,6 +615,85 @@ def pair_sq_norms_ps(qu: torch.Tensor, qv: torch.Tensor, pu: torch.Tensor | None
     count_launch("triton.dp_ghost_pair_sq_norms_ps")
     sum_partials(part, out)
     count_launch("triton.dp_ghost_pair_sq_norms_ps")
+
+
+# uses_sq_norms_ps's device table: one int64 row per use, Linear uses first
+USE_FIELDS = 9  # data (p or ids), q, T, then the strides: data b, t, o (0 for ids), q b, t, i
+
+
+@triton.jit
+def _uses_sq_norms_ps(table, n_lin, n_uses, part_ptr, O, I, n_ti, n_tiles, like_p, like_q, like_ids, like_lq,
+                      BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
+                      IEEE: tl.constexpr, WIDEN: tl.constexpr):
+    # _pair_sq_norms_ps for any number of uses: one program per (sample b, tile of
+    # G_b = sum_u G_b^u), the uses read from the table in order (its Linear uses
+    # first, one dtype pair for all of them; then the lookups, one ids and one q
+    # dtype), each use's tile built in registers and added; then ||tile||^2
+    tile = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    ro = (tile // n_ti).to(tl.int64) * BLOCK_O + tl.arange(0, BLOCK_O)
+    ri = (tile % n_ti).to(tl.int64) * BLOCK_I + tl.arange(0, BLOCK_I)
+    acc = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
+    for u in range(0, n_uses):
+        row = table + u * 9  # USE_FIELDS
+        steps = tl.load(row + 2)
+        sq_b, sq_t, sq_i = tl.load(row + 6), tl.load(row + 7), tl.load(row + 8)
+        if u < n_lin:
+            p_b = tl.load(row).to(like_p.dtype) + b * tl.load(row + 3)
+            q_b = tl.load(row + 1).to(like_q.dtype) + b * sq_b
+            acc += _sample_tile(p_b, q_b, ro, ri, steps, steps, O, I, tl.load(row + 4), tl.load(row + 5), sq_t,
+                                sq_i, BLOCK_T, BLOCK_O, BLOCK_I, IEEE, WIDEN)
+        else:
+            ids_b = tl.load(row).to(like_ids.dtype) + b * tl.load(row + 3)
+            q_b = tl.load(row + 1).to(like_lq.dtype) + b * sq_b
+            acc += _lookup_tile(ids_b, q_b, ro, ri, steps, I, tl.load(row + 4), sq_t, sq_i, BLOCK_T, BLOCK_O,
+                                BLOCK_I)
+    inside = (ro[:, None] < O) & (ri[None, :] < I)  # the padding zeroed before squaring (see above)
+    acc = tl.where(inside, acc, 0.0)
+    tl.store(part_ptr + b * n_tiles + tile, tl.sum(tl.sum(acc * acc, axis=1), axis=0))
+
+
+def _use_row(data: torch.Tensor, q: torch.Tensor, lookup: bool) -> list[int]:
+    sd = data.stride()
+    return [data.data_ptr(), q.data_ptr(), q.shape[1], sd[0], sd[1], 0 if lookup else sd[2], *q.stride()]
+
+
+def uses_sq_norms_ps(qs: list[torch.Tensor], ps: list, ids: list, rows: int, out: torch.Tensor) -> None:
+    """``out[b] = ||sum_u G_b^u||_F^2`` (fp32) of any number of uses of one
+    ``[rows, I]`` matrix, each a Linear (``ps[u] [B, T_u, rows]``, ``qs[u] [B,
+    T_u, I]``) or a lookup (``ids[u] [B, T_u]``, ``qs[u]``), strided; the
+    Linear uses share one (p, q) dtype pair, the lookups one ids and one q
+    dtype (the op checks).  Each sample's gradient is built tile by tile and
+    never stored; a table of the uses (built here from the live tensors, used
+    at once: one pinned non-blocking copy) and two launches (the partials, then
+    their sum in tile order), deterministic."""
+    batch, cols = qs[0].shape[0], qs[0].shape[2]
+    if batch == 0:
+        return
+    if rows == 0 or cols == 0:
+        out.zero_()  # an empty gradient
+        return
+    lin = [u for u in range(len(qs)) if ps[u] is not None]
+    look = [u for u in range(len(qs)) if ps[u] is None]
+    table_rows = [_use_row(ps[u], qs[u], False) for u in lin] + [_use_row(ids[u], qs[u], True) for u in look]
+    table = torch.empty(len(table_rows) * USE_FIELDS, dtype=torch.int64, device=out.device)
+    host.to_device(torch.tensor(table_rows, dtype=torch.int64).reshape(-1), table)
+    f32 = host.witness(torch.float32, out.device)
+    like_p, like_q = (host.witness(ps[lin[0]].dtype, out.device), host.witness(qs[lin[0]].dtype, out.device)) \
+        if lin else (f32, f32)
+    like_ids, like_lq = (host.witness(ids[look[0]].dtype, out.device), host.witness(qs[look[0]].dtype, out.device)) \
+        if look else (host.witness(torch.int64, out.device), f32)
+    ieee = torch.float32 in (like_p.dtype, like_q.dtype)
+    widen = like_p.dtype != like_q.dtype or torch.bfloat16 in (like_p.dtype, like_q.dtype)
+    n_ti = triton.cdiv(cols, BLOCK_I)
+    n_tiles = triton.cdiv(rows, BLOCK_O) * n_ti
+    part = torch.empty(batch, n_tiles, dtype=torch.float32, device=out.device)
+    _uses_sq_norms_ps[(n_tiles, batch)](table, len(lin), len(qs), part, rows, cols, n_ti, n_tiles, like_p, like_q,
+                                        like_ids, like_lq, BLOCK_T=BLOCK_T, BLOCK_O=BLOCK_O, BLOCK_I=BLOCK_I,
+                                        IEEE=ieee, WIDEN=widen, enable_fp_fusion=False)
+    count_launch("triton.dp_ghost_uses_sq_norms_ps")
+    sum_partials(part, out)
+    count_launch("triton.dp_ghost_uses_sq_norms_ps")
 
 
 # ---------------------------------------------------------------- cross terms of a tied parameter
