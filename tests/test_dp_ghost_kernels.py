@@ -1054,6 +1054,51 @@ def test_shared_layer_per_sample_strategy(backend, mode):
     assert uses == (2 * 2 if backend != "torch" and mode == "bk" else 0)
 
 
+class AlbertLogits(nn.Module):
+    """An HF ALBERT classifier built from a config (embedding 8 -> hidden 16,
+    one layer group shared by 3 layers, dropout off), fed position and
+    token-type ids of shape [B, T]."""
+
+    def __init__(self):
+        super().__init__()
+        from transformers import AlbertConfig, AlbertForSequenceClassification
+        cfg = AlbertConfig(vocab_size=30, embedding_size=8, hidden_size=16, num_hidden_layers=3,
+                           num_attention_heads=2, intermediate_size=24, max_position_embeddings=16, num_labels=3,
+                           hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout_prob=0.0)
+        self.model = AlbertForSequenceClassification(cfg)
+
+    def forward(self, ids):
+        b, t = ids.shape
+        pos = torch.arange(t).expand(b, t).contiguous()
+        return self.model(input_ids=ids, position_ids=pos, token_type_ids=torch.zeros_like(ids)).logits
+
+
+# ALBERT's shared layer: 6 weight matrices (q, k, v, attention dense, ffn, ffn_output), 3 uses each
+ALBERT_SHARED = 6
+
+
+@pytest.mark.parametrize("mode", ["bk", "ghost"])
+def test_albert_shared_layers(backend, mode):
+    """HF ALBERT (one layer's weights used by all 3 layers), ``strategy=
+    "per_sample"``, two micro-batches: equal to Opacus vanilla (ids from 1:
+    its padding row is the documented difference); on a kernel backend bk's
+    shared matrices take ``dp_ghost_uses_sq_norms_ps`` (2 launches each per
+    backward), ghost's their 3 own and 3 cross Gram terms (``dp_ghost_cross_gram``,
+    2 launches each)."""
+    torch.manual_seed(0)
+    model = AlbertLogits()
+    batches = [(torch.randint(1, 30, (4, 9)), torch.randint(0, 3, (4,))) for _ in range(2)]
+    want = opacus_grads(copy.deepcopy(model), batches, C=0.3)
+    before = collections.Counter(kernels.LAUNCHES)
+    got, _ = fast_grads(model, batches, C=0.3, mode=mode, backend=backend, strategy="per_sample")
+    _assert_same(got, want)
+    kernel = backend != "torch"
+    assert _launched("dp_ghost_uses_sq_norms_ps", before) == (2 * 2 * ALBERT_SHARED if kernel and mode == "bk"
+                                                              else 0)
+    assert _launched("dp_ghost_cross_gram", before) == (2 * 2 * 6 * ALBERT_SHARED if kernel and mode == "ghost"
+                                                        else 0)
+
+
 # ---------------------------------------------------------------- registration and refusals
 
 def test_opcheck(backend):
