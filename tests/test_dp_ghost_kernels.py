@@ -22,6 +22,8 @@ Opacus 1.6's vanilla per-sample mode.
   per-sample way, never stored;
 * ``dp_ghost_uses_sq_norms_ps``: the same for any number of uses (a layer
   shared three times), the uses from a device table;
+* ``dp_ghost_norm_layer_grads``: a LayerNorm's / RMSNorm's per-sample weight
+  and bias gradients, ``xhat`` recomputed in registers;
 * ``dp_ghost_linear_sq_norms`` (the older norm op) is in the opcheck test here.
 
 The triton backend runs under the interpreter on CPU (tests/conftest.py).
@@ -1099,6 +1101,84 @@ def test_albert_shared_layers(backend, mode):
                                                         else 0)
 
 
+# ---------------------------------------------------------------- norm layers' per-sample gradients
+
+def _norm_want(a, g, eps, rms):
+    return ref.norm_layer_grads(a.double(), g.double(), eps, rms)
+
+
+@pytest.mark.parametrize("rms", [False, True])
+@pytest.mark.parametrize("shape", [(1, 1, 1), (3, 5, 7), (2, 1, 64), (1, 19, 33), (4, 0, 5), (0, 3, 4), (2, 3, 0)])
+@pytest.mark.parametrize("dtypes", [(torch.float32,) * 2, (torch.float16,) * 2, (torch.bfloat16,) * 2,
+                                    (torch.float32, torch.bfloat16)])
+def test_norm_layer_grads_op(backend, rms, shape, dtypes):
+    """LayerNorm / RMSNorm per-sample weight and bias gradients against fp64
+    (``xhat`` of the same rounded input), over dtypes (autocast's fp32 input
+    with bf16 output gradients), ``B = 0 / 1``, ``T = 0 / 1``, ``D = 0 / 1``,
+    odd ``D``; one launch (a kernel: none for an empty result); each
+    output alone; bitwise equal between runs."""
+    torch.manual_seed(2)
+    a, g = torch.randn(shape).to(dtypes[0]) * 3 + 1, torch.randn(shape).to(dtypes[1])
+    before = collections.Counter(kernels.LAUNCHES)
+    w, b = ops.norm_layer_grads(a, g, 1e-5, rms=rms, backend=backend)
+    assert _launched("dp_ghost_norm_layer_grads", before) == (1 if backend == "torch" or shape[0] * shape[2] else 0)
+    assert w.dtype == b.dtype == torch.float32 and w.shape == b.shape == (shape[0], shape[2])
+    w64, b64 = _norm_want(a, g, 1e-5, rms)
+    torch.testing.assert_close(w.double(), w64, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(b.double(), b64, rtol=1e-5, atol=1e-5)
+    w_only, none = ops.norm_layer_grads(a, g, 1e-5, rms=rms, bias=False, backend=backend)
+    none2, b_only = ops.norm_layer_grads(a, g, 1e-5, rms=rms, weight=False, backend=backend)
+    assert none is None and none2 is None and torch.equal(w_only, w) and torch.equal(b_only, b)
+    ops.norm_layer_grads(torch.randn(1, 1, 2), torch.randn(1, 1, 2), 1e-5, backend=backend)  # launches something
+
+
+def test_norm_layer_grads_strided_and_nonfinite(backend):
+    """Strided input and gradient (bitwise the contiguous result on a kernel
+    backend); a NaN in one sample's input, an inf in another's gradient: the
+    reference's NaN / inf in those samples' rows only."""
+    torch.manual_seed(4)
+    a = torch.randn(4, 2 * 9, 11)[:, ::2]
+    g = torch.randn(4, 11, 9).transpose(1, 2)
+    w, b = ops.norm_layer_grads(a, g, 1e-6, backend=backend)
+    if backend != "torch":
+        wc, bc = ops.norm_layer_grads(a.contiguous(), g.contiguous(), 1e-6, backend=backend)
+        assert torch.equal(w, wc) and torch.equal(b, bc)
+    w64, b64 = _norm_want(a, g, 1e-6, False)
+    torch.testing.assert_close(w.double(), w64, rtol=1e-5, atol=1e-5)
+    a, g = a.contiguous(), g.contiguous()
+    a[1, 3, 2] = float("nan")
+    g[2, 0, 5] = float("inf")
+    w, b = ops.norm_layer_grads(a, g, 1e-6, backend=backend)
+    w64, b64 = _norm_want(a, g, 1e-6, False)
+    for got, want in ((w, w64), (b, b64)):
+        assert torch.equal(torch.isnan(got), torch.isnan(want)) and torch.equal(torch.isinf(got), torch.isinf(want))
+        assert torch.isfinite(got[[0, 3]]).all()
+        torch.testing.assert_close(got[[0, 3]].double(), want[[0, 3]], rtol=1e-5, atol=1e-5)
+    assert torch.isnan(w[1]).all() and torch.isfinite(b[1]).all() and torch.isinf(b[2, 5])
+
+
+def test_norm_layer_grads_refusals(monkeypatch):
+    """Shapes must match and be ``[B, T, D]``; fp64 runs on the torch backend in
+    fp64 (a forced triton refuses it); a ``D`` over the kernel's limit: auto
+    runs torch, forced triton raises."""
+    a = torch.randn(2, 3, 4)
+    with pytest.raises(ValueError, match="both be"):
+        ops.norm_layer_grads(a, torch.randn(2, 3, 5), 1e-5)
+    with pytest.raises(ValueError, match=r"\[B, T, I\]"):
+        ops.norm_layer_grads(a[0], a[0], 1e-5)
+    w, _ = ops.norm_layer_grads(a.double(), a.double(), 1e-5)
+    assert w.dtype == torch.float64
+    if _backend.why_not("triton", torch.device("cpu")) is None:
+        with pytest.raises(TypeError, match="float64"):
+            ops.norm_layer_grads(a.double(), a.double(), 1e-5, backend="triton")
+        monkeypatch.setattr(ops, "NORM_MAX_D", 3)
+        with pytest.raises(ValueError, match="at most 3"):
+            ops.norm_layer_grads(a, a, 1e-5, backend="triton")
+        before = collections.Counter(kernels.LAUNCHES)
+        ops.norm_layer_grads(a, a, 1e-5, backend="auto")
+        assert kernels.LAUNCHES["torch.dp_ghost_norm_layer_grads"] == before["torch.dp_ghost_norm_layer_grads"] + 1
+
+
 # ---------------------------------------------------------------- registration and refusals
 
 def test_opcheck(backend):
@@ -1121,6 +1201,8 @@ def test_opcheck(backend):
                                torch.empty(5), backend)),
         (ops.clipped_linear_grad_op, (g, a, factors, torch.randn(4, 7), True, backend)),
         (ops.clipped_linear_grad_op, (g, a, factors, torch.randn(4, 7), False, backend)),
+        (ops.norm_layer_grads_op, (a, a + 1, 1e-5, False, torch.empty(3, 7), torch.empty(3, 7), backend)),
+        (ops.norm_layer_grads_op, (a, a + 1, 1e-5, True, torch.empty(3, 7), None, backend)),
     ]
     ids, ids2 = torch.tensor([[1, 2, 1, 1, 0]] * 3), torch.tensor([[3, 1, 1]] * 3)
     a2, g2 = torch.randn(3, 3, 7), torch.randn(3, 3, 4)
@@ -1157,7 +1239,8 @@ def test_no_cuda_kernel(monkeypatch):
                                            backend=be),
                  lambda be: ops.pair_sq_norms_ps(ref.MatUse(p=p, q=q), ref.MatUse(ids=torch.zeros(3, 2).long(), q=q),
                                                  4, backend=be),
-                 lambda be: ops.uses_sq_norms_ps([ref.MatUse(p=p, q=q)] * 3, 4, backend=be)):
+                 lambda be: ops.uses_sq_norms_ps([ref.MatUse(p=p, q=q)] * 3, 4, backend=be),
+                 lambda be: ops.norm_layer_grads(q, q, 1e-5, backend=be)):
         with pytest.raises(_backend.BackendUnavailable, match="no CUDA kernel"):
             call("cuda")
         before = collections.Counter(kernels.LAUNCHES)
@@ -1199,6 +1282,9 @@ TIED_TERMS_BK = dict(TIED_TERMS, lm=0)
 PAIR_PS_BK = {"mlp": 0, "cnn": 0, "lm": 1, "gpt2": 0}
 # embedding lookups (bk: one clipped-gradient launch each): lm's emb and pos, gpt2's wte and wpe
 LOOKUPS = {"mlp": 0, "cnn": 0, "lm": 2, "gpt2": 2}
+# LayerNorm calls (one dp_ghost_norm_layer_grads launch each per backward, every backend): mlp's ln,
+# lm's ln1 and ln2, gpt2's ln_1, ln_2 and ln_f (cnn's GroupNorm has its own rule)
+NORM_LAYERS = {"mlp": 1, "cnn": 0, "lm": 2, "gpt2": 3}
 
 
 @pytest.mark.parametrize("kind", list(LINEAR_USES))
@@ -1236,6 +1322,7 @@ def test_make_private_equals_opacus_vanilla(backend, mode, kind):
     assert _launched("dp_ghost_clipped_vector_grads", before) == (2 if mode == "bk" else 0)
     assert _launched("dp_ghost_clipped_embedding_grad", before) == (2 * LOOKUPS[kind] if kernel and mode == "bk"
                                                                     else 0)
+    assert _launched("dp_ghost_norm_layer_grads", before) == 2 * NORM_LAYERS[kind]
 
 
 def test_nonfinite_sample_dropped(backend):
@@ -1255,19 +1342,27 @@ def test_nonfinite_sample_dropped(backend):
     _assert_same(got, want)
 
 
-def test_fused_norms_equal_torch_path_and_are_deterministic(backend):
-    """The module's norms and factors on a backend equal the plain-PyTorch
-    path's (materialised per-sample gradients, reference clip factors: no op
-    launched; fp32 rounding apart) and are bitwise equal between two runs."""
+def _lm_bk_norms(strategy, backend):
+    """(factors, finite, norms) of one bk backward of the tied-head LM (norms 13..21)."""
     torch.manual_seed(5)
     model = MODELS["lm"]()
     ids, _ = _data("lm", 6)
-    res = []
-    for strategy, be in (("per_sample", "torch"), ("auto", backend), ("auto", backend)):
-        m = ghost.GhostClippingModule(copy.deepcopy(model), mode="bk", strategy=strategy, backend=be)
-        f, ok, _, _ = m.dp_backward(m(ids).square().mean((1, 2)), 17.0)  # norms 13..21
-        res.append((f, ok, m.per_sample_gradient_norms))
-    (tf, tok, tn), res = res[0], res[1:]
+    m = ghost.GhostClippingModule(model, mode="bk", strategy=strategy, backend=backend)
+    f, ok, _, _ = m.dp_backward(m(ids).square().mean((1, 2)), 17.0)
+    return f, ok, m.per_sample_gradient_norms
+
+
+@pytest.fixture
+def lm_torch_norms():
+    """The torch path's (materialised per-sample gradients, reference clip
+    factors), computed before the ``backend`` fixture starts counting launches."""
+    return _lm_bk_norms("per_sample", "torch")
+
+
+def test_fused_norms_equal_torch_path_and_are_deterministic(lm_torch_norms, backend):
+    """The module's norms and factors on a backend equal the plain-PyTorch
+    path's (fp32 rounding apart) and are bitwise equal between two runs."""
+    (tf, tok, tn), res = lm_torch_norms, [_lm_bk_norms("auto", backend) for _ in range(2)]
     assert (tf < 1).any() and (tf == 1).any(), "some samples clipped, some not"
     for f, ok, n in res:
         assert torch.equal(ok, tok) and ok.all()
@@ -1281,7 +1376,7 @@ def test_registered():
     assert {"dp_ghost_linear_sq_norms", "dp_ghost_embedding_sq_norms", "dp_ghost_vector_sq_norms",
             "dp_ghost_clip_factors", "dp_ghost_clipped_vector_grads", "dp_ghost_clipped_embedding_grad",
             "dp_ghost_clipped_linear_grad", "dp_ghost_linear_sq_norms_ps", "dp_ghost_cross_gram",
-            "dp_ghost_pair_sq_norms_ps", "dp_ghost_uses_sq_norms_ps"} \
+            "dp_ghost_pair_sq_norms_ps", "dp_ghost_uses_sq_norms_ps", "dp_ghost_norm_layer_grads"} \
         <= set(_registry.registered())
 
 

@@ -82,7 +82,7 @@ def _flat3(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], math.prod(t.shape[1:-1]), t.shape[-1])  # no -1: the batch may be empty
 
 
-def _linear(m, a, g, *, transposed: bool = False) -> _Uses:
+def _linear(m, a, g, backend=None, *, transposed: bool = False) -> _Uses:
     """nn.Linear (``W [out, in]``: ``G = g^T a``); ``transposed``: transformers'
     ``Conv1D`` (GPT-2), ``y = x @ W + b`` with ``W [in, out]`` (``G = a^T g``)."""
     out = _Uses()
@@ -94,7 +94,7 @@ def _linear(m, a, g, *, transposed: bool = False) -> _Uses:
     return out
 
 
-def _embedding(m: nn.Embedding, ids, g) -> _Uses:
+def _embedding(m: nn.Embedding, ids, g, backend=None) -> _Uses:
     ids = ids.reshape(ids.shape[0], math.prod(ids.shape[1:]))
     g = g.reshape(ids.shape[0], ids.shape[1], g.shape[-1])
     if m.padding_idx is not None:  # the padding row gets no gradient
@@ -102,29 +102,32 @@ def _embedding(m: nn.Embedding, ids, g) -> _Uses:
     return _Uses(mats=[(m.weight, ref.MatUse(ids=ids, q=g))])
 
 
-def _norm_layer(m, a, g, xhat) -> _Uses:
-    out = _Uses()
-    dims = tuple(range(1, a.dim() - len(m.normalized_shape)))
-    acc = ref.acc_dtype(a, g)
-    if m.weight is not None and m.weight.requires_grad:
-        out.vecs.append((m.weight, (g.to(acc) * xhat).sum(dims) if dims else g.to(acc) * xhat))
-    if getattr(m, "bias", None) is not None and m.bias.requires_grad:
-        out.vecs.append((m.bias, g.to(acc).sum(dims) if dims else g.to(acc)))
-    return out
+def _norm_layer(m, a, g, eps, rms, backend) -> _Uses:
+    """LayerNorm / RMSNorm: the per-sample weight and bias gradients from one
+    ``dp_ghost_norm_layer_grads`` call (a kernel recomputes ``xhat`` in
+    registers), ``a`` and ``g`` seen as ``[B, T, D]`` with ``D`` the
+    normalised elements (a 2-D input: ``T = 1``)."""
+    shape = tuple(m.normalized_shape)
+    d = math.prod(shape)
+    w = m.weight if m.weight is not None and m.weight.requires_grad else None
+    b = getattr(m, "bias", None)
+    b = b if b is not None and b.requires_grad else None
+    a3, g3 = (t.reshape(t.shape[0], t.numel() // max(t.shape[0] * d, 1), d) for t in (a, g))
+    w_ps, b_ps = _ghost_ops.norm_layer_grads(a3, g3, eps, rms=rms, weight=w is not None, bias=b is not None,
+                                             backend=backend)
+    return _Uses(vecs=[(p, v.reshape(v.shape[0], *shape)) for p, v in ((w, w_ps), (b, b_ps)) if p is not None])
 
 
-def _layer_norm(m: nn.LayerNorm, a, g) -> _Uses:
-    xhat = F.layer_norm(a.to(ref.acc_dtype(a)), m.normalized_shape, eps=m.eps)
-    return _norm_layer(m, a, g, xhat)
+def _layer_norm(m: nn.LayerNorm, a, g, backend=None) -> _Uses:
+    return _norm_layer(m, a, g, m.eps, False, backend)
 
 
-def _rms_norm(m, a, g) -> _Uses:
+def _rms_norm(m, a, g, backend=None) -> _Uses:
     eps = m.eps if m.eps is not None else torch.finfo(a.dtype).eps  # torch's default: the input's eps
-    xhat = F.rms_norm(a.to(ref.acc_dtype(a)), m.normalized_shape, eps=eps)
-    return _norm_layer(m, a, g, xhat)
+    return _norm_layer(m, a, g, eps, True, backend)
 
 
-def _group_norm(m: nn.GroupNorm, a, g) -> _Uses:
+def _group_norm(m: nn.GroupNorm, a, g, backend=None) -> _Uses:
     """GroupNorm: per-channel affine after normalising groups of channels."""
     acc = ref.acc_dtype(a, g)
     xhat = F.group_norm(a.to(acc), m.num_groups, eps=m.eps)
@@ -137,7 +140,7 @@ def _group_norm(m: nn.GroupNorm, a, g) -> _Uses:
     return out
 
 
-def _conv(m, a, g) -> _Uses:
+def _conv(m, a, g, backend=None) -> _Uses:
     """Conv1d / Conv2d: the unfolded input patches make it a Linear layer with
     one step per output position (``weight`` viewed as ``[out, in * k]``)."""
     if m.weight.dim() == 3:  # Conv1d as a 1 x k Conv2d
@@ -175,7 +178,8 @@ def _check_embedding(m) -> str | None:
     return None
 
 
-# type -> (rule(module, input, output_grad) -> _Uses, check(module) -> reason or None)
+# type -> (rule(module, input, output_grad, backend) -> _Uses, check(module) -> reason or None); backend:
+# the DP-ghost kernels' (the norm layers' rule launches one)
 _RULES = {
     nn.Linear: (_linear, None),
     nn.Embedding: (_embedding, _check_embedding),
@@ -347,7 +351,7 @@ class _Pass:
                              f"{r.a.shape[0]} (output gradient {g.shape[0]}), the loss has {self.batch} "
                              f"samples: every layer input must have the batch first (for HF models "
                              f"pass position_ids of shape [batch, length])")
-        uses = _RULES[type(r.module)][0](r.module, r.a, g.detach())
+        uses = _RULES[type(r.module)][0](r.module, r.a, g.detach(), self.owner.backend)
         for p, u in uses.mats:
             self._arrive(p, r)
             if self.keep:

@@ -72,12 +72,17 @@ rows, I]``: each sample's gradient tile built from both uses in registers (a
 lookup's rows by a select per hit step, chunks without a hit skipped) and
 squared.  Triton: two launches, deterministic.
 
+``norm_layer_grads(a, g, eps)``: a LayerNorm's / RMSNorm's per-sample
+weight and bias gradients, ``sum_t g_t * xhat_t`` and ``sum_t g_t``, with
+``xhat`` recomputed from the input in registers.  Triton: one launch, one
+program per sample, deterministic.
+
 ``uses_sq_norms_ps(uses, rows)``: the same for any number of uses (a Linear
 applied three times, as ALBERT shares its layers): the uses in a device
 table built in the call, each sample's gradient tile summed over all of
 them in registers.  Triton: two launches, deterministic.
 
-None of the eleven has a CUDA kernel (no CUDA twin yet): a forced
+None of the twelve has a CUDA kernel (no CUDA twin yet): a forced
 ``backend="cuda"`` raises :class:`~fastadv.BackendUnavailable`; ``auto`` on a
 CUDA tensor runs triton.
 """
@@ -93,6 +98,7 @@ from ..reference import dp_ghost as ref
 from . import _registry
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+NORM_MAX_D = 16384  # the norm-layer kernel's largest normalised dimension (one row in registers)
 
 
 @_registry.op("dp_ghost_linear_sq_norms", mutates_args={"out"})
@@ -358,6 +364,55 @@ def clipped_vector_grads(vecs: list[torch.Tensor], factors: torch.Tensor, *,
             vecs, factors = [v.contiguous() for v in vecs], factors.contiguous()
         clipped_vector_grads_op(vecs, factors, outs, name)
     return outs
+
+
+@_registry.op("dp_ghost_norm_layer_grads", mutates_args={"w_out", "b_out"})
+def norm_layer_grads_op(a: torch.Tensor, g: torch.Tensor, eps: float, rms: bool, w_out: Optional[torch.Tensor],
+                        b_out: Optional[torch.Tensor], backend: str) -> None:
+    """``w_out[b] = sum_t g_t * xhat_t``, ``b_out[b] = sum_t g_t`` (fp32 ``[B, D]``, either may be None)."""
+    if backend == "torch":
+        count_launch("torch.dp_ghost_norm_layer_grads")
+        w, b = ref.norm_layer_grads(a, g, eps, rms, weight=w_out is not None, bias=b_out is not None)
+        for out, v in ((w_out, w), (b_out, b)):
+            if out is not None:
+                out.copy_(v)
+        return
+    with device_guard(a):
+        _registry.kernels("dp_ghost", backend).norm_layer_grads(a, g, eps, rms, w_out, b_out)
+
+
+@norm_layer_grads_op.register_fake
+def _(a, g, eps, rms, w_out, b_out, backend):
+    return None
+
+
+def norm_layer_grads(a: torch.Tensor, g: torch.Tensor, eps: float, *, rms: bool = False, weight: bool = True,
+                     bias: bool = True, backend: str | None = None) -> tuple:
+    """Per-sample gradients of a LayerNorm's (``rms``: RMSNorm's) weight and
+    bias, ``(sum_t g_t * xhat_t, sum_t g_t)`` ``[B, D]`` each (None where not
+    asked for), from its input ``a`` and output gradient ``g`` ``[B, T, D]``
+    (normalised over ``D``; ``xhat`` recomputed from ``a`` as the layer's
+    forward computes it: :func:`fastadv.reference.dp_ghost.norm_layer_grads`).
+    fp32 (fp64 for fp64 inputs on the torch backend).  Triton: one launch, one
+    program per sample (fp32 / fp16 / bf16, mixed and strided; ``D`` up to
+    16384), ``xhat`` and ``g * xhat`` never stored."""
+    _check(a, g)
+    if a.shape != g.shape:
+        raise ValueError(f"a and g must both be [B, T, D], got {tuple(a.shape)} and {tuple(g.shape)}")
+    pairs = [("input", a), ("output gradient", g)]
+    name = _registry.pick(backend, a.device, same_device=pairs[1:], dtypes=pairs, allowed=_DTYPES, strided=pairs)
+    if name != "torch" and a.shape[2] > NORM_MAX_D:
+        if _registry.forced(backend):
+            raise ValueError(f"the {name} backend normalises at most {NORM_MAX_D} elements, got "
+                             f"{a.shape[2]}; use backend='torch'")
+        name = "torch"
+    name = _no_cuda("dp_ghost_norm_layer_grads", backend, name)
+    acc = ref.acc_dtype(a, g) if name == "torch" else torch.float32
+    outs = [torch.empty(a.shape[0], a.shape[2], dtype=acc, device=a.device) if want else None
+            for want in (weight, bias)]
+    if weight or bias:
+        norm_layer_grads_op(a, g, float(eps), bool(rms), outs[0], outs[1], name)
+    return outs[0], outs[1]
 
 
 @_registry.op("dp_ghost_clipped_embedding_grad", mutates_args={"out"})

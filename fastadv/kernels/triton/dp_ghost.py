@@ -230,6 +230,56 @@ def clipped_vector_grads(vecs: list[torch.Tensor], factors: torch.Tensor, outs: 
     count_launch("triton.dp_ghost_clipped_vector_grads")
 
 
+# ---------------------------------------------------------------- norm layers' per-sample gradients
+
+@triton.jit
+def _norm_layer_grads(a_ptr, g_ptr, w_ptr, b_ptr, T, D, eps, sa_b, sa_t, sa_d, sg_b, sg_t, sg_d,
+                      BLOCK_D: tl.constexpr, RMS: tl.constexpr, WANT_W: tl.constexpr, WANT_B: tl.constexpr):
+    # one program per sample: for each step t in order its row's statistics in
+    # fp32 (biased variance, 1 / sqrt(var + eps), as the layer's forward), xhat,
+    # then g * xhat and g added into the sample's two [D] sums: xhat and the
+    # [B, T, D] products are never stored; a NaN stays in its own sample
+    b = tl.program_id(0).to(tl.int64)
+    rd = tl.arange(0, BLOCK_D).to(tl.int64)
+    dmask = rd < D
+    acc_w = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    acc_b = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    a_b = a_ptr + b * sa_b
+    g_b = g_ptr + b * sg_b
+    for t in range(0, T):
+        gt = tl.load(g_b + t * sg_t + rd * sg_d, mask=dmask, other=0.0).to(tl.float32)
+        if WANT_W:
+            x = tl.load(a_b + t * sa_t + rd * sa_d, mask=dmask, other=0.0).to(tl.float32)
+            if RMS:
+                xhat = x / tl.sqrt_rn(tl.sum(x * x, axis=0) / D + eps)
+            else:
+                xc = tl.where(dmask, x - tl.sum(x, axis=0) / D, 0.0)
+                xhat = xc / tl.sqrt_rn(tl.sum(xc * xc, axis=0) / D + eps)
+            acc_w += gt * xhat
+        acc_b += gt
+    if WANT_W:
+        tl.store(w_ptr + b * D + rd, acc_w, mask=dmask)
+    if WANT_B:
+        tl.store(b_ptr + b * D + rd, acc_b, mask=dmask)
+
+
+def norm_layer_grads(a: torch.Tensor, g: torch.Tensor, eps: float, rms: bool, w_out, b_out) -> None:
+    """``w_out[b] = sum_t g[b, t] * xhat[b, t]``, ``b_out[b] = sum_t g[b, t]``
+    (contiguous fp32 ``[B, D]``, either may be None) for strided ``a``, ``g``
+    ``[B, T, D]`` (fp32 / fp16 / bf16, mixed allowed), ``D`` at most
+    ``fastadv.ops.dp_ghost.NORM_MAX_D`` (one row in registers per step): one
+    launch, one program per sample, deterministic."""
+    batch, steps, dim = a.shape
+    if batch == 0 or dim == 0:
+        return
+    dummy = w_out if w_out is not None else b_out
+    _norm_layer_grads[(batch,)](a, g, w_out if w_out is not None else dummy, b_out if b_out is not None else dummy,
+                                steps, dim, float(eps), *a.stride(), *g.stride(),
+                                BLOCK_D=triton.next_power_of_2(dim), RMS=bool(rms), WANT_W=w_out is not None,
+                                WANT_B=b_out is not None, enable_fp_fusion=False)
+    count_launch("triton.dp_ghost_norm_layer_grads")
+
+
 # ---------------------------------------------------------------- bk's clipped embedding gradient
 
 EMB_BLOCK_D = 128
@@ -638,15 +688,16 @@ def _uses_sq_norms_ps(table, n_lin, n_uses, part_ptr, O, I, n_ti, n_tiles, like_
         row = table + u * 9  # USE_FIELDS
         steps = tl.load(row + 2)
         sq_b, sq_t, sq_i = tl.load(row + 6), tl.load(row + 7), tl.load(row + 8)
+        # (each branch has its own names: a variable set in both must have one type in Triton)
         if u < n_lin:
-            p_b = tl.load(row).to(like_p.dtype) + b * tl.load(row + 3)
-            q_b = tl.load(row + 1).to(like_q.dtype) + b * sq_b
-            acc += _sample_tile(p_b, q_b, ro, ri, steps, steps, O, I, tl.load(row + 4), tl.load(row + 5), sq_t,
+            lin_p = tl.load(row).to(like_p.dtype) + b * tl.load(row + 3)
+            lin_q = tl.load(row + 1).to(like_q.dtype) + b * sq_b
+            acc += _sample_tile(lin_p, lin_q, ro, ri, steps, steps, O, I, tl.load(row + 4), tl.load(row + 5), sq_t,
                                 sq_i, BLOCK_T, BLOCK_O, BLOCK_I, IEEE, WIDEN)
         else:
-            ids_b = tl.load(row).to(like_ids.dtype) + b * tl.load(row + 3)
-            q_b = tl.load(row + 1).to(like_lq.dtype) + b * sq_b
-            acc += _lookup_tile(ids_b, q_b, ro, ri, steps, I, tl.load(row + 4), sq_t, sq_i, BLOCK_T, BLOCK_O,
+            look_ids = tl.load(row).to(like_ids.dtype) + b * tl.load(row + 3)
+            look_q = tl.load(row + 1).to(like_lq.dtype) + b * sq_b
+            acc += _lookup_tile(look_ids, look_q, ro, ri, steps, I, tl.load(row + 4), sq_t, sq_i, BLOCK_T, BLOCK_O,
                                 BLOCK_I)
     inside = (ro[:, None] < O) & (ri[None, :] < I)  # the padding zeroed before squaring (see above)
     acc = tl.where(inside, acc, 0.0)
