@@ -22,8 +22,9 @@ Opacus 1.6's vanilla per-sample mode.
   per-sample way, never stored;
 * ``dp_ghost_uses_sq_norms_ps``: the same for any number of uses (a layer
   shared three times), the uses from a device table;
-* ``dp_ghost_norm_layer_grads``: a LayerNorm's / RMSNorm's per-sample weight
-  and bias gradients, ``xhat`` recomputed in registers;
+* ``dp_ghost_norm_layer_grads`` / ``dp_ghost_group_norm_grads``: a
+  LayerNorm's / RMSNorm's / GroupNorm's per-sample weight and bias
+  gradients, ``xhat`` recomputed in registers;
 * ``dp_ghost_linear_sq_norms`` (the older norm op) is in the opcheck test here.
 
 The triton backend runs under the interpreter on CPU (tests/conftest.py).
@@ -1179,6 +1180,55 @@ def test_norm_layer_grads_refusals(monkeypatch):
         assert kernels.LAUNCHES["torch.dp_ghost_norm_layer_grads"] == before["torch.dp_ghost_norm_layer_grads"] + 1
 
 
+@pytest.mark.parametrize("shape", [(1, 2, 1, 1), (3, 4, 7, 2), (2, 6, 300, 3), (2, 5, 9, 5), (2, 8, 0, 4),
+                                   (0, 4, 3, 2)])
+@pytest.mark.parametrize("dtypes", [(torch.float32,) * 2, (torch.float16,) * 2, (torch.bfloat16,) * 2,
+                                    (torch.float32, torch.bfloat16)])
+def test_group_norm_grads_op(backend, shape, dtypes):
+    """GroupNorm per-sample weight and bias gradients against fp64, over
+    dtypes, one channel per group and one group, more positions than one
+    load (300 > 256), ``N = 0``, ``B = 0``; one launch (a kernel: none for an
+    empty result); each output alone."""
+    b, c, n, groups = shape
+    torch.manual_seed(3)
+    a, g = (torch.randn(b, c, n) * 3 + 2).to(dtypes[0]), torch.randn(b, c, n).to(dtypes[1])
+    before = collections.Counter(kernels.LAUNCHES)
+    w, bias = ops.group_norm_grads(a, g, groups, 1e-5, backend=backend)
+    assert _launched("dp_ghost_group_norm_grads", before) == (1 if backend == "torch" or b * c else 0)
+    assert w.dtype == bias.dtype == torch.float32 and w.shape == bias.shape == (b, c)
+    w64, b64 = ref.group_norm_grads(a.double(), g.double(), groups, 1e-5)
+    torch.testing.assert_close(w.double(), w64, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(bias.double(), b64, rtol=1e-5, atol=1e-5)
+    w_only, none = ops.group_norm_grads(a, g, groups, 1e-5, bias=False, backend=backend)
+    assert none is None and torch.equal(w_only, w)
+    ops.group_norm_grads(torch.randn(1, 2, 3), torch.randn(1, 2, 3), 1, 1e-5, backend=backend)  # launches something
+
+
+def test_group_norm_grads_strided_nonfinite_and_refusals(backend):
+    """A channels_last input (bitwise the contiguous result on a kernel
+    backend); a NaN in one sample's input stays in its group's weight
+    gradients; channels that do not split into the groups are refused."""
+    torch.manual_seed(5)
+    a4 = torch.randn(3, 6, 4, 5).to(memory_format=torch.channels_last)
+    a, g = a4.reshape(3, 6, 20), torch.randn(3, 6, 20)
+    assert not a.is_contiguous()
+    w, b = ops.group_norm_grads(a, g, 3, 1e-5, backend=backend)
+    if backend != "torch":
+        wc, bc = ops.group_norm_grads(a.contiguous(), g, 3, 1e-5, backend=backend)
+        assert torch.equal(w, wc) and torch.equal(b, bc)
+    torch.testing.assert_close(w.double(), ref.group_norm_grads(a.double(), g.double(), 3, 1e-5)[0],
+                               rtol=1e-5, atol=1e-5)
+    a = a.contiguous()
+    a[1, 2, 7] = float("nan")  # channel 2: group 1 (channels 2, 3) of sample 1
+    w, b = ops.group_norm_grads(a, g, 3, 1e-5, backend=backend)
+    assert torch.isnan(w[1, 2:4]).all() and torch.isfinite(w[1, [0, 1, 4, 5]]).all()
+    assert torch.isfinite(w[[0, 2]]).all() and torch.isfinite(b).all()
+    with pytest.raises(ValueError, match="groups=4"):
+        ops.group_norm_grads(a, g, 4, 1e-5, backend=backend)
+    with pytest.raises(ValueError, match=r"\[B, C, N\]"):
+        ops.group_norm_grads(a[0], g[0], 3, 1e-5, backend=backend)
+
+
 # ---------------------------------------------------------------- registration and refusals
 
 def test_opcheck(backend):
@@ -1203,6 +1253,7 @@ def test_opcheck(backend):
         (ops.clipped_linear_grad_op, (g, a, factors, torch.randn(4, 7), False, backend)),
         (ops.norm_layer_grads_op, (a, a + 1, 1e-5, False, torch.empty(3, 7), torch.empty(3, 7), backend)),
         (ops.norm_layer_grads_op, (a, a + 1, 1e-5, True, torch.empty(3, 7), None, backend)),
+        (ops.group_norm_grads_op, (a, a + 1, 5, 1e-5, torch.empty(3, 5), torch.empty(3, 5), backend)),
     ]
     ids, ids2 = torch.tensor([[1, 2, 1, 1, 0]] * 3), torch.tensor([[3, 1, 1]] * 3)
     a2, g2 = torch.randn(3, 3, 7), torch.randn(3, 3, 4)
@@ -1240,7 +1291,8 @@ def test_no_cuda_kernel(monkeypatch):
                  lambda be: ops.pair_sq_norms_ps(ref.MatUse(p=p, q=q), ref.MatUse(ids=torch.zeros(3, 2).long(), q=q),
                                                  4, backend=be),
                  lambda be: ops.uses_sq_norms_ps([ref.MatUse(p=p, q=q)] * 3, 4, backend=be),
-                 lambda be: ops.norm_layer_grads(q, q, 1e-5, backend=be)):
+                 lambda be: ops.norm_layer_grads(q, q, 1e-5, backend=be),
+                 lambda be: ops.group_norm_grads(q, q, 1, 1e-5, backend=be)):
         with pytest.raises(_backend.BackendUnavailable, match="no CUDA kernel"):
             call("cuda")
         before = collections.Counter(kernels.LAUNCHES)
@@ -1285,6 +1337,7 @@ LOOKUPS = {"mlp": 0, "cnn": 0, "lm": 2, "gpt2": 2}
 # LayerNorm calls (one dp_ghost_norm_layer_grads launch each per backward, every backend): mlp's ln,
 # lm's ln1 and ln2, gpt2's ln_1, ln_2 and ln_f (cnn's GroupNorm has its own rule)
 NORM_LAYERS = {"mlp": 1, "cnn": 0, "lm": 2, "gpt2": 3}
+GROUP_NORMS = {"mlp": 0, "cnn": 1, "lm": 0, "gpt2": 0}  # one dp_ghost_group_norm_grads launch each
 
 
 @pytest.mark.parametrize("kind", list(LINEAR_USES))
@@ -1323,6 +1376,7 @@ def test_make_private_equals_opacus_vanilla(backend, mode, kind):
     assert _launched("dp_ghost_clipped_embedding_grad", before) == (2 * LOOKUPS[kind] if kernel and mode == "bk"
                                                                     else 0)
     assert _launched("dp_ghost_norm_layer_grads", before) == 2 * NORM_LAYERS[kind]
+    assert _launched("dp_ghost_group_norm_grads", before) == 2 * GROUP_NORMS[kind]
 
 
 def test_nonfinite_sample_dropped(backend):
@@ -1376,7 +1430,8 @@ def test_registered():
     assert {"dp_ghost_linear_sq_norms", "dp_ghost_embedding_sq_norms", "dp_ghost_vector_sq_norms",
             "dp_ghost_clip_factors", "dp_ghost_clipped_vector_grads", "dp_ghost_clipped_embedding_grad",
             "dp_ghost_clipped_linear_grad", "dp_ghost_linear_sq_norms_ps", "dp_ghost_cross_gram",
-            "dp_ghost_pair_sq_norms_ps", "dp_ghost_uses_sq_norms_ps", "dp_ghost_norm_layer_grads"} \
+            "dp_ghost_pair_sq_norms_ps", "dp_ghost_uses_sq_norms_ps", "dp_ghost_norm_layer_grads",
+            "dp_ghost_group_norm_grads"} \
         <= set(_registry.registered())
 
 

@@ -128,16 +128,15 @@ def _rms_norm(m, a, g, backend=None) -> _Uses:
 
 
 def _group_norm(m: nn.GroupNorm, a, g, backend=None) -> _Uses:
-    """GroupNorm: per-channel affine after normalising groups of channels."""
-    acc = ref.acc_dtype(a, g)
-    xhat = F.group_norm(a.to(acc), m.num_groups, eps=m.eps)
-    dims = tuple(range(2, a.dim()))
-    out = _Uses()
-    if m.weight is not None and m.weight.requires_grad:
-        out.vecs.append((m.weight, (g.to(acc) * xhat).sum(dims)))
-    if m.bias is not None and m.bias.requires_grad:
-        out.vecs.append((m.bias, g.to(acc).sum(dims)))
-    return out
+    """GroupNorm: per-channel affine after normalising groups of channels; the
+    per-sample weight and bias gradients from one ``dp_ghost_group_norm_grads``
+    call (``a``, ``g`` seen as ``[B, C, N]``)."""
+    w = m.weight if m.weight is not None and m.weight.requires_grad else None
+    b = m.bias if m.bias is not None and m.bias.requires_grad else None
+    a3, g3 = (t.reshape(t.shape[0], t.shape[1], math.prod(t.shape[2:])) for t in (a, g))
+    w_ps, b_ps = _ghost_ops.group_norm_grads(a3, g3, m.num_groups, m.eps, weight=w is not None, bias=b is not None,
+                                             backend=backend)
+    return _Uses(vecs=[(p, v) for p, v in ((w, w_ps), (b, b_ps)) if p is not None])
 
 
 def _conv(m, a, g, backend=None) -> _Uses:
@@ -179,7 +178,7 @@ def _check_embedding(m) -> str | None:
 
 
 # type -> (rule(module, input, output_grad, backend) -> _Uses, check(module) -> reason or None); backend:
-# the DP-ghost kernels' (the norm layers' rule launches one)
+# the DP-ghost kernels' (the norm layers' rules launch one)
 _RULES = {
     nn.Linear: (_linear, None),
     nn.Embedding: (_embedding, _check_embedding),

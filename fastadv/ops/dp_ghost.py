@@ -77,12 +77,16 @@ weight and bias gradients, ``sum_t g_t * xhat_t`` and ``sum_t g_t``, with
 ``xhat`` recomputed from the input in registers.  Triton: one launch, one
 program per sample, deterministic.
 
+``group_norm_grads(a, g, groups, eps)``: the same for a GroupNorm (``[B,
+C, N]``, per-channel sums, ``xhat`` over groups of channels).  Triton: one
+launch, one program per (sample, group), deterministic.
+
 ``uses_sq_norms_ps(uses, rows)``: the same for any number of uses (a Linear
 applied three times, as ALBERT shares its layers): the uses in a device
 table built in the call, each sample's gradient tile summed over all of
 them in registers.  Triton: two launches, deterministic.
 
-None of the twelve has a CUDA kernel (no CUDA twin yet): a forced
+None of the thirteen has a CUDA kernel (no CUDA twin yet): a forced
 ``backend="cuda"`` raises :class:`~fastadv.BackendUnavailable`; ``auto`` on a
 CUDA tensor runs triton.
 """
@@ -412,6 +416,54 @@ def norm_layer_grads(a: torch.Tensor, g: torch.Tensor, eps: float, *, rms: bool 
             for want in (weight, bias)]
     if weight or bias:
         norm_layer_grads_op(a, g, float(eps), bool(rms), outs[0], outs[1], name)
+    return outs[0], outs[1]
+
+
+@_registry.op("dp_ghost_group_norm_grads", mutates_args={"w_out", "b_out"})
+def group_norm_grads_op(a: torch.Tensor, g: torch.Tensor, groups: int, eps: float, w_out: Optional[torch.Tensor],
+                        b_out: Optional[torch.Tensor], backend: str) -> None:
+    """``w_out[b, c] = sum_n g * xhat``, ``b_out[b, c] = sum_n g`` (fp32 ``[B, C]``, either may be None)."""
+    if backend == "torch":
+        count_launch("torch.dp_ghost_group_norm_grads")
+        w, b = ref.group_norm_grads(a, g, groups, eps, weight=w_out is not None, bias=b_out is not None)
+        for out, v in ((w_out, w), (b_out, b)):
+            if out is not None:
+                out.copy_(v)
+        return
+    with device_guard(a):
+        _registry.kernels("dp_ghost", backend).group_norm_grads(a, g, groups, eps, w_out, b_out)
+
+
+@group_norm_grads_op.register_fake
+def _(a, g, groups, eps, w_out, b_out, backend):
+    return None
+
+
+def group_norm_grads(a: torch.Tensor, g: torch.Tensor, groups: int, eps: float, *, weight: bool = True,
+                     bias: bool = True, backend: str | None = None) -> tuple:
+    """Per-sample gradients of a GroupNorm's weight and bias, ``(sum_n g *
+    xhat, sum_n g)`` ``[B, C]`` each (None where not asked for), from its
+    input ``a`` and output gradient ``g`` ``[B, C, N]`` (``xhat`` recomputed
+    from ``a`` over ``groups`` groups of channels, as the layer's forward:
+    :func:`fastadv.reference.dp_ghost.group_norm_grads`).  fp32 (fp64 for
+    fp64 inputs on the torch backend).  Triton: one launch, one program per
+    (sample, group), ``xhat`` and ``g * xhat`` never stored."""
+    if not (isinstance(a, torch.Tensor) and isinstance(g, torch.Tensor)) or a.dim() != 3 or a.shape != g.shape:
+        raise ValueError(f"a and g must both be [B, C, N], got {tuple(getattr(a, 'shape', ()))} and "
+                         f"{tuple(getattr(g, 'shape', ()))}")
+    if not (a.is_floating_point() and g.is_floating_point()):
+        raise TypeError(f"a and g must be floating point, got {a.dtype} and {g.dtype}")
+    groups = int(groups)
+    if groups < 1 or a.shape[1] % groups:
+        raise ValueError(f"the {a.shape[1]} channels must split into groups={groups} equal groups")
+    pairs = [("input", a), ("output gradient", g)]
+    name = _registry.pick(backend, a.device, same_device=pairs[1:], dtypes=pairs, allowed=_DTYPES, strided=pairs)
+    name = _no_cuda("dp_ghost_group_norm_grads", backend, name)
+    acc = ref.acc_dtype(a, g) if name == "torch" else torch.float32
+    outs = [torch.empty(a.shape[0], a.shape[1], dtype=acc, device=a.device) if want else None
+            for want in (weight, bias)]
+    if weight or bias:
+        group_norm_grads_op(a, g, groups, float(eps), outs[0], outs[1], name)
     return outs[0], outs[1]
 
 

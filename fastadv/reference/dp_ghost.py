@@ -161,6 +161,20 @@ def norm_layer_grads(a: torch.Tensor, g: torch.Tensor, eps: float, rms: bool = F
     return (g * xhat).sum(1) if weight else None, g.sum(1) if bias else None
 
 
+def group_norm_grads(a: torch.Tensor, g: torch.Tensor, groups: int, eps: float, weight: bool = True,
+                     bias: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Per-sample gradients of a GroupNorm's per-channel weight and bias from
+    its input ``a`` and output gradient ``g``, both ``[B, C, N]`` (``N``: the
+    spatial positions): ``sum_n g * xhat`` and ``sum_n g``, ``[B, C]`` each
+    (None where not asked for), ``xhat`` recomputed from ``a`` as the layer's
+    forward computes it (``groups`` groups of channels), in fp32 (fp64 for
+    fp64 inputs)."""
+    acc = acc_dtype(a, g)
+    xhat = torch.nn.functional.group_norm(a.to(acc), groups, eps=eps)
+    g = g.to(acc)
+    return (g * xhat).sum(2) if weight else None, g.sum(2) if bias else None
+
+
 def vector_sq_norms(per_sample: list[torch.Tensor]) -> torch.Tensor:
     """``||sum_u g_b^u||^2`` for small parameters whose per-sample gradients are
     materialised (biases, norm layers), ``[B]``."""

@@ -280,6 +280,68 @@ def norm_layer_grads(a: torch.Tensor, g: torch.Tensor, eps: float, rms: bool, w_
     count_launch("triton.dp_ghost_norm_layer_grads")
 
 
+GN_BLOCK = 256  # positions per load of the group-norm kernel
+
+
+@triton.jit
+def _group_norm_grads(a_ptr, g_ptr, w_ptr, b_ptr, C, N, CPG, G, eps, sa_b, sa_c, sa_n, sg_b, sg_c, sg_n,
+                      BLOCK: tl.constexpr, WANT_W: tl.constexpr, WANT_B: tl.constexpr):
+    # one program per (sample, group of CPG channels): the group's mean, then its
+    # biased variance (two passes over the input, fp32, as the layer's forward),
+    # then per channel in order sum_n g * xhat and sum_n g; xhat and the
+    # [B, C, N] products are never stored; a NaN stays in its own (sample, group)
+    pid = tl.program_id(0)
+    b = (pid // G).to(tl.int64)
+    c0 = (pid % G).to(tl.int64) * CPG
+    rn = tl.arange(0, BLOCK).to(tl.int64)
+    a_g = a_ptr + b * sa_b + c0 * sa_c
+    g_g = g_ptr + b * sg_b + c0 * sg_c
+    count = CPG * N
+    s = tl.zeros((BLOCK,), dtype=tl.float32)
+    for c in range(0, CPG):
+        for n0 in range(0, N, BLOCK):
+            s += tl.load(a_g + c * sa_c + (n0 + rn) * sa_n, mask=n0 + rn < N, other=0.0).to(tl.float32)
+    mean = tl.sum(s, axis=0) / count
+    s = tl.zeros((BLOCK,), dtype=tl.float32)
+    for c in range(0, CPG):
+        for n0 in range(0, N, BLOCK):
+            x = tl.load(a_g + c * sa_c + (n0 + rn) * sa_n, mask=n0 + rn < N, other=0.0).to(tl.float32)
+            xc = tl.where(n0 + rn < N, x - mean, 0.0)
+            s += xc * xc
+    rstd = 1.0 / tl.sqrt_rn(tl.sum(s, axis=0) / count + eps)
+    for c in range(0, CPG):
+        acc_w = tl.zeros((BLOCK,), dtype=tl.float32)
+        acc_b = tl.zeros((BLOCK,), dtype=tl.float32)
+        for n0 in range(0, N, BLOCK):
+            m = n0 + rn < N
+            gv = tl.load(g_g + c * sg_c + (n0 + rn) * sg_n, mask=m, other=0.0).to(tl.float32)
+            if WANT_W:
+                x = tl.load(a_g + c * sa_c + (n0 + rn) * sa_n, mask=m, other=0.0).to(tl.float32)
+                acc_w += gv * tl.where(m, (x - mean) * rstd, 0.0)
+            acc_b += gv
+        if WANT_W:
+            tl.store(w_ptr + b * C + c0 + c, tl.sum(acc_w, axis=0))
+        if WANT_B:
+            tl.store(b_ptr + b * C + c0 + c, tl.sum(acc_b, axis=0))
+
+
+def group_norm_grads(a: torch.Tensor, g: torch.Tensor, groups: int, eps: float, w_out, b_out) -> None:
+    """``w_out[b, c] = sum_n g * xhat``, ``b_out[b, c] = sum_n g`` (contiguous
+    fp32 ``[B, C]``, either may be None) for strided ``a``, ``g`` ``[B, C, N]``
+    (fp32 / fp16 / bf16, mixed allowed), ``C`` a multiple of ``groups``: one
+    launch, one program per (sample, group), deterministic."""
+    batch, channels, n = a.shape
+    if batch == 0 or channels == 0:
+        return
+    dummy = w_out if w_out is not None else b_out
+    _group_norm_grads[(batch * groups,)](a, g, w_out if w_out is not None else dummy,
+                                         b_out if b_out is not None else dummy, channels, n, channels // groups,
+                                         groups, float(eps), *a.stride(), *g.stride(), BLOCK=GN_BLOCK,
+                                         WANT_W=w_out is not None, WANT_B=b_out is not None,
+                                         enable_fp_fusion=False)
+    count_launch("triton.dp_ghost_group_norm_grads")
+
+
 # ---------------------------------------------------------------- bk's clipped embedding gradient
 
 EMB_BLOCK_D = 128
