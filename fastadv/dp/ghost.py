@@ -147,14 +147,31 @@ def _conv(m, a, g, backend=None) -> _Uses:
         k, s, p, d = (1, *m.kernel_size), (1, *m.stride), (0, *m.padding), (1, *m.dilation)
     else:
         k, s, p, d = m.kernel_size, m.stride, m.padding, m.dilation
-    patches = F.unfold(a, k, dilation=d, padding=p, stride=s).transpose(1, 2)  # [B, L, in * k]
     gl = g.reshape(g.shape[0], g.shape[1], math.prod(g.shape[2:])).transpose(1, 2)                  # [B, L, out]
     out = _Uses()
-    if m.weight.requires_grad:
-        out.mats.append((m.weight, ref.MatUse(p=gl, q=patches)))
+    if m.weight.requires_grad:  # the unfolded patches are k^2 times the input: built when needed
+        out.mats.append((m.weight, _LazyUse(functools.partial(_conv_use, a, gl, k, s, p, d))))
     if m.bias is not None and m.bias.requires_grad:
         out.vecs.append((m.bias, gl.sum(1, dtype=ref.acc_dtype(gl))))  # fp16 / bf16: fp32 sum over L
     return out
+
+
+def _conv_use(a, gl, k, s, p, d) -> ref.MatUse:
+    patches = F.unfold(a, k, dilation=d, padding=p, stride=s).transpose(1, 2)  # [B, L, in * k]
+    return ref.MatUse(p=gl, q=patches)
+
+
+@dataclass
+class _LazyUse:
+    """A weight use whose ``MatUse`` is built when a norm or a clipped gradient
+    needs it, and dropped after (a conv's unfolded patches: book-keeping keeps
+    the layer's input and output gradient until the end, not ``k^2`` copies
+    of the input)."""
+    make: object
+
+    @staticmethod
+    def resolve(uses: list) -> list:
+        return [u.make() if isinstance(u, _LazyUse) else u for u in uses]
 
 
 def _check_conv(m) -> str | None:
@@ -333,6 +350,7 @@ class _Pass:
     def _add_matrix(self, p, uses) -> None:
         """Add the squared norm of ``p``'s gradient over all its ``uses`` (each
         parameter once: its row is still zero, so a norm kernel may write it)."""
+        uses = _LazyUse.resolve(uses)
         row = self.rows[self.row_of[id(p)]] if self.rows is not None else None
         term = self.owner._sq_norms(uses, _rows(p, uses[0]), out=row)
         if term is not row:
@@ -354,11 +372,11 @@ class _Pass:
         for p, u in uses.mats:
             self._arrive(p, r)
             if self.keep:
-                self.mats[p].append(u)
+                self.mats[p].append(u)  # a lazy use stays lazy until the norms / the clipped gradient
             elif not self.pending[id(p)] and not self.arrived[id(p)]:
                 self._add_matrix(p, [u])
             else:
-                self._tied(p, r, u)
+                self._tied(p, r, _LazyUse.resolve([u])[0])
         for p, v in uses.vecs:
             self._arrive(p, r)
             if self.keep or self.rows is not None or self.pending[id(p)] or p in self.vecs:
@@ -725,8 +743,10 @@ class GhostClippingModule(nn.Module):
         by one, every vector parameter in one ``dp_ghost_clipped_vector_grads``
         call per device (a parameter used more than once: its uses summed
         first).  FSDP2's book-keeping sums these over the ranks first."""
-        sums = {p: self._clipped_matrix_grad(uses, _rows(p, uses[0]), factors.to(uses[0].q.device)).reshape(p.shape)
-                for p, uses in mats.items()}
+        sums = {}
+        for p, uses in mats.items():  # one parameter's (lazy) uses built at a time
+            uses = _LazyUse.resolve(uses)
+            sums[p] = self._clipped_matrix_grad(uses, _rows(p, uses[0]), factors.to(uses[0].q.device)).reshape(p.shape)
         by_device = collections.defaultdict(list)
         for p, vs in vecs.items():
             by_device[vs[0].device].append(p)
@@ -862,12 +882,20 @@ class GhostDPOptimizer(DPOptimizer):
                 p.summed_grad = None
         self.original_optimizer.zero_grad(set_to_none)
 
-    def clip_and_accumulate(self):
-        """``p.summed_grad += p.grad`` (the clipping happened in the backward)."""
+    def clip_and_accumulate(self, copy: bool = True):
+        """``p.summed_grad += p.grad`` (the clipping happened in the backward).
+        ``copy=False`` (a step that is not skipped): with no sum carried over,
+        ``p.summed_grad`` is ``p.grad``'s tensor itself, not a copy -- the
+        noised gradient replaces ``p.grad`` next, so the step holds one
+        gradient-sized tensor less (a skipped step must copy: ``zero_grad``
+        may zero ``p.grad`` in place)."""
         for p in self.params:
             g = p.grad if p.grad is not None else torch.zeros_like(p)
             s = getattr(p, "summed_grad", None)
-            p.summed_grad = g.detach().clone() if s is None else s.add_(g)
+            if s is not None:
+                s.add_(g)
+            else:
+                p.summed_grad = g.detach().clone() if copy else g.detach()
 
     def add_noise(self, divisor=None):
         params = self.params
@@ -884,7 +912,7 @@ class GhostDPOptimizer(DPOptimizer):
             raise ValueError("no DP backward since the last step: call loss.backward() on the loss "
                              "returned by the criterion of make_private")
         _ops.check_hyperparameters(self.max_grad_norm, self.noise_multiplier)
-        self.clip_and_accumulate()
+        self.clip_and_accumulate(copy=self._check_skip_next_step(pop_next=False))
         if self._check_skip_next_step():
             self._is_last_step_skipped = True
             self._pending_backwards = 0
