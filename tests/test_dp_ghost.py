@@ -712,9 +712,10 @@ def test_reused_layer_norms_equal_functorch(mode, backend):
 
 def _peak_bytes(fn) -> int:
     """Peak of the CPU bytes allocated while ``fn`` runs, above what was live
-    before (:func:`fastadv.bench.dp_ghost.peak_bytes`: the profiler's memory
-    timeline, frees counted only for blocks allocated inside the session, so
-    the result does not depend on what the process profiled before)."""
+    before (:func:`fastadv.bench.dp_ghost.peak_bytes`: the profiler's
+    allocation events, frees matched by address to blocks allocated inside
+    the session, so the result does not depend on what the process profiled
+    before)."""
     return peak_bytes(fn, "cpu")[0]
 
 

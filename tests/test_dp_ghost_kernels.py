@@ -1007,20 +1007,21 @@ def test_uses_sq_norms_ps_empty_and_refusals(backend):
     ops.uses_sq_norms_ps([lin(1, 2, 3), emb(1, 2, 3), lin(1, 1, 3)], 5, backend=backend)  # launches something
 
 
-def test_uses_sq_norms_ps_mixed_dtypes():
-    """Two Linear uses in different dtypes (the kernel's table has one element
-    type per operand kind): forced triton raises naming the use, auto runs
-    the torch backend (and is exact)."""
-    lin = lambda t, dt: ref.MatUse(p=torch.randn(2, t, 5, dtype=dt), q=torch.randn(2, t, 4, dtype=dt))  # noqa: E731
-    mixed = [lin(3, torch.float32), lin(2, torch.float16), lin(1, torch.float32)]
-    if _backend.why_not("triton", torch.device("cpu")) is None:
-        with pytest.raises(TypeError, match=r"uses\[1\]\.p"):
-            ops.uses_sq_norms_ps(mixed, 5, backend="triton")
+def test_uses_sq_norms_ps_mixed_dtypes(backend):
+    """Uses whose operands of one kind come in two dtypes (a shared layer under
+    autocast: an fp32 input first, bf16 after; int32 and int64 ids): the
+    kernel widens that kind to fp32 (int64) first and equals fp64; the
+    backend under test runs (the fixture checks), nothing raises."""
+    torch.manual_seed(8)
+    lin = lambda t, dp, dq: ref.MatUse(p=torch.randn(2, t, 5).to(dp), q=torch.randn(2, t, 4).to(dq))  # noqa: E731
+    uses = [lin(3, torch.bfloat16, torch.float32), lin(2, torch.bfloat16, torch.bfloat16),
+            lin(4, torch.float16, torch.bfloat16),
+            ref.MatUse(ids=torch.randint(0, 5, (2, 6), dtype=torch.int32), q=torch.randn(2, 6, 4)),
+            ref.MatUse(ids=torch.randint(0, 5, (2, 3)), q=torch.randn(2, 3, 4).bfloat16())]
     before = collections.Counter(kernels.LAUNCHES)
-    got = ops.uses_sq_norms_ps(mixed, 5)
-    torch.testing.assert_close(got.double(), _uses_want(mixed, 5), rtol=1e-5, atol=1e-6)
-    assert _launched("dp_ghost_uses_sq_norms_ps", before) == 1
-    assert kernels.LAUNCHES["torch.dp_ghost_uses_sq_norms_ps"] == before["torch.dp_ghost_uses_sq_norms_ps"] + 1
+    got = ops.uses_sq_norms_ps(uses, 5, backend=backend)
+    assert _launched("dp_ghost_uses_sq_norms_ps", before) == (1 if backend == "torch" else 2)
+    torch.testing.assert_close(got.double(), _uses_want(uses, 5), rtol=1e-5, atol=1e-6)
 
 
 class SharedLayer(nn.Module):
@@ -1175,9 +1176,15 @@ def test_norm_layer_grads_refusals(monkeypatch):
         monkeypatch.setattr(ops, "NORM_MAX_D", 3)
         with pytest.raises(ValueError, match="at most 3"):
             ops.norm_layer_grads(a, a, 1e-5, backend="triton")
+        # auto picks triton on a CUDA tensor: here on the CPU, as if it did, then finds D too large
+        resolve = _backend.resolve
+        monkeypatch.setattr(_backend, "resolve", lambda b, d: "triton" if b in (None, "auto") else resolve(b, d))
         before = collections.Counter(kernels.LAUNCHES)
         ops.norm_layer_grads(a, a, 1e-5, backend="auto")
         assert kernels.LAUNCHES["torch.dp_ghost_norm_layer_grads"] == before["torch.dp_ghost_norm_layer_grads"] + 1
+        monkeypatch.setattr(ops, "NORM_MAX_D", 16384)
+        ops.norm_layer_grads(a, a, 1e-5, backend="auto")  # within the limit: the kernel
+        assert kernels.LAUNCHES["triton.dp_ghost_norm_layer_grads"] == before["triton.dp_ghost_norm_layer_grads"] + 1
 
 
 @pytest.mark.parametrize("shape", [(1, 2, 1, 1), (3, 4, 7, 2), (2, 6, 300, 3), (2, 5, 9, 5), (2, 8, 0, 4),

@@ -272,9 +272,9 @@ def peak_bytes(fn, device) -> tuple[int, int | None]:
 
     CUDA: ``torch.cuda.max_memory_allocated`` after resetting the peak; the
     total counts everything live (parameters, inputs, optimizer and hook
-    state).  CPU: the profiler's memory timeline (``profile_memory=True``:
-    each allocation made inside the session, and its free), summed in time
-    order; no total there.
+    state).  CPU: the profiler's allocation events (``profile_memory=True``),
+    each free matched by address to an allocation made inside the session,
+    summed in time order; no total there.
     tests/test_dp_ghost.py's memory test measures with this function."""
     device = torch.device(device)
     gc.collect()  # garbage of earlier rows is not freed inside the measured step
@@ -286,22 +286,28 @@ def peak_bytes(fn, device) -> tuple[int, int | None]:
         torch.cuda.synchronize(device)
         total = torch.cuda.max_memory_allocated(device)
         return total - before, total
-    from torch.profiler._memory_profiler import Action
+    from torch._C._profiler import _EventType
 
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True,
-                                record_shapes=True, with_stack=True) as prof:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    # the memory profile's timeline (what export_memory_timeline draws) names each allocation, so
-    # a free counts only for a block allocated inside this session: the raw [memory] events also
-    # report frees of blocks an earlier profiling session of the process saw allocated, which made
-    # the same step's peak depend on what ran before it (300 KB lower in one CI run)
+    # every allocation event of the session, with its address: a free counts only for a block
+    # allocated inside the session (the [memory] events also report frees of blocks an earlier
+    # session saw allocated, which made the same step's peak depend on what ran before it: 300 KB
+    # lower in one CI run), whether or not the profiler can tie the block to a tensor
+    allocs, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        ev = stack.pop()
+        stack.extend(ev.children)
+        if ev.typed[0] == _EventType.Allocation:
+            allocs.append((ev.start_time_ns, ev.typed[1]))
     live, cur, peak = {}, 0, 0
-    for _, action, (key, _version), nbytes in prof._memory_profile().timeline:
-        if action == Action.CREATE:
-            live[key] = nbytes
-            cur += nbytes
-        elif action == Action.DESTROY and key in live:
-            cur -= live.pop(key)
+    for _, a in sorted(allocs, key=lambda x: x[0]):
+        where = (a.ptr, str(a.device))
+        if a.alloc_size > 0:
+            live[where] = a.alloc_size
+            cur += a.alloc_size
+        elif where in live:
+            cur -= live.pop(where)
         peak = max(peak, cur)
     return peak, None
 

@@ -73,7 +73,7 @@ class _Uses:
     """What one layer call contributes: weight matrices (as ``MatUse``, with the
     view of the parameter as ``[rows, cols]``) and small parameters' per-sample
     gradients."""
-    mats: list = field(default_factory=list)   # (param, MatUse)
+    mats: list = field(default_factory=list)   # (param, MatUse or _LazyUse: resolve before reading)
     vecs: list = field(default_factory=list)   # (param, [B, *param.shape])
 
 
@@ -659,7 +659,8 @@ class GhostClippingModule(nn.Module):
         graph retained for the criterion's second backward; the parameter
         gradients are dropped), each layer's norms computed by a hook on its
         output's node as its gradient arrives, so that the output gradients
-        are not all kept.  Returns ``(factors, finite, mats, vecs)``."""
+        are not all kept.  Returns ``(factors, finite, mats, vecs)`` (bk: ``mats``
+        may hold :class:`_LazyUse` entries, built by :meth:`_LazyUse.resolve`)."""
         if loss_per_sample.dim() != 1:
             raise ValueError(f"the per-sample loss must be 1-D [batch], got shape {tuple(loss_per_sample.shape)}")
         records = self._take_records()

@@ -2,7 +2,9 @@
 ``dp_ghost_linear_sq_norms``, ``dp_ghost_linear_sq_norms_ps``, ``dp_ghost_embedding_sq_norms``,
 ``dp_ghost_vector_sq_norms``, ``dp_ghost_clip_factors``,
 ``dp_ghost_clipped_linear_grad``, ``dp_ghost_clipped_vector_grads``,
-``dp_ghost_clipped_embedding_grad`` and ``dp_ghost_cross_gram``.
+``dp_ghost_clipped_embedding_grad``, ``dp_ghost_cross_gram``,
+``dp_ghost_pair_sq_norms_ps``, ``dp_ghost_uses_sq_norms_ps``,
+``dp_ghost_norm_layer_grads`` and ``dp_ghost_group_norm_grads``.
 
 ``linear_sq_norms(a, g)``: for a Linear layer with inputs ``a [B, T, I]`` and
 output gradients ``g [B, T, O]``, the squared Frobenius norm of every
@@ -72,6 +74,12 @@ rows, I]``: each sample's gradient tile built from both uses in registers (a
 lookup's rows by a select per hit step, chunks without a hit skipped) and
 squared.  Triton: two launches, deterministic.
 
+``uses_sq_norms_ps(uses, rows)``: the same for any number of uses (a Linear
+applied three times, as ALBERT shares its layers): the uses in a device
+table built in the call, each sample's gradient tile summed over all of
+them in registers (a kind of operand in two dtypes widened to fp32 first).
+Triton: two launches, deterministic.
+
 ``norm_layer_grads(a, g, eps)``: a LayerNorm's / RMSNorm's per-sample
 weight and bias gradients, ``sum_t g_t * xhat_t`` and ``sum_t g_t``, with
 ``xhat`` recomputed from the input in registers.  Triton: one launch, one
@@ -80,11 +88,6 @@ program per sample, deterministic.
 ``group_norm_grads(a, g, groups, eps)``: the same for a GroupNorm (``[B,
 C, N]``, per-channel sums, ``xhat`` over groups of channels).  Triton: one
 launch, one program per (sample, group), deterministic.
-
-``uses_sq_norms_ps(uses, rows)``: the same for any number of uses (a Linear
-applied three times, as ALBERT shares its layers): the uses in a device
-table built in the call, each sample's gradient tile summed over all of
-them in registers.  Triton: two launches, deterministic.
 
 None of the thirteen has a CUDA kernel (no CUDA twin yet): a forced
 ``backend="cuda"`` raises :class:`~fastadv.BackendUnavailable`; ``auto`` on a
@@ -780,23 +783,34 @@ def _(qs, ps, ids, rows, out, backend):
 
 def uses_sq_norms_ps_backend(backend, uses: list[ref.MatUse]) -> str:
     """The backend :func:`uses_sq_norms_ps` runs for these uses (the kernel:
-    fp32 / fp16 / bf16, strided; the Linear uses one ``p`` and one ``q``
-    dtype, the lookups one ``q`` and one ids dtype -- its table holds one
-    element type per operand kind; else ``auto`` takes torch)."""
-    def named(kind, pairs):
-        return [(f"uses[{k}].{kind}", t) for k, t in pairs if t is not None]
-    lin = [(k, u) for k, u in enumerate(uses) if u.p is not None]
-    look = [(k, u) for k, u in enumerate(uses) if u.p is None]
-    groups = [named("p", [(k, u.p) for k, u in lin]), named("q", [(k, u.q) for k, u in lin]),
-              named("q", [(k, u.q) for k, u in look]), named("ids", [(k, u.ids) for k, u in look])]
-    floats = groups[0] + groups[1] + groups[2]
-    device = uses[0].q.device
-    name = _registry.pick(backend, device, same_device=floats[1:] + groups[3], dtypes=floats, allowed=_DTYPES,
+    fp32 / fp16 / bf16 operands, mixed allowed, strided)."""
+    floats = [(f"uses[{k}].{n}", t) for k, u in enumerate(uses) for n, t in (("q", u.q), ("p", u.p)) if t is not None]
+    ids = [(f"uses[{k}].ids", u.ids) for k, u in enumerate(uses) if u.ids is not None]
+    name = _registry.pick(backend, uses[0].q.device, same_device=floats[1:] + ids, dtypes=floats, allowed=_DTYPES,
                           strided=floats)
-    for group in groups:
-        if name != "torch" and len(group) > 1:
-            name = _registry.pick(backend, device, same_dtype=group)
     return _no_cuda("dp_ghost_uses_sq_norms_ps", backend, name)
+
+
+def _one_dtype_per_kind(uses: list[ref.MatUse]) -> list[ref.MatUse]:
+    """The uses with one dtype per operand kind, as the kernel's table needs
+    (one element type for the Linear uses' ``p``, one for their ``q``, one for
+    the lookups' ``q`` and one for their ids): a kind found in two dtypes is
+    widened, exactly, to fp32 (ids to int64) -- a shared layer under
+    autocast sees an fp32 input first and bf16 ones after; the pair kernel
+    widens a mixed pair the same way."""
+    def widened(ts, wide):
+        return ts if len({t.dtype for t in ts}) <= 1 else [t.to(wide) for t in ts]
+
+    lin = [k for k, u in enumerate(uses) if u.p is not None]
+    look = [k for k, u in enumerate(uses) if u.p is None]
+    out = list(uses)
+    ps, qs = widened([uses[k].p for k in lin], torch.float32), widened([uses[k].q for k in lin], torch.float32)
+    for k, p, q in zip(lin, ps, qs):
+        out[k] = ref.MatUse(p=p, q=q)
+    qs, ids = widened([uses[k].q for k in look], torch.float32), widened([uses[k].ids for k in look], torch.int64)
+    for k, q, i in zip(look, qs, ids):
+        out[k] = ref.MatUse(q=q, ids=i)
+    return out
 
 
 def uses_sq_norms_ps(uses: list[ref.MatUse], rows: int, *, backend: str | None = None,
@@ -819,5 +833,7 @@ def uses_sq_norms_ps(uses: list[ref.MatUse], rows: int, *, backend: str | None =
             raise ValueError(f"uses[{k}].p must have rows = {rows} columns, got {tuple(w.p.shape)}")
     name = uses_sq_norms_ps_backend(backend, uses)
     out = _out_row(out, uses[0].q.shape[0], ref.acc_dtype(*[t for w in uses for t in (w.q, w.p)]), uses[0].q.device)
+    if name != "torch":
+        uses = _one_dtype_per_kind(uses)
     uses_sq_norms_ps_op([w.q for w in uses], [w.p for w in uses], [w.ids for w in uses], rows, out, name)
     return out

@@ -244,12 +244,12 @@ def _norm_layer_grads(a_ptr, g_ptr, w_ptr, b_ptr, T, D, eps, sa_b, sa_t, sa_d, s
     dmask = rd < D
     acc_w = tl.zeros((BLOCK_D,), dtype=tl.float32)
     acc_b = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    a_b = a_ptr + b * sa_b
-    g_b = g_ptr + b * sg_b
+    a_t = a_ptr + b * sa_b  # step t's row, walked (pointer arithmetic is 64-bit: t * stride may pass 2^31)
+    g_t = g_ptr + b * sg_b
     for t in range(0, T):
-        gt = tl.load(g_b + t * sg_t + rd * sg_d, mask=dmask, other=0.0).to(tl.float32)
+        gt = tl.load(g_t + rd * sg_d, mask=dmask, other=0.0).to(tl.float32)
         if WANT_W:
-            x = tl.load(a_b + t * sa_t + rd * sa_d, mask=dmask, other=0.0).to(tl.float32)
+            x = tl.load(a_t + rd * sa_d, mask=dmask, other=0.0).to(tl.float32)
             if RMS:
                 xhat = x / tl.sqrt_rn(tl.sum(x * x, axis=0) / D + eps)
             else:
@@ -257,6 +257,8 @@ def _norm_layer_grads(a_ptr, g_ptr, w_ptr, b_ptr, T, D, eps, sa_b, sa_t, sa_d, s
                 xhat = xc / tl.sqrt_rn(tl.sum(xc * xc, axis=0) / D + eps)
             acc_w += gt * xhat
         acc_b += gt
+        a_t += sa_t
+        g_t += sg_t
     if WANT_W:
         tl.store(w_ptr + b * D + rd, acc_w, mask=dmask)
     if WANT_B:
@@ -296,33 +298,42 @@ def _group_norm_grads(a_ptr, g_ptr, w_ptr, b_ptr, C, N, CPG, G, eps, sa_b, sa_c,
     rn = tl.arange(0, BLOCK).to(tl.int64)
     a_g = a_ptr + b * sa_b + c0 * sa_c
     g_g = g_ptr + b * sg_b + c0 * sg_c
-    count = CPG * N
+    count = 1.0 * CPG * N  # fp32: CPG * N may pass 2^31 (and either may be a specialised constant 1)
+    # the channels' pointers are walked (64-bit pointer arithmetic: c * stride may pass 2^31)
     s = tl.zeros((BLOCK,), dtype=tl.float32)
+    a_c = a_g
     for c in range(0, CPG):
         for n0 in range(0, N, BLOCK):
-            s += tl.load(a_g + c * sa_c + (n0 + rn) * sa_n, mask=n0 + rn < N, other=0.0).to(tl.float32)
+            s += tl.load(a_c + (n0 + rn) * sa_n, mask=n0 + rn < N, other=0.0).to(tl.float32)
+        a_c += sa_c
     mean = tl.sum(s, axis=0) / count
     s = tl.zeros((BLOCK,), dtype=tl.float32)
+    a_c = a_g
     for c in range(0, CPG):
         for n0 in range(0, N, BLOCK):
-            x = tl.load(a_g + c * sa_c + (n0 + rn) * sa_n, mask=n0 + rn < N, other=0.0).to(tl.float32)
+            x = tl.load(a_c + (n0 + rn) * sa_n, mask=n0 + rn < N, other=0.0).to(tl.float32)
             xc = tl.where(n0 + rn < N, x - mean, 0.0)
             s += xc * xc
+        a_c += sa_c
     rstd = 1.0 / tl.sqrt_rn(tl.sum(s, axis=0) / count + eps)
+    a_c = a_g
+    g_c = g_g
     for c in range(0, CPG):
         acc_w = tl.zeros((BLOCK,), dtype=tl.float32)
         acc_b = tl.zeros((BLOCK,), dtype=tl.float32)
         for n0 in range(0, N, BLOCK):
             m = n0 + rn < N
-            gv = tl.load(g_g + c * sg_c + (n0 + rn) * sg_n, mask=m, other=0.0).to(tl.float32)
+            gv = tl.load(g_c + (n0 + rn) * sg_n, mask=m, other=0.0).to(tl.float32)
             if WANT_W:
-                x = tl.load(a_g + c * sa_c + (n0 + rn) * sa_n, mask=m, other=0.0).to(tl.float32)
+                x = tl.load(a_c + (n0 + rn) * sa_n, mask=m, other=0.0).to(tl.float32)
                 acc_w += gv * tl.where(m, (x - mean) * rstd, 0.0)
             acc_b += gv
         if WANT_W:
             tl.store(w_ptr + b * C + c0 + c, tl.sum(acc_w, axis=0))
         if WANT_B:
             tl.store(b_ptr + b * C + c0 + c, tl.sum(acc_b, axis=0))
+        a_c += sa_c
+        g_c += sg_c
 
 
 def group_norm_grads(a: torch.Tensor, g: torch.Tensor, groups: int, eps: float, w_out, b_out) -> None:
@@ -736,7 +747,7 @@ USE_FIELDS = 9  # data (p or ids), q, T, then the strides: data b, t, o (0 for i
 @triton.jit
 def _uses_sq_norms_ps(table, n_lin, n_uses, part_ptr, O, I, n_ti, n_tiles, like_p, like_q, like_ids, like_lq,
                       BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
-                      IEEE: tl.constexpr, WIDEN: tl.constexpr):
+                      IEEE: tl.constexpr, WIDEN: tl.constexpr, FIELDS: tl.constexpr):
     # _pair_sq_norms_ps for any number of uses: one program per (sample b, tile of
     # G_b = sum_u G_b^u), the uses read from the table in order (its Linear uses
     # first, one dtype pair for all of them; then the lookups, one ids and one q
@@ -747,7 +758,7 @@ def _uses_sq_norms_ps(table, n_lin, n_uses, part_ptr, O, I, n_ti, n_tiles, like_
     ri = (tile % n_ti).to(tl.int64) * BLOCK_I + tl.arange(0, BLOCK_I)
     acc = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
     for u in range(0, n_uses):
-        row = table + u * 9  # USE_FIELDS
+        row = table + u * FIELDS
         steps = tl.load(row + 2)
         sq_b, sq_t, sq_i = tl.load(row + 6), tl.load(row + 7), tl.load(row + 8)
         # (each branch has its own names: a variable set in both must have one type in Triton)
@@ -803,7 +814,7 @@ def uses_sq_norms_ps(qs: list[torch.Tensor], ps: list, ids: list, rows: int, out
     part = torch.empty(batch, n_tiles, dtype=torch.float32, device=out.device)
     _uses_sq_norms_ps[(n_tiles, batch)](table, len(lin), len(qs), part, rows, cols, n_ti, n_tiles, like_p, like_q,
                                         like_ids, like_lq, BLOCK_T=BLOCK_T, BLOCK_O=BLOCK_O, BLOCK_I=BLOCK_I,
-                                        IEEE=ieee, WIDEN=widen, enable_fp_fusion=False)
+                                        IEEE=ieee, WIDEN=widen, FIELDS=USE_FIELDS, enable_fp_fusion=False)
     count_launch("triton.dp_ghost_uses_sq_norms_ps")
     sum_partials(part, out)
     count_launch("triton.dp_ghost_uses_sq_norms_ps")
