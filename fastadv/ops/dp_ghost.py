@@ -373,16 +373,21 @@ def clipped_vector_grads(vecs: list[torch.Tensor], factors: torch.Tensor, *,
     return outs
 
 
+def _copy_outs(outs, values) -> None:
+    """A norm layer op's torch path: each asked-for output gets its reference value."""
+    for out, v in zip(outs, values):
+        if out is not None:
+            out.copy_(v)
+
+
 @_registry.op("dp_ghost_norm_layer_grads", mutates_args={"w_out", "b_out"})
 def norm_layer_grads_op(a: torch.Tensor, g: torch.Tensor, eps: float, rms: bool, w_out: Optional[torch.Tensor],
                         b_out: Optional[torch.Tensor], backend: str) -> None:
     """``w_out[b] = sum_t g_t * xhat_t``, ``b_out[b] = sum_t g_t`` (fp32 ``[B, D]``, either may be None)."""
     if backend == "torch":
         count_launch("torch.dp_ghost_norm_layer_grads")
-        w, b = ref.norm_layer_grads(a, g, eps, rms, weight=w_out is not None, bias=b_out is not None)
-        for out, v in ((w_out, w), (b_out, b)):
-            if out is not None:
-                out.copy_(v)
+        _copy_outs((w_out, b_out), ref.norm_layer_grads(a, g, eps, rms, weight=w_out is not None,
+                                                        bias=b_out is not None))
         return
     with device_guard(a):
         _registry.kernels("dp_ghost", backend).norm_layer_grads(a, g, eps, rms, w_out, b_out)
@@ -428,10 +433,8 @@ def group_norm_grads_op(a: torch.Tensor, g: torch.Tensor, groups: int, eps: floa
     """``w_out[b, c] = sum_n g * xhat``, ``b_out[b, c] = sum_n g`` (fp32 ``[B, C]``, either may be None)."""
     if backend == "torch":
         count_launch("torch.dp_ghost_group_norm_grads")
-        w, b = ref.group_norm_grads(a, g, groups, eps, weight=w_out is not None, bias=b_out is not None)
-        for out, v in ((w_out, w), (b_out, b)):
-            if out is not None:
-                out.copy_(v)
+        _copy_outs((w_out, b_out), ref.group_norm_grads(a, g, groups, eps, weight=w_out is not None,
+                                                        bias=b_out is not None))
         return
     with device_guard(a):
         _registry.kernels("dp_ghost", backend).group_norm_grads(a, g, groups, eps, w_out, b_out)

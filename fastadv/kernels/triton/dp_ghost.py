@@ -275,10 +275,13 @@ def norm_layer_grads(a: torch.Tensor, g: torch.Tensor, eps: float, rms: bool, w_
     if batch == 0 or dim == 0:
         return
     dummy = w_out if w_out is not None else b_out
+    block = triton.next_power_of_2(dim)
+    # more warps for a long row: a [BLOCK_D] fp32 vector is 4 arrays per thread (x, g, two sums)
+    warps = 4 if block <= 2048 else 8 if block <= 8192 else 16
     _norm_layer_grads[(batch,)](a, g, w_out if w_out is not None else dummy, b_out if b_out is not None else dummy,
                                 steps, dim, float(eps), *a.stride(), *g.stride(),
-                                BLOCK_D=triton.next_power_of_2(dim), RMS=bool(rms), WANT_W=w_out is not None,
-                                WANT_B=b_out is not None, enable_fp_fusion=False)
+                                BLOCK_D=block, RMS=bool(rms), WANT_W=w_out is not None,
+                                WANT_B=b_out is not None, num_warps=warps, enable_fp_fusion=False)
     count_launch("triton.dp_ghost_norm_layer_grads")
 
 
