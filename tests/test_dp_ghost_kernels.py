@@ -1207,7 +1207,8 @@ def test_group_norm_grads_op(backend, shape, dtypes):
     torch.testing.assert_close(w.double(), w64, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(bias.double(), b64, rtol=1e-5, atol=1e-5)
     w_only, none = ops.group_norm_grads(a, g, groups, 1e-5, bias=False, backend=backend)
-    assert none is None and torch.equal(w_only, w)
+    none2, b_only = ops.group_norm_grads(a, g, groups, 1e-5, weight=False, backend=backend)  # no statistics
+    assert none is None and none2 is None and torch.equal(w_only, w) and torch.equal(b_only, bias)
     ops.group_norm_grads(torch.randn(1, 2, 3), torch.randn(1, 2, 3), 1, 1e-5, backend=backend)  # launches something
 
 

@@ -302,23 +302,27 @@ def _group_norm_grads(a_ptr, g_ptr, w_ptr, b_ptr, C, N, CPG, G, eps, sa_b, sa_c,
     a_g = a_ptr + b * sa_b + c0 * sa_c
     g_g = g_ptr + b * sg_b + c0 * sg_c
     count = 1.0 * CPG * N  # fp32: CPG * N may pass 2^31 (and either may be a specialised constant 1)
-    # the channels' pointers are walked (64-bit pointer arithmetic: c * stride may pass 2^31)
-    s = tl.zeros((BLOCK,), dtype=tl.float32)
-    a_c = a_g
-    for c in range(0, CPG):
-        for n0 in range(0, N, BLOCK):
-            s += tl.load(a_c + (n0 + rn) * sa_n, mask=n0 + rn < N, other=0.0).to(tl.float32)
-        a_c += sa_c
-    mean = tl.sum(s, axis=0) / count
-    s = tl.zeros((BLOCK,), dtype=tl.float32)
-    a_c = a_g
-    for c in range(0, CPG):
-        for n0 in range(0, N, BLOCK):
-            x = tl.load(a_c + (n0 + rn) * sa_n, mask=n0 + rn < N, other=0.0).to(tl.float32)
-            xc = tl.where(n0 + rn < N, x - mean, 0.0)
-            s += xc * xc
-        a_c += sa_c
-    rstd = 1.0 / tl.sqrt_rn(tl.sum(s, axis=0) / count + eps)
+    # the channels' pointers are walked (64-bit pointer arithmetic: c * stride may pass 2^31); the
+    # statistics only when the weight's gradient is asked for (the bias's is sum_n g)
+    mean = 0.0
+    rstd = 0.0
+    if WANT_W:
+        s = tl.zeros((BLOCK,), dtype=tl.float32)
+        a_c = a_g
+        for c in range(0, CPG):
+            for n0 in range(0, N, BLOCK):
+                s += tl.load(a_c + (n0 + rn) * sa_n, mask=n0 + rn < N, other=0.0).to(tl.float32)
+            a_c += sa_c
+        mean = tl.sum(s, axis=0) / count
+        s = tl.zeros((BLOCK,), dtype=tl.float32)
+        a_c = a_g
+        for c in range(0, CPG):
+            for n0 in range(0, N, BLOCK):
+                x = tl.load(a_c + (n0 + rn) * sa_n, mask=n0 + rn < N, other=0.0).to(tl.float32)
+                xc = tl.where(n0 + rn < N, x - mean, 0.0)
+                s += xc * xc
+            a_c += sa_c
+        rstd = 1.0 / tl.sqrt_rn(tl.sum(s, axis=0) / count + eps)
     a_c = a_g
     g_c = g_g
     for c in range(0, CPG):
