@@ -876,6 +876,39 @@ def test_bk_keeps_conv_input_not_patches():
     assert use.q.shape == (2, 36, 27) and use.p.shape == (2, 36, 4)  # the patches exist only now
 
 
+def _resnet_step(mode, batch=64):
+    """One step of a small ResNet-18 with GroupNorm (width 16, 32x32 images):
+    ``mode`` None is the non-private step, else fastadv's DP step."""
+    from fastadv.bench.dp import ResNet18GN
+    torch.manual_seed(0)
+    model = ResNet18GN(16)
+    x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    crit = nn.CrossEntropyLoss()
+    if mode is not None:
+        model, opt, crit, _ = PrivacyEngine().make_private(
+            module=model, optimizer=opt, criterion=crit, data_loader=_loader(x, y, batch), noise_multiplier=1.0,
+            max_grad_norm=1.0, poisson_sampling=False, grad_sample_mode=mode)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        crit(model(x), y).backward()
+        opt.step()
+    step()
+    return step
+
+
+@pytest.mark.parametrize("mode,bound", [("bk", 4.2), ("ghost", 2.2)])
+def test_cnn_peak_memory_regression_guard(mode, bound):
+    """Not the issue's 1.2x (a conv's per-sample norm still unfolds its input,
+    ``k^2`` times its size: docs/dp.md, "Memory"), a guard on what this
+    session measured on a small ResNet-18-GN at batch 64: bk 3.9x (5.4x when
+    it kept every conv's patches until the end), ghost 2.0x the non-private
+    step's peak."""
+    plain, dp = _peak_bytes(_resnet_step(None)), _peak_bytes(_resnet_step(mode))
+    assert dp <= bound * plain, f"{mode}: {dp / plain:.2f}x the non-private peak"
+
+
 class _MatmulShapes(torch.utils._python_dispatch.TorchDispatchMode):
     """The output shapes of every matrix product dispatched."""
 
