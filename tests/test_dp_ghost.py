@@ -1259,3 +1259,20 @@ def test_fastadv_hooks_mode_follows_opacus_on_padding():
     opt.step()
     assert m0.emb.weight.grad[PAD].abs().max() > 1e-4
     _assert_same({n: p.grad for n, p in m0.named_parameters()}, want)
+
+
+# ---------------------------------------------------------------- the example
+
+def test_example_runs():
+    """examples/dp_ghost.py, the example docs/dp.md points to, runs to the end in
+    a fresh interpreter against this checkout and reports its privacy budget."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, str(root / "examples" / "dp_ghost.py")], capture_output=True, text=True,
+                       timeout=600, env=env, cwd=root)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "epsilon" in r.stdout and "bk:" in r.stdout, r.stdout[-2000:]
