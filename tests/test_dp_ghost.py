@@ -1276,3 +1276,70 @@ def test_example_runs():
                        timeout=600, env=env, cwd=root)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "epsilon" in r.stdout and "bk:" in r.stdout, r.stdout[-2000:]
+
+
+# ---------------------------------------------------------------- transformers' RMSNorm family
+
+class LlamaLogits(nn.Module):
+    """A one-layer HF Llama (LlamaRMSNorm, rotary attention with grouped KV
+    heads, gated MLP, untied head) from a config, fed position ids of shape [B, T]."""
+
+    def __init__(self, model_cls="llama"):
+        super().__init__()
+        import transformers
+        cfg_cls, lm_cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+                           "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[model_cls]
+        cfg = cfg_cls(vocab_size=PAD_VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
+        self.model = lm_cls(cfg)
+
+    def forward(self, ids):
+        b, t = ids.shape
+        return self.model(input_ids=ids, position_ids=torch.arange(t).expand(b, t).contiguous()).logits
+
+
+@pytest.mark.parametrize("model_cls", ["llama", "qwen2"])
+@pytest.mark.parametrize("mode", MODES)
+def test_hf_rms_norm_models_equal_functorch_reference(mode, model_cls):
+    """HF Llama and Qwen2 (their RMSNorm classes share LlamaRMSNorm's forward,
+    which fastadv recognises by its code): the private gradient and the
+    per-sample norms equal the torch.func per-sample reference (noise 0)."""
+    torch.manual_seed(9)
+    model = LlamaLogits(model_cls)
+    ids, y = torch.randint(1, PAD_VOCAB, (4, 6)), torch.randint(1, PAD_VOCAB, (4, 6))
+    want, want_norms = functorch_clipped_grads(copy.deepcopy(model), ids, y, C=0.5)
+    got, m = fast_grads(model, [(ids, y)], C=0.5, mode=mode)
+    _assert_same(got, want)
+    torch.testing.assert_close(m.per_sample_gradient_norms, want_norms, rtol=1e-4, atol=1e-6)
+
+
+def test_hf_rms_norm_variants_that_change_forward_are_refused():
+    """GemmaRMSNorm (``1 + weight``) and T5LayerNorm have their own forwards:
+    not recognised, refused with the layer named; a LlamaRMSNorm subclass
+    that overrides forward is refused too."""
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    from transformers.models.t5.modeling_t5 import T5LayerNorm
+
+    class Scaled(LlamaRMSNorm):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    for layer in (GemmaRMSNorm(4), T5LayerNorm(4), Scaled(4)):
+        with pytest.raises(ghost.UnsupportedLayerError, match=type(layer).__name__):
+            ghost.GhostClippingModule(nn.Sequential(nn.Linear(4, 4), layer), mode="bk")
+    ghost.GhostClippingModule(nn.Sequential(nn.Linear(4, 4), LlamaRMSNorm(4)), mode="bk")
+
+
+def test_hf_rms_norm_low_precision_rounds_xhat_as_the_forward():
+    """A bf16 input: the per-sample weight gradient uses ``xhat`` rounded to
+    bf16 as LlamaRMSNorm's forward does (the module's own autograd gradient,
+    one sample at a time, in fp32 from the same bf16 values)."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    torch.manual_seed(10)
+    norm = LlamaRMSNorm(8)
+    a, g = torch.randn(3, 5, 8).bfloat16(), torch.randn(3, 5, 8)
+    (p, w), = ghost._hf_rms_norm(norm, a, g).vecs
+    xhat = (a.float() * torch.rsqrt(a.float().pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)).bfloat16()
+    assert p is norm.weight
+    torch.testing.assert_close(w, (g * xhat.float()).sum(1), rtol=1e-6, atol=1e-6)

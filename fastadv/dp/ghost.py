@@ -107,7 +107,7 @@ def _norm_layer(m, a, g, eps, rms, backend) -> _Uses:
     ``dp_ghost_norm_layer_grads`` call (a kernel recomputes ``xhat`` in
     registers), ``a`` and ``g`` seen as ``[B, T, D]`` with ``D`` the
     normalised elements (a 2-D input: ``T = 1``)."""
-    shape = tuple(m.normalized_shape)
+    shape = tuple(m.normalized_shape) if hasattr(m, "normalized_shape") else tuple(m.weight.shape)
     d = math.prod(shape)
     w = m.weight if m.weight is not None and m.weight.requires_grad else None
     b = getattr(m, "bias", None)
@@ -125,6 +125,43 @@ def _layer_norm(m: nn.LayerNorm, a, g, backend=None) -> _Uses:
 def _rms_norm(m, a, g, backend=None) -> _Uses:
     eps = m.eps if m.eps is not None else torch.finfo(a.dtype).eps  # torch's default: the input's eps
     return _norm_layer(m, a, g, eps, True, backend)
+
+
+def _hf_rms_norm(m, a, g, backend=None) -> _Uses:
+    """transformers' RMSNorm (LlamaRMSNorm's forward: ``weight * xhat`` with
+    ``xhat`` computed in fp32 and rounded to the input's dtype).  An fp32 /
+    fp64 input: the norm-layer op (no rounding to undo); a low-precision one:
+    ``xhat`` rounded as the forward rounds it, in plain PyTorch."""
+    if a.dtype in (torch.float32, torch.float64):
+        return _norm_layer(m, a, g, m.variance_epsilon, True, backend)
+    d = m.weight.numel()
+    a3, g3 = (t.reshape(t.shape[0], t.numel() // max(t.shape[0] * d, 1), d) for t in (a, g))
+    xhat = F.rms_norm(a3.float(), (d,), eps=m.variance_epsilon).to(a.dtype).float()
+    return _Uses(vecs=[(m.weight, (g3.float() * xhat).sum(1).reshape(a.shape[0], *m.weight.shape))])
+
+
+def _llama_rms_norm_forward():
+    """LlamaRMSNorm.forward's code object, or None without transformers."""
+    try:
+        from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    except Exception:  # pragma: no cover - transformers is optional
+        return None
+    return LlamaRMSNorm.forward.__code__
+
+
+def _is_hf_rms_norm(m) -> bool:
+    """Whether ``m``'s forward is LlamaRMSNorm's, byte for byte (transformers
+    generates Mistral's, Qwen2's / Qwen3's, Phi-3's, Mixtral's and Granite's
+    from it): then its per-sample gradient is :func:`_hf_rms_norm`'s.  A
+    variant that changes the forward (Gemma's ``1 + weight``, T5's, OLMo-2's)
+    does not match and is refused like any unknown layer."""
+    want = _LLAMA_RMS_FORWARD
+    code = getattr(getattr(type(m), "forward", None), "__code__", None)
+    if want is None or code is None:
+        return False
+    same = all(getattr(code, f) == getattr(want, f) for f in ("co_code", "co_consts", "co_names", "co_varnames"))
+    own = [n for n, _ in m.named_parameters(recurse=False)]
+    return same and own == ["weight"] and not list(m.children()) and hasattr(m, "variance_epsilon")
 
 
 def _group_norm(m: nn.GroupNorm, a, g, backend=None) -> _Uses:
@@ -213,9 +250,27 @@ except Exception:  # pragma: no cover - transformers is optional
     pass
 
 
+_LLAMA_RMS_FORWARD = _llama_rms_norm_forward()
+_HF_RMS_RULE = (_hf_rms_norm, None)
+
+
+def _rule(m):
+    """The (rule, check) of a layer: by its exact type, or a transformers
+    RMSNorm with LlamaRMSNorm's forward; None for an unsupported layer."""
+    rule = _RULES.get(type(m))
+    if rule is None and _is_hf_rms_norm(m):
+        rule = _HF_RMS_RULE
+    return rule
+
+
 def supported_layers() -> list[str]:
-    """The layer types with a rule (exact types: a subclass may change forward)."""
-    return [f"{t.__module__}.{t.__qualname__}" for t in _RULES]
+    """The layer types with a rule (exact types: a subclass may change forward),
+    and transformers' RMSNorm family when its forward is LlamaRMSNorm's."""
+    names = [f"{t.__module__}.{t.__qualname__}" for t in _RULES]
+    if _LLAMA_RMS_FORWARD is not None:
+        names.append("transformers RMSNorm with LlamaRMSNorm's forward (Llama, Mistral, Qwen2 / 3, Phi-3, "
+                     "Mixtral, Granite)")
+    return names
 
 
 def _type_name(m) -> str:
@@ -368,7 +423,7 @@ class _Pass:
                              f"{r.a.shape[0]} (output gradient {g.shape[0]}), the loss has {self.batch} "
                              f"samples: every layer input must have the batch first (for HF models "
                              f"pass position_ids of shape [batch, length])")
-        uses = _RULES[type(r.module)][0](r.module, r.a, g.detach(), self.owner.backend)
+        uses = _rule(r.module)[0](r.module, r.a, g.detach(), self.owner.backend)
         for p, u in uses.mats:
             self._arrive(p, r)
             if self.keep:
@@ -509,7 +564,7 @@ class GhostClippingModule(nn.Module):
             own = [n for n, p in sub.named_parameters(recurse=False) if p.requires_grad]
             if not own:
                 continue
-            rule = _RULES.get(type(sub))
+            rule = _rule(sub)
             if rule is None:
                 raise UnsupportedLayerError(
                     f"layer {name or '<root>'!r} ({_type_name(sub)}) has trainable parameters {own} and "
