@@ -1288,9 +1288,11 @@ class LlamaLogits(nn.Module):
         super().__init__()
         import transformers
         cfg_cls, lm_cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-                           "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[model_cls]
+                           "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+                           "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM)}[model_cls]
+        extra = {"head_dim": 8} if model_cls == "gemma" else {}
         cfg = cfg_cls(vocab_size=PAD_VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32, **extra)
         self.model = lm_cls(cfg)
 
     def forward(self, ids):
@@ -1298,12 +1300,13 @@ class LlamaLogits(nn.Module):
         return self.model(input_ids=ids, position_ids=torch.arange(t).expand(b, t).contiguous()).logits
 
 
-@pytest.mark.parametrize("model_cls", ["llama", "qwen2"])
+@pytest.mark.parametrize("model_cls", ["llama", "qwen2", "gemma"])
 @pytest.mark.parametrize("mode", MODES)
 def test_hf_rms_norm_models_equal_functorch_reference(mode, model_cls):
     """HF Llama and Qwen2 (their RMSNorm classes share LlamaRMSNorm's forward,
-    which fastadv recognises by its code): the private gradient and the
-    per-sample norms equal the torch.func per-sample reference (noise 0)."""
+    which fastadv recognises by its code) and Gemma (GemmaRMSNorm's ``1 +
+    weight``; its head tied to the token table): the private gradient and
+    the per-sample norms equal the torch.func per-sample reference (noise 0)."""
     torch.manual_seed(9)
     model = LlamaLogits(model_cls)
     ids, y = torch.randint(1, PAD_VOCAB, (4, 6)), torch.randint(1, PAD_VOCAB, (4, 6))
@@ -1314,21 +1317,29 @@ def test_hf_rms_norm_models_equal_functorch_reference(mode, model_cls):
 
 
 def test_hf_rms_norm_variants_that_change_forward_are_refused():
-    """GemmaRMSNorm (``1 + weight``) and T5LayerNorm have their own forwards:
-    not recognised, refused with the layer named; a LlamaRMSNorm subclass
-    that overrides forward is refused too."""
+    """T5LayerNorm and OLMo-2's RMSNorm have their own forwards: not
+    recognised, refused with the layer named; LlamaRMSNorm and GemmaRMSNorm
+    subclasses that override forward are refused too; Gemma 2's RMSNorm
+    (generated from Gemma's) is taken."""
     from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+    from transformers.models.gemma2.modeling_gemma2 import Gemma2RMSNorm
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    from transformers.models.olmo2.modeling_olmo2 import Olmo2RMSNorm
     from transformers.models.t5.modeling_t5 import T5LayerNorm
 
     class Scaled(LlamaRMSNorm):
         def forward(self, x):
             return 2 * super().forward(x)
 
-    for layer in (GemmaRMSNorm(4), T5LayerNorm(4), Scaled(4)):
+    class Shifted(GemmaRMSNorm):
+        def _norm(self, x):
+            return super()._norm(x) + 1
+
+    for layer in (T5LayerNorm(4), Olmo2RMSNorm(4), Scaled(4), Shifted(4)):
         with pytest.raises(ghost.UnsupportedLayerError, match=type(layer).__name__):
             ghost.GhostClippingModule(nn.Sequential(nn.Linear(4, 4), layer), mode="bk")
-    ghost.GhostClippingModule(nn.Sequential(nn.Linear(4, 4), LlamaRMSNorm(4)), mode="bk")
+    for layer in (LlamaRMSNorm(4), GemmaRMSNorm(4), Gemma2RMSNorm(4)):
+        ghost.GhostClippingModule(nn.Sequential(nn.Linear(4, 4), layer), mode="bk")
 
 
 def test_hf_rms_norm_low_precision_rounds_xhat_as_the_forward():

@@ -140,28 +140,58 @@ def _hf_rms_norm(m, a, g, backend=None) -> _Uses:
     return _Uses(vecs=[(m.weight, (g3.float() * xhat).sum(1).reshape(a.shape[0], *m.weight.shape))])
 
 
-def _llama_rms_norm_forward():
-    """LlamaRMSNorm.forward's code object, or None without transformers."""
+def _gemma_rms_norm(m, a, g, backend=None) -> _Uses:
+    """transformers' GemmaRMSNorm (``xhat * (1 + weight)`` in fp32, rounded
+    after): the weight's per-sample gradient is ``sum_t g_t * xhat_t`` with
+    the fp32 ``xhat``, the norm-layer op's, for any input dtype."""
+    return _norm_layer(m, a, g, m.eps, True, backend)
+
+
+def _scaled_embedding(m, ids, g, backend=None) -> _Uses:
+    """transformers' GemmaTextScaledWordEmbedding (``embedding * embed_scale``):
+    the lookup's output gradient times the scale, as its forward multiplies."""
+    return _embedding(m, ids, g * m.embed_scale.to(m.weight.dtype).to(g.dtype))
+
+
+def _code(cls, method):
+    return getattr(getattr(cls, method, None), "__code__", None)
+
+
+def _same_code(x, y) -> bool:
+    return x is not None and y is not None and all(
+        getattr(x, f) == getattr(y, f) for f in ("co_code", "co_consts", "co_names", "co_varnames"))
+
+
+def _hf_layer_families() -> list:
+    """transformers' layer classes with a rule here, as (their methods' code,
+    (rule, check), an attribute they have, family); empty without transformers."""
     try:
+        from transformers.models.gemma.modeling_gemma import GemmaRMSNorm, GemmaTextScaledWordEmbedding
         from transformers.models.llama.modeling_llama import LlamaRMSNorm
     except Exception:  # pragma: no cover - transformers is optional
+        return []
+    scaled = GemmaTextScaledWordEmbedding
+    return [({"forward": _code(LlamaRMSNorm, "forward")}, (_hf_rms_norm, None), "variance_epsilon",
+             "RMSNorm with LlamaRMSNorm's forward (Llama, Mistral, Qwen2 / 3, Phi-3, Mixtral, Granite)"),
+            ({"forward": _code(GemmaRMSNorm, "forward"), "_norm": _code(GemmaRMSNorm, "_norm")},
+             (_gemma_rms_norm, None), "eps", "RMSNorm with GemmaRMSNorm's forward (Gemma, Gemma 2 / 3)"),
+            ({"forward": _code(scaled, "forward")}, (_scaled_embedding, _check_embedding), "embed_scale",
+             "scaled embedding with GemmaTextScaledWordEmbedding's forward (Gemma, Gemma 2 / 3)")]
+
+
+def _hf_layer_rule(m):
+    """The (rule, check) of a transformers layer whose methods are one known
+    class's code, byte for byte (transformers generates the other models'
+    classes from LlamaRMSNorm, GemmaRMSNorm and GemmaTextScaledWordEmbedding),
+    with only a ``weight`` and the class's attribute; None otherwise: a
+    variant with its own forward (T5's or OLMo-2's RMSNorm, a subclass
+    overriding forward) is refused like any unknown layer."""
+    if [n for n, _ in m.named_parameters(recurse=False)] != ["weight"] or list(m.children()):
         return None
-    return LlamaRMSNorm.forward.__code__
-
-
-def _is_hf_rms_norm(m) -> bool:
-    """Whether ``m``'s forward is LlamaRMSNorm's, byte for byte (transformers
-    generates Mistral's, Qwen2's / Qwen3's, Phi-3's, Mixtral's and Granite's
-    from it): then its per-sample gradient is :func:`_hf_rms_norm`'s.  A
-    variant that changes the forward (Gemma's ``1 + weight``, T5's, OLMo-2's)
-    does not match and is refused like any unknown layer."""
-    want = _LLAMA_RMS_FORWARD
-    code = getattr(getattr(type(m), "forward", None), "__code__", None)
-    if want is None or code is None:
-        return False
-    same = all(getattr(code, f) == getattr(want, f) for f in ("co_code", "co_consts", "co_names", "co_varnames"))
-    own = [n for n, _ in m.named_parameters(recurse=False)]
-    return same and own == ["weight"] and not list(m.children()) and hasattr(m, "variance_epsilon")
+    for methods, rule, attr, _ in _HF_LAYERS:
+        if hasattr(m, attr) and all(_same_code(_code(type(m), k), v) for k, v in methods.items()):
+            return rule
+    return None
 
 
 def _group_norm(m: nn.GroupNorm, a, g, backend=None) -> _Uses:
@@ -250,27 +280,21 @@ except Exception:  # pragma: no cover - transformers is optional
     pass
 
 
-_LLAMA_RMS_FORWARD = _llama_rms_norm_forward()
-_HF_RMS_RULE = (_hf_rms_norm, None)
+_HF_LAYERS = _hf_layer_families()
 
 
 def _rule(m):
     """The (rule, check) of a layer: by its exact type, or a transformers
-    RMSNorm with LlamaRMSNorm's forward; None for an unsupported layer."""
+    layer recognised by its code; None for an unsupported layer."""
     rule = _RULES.get(type(m))
-    if rule is None and _is_hf_rms_norm(m):
-        rule = _HF_RMS_RULE
-    return rule
+    return rule if rule is not None else _hf_layer_rule(m)
 
 
 def supported_layers() -> list[str]:
     """The layer types with a rule (exact types: a subclass may change forward),
-    and transformers' RMSNorm family when its forward is LlamaRMSNorm's."""
+    and the transformers layers recognised by their code."""
     names = [f"{t.__module__}.{t.__qualname__}" for t in _RULES]
-    if _LLAMA_RMS_FORWARD is not None:
-        names.append("transformers RMSNorm with LlamaRMSNorm's forward (Llama, Mistral, Qwen2 / 3, Phi-3, "
-                     "Mixtral, Granite)")
-    return names
+    return names + [f"transformers {family}" for *_, family in _HF_LAYERS]
 
 
 def _type_name(m) -> str:
