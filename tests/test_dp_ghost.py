@@ -1343,14 +1343,21 @@ def test_hf_rms_norm_variants_that_change_forward_are_refused():
 
 
 def test_hf_rms_norm_low_precision_rounds_xhat_as_the_forward():
-    """A bf16 input: the per-sample weight gradient uses ``xhat`` rounded to
-    bf16 as LlamaRMSNorm's forward does (the module's own autograd gradient,
-    one sample at a time, in fp32 from the same bf16 values)."""
+    """A bf16 input: the per-sample weight gradient equals the module's own
+    autograd gradient, one sample at a time (LlamaRMSNorm rounds ``xhat`` to
+    bf16 before its fp32 weight multiplies; an fp32 ``xhat`` would differ by
+    that rounding)."""
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
     torch.manual_seed(10)
     norm = LlamaRMSNorm(8)
     a, g = torch.randn(3, 5, 8).bfloat16(), torch.randn(3, 5, 8)
     (p, w), = ghost._hf_rms_norm(norm, a, g).vecs
-    xhat = (a.float() * torch.rsqrt(a.float().pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)).bfloat16()
     assert p is norm.weight
-    torch.testing.assert_close(w, (g * xhat.float()).sum(1), rtol=1e-6, atol=1e-6)
+    for b in range(3):
+        norm.weight.grad = None
+        out = norm(a[b:b + 1])
+        assert out.dtype == torch.float32
+        out.backward(g[b:b + 1])
+        torch.testing.assert_close(w[b], norm.weight.grad, rtol=1e-6, atol=1e-6)
+    unrounded = (g * F.rms_norm(a.float(), (8,), eps=norm.variance_epsilon)).sum(1)
+    assert not torch.allclose(w, unrounded, rtol=1e-6, atol=1e-6)  # the rounding is visible here

@@ -112,10 +112,15 @@ def _norm_layer(m, a, g, eps, rms, backend) -> _Uses:
     w = m.weight if m.weight is not None and m.weight.requires_grad else None
     b = getattr(m, "bias", None)
     b = b if b is not None and b.requires_grad else None
-    a3, g3 = (t.reshape(t.shape[0], t.numel() // max(t.shape[0] * d, 1), d) for t in (a, g))
+    a3, g3 = _btd(a, d), _btd(g, d)
     w_ps, b_ps = _ghost_ops.norm_layer_grads(a3, g3, eps, rms=rms, weight=w is not None, bias=b is not None,
                                              backend=backend)
     return _Uses(vecs=[(p, v.reshape(v.shape[0], *shape)) for p, v in ((w, w_ps), (b, b_ps)) if p is not None])
+
+
+def _btd(t: torch.Tensor, d: int) -> torch.Tensor:
+    """``[B, ..., (normalised elements)]`` as ``[B, T, d]`` (``T = 1`` for a 2-D input)."""
+    return t.reshape(t.shape[0], t.numel() // max(t.shape[0] * d, 1), d)
 
 
 def _layer_norm(m: nn.LayerNorm, a, g, backend=None) -> _Uses:
@@ -135,9 +140,8 @@ def _hf_rms_norm(m, a, g, backend=None) -> _Uses:
     if a.dtype in (torch.float32, torch.float64):
         return _norm_layer(m, a, g, m.variance_epsilon, True, backend)
     d = m.weight.numel()
-    a3, g3 = (t.reshape(t.shape[0], t.numel() // max(t.shape[0] * d, 1), d) for t in (a, g))
-    xhat = F.rms_norm(a3.float(), (d,), eps=m.variance_epsilon).to(a.dtype).float()
-    return _Uses(vecs=[(m.weight, (g3.float() * xhat).sum(1).reshape(a.shape[0], *m.weight.shape))])
+    w, _ = ref.norm_layer_grads(_btd(a, d), _btd(g, d), m.variance_epsilon, rms=True, bias=False, xhat_dtype=a.dtype)
+    return _Uses(vecs=[(m.weight, w.reshape(a.shape[0], *m.weight.shape))])
 
 
 def _gemma_rms_norm(m, a, g, backend=None) -> _Uses:
@@ -660,9 +664,9 @@ class GhostClippingModule(nn.Module):
         form on a kernel backend ``cross_gram`` per pair, written into ``out``
         when given and on the inputs' device (then ``out`` is returned);
         two uses the per-sample way on a kernel backend ``pair_sq_norms_ps``
-        (no ``[B, rows, I]``), three or more ``uses_sq_norms_ps`` (the Linear
-        uses in one dtype pair, the lookups in one: else the reference's
-        ``[B, rows, I]``)."""
+        (no ``[B, rows, I]``), three or more ``uses_sq_norms_ps`` (an operand
+        kind in two dtypes widened to fp32 first); the torch backend the
+        reference's ``[B, rows, I]``."""
         how = self.strategy
         if how == "auto":
             how = "gram" if ref.gram_cost(uses, rows) <= ref.per_sample_cost(uses, rows) else "per_sample"

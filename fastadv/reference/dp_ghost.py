@@ -147,16 +147,21 @@ def add_clipped_use(out: torch.Tensor, u: MatUse, factors: torch.Tensor) -> torc
 
 
 def norm_layer_grads(a: torch.Tensor, g: torch.Tensor, eps: float, rms: bool = False, weight: bool = True,
-                     bias: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+                     bias: bool = True, xhat_dtype: torch.dtype | None = None
+                     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Per-sample gradients of a LayerNorm's (``rms``: RMSNorm's) weight and
     bias from its input ``a`` and output gradient ``g``, both ``[B, T, D]``
     (normalised over ``D``): ``sum_t g_t * xhat_t`` and ``sum_t g_t``, ``[B,
     D]`` each (None where not asked for), ``xhat`` recomputed from ``a`` as
-    the layer's forward computes it, in fp32 (fp64 for fp64 inputs)."""
+    the layer's forward computes it, in fp32 (fp64 for fp64 inputs);
+    ``xhat_dtype``: ``xhat`` rounded to it first (transformers' LlamaRMSNorm
+    rounds it to the input's dtype before the weight multiplies)."""
     acc = acc_dtype(a, g)
     shape = (a.shape[2],)
     x = a.to(acc)
     xhat = torch.nn.functional.rms_norm(x, shape, eps=eps) if rms else torch.nn.functional.layer_norm(x, shape, eps=eps)
+    if xhat_dtype is not None:
+        xhat = xhat.to(xhat_dtype).to(acc)
     g = g.to(acc)
     return (g * xhat).sum(1) if weight else None, g.sum(1) if bias else None
 
